@@ -1,0 +1,208 @@
+"""The U-Net of Ronneberger, Fischer and Brox (MICCAI 2015), as the Carvana guide builds it.
+
+The network is a "U": a contracting path (encoder) that halves the resolution four
+times while doubling the channels, so that deep layers see the whole car; a bottleneck
+at the bottom of the U; and an expansive path (decoder) that doubles the resolution
+four times again. At each level of the decoder the upsampled features are concatenated
+with the encoder's features of the same resolution (the skip connections): the encoder
+knows *where* edges are, the decoder knows *what* the object is, and the concatenation
+gives the decoder both. A 1x1 convolution then turns the 64 features of every pixel
+into one logit per class.
+
+    input (H, W, 3)
+      DownSample  64   ─────────────────────────────── skip ──┐
+        DownSample 128  ─────────────────────── skip ──┐       │
+          DownSample 256 ─────────────── skip ──┐      │       │
+            DownSample 512 ───── skip ──┐       │      │       │
+              bottleneck DoubleConv 1024│       │      │       │
+            UpSample 512 <──────────────┘       │      │       │
+          UpSample 256 <────────────────────────┘      │       │
+        UpSample 128 <─────────────────────────────────┘       │
+      UpSample 64 <────────────────────────────────────────────┘
+    1x1 conv head -> (H, W, num_classes) logits
+
+Layout is NHWC (JAX's native layout on every backend). With 3 input channels and one
+class the model has 31,031,745 parameters, exactly as the PyTorch original.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class DoubleConv(nn.Module):
+    """Two 3x3 convolutions, each followed by ReLU: the basic unit of every level.
+
+    'SAME' padding (the guide's ``padding=1``) keeps height and width, so a 512x512 map
+    stays 512x512 and encoder and decoder maps line up for the skip connections without
+    the cropping of the original paper. The first convolution changes the channel count
+    (e.g. 3 -> 64), the second refines at that width; stacking two 3x3 kernels sees a
+    5x5 neighbourhood with fewer weights and one more non-linearity than a single 5x5.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for name in ("conv1", "conv2"):
+            x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=True,
+                        dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+            x = nn.relu(x)
+        return x
+
+
+class DownSample(nn.Module):
+    """One level of the contracting path: DoubleConv, then 2x2 max-pooling.
+
+    Returns both the full-resolution feature map (kept for the skip connection, since
+    it still holds precise edges) and the pooled map (half the height and width) that
+    goes one level deeper, where each pixel summarises a larger part of the image.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        down = DoubleConv(self.features, self.dtype, self.param_dtype, name="conv")(x)
+        pooled = nn.max_pool(down, window_shape=(2, 2), strides=(2, 2))
+        return down, pooled
+
+
+class UpConv(nn.Module):
+    """2x2 transposed convolution with stride 2: doubles height and width.
+
+    With kernel size equal to stride the output windows do not overlap, so each input
+    pixel writes its own 2x2 block: ``out[2i + a, 2j + b] = x[i, j] @ kernel[a, b] +
+    bias``. That is one matrix product per input pixel, written here as a single einsum
+    and a reshape. It is the same function, with the same parameters, as PyTorch's
+    ``ConvTranspose2d(c, c // 2, 2, stride=2)`` (and as Flax's ``nn.ConvTranspose``
+    with the kernel flipped spatially, which is how ``lax.conv_transpose`` orients
+    it), but XLA's CPU backend lowers the
+    weight gradient of the transposed-convolution form to a convolution with a window
+    the size of the feature map on a slow generic path; as a matrix product both
+    directions use the fast GEMM kernels (several times faster training on CPU, no
+    change on GPU).
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (2, 2, in_features, self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                          self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        n, h, w, _ = x.shape
+        y = jnp.einsum("nhwc,abco->nhawbo", x, kernel)
+        return y.reshape(n, 2 * h, 2 * w, self.features) + bias
+
+
+class UpSample(nn.Module):
+    """One level of the expansive path: upsample, concatenate the skip, DoubleConv.
+
+    The transposed convolution doubles the resolution and halves the channels (1024 ->
+    512 at the first level). The result is concatenated with the encoder map of the same
+    level (upsampled first, skip second, as in the guide), restoring the channel count,
+    and a DoubleConv merges the coarse "what" from below with the fine "where" from the
+    skip.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, skip):
+        x = UpConv(x.shape[-1] // 2, self.dtype, self.param_dtype, name="up")(x)
+        x = jnp.concatenate([x, skip], axis=-1)
+        return DoubleConv(self.features, self.dtype, self.param_dtype, name="conv")(x)
+
+
+def valid_sizes(size: int, depth: int) -> tuple[int, int]:
+    """The nearest sizes at or below and above ``size`` that ``2**depth`` divides."""
+    step = 2 ** depth
+    lower = max(step, size // step * step)
+    upper = -(-size // step) * step
+    return lower, upper if upper != lower else lower + step
+
+
+def check_input_size(height: int, width: int, depth: int) -> None:
+    """Raises ValueError unless 2**depth divides both height and width.
+
+    Every level halves the map with a 2x2 pool and the decoder doubles it back; an odd
+    size at any level would make the upsampled map one pixel smaller than its skip and
+    the concatenation impossible. Rather than silently pad or crop (the artifacts the
+    guide warns about under "Sensitivity to Input Size"), we ask for a valid size.
+    """
+    step = 2 ** depth
+    bad = [(name, s) for name, s in (("height", height), ("width", width)) if s % step]
+    if bad:
+        hints = ", ".join(f"{name} {s} -> {' or '.join(map(str, dict.fromkeys(valid_sizes(s, depth))))}"
+                          for name, s in bad)
+        raise ValueError(
+            f"input size {height}x{width} (HxW) is not divisible by 2**depth = {step}; "
+            f"nearest valid sizes: {hints}")
+
+
+class UNet(nn.Module):
+    """The full U-Net: ``depth`` DownSamples, a bottleneck, ``depth`` UpSamples, a 1x1 head.
+
+    Attributes:
+      num_classes: output channels; 1 for binary segmentation (one logit per pixel,
+        trained with sigmoid BCE), C > 1 for C-way softmax.
+      base_features: width of the first level (64 in the paper); level i has
+        ``base_features * 2**i`` channels and the bottleneck ``base_features *
+        2**depth`` (1024).
+      depth: number of down/up levels (4 in the paper). Inputs must be divisible by
+        ``2**depth``.
+      dtype: compute dtype (``jnp.bfloat16`` for mixed precision on GPU/TPU).
+      param_dtype: parameter dtype; keep float32 so that small updates are not lost.
+
+    Input ``(N, H, W, C)`` float in [0, 1]; output ``(N, H, W, num_classes)`` logits
+    (pre-sigmoid / pre-softmax), float32 also when computing in bfloat16, so that
+    losses and thresholds are computed in full precision.
+    """
+
+    num_classes: int = 1
+    base_features: int = 64
+    depth: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"expected an NHWC batch of rank 4, got shape {x.shape}")
+        check_input_size(x.shape[1], x.shape[2], self.depth)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        # Contracting path: keep each level's pre-pool map for its skip connection.
+        skips = []
+        for i in range(self.depth):
+            down, x = DownSample(self.base_features * 2 ** i, name=f"down_{i + 1}", **kw)(x)
+            skips.append(down)
+
+        # Bottleneck: the most compressed, most abstract view of the whole image.
+        x = DoubleConv(self.base_features * 2 ** self.depth, name="bottleneck", **kw)(x)
+
+        # Expansive path: the deepest skip joins the first up level, and so on.
+        for i, skip in enumerate(reversed(skips)):
+            x = UpSample(self.base_features * 2 ** (self.depth - 1 - i), name=f"up_{i + 1}",
+                         **kw)(x, skip)
+
+        # Head: a per-pixel linear classifier over the 64 decoder features.
+        logits = nn.Conv(self.num_classes, (1, 1), name="head", **kw)(x)
+        return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
