@@ -1,0 +1,56 @@
+"""The Flax U-Net computes what the guide's PyTorch U-Net computes, weight for weight."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unet_jax import UNet, config_from_torch, params_from_torch
+
+torch = pytest.importorskip(
+    "torch", reason="torch is not installed; `pip install torch==2.13.0` (CPU build) "
+    "to run the parity tests")
+from tests.torch_reference import UNet as TorchUNet  # noqa: E402
+
+
+def torch_model(in_channels, num_classes, seed=0):
+    torch.manual_seed(seed)
+    model = TorchUNet(in_channels, num_classes).eval()
+    with torch.no_grad():  # non-zero biases everywhere, so a misplaced bias shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-0.1, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("in_channels,num_classes,height,width", [(3, 1, 32, 48), (1, 3, 16, 16)])
+def test_params_from_torch_gives_the_same_logits(in_channels, num_classes, height, width):
+    model = torch_model(in_channels, num_classes)
+    x = np.random.default_rng(0).uniform(size=(2, in_channels, height, width)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
+
+    params = params_from_torch(model.state_dict())
+    ours = UNet(num_classes=num_classes).apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    assert np.abs(np.asarray(ours) - expected).max() <= 1e-4
+
+
+def test_accepts_numpy_values_and_a_dataparallel_prefix():
+    model = torch_model(3, 1)
+    sd = {"module." + k: v.numpy() for k, v in model.state_dict().items()}
+    params = params_from_torch(sd)
+    assert params["up_1"]["up"]["kernel"].shape == (2, 2, 1024, 512)
+    config = config_from_torch(sd)
+    assert (config.in_channels, config.num_classes, config.base_features, config.depth) == (3, 1, 64, 4)
+
+
+def test_rejects_a_foreign_state_dict():
+    with pytest.raises(ValueError, match="down_convolution_1"):
+        params_from_torch({"conv1.weight": np.zeros((64, 3, 7, 7))})
+    sd = dict(torch_model(3, 1).state_dict())
+    sd.pop("out.bias")
+    with pytest.raises(ValueError, match="out.bias"):
+        params_from_torch(sd)
+    sd = dict(torch_model(3, 1).state_dict())
+    sd["extra.weight"] = np.zeros(3)
+    with pytest.raises(ValueError, match="extra.weight"):
+        params_from_torch(sd)

@@ -1,0 +1,108 @@
+"""Weights from the guide's PyTorch U-Net, for use in this Flax U-Net.
+
+The guide saves ``torch.save(model.state_dict(), "unet.pth")``. Its keys follow the
+module names of the PyTorch classes, e.g. ``down_convolution_1.conv.conv_op.0.weight``
+(``conv_op.0`` and ``conv_op.2`` are the two convolutions of a DoubleConv; 1 and 3 are
+the ReLUs, which have no weights). ``params_from_torch`` maps each tensor onto the
+parameter of the same role here and converts its layout:
+
+* ``Conv2d`` weights are ``(out, in, kh, kw)``; Flax wants ``(kh, kw, in, out)``. Both
+  frameworks compute a cross-correlation, so the kernel is transposed, not flipped.
+* ``ConvTranspose2d`` weights are ``(in, out, kh, kw)``, and PyTorch's transposed
+  convolution scatters ``x[i, j] * W[:, :, a, b]`` to output pixel ``(2i + a, 2j + b)``,
+  which is exactly the ``kernel[a, b]`` of ``UpConv``: transposed to ``(kh, kw, in,
+  out)``, again without a flip.
+
+The result gives the same logits as the PyTorch model (the test suite checks it to
+1e-4). Values may be torch tensors or numpy arrays; torch itself is not needed here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from unet_jax.config import Config
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    # nn.DataParallel and torch.compile prefix every key; accept both.
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _depth(state_dict: Mapping[str, Any]) -> int:
+    levels = {int(m.group(1)) for k in state_dict
+              if (m := re.match(r"down_convolution_(\d+)\.", k))}
+    if not levels or levels != set(range(1, max(levels) + 1)):
+        raise ValueError("not a state_dict of the guide's UNet: expected keys like "
+                         "'down_convolution_1.conv.conv_op.0.weight'")
+    return max(levels)
+
+
+def _double_conv(sd, prefix: str) -> dict:
+    return {
+        f"conv{j + 1}": {
+            "kernel": _to_numpy(sd[f"{prefix}.conv_op.{i}.weight"]).transpose(2, 3, 1, 0),
+            "bias": _to_numpy(sd[f"{prefix}.conv_op.{i}.bias"]),
+        }
+        for j, i in enumerate((0, 2))
+    }
+
+
+def params_from_torch(state_dict: Mapping[str, Any]) -> dict:
+    """Flax ``params`` for ``UNet`` from the guide's PyTorch ``UNet.state_dict()``.
+
+    Raises ValueError naming the keys that are missing or not understood.
+    """
+    sd = _strip_prefix(state_dict)
+    depth = _depth(sd)
+    params: dict = {}
+    used: set[str] = set()
+
+    class Tracking(dict):
+        def __getitem__(self, key):
+            if key not in sd:
+                raise ValueError(f"state_dict has no key {key!r}: not the guide's UNet "
+                                 f"(or saved from a different version of it)")
+            used.add(key)
+            return sd[key]
+
+    tsd = Tracking()
+    for i in range(1, depth + 1):
+        params[f"down_{i}"] = {"conv": _double_conv(tsd, f"down_convolution_{i}.conv")}
+        params[f"up_{i}"] = {
+            "up": {"kernel": _to_numpy(tsd[f"up_convolution_{i}.up.weight"]).transpose(2, 3, 0, 1),
+                   "bias": _to_numpy(tsd[f"up_convolution_{i}.up.bias"])},
+            "conv": _double_conv(tsd, f"up_convolution_{i}.conv"),
+        }
+    params["bottleneck"] = _double_conv(tsd, "bottle_neck")
+    params["head"] = {"kernel": _to_numpy(tsd["out.weight"]).transpose(2, 3, 1, 0),
+                      "bias": _to_numpy(tsd["out.bias"])}
+    unknown = sorted(set(sd) - used)
+    if unknown:
+        raise ValueError(f"state_dict has keys the guide's UNet does not: {', '.join(unknown[:5])}"
+                         + (" ..." if len(unknown) > 5 else ""))
+    return params
+
+
+def config_from_torch(state_dict: Mapping[str, Any], **overrides) -> Config:
+    """The ``Config`` (channels, classes, width, depth) that a state_dict was made with."""
+    sd = _strip_prefix(state_dict)
+    first = _to_numpy(sd["down_convolution_1.conv.conv_op.0.weight"])
+    head = _to_numpy(sd["out.weight"])
+    return Config(in_channels=first.shape[1], num_classes=head.shape[0],
+                  base_features=first.shape[0], depth=_depth(sd), **overrides)
