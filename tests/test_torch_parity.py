@@ -9,7 +9,7 @@ from unet_jax import UNet, config_from_torch, params_from_torch
 torch = pytest.importorskip(
     "torch", reason="torch is not installed; `pip install torch==2.13.0` (CPU build) "
     "to run the parity tests")
-from tests.torch_reference import UNet as TorchUNet  # noqa: E402
+from experiments.torch_unet import UNet as TorchUNet  # noqa: E402
 
 
 def torch_model(in_channels, num_classes, seed=0):

@@ -1,6 +1,7 @@
-"""The guide's PyTorch U-Net, verbatim, as the reference for parity tests.
+"""The guide's PyTorch U-Net, verbatim: the reference for parity tests and benchmarks.
 
-Only the tests import this (torch is a test-only dependency).
+Imported only by the parity tests and ``experiments.benchmark --compare-torch``; torch
+is not a dependency of unet-jax.
 """
 
 import torch
