@@ -37,13 +37,8 @@ def apply_xla_flags(platform: str = "auto") -> None:
         os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
-def select_platform(platform: str = "auto") -> str:
-    """Makes JAX use ``platform`` ('auto', 'cpu' or 'gpu'); returns the backend in use.
-
-    Call before any JAX computation. 'auto' takes a GPU when JAX sees one. Raises
-    PlatformError with a one-line explanation when 'gpu' is asked for and JAX has no
-    working GPU backend, rather than silently training on the CPU.
-    """
+def configure_platform(platform: str = "auto") -> None:
+    """Sets XLA flags and JAX's platform list; no backend is started yet."""
     if platform not in PLATFORMS:
         raise PlatformError(f"--platform {platform!r}: choose one of {', '.join(PLATFORMS)}")
     apply_xla_flags(platform)
@@ -51,6 +46,18 @@ def select_platform(platform: str = "auto") -> str:
 
     if platform != "auto":
         jax.config.update("jax_platforms", "cuda" if platform == "gpu" else "cpu")
+
+
+def select_platform(platform: str = "auto") -> str:
+    """Makes JAX use ``platform`` ('auto', 'cpu' or 'gpu'); returns the backend in use.
+
+    Call before any JAX computation. 'auto' takes a GPU when JAX sees one. Raises
+    PlatformError with a one-line explanation when 'gpu' is asked for and JAX has no
+    working GPU backend, rather than silently training on the CPU.
+    """
+    configure_platform(platform)
+    import jax
+
     try:
         backend = jax.default_backend()
     except Exception as e:  # jax raises RuntimeError or AssertionError here

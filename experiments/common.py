@@ -1,0 +1,110 @@
+"""What every command shares: one-line errors, the platform flag, image sizes.
+
+A user's mistake (a bad flag, a broken file, a missing checkpoint) ends the command
+with one line that names the flag or file and the fix, and exit status 2; never a
+traceback. Programming errors still raise with their traceback, so they can be
+reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem with the command's input that the user can fix; exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line (argparse prints the usage too)."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(USER_ERROR)
+
+
+def make_parser(prog: str, doc: str, examples: str) -> Parser:
+    return Parser(prog=f"python -m {prog}", description=doc,
+                  epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_platform_flag(parser) -> None:
+    parser.add_argument("--platform", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="where JAX runs; 'gpu' fails unless JAX sees a GPU (default: auto)")
+
+
+def add_distributed_flags(parser) -> None:
+    g = parser.add_argument_group("several processes (multi-host); see README")
+    g.add_argument("--coordinator", help="ADDRESS:PORT of process 0, e.g. node0:1234")
+    g.add_argument("--num-processes", type=int, help="number of processes in the run")
+    g.add_argument("--process-id", type=int, help="this process's index, 0..N-1")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run described by the environment (Slurm, "
+                   "Open MPI), as jax.distributed.initialize() detects it")
+
+
+def start_platform(platform: str, args=None) -> str:
+    """Chooses the JAX platform (before any JAX work), joins a multi-process run when
+    asked to, and hides GPUs from TensorFlow."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from unet_jax.platform import PlatformError, configure_platform, select_platform
+
+    try:
+        configure_platform(platform)
+        explicit = [getattr(args, k, None) for k in ("coordinator", "num_processes", "process_id")]
+        if any(v is not None for v in explicit):
+            if any(v is None for v in explicit):
+                raise UserError("--coordinator, --num-processes and --process-id go together")
+            _initialize_distributed(*explicit)
+        elif getattr(args, "distributed", False):
+            _initialize_distributed()
+        return select_platform(platform)
+    except PlatformError as e:
+        raise UserError(str(e)) from None
+
+
+def _initialize_distributed(*args) -> None:
+    from unet_jax import parallel
+
+    try:
+        parallel.initialize(*args)
+    except Exception as e:  # jax raises ValueError/RuntimeError with long messages
+        raise UserError(f"cannot join the multi-process run: {str(e).splitlines()[0]}") from None
+
+
+def image_size(values, depth: int = 4) -> tuple[int, int]:
+    """(height, width) from ``--image-size H [W]``, checked against the U-Net's depth."""
+    from unet_jax.models import check_input_size
+
+    if len(values) not in (1, 2):
+        raise UserError("--image-size takes one or two numbers: H [W]")
+    height, width = (values[0], values[0]) if len(values) == 1 else values
+    if height <= 0 or width <= 0:
+        raise UserError(f"--image-size {height} {width}: sizes must be positive")
+    try:
+        check_input_size(height, width, depth)
+    except ValueError as e:
+        raise UserError(f"--image-size: {e}") from None
+    return height, width
+
+
+def run(main, argv=None, prog: str = "") -> None:
+    """Runs ``main(argv)``; user errors become one line on stderr and exit status 2."""
+    from data_pipeline.errors import DataError
+    from unet_jax.checkpoints import CheckpointError
+
+    try:
+        code = main(argv)
+    except (UserError, DataError, CheckpointError) as e:
+        sys.stderr.write(f"{prog or 'error'}: error: {e}\n")
+        sys.exit(USER_ERROR)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,69 @@
+"""What a run shows: the guide's loss plot, a grid of predictions, TensorBoard events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: runs on servers without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    """Training and validation loss per epoch, as the guide's ``plot_loss`` draws it."""
+    epochs = [r["epoch"] for r in history]
+    fig = plt.figure(figsize=(10, 6))
+    plt.plot(epochs, [r["train_loss"] for r in history], label="Training Loss", marker="o")
+    plt.plot(epochs, [r["val_loss"] for r in history], label="Validation Loss", marker="o")
+    plt.xlabel("Epochs")
+    plt.ylabel("Loss")
+    plt.title("Training and Validation Loss Over Epochs")
+    plt.legend()
+    plt.grid()
+    _save(fig, path)
+
+
+def plot_predictions(images, masks, logits, path: Path, valid=None, rows: int = 4) -> None:
+    """A grid: one row per validation image with the image, true mask, predicted mask."""
+    keep = np.arange(len(images)) if valid is None else np.flatnonzero(valid)
+    keep = keep[:rows]
+    fig, axes = plt.subplots(len(keep), 3, figsize=(9, 2.6 * len(keep)), squeeze=False)
+    for row, i in enumerate(keep):
+        predicted = (logits[i, ..., 0] > 0) if logits.shape[-1] == 1 else logits[i].argmax(-1)
+        panels = [(np.squeeze(images[i]), "image"), (masks[i, ..., 0], "true mask"),
+                  (predicted, "predicted mask")]
+        for ax, (picture, title) in zip(axes[row], panels):
+            ax.imshow(picture, cmap="gray", interpolation="nearest")
+            ax.set_title(title)
+            ax.axis("off")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    # Write beside, then rename: a viewer never sees a half-written PNG.
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+class SummaryWriter:
+    """Scalars as TensorBoard event files (``tensorboard --logdir RUN_DIR``)."""
+
+    def __init__(self, logdir):
+        from data_pipeline.tf_setup import tensorflow
+
+        self._tf = tensorflow()
+        self._writer = self._tf.summary.create_file_writer(str(logdir))
+
+    def scalars(self, step: int, values: dict) -> None:
+        with self._writer.as_default():
+            for name, value in values.items():
+                self._tf.summary.scalar(name, float(value), step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
