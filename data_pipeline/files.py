@@ -99,7 +99,7 @@ def check_pair(pair: Pair) -> str | None:
     return None
 
 
-def _match(data_dir) -> tuple[list[Pair], list[str]]:
+def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
     """Pairs by name, and the problems of files without a partner."""
     image_dir, mask_dir, layout = detect_layout(data_dir)
     masks = {}
@@ -129,7 +129,7 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True) -> list[
     Raises DataError naming the first bad file (and how many there are) unless
     ``skip_bad``, which drops bad pairs and warns on stderr with the list.
     """
-    pairs, problems = _match(data_dir)
+    pairs, problems = match_pairs(data_dir)
     if check and pairs:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             found = list(pool.map(check_pair, pairs))

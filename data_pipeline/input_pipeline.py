@@ -75,8 +75,9 @@ class InputPipeline:
       cache: 'memory', None (decode every epoch) or a file path prefix: the decoded
         examples then live in a memory-mapped file, reused by later runs with the same
         files and settings.
-      shard: (index, count): this process reads only every count-th example of each
-        epoch's order, for multi-process runs.
+      shard: (index, count): in a run of ``count`` processes, this process reads only
+        its own fixed share of the files (decoding, caching and shuffling just those);
+        every process yields the same number of batches, so they stay in step.
       num_classes: 1 for binary masks (any non-zero value is foreground); more keeps the
         masks' integer class ids.
 
@@ -91,6 +92,11 @@ class InputPipeline:
             raise DataError("no images for this split")
         if resize not in RESIZE:
             raise DataError(f"resize {resize!r}: choose one of {', '.join(RESIZE)}")
+        self.shard_index, self.shard_count = shard
+        self.total = len(pairs)
+        if self.shard_count > 1:  # a fixed, seeded deal of the files, like cards
+            deal = np.random.default_rng(seed).permutation(len(pairs))
+            pairs = [pairs[j] for j in deal[self.shard_index::self.shard_count]]
         self.pairs = list(pairs)
         self.image_size = tuple(image_size)
         self.batch_size = batch_size
@@ -100,17 +106,16 @@ class InputPipeline:
         self.cache = cache
         self.in_channels = in_channels
         self.resize = resize
-        self.shard_index, self.shard_count = shard
         self.binary = num_classes == 1
         self._store = None  # (images, masks) uint8 arrays once decoded
 
     # --- sizes ---------------------------------------------------------------------
 
     def _local_count(self) -> int:
-        n = len(self.pairs)
+        """Examples per epoch of every process (the smallest share, for training)."""
         if self.train:
-            return n // (self.batch_size * self.shard_count) * self.batch_size
-        return math.ceil(n / self.shard_count)
+            return self.total // self.shard_count // self.batch_size * self.batch_size
+        return math.ceil(self.total / self.shard_count)
 
     def __len__(self) -> int:
         """Batches per epoch for this process."""
@@ -148,7 +153,7 @@ class InputPipeline:
         n, (h, w), c = len(self.pairs), self.image_size, self.in_channels
         if self.cache not in (None, "memory"):
             base = self._cache_path()
-            done = base.with_suffix(".complete")
+            done = Path(f"{base}.complete")
             base.parent.mkdir(parents=True, exist_ok=True)
             if done.exists():
                 return (np.load(f"{base}.images.npy", mmap_mode="r"),
@@ -169,11 +174,11 @@ class InputPipeline:
     # --- epochs --------------------------------------------------------------------
 
     def order(self, epoch: int) -> np.ndarray:
-        """This process's example indices for ``epoch`` (before batching)."""
+        """Indices into this process's pairs for ``epoch`` (before batching)."""
         n = len(self.pairs)
-        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.train
-                 else np.arange(n))
-        return order[self.shard_index::self.shard_count][:self._local_count()]
+        if not self.train:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)[:self._local_count()]
 
     def epoch(self, epoch: int = 0) -> Iterator[dict]:
         """The batches of ``epoch`` (its shuffle and augmentation depend on it alone)."""
@@ -181,7 +186,7 @@ class InputPipeline:
         indices = self.order(epoch)
         valid = np.ones(len(indices), bool)
         if not self.train:  # pad to whole batches: one compiled eval step serves all
-            pad = len(self) * self.batch_size - len(indices)
+            pad = len(self) * self.batch_size - len(indices)  # equal for every process
             indices = np.concatenate([indices, np.full(pad, indices[0])])
             valid = np.concatenate([valid, np.zeros(pad, bool)])
 

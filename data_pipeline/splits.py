@@ -74,24 +74,28 @@ def split_pairs(pairs: list[Pair], *, method: str = "car", val_fraction: float =
 
 
 def write_split(path, train: list[Pair], val: list[Pair]) -> None:
-    """``{"train": [...], "validation": [...]}``: image paths, with their masks and groups
-    under ``"pairs"`` so the split can be read back exactly."""
-    record = {
-        "train": [str(p.image) for p in train],
-        "validation": [str(p.image) for p in val],
-        "pairs": {str(p.image): {"mask": str(p.mask), "group": p.group} for p in train + val},
-    }
+    """``{"train": [...], "validation": [...]}``: the image files of each side."""
+    record = {"train": [str(p.image) for p in train], "validation": [str(p.image) for p in val]}
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(path)
 
 
 def read_split(path) -> tuple[list[Pair], list[Pair]]:
-    """The (train, validation) pairs that ``write_split`` wrote."""
+    """The (train, validation) pairs of a split file, each image with its mask and car,
+    found again by the same rules that paired them (the files are not re-checked)."""
+    from data_pipeline.files import match_pairs
+
     try:
         record = json.loads(Path(path).read_text())
-        info = record["pairs"]
-        make = lambda images: [Pair(Path(i), Path(info[i]["mask"]), info[i]["group"]) for i in images]
-        return make(record["train"]), make(record["validation"])
+        images = {side: [Path(i) for i in record[side]] for side in ("train", "validation")}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not a split file written by unet-jax ({e})") from None
+    known: dict[Path, Pair] = {}
+    for root in sorted({i.parent.parent for side in images.values() for i in side}):
+        known.update((p.image, p) for p in match_pairs(root)[0])
+    missing = [i for side in images.values() for i in side if i not in known]
+    if missing:
+        raise DataError(f"{path}: {missing[0]} (or its mask) is gone ({len(missing)} files "
+                        "missing); restore the data or start a new run")
+    return [known[i] for i in images["train"]], [known[i] for i in images["validation"]]

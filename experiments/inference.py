@@ -96,10 +96,14 @@ class Predictor:
         return [logit[..., 0] > 0 if logit.shape[-1] == 1 else logit.argmax(-1)
                 for logit in self.logits(images)]
 
+    def load(self, path) -> np.ndarray:
+        """An image file as the model's input channels, float32 in [0, 1]."""
+        return load_image(path, self.config.in_channels)
+
     def predict_files(self, paths):
         """Yields (path, image, mask) for each file, reading one batch of files at a time
         so that a folder of any size fits in memory."""
         for start in range(0, len(paths), self.batch_size):
             chunk = paths[start:start + self.batch_size]
-            images = [load_image(p, self.config.in_channels) for p in chunk]
+            images = [self.load(p) for p in chunk]
             yield from zip(chunk, images, self.masks(images))

@@ -41,8 +41,8 @@ def main(argv=None):
 
     from experiments import inference
 
-    paths = inference.list_images(args.input)
     predictor = inference.Predictor(args.checkpoint, args.epoch, args.batch_size)
+    paths = inference.list_images(args.input)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for path, image, mask in tqdm(predictor.predict_files(paths), total=len(paths),

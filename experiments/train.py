@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, nargs="+", metavar=("H", "W"),
                    help="size the model trains at; W defaults to H (default: 64 96)")
     p.add_argument("--batch-size", type=int, help="global batch size (default: 8)")
-    p.add_argument("--epochs", type=int, help="total epochs; on --resume, more extends the run")
+    p.add_argument("--epochs", type=int, help="total epochs (default: 12); on --resume, more extends the run")
     p.add_argument("--lr", dest="learning_rate", type=float, help="AdamW learning rate (default: 3e-4)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.01, torch's)")
     p.add_argument("--seed", type=int, help="seed for init, split, shuffling (default: 42)")

@@ -42,7 +42,7 @@ class Config:
     learning_rate: float = 3e-4
     weight_decay: float = 1e-2        # torch.optim.AdamW's default, as the guide used
     batch_size: int = 8
-    epochs: int = 10
+    epochs: int = 12
     seed: int = 42
 
     # Checkpoints.

@@ -1,0 +1,274 @@
+"""The command-line tools end to end, on a tiny synthetic dataset and a narrow U-Net."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data_pipeline
+from experiments import evaluate, import_torch, predict, submit, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--base-features", "4", "--depth", "2", "--image-size", "32", "48",
+        "--batch-size", "4", "--platform", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return data_pipeline.sample_dataset_dir(tmp_path_factory.mktemp("data") / "sample",
+                                            num_cars=5, size=(96, 64), seed=3)
+
+
+def run_cli(module, *args, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def call(main, argv):
+    """Runs a command's main() in this process, as its __main__ would."""
+    with pytest.raises(SystemExit) as exit_info:
+        from experiments import common
+        common.run(main, argv, prog="test")
+    return exit_info.value.code
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    argv = ["--data-dir", str(data_dir), "--workdir", str(run_dir), "--epochs", "2",
+            "--lr", "3e-3", *TINY[:-2]]
+    assert call(train.main, argv) == 0
+    return run_dir
+
+
+def test_train_writes_everything_a_run_promises(trained_run):
+    files = {p.name for p in trained_run.iterdir()}
+    assert {"config.json", "split.json", "metrics.csv", "loss.png", "predictions.png",
+            "checkpoints", "tensorboard"} <= files
+    settings = json.loads((trained_run / "config.json").read_text())
+    assert settings["device_count"] >= 1 and settings["image_size"] == [32, 48]
+    split = json.loads((trained_run / "split.json").read_text())
+    assert set(split) == {"train", "validation"} and split["train"] and split["validation"]
+    assert not set(split["train"]) & set(split["validation"])
+    rows = read_metrics(trained_run)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert list(rows[0])[:5] == ["epoch", "train_loss", "val_loss", "val_dice", "val_iou"]
+    assert all(0 <= float(r["val_dice"]) <= 1 for r in rows)
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert any((trained_run / "tensorboard").iterdir())
+    assert sorted(p.name for p in (trained_run / "checkpoints").iterdir()
+                  if p.name.isdigit()) == ["1", "2"]
+
+
+def test_gpu_without_gpu_is_one_line_and_exit_2():
+    result = run_cli("experiments.train", "--platform", "gpu", "--epochs", "1")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--platform gpu" in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--image-size", "30"], "--image-size"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--subset", "1.5"], "--subset"),
+    (["--loss", "focal"], "--loss"),
+    (["--data-dir", "/nonexistent/carvana"], "/nonexistent/carvana"),
+    (["--resume"], "--resume needs --workdir"),
+])
+def test_bad_flags_are_one_clear_line(argv, expected, capsys):
+    assert call(train.main, argv + ["--platform", "auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0]
+
+
+def test_batch_larger_than_the_data_is_named(data_dir, tmp_path, capsys):
+    code = call(train.main, ["--data-dir", str(data_dir), "--batch-size", "1000",
+                             "--workdir", str(tmp_path / "r"), *TINY[:4]])
+    assert code == 2 and "--batch-size 1000" in capsys.readouterr().err
+
+
+def test_a_new_run_refuses_to_overwrite_an_old_one(trained_run, capsys):
+    assert call(train.main, ["--workdir", str(trained_run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_changed_settings(trained_run, capsys):
+    assert call(train.main, ["--workdir", str(trained_run), "--resume", "--lr", "1"]) == 2
+    assert "--learning-rate differs" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    base = ["--data-dir", str(data_dir), "--workdir", str(run_dir), *TINY[:-2]]
+    assert call(train.main, base + ["--epochs", "1"]) == 0
+    before = read_metrics(run_dir)
+
+    import unet_jax.train as lib
+
+    real_step = lib.train_step
+
+    def poisoned(state, batch, loss="bce"):
+        state, metrics = real_step(state, batch, loss=loss)
+        return state, {**metrics, "loss": metrics["loss"] * float("nan")}
+
+    monkeypatch.setattr(lib, "train_step", poisoned)
+    assert call(train.main, ["--workdir", str(run_dir), "--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "became nan" in err and "epoch 1" in err and "intact" in err
+    assert read_metrics(run_dir) == before
+    monkeypatch.setattr(lib, "train_step", real_step)
+    params, _, epoch = __import__("unet_jax.checkpoints", fromlist=["x"]).restore_params(run_dir, "latest")
+    assert epoch == 1
+
+
+def test_killed_run_resumes_to_the_same_metrics(data_dir, tmp_path):
+    """SIGKILL mid-run, --resume, and the metrics equal an uninterrupted run's."""
+    args = ["--data-dir", str(data_dir), *TINY, "--epochs", "3", "--lr", "3e-3"]
+    straight = tmp_path / "straight"
+    result = run_cli("experiments.train", *args, "--workdir", str(straight))
+    assert result.returncode == 0, result.stderr
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args,
+                             "--workdir", str(killed)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "1" / "commit_success.txt").exists():
+        assert proc.poll() is None and time.time() < deadline, "first epoch never finished"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / "3").exists()
+
+    result = run_cli("experiments.train", "--workdir", str(killed), "--resume",
+                     "--platform", "cpu")
+    assert result.returncode == 0, result.stderr
+    a, b = read_metrics(straight), read_metrics(killed)
+    assert [r["epoch"] for r in b] == ["1", "2", "3"]
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_loss", "val_dice", "val_iou"):
+            np.testing.assert_allclose(float(ra[key]), float(rb[key]), rtol=1e-5, err_msg=key)
+
+    # More epochs on resume extend the run.
+    result = run_cli("experiments.train", "--workdir", str(killed), "--resume", "--epochs", "4",
+                     "--platform", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert [r["epoch"] for r in read_metrics(killed)] == ["1", "2", "3", "4"]
+
+
+def test_predict_writes_binary_masks_at_each_images_size(trained_run, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (70, 101, 3), np.uint8)).save(inputs / "odd.jpg")
+    Image.fromarray(rng.integers(0, 255, (40, 50), np.uint8)).save(inputs / "gray.png")
+    out = tmp_path / "out"
+    assert call(predict.main, ["--checkpoint", str(trained_run), "--input", str(inputs),
+                               "--output", str(out), "--viz"]) == 0
+    odd = np.asarray(Image.open(out / "odd_mask.png"))
+    gray = np.asarray(Image.open(out / "gray_mask.png"))
+    assert odd.shape == (70, 101) and gray.shape == (40, 50)
+    assert set(np.unique(odd)) <= {0, 255} and set(np.unique(gray)) <= {0, 255}
+    assert (out / "odd_viz.png").is_file() and (out / "gray_viz.png").is_file()
+
+
+def test_predict_names_a_missing_checkpoint(tmp_path, capsys):
+    code = call(predict.main, ["--checkpoint", str(tmp_path), "--input", str(tmp_path),
+                               "--output", str(tmp_path / "o")])
+    assert code == 2 and "config.json" in capsys.readouterr().err
+
+
+def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, capsys):
+    assert call(evaluate.main, ["--checkpoint", str(trained_run)]) == 0
+    result = json.loads((trained_run / "evaluation-validation.json").read_text())
+    split = json.loads((trained_run / "split.json").read_text())
+    assert result["images"] == len(split["validation"])
+    for key in ("dice", "iou", "pixel_accuracy"):
+        assert 0 <= result[key] <= 1
+    assert call(evaluate.main, ["--checkpoint", str(trained_run), "--data-dir", str(data_dir),
+                                "--split", "all"]) == 0
+    result = json.loads((trained_run / "evaluation-all.json").read_text())
+    assert result["images"] == 5 * 16
+
+
+def test_evaluate_scores_by_hand():
+    predicted = np.array([[1, 1], [0, 0]], bool)
+    truth = np.array([[1, 0], [1, 0]], bool)
+    s = evaluate.score(predicted, truth, 1)
+    assert s == {"dice": 0.5, "iou": 1 / 3, "pixel_accuracy": 0.5}
+    assert evaluate.score(~truth & truth, ~truth & truth, 1)["dice"] == 1.0
+
+
+@pytest.mark.parametrize("mask", [
+    np.zeros((3, 4), bool), np.ones((3, 4), bool),
+    np.array([[0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]], bool),
+])
+def test_rle_round_trip(mask):
+    assert np.array_equal(submit.rle_decode(submit.rle_encode(mask), mask.shape), mask)
+
+
+def test_rle_is_row_major_and_one_indexed():
+    mask = np.array([[0, 1, 1, 0], [1, 1, 0, 0]], bool)
+    assert submit.rle_encode(mask) == "2 2 5 2"
+    assert submit.rle_encode(np.zeros((2, 2), bool)) == ""
+    assert submit.rle_encode(np.ones((2, 2), bool)) == "1 4"
+
+
+def test_submit_writes_kaggle_csv(trained_run, tmp_path):
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((64, 96, 3), 60 * i, np.uint8)).save(test_dir / f"car_{i:02d}.jpg")
+    out = tmp_path / "submission.csv"
+    assert call(submit.main, ["--checkpoint", str(trained_run), "--input", str(test_dir),
+                              "--output", str(out)]) == 0
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["img", "rle_mask"]
+    assert [r[0] for r in rows[1:]] == ["car_00.jpg", "car_01.jpg", "car_02.jpg"]
+    from experiments.inference import Predictor
+    predictor = Predictor(trained_run)
+    image = predictor.load(test_dir / "car_01.jpg")
+    expected = predictor.masks([image])[0]
+    assert np.array_equal(submit.rle_decode(rows[2][1], (64, 96)), expected)
+
+
+def test_import_torch_round_trip(tmp_path):
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    from experiments.torch_unet import UNet as TorchUNet
+
+    torch.manual_seed(0)
+    model = TorchUNet(3, 1).eval()
+    torch.save(model.state_dict(), tmp_path / "unet.pth")
+    run_dir = tmp_path / "imported"
+    assert call(import_torch.main, [str(tmp_path / "unet.pth"), str(run_dir),
+                                    "--image-size", "32"]) == 0
+    from experiments.inference import Predictor
+    predictor = Predictor(run_dir)
+    image = np.random.default_rng(0).uniform(size=(32, 32, 3)).astype(np.float32)
+    ours = predictor.logits([image])[0][..., 0]
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(image.transpose(2, 0, 1)[None]))[0, 0].numpy()
+    assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_import_torch_refuses_pickled_objects(tmp_path, capsys):
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    import collections
+    torch.save({"weights": collections.Counter("abc")}, tmp_path / "evil.pth")
+    assert call(import_torch.main, [str(tmp_path / "evil.pth"), str(tmp_path / "o")]) == 2
+    assert "evil.pth" in capsys.readouterr().err
