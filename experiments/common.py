@@ -9,6 +9,7 @@ reported.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import textwrap
@@ -39,6 +40,24 @@ def add_platform_flag(parser) -> None:
                         help="where JAX runs; 'gpu' fails unless JAX sees a GPU (default: auto)")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def add_checkpoint_flags(parser) -> None:
+    """--checkpoint, --epoch, --batch-size and --platform of the tools that use a run."""
+    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
+                        help="run directory written by experiments.train or experiments.import_torch")
+    parser.add_argument("--epoch", default="best",
+                        help="'best' (by validation Dice, default), 'latest' or an epoch number")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per model call")
+    add_platform_flag(parser)
+
+
 def add_distributed_flags(parser) -> None:
     g = parser.add_argument_group("several processes (multi-host); see README")
     g.add_argument("--coordinator", help="ADDRESS:PORT of process 0, e.g. node0:1234")
@@ -53,6 +72,9 @@ def start_platform(platform: str, args=None) -> str:
     """Chooses the JAX platform (before any JAX work), joins a multi-process run when
     asked to, and hides GPUs from TensorFlow."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # orbax and tfds log routine notes through absl as warnings; the tools say what
+    # matters themselves.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     from unet_jax.platform import PlatformError, configure_platform, select_platform
 
     try:

@@ -22,14 +22,11 @@ python -m experiments.evaluate --checkpoint RUN_DIR --data-dir ~/carvana --split
 
 def parse_args(argv=None):
     p = common.make_parser("experiments.evaluate", __doc__.split("\n\n")[0], EXAMPLES)
-    p.add_argument("--checkpoint", required=True, help="run directory")
+    common.add_checkpoint_flags(p)
     p.add_argument("--data-dir", help="dataset folder (default: the run's own data)")
     p.add_argument("--split", choices=("validation", "all"), default="validation",
                    help="the run's validation images (from split.json), or every pair in --data-dir")
-    p.add_argument("--epoch", default="best", help="'best' (default), 'latest' or an epoch number")
-    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", help="JSON file for the results")
-    common.add_platform_flag(p)
     return p.parse_args(argv)
 
 

@@ -20,15 +20,11 @@ python -m experiments.predict --checkpoint RUN_DIR --input test_images/ --output
 
 def parse_args(argv=None):
     p = common.make_parser("experiments.predict", __doc__.split("\n\n")[0], EXAMPLES)
-    p.add_argument("--checkpoint", required=True, help="run directory written by experiments.train "
-                   "or experiments.import_torch")
+    common.add_checkpoint_flags(p)
     p.add_argument("--input", required=True, help="an image file or a folder of images")
     p.add_argument("--output", required=True, help="folder for <name>_mask.png files")
-    p.add_argument("--epoch", default="best", help="'best' (default), 'latest' or an epoch number")
-    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--viz", action="store_true", help="also write <name>_viz.png: input, "
                    "predicted mask, overlay")
-    common.add_platform_flag(p)
     return p.parse_args(argv)
 
 

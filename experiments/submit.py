@@ -43,12 +43,9 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
 
 def parse_args(argv=None):
     p = common.make_parser("experiments.submit", __doc__.split("\n\n")[0], EXAMPLES)
-    p.add_argument("--checkpoint", required=True, help="run directory")
+    common.add_checkpoint_flags(p)
     p.add_argument("--input", required=True, help="folder of test images (Kaggle's test/)")
     p.add_argument("--output", required=True, help="CSV file to write")
-    p.add_argument("--epoch", default="best", help="'best' (default), 'latest' or an epoch number")
-    p.add_argument("--batch-size", type=int, default=8)
-    common.add_platform_flag(p)
     return p.parse_args(argv)
 
 

@@ -103,7 +103,11 @@ def restore_params(run_dir, which: str | int = "best"):
         elif which == "latest":
             epoch = manager.latest_step()
         else:
-            epoch = int(which)
+            try:
+                epoch = int(which)
+            except ValueError:
+                raise CheckpointError(f"--epoch {which!r}: give 'best', 'latest' or an epoch "
+                                      "number") from None
             if epoch not in steps:
                 raise CheckpointError(f"{run_dir} has no checkpoint for epoch {epoch}; "
                                       f"it has {', '.join(map(str, steps))}")
