@@ -1,25 +1,31 @@
 """From files on disk to batches for the U-Net, with tf.data on the host.
 
 Conventions, kept everywhere in unet-jax: images are NHWC float32 in [0, 1]; masks are
-NHWC with one channel, float32 in {0, 1} (or integer class ids for several classes).
+NHWC with one channel, float32 in {0, 1} (any non-zero value in a mask file is
+foreground; with several classes, the integer class ids). TensorFlow only prepares
+numpy batches on the host, with the GPUs hidden from it (``tf_setup``); JAX owns the
+accelerator.
 
 * ``files``: find Kaggle's Carvana layout or ``images/`` + ``masks/`` folders, pair
-  images with masks, and check every file before training.
+  images with masks by name, and check every file before training (``DataError``).
 * ``splits``: training/validation split by car (default) or per image; split.json.
 * ``input_pipeline``: decode, resize, cache, shuffle, augment, batch, prefetch.
 * ``sample_data``: the built-in synthetic stand-in for Carvana.
-* ``tfds_carvana``: a TFDS builder for Kaggle's zips (manual download).
-* ``throughput``: images/s the pipeline delivers.
+* ``tfds_carvana``: a TFDS builder for Kaggle's zips (manual download); imported on
+  its own, as it loads tensorflow_datasets.
+* ``throughput``: images/s the pipeline delivers, with and without its cache.
 """
 
 from data_pipeline.errors import DataError
 from data_pipeline.files import Pair, check_pair, detect_layout, find_images, find_pairs
-from data_pipeline.input_pipeline import InputPipeline, augment_pair, load_example
+from data_pipeline.input_pipeline import (InputPipeline, augment_pair, load_example,
+                                          load_image, load_mask)
 from data_pipeline.sample_data import sample_dataset_dir
-from data_pipeline.splits import read_split, split_pairs, subset_by_group, write_split
+from data_pipeline.splits import (read_split, split_pairs, subset_by_car, subset_by_group,
+                                  write_split)
 
 __all__ = [
     "DataError", "InputPipeline", "Pair", "augment_pair", "check_pair", "detect_layout",
-    "find_images", "find_pairs", "load_example", "read_split", "sample_dataset_dir",
-    "split_pairs", "subset_by_group", "write_split",
+    "find_images", "find_pairs", "load_example", "load_image", "load_mask", "read_split",
+    "sample_dataset_dir", "split_pairs", "subset_by_car", "subset_by_group", "write_split",
 ]

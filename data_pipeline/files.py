@@ -7,50 +7,64 @@ Two layouts are understood:
   ``<NN>`` one of its 16 turntable angles; the id is kept so that splits can keep all
   views of a car together.
 * A user's own folders: ``images/`` and ``masks/``, paired by file stem (the mask may
-  be ``<stem>.<ext>`` or ``<stem>_mask.<ext>``), any of JPEG, PNG, GIF, TIFF, BMP.
+  be ``<stem>.<ext>`` or ``<stem>_mask.<ext>``), in any of JPEG, PNG, GIF, TIFF, BMP.
+  Each image is its own group.
 
-Every pair is checked up front: that it has its partner, that both files open, are
-not truncated, and have the same size. A problem found after an hour of training would
-lose that hour, so it is found now and named, with the fix; ``skip_bad=True`` (the
-``--skip-bad`` flag) drops such pairs instead and lists them as a warning.
+Every pair is checked up front: that it has its partner, that both files open and are
+complete, and that they have the same size. A problem found after an hour of training
+would lose that hour, so it is found now and named, with the fix; ``skip_bad=True``
+(the ``--skip-bad`` flag) drops such pairs instead and logs a warning listing them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import sys
+import logging
+import os
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.errors import DataError
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff")
+LAYOUTS = "Kaggle's layout (train/ or train_hq/, with train_masks/) or images/ + masks/"
+FIX = "fix or remove the file, or pass --skip-bad to skip such pairs"
 
 # What a complete file of each format ends with: a file cut short by an interrupted
-# download or copy lacks it. Checking the last bytes is instant, where decoding every
-# 1918x1280 photo up front would take minutes.
-_TRAILERS = {"JPEG": (b"\xff\xd9",), "PNG": (b"IEND\xaeB`\x82",), "GIF": (b";",)}
+# download or copy lacks it. Reading the last bytes is instant, where decoding 5000
+# photos of 1918x1280 up front takes minutes; only files without it are decoded.
+_TRAILERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    """An image, its mask, and the group it belongs to (the car, for Carvana)."""
+    """An image, its mask, and the car it shows (the group a split keeps together;
+    for a user's own folders, the image's stem: each image is its own group)."""
 
     image: Path
     mask: Path
-    group: str
+    car: str
+
+    @property
+    def group(self) -> str:
+        """The split's grouping key: the car id."""
+        return self.car
 
 
 def _images_in(folder: Path) -> list[Path]:
+    """Image files of a folder in name order; hidden files (macOS ``._x.jpg``) skipped."""
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                  and p.is_file())
 
 
 def detect_layout(data_dir) -> tuple[Path, Path, str]:
-    """(image folder, mask folder, 'kaggle' or 'folders') of a dataset directory."""
-    root = Path(data_dir).expanduser()
+    """(image folder, mask folder, ``'kaggle'`` or ``'folders'``) of a dataset."""
+    root = Path(data_dir).expanduser().absolute()
     if not root.is_dir():
         raise DataError(f"--data-dir {root}: no such directory")
     masks = root / "train_masks"
@@ -59,103 +73,137 @@ def detect_layout(data_dir) -> tuple[Path, Path, str]:
             return images, masks, "kaggle"
     if (root / "images").is_dir() and (root / "masks").is_dir():
         return root / "images", root / "masks", "folders"
-    raise DataError(f"--data-dir {root}: expected Kaggle's layout (train/ and train_masks/) "
-                    "or images/ and masks/ folders")
+    raise DataError(f"--data-dir {root} matches no known layout: expected {LAYOUTS}")
 
 
-def _problem(path: Path) -> tuple[tuple[int, int] | None, str | None]:
-    """(size, None) for a readable, complete image file; (None, what is wrong) else."""
+def _by_stem(files: list[Path], strip: str = "") -> tuple[dict[str, Path], list[str]]:
+    """Files keyed by stem (less the ``strip`` suffix), and the problems of stems
+    shared by two files, where the pairing would have to guess."""
+    found: dict[str, Path] = {}
+    problems = []
+    for f in files:
+        stem = f.stem[: -len(strip)] if strip and f.stem.endswith(strip) else f.stem
+        if stem in found:
+            problems.append(f"{f} and {found[stem].name} both claim the name {stem!r}; "
+                            "remove one")
+        else:
+            found[stem] = f
+    return found, problems
+
+
+def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
+    """Pairs by name (not yet checked), and the problems of files without a partner."""
+    image_dir, mask_dir, layout = detect_layout(data_dir)
+    images, problems = _by_stem(_images_in(image_dir))
+    masks, more = _by_stem(_images_in(mask_dir), strip="_mask")
+    problems += more
+    pairs = []
+    for stem, image in images.items():
+        mask = masks.get(stem)
+        if mask is None:
+            expected = "_mask.gif" if layout == "kaggle" else ".png"
+            problems.append(f"{image} has no mask (expected {mask_dir / (stem + expected)})")
+            continue
+        # Kaggle names photos <car>_<NN>: the car is all before the last underscore.
+        car = stem.rsplit("_", 1)[0] if layout == "kaggle" else stem
+        pairs.append(Pair(image, mask, car))
+    problems += [f"{mask} has no image (expected {image_dir / stem}.jpg or similar)"
+                 for stem, mask in masks.items() if stem not in images]
+    return sorted(pairs, key=lambda p: p.image), problems
+
+
+def image_problem(path: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """(size, None) for a readable, complete image file; (None, what is wrong) else.
+
+    Opening reads only the header (the size); the data is decoded only where the
+    file's end does not prove it complete, which keeps checking thousands of files
+    fast and still catches a truncated JPEG.
+    """
     try:
         with Image.open(path) as img:
             size, fmt = img.size, img.format
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        return None, f"cannot be read as an image ({type(e).__name__})"
-    trailers = _TRAILERS.get(fmt)
-    if trailers:
-        with path.open("rb") as f:
-            f.seek(max(0, path.stat().st_size - 16))
-            tail = f.read().rstrip(b"\x00\r\n ")
-        if not any(tail.endswith(t) for t in trailers):
-            # Some cameras append data after the image; only a failed decode is final.
-            try:
-                with Image.open(path) as img:
-                    img.load()
-            except (OSError, ValueError, SyntaxError):
-                return None, f"is truncated (its {fmt} data ends early)"
+            if not _looks_complete(path, fmt):
+                img.load()  # raises on data that ends early
+    except UnidentifiedImageError:
+        return None, "cannot be read as an image (unknown format or not an image file)"
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        what = " ".join(str(e).split()) or type(e).__name__
+        if "truncated" in what:
+            return None, f"is truncated: its {fmt} data ends early"
+        return None, f"cannot be read as an image ({what})"
     return size, None
+
+
+def _looks_complete(path: Path, fmt: str | None) -> bool:
+    """True when the file's last bytes show a complete file of its format."""
+    if fmt in _TRAILERS:
+        with path.open("rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 32))
+            # Some writers pad the end, some cameras append data: both only cost a decode.
+            return f.read().rstrip(b"\x00\r\n ").endswith(_TRAILERS[fmt])
+    if fmt == "BMP":  # its header states the file's size
+        with path.open("rb") as f:
+            header = f.read(6)
+            return int.from_bytes(header[2:6], "little") <= os.fstat(f.fileno()).st_size
+    return False  # TIFF and others: decode to be sure
 
 
 def check_pair(pair: Pair) -> str | None:
     """None if the pair is usable, else one line saying which file is wrong and how."""
-    image_size, problem = _problem(pair.image)
+    image_size, problem = image_problem(pair.image)
     if problem:
         return f"{pair.image} {problem}"
-    mask_size, problem = _problem(pair.mask)
+    mask_size, problem = image_problem(pair.mask)
     if problem:
         return f"{pair.mask} {problem}"
     if image_size != mask_size:
-        return (f"{pair.mask} is {mask_size[0]}x{mask_size[1]} but its image {pair.image.name} "
-                f"is {image_size[0]}x{image_size[1]}")
+        return (f"{pair.mask} is {mask_size[0]}x{mask_size[1]} but its image "
+                f"{pair.image.name} is {image_size[0]}x{image_size[1]}")
     return None
 
 
-def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
-    """Pairs by name, and the problems of files without a partner."""
-    image_dir, mask_dir, layout = detect_layout(data_dir)
-    masks = {}
-    for m in _images_in(mask_dir):
-        stem = m.stem[:-5] if m.stem.endswith("_mask") else m.stem
-        masks.setdefault(stem, m)
-    pairs, problems, used = [], [], set()
-    for image in _images_in(image_dir):
-        mask = masks.get(image.stem)
-        if mask is None:
-            expected = (f"{mask_dir.name}/{image.stem}_mask.gif" if layout == "kaggle"
-                        else f"{mask_dir.name}/{image.stem}.png")
-            problems.append(f"{image} has no mask (expected {expected})")
-            continue
-        used.add(image.stem)
-        group = image.stem.rsplit("_", 1)[0] if layout == "kaggle" else image.stem
-        pairs.append(Pair(image, mask, group))
-    for stem, mask in sorted(masks.items()):
-        if stem not in used:
-            problems.append(f"{mask} has no image (expected {image_dir.name}/{stem}.*)")
-    return pairs, problems
-
-
-def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True) -> list[Pair]:
+def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
+               workers: int = 16) -> list[Pair]:
     """Every usable image/mask pair under ``data_dir``, in name order.
 
-    Raises DataError naming the first bad file (and how many there are) unless
-    ``skip_bad``, which drops bad pairs and warns on stderr with the list.
+    The layout is detected (Kaggle's or ``images/`` + ``masks/``). With ``check``,
+    every file is opened in a pool of ``workers`` threads (the work is file reads and
+    Pillow's C decoders, which release the GIL). A bad pair raises a DataError naming
+    the first bad file, unless ``skip_bad``, which drops the bad pairs and logs a
+    warning listing them.
     """
     pairs, problems = match_pairs(data_dir)
     if check and pairs:
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             found = list(pool.map(check_pair, pairs))
         problems += [p for p in found if p]
         pairs = [pair for pair, p in zip(pairs, found) if not p]
     if problems and not skip_bad:
-        more = f" ({len(problems)} problems in all)" if len(problems) > 1 else ""
-        raise DataError(f"{problems[0]}{more}; fix or remove the file, or pass --skip-bad "
-                        "to skip such pairs")
+        more = (f" ({len(problems)} problems in all; --skip-bad skips them and lists each)"
+                if len(problems) > 1 else "")
+        raise DataError(f"{problems[0]}; {FIX}{more}")
     if problems:
-        listing = "\n  ".join(problems)
-        print(f"warning: skipping {len(problems)} bad image/mask pair(s):\n  {listing}",
-              file=sys.stderr)
+        shown = problems[:50]
+        rest = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        log.warning("skipping %d bad image/mask pair(s):\n  %s%s", len(problems),
+                    "\n  ".join(shown), rest)
     if not pairs:
-        raise DataError(f"--data-dir {data_dir}: no usable image/mask pairs")
+        raise DataError(f"--data-dir {data_dir}: no usable image/mask pairs in it")
     return pairs
 
 
 def find_images(path) -> list[Path]:
-    """The images to predict: one file, or a folder's images in name order."""
+    """The images to predict: one image file, or a folder's images in name order."""
     path = Path(path).expanduser()
     if path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DataError(f"--input {path} is not an image file "
+                            f"(expected one of {', '.join(IMAGE_SUFFIXES)})")
         return [path]
     if not path.is_dir():
         raise DataError(f"--input {path}: no such file or directory")
     images = _images_in(path)
     if not images:
-        raise DataError(f"--input {path}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(f"--input {path}: the folder holds no images "
+                        f"({', '.join(IMAGE_SUFFIXES)})")
     return images

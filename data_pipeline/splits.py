@@ -20,82 +20,113 @@ from data_pipeline.files import Pair
 METHODS = ("car", "random")
 
 
-def _groups(pairs: list[Pair]) -> dict[str, list[Pair]]:
-    groups: dict[str, list[Pair]] = {}
-    for pair in pairs:
-        groups.setdefault(pair.group, []).append(pair)
-    return groups
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    """A generator for one use of ``seed``: the subset and the split draw independently."""
+    return np.random.default_rng([stream, seed % 2**63])
 
 
-def subset_by_group(pairs: list[Pair], fraction: float, seed: int = 42) -> list[Pair]:
-    """A seeded ``fraction`` of the groups (cars), with all their images."""
+def subset_by_car(pairs: list[Pair], fraction: float, seed: int = 42) -> list[Pair]:
+    """A seeded ``fraction`` of the cars (at least one), with all their images.
+
+    Taken by car so that a quick run on part of the data can still be split by car.
+    """
     if not 0 < fraction <= 1:
         raise DataError(f"--subset {fraction}: give a fraction in (0, 1]")
     if fraction == 1:
         return list(pairs)
-    groups = _groups(pairs)
-    names = sorted(groups)
-    keep = max(1, round(fraction * len(names)))
-    chosen = set(np.random.default_rng(seed).permutation(names)[:keep].tolist())
-    return [p for p in pairs if p.group in chosen]
+    cars = sorted({p.car for p in pairs})
+    keep = max(1, round(fraction * len(cars)))
+    chosen = set(_rng(seed, 0).permutation(cars)[:keep].tolist())
+    return [p for p in pairs if p.car in chosen]
+
+
+subset_by_group = subset_by_car  # the name other modules knew first
+
+
+def _n_val(n: int, val_fraction: float, what: str) -> int:
+    """How many of ``n`` units go to validation: rounded, and neither side empty."""
+    if n < 2:
+        raise DataError(f"a split needs at least 2 {what}, the data has {n}; add data, "
+                        "raise --subset" + (", or use --split random" if what == "cars" else ""))
+    return min(n - 1, max(1, round(val_fraction * n)))
 
 
 def split_pairs(pairs: list[Pair], *, method: str = "car", val_fraction: float = 0.2,
                 seed: int = 42, subset: float = 1.0) -> tuple[list[Pair], list[Pair]]:
-    """(train, validation) pairs, seeded and reproducible.
+    """(train, validation) pairs, seeded and reproducible, each in name order.
 
-    ``method='car'`` assigns whole groups (cars) to one side, about ``val_fraction`` of
-    them to validation; ``'random'`` splits images one by one as the guide does (with
-    numpy's generator: torch's own random_split order cannot be reproduced without
-    torch). ``subset`` first keeps that fraction of the cars, for quick runs.
+    ``method='car'`` puts whole cars on one side, ``val_fraction`` of the cars (rounded)
+    in validation. ``'random'`` splits image by image like the guide; the guide's exact
+    split cannot be reproduced without torch's generator, so numpy's
+    ``default_rng(seed)`` draws it. ``subset`` first keeps that fraction of the cars,
+    for quick runs.
     """
     if method not in METHODS:
         raise DataError(f"--split {method!r}: choose one of {', '.join(METHODS)}")
-    pairs = subset_by_group(pairs, subset, seed)
-    rng = np.random.default_rng(seed)
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val-fraction {val_fraction}: give a fraction in (0, 1)")
+    # Sorted first, so that the split depends on the files alone, not the listing order.
+    pairs = sorted(subset_by_car(pairs, subset, seed), key=lambda p: p.image)
+    rng = _rng(seed, 1)
     if method == "car":
-        names = sorted(_groups(pairs))
-        if len(names) < 2:
-            raise DataError(f"a split by car needs at least 2 cars, the data has {len(names)}; "
-                            "add data, raise --subset, or use --split random")
-        n_val = min(len(names) - 1, max(1, round(val_fraction * len(names))))
-        val_names = set(rng.permutation(names)[:n_val].tolist())
-        train = [p for p in pairs if p.group not in val_names]
-        val = [p for p in pairs if p.group in val_names]
+        cars = sorted({p.car for p in pairs})
+        val_cars = set(rng.permutation(cars)[: _n_val(len(cars), val_fraction, "cars")].tolist())
+        is_val = [p.car in val_cars for p in pairs]
     else:
-        if len(pairs) < 2:
-            raise DataError(f"a split needs at least 2 images, the data has {len(pairs)}")
-        n_val = min(len(pairs) - 1, max(1, round(val_fraction * len(pairs))))
-        order = rng.permutation(len(pairs))
-        val_idx = set(order[:n_val].tolist())
-        train = [p for i, p in enumerate(pairs) if i not in val_idx]
-        val = [p for i, p in enumerate(pairs) if i in val_idx]
+        val_idx = set(rng.permutation(len(pairs))[: _n_val(len(pairs), val_fraction,
+                                                              "images")].tolist())
+        is_val = [i in val_idx for i in range(len(pairs))]
+    train = [p for p, v in zip(pairs, is_val) if not v]
+    val = [p for p, v in zip(pairs, is_val) if v]
     return train, val
 
 
 def write_split(path, train: list[Pair], val: list[Pair]) -> None:
-    """``{"train": [...], "validation": [...]}``: the image files of each side."""
-    record = {"train": [str(p.image) for p in train], "validation": [str(p.image) for p in val]}
-    tmp = Path(path).with_suffix(".tmp")
+    """Writes ``{"train": [...], "validation": [...]}``, the image files of each side.
+
+    The masks and cars are found again from the images by the pairing rules, so the
+    file stays readable by any tool. Written atomically: an interrupted run never
+    leaves half a split for ``--resume`` to read.
+    """
+    record = {"train": [str(p.image) for p in train],
+              "validation": [str(p.image) for p in val]}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(path)
 
 
-def read_split(path) -> tuple[list[Pair], list[Pair]]:
-    """The (train, validation) pairs of a split file, each image with its mask and car,
-    found again by the same rules that paired them (the files are not re-checked)."""
+def read_split(path, data_dir=None) -> tuple[list[Pair], list[Pair]]:
+    """The (train, validation) pairs of a split file, each image with its mask and car.
+
+    The files are not re-checked (they were when the split was made). If the data has
+    moved, ``data_dir`` is where to look for the same images, by file name.
+    """
     from data_pipeline.files import match_pairs
 
     try:
         record = json.loads(Path(path).read_text())
-        images = {side: [Path(i) for i in record[side]] for side in ("train", "validation")}
+        images = {side: [Path(i).expanduser().absolute() for i in record[side]]
+                  for side in ("train", "validation")}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: not a split file written by unet-jax ({e})") from None
-    known: dict[Path, Pair] = {}
-    for root in sorted({i.parent.parent for side in images.values() for i in side}):
-        known.update((p.image, p) for p in match_pairs(root)[0])
-    missing = [i for side in images.values() for i in side if i not in known]
+        raise DataError(f"{path} is not a split file written by unet-jax ({e}); "
+                        "remove it to make a new split") from None
+    if data_dir is not None:
+        by_name = {p.image.name: p for p in match_pairs(data_dir)[0]}
+        key = lambda image: image.name  # noqa: E731
+    else:
+        by_name = {}
+        for root in sorted({i.parent.parent for side in images.values() for i in side}):
+            try:
+                by_name.update((p.image, p) for p in match_pairs(root)[0])
+            except DataError:  # the folder is gone: its images are reported below
+                pass
+        key = lambda image: image  # noqa: E731
+    missing = [i for side in images.values() for i in side if key(i) not in by_name]
     if missing:
-        raise DataError(f"{path}: {missing[0]} (or its mask) is gone ({len(missing)} files "
-                        "missing); restore the data or start a new run")
-    return [known[i] for i in images["train"]], [known[i] for i in images["validation"]]
+        where = f" in {data_dir}" if data_dir is not None else ""
+        raise DataError(f"{path}: {missing[0]} (or its mask) is not found{where} "
+                        f"({len(missing)} missing); restore the data, pass the folder "
+                        "it moved to, or start a new run")
+    return ([by_name[key(i)] for i in images["train"]],
+            [by_name[key(i)] for i in images["validation"]])

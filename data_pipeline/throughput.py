@@ -1,10 +1,10 @@
 """How many images per second the input pipeline delivers, with and without its cache.
 
 A training step can only be as fast as its input. ``measure_throughput`` times the
-pipeline alone (no model): ``cold`` decodes and resizes every image from disk, as
-without a cache or during the first epoch; ``cached`` reads decoded examples from the
-in-memory cache, as every later epoch does. Compare both with the train step's
-images/s from ``python -m experiments.benchmark``.
+pipeline alone (no model): ``cold`` decodes and resizes every image from disk, as a
+run without a cache does every epoch and a cached run does in its first; ``cached``
+reads the decoded examples from the cache, as every later epoch does. Compare both
+with the train step's images/s (``python -m experiments.benchmark``).
 """
 
 from __future__ import annotations
@@ -15,31 +15,44 @@ from data_pipeline.input_pipeline import InputPipeline
 
 
 def _rate(pipeline: InputPipeline, epoch: int, batches: int, warmup: int) -> float:
+    """Images/s over ``batches`` batches of ``epoch``, after ``warmup`` untimed ones
+    (which build the tf.data graph and fill the prefetch buffer)."""
     iterator = pipeline.epoch(epoch)
     for _ in range(warmup):
         next(iterator)
     start, seen = time.perf_counter(), 0
-    for batch in iterator:
+    for _, batch in zip(range(batches), iterator):
         seen += len(batch["image"])
-        if seen >= batches * pipeline.batch_size:
-            break
-    return seen / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    iterator.close()
+    return seen / elapsed
 
 
-def measure_throughput(pairs, image_size, batch_size: int, *, batches: int = 20,
-                       warmup: int = 2, augment: bool = False) -> dict:
-    """Images/s delivered: ``cold_img_per_s`` (decode every image) and
-    ``cached_img_per_s`` (after the cache is filled), plus the cache fill time."""
-    batches = min(batches, len(pairs) // batch_size - warmup)
+def measure_throughput(pairs, image_size, batch_size: int, *, cache="memory",
+                       batches: int = 20, warmup: int = 2, augment: bool = False,
+                       in_channels: int = 3) -> dict:
+    """Images/s the training pipeline delivers over ``batches`` batches.
+
+    Returns ``cold_img_per_s`` (decoding from disk), ``cached_img_per_s`` (reading a
+    filled ``cache``: 'memory' or a file prefix; None if ``cache`` is None),
+    ``img_per_s`` (what training with ``cache`` sees after its first epoch),
+    ``cache_fill_s`` (decoding every image once, in parallel) and the settings.
+    """
+    kw = dict(image_size=image_size, batch_size=batch_size, train=True, augment=augment,
+              in_channels=in_channels)
+    cold_pipeline = InputPipeline(pairs, cache=None, **kw)
+    batches = min(batches, len(cold_pipeline) - warmup)
     if batches < 1:
-        raise ValueError(f"need more than {(warmup + 1) * batch_size} images to measure")
-    kw = dict(image_size=image_size, batch_size=batch_size, train=True, augment=augment)
-    cold = _rate(InputPipeline(pairs, cache=None, **kw), 1, batches, warmup)
-    cached = InputPipeline(pairs, cache="memory", **kw)
-    start = time.perf_counter()
-    next(cached.epoch(0))  # fills the cache: decodes every image once
-    fill_s = time.perf_counter() - start
-    warm = _rate(cached, 1, batches, warmup)
-    return {"cold_img_per_s": cold, "cached_img_per_s": warm, "img_per_s": warm,
-            "cache_fill_s": fill_s, "images": len(pairs), "batch_size": batch_size,
-            "image_size": list(image_size)}
+        raise ValueError(f"{len(pairs)} images make {len(cold_pipeline)} batches of "
+                         f"{batch_size}; timing needs more than {warmup} (the warm-up)")
+    result = {"cold_img_per_s": _rate(cold_pipeline, 0, batches, warmup),
+              "cached_img_per_s": None, "cache_fill_s": None}
+    if cache is not None:
+        cached = InputPipeline(pairs, cache=cache, **kw)
+        start = time.perf_counter()
+        cached.fill()
+        result["cache_fill_s"] = time.perf_counter() - start
+        result["cached_img_per_s"] = _rate(cached, 1, batches, warmup)
+    result["img_per_s"] = result["cached_img_per_s"] or result["cold_img_per_s"]
+    return {**result, "images": len(pairs), "batches": batches, "batch_size": batch_size,
+            "image_size": list(image_size), "cache": cache}

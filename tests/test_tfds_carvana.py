@@ -5,59 +5,85 @@ import zipfile
 import numpy as np
 import pytest
 
-from tests.test_data import kaggle_dir
+import data_pipeline as dp
+from tests.data_fixtures import H, W, box_mask, kaggle_dir
+
+tfds = pytest.importorskip("tensorflow_datasets")
+from data_pipeline.tfds_carvana import Carvana, pairs_from_tfds  # noqa: E402
+
+CARS = ("car001", "car002")
+
+
+def zip_folder(folder, zip_path, skip=()):
+    """A zip like Kaggle's: every file under a top folder of the same name."""
+    with zipfile.ZipFile(zip_path, "w") as z:
+        for f in sorted(folder.iterdir()):
+            if f.name not in skip:
+                z.write(f, f"{folder.name}/{f.name}")
 
 
 @pytest.fixture
-def manual_dir(tmp_path):
-    src = kaggle_dir(tmp_path / "src", cars=("car001", "car002"), angles=3)
+def src(tmp_path):
+    return kaggle_dir(tmp_path / "src", cars=CARS, angles=3)
+
+
+@pytest.fixture
+def manual(src, tmp_path):
     manual = tmp_path / "manual"
     manual.mkdir()
-    for folder, zip_name in (("train", "train.zip"), ("train_masks", "train_masks.zip")):
-        with zipfile.ZipFile(manual / zip_name, "w") as z:
-            for f in sorted((src / folder).iterdir()):
-                z.write(f, f"{folder}/{f.name}")  # Kaggle's zips hold a top folder
+    zip_folder(src / "train", manual / "train.zip")
+    zip_folder(src / "train_masks", manual / "train_masks.zip")
     return manual
 
 
-def test_builder_reads_kaggles_zips(manual_dir, tmp_path):
-    import tensorflow_datasets as tfds
-
-    from data_pipeline.tfds_carvana import Carvana
-
+def prepare(tmp_path, manual):
     builder = Carvana(data_dir=tmp_path / "tfds")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    examples = list(tfds.as_numpy(builder.as_dataset(split="train")))
-    assert len(examples) == 6
-    example = examples[0]
-    assert example["image"].shape == (32, 48, 3) and example["mask"].shape == (32, 48, 1)
-    assert set(np.unique(example["mask"])) == {0, 1}
-    assert {e["car_id"].decode() for e in examples} == {"car001", "car002"}
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    return builder
+
+
+def test_builder_reads_kaggles_zips(tmp_path, src, manual):
+    builder = prepare(tmp_path, manual)
+    assert builder.name == "carvana" and "train.zip" in Carvana.MANUAL_DOWNLOAD_INSTRUCTIONS
+    assert builder.info.splits["train"].num_examples == 6
+    examples = sorted(tfds.as_numpy(builder.as_dataset(split="train")),
+                      key=lambda e: e["image/filename"])
+    assert [e["image/filename"].decode() for e in examples] == sorted(
+        p.name for p in (src / "train").iterdir())
+    assert [e["car_id"].decode() for e in examples] == ["car001"] * 3 + ["car002"] * 3
+    for c, a, e in [(c, a, examples[3 * c + a - 1]) for c in range(2) for a in (1, 2, 3)]:
+        assert e["image"].shape == (H, W, 3) and e["mask"].shape == (H, W, 1)
+        # the palette GIF's index 1 (a near-black colour) became 1, and only there
+        np.testing.assert_array_equal(e["mask"][..., 0], box_mask(seed=100 * c + a))
 
 
 def test_missing_zip_is_named(tmp_path):
-    import tensorflow_datasets as tfds
-
-    from data_pipeline import DataError
-    from data_pipeline.tfds_carvana import Carvana
-
     (tmp_path / "manual").mkdir()
     zipfile.ZipFile(tmp_path / "manual" / "train.zip", "w").close()
-    with pytest.raises(DataError, match="missing train_masks.zip"):
-        Carvana(data_dir=tmp_path / "tfds").download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=tmp_path / "manual"))
+    with pytest.raises(dp.DataError, match="lacks train_masks.zip"):
+        prepare(tmp_path, tmp_path / "manual")
 
 
-def test_tfds_feeds_the_same_pipeline(manual_dir, tmp_path):
-    import data_pipeline as dp
-    from data_pipeline.tfds_carvana import pairs_from_tfds
+def test_photo_without_mask_is_named(tmp_path, src):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    zip_folder(src / "train", manual / "train.zip")
+    zip_folder(src / "train_masks", manual / "train_masks.zip", skip={"car002_02_mask.gif"})
+    with pytest.raises(dp.DataError, match="car002_02.jpg has no mask"):
+        prepare(tmp_path, manual)
 
-    pairs = pairs_from_tfds(tmp_path / "tfds", tmp_path / "export", manual_dir=manual_dir)
-    assert len(pairs) == 6 and {p.group for p in pairs} == {"car001", "car002"}
-    original = dp.find_pairs(manual_dir.parent / "src")
+
+def test_tfds_feeds_the_same_pipeline(tmp_path, src, manual):
+    pairs = pairs_from_tfds(tmp_path / "tfds", tmp_path / "export", manual_dir=manual)
+    original = dp.find_pairs(src)
+    assert [p.image.name for p in pairs] == [p.image.name for p in original]
+    assert [p.car for p in pairs] == [p.car for p in original]
     for a, b in zip(pairs, original):
-        assert a.image.read_bytes() == b.image.read_bytes()  # the JPEG as shipped
-        np.testing.assert_array_equal(dp.load_example(a, (32, 48))[1], dp.load_example(b, (32, 48))[1])
+        assert a.image.read_bytes() == b.image.read_bytes()  # the JPEG as Kaggle shipped it
+        np.testing.assert_array_equal(dp.load_mask(a.mask, (H, W)), dp.load_mask(b.mask, (H, W)))
     train, val = dp.split_pairs(pairs)
-    batch = next(dp.InputPipeline(train, image_size=(16, 32), batch_size=2, train=True).epoch(1))
-    assert batch["image"].shape == (2, 16, 32, 3)
+    assert {p.car for p in train} != {p.car for p in val}
+    batch = next(dp.InputPipeline(train, image_size=(16, 24), batch_size=2, train=True).epoch(0))
+    assert batch["image"].shape == (2, 16, 24, 3) and set(np.unique(batch["mask"])) == {0, 1}
+    again = pairs_from_tfds(tmp_path / "tfds", tmp_path / "export", manual_dir=manual)
+    assert again == pairs  # prepared and exported once

@@ -1,0 +1,229 @@
+"""data_pipeline.files and the decoders: layouts, pairing, every bad-data error, skip_bad."""
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data_pipeline as dp
+from tests.data_fixtures import CARS, H, W, box_mask, kaggle_dir, own_dir, write_image, write_mask
+
+
+@pytest.fixture
+def kaggle(tmp_path):
+    return kaggle_dir(tmp_path / "carvana")
+
+
+def error_of(data_dir, **kw) -> str:
+    """The DataError message of find_pairs, checked to be one line."""
+    with pytest.raises(dp.DataError) as e:
+        dp.find_pairs(data_dir, **kw)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+# --- layouts and pairing ----------------------------------------------------------------
+
+def test_kaggle_layout_pairs_by_name_and_keeps_car_ids(kaggle):
+    pairs = dp.find_pairs(kaggle)
+    assert len(pairs) == 20
+    assert all(p.mask.name == p.image.stem + "_mask.gif" for p in pairs)
+    assert all(p.image.parent.name == "train" and p.image.is_absolute() for p in pairs)
+    assert {p.car for p in pairs} == set(CARS)
+    assert pairs[5].car == pairs[5].group == pairs[5].image.stem.rsplit("_", 1)[0]
+    assert [p.image.name for p in pairs] == sorted(p.image.name for p in pairs)
+
+
+def test_train_hq_with_png_masks(tmp_path):
+    kaggle_dir(tmp_path, cars=("car1",), angles=2, images="train_hq", mask_suffix=".png")
+    pairs = dp.find_pairs(tmp_path)
+    assert [p.mask.name for p in pairs] == ["car1_01_mask.png", "car1_02_mask.png"]
+    assert {p.car for p in pairs} == {"car1"}
+
+
+def test_palette_gif_is_read_as_indices_not_colours(kaggle):
+    pair = dp.find_pairs(kaggle)[0]
+    assert Image.open(pair.mask).mode == "P"  # a real palette GIF, index 1 nearly black
+    mask = dp.load_mask(pair.mask, (H, W))
+    assert mask.shape == (H, W, 1) and mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask[..., 0], box_mask(seed=1))  # car 0, angle 1
+
+
+@pytest.mark.parametrize("value", [1, 7, 255])
+def test_any_non_zero_mask_value_is_foreground(tmp_path, value):
+    write_mask(tmp_path / "m.png", box_mask(), value=value)
+    np.testing.assert_array_equal(dp.load_mask(tmp_path / "m.png", (H, W))[..., 0], box_mask())
+
+
+def test_rgb_mask_is_foreground_where_any_colour_is_set(tmp_path):
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[box_mask()] = (200, 0, 0)
+    Image.fromarray(rgb).save(tmp_path / "m.png")
+    np.testing.assert_array_equal(dp.load_mask(tmp_path / "m.png", (H, W))[..., 0], box_mask())
+
+
+def test_jpeg_masks_are_cut_at_128_because_jpeg_is_lossy(tmp_path):
+    Image.fromarray(box_mask().astype(np.uint8) * 255).save(tmp_path / "m.jpg", quality=60)
+    assert np.asarray(Image.open(tmp_path / "m.jpg"))[~box_mask()].max() > 0  # the noise
+    np.testing.assert_array_equal(dp.load_mask(tmp_path / "m.jpg", (H, W))[..., 0], box_mask())
+
+
+def test_several_classes_keep_their_ids(tmp_path):
+    ids = (box_mask() + 2 * box_mask(seed=5)).astype(np.uint8)
+    Image.fromarray(ids).save(tmp_path / "m.png")
+    np.testing.assert_array_equal(dp.load_mask(tmp_path / "m.png", (H, W), num_classes=4)[..., 0], ids)
+    with pytest.raises(dp.DataError, match=r"m.png holds class 3 but the model has 2 classes"):
+        dp.load_mask(tmp_path / "m.png", (H, W), num_classes=2)
+
+
+def test_own_folders_match_by_stem_in_any_format(tmp_path):
+    for name, mask_name in [("a.png", "a.png"), ("b.bmp", "b_mask.png"), ("c.tif", "c.tiff"),
+                            ("d.jpg", "d_mask.gif"), ("e.gif", "e.bmp")]:
+        write_image(tmp_path / "images" / name) if not name.endswith(".gif") else \
+            write_mask(tmp_path / "images" / name, box_mask())
+        write_mask(tmp_path / "masks" / mask_name, box_mask())
+    pairs = dp.find_pairs(tmp_path)
+    assert [(p.image.name, p.mask.name) for p in pairs] == [
+        ("a.png", "a.png"), ("b.bmp", "b_mask.png"), ("c.tif", "c.tiff"),
+        ("d.jpg", "d_mask.gif"), ("e.gif", "e.bmp")]
+    assert [p.car for p in pairs] == ["a", "b", "c", "d", "e"]  # each image its own group
+    for pair in pairs:
+        image, mask = dp.load_example(pair, (H, W))
+        assert image.shape == (H, W, 3)
+        np.testing.assert_array_equal(mask[..., 0], box_mask())
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_image_modes_become_the_requested_channels(tmp_path, mode):
+    gray = np.random.default_rng(0).integers(0, 256, (H, W), np.uint8)
+    if mode == "L":
+        Image.fromarray(gray).save(tmp_path / "x.png")
+    elif mode == "RGBA":
+        Image.fromarray(np.dstack([gray] * 3 + [np.full_like(gray, 9)])).save(tmp_path / "x.png")
+    else:
+        Image.fromarray(gray).convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "x.png")
+    rgb = dp.load_image(tmp_path / "x.png", (H, W), in_channels=3)
+    assert rgb.shape == (H, W, 3) and rgb.dtype == np.uint8
+    assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
+    if mode != "P":  # palette quantisation changes the values a little
+        np.testing.assert_array_equal(rgb[..., 0], gray)
+    one = dp.load_image(tmp_path / "x.png", (H, W), in_channels=1)
+    assert one.shape == (H, W, 1)
+    np.testing.assert_allclose(one[..., 0], rgb[..., 0], atol=1)
+
+
+def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
+    Image.fromarray(np.full((H, W), 65535, np.uint16)).save(tmp_path / "x.png")
+    assert dp.load_image(tmp_path / "x.png", (H, W)).min() == 255
+
+
+# --- every bad-data error names the file -------------------------------------------------
+
+def test_missing_mask(kaggle):
+    (kaggle / "train_masks" / "bbb222_02_mask.gif").unlink()
+    message = error_of(kaggle)
+    assert "bbb222_02.jpg has no mask" in message and "bbb222_02_mask.gif" in message
+    assert "--skip-bad" in message
+
+
+def test_extra_mask(kaggle):
+    write_mask(kaggle / "train_masks" / "zzz999_01_mask.gif", box_mask())
+    message = error_of(kaggle)
+    assert "zzz999_01_mask.gif has no image" in message and "--skip-bad" in message
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".bmp", ".tif", ".gif"])
+def test_truncated_file(tmp_path, suffix):
+    own_dir(tmp_path, n=3)
+    path = tmp_path / "images" / f"img1{suffix}"
+    (tmp_path / "images" / "img1.png").unlink()
+    write_image(path, size=(96, 64)) if suffix != ".gif" else write_mask(path, box_mask((96, 64)))
+    write_mask(tmp_path / "masks" / "img1.png", box_mask((96, 64)))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    message = error_of(tmp_path)
+    assert f"img1{suffix} is truncated" in message and "--skip-bad" in message
+
+
+def test_unreadable_file(kaggle):
+    (kaggle / "train_masks" / "aaa111_01_mask.gif").write_bytes(b"not an image at all")
+    message = error_of(kaggle)
+    assert "aaa111_01_mask.gif cannot be read as an image" in message
+
+
+def test_empty_file(kaggle):
+    (kaggle / "train" / "ccc333_04.jpg").write_bytes(b"")
+    assert "ccc333_04.jpg cannot be read" in error_of(kaggle)
+
+
+def test_size_mismatch(kaggle):
+    write_mask(kaggle / "train_masks" / "eee555_04_mask.gif", box_mask((W + 2, H)))
+    message = error_of(kaggle)
+    assert f"eee555_04_mask.gif is {W + 2}x{H} but its image eee555_04.jpg is {W}x{H}" in message
+
+
+def test_two_masks_for_one_image(tmp_path):
+    own_dir(tmp_path, n=2)
+    write_mask(tmp_path / "masks" / "img0_mask.png", box_mask())
+    message = error_of(tmp_path)
+    assert "img0" in message and "both claim the name" in message
+
+
+def test_neither_layout_and_no_directory(tmp_path):
+    (tmp_path / "train").mkdir()  # images but no train_masks/
+    message = error_of(tmp_path)
+    assert str(tmp_path) in message and "train_masks/" in message and "images/ + masks/" in message
+    assert "no such directory" in error_of(tmp_path / "nope")
+
+
+def test_first_of_several_problems_is_named_with_the_count(kaggle):
+    (kaggle / "train_masks" / "aaa111_01_mask.gif").unlink()
+    (kaggle / "train_masks" / "bbb222_01_mask.gif").unlink()
+    message = error_of(kaggle)
+    assert "aaa111_01.jpg" in message and "2 problems in all" in message
+
+
+def test_skip_bad_drops_bad_pairs_and_lists_them(kaggle, caplog):
+    (kaggle / "train_masks" / "bbb222_02_mask.gif").unlink()
+    path = kaggle / "train" / "ccc333_01.jpg"
+    path.write_bytes(path.read_bytes()[:300])
+    write_mask(kaggle / "train_masks" / "eee555_04_mask.gif", box_mask((W, H + 1)))
+    with caplog.at_level(logging.WARNING, logger="data_pipeline"):
+        pairs = dp.find_pairs(kaggle, skip_bad=True)
+    assert len(pairs) == 17
+    assert not {"bbb222_02.jpg", "ccc333_01.jpg", "eee555_04.jpg"} & {p.image.name for p in pairs}
+    assert "skipping 3" in caplog.text
+    for name in ("bbb222_02.jpg", "ccc333_01.jpg", "eee555_04_mask.gif"):
+        assert name in caplog.text
+
+
+def test_check_false_only_pairs(kaggle):
+    path = kaggle / "train" / "ccc333_01.jpg"
+    path.write_bytes(path.read_bytes()[:300])
+    assert len(dp.find_pairs(kaggle, check=False)) == 20
+    with pytest.raises(dp.DataError):
+        dp.find_pairs(kaggle)
+
+
+def test_nothing_usable_is_an_error(kaggle):
+    for f in (kaggle / "train").iterdir():
+        f.write_bytes(b"x")
+    assert "no usable image/mask pairs" in error_of(kaggle, skip_bad=True)
+
+
+# --- inference inputs -----------------------------------------------------------------
+
+def test_find_images(kaggle, tmp_path):
+    images = dp.find_images(kaggle / "train")
+    assert len(images) == 20 and images == sorted(images)
+    assert dp.find_images(images[3]) == [images[3]]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(dp.DataError, match="holds no images"):
+        dp.find_images(tmp_path / "empty")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(dp.DataError, match="notes.txt is not an image"):
+        dp.find_images(tmp_path / "notes.txt")
+    with pytest.raises(dp.DataError, match="no such file"):
+        dp.find_images(tmp_path / "nope")

@@ -1,0 +1,123 @@
+"""data_pipeline.splits: car-disjoint and per-image splits, subsets, split.json."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import data_pipeline as dp
+from tests.data_fixtures import kaggle_dir, own_dir
+
+
+def fake_pairs(cars=20, angles=16):
+    """Pairs of files that need not exist: splits look at names only."""
+    return [dp.Pair(Path(f"/d/train/c{c:02d}_{a:02d}.jpg"),
+                    Path(f"/d/train_masks/c{c:02d}_{a:02d}_mask.gif"), f"c{c:02d}")
+            for c in range(cars) for a in range(1, angles + 1)]
+
+
+def cars(pairs):
+    return {p.car for p in pairs}
+
+
+def test_car_split_is_disjoint_and_80_20_by_car():
+    pairs = fake_pairs()
+    train, val = dp.split_pairs(pairs)
+    assert not cars(train) & cars(val)
+    assert len(cars(val)) == 4 and len(cars(train)) == 16
+    assert sorted(train + val, key=lambda p: p.image) == pairs  # nothing lost or doubled
+    assert all(sum(p.car == c for p in val) == 16 for c in cars(val))  # whole cars
+
+
+def test_car_split_is_seeded_and_independent_of_listing_order():
+    pairs = fake_pairs()
+    train, val = dp.split_pairs(pairs, seed=42)
+    assert dp.split_pairs(list(reversed(pairs)), seed=42) == (train, val)
+    assert cars(dp.split_pairs(pairs, seed=7)[1]) != cars(val)
+
+
+def test_val_fraction():
+    train, val = dp.split_pairs(fake_pairs(), val_fraction=0.5)
+    assert len(cars(val)) == 10 and not cars(train) & cars(val)
+
+
+def test_random_split_is_per_image_and_seeded():
+    pairs = fake_pairs()
+    train, val = dp.split_pairs(pairs, method="random", seed=42)
+    assert len(val) == round(0.2 * len(pairs)) and len(train) + len(val) == len(pairs)
+    assert not {p.image for p in train} & {p.image for p in val}
+    assert cars(train) & cars(val)  # the leak a split by car avoids
+    assert dp.split_pairs(pairs, method="random", seed=42) == (train, val)
+    assert dp.split_pairs(pairs, method="random", seed=1)[1] != val
+
+
+def test_subset_is_taken_by_car_before_splitting():
+    pairs = fake_pairs()
+    train, val = dp.split_pairs(pairs, subset=0.5)
+    assert len(cars(train + val)) == 10 and len(train + val) == 160  # whole cars
+    assert len(cars(val)) == 2 and not cars(train) & cars(val)
+    assert dp.split_pairs(pairs, subset=0.5) == (train, val)
+    assert cars(dp.subset_by_car(pairs, 0.5, seed=3)) != cars(dp.subset_by_car(pairs, 0.5, seed=4))
+    train, val = dp.split_pairs(pairs, method="random", subset=0.25)
+    assert len(cars(train + val)) == 5 and len(val) == 16
+
+
+def test_two_cars_split_one_each_and_fewer_is_an_error():
+    train, val = dp.split_pairs(fake_pairs(cars=2))
+    assert len(cars(train)) == len(cars(val)) == 1
+    with pytest.raises(dp.DataError, match="at least 2 cars, the data has 1"):
+        dp.split_pairs(fake_pairs(cars=1))
+    with pytest.raises(dp.DataError, match="at least 2 cars"):
+        dp.split_pairs(fake_pairs(cars=3), subset=0.2)
+    with pytest.raises(dp.DataError, match="at least 2 images"):
+        dp.split_pairs(fake_pairs(cars=1, angles=1), method="random")
+
+
+def test_bad_arguments():
+    with pytest.raises(dp.DataError, match="--split 'angle'"):
+        dp.split_pairs(fake_pairs(), method="angle")
+    with pytest.raises(dp.DataError, match="--val-fraction"):
+        dp.split_pairs(fake_pairs(), val_fraction=1.0)
+    with pytest.raises(dp.DataError, match="--subset"):
+        dp.split_pairs(fake_pairs(), subset=0)
+
+
+def test_own_folders_split_image_by_image(tmp_path):
+    train, val = dp.split_pairs(dp.find_pairs(own_dir(tmp_path, n=10)))
+    assert len(train) == 8 and len(val) == 2
+
+
+def test_split_json_round_trip(tmp_path):
+    data = kaggle_dir(tmp_path / "carvana")
+    train, val = dp.split_pairs(dp.find_pairs(data))
+    split = tmp_path / "run" / "split.json"
+    split.parent.mkdir()
+    dp.write_split(split, train, val)
+    record = json.loads(split.read_text())
+    assert record == {"train": [str(p.image) for p in train],
+                      "validation": [str(p.image) for p in val]}
+    assert dp.read_split(split) == (train, val)
+    assert not list(split.parent.glob("*.tmp"))
+
+
+def test_read_split_finds_moved_data_and_names_what_is_missing(tmp_path):
+    data = kaggle_dir(tmp_path / "carvana")
+    train, val = dp.split_pairs(dp.find_pairs(data))
+    dp.write_split(tmp_path / "split.json", train, val)
+    moved = tmp_path / "elsewhere"
+    shutil.move(data, moved)
+    with pytest.raises(dp.DataError, match=f"{train[0].image.name}.*20 missing"):
+        dp.read_split(tmp_path / "split.json")
+    train2, val2 = dp.read_split(tmp_path / "split.json", data_dir=moved)
+    assert [p.image.name for p in val2] == [p.image.name for p in val]
+    assert all(p.image.parent == moved / "train" and p.mask.is_file() for p in train2 + val2)
+    (moved / "train" / train[0].image.name).unlink()
+    with pytest.raises(dp.DataError, match=f"{train[0].image.name}.*1 missing"):
+        dp.read_split(tmp_path / "split.json", data_dir=moved)
+
+
+def test_read_split_of_a_foreign_file(tmp_path):
+    (tmp_path / "split.json").write_text('{"train": []}')
+    with pytest.raises(dp.DataError, match="not a split file"):
+        dp.read_split(tmp_path / "split.json")
