@@ -1,87 +1,134 @@
 """Benchmark the U-Net: training and inference images/s, memory, GFLOP/s; the input pipeline.
 
-Each configuration runs in a fresh child process, so that compile caches and peak
-memory of one measurement never leak into another ("one process per row"). Images/s is
-the median over ``--steps`` timed steps after ``--warmup`` untimed ones; compile time
-is measured separately; GFLOP/s is XLA's own FLOP count of the compiled program
-divided by the median step time. ``--compare-torch`` runs the guide's PyTorch model the
-same way (AdamW + BCEWithLogitsLoss, NCHW and channels_last) in the same invocation
-and prints the ratios; its GFLOP/s use the JAX program's FLOP count, the same network.
+Each configuration runs in a fresh child process ("one process per row"), so that the
+compile caches, thread pools and peak memory of one measurement never leak into
+another. Images/s is the batch size over the median step time of ``--steps`` timed
+steps, after compiling and ``--warmup`` untimed steps; every step waits for its
+results (``block_until_ready``). Compile time (``jit(...).lower(...).compile()``) is
+reported apart from the steps. GFLOP/s is XLA's own FLOP count of the compiled program
+(``compiled.cost_analysis()['flops']``) over the median step time.
 
-These machines are shared and noisy: compare ratios from one invocation, never
-absolute numbers from different days.
+``--compare-torch`` runs the guide's PyTorch U-Net (``experiments/torch_unet.py``) in
+the same invocation, the way the guide trains it (AdamW lr 3e-4, BCEWithLogitsLoss) or
+under ``torch.inference_mode``, in NCHW and in channels_last, with one thread per core,
+and prints JAX/torch ratios. Torch's GFLOP/s use the JAX program's FLOP count (the
+same network), so they compare directly. ``--mode pipeline`` times the tf.data input
+pipeline alone, with no model.
+
+The machines we share are noisy: read ratios from one invocation, never absolute
+numbers from different runs. Each row records the load average and the CPU seconds
+per step (``cpu_s``), which a busy machine disturbs much less than wall time.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import platform as host_platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from experiments import common
 
 EXAMPLES = """
 python -m experiments.benchmark --mode train --image-size 128 --batch-size 4 --compare-torch
 python -m experiments.benchmark --mode infer --image-size 512 --batch-size 1 --compare-torch
+python -m experiments.benchmark --mode train --image-size 512 --batch-size 4 --steps 3 --json
 python -m experiments.benchmark --mode pipeline --image-size 512 --batch-size 32 --kaggle-size-sample 64
 python -m experiments.benchmark --platform gpu --dtype bfloat16 --image-size 512 --batch-size 32
 """
 
+CHILDREN = ("jax", "torch-nchw", "torch-channels_last")
+
 
 def parse_args(argv=None):
     p = common.make_parser("experiments.benchmark", __doc__.split("\n\n")[0], EXAMPLES)
-    p.add_argument("--mode", choices=("train", "infer", "pipeline"), default="train")
-    p.add_argument("--image-size", type=int, nargs="+", default=[128], metavar=("H", "W"))
+    p.add_argument("--mode", choices=("train", "infer", "pipeline"), default="train",
+                   help="a full AdamW training step, a forward pass, or the input pipeline")
+    p.add_argument("--image-size", type=int, nargs="+", default=[128], metavar=("H", "W"),
+                   help="model input height [width] (default: 128)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed steps after compiling (default: 1)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype; parameters stay float32 (default: float32)")
     p.add_argument("--base-features", type=int, default=64, help="U-Net width (default: 64)")
     p.add_argument("--compare-torch", action="store_true",
-                   help="also run the guide's PyTorch model (NCHW and channels_last)")
+                   help="also run the guide's PyTorch model, NCHW and channels_last")
     p.add_argument("--data-dir", help="pipeline mode: dataset to read (default: the sample set)")
     p.add_argument("--kaggle-size-sample", type=int, metavar="N",
-                   help="pipeline mode: read N synthetic 1918x1280 JPEG/GIF pairs, Carvana's size")
+                   help="pipeline mode: read N synthetic 1918x1280 JPEG/GIF pairs in "
+                   "Kaggle's layout (what a real Carvana run decodes), written to a "
+                   "temporary folder from the sample set")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
-    p.add_argument("--child", choices=("jax", "torch-nchw", "torch-cl"), help=argparse_hidden())
+    p.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     common.add_platform_flag(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("batch_size", "steps", "base_features"):
+        if getattr(args, flag) < 1:
+            raise common.UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        raise common.UserError("--warmup must be 0 or more")
+    if args.kaggle_size_sample is not None and args.kaggle_size_sample < 1:
+        raise common.UserError("--kaggle-size-sample must be at least 1")
+    return args
 
 
-def argparse_hidden():
-    import argparse
-    return argparse.SUPPRESS
-
+# ---------------------------------------------------------------------------------------
+# Measuring one configuration (runs in a child process)
+# ---------------------------------------------------------------------------------------
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    """Peak resident memory of this process in MB (Linux reports KiB, macOS bytes).
+
+    Measured per child process, so it is the peak of exactly one configuration:
+    parameters, optimizer state, activations, workspace and the runtime itself.
+    """
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
 
 
-def _time_steps(step, steps: int, warmup: int) -> list[float]:
+def time_steps(step, steps: int, warmup: int) -> dict:
+    """Runs ``step`` (which must block until its results are ready) ``warmup`` times
+    untimed, then ``steps`` times timed; returns the median wall and CPU seconds.
+
+    The median ignores a step slowed by another process; CPU seconds (all threads of
+    this process) change much less than wall time when the machine is shared.
+    """
     for _ in range(warmup):
         step()
-    times = []
+    wall, cpu = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - start)
-    return times
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+    return {"step_s": statistics.median(wall), "cpu_s": statistics.median(cpu),
+            "step_times_s": [round(t, 4) for t in wall]}
+
+
+def flops_of(compiled) -> float:
+    """XLA's FLOP count of a compiled program (0 where the backend does not say)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", 0.0))
 
 
 def run_jax(args) -> dict:
-    """One configuration of the Flax U-Net in this process."""
+    """One configuration of the Flax U-Net: the real ``train_step`` (AdamW, BCE, and
+    its batch metrics) or ``predict_step``, on random data of the requested size."""
     backend = common.start_platform(args.platform)
     import jax
     import numpy as np
 
-    from unet_jax import Config, create_train_state, train_step
-    from unet_jax.train import predict_step
+    from unet_jax import Config, create_train_state, predict_step, train_step
 
     h, w = common.image_size(args.image_size)
     config = Config(base_features=args.base_features, dtype=args.dtype, image_size=(h, w))
@@ -90,173 +137,290 @@ def run_jax(args) -> dict:
     batch = {"image": jax.device_put(rng.uniform(size=(args.batch_size, h, w, 3)).astype(np.float32)),
              "mask": jax.device_put((rng.uniform(size=(args.batch_size, h, w, 1)) > 0.5).astype(np.float32))}
 
+    start = time.perf_counter()
     if args.mode == "train":
         lowered = train_step.lower(state, batch)
     else:
         lowered = predict_step.lower(state.params, batch["image"], state.apply_fn)
+    lower_s = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float((cost or {}).get("flops", 0.0))
+    flops = flops_of(compiled)
 
     holder = {"state": state}
 
     def step():
         if args.mode == "train":
             holder["state"], metrics = compiled(holder["state"], batch)
-            jax.block_until_ready(metrics)
+            jax.block_until_ready((holder["state"], metrics))
         else:
             jax.block_until_ready(compiled(state.params, batch["image"]))
 
-    times = _time_steps(step, args.steps, args.warmup)
-    median = statistics.median(times)
-    return {"framework": "jax", "backend": backend, "device": str(jax.devices()[0].device_kind),
-            "img_per_s": args.batch_size / median, "step_s": median, "compile_s": compile_s,
-            "flops_per_step": flops, "gflops_per_s": flops / median / 1e9,
-            "peak_rss_mb": peak_rss_mb()}
+    timing = time_steps(step, args.steps, args.warmup)
+    return {"framework": "jax", "backend": backend, "device": jax.devices()[0].device_kind,
+            "img_per_s": args.batch_size / timing["step_s"], **timing,
+            "lower_s": lower_s, "compile_s": compile_s, "flops_per_step": flops,
+            "gflops_per_s": flops / timing["step_s"] / 1e9, "peak_rss_mb": peak_rss_mb(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
 
 
 def run_torch(args, channels_last: bool) -> dict:
-    """The guide's PyTorch model, trained or run the way the guide does, in this process."""
+    """The guide's PyTorch U-Net, run as the guide runs it, in this process.
+
+    Train: ``model(img)``, ``zero_grad``, ``BCEWithLogitsLoss``, ``backward``, AdamW
+    ``step`` (lr 3e-4). Infer: the forward pass under ``torch.inference_mode`` in eval
+    mode. One intra-op thread per core, as JAX's CPU backend uses. The first step
+    (allocations, oneDNN kernel selection) is reported as ``compile_s``.
+    """
     import numpy as np
     import torch
 
     from experiments.torch_unet import UNet
 
-    torch.set_num_threads(os.cpu_count() or 1)
     h, w = common.image_size(args.image_size)
-    model = UNet(3, 1)
+    device = "cuda" if args.platform == "gpu" else "cpu"
+    torch.set_num_threads(cpu_count())
+    torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = UNet(3, 1).to(device=device, memory_format=fmt)
     rng = np.random.default_rng(0)
     img = torch.from_numpy(rng.uniform(size=(args.batch_size, 3, h, w)).astype(np.float32))
     mask = torch.from_numpy((rng.uniform(size=(args.batch_size, 1, h, w)) > 0.5).astype(np.float32))
-    img, mask = img.contiguous(memory_format=fmt), mask.contiguous(memory_format=fmt)
+    img = img.to(device).contiguous(memory_format=fmt)
+    mask = mask.to(device).contiguous(memory_format=fmt)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     criterion = torch.nn.BCEWithLogitsLoss()
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     def train():
-        y_pred = model(img)
+        with autocast:
+            y_pred = model(img)
+            loss = criterion(y_pred.float(), mask)
         optimizer.zero_grad()
-        loss = criterion(y_pred, mask)
         loss.backward()
         optimizer.step()
+        sync()
 
     def infer():
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast:
             model(img)
+        sync()
 
     step = train if args.mode == "train" else infer
     model.train(args.mode == "train")
     start = time.perf_counter()
-    step()  # the first call allocates; reported like JAX's compile time
+    step()
     first_s = time.perf_counter() - start
-    times = _time_steps(step, args.steps, args.warmup)
-    median = statistics.median(times)
+    timing = time_steps(step, args.steps, args.warmup)
     return {"framework": "torch-channels_last" if channels_last else "torch-nchw",
-            "img_per_s": args.batch_size / median, "step_s": median, "compile_s": first_s,
-            "peak_rss_mb": peak_rss_mb(), "torch": torch.__version__}
+            "device": device, "img_per_s": args.batch_size / timing["step_s"], **timing,
+            "compile_s": first_s, "peak_rss_mb": peak_rss_mb(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def run_pipeline(args) -> dict:
-    """Images/s of the tf.data pipeline alone, from disk and from its cache."""
-    import tempfile
+# ---------------------------------------------------------------------------------------
+# The input pipeline
+# ---------------------------------------------------------------------------------------
 
-    import data_pipeline
-    from data_pipeline.throughput import measure_throughput
+def kaggle_size_sample(count: int, out_dir) -> Path:
+    """Writes ``count`` image/mask pairs at Carvana's 1918x1280 in Kaggle's layout
+    (``train/<car>_<NN>.jpg``, ``train_masks/<car>_<NN>_mask.gif``), made from the
+    sample set, and returns the folder.
 
-    size = common.image_size(args.image_size)
-    data_dir = args.data_dir or data_pipeline.sample_dataset_dir()
-    pairs = data_pipeline.find_pairs(data_dir)
-    if args.kaggle_size_sample:
-        data_dir = tempfile.mkdtemp(prefix="unet-jax-kaggle-size-")
-        pairs = kaggle_size_copies(pairs[:args.kaggle_size_sample], data_dir)
-    result = measure_throughput(pairs, size, args.batch_size,
-                                batches=max(1, len(pairs) // args.batch_size - 1), warmup=1)
-    return {"framework": "tf.data", "data_dir": str(data_dir), **result,
-            "peak_rss_mb": peak_rss_mb()}
-
-
-def kaggle_size_copies(pairs, out_dir):
-    """Copies of ``pairs`` at Carvana's 1918x1280, in Kaggle's layout, for timing the
-    decoding that a real run pays. Noise keeps the JPEGs as costly to decode as photos."""
-    from pathlib import Path
-
+    A GPU run reads full-size Kaggle JPEGs, and decoding them dominates the pipeline's
+    cost; the small sample images would flatter it. The sample's drawings are enlarged
+    and given a little pixel noise, so that the JPEGs hold fine detail like photographs
+    and cost as much to decode.
+    """
     import numpy as np
     from PIL import Image
 
     import data_pipeline
 
+    sources = data_pipeline.find_pairs(data_pipeline.sample_dataset_dir())
     out = Path(out_dir)
     (out / "train").mkdir(parents=True, exist_ok=True)
     (out / "train_masks").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for pair in pairs:
-        image = Image.open(pair.image).convert("RGB").resize((1918, 1280), Image.BICUBIC)
-        noisy = np.asarray(image, np.int16) + rng.integers(-6, 7, (1280, 1918, 3))
-        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(
-            out / "train" / pair.image.name, quality=90)
-        Image.open(pair.mask).resize((1918, 1280), Image.NEAREST).save(
-            out / "train_masks" / pair.mask.name)
-    return data_pipeline.find_pairs(out)
+    for i in range(count):
+        source = sources[i % len(sources)]
+        name = f"{i // 16:012x}_{i % 16 + 1:02d}"  # 16 views per car, as in Carvana
+        with Image.open(source.image) as image:
+            big = np.asarray(image.convert("RGB").resize((1918, 1280), Image.BICUBIC), np.int16)
+        noisy = np.clip(big + rng.integers(-4, 5, big.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(out / "train" / f"{name}.jpg", quality=90)
+        with Image.open(source.mask) as mask:
+            mask.resize((1918, 1280), Image.NEAREST).save(out / "train_masks" / f"{name}_mask.gif")
+    return out
 
 
-def _child(args, which: str) -> dict:
-    """Runs one configuration in a fresh process and returns its JSON result."""
-    argv = [a for a in sys.argv[1:] if a not in ("--compare-torch", "--json")]
-    cmd = [sys.executable, "-m", "experiments.benchmark", *argv, "--child", which]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+def run_pipeline(args) -> dict:
+    """Images/s of the input pipeline alone (``data_pipeline.throughput``): decoding
+    every image from disk (``cold``, the first epoch or no cache) and reading the
+    decoded cache (``cached``, every later epoch)."""
+    import data_pipeline
+    from data_pipeline.throughput import measure_throughput
+
+    size = common.image_size(args.image_size)
+    with tempfile.TemporaryDirectory(prefix="unet-jax-kaggle-size-") as tmp:
+        if args.kaggle_size_sample:
+            data_dir = kaggle_size_sample(args.kaggle_size_sample, tmp)
+        else:
+            data_dir = Path(args.data_dir) if args.data_dir else data_pipeline.sample_dataset_dir()
+        pairs = data_pipeline.find_pairs(data_dir)
+        jpeg_kb = statistics.mean(p.image.stat().st_size for p in pairs) / 1e3
+        batches = len(pairs) // args.batch_size - args.warmup
+        if batches < 1:
+            raise common.UserError(
+                f"{len(pairs)} images are too few for --batch-size {args.batch_size} and "
+                f"--warmup {args.warmup}; use a smaller batch or more images")
+        try:
+            result = measure_throughput(pairs, size, args.batch_size, batches=batches,
+                                        warmup=args.warmup)
+        except ValueError as e:
+            raise common.UserError(str(e)) from None
+    if args.kaggle_size_sample:  # the folder is gone by now
+        data_dir = f"{args.kaggle_size_sample} synthetic 1918x1280 pairs (temporary)"
+    return {"framework": "tf.data", "mode": "pipeline", "data_dir": str(data_dir),
+            "kaggle_size_sample": args.kaggle_size_sample, "mean_image_kb": jpeg_kb,
+            **result, "peak_rss_mb": peak_rss_mb(), "machine": machine_info()}
+
+
+# ---------------------------------------------------------------------------------------
+# The parent: one child per row, the table, the ratios
+# ---------------------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    """What a reader needs to compare figures: CPU model and features, cores, versions."""
+    model, flags = host_platform.processor() or host_platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": model, "cores": cpu_count(),
+            "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
+            "python": host_platform.python_version(), "load_avg": os.getloadavg()[0]}
+
+
+def child_argv(args, which: str) -> list[str]:
+    """The command line of the child that measures ``which`` for this invocation."""
+    return [sys.executable, "-m", "experiments.benchmark", "--mode", args.mode,
+            "--image-size", *map(str, args.image_size), "--batch-size", str(args.batch_size),
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype,
+            "--base-features", str(args.base_features), "--platform", args.platform,
+            "--child", which]
+
+
+def run_child(args, which: str) -> dict:
+    """Measures one configuration in a fresh process; returns its result row."""
+    load = os.getloadavg()[0]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(child_argv(args, which), capture_output=True, text=True, env=env,
+                            cwd=Path(__file__).resolve().parents[1])
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines()
-        raise common.UserError(f"benchmark ({which}) failed: {lines[-1] if lines else result.returncode}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        raise common.UserError(f"the {which} measurement failed: "
+                               f"{lines[-1] if lines else f'exit status {result.returncode}'}")
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    row["load_avg"] = round((load + os.getloadavg()[0]) / 2, 2)
+    return row
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def print_table(args, rows: list[dict]) -> None:
+    """One line per row: images/s, GFLOP/s, peak memory, compile, and JAX's speed-up."""
+    jax_row = rows[0]
+    h, w = common.image_size(args.image_size)
+    print(f"{args.mode} {h}x{w}, batch {args.batch_size}, {args.dtype}, on "
+          f"{jax_row['backend']} ({jax_row['device']}); median of {args.steps} steps "
+          f"after {args.warmup} warm-up:")
+    print(f"  {'':20} {'img/s':>9} {'GFLOP/s':>8} {'cpu s/step':>10} {'peak MB':>8} "
+          f"{'compile s':>9} {'load':>5} {'jax/this':>8}")
+    for row in rows:
+        ratio = jax_row["img_per_s"] / row["img_per_s"]
+        print(f"  {row['framework']:20} {row['img_per_s']:9.3f} {row['gflops_per_s']:8.1f} "
+              f"{row['cpu_s']:10.2f} {row['peak_rss_mb']:8.0f} {row['compile_s']:9.1f} "
+              f"{row['load_avg']:5.2f} {ratio:8.2f}")
+    if len(rows) > 1:
+        print("  (torch GFLOP/s use XLA's FLOP count of the same network; compile s for "
+              "torch is its first step)")
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.child:
         if args.child == "jax":
-            result = run_jax(args)
+            row = run_jax(args)
         else:
-            result = run_torch(args, channels_last=args.child == "torch-cl")
-        print(json.dumps(result))
+            row = run_torch(args, channels_last=args.child == "torch-channels_last")
+        print(json.dumps(row))
         return 0
+
     if args.mode == "pipeline":
         result = run_pipeline(args)
-        print(f"tf.data pipeline, {result['images']} images at {result['image_size']}, "
-              f"batch {result['batch_size']}: {result['cold_img_per_s']:.1f} img/s from disk, "
-              f"{result['cached_img_per_s']:.1f} img/s cached (cache filled in "
+        print(f"input pipeline, {result['images']} images ({result['mean_image_kb']:.0f} kB "
+              f"mean file) to {result['image_size'][0]}x{result['image_size'][1]}, batch "
+              f"{result['batch_size']}: {result['cold_img_per_s']:.1f} img/s decoding from "
+              f"disk, {result['cached_img_per_s']:.1f} img/s from the cache (filled in "
               f"{result['cache_fill_s']:.1f} s)")
         if args.json:
             print(json.dumps(result))
         return 0
 
     common.image_size(args.image_size)  # a bad size fails here, before any child starts
-    rows = [_child(args, "jax")]
+    if args.compare_torch and args.base_features != 64:
+        raise common.UserError("--compare-torch runs the guide's model, which has 64 base "
+                               "features; leave --base-features at 64")
+    rows = [run_child(args, "jax")]
+    notes = []
     if args.compare_torch:
-        try:
-            import torch  # noqa: F401
-            rows += [_child(args, "torch-nchw"), _child(args, "torch-cl")]
-        except ImportError:
-            print("--compare-torch: torch is not installed (pip install torch); JAX only")
+        if torch_available():
+            rows += [run_child(args, "torch-nchw"), run_child(args, "torch-channels_last")]
+        else:
+            notes.append("--compare-torch: torch is not installed here (pip install "
+                         "torch, the CPU build is enough); JAX only")
     jax_row = rows[0]
-    size = "x".join(map(str, args.image_size * (2 if len(args.image_size) == 1 else 1)))
-    print(f"{args.mode} {size}, batch {args.batch_size}, {args.dtype} on {jax_row['backend']} "
-          f"({jax_row['device']}), median of {args.steps} steps:")
-    print(f"  {'':22} {'img/s':>9} {'GFLOP/s':>8} {'peak MB':>8} {'compile s':>9} {'jax/this':>8}")
-    for row in rows:
-        row["gflops_per_s"] = jax_row["flops_per_step"] * row["img_per_s"] / args.batch_size / 1e9
-        ratio = jax_row["img_per_s"] / row["img_per_s"]
-        print(f"  {row['framework']:22} {row['img_per_s']:9.3f} {row['gflops_per_s']:8.1f} "
-              f"{row['peak_rss_mb']:8.0f} {row['compile_s']:9.1f} {ratio:8.2f}")
+    for row in rows[1:]:  # the same network: XLA's FLOP count over torch's step time
+        row["gflops_per_s"] = jax_row["flops_per_step"] / row["step_s"] / 1e9
+    print_table(args, rows)
+    for note in notes:
+        print(note)
     if args.json:
-        result = dict(jax_row, mode=args.mode, image_size=args.image_size,
-                      batch_size=args.batch_size, dtype=args.dtype, steps=args.steps)
+        h, w = common.image_size(args.image_size)
+        result = dict(jax_row, mode=args.mode, image_size=[h, w], batch_size=args.batch_size,
+                      dtype=args.dtype, steps=args.steps, warmup=args.warmup,
+                      base_features=args.base_features, machine=machine_info(), notes=notes)
         if len(rows) > 1:
             result["torch"] = {r["framework"]: r for r in rows[1:]}
-            result["ratios"] = {r["framework"]: jax_row["img_per_s"] / r["img_per_s"] for r in rows[1:]}
+            result["ratios"] = {r["framework"]: jax_row["img_per_s"] / r["img_per_s"]
+                                for r in rows[1:]}
+            result["memory_ratios"] = {r["framework"]: jax_row["peak_rss_mb"] / r["peak_rss_mb"]
+                                       for r in rows[1:]}
         print(json.dumps(result))
     return 0
 

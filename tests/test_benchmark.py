@@ -1,4 +1,4 @@
-"""experiments.benchmark end to end at a tiny size (speed itself is never asserted)."""
+"""experiments.benchmark end to end at a tiny size. Speed itself is never asserted."""
 
 import json
 import subprocess
@@ -6,8 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--image-size", "32", "--batch-size", "1", "--steps", "2", "--base-features", "8",
+        "--platform", "cpu"]
 
 
 def bench(*args):
@@ -17,37 +20,70 @@ def bench(*args):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mode", ["train", "infer"])
-def test_benchmark_reports_sane_figures(mode):
-    r = bench("--mode", mode, "--image-size", "32", "--batch-size", "2", "--steps", "2",
-              "--base-features", "8", "--platform", "cpu")
-    assert r["mode"] == mode and r["backend"] == "cpu"
-    assert r["img_per_s"] > 0 and r["compile_s"] > 0 and r["peak_rss_mb"] > 50
-    assert r["flops_per_step"] > 0 and r["gflops_per_s"] > 0
-    # a training step costs more than a forward pass: about 3x its FLOPs
-    if mode == "train":
-        forward = bench("--mode", "infer", "--image-size", "32", "--batch-size", "2",
-                        "--steps", "1", "--base-features", "8", "--platform", "cpu")
-        assert 2 < r["flops_per_step"] / forward["flops_per_step"] < 4.5
+@pytest.fixture(scope="module")
+def train_row():
+    return bench("--mode", "train", *TINY)
 
 
-def test_benchmark_compares_with_torch():
+def test_train_reports_sane_figures(train_row):
+    r = train_row
+    assert (r["mode"], r["framework"], r["backend"]) == ("train", "jax", "cpu")
+    assert (r["image_size"], r["batch_size"], r["steps"], r["base_features"]) == ([32, 32], 1, 2, 8)
+    assert r["img_per_s"] > 0 and r["step_s"] > 0 and r["cpu_s"] > 0
+    assert len(r["step_times_s"]) == 2
+    assert r["compile_s"] > 0 and r["lower_s"] > 0
+    assert 50 < r["peak_rss_mb"] < 100_000
+    assert r["flops_per_step"] > 0
+    assert r["gflops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_s"] / 1e9)
+    assert r["machine"]["cores"] >= 1 and "xla_flags" in r
+
+
+def test_a_training_step_costs_about_three_forward_passes(train_row):
+    forward = bench("--mode", "infer", *TINY)
+    assert forward["mode"] == "infer" and forward["img_per_s"] > 0
+    assert 2 < train_row["flops_per_step"] / forward["flops_per_step"] < 4.5
+
+
+def test_compare_torch_adds_both_layouts_and_ratios():
     pytest.importorskip("torch", reason="torch is not installed")
     r = bench("--mode", "infer", "--image-size", "32", "--batch-size", "1", "--steps", "1",
               "--compare-torch", "--platform", "cpu")
-    assert set(r["ratios"]) == {"torch-nchw", "torch-channels_last"}
-    assert all(v > 0 for v in r["ratios"].values())
+    assert set(r["torch"]) == set(r["ratios"]) == set(r["memory_ratios"]) == {
+        "torch-nchw", "torch-channels_last"}
+    for name, row in r["torch"].items():
+        assert row["img_per_s"] > 0 and row["peak_rss_mb"] > 50 and row["gflops_per_s"] > 0
+        assert r["ratios"][name] == pytest.approx(r["img_per_s"] / row["img_per_s"])
 
 
-def test_benchmark_measures_the_input_pipeline(tmp_path):
+def test_pipeline_mode_measures_the_input_pipeline(tmp_path):
     import data_pipeline
+
     data = data_pipeline.sample_dataset_dir(tmp_path / "s", num_cars=2, size=(96, 64))
     r = bench("--mode", "pipeline", "--data-dir", str(data), "--image-size", "32", "48",
               "--batch-size", "4")
-    assert r["images"] == 32 and r["cold_img_per_s"] > 0 and r["cached_img_per_s"] > 0
+    assert r["images"] == 32 and r["image_size"] == [32, 48]
+    assert r["cold_img_per_s"] > 0 and r["cached_img_per_s"] > 0 and r["img_per_s"] > 0
 
 
-def test_benchmark_rejects_a_bad_size():
-    result = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--image-size", "100"],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2 and "--image-size" in result.stderr
+def test_kaggle_size_sample_writes_carvana_sized_pairs(tmp_path):
+    import data_pipeline
+    from experiments.benchmark import kaggle_size_sample
+
+    out = kaggle_size_sample(3, tmp_path / "kaggle")
+    pairs = data_pipeline.find_pairs(out)
+    assert len(pairs) == 3 and pairs[0].image.parent.name == "train"
+    assert pairs[0].mask.name == pairs[0].image.stem + "_mask.gif"
+    with Image.open(pairs[0].image) as image, Image.open(pairs[0].mask) as mask:
+        assert image.size == mask.size == (1918, 1280)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image-size", "100"], "--image-size"),
+    (["--compare-torch", "--base-features", "8"], "64 base features"),
+    (["--steps", "0"], "--steps"),
+])
+def test_bad_flags_fail_with_one_line(args, message):
+    result = subprocess.run([sys.executable, "-m", "experiments.benchmark", *args],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr
