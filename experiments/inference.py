@@ -8,28 +8,10 @@ resizing the binary mask would give blocky edges, and Carvana is scored at full 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.errors import DataError
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff")
-
-
-def list_images(path) -> list[Path]:
-    """The image files at ``path`` (one file, or a folder's images in name order)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise DataError(f"--input {path}: no such file or directory")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"--input {path}: the folder holds no images "
-                        f"({', '.join(IMAGE_SUFFIXES)})")
-    return files
 
 
 def load_image(path, channels: int = 3) -> np.ndarray:

@@ -35,10 +35,11 @@ def main(argv=None):
     from PIL import Image
     from tqdm import tqdm
 
+    import data_pipeline
     from experiments import inference
 
     predictor = inference.Predictor(args.checkpoint, args.epoch, args.batch_size)
-    paths = inference.list_images(args.input)
+    paths = data_pipeline.find_images(args.input)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for path, image, mask in tqdm(predictor.predict_files(paths), total=len(paths),

@@ -54,13 +54,14 @@ def main(argv=None):
     common.start_platform(args.platform)
     from tqdm import tqdm
 
+    import data_pipeline
     from experiments import inference
 
     predictor = inference.Predictor(args.checkpoint, args.epoch, args.batch_size)
     if predictor.config.num_classes != 1:
         raise common.UserError(f"--checkpoint {args.checkpoint}: a Carvana submission needs a "
                                "binary model (num_classes 1)")
-    paths = inference.list_images(args.input)
+    paths = data_pipeline.find_images(args.input)
     out = Path(args.output)
     tmp = out.with_name(out.name + ".tmp")  # a crash never leaves a truncated CSV
     with tmp.open("w", newline="") as f:
