@@ -79,3 +79,18 @@ def test_unet_gradients_match_plain_lax_convolutions(monkeypatch):
     theirs = grads()
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
+def test_train_step_keeps_no_copy_of_the_kernels():
+    # The donated state is updated in place; a copy of a kernel means XLA could not
+    # order the update after the kernel's last read (see models._conv3x3_bwd).
+    import re
+
+    from unet_jax import Config, create_train_state, train_step
+
+    config = Config(base_features=4, depth=2, image_size=(16, 16))
+    state = create_train_state(jax.random.key(0), config)
+    batch = {"image": jnp.zeros((2, 16, 16, 3)), "mask": jnp.zeros((2, 16, 16, 1))}
+    hlo = train_step.lower(state, batch).compile().as_text()
+    copies = re.findall(r"f32\[3,3,\d+,\d+\]\{[\d,]+\} copy\((%\S*kernel\S*)\)", hlo)
+    assert not copies, f"kernels copied in the train step: {copies}"
