@@ -78,6 +78,10 @@ def parse_args(argv=None):
         raise common.UserError("--warmup must be 0 or more")
     if args.kaggle_size_sample is not None and args.kaggle_size_sample < 1:
         raise common.UserError("--kaggle-size-sample must be at least 1")
+    if args.compare_torch and args.base_features != 64:
+        raise common.UserError("--compare-torch runs the guide's model, which has 64 base "
+                               "features; leave --base-features at 64")
+    args.image_size = common.image_size(args.image_size)  # (height, width), checked
     return args
 
 
@@ -130,7 +134,7 @@ def run_jax(args) -> dict:
 
     from unet_jax import Config, create_train_state, predict_step, train_step
 
-    h, w = common.image_size(args.image_size)
+    h, w = args.image_size
     config = Config(base_features=args.base_features, dtype=args.dtype, image_size=(h, w))
     state = create_train_state(jax.random.key(0), config)
     rng = np.random.default_rng(0)
@@ -186,7 +190,7 @@ def run_torch(args, channels_last: bool) -> dict:
 
     from experiments.torch_unet import UNet
 
-    h, w = common.image_size(args.image_size)
+    h, w = args.image_size
     device = "cuda" if args.platform == "gpu" else "cpu"
     torch.set_num_threads(cpu_count())
     torch.manual_seed(0)
@@ -274,7 +278,7 @@ def run_pipeline(args) -> dict:
     import data_pipeline
     from data_pipeline.throughput import measure_throughput
 
-    size = common.image_size(args.image_size)
+    size = args.image_size
     with tempfile.TemporaryDirectory(prefix="unet-jax-kaggle-size-") as tmp:
         if args.kaggle_size_sample:
             data_dir = kaggle_size_sample(args.kaggle_size_sample, tmp)
@@ -355,7 +359,7 @@ def torch_available() -> bool:
 def print_table(args, rows: list[dict]) -> None:
     """One line per row: images/s, GFLOP/s, peak memory, compile, and JAX's speed-up."""
     jax_row = rows[0]
-    h, w = common.image_size(args.image_size)
+    h, w = args.image_size
     print(f"{args.mode} {h}x{w}, batch {args.batch_size}, {args.dtype}, on "
           f"{jax_row['backend']} ({jax_row['device']}); median of {args.steps} steps "
           f"after {args.warmup} warm-up:")
@@ -392,10 +396,6 @@ def main(argv=None):
             print(json.dumps(result))
         return 0
 
-    common.image_size(args.image_size)  # a bad size fails here, before any child starts
-    if args.compare_torch and args.base_features != 64:
-        raise common.UserError("--compare-torch runs the guide's model, which has 64 base "
-                               "features; leave --base-features at 64")
     rows = [run_child(args, "jax")]
     notes = []
     if args.compare_torch:
@@ -411,9 +411,9 @@ def main(argv=None):
     for note in notes:
         print(note)
     if args.json:
-        h, w = common.image_size(args.image_size)
-        result = dict(jax_row, mode=args.mode, image_size=[h, w], batch_size=args.batch_size,
-                      dtype=args.dtype, steps=args.steps, warmup=args.warmup,
+        result = dict(jax_row, mode=args.mode, image_size=list(args.image_size),
+                      batch_size=args.batch_size, dtype=args.dtype, steps=args.steps,
+                      warmup=args.warmup,
                       base_features=args.base_features, machine=machine_info(), notes=notes)
         if len(rows) > 1:
             result["torch"] = {r["framework"]: r for r in rows[1:]}
