@@ -44,7 +44,11 @@ python -m experiments.benchmark --mode pipeline --image-size 512 --batch-size 32
 python -m experiments.benchmark --platform gpu --dtype bfloat16 --image-size 512 --batch-size 32
 """
 
-CHILDREN = ("jax", "torch-nchw", "torch-channels_last")
+# "jax" is the model as training builds it (on a CPU: with both CPU kernels); the
+# others measure what each CPU kernel of unet_jax/cpu_kernels.py buys (--compare-kernels).
+KERNEL_VARIANTS = {"jax-stock": (False, False), "jax-conv-kernel": (True, False),
+                   "jax-pool-kernel": (False, True)}
+CHILDREN = ("jax", *KERNEL_VARIANTS, "torch-nchw", "torch-channels_last")
 
 
 def parse_args(argv=None):
@@ -62,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--base-features", type=int, default=64, help="U-Net width (default: 64)")
     p.add_argument("--compare-torch", action="store_true",
                    help="also run the guide's PyTorch model, NCHW and channels_last")
+    p.add_argument("--compare-kernels", action="store_true",
+                   help="also run the model with stock Flax ops and with each CPU kernel "
+                   "alone (unet_jax/cpu_kernels.py), to see what each one buys")
     p.add_argument("--data-dir", help="pipeline mode: dataset to read (default: the sample set)")
     p.add_argument("--kaggle-size-sample", type=int, metavar="N",
                    help="pipeline mode: read N synthetic 1918x1280 JPEG/GIF pairs in "
@@ -125,18 +132,29 @@ def flops_of(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def run_jax(args) -> dict:
+def run_jax(args, variant: str = "jax") -> dict:
     """One configuration of the Flax U-Net: the real ``train_step`` (AdamW, BCE, and
-    its batch metrics) or ``predict_step``, on random data of the requested size."""
+    its batch metrics) or ``predict_step``, on random data of the requested size.
+    ``variant`` is "jax" (the model as training builds it) or a KERNEL_VARIANTS key."""
     backend = common.start_platform(args.platform)
+    import dataclasses
+
     import jax
     import numpy as np
 
-    from unet_jax import Config, create_train_state, predict_step, train_step
+    from unet_jax import Config, create_model, create_train_state, predict_step, train_step
+    from unet_jax import cpu_kernels
 
     h, w = args.image_size
     config = Config(base_features=args.base_features, dtype=args.dtype, image_size=(h, w))
-    state = create_train_state(jax.random.key(0), config)
+    model = None
+    if variant in KERNEL_VARIANTS:
+        conv, pool = KERNEL_VARIANTS[variant]
+        model = dataclasses.replace(
+            create_model(dataclasses.replace(config, kernels="stock")),
+            **({"conv": cpu_kernels.CpuConv} if conv else {}),
+            **({"pool": cpu_kernels.max_pool_2x2} if pool else {}))
+    state = create_train_state(jax.random.key(0), config, model=model)
     rng = np.random.default_rng(0)
     batch = {"image": jax.device_put(rng.uniform(size=(args.batch_size, h, w, 3)).astype(np.float32)),
              "mask": jax.device_put((rng.uniform(size=(args.batch_size, h, w, 1)) > 0.5).astype(np.float32))}
@@ -162,7 +180,7 @@ def run_jax(args) -> dict:
             jax.block_until_ready(compiled(state.params, batch["image"]))
 
     timing = time_steps(step, args.steps, args.warmup)
-    return {"framework": "jax", "backend": backend, "device": jax.devices()[0].device_kind,
+    return {"framework": variant, "backend": backend, "device": jax.devices()[0].device_kind,
             "img_per_s": args.batch_size / timing["step_s"], **timing,
             "lower_s": lower_s, "compile_s": compile_s, "flops_per_step": flops,
             "gflops_per_s": flops / timing["step_s"] / 1e9, "peak_rss_mb": peak_rss_mb(),
@@ -378,8 +396,8 @@ def print_table(args, rows: list[dict]) -> None:
 def main(argv=None):
     args = parse_args(argv)
     if args.child:
-        if args.child == "jax":
-            row = run_jax(args)
+        if args.child.startswith("jax"):
+            row = run_jax(args, args.child)
         else:
             row = run_torch(args, channels_last=args.child == "torch-channels_last")
         print(json.dumps(row))
@@ -397,6 +415,8 @@ def main(argv=None):
         return 0
 
     rows = [run_child(args, "jax")]
+    if args.compare_kernels:
+        rows += [run_child(args, variant) for variant in KERNEL_VARIANTS]
     notes = []
     if args.compare_torch:
         if torch_available():
@@ -405,7 +425,8 @@ def main(argv=None):
             notes.append("--compare-torch: torch is not installed here (pip install "
                          "torch, the CPU build is enough); JAX only")
     jax_row = rows[0]
-    for row in rows[1:]:  # the same network: XLA's FLOP count over torch's step time
+    for row in (r for r in rows[1:] if r["framework"].startswith("torch")):
+        # the same network: XLA's FLOP count over torch's step time
         row["gflops_per_s"] = jax_row["flops_per_step"] / row["step_s"] / 1e9
     print_table(args, rows)
     for note in notes:
@@ -415,8 +436,12 @@ def main(argv=None):
                       batch_size=args.batch_size, dtype=args.dtype, steps=args.steps,
                       warmup=args.warmup,
                       base_features=args.base_features, machine=machine_info(), notes=notes)
+        torch_rows = [r for r in rows[1:] if r["framework"].startswith("torch")]
+        if torch_rows:
+            result["torch"] = {r["framework"]: r for r in torch_rows}
         if len(rows) > 1:
-            result["torch"] = {r["framework"]: r for r in rows[1:]}
+            result["variants"] = {r["framework"]: r for r in rows[1:]
+                                  if r["framework"] in KERNEL_VARIANTS}
             result["ratios"] = {r["framework"]: jax_row["img_per_s"] / r["img_per_s"]
                                 for r in rows[1:]}
             result["memory_ratios"] = {r["framework"]: jax_row["peak_rss_mb"] / r["peak_rss_mb"]

@@ -1,4 +1,4 @@
-"""The U-Net's hand-written gradients (max-pooling, 3x3 convolution) equal autodiff's."""
+"""The CPU kernels' hand-written gradients (max-pooling, 3x3 convolution) equal autodiff's."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unet_jax.models import UNet, _conv3x3_same, conv3x3, max_pool_2x2
+from unet_jax.cpu_kernels import CpuConv, _conv3x3_same, conv3x3, max_pool_2x2
+from unet_jax.models import UNet
 
 
 def reference(x):
@@ -63,27 +64,27 @@ def test_conv3x3_gradients_match_autodiff(n, h, w, c, o, path):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * np.abs(theirs).max())
 
 
-def test_unet_gradients_match_plain_lax_convolutions(monkeypatch):
-    import unet_jax.models as models
-
-    model = UNet(base_features=4, depth=2)
+def test_unet_with_cpu_kernels_has_the_stock_parameters_values_and_gradients():
+    stock = UNet(base_features=4, depth=2)
+    cpu = UNet(base_features=4, depth=2, conv=CpuConv, pool=max_pool_2x2)
     x = jax.random.uniform(jax.random.key(1), (1, 16, 24, 3))
-    params = model.init(jax.random.key(0), x)["params"]
+    params = stock.init(jax.random.key(0), x)["params"]
+    assert (jax.tree.structure(cpu.init(jax.random.key(0), x)["params"])
+            == jax.tree.structure(params))
+    np.testing.assert_allclose(cpu.apply({"params": params}, x),
+                               stock.apply({"params": params}, x), rtol=1e-6, atol=1e-6)
 
-    def grads():
+    def grads(model):
         return jax.grad(lambda p: model.apply({"params": p}, x).sum())(params)
 
-    ours = grads()
-    monkeypatch.setattr(models, "_conv_general_dilated", jax.lax.conv_general_dilated)
-    monkeypatch.setattr(models, "max_pool_2x2", reference)
-    theirs = grads()
+    ours, theirs = grads(cpu), grads(stock)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
 
 
 def test_train_step_keeps_no_copy_of_the_kernels():
     # The donated state is updated in place; a copy of a kernel means XLA could not
-    # order the update after the kernel's last read (see models._conv3x3_bwd).
+    # order the update after the kernel's last read (see cpu_kernels._conv3x3_bwd).
     import re
 
     from unet_jax import Config, create_train_state, train_step

@@ -27,14 +27,13 @@ class the model has 31,031,745 parameters, exactly as the PyTorch original.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-from jax import lax
 
 Dtype = Any
+ModuleDef = Any  # a Flax module class, or a functools.partial of one
 
 
 class DoubleConv(nn.Module):
@@ -45,177 +44,33 @@ class DoubleConv(nn.Module):
     the cropping of the original paper. The first convolution changes the channel count
     (e.g. 3 -> 64), the second refines at that width; stacking two 3x3 kernels sees a
     5x5 neighbourhood with fewer weights and one more non-linearity than a single 5x5.
-    The convolutions are ``conv3x3`` (plain ``lax.conv_general_dilated``) with a
-    backward pass arranged for the CPU; parameters and values are ``nn.Conv``'s.
+
+    ``conv`` is the convolution module, ``nn.Conv`` by default; the CPU passes
+    ``cpu_kernels.CpuConv``, the same module with a faster backward pass there.
     """
 
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x):
         for name in ("conv1", "conv2"):
-            x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=True,
-                        dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-                        conv_general_dilated=_conv_general_dilated)(x)
+            x = self.conv(self.features, (3, 3), padding="SAME", use_bias=True,
+                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
             x = nn.relu(x)
         return x
 
 
-def conv3x3(x, kernel, padding="SAME"):
-    """The U-Net's convolution: 3x3, stride 1, NHWC input, HWIO kernel, NHWC output.
+def max_pool(x):
+    """2x2 max-pooling with stride 2 (the guide's ``nn.MaxPool2d(kernel_size=2, stride=2)``).
 
-    The forward pass is exactly ``lax.conv_general_dilated``. The backward pass
-    (``_conv3x3_bwd``) computes the same gradients, up to float rounding, but for two
-    shapes where XLA's CPU convolutions are slow it arranges the work differently.
+    Each output pixel is the largest of its 2x2 window: the map halves in height and
+    width and keeps its strongest responses, so the next level sees twice as far with
+    the same 3x3 kernels.
     """
-    return lax.conv_general_dilated(x, kernel, (1, 1), padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@jax.custom_vjp
-def _conv3x3_same(x, kernel):
-    return conv3x3(x, kernel)
-
-
-def _conv3x3_fwd(x, kernel):
-    return conv3x3(x, kernel), (x, kernel)
-
-
-def _conv3x3_bwd(residuals, g):
-    """Input and kernel gradients; the kernel gradient waits for the input gradient.
-
-    The optimizer updates each kernel in place (the train step donates its state).
-    Nothing orders that update after the last read of the old kernel, which is the
-    input gradient of this layer, so XLA keeps a copy of every 3x3 kernel alive
-    through the step (79 MB more peak memory at 512x512 batch 1). Adding 0 * one element
-    of the input gradient to the kernel gradient (exact: it adds zero) makes the
-    update depend on that read, and the copies go away (tests/test_fast_gradients.py
-    checks the compiled step). The price: the first convolution's input gradient,
-    which nothing needs, is computed too (0.5% of a step).
-    """
-    x, kernel = residuals
-    dx = _input_grad(g, kernel, x)
-    dk = _kernel_grad(x, g, kernel) + 0.0 * dx[0, 0, 0, 0]
-    return dx, dk
-
-
-_conv3x3_same.defvjp(_conv3x3_fwd, _conv3x3_bwd)
-
-
-def _input_grad(g, kernel, x):
-    """d loss / d x: the convolution of ``g`` with the flipped, transposed kernel.
-
-    XLA flips and transposes the kernel in one slow loop (~80 ms for the 1024x1024
-    bottleneck kernel, more than the convolution itself at 8x8). Where the kernel is
-    much larger than the activations, one matrix product (``kernel @ g^T`` for all
-    nine taps and all pixels) followed by adding up the nine shifted taps reads the
-    kernel as it is: 2-3% faster training at 128x128 in all.
-    """
-    n, h, w, _ = g.shape
-    if kernel.size < 16 * g.size:
-        return jax.linear_transpose(lambda x: conv3x3(x, kernel), x)(g)[0]
-    # The kernel is the left operand, contracted over its last (contiguous) axis, so
-    # the product reads it in place; only the small taps array is transposed after.
-    taps = jnp.einsum("abco,nhwo->abcnhw", kernel, g)
-    taps = jnp.pad(taps, ((0, 0), (0, 0), (0, 0), (0, 0), (1, 1), (1, 1)))
-    # x[i, j] met kernel tap (a, b) at output pixel (i + 1 - a, j + 1 - b).
-    dx = sum(taps[a, b, :, :, 2 - a:2 - a + h, 2 - b:2 - b + w] for a in range(3) for b in range(3))
-    return jnp.transpose(dx, (1, 2, 3, 0))
-
-
-def _kernel_grad(x, g, kernel):
-    """d loss / d kernel: for each tap, the sum over pixels of input times output gradient.
-
-    XLA computes it as a convolution whose "channels" are the batch images, at a
-    fraction of its usual speed when there are fewer than four of them, and on one
-    core. With a small batch we cut the maps into bands of rows (each with the one-row
-    borders it needs) and treat the bands as more images, which also spreads the work
-    over the cores: 24% more images/s training at 512x512 batch 1, for 80 MB more
-    memory. Batches of four or more are left to XLA, which is faster there.
-    """
-    n, h, w, c = x.shape
-    bands = 1
-    while n < 4 and n * bands < 16 and h % (2 * bands) == 0 and h // (2 * bands) >= 8:
-        bands *= 2
-    if bands == 1:
-        return jax.linear_transpose(lambda k: conv3x3(x, k), kernel)(g)[0]
-    rows = h // bands
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    x_bands = jnp.stack([padded[:, i * rows:(i + 1) * rows + 2] for i in range(bands)], axis=1)
-    x_bands = x_bands.reshape(n * bands, rows + 2, w + 2, c)
-    g_bands = g.reshape(n * bands, rows, w, g.shape[-1])
-    return jax.linear_transpose(lambda k: conv3x3(x_bands, k, "VALID"), kernel)(g_bands)[0]
-
-
-def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                          precision=None, **kwargs):
-    """``nn.Conv``'s convolution hook: DoubleConv's 3x3 'SAME' convolutions go through
-    ``_conv3x3_same`` (same parameters, same forward pass); anything else to lax."""
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    if (rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1) and padding == "SAME"
-            and tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(rhs_dilation or (1, 1)) == (1, 1)
-            and feature_group_count == 1 and precision is None and not kwargs
-            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc):
-        return _conv3x3_same(lhs, rhs)
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                    rhs_dilation, dimension_numbers, feature_group_count,
-                                    precision=precision, **kwargs)
-
-
-def max_pool_2x2(x):
-    """2x2 max-pooling with stride 2 (the guide's ``MaxPool2d(2, 2)``) of an NHWC map.
-
-    Each output pixel is the largest of its 2x2 window: the map halves in size and
-    keeps its strongest responses. Same values and gradients as
-    ``nn.max_pool(x, (2, 2), strides=(2, 2))``; even sizes (all the U-Net ever pools)
-    take the faster path below, odd ones fall back to ``nn.max_pool``.
-    """
-    if x.shape[1] % 2 or x.shape[2] % 2:
-        return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
-    return _max_pool_even(x)
-
-
-@jax.custom_vjp
-def _max_pool_even(x):
-    n, h, w, c = x.shape
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
-def _max_pool_even_fwd(x):
-    y = _max_pool_even(x)
-    return y, (x, y)  # both stay alive anyway: x is the skip, y the next conv's input
-
-
-def _max_pool_even_bwd(residuals, g):
-    """Routes each output gradient to the first maximum of its window (row-major order).
-
-    That is what ``nn.max_pool``'s gradient (XLA's select-and-scatter) and PyTorch's
-    ``MaxPool2d`` do, ties included (a window holding a NaN gets no gradient here).
-    XLA's CPU backend expands select-and-scatter into iotas, an argmax reduce-window
-    over five arrays and a scatter; four compares and a select are one elementwise
-    fusion instead: measured 3% less CPU time per 128x128 training step and 0.65 GB
-    less working memory for a 512x512 batch of 4.
-    """
-    x, y = residuals
-    n, h, w, c = x.shape
-    windows = x.reshape(n, h // 2, 2, w // 2, 2, c)
-    taken = jnp.zeros(y.shape, bool)
-    masks = []
-    for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)):
-        first = (windows[:, :, a, :, b, :] == y) & ~taken
-        taken = taken | first
-        masks.append(first)
-    # masks[2a + b] has shape (n, h/2, w/2, c); lay them back out as 2x2 windows.
-    mask = jnp.stack(masks, axis=-2).reshape(n, h // 2, w // 2, 2, 2, c)
-    mask = mask.transpose(0, 1, 3, 2, 4, 5)
-    grad = jnp.where(mask, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
-    return (grad.reshape(n, h, w, c),)
-
-
-_max_pool_even.defvjp(_max_pool_even_fwd, _max_pool_even_bwd)
+    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
 
 
 class DownSample(nn.Module):
@@ -229,12 +84,13 @@ class DownSample(nn.Module):
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = nn.Conv
+    pool: Callable = max_pool
 
     @nn.compact
     def __call__(self, x):
-        down = DoubleConv(self.features, self.dtype, self.param_dtype, name="conv")(x)
-        pooled = max_pool_2x2(down)
-        return down, pooled
+        down = DoubleConv(self.features, self.dtype, self.param_dtype, self.conv, name="conv")(x)
+        return down, self.pool(down)
 
 
 class UpConv(nn.Module):
@@ -283,12 +139,13 @@ class UpSample(nn.Module):
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x, skip):
         x = UpConv(x.shape[-1] // 2, self.dtype, self.param_dtype, name="up")(x)
         x = jnp.concatenate([x, skip], axis=-1)
-        return DoubleConv(self.features, self.dtype, self.param_dtype, name="conv")(x)
+        return DoubleConv(self.features, self.dtype, self.param_dtype, self.conv, name="conv")(x)
 
 
 def valid_sizes(size: int, depth: int) -> tuple[int, int]:
@@ -330,6 +187,9 @@ class UNet(nn.Module):
         ``2**depth``.
       dtype: compute dtype (``jnp.bfloat16`` for mixed precision on GPU/TPU).
       param_dtype: parameter dtype; keep float32 so that small updates are not lost.
+      conv, pool: the 3x3 convolution module and the 2x2 pooling function, stock
+        ``nn.Conv`` and ``max_pool`` by default (``unet_jax.train.create_model``
+        swaps in ``cpu_kernels`` on a CPU: same parameters, same values).
 
     Input ``(N, H, W, C)`` float in [0, 1]; output ``(N, H, W, num_classes)`` logits
     (pre-sigmoid / pre-softmax), float32 also when computing in bfloat16, so that
@@ -341,18 +201,21 @@ class UNet(nn.Module):
     depth: int = 4
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = nn.Conv
+    pool: Callable = max_pool
 
     @nn.compact
     def __call__(self, x):
         if x.ndim != 4:
             raise ValueError(f"expected an NHWC batch of rank 4, got shape {x.shape}")
         check_input_size(x.shape[1], x.shape[2], self.depth)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv=self.conv)
 
         # Contracting path: keep each level's pre-pool map for its skip connection.
         skips = []
         for i in range(self.depth):
-            down, x = DownSample(self.base_features * 2 ** i, name=f"down_{i + 1}", **kw)(x)
+            down, x = DownSample(self.base_features * 2 ** i, pool=self.pool,
+                                 name=f"down_{i + 1}", **kw)(x)
             skips.append(down)
 
         # Bottleneck: the most compressed, most abstract view of the whole image.
@@ -364,5 +227,6 @@ class UNet(nn.Module):
                          **kw)(x, skip)
 
         # Head: a per-pixel linear classifier over the 64 decoder features.
-        logits = nn.Conv(self.num_classes, (1, 1), name="head", **kw)(x)
+        logits = nn.Conv(self.num_classes, (1, 1), name="head", dtype=self.dtype,
+                         param_dtype=self.param_dtype)(x)
         return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
