@@ -130,3 +130,30 @@ def pairs_from_tfds(data_dir, out_dir, *, manual_dir=None, skip_bad: bool = Fals
     Carvana(data_dir=data_dir).download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return find_pairs(export_pairs(data_dir, out_dir), skip_bad=skip_bad)
+
+
+def holds_kaggle_zips(folder) -> bool:
+    """Whether ``folder`` holds Kaggle's zips as downloaded (and no unzipped layout)."""
+    folder = Path(folder)
+    return (folder / MASK_ZIP).is_file() and any((folder / z).is_file() for z in IMAGE_ZIPS)
+
+
+def prepare_zip_folder(folder) -> Path:
+    """Kaggle's ``train.zip`` and ``train_masks.zip`` in ``folder`` as a folder of
+    Kaggle's layout, made once through the TFDS builder.
+
+    The builder's dataset goes to ``folder/tensorflow_datasets/`` and its files, in
+    Kaggle's layout, to ``folder/prepared/``; a later call finds both and only lists the
+    files. So ``--data-dir`` can be the folder the zips were downloaded to.
+    """
+    folder = Path(folder)
+    prepared = folder / "prepared"
+    try:
+        Carvana(data_dir=folder / "tensorflow_datasets").download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=folder))
+        export_pairs(folder / "tensorflow_datasets", prepared)
+    except PermissionError as e:
+        raise DataError(f"--data-dir {folder}: cannot write the prepared dataset beside the "
+                        f"zips ({e.strerror}); unzip both into a writable folder, or copy "
+                        "the zips to one") from None
+    return prepared
