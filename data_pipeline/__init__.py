@@ -9,7 +9,9 @@ accelerator.
 * ``files``: find Kaggle's Carvana layout or ``images/`` + ``masks/`` folders, pair
   images with masks by name, and check every file before training (``DataError``).
 * ``splits``: training/validation split by car (default) or per image; split.json.
-* ``input_pipeline``: decode, resize, cache, shuffle, augment, batch, prefetch.
+* ``preprocess``: decode and resize images and masks, the one way that training,
+  predict, evaluate and submit share.
+* ``input_pipeline``: cache, shuffle, augment, batch, prefetch.
 * ``sample_data``: the built-in synthetic stand-in for Carvana.
 * ``tfds_carvana``: a TFDS builder for Kaggle's zips (manual download); imported on
   its own, as it loads tensorflow_datasets.
@@ -18,14 +20,14 @@ accelerator.
 
 from data_pipeline.errors import DataError
 from data_pipeline.files import Pair, check_pair, detect_layout, find_images, find_pairs
-from data_pipeline.input_pipeline import (InputPipeline, augment_pair, load_example,
-                                          load_image, load_mask)
+from data_pipeline.input_pipeline import InputPipeline, augment_pair
+from data_pipeline.preprocess import load_example, load_image, load_mask, to_float
 from data_pipeline.sample_data import sample_dataset_dir
 from data_pipeline.splits import (read_split, split_pairs, subset_by_car, subset_by_group,
                                   write_split)
 
 __all__ = [
     "DataError", "InputPipeline", "Pair", "augment_pair", "check_pair", "detect_layout",
-    "find_images", "find_pairs", "load_example", "load_image", "load_mask", "read_split",
+    "find_images", "find_pairs", "load_example", "load_image", "load_mask", "read_split", "to_float",
     "sample_dataset_dir", "split_pairs", "subset_by_car", "subset_by_group", "write_split",
 ]

@@ -1,11 +1,14 @@
 """Finding image/mask pairs on disk, and checking them before any training starts.
 
-Two layouts are understood:
+Three layouts are understood:
 
 * Kaggle's Carvana download: ``train/<car>_<NN>.jpg`` (or ``train_hq/``) with
   ``train_masks/<car>_<NN>_mask.gif`` (or ``.png``). ``<car>`` is the car's id and
   ``<NN>`` one of its 16 turntable angles; the id is kept so that splits can keep all
   views of a car together.
+* Kaggle's zips as downloaded: ``train.zip`` (or ``train_hq.zip``) and
+  ``train_masks.zip`` in one folder; prepared once through the TFDS builder
+  (``tfds_carvana``) into ``prepared/`` beside them, then read as above.
 * A user's own folders: ``images/`` and ``masks/``, paired by file stem (the mask may
   be ``<stem>.<ext>`` or ``<stem>_mask.<ext>``), in any of JPEG, PNG, GIF, TIFF, BMP.
   Each image is its own group.
@@ -24,14 +27,16 @@ import logging
 import os
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from data_pipeline.errors import DataError
+from data_pipeline.preprocess import open_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff")
-LAYOUTS = "Kaggle's layout (train/ or train_hq/, with train_masks/) or images/ + masks/"
+LAYOUTS = ("Kaggle's layout (train/ or train_hq/, with train_masks/), Kaggle's train.zip "
+           "and train_masks.zip as downloaded, or images/ + masks/")
 FIX = "fix or remove the file, or pass --skip-bad to skip such pairs"
 
 # What a complete file of each format ends with: a file cut short by an interrupted
@@ -73,6 +78,11 @@ def detect_layout(data_dir) -> tuple[Path, Path, str]:
             return images, masks, "kaggle"
     if (root / "images").is_dir() and (root / "masks").is_dir():
         return root / "images", root / "masks", "folders"
+    if (root / "train_masks.zip").is_file():  # Kaggle's zips, as downloaded
+        from data_pipeline import tfds_carvana
+
+        if tfds_carvana.holds_kaggle_zips(root):
+            return detect_layout(tfds_carvana.prepare_zip_folder(root))
     raise DataError(f"--data-dir {root} matches no known layout: expected {LAYOUTS}")
 
 
@@ -120,10 +130,12 @@ def image_problem(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     fast and still catches a truncated JPEG.
     """
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             size, fmt = img.size, img.format
             if not _looks_complete(path, fmt):
                 img.load()  # raises on data that ends early
+    except DataError as e:  # over the pixel limit: the message names the file and the fix
+        return None, str(e).removeprefix(f"{path} ")
     except UnidentifiedImageError:
         return None, "cannot be read as an image (unknown format or not an image file)"
     except (OSError, ValueError, SyntaxError, EOFError) as e:

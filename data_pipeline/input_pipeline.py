@@ -38,82 +38,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 
 from data_pipeline.errors import DataError
 from data_pipeline.files import Pair
+from data_pipeline.preprocess import RESIZE, load_example
 from data_pipeline.tf_setup import tensorflow
-
-# Pillow's bilinear filter widens its support when shrinking (it antialiases), so a
-# 1918x1280 photo shrunk to 96x64 keeps thin details instead of aliasing. BOX is the
-# exact area average.
-RESIZE = {"bilinear": Image.Resampling.BILINEAR, "area": Image.Resampling.BOX}
-_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-
-
-def load_image(path, image_size, in_channels: int = 3, resize: str = "bilinear") -> np.ndarray:
-    """uint8 (h, w, in_channels) of an image file of any common format and mode.
-
-    Grayscale, palette and RGBA images become RGB (alpha is dropped) for 3 channels;
-    anything becomes luminance for 1. 16-bit images are scaled to 8 bits.
-    """
-    height, width = image_size
-    mode = "RGB" if in_channels == 3 else "L"
-    with Image.open(path) as img:
-        img.draft(mode, (width, height))  # JPEG only: decode at 1/2..1/8 scale when enough
-        if img.mode in _WIDE_MODES:
-            values = np.asarray(img, np.float32)
-            values = values * 255 if values.max() <= 1 else values
-            values = values / 257 if values.max() > 255 else values
-            img = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
-        elif img.mode == "P":
-            img = img.convert("RGBA")  # applies the palette, transparency included
-        img = img.convert(mode).resize((width, height), RESIZE[resize])
-        return np.asarray(img, np.uint8).reshape(height, width, in_channels)
-
-
-def load_mask(path, image_size, num_classes: int = 1) -> np.ndarray:
-    """uint8 (h, w, 1) of a mask file: {0, 1} for binary masks, else class ids.
-
-    Any non-zero value is foreground: Kaggle's GIFs hold palette index 1, users' masks
-    often 0/255. Palette images are read as their indices, never their colours (the
-    colour of index 1 may well be black). JPEG masks are the exception: lossy
-    compression leaves their black at 1, 2, 3..., so they are cut at 128. Resized
-    nearest, so no new values appear.
-    """
-    height, width = image_size
-    with Image.open(path) as m:
-        lossy = m.format == "JPEG"
-        # Nearest picks source pixels, so resizing first gives the same mask as
-        # classifying first, and classifies 100x fewer pixels of a Kaggle mask.
-        m = m.resize((width, height), Image.Resampling.NEAREST)
-    values = np.asarray(m)  # 'P' gives palette indices
-    if values.ndim == 3:  # colour masks: foreground wherever any colour is set
-        values = values[..., :1] if m.mode == "LA" else values[..., :3]
-        values = values.max(axis=-1)
-    if num_classes == 1:
-        values = values >= 128 if lossy else values > 0
-    elif values.max() >= num_classes:
-        raise DataError(f"{path} holds class {int(values.max())} but the model has "
-                        f"{num_classes} classes; fix the mask or raise --num-classes")
-    return values.astype(np.uint8)[..., None]
-
-
-def load_example(pair: Pair, image_size, in_channels: int = 3, resize: str = "bilinear",
-                 num_classes: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(image uint8 (h, w, C), mask uint8 (h, w, 1)) of one pair at ``image_size``."""
-    path = pair.image
-    try:
-        image = load_image(path, image_size, in_channels, resize)
-        path = pair.mask
-        mask = load_mask(path, image_size, num_classes)
-    except DataError:
-        raise
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        what = " ".join(str(e).split()) or type(e).__name__
-        raise DataError(f"{path} cannot be decoded ({what}); fix or remove the file") from None
-    return image, mask
-
 
 class InputPipeline:
     """The batches of one side of a split, epoch by epoch.

@@ -59,44 +59,47 @@ def main(argv=None):
     import numpy as np
     from tqdm import tqdm
 
-    from experiments import inference
+    from data_pipeline import preprocess
+    from unet_jax import rundir
+    from unet_jax.inference import Predictor
+    from unet_jax.metrics import segmentation_scores
 
-    predictor = inference.Predictor(args.checkpoint, args.epoch, args.batch_size)
+    predictor = Predictor(args.checkpoint, args.epoch, args.batch_size)
+    num_classes = predictor.config.num_classes
     pairs = select_pairs(args, predictor.config)
-    scores = {"dice": [], "iou": [], "pixel_accuracy": []}
-    results = predictor.predict_files([p.image for p in pairs])
-    for pair, (_, _, predicted) in tqdm(zip(pairs, results), total=len(pairs), unit="image"):
-        truth = inference.load_mask(pair.mask)
-        if predicted.dtype == bool:
-            truth = truth > 0
+    masks = {p.image: p.mask for p in pairs}
+    scores = []
+    results = predictor.predict_files([p.image for p in pairs], skip_bad=args.skip_bad)
+    for image, _, predicted in tqdm(results, total=len(pairs), unit="image"):
+        # The true mask by the same rule training reads it with, at its own size.
+        truth = preprocess.load_mask(masks[image], None, num_classes)[..., 0]
         if truth.shape != predicted.shape:
-            raise common.UserError(f"{pair.mask}: mask is {truth.shape[1]}x{truth.shape[0]} but "
-                                   f"its image is {predicted.shape[1]}x{predicted.shape[0]}")
-        for name, value in score(predicted, truth, predictor.config.num_classes).items():
-            scores[name].append(value)
-    result = {name: float(np.mean(v)) for name, v in scores.items()}
-    result.update(images=len(pairs), split=args.split, checkpoint=str(args.checkpoint),
-                  epoch=predictor.epoch, image_size=list(predictor.config.image_size))
+            raise common.UserError(f"{masks[image]}: mask is {truth.shape[1]}x{truth.shape[0]} "
+                                   f"but its image is {predicted.shape[1]}x{predicted.shape[0]}")
+        scores.append({k: np.asarray(v[0]) for k, v in segmentation_scores(
+            predicted[None].astype(np.int32), truth[None].astype(np.int32), num_classes).items()})
+    if not scores:
+        raise common.UserError("no image could be scored (all were skipped as unreadable)")
+    result = {name: float(np.mean([s[name] for s in scores]))
+              for name in ("dice", "iou", "pixel_accuracy")}
+    if num_classes > 1:  # per class 1..C-1; "dice" and "iou" are their means
+        for name in ("dice", "iou"):
+            per_class = np.mean([s[f"{name}_per_class"] for s in scores], axis=0)
+            result[f"{name}_per_class"] = {str(c): float(v) for c, v in enumerate(per_class, 1)}
+    result.update(images=len(scores), skipped=len(pairs) - len(scores), split=args.split,
+                  checkpoint=str(args.checkpoint), epoch=predictor.epoch,
+                  image_size=list(predictor.config.image_size))
+    # The scores first: a run directory that cannot be written still shows them.
+    print(f"{len(scores)} images ({args.split}): Dice {result['dice']:.4f}, IoU "
+          f"{result['iou']:.4f}, pixel accuracy {result['pixel_accuracy']:.4f}")
     out = Path(args.output or Path(args.checkpoint) / f"evaluation-{args.split}.json")
-    out.write_text(json.dumps(result, indent=2))
-    print(f"{len(pairs)} images ({args.split}): Dice {result['dice']:.4f}, IoU {result['iou']:.4f}, "
-          f"pixel accuracy {result['pixel_accuracy']:.4f}; written to {out}")
+    try:
+        rundir.write_text_atomic(out, json.dumps(result, indent=2))
+    except OSError as e:
+        raise common.UserError(f"cannot write {out} ({e.strerror or e}); the scores are "
+                               "above; pass --output with a writable path") from None
+    print(f"written to {out}")
     return 0
-
-
-def score(predicted, truth, num_classes: int) -> dict:
-    """Dice, IoU, pixel accuracy of one full-size mask (same conventions as unet_jax.metrics)."""
-    import numpy as np
-
-    classes = [True] if num_classes == 1 else range(1, num_classes)
-    dice, iou = [], []
-    for c in classes:
-        p, t = predicted == c, truth == c
-        inter, total = np.logical_and(p, t).sum(), p.sum() + t.sum()
-        dice.append(1.0 if total == 0 else 2 * inter / total)
-        iou.append(1.0 if total == 0 else inter / (total - inter))
-    return {"dice": float(np.mean(dice)), "iou": float(np.mean(iou)),
-            "pixel_accuracy": float(np.mean(predicted == truth))}
 
 
 if __name__ == "__main__":

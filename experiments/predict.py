@@ -2,8 +2,9 @@
 
 Restores the parameters alone (the best checkpoint by validation Dice, unless
 ``--epoch`` says otherwise), predicts at the size the run was trained at, and writes,
-for each input image, a binary PNG mask (0/255) at the image's own size. ``--viz`` adds
-the guide's side-by-side figure (input, predicted mask) and an overlay.
+for each input image, a PNG mask at the image's own size: 0/255 for a binary model, the
+class ids (0..C-1) for several classes. ``--viz`` adds the guide's side-by-side figure
+(input, predicted mask) and an overlay, one colour per class.
 """
 
 from __future__ import annotations
@@ -32,47 +33,78 @@ def main(argv=None):
     args = parse_args(argv)
     common.start_platform(args.platform)
     import numpy as np
-    from PIL import Image
     from tqdm import tqdm
 
     import data_pipeline
-    from experiments import inference
+    from unet_jax import rundir
+    from unet_jax.inference import Predictor
 
-    predictor = inference.Predictor(args.checkpoint, args.epoch, args.batch_size)
+    predictor = Predictor(args.checkpoint, args.epoch, args.batch_size)
     paths = data_pipeline.find_images(args.input)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for path, image, mask in tqdm(predictor.predict_files(paths), total=len(paths),
-                                  unit="image", disable=len(paths) < 2):
-        if mask.dtype == bool:
-            picture = mask.astype(np.uint8) * 255
-        else:  # several classes: class ids, spread over the grey levels to be visible
-            picture = (mask * (255 // max(int(predictor.config.num_classes) - 1, 1))).astype(np.uint8)
-        Image.fromarray(picture).save(out / f"{path.stem}_mask.png")
+    out = rundir.check_writable(Path(args.output), "--output")
+    written = 0
+    results = predictor.predict_files(paths, skip_bad=args.skip_bad, images=args.viz)
+    for path, image, mask in tqdm(results, total=len(paths), unit="image",
+                                  disable=len(paths) < 2):
+        # Binary: 0/255, visible in any viewer. Several classes: the class ids
+        # themselves, which is what tools that read label maps expect.
+        picture = mask.astype(np.uint8) * 255 if mask.dtype == bool else mask.astype(np.uint8)
+        save_png(picture, out / f"{path.stem}_mask.png")
         if args.viz:
-            save_viz(image, mask, out / f"{path.stem}_viz.png")
-    print(f"wrote {len(paths)} mask(s) to {out}/ (checkpoint epoch {predictor.epoch} of "
-          f"{args.checkpoint}, model input {predictor.config.image_size[0]}x"
+            save_viz(image, mask, out / f"{path.stem}_viz.png", predictor.config.num_classes)
+        written += 1
+    skipped = f"; skipped {len(paths) - written} unreadable" if written < len(paths) else ""
+    print(f"wrote {written} mask(s) to {out}/{skipped} (checkpoint epoch {predictor.epoch} "
+          f"of {args.checkpoint}, model input {predictor.config.image_size[0]}x"
           f"{predictor.config.image_size[1]})")
     return 0
 
 
-def save_viz(image, mask, path) -> None:
-    """The guide's figure (input and predicted mask side by side) plus an overlay."""
+def save_png(picture, path: Path) -> None:
+    """Writes beside, then renames: an interrupted run leaves no half-written mask."""
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        Image.fromarray(picture).save(tmp, format="PNG")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# One colour per class for overlays (class 0, the background, stays uncoloured).
+CLASS_COLOURS = [(0.90, 0.10, 0.10), (0.10, 0.55, 0.95), (0.10, 0.80, 0.25),
+                 (0.95, 0.75, 0.05), (0.70, 0.20, 0.85), (0.05, 0.85, 0.85)]
+
+
+def save_viz(image, mask, path, num_classes: int = 1) -> None:
+    """The guide's figure (input and predicted mask side by side) plus an overlay,
+    with one colour per class when there are several."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.patches import Patch
 
     shown = image[..., 0] if image.shape[-1] == 1 else image
     overlay = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image.copy()
-    overlay[mask > 0] = 0.5 * overlay[mask > 0] + 0.5 * np.array([1.0, 0.1, 0.1])
+    ids = mask.astype(np.int32)
+    colours = CLASS_COLOURS[: max(num_classes - 1, 1)]
+    for c, colour in enumerate(colours, start=1):
+        overlay[ids == c] = 0.5 * overlay[ids == c] + 0.5 * np.array(colour)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    for ax, picture, title in zip(axes, (shown, mask, overlay), ("input", "predicted mask", "overlay")):
-        ax.imshow(picture, cmap="gray")
+    cmap = "gray" if num_classes <= 2 else "tab10"
+    panels = ((shown, "input", "gray"), (ids, "predicted mask", cmap), (overlay, "overlay", None))
+    for ax, (picture, title, colour_map) in zip(axes, panels):
+        ax.imshow(picture, cmap=colour_map, interpolation="nearest",
+                  **({"vmin": 0, "vmax": 9} if colour_map == "tab10" else {}))
         ax.set_title(title)
         ax.axis("off")
+    if num_classes > 1:
+        axes[2].legend(handles=[Patch(color=c, label=f"class {i}")
+                                for i, c in enumerate(colours, start=1)],
+                       loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -55,22 +55,33 @@ def main(argv=None):
     from tqdm import tqdm
 
     import data_pipeline
-    from experiments import inference
+    from unet_jax.inference import Predictor
 
-    predictor = inference.Predictor(args.checkpoint, args.epoch, args.batch_size)
+    predictor = Predictor(args.checkpoint, args.epoch, args.batch_size)
     if predictor.config.num_classes != 1:
         raise common.UserError(f"--checkpoint {args.checkpoint}: a Carvana submission needs a "
-                               "binary model (num_classes 1)")
+                               "binary model (num_classes 1); Kaggle's run-length encoding "
+                               "holds one mask per image")
     paths = data_pipeline.find_images(args.input)
     out = Path(args.output)
     tmp = out.with_name(out.name + ".tmp")  # a crash never leaves a truncated CSV
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["img", "rle_mask"])
-        for path, _, mask in tqdm(predictor.predict_files(paths), total=len(paths), unit="image"):
-            writer.writerow([path.name, rle_encode(mask)])
-    tmp.replace(out)
-    print(f"wrote {len(paths)} rows to {out}")
+    rows = 0
+    try:
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["img", "rle_mask"])
+            for path, _, mask in tqdm(predictor.predict_files(paths, skip_bad=args.skip_bad),
+                                      total=len(paths), unit="image"):
+                writer.writerow([path.name, rle_encode(mask)])
+                rows += 1
+        tmp.replace(out)
+    except OSError as e:
+        raise common.UserError(f"--output {out}: cannot write it ({e.strerror or e}); choose "
+                               "a writable path") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    skipped = f"; skipped {len(paths) - rows} unreadable" if rows < len(paths) else ""
+    print(f"wrote {rows} rows to {out}{skipped}")
     return 0
 
 

@@ -1,58 +1,67 @@
-"""Segmentation metrics from logits: Dice, IoU and pixel accuracy, per image.
+"""Segmentation metrics: Dice, IoU and pixel accuracy, per image and per class.
+
+One implementation serves validation during training (on the model's logits at the
+training size) and evaluation at full resolution (on predicted and true class-id maps):
+``segmentation_scores`` takes class ids, ``segmentation_metrics`` turns logits into
+class ids first.
 
 A pixel is predicted foreground when its logit is above 0, i.e. its sigmoid
-probability above 0.5, the guide's threshold. Dice (the Carvana leaderboard's metric)
-is ``2 |P ∩ T| / (|P| + |T|)``; IoU (Jaccard) is ``|P ∩ T| / |P ∪ T|``. Both are
-computed per image and then averaged over images, as Kaggle scored Carvana, so that a
-small car counts as much as a big one.
+probability above 0.5, the guide's threshold; with several classes the prediction is
+the argmax. Dice (the Carvana leaderboard's metric) is ``2 |P ∩ T| / (|P| + |T|)``;
+IoU (Jaccard) is ``|P ∩ T| / |P ∪ T|``. Both are computed per image and per foreground
+class, and averaged over images, as Kaggle scored Carvana, so that a small car counts
+as much as a big one. ``dice`` and ``iou`` are the mean over the foreground classes
+(1..C-1; for a binary model, class 1 alone); pixel accuracy counts every pixel,
+background included.
 
-Empty masks: an image whose true mask is empty and whose prediction is empty too scores
-Dice = IoU = 1 (nothing to find, nothing found); an empty true mask with any predicted
-pixel scores 0. Without this convention the ratio is 0/0.
-
-With several classes the prediction is the argmax over classes, and Dice/IoU are the
-mean over the foreground classes 1..C-1 of the per-class scores (with the same empty
-convention per class); pixel accuracy counts every class, background included.
+Empty masks: where a class is absent from both the truth and the prediction of an
+image, its Dice = IoU = 1 (nothing to find, nothing found); absent from the truth but
+predicted, 0. Without this convention the ratio is 0/0.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 
-def _hard_masks(logits, masks):
-    """Predicted and true foreground indicators, (N, H, W, K) booleans, K = classes - 1."""
+def predicted_classes(logits):
+    """Class ids (N, H, W) int32 from logits (N, H, W, C): logit > 0 for one channel,
+    else the argmax."""
     if logits.shape[-1] == 1:
-        return logits > 0, masks > 0.5
-    num_classes = logits.shape[-1]
-    pred = jnp.argmax(logits, axis=-1)
-    true = masks[..., 0].astype(jnp.int32)
-    classes = jnp.arange(1, num_classes)
-    return pred[..., None] == classes, true[..., None] == classes
+        return (logits[..., 0] > 0).astype(jnp.int32)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def segmentation_metrics(logits, masks):
-    """Per-image ``dice``, ``iou`` and ``pixel_accuracy``, each of shape (N,)."""
-    pred, true = _hard_masks(logits, masks)
-    inter = jnp.sum(pred & true, axis=(1, 2)).astype(jnp.float32)
-    p = jnp.sum(pred, axis=(1, 2)).astype(jnp.float32)
-    t = jnp.sum(true, axis=(1, 2)).astype(jnp.float32)
-    union = p + t - inter
-    empty = (p + t) == 0
-    dice = jnp.where(empty, 1.0, 2.0 * inter / jnp.maximum(p + t, 1.0)).mean(axis=-1)
-    iou = jnp.where(empty, 1.0, inter / jnp.maximum(union, 1.0)).mean(axis=-1)
-
-    if logits.shape[-1] == 1:
-        correct = (logits > 0) == (masks > 0.5)
-    else:
-        correct = jnp.argmax(logits, axis=-1)[..., None] == masks.astype(jnp.int32)
-    accuracy = correct.reshape(correct.shape[0], -1).mean(axis=1)
-    return {"dice": dice, "iou": iou, "pixel_accuracy": accuracy.astype(jnp.float32)}
+def true_classes(masks):
+    """Class ids (N, H, W) int32 of masks (N, H, W, 1) holding {0, 1} or class ids."""
+    return jnp.round(masks[..., 0]).astype(jnp.int32)
 
 
-def dice_numpy(pred, true) -> float:
-    """Dice of two boolean arrays of any shape (for tools that work on full-size masks)."""
-    pred, true = np.asarray(pred, bool), np.asarray(true, bool)
-    total = pred.sum() + true.sum()
-    return 1.0 if total == 0 else float(2.0 * np.logical_and(pred, true).sum() / total)
+def segmentation_scores(pred, true, num_classes: int) -> dict:
+    """Per-image scores of class-id maps ``pred`` and ``true``, each (N, H, W).
+
+    Returns ``dice``, ``iou`` and ``pixel_accuracy`` of shape (N,), and for
+    ``num_classes`` > 1 also ``dice_per_class`` and ``iou_per_class`` of shape (N, C-1)
+    (classes 1..C-1). ``num_classes`` 1 means a binary model: ids {0, 1}.
+    """
+    pred, true = jnp.asarray(pred), jnp.asarray(true)
+    classes = jnp.arange(1, max(num_classes, 2))
+    p = pred[..., None] == classes  # (N, H, W, K)
+    t = true[..., None] == classes
+    inter = jnp.sum(p & t, axis=(1, 2)).astype(jnp.float32)
+    total = (jnp.sum(p, axis=(1, 2)) + jnp.sum(t, axis=(1, 2))).astype(jnp.float32)
+    empty = total == 0
+    dice = jnp.where(empty, 1.0, 2.0 * inter / jnp.maximum(total, 1.0))
+    iou = jnp.where(empty, 1.0, inter / jnp.maximum(total - inter, 1.0))
+    correct = (pred == true).reshape(pred.shape[0], -1)
+    scores = {"dice": dice.mean(axis=-1), "iou": iou.mean(axis=-1),
+              "pixel_accuracy": correct.mean(axis=1).astype(jnp.float32)}
+    if num_classes > 1:
+        scores.update(dice_per_class=dice, iou_per_class=iou)
+    return scores
+
+
+def segmentation_metrics(logits, masks) -> dict:
+    """``segmentation_scores`` of the model's logits (N, H, W, C) against masks (N, H, W, 1)."""
+    return segmentation_scores(predicted_classes(logits), true_classes(masks),
+                               logits.shape[-1])
