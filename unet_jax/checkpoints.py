@@ -7,13 +7,34 @@ A run directory looks like::
 
 Parameters, optimizer state and progress (epoch, step, metric history) are separate
 orbax items, so inference restores the parameters alone, without reading (or even
-knowing the structure of) the optimizer state. Orbax writes each checkpoint into a
-temporary directory and renames it when complete: a run killed while saving keeps its
-previous checkpoints intact, and the half-written one is never picked up.
+knowing the structure of) the optimizer state.
+
+What a crash or a damaged file costs (measured with orbax 0.12.8):
+
+* A run killed while saving keeps its previous checkpoints: orbax writes each one
+  into ``<epoch>.orbax-checkpoint-tmp`` and renames it when complete, and never
+  lists a temporary directory.
+* Orbax deletes the checkpoints that fall out of the keep policy file by file, in
+  place: a run killed meanwhile left a half-deleted ``<epoch>`` that orbax listed as
+  complete. So old checkpoints are first renamed into ``checkpoints/.deleting/`` (one
+  atomic rename) and removed there.
+* A checkpoint damaged later (a file truncated or deleted, a copy cut short) raises
+  ``CheckpointError`` naming it and the intact ones; ``--epoch best`` and
+  ``--resume`` fall back to an intact checkpoint instead.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+import threading
+import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -24,22 +45,73 @@ from unet_jax.config import Config
 from unet_jax.train import TrainState, init_params
 
 BEST_METRIC = "val_dice"
+DELETING = ".deleting"  # under checkpoints/: old checkpoints on their way out
+DAMAGED = "damaged"  # under checkpoints/: damaged checkpoints --resume moved aside
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
-    """A run directory has no usable checkpoint."""
+    """A run directory has no usable checkpoint; the message is one line with the fix."""
+
+
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager, removing the checkpoints it renamed into ``.deleting/``.
+
+    Every save waits for the previous one (orbax's ``save`` calls
+    ``wait_until_finished``), as does ``close``, so what the previous save dropped
+    is removed then. A run killed meanwhile leaves them in ``.deleting/``, which is
+    never listed, and the next writing manager removes them.
+    """
+
+    deletes = False  # a read-only manager never removes anything
+
+    def wait_until_finished(self):
+        super().wait_until_finished()
+        if self.deletes:
+            _empty_deleting(Path(self.directory))
+
+
+def _empty_deleting(directory: Path) -> None:
+    # The entries only: orbax may be renaming the next one into .deleting/ itself.
+    for entry in sorted((directory / DELETING).glob("*")):
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+class _DropOrbaxNote(logging.Filter):
+    """Drops orbax's note that a read-only manager's directory is read only."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("Given directory is read only")
 
 
 def checkpoint_manager(run_dir, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
-    """A manager for ``RUN_DIR/checkpoints`` keeping the last ``keep`` and the best."""
+    """A manager for ``RUN_DIR/checkpoints`` keeping the last ``keep`` and the best.
+
+    ``read_only`` (predict, evaluate) never creates, changes or deletes anything.
+    """
     keep_policy = policies.AnyPreservationPolicy([
         policies.LatestN(keep),
         policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1),
     ])
+    directory = Path(run_dir).absolute() / "checkpoints"
     options = ocp.CheckpointManagerOptions(
         preservation_policy=keep_policy, best_fn=lambda m: m[BEST_METRIC],
-        best_mode="max", read_only=read_only, create=not read_only)
-    return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options)
+        best_mode="max", read_only=read_only, create=not read_only,
+        # Spelled out for a read-only manager, which orbax would otherwise warn about.
+        save_interval_steps=0 if read_only else 1,
+        todelete_subdir=None if read_only else DELETING)
+    quiet = _DropOrbaxNote()
+    absl = logging.getLogger("absl")
+    absl.addFilter(quiet)
+    try:
+        manager = _Manager(directory, options=options)
+    finally:
+        absl.removeFilter(quiet)
+    manager.deletes = not read_only
+    if not read_only:
+        _empty_deleting(directory)  # left by a run killed while removing them
+    return manager
 
 
 def save(manager: ocp.CheckpointManager, epoch: int, state: TrainState, progress: dict,
@@ -57,84 +129,284 @@ def save(manager: ocp.CheckpointManager, epoch: int, state: TrainState, progress
     ), metrics={k: float(v) for k, v in metrics.items()})
 
 
+# --- Restoring, and telling a damaged checkpoint from our own mistakes ----------------
+
+_RESTORE_LOCK = threading.Lock()
+_DRAIN_SECONDS = 120.0
+
+
+def _restore(manager: ocp.CheckpointManager, epoch: int, items: dict) -> dict:
+    """``manager.restore`` of the ``items`` of checkpoint ``epoch``.
+
+    Orbax and TensorStore raise many kinds of exception for a file that is truncated,
+    missing or not what its metadata says (ValueError, FileNotFoundError, plain
+    Exception...), so whatever the restore call itself raises becomes one
+    CheckpointError naming the checkpoint; nothing else is wrapped, so a mistake in
+    our own code still shows its traceback.
+    """
+    with _RESTORE_LOCK, _reads_finish_before_loops_close():
+        try:
+            return manager.restore(epoch, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 (see above)
+            error = e
+    path = Path(manager.directory) / str(epoch)
+    raise CheckpointError(f"{path} is damaged ({_reason(error, epoch, items)})") from error
+
+
+@contextlib.contextmanager
+def _reads_finish_before_loops_close():
+    """Makes the event loops orbax creates in this thread wait for their reads.
+
+    Orbax runs a restore in a fresh asyncio loop, one task per array. When one array
+    fails, it closes the loop at once; the other reads go on in TensorStore's threads
+    and, finishing, find the loop closed: pages of "RuntimeError: Event loop is
+    closed" and "Exception ignored in <coroutine>" on stderr after the one-line error.
+    Here a loop's ``close`` first lets its pending tasks end, as ``asyncio.run``
+    would. Loops of other threads (orbax's background saves) are left alone.
+    """
+    get_policy = getattr(asyncio, "get_event_loop_policy", None)
+    if get_policy is None:  # Python without loop policies: the noise is all we lose
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # policies: deprecated in 3.14
+        policy = get_policy()
+    thread = threading.get_ident()
+    new_loop = policy.new_event_loop
+
+    def new_event_loop():
+        loop = new_loop()
+        if threading.get_ident() == thread:
+            _drain_on_close(loop)
+        return loop
+
+    policy.new_event_loop = new_event_loop
+    try:
+        yield
+    finally:
+        del policy.new_event_loop  # back to the class's method
+
+
+def _drain_on_close(loop: asyncio.AbstractEventLoop) -> None:
+    close = loop.close
+
+    def drain_then_close():
+        if not loop.is_closed() and not loop.is_running():
+            pending = asyncio.all_tasks(loop)
+            if pending:
+                done, _ = loop.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_SECONDS))
+                for task in done:  # their errors are the one already raised: retrieve them
+                    if not task.cancelled():
+                        task.exception()
+        close()
+
+    loop.close = drain_then_close
+
+
+def _reason(error: BaseException, epoch: int, items: dict) -> str:
+    """What part of the checkpoint failed and why, in a few words: the innermost
+    orbax/TensorStore message without the TensorStore spec and paths around it."""
+    chain, e = [], error
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = " ".join(" ".join(str(e).split()) for e in chain)
+    item = next((name for name in items if f"{epoch}/{name}" in text), None)
+    message = " ".join(str(chain[-1]).split()) or type(chain[-1]).__name__
+    message = re.sub(r' in OCDBT database at (local file )?"[^"]*"', "", message)
+    for cut in (" See full TensorStore details", " [tensorstore_spec", " [source locations"):
+        message = message.split(cut)[0]
+    if len(message) > 200:
+        message = message[:197] + "..."
+    return f"its {item} cannot be read: {message}" if item else message
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _state_items(state: TrainState) -> dict:
+    return dict(params=ocp.args.StandardRestore(_abstract(state.params)),
+                opt_state=ocp.args.StandardRestore(_abstract(state.opt_state)),
+                progress=ocp.args.JsonRestore())
+
+
 def restore_state(manager: ocp.CheckpointManager, state: TrainState, epoch: int | None = None):
     """(state, progress) from checkpoint ``epoch`` (latest by default).
 
-    ``state`` is a freshly created TrainState; it gives the structure, shapes and
-    shardings to restore into.
+    ``state`` is a freshly created TrainState (or its ``jax.eval_shape``); it gives the
+    structure, shapes and shardings to restore into. A damaged checkpoint raises
+    CheckpointError.
     """
     epoch = manager.latest_step() if epoch is None else epoch
     if epoch is None:
         raise CheckpointError(f"no checkpoint in {manager.directory}")
-    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-    restored = manager.restore(epoch, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract(state.params)),
-        opt_state=ocp.args.StandardRestore(abstract(state.opt_state)),
-        progress=ocp.args.JsonRestore(),
-    ))
+    restored = _restore(manager, epoch, _state_items(state))
     progress = dict(restored["progress"])
     state = state.replace(params=restored["params"], opt_state=restored["opt_state"],
                           step=progress["step"])
     return state, progress
 
 
+def restore_latest_intact(manager: ocp.CheckpointManager, state: TrainState):
+    """(state, progress, epoch, damaged epochs) from the newest checkpoint that reads.
+
+    What ``--resume`` uses: a checkpoint damaged after it was written costs the epochs
+    since the previous one, not the run. The damaged checkpoints newer than the one
+    returned are moved to ``checkpoints/damaged/<epoch>-<time>`` (kept, not deleted),
+    since the resumed run saves those epochs again. The caller reports them, e.g.
+    "resuming from epoch 2 (checkpoint 3 is damaged)". No intact checkpoint (or none
+    at all) raises CheckpointError.
+    """
+    damaged = []
+    for epoch in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored, progress = restore_state(manager, state, epoch)
+        except CheckpointError as e:
+            log.debug("%s", e)
+            damaged.append(epoch)
+            continue
+        if damaged:
+            _set_aside(manager, damaged)
+        return restored, progress, epoch, sorted(damaged)
+    if not damaged:
+        raise CheckpointError(f"--resume: {manager.directory} holds no checkpoint; drop "
+                              "--resume to start a new run")
+    raise CheckpointError(f"--resume: every checkpoint in {manager.directory} is damaged "
+                          f"(epochs {', '.join(map(str, sorted(damaged)))}); start a new "
+                          "run in another --workdir")
+
+
+def _set_aside(manager: ocp.CheckpointManager, epochs: list[int]) -> None:
+    directory = Path(manager.directory)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        (directory / DAMAGED).mkdir(exist_ok=True)
+        for epoch in epochs:
+            (directory / str(epoch)).rename(directory / DAMAGED / f"{epoch}-{stamp}")
+    except OSError as e:
+        raise CheckpointError(f"--resume: cannot move the damaged checkpoint "
+                              f"{directory / str(epoch)} aside ({e.strerror or e}); move it "
+                              "out of the run directory and resume again") from None
+    manager.reload()
+
+
 def load_config(run_dir) -> Config:
+    """The Config a run directory was made with (its ``config.json``)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory: it has no config.json "
                               "(pass the directory that experiments.train wrote)")
-    return Config.load(path)
+    try:
+        return Config.load(path)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise CheckpointError(f"{path} is damaged ({e}); restore it from the run's "
+                              "settings or a copy") from None
+
+
+def _candidates(manager: ocp.CheckpointManager, which) -> list[int]:
+    """The epochs to try for ``which``, in order: 'best' falls back to the next best
+    (then the newest) when the best is damaged; 'latest' and a number name one."""
+    steps = manager.all_steps()
+    if which == "best":
+        scores = {}
+        for step in steps:
+            try:
+                metrics = manager.metrics(step) or {}
+            except Exception:  # noqa: BLE001 (a damaged metrics file: rank it last)
+                metrics = {}
+            if BEST_METRIC in metrics:
+                scores[step] = float(metrics[BEST_METRIC])
+        ranked = sorted(scores, key=lambda s: (-scores[s], -s))
+        return ranked + sorted(set(steps) - set(ranked), reverse=True)
+    if which == "latest":
+        return [manager.latest_step()]
+    try:
+        epoch = int(which)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"--epoch {which!r}: give 'best', 'latest' or an epoch "
+                              "number") from None
+    if epoch not in steps:
+        raise CheckpointError(f"--epoch {epoch}: {Path(manager.directory)} has no "
+                              f"checkpoint for it; it has {', '.join(map(str, steps))}")
+    return [epoch]
 
 
 def restore_params(run_dir, which: str | int = "best"):
     """(params, config, epoch) of a run directory, without the optimizer state.
 
-    ``which`` is 'best' (highest validation Dice), 'latest' or an epoch number.
+    ``which`` is 'best' (highest validation Dice), 'latest' or an epoch number. A
+    damaged best checkpoint falls back to the next best (a one-line warning on this
+    module's logger names both); a damaged checkpoint asked for by name raises
+    CheckpointError naming the intact ones.
     """
     config = load_config(run_dir)
+    if not (Path(run_dir) / "checkpoints").is_dir():
+        raise CheckpointError(f"{run_dir} holds no checkpoint (no checkpoints/ directory)")
     manager = checkpoint_manager(run_dir, read_only=True)
     try:
-        steps = manager.all_steps()
-        if not steps:
+        if not manager.all_steps():
             raise CheckpointError(f"{Path(run_dir) / 'checkpoints'} holds no checkpoint")
-        if which == "best":
-            epoch = manager.best_step()
-            epoch = manager.latest_step() if epoch is None else epoch
-        elif which == "latest":
-            epoch = manager.latest_step()
-        else:
-            try:
-                epoch = int(which)
-            except ValueError:
-                raise CheckpointError(f"--epoch {which!r}: give 'best', 'latest' or an epoch "
-                                      "number") from None
-            if epoch not in steps:
-                raise CheckpointError(f"{run_dir} has no checkpoint for epoch {epoch}; "
-                                      f"it has {', '.join(map(str, steps))}")
         abstract = jax.eval_shape(lambda: init_params(jax.random.key(0), config))
-        restored = manager.restore(epoch, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract)))
+        items = dict(params=ocp.args.StandardRestore(abstract))
+        errors = []
+        for epoch in _candidates(manager, which):
+            try:
+                restored = _restore(manager, epoch, items)
+            except CheckpointError as e:
+                errors.append(str(e))
+                continue
+            if errors:
+                log.warning("%s; using the next best, epoch %d", "; ".join(errors), epoch)
+            return restored["params"], config, epoch
+        intact = [s for s in manager.all_steps() if _readable(manager, s, items)]
+        hint = (f"intact checkpoints: {', '.join(map(str, intact))} — pass --epoch "
+                f"{intact[-1]}" if intact else "no intact checkpoint is left")
+        raise CheckpointError(f"{errors[0]}; {hint}")
     finally:
         manager.close()
-    return restored["params"], config, epoch
+
+
+def _readable(manager, epoch, items) -> bool:
+    try:
+        _restore(manager, epoch, items)
+    except CheckpointError:
+        return False
+    return True
 
 
 def save_params(run_dir, params, config: Config, metrics: dict | None = None,
                 epoch: int = 0) -> Path:
     """Writes a run directory holding ``params`` alone (for imported weights).
 
-    predict and evaluate accept it like any training run's directory.
+    predict and evaluate accept it like any training run's directory. Everything is
+    written into a hidden sibling directory first and moved into place when complete,
+    so a failure (or a kill) never leaves a half run directory; one that already holds
+    a run raises CheckpointError.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(config.to_json())
-    manager = checkpoint_manager(run_dir)
+    if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
+        raise CheckpointError(f"{run_dir} already holds a run; choose another directory")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.",
+                                    suffix=".tmp"))
     try:
-        manager.save(epoch, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            progress=ocp.args.JsonSave({"epoch": epoch, "step": 0, "history": []}),
-        ), metrics={BEST_METRIC: float((metrics or {}).get(BEST_METRIC, 0.0))})
-        manager.wait_until_finished()
+        manager = checkpoint_manager(staging)
+        try:
+            manager.save(epoch, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                progress=ocp.args.JsonSave({"epoch": epoch, "step": 0, "history": []}),
+            ), metrics={BEST_METRIC: float((metrics or {}).get(BEST_METRIC, 0.0))})
+            manager.wait_until_finished()
+        finally:
+            manager.close()
+        (staging / "config.json").write_text(config.to_json())
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the run from other users
+        if run_dir.exists():  # an empty (or unrelated) directory: move the run into it
+            (staging / "checkpoints").rename(run_dir / "checkpoints")
+            (staging / "config.json").rename(run_dir / "config.json")
+        else:
+            staging.rename(run_dir)
     finally:
-        manager.close()
+        shutil.rmtree(staging, ignore_errors=True)
     return run_dir
