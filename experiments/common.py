@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import textwrap
 
@@ -49,12 +48,14 @@ def positive_int(text: str) -> int:
 
 
 def add_checkpoint_flags(parser) -> None:
-    """--checkpoint, --epoch, --batch-size and --platform of the tools that use a run."""
+    """--checkpoint, --epoch, --batch-size, --skip-bad and --platform of the tools that use a run."""
     parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
                         help="run directory written by experiments.train or experiments.import_torch")
     parser.add_argument("--epoch", default="best",
                         help="'best' (by validation Dice, default), 'latest' or an epoch number")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per model call")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip unreadable images (listed as a warning) instead of stopping")
     add_platform_flag(parser)
 
 
@@ -69,13 +70,12 @@ def add_distributed_flags(parser) -> None:
 
 
 def start_platform(platform: str, args=None) -> str:
-    """Chooses the JAX platform (before any JAX work), joins a multi-process run when
-    asked to, and hides GPUs from TensorFlow."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Chooses the JAX platform and its XLA settings (``unet_jax.setup_platform``, before
+    any JAX work), and joins a multi-process run when asked to."""
     # orbax and tfds log routine notes through absl as warnings; the tools say what
     # matters themselves.
     logging.getLogger("absl").setLevel(logging.ERROR)
-    from unet_jax.platform import PlatformError, configure_platform, select_platform
+    from unet_jax.platform import PlatformError, configure_platform, setup_platform
 
     try:
         configure_platform(platform)
@@ -86,7 +86,7 @@ def start_platform(platform: str, args=None) -> str:
             _initialize_distributed(*explicit)
         elif getattr(args, "distributed", False):
             _initialize_distributed()
-        return select_platform(platform)
+        return setup_platform(platform)
     except PlatformError as e:
         raise UserError(str(e)) from None
 
@@ -101,29 +101,24 @@ def _initialize_distributed(*args) -> None:
 
 
 def image_size(values, depth: int = 4) -> tuple[int, int]:
-    """(height, width) from ``--image-size H [W]``, checked against the U-Net's depth."""
-    from unet_jax.models import check_input_size
+    """(height, width) from ``--image-size H [W]``, checked as a Config checks it."""
+    from unet_jax.config import normalize_image_size
 
-    if len(values) not in (1, 2):
-        raise UserError("--image-size takes one or two numbers: H [W]")
-    height, width = (values[0], values[0]) if len(values) == 1 else values
-    if height <= 0 or width <= 0:
-        raise UserError(f"--image-size {height} {width}: sizes must be positive")
-    try:
-        check_input_size(height, width, depth)
-    except ValueError as e:
-        raise UserError(f"--image-size: {e}") from None
-    return height, width
+    return normalize_image_size(values, depth)
 
 
 def run(main, argv=None, prog: str = "") -> None:
     """Runs ``main(argv)``; user errors become one line on stderr and exit status 2."""
     from data_pipeline.errors import DataError
     from unet_jax.checkpoints import CheckpointError
+    from unet_jax.config import ConfigError
+    from unet_jax.rundir import RunDirError
+    from unet_jax.trainer import TrainingError
 
     try:
         code = main(argv)
-    except (UserError, DataError, CheckpointError) as e:
+    except (UserError, DataError, CheckpointError, ConfigError, RunDirError,
+            TrainingError) as e:
         sys.stderr.write(f"{prog or 'error'}: error: {e}\n")
         sys.exit(USER_ERROR)
     except KeyboardInterrupt:

@@ -1,69 +1,208 @@
 """One place for a run's settings: the model, the data and the optimisation.
 
-``Config`` is plain data. The command-line tools map their flags onto it, and the
-trainer writes it as ``config.json`` next to the checkpoints, so that evaluation and
-prediction rebuild the exact model without repeating flags, and a run can be
-reproduced from its directory alone.
+``Config`` is plain data, checked when it is made: a bad value raises ``ConfigError``
+with one line that names the setting by its command-line flag and says what to give,
+for a library user exactly as for ``python -m experiments.train``. Values are
+normalised on the way in (``image_size=64`` is ``(64, 64)``, ``data_dir`` an absolute
+path), so two Configs that mean the same run compare equal.
+
+The trainer writes the Config as ``config.json`` next to the checkpoints, so that
+evaluation and prediction rebuild the exact model without repeating flags, and a run
+can be reproduced from its directory alone. The command-line flags are made from the
+fields below (``add_arguments``): each field's ``help`` is its ``--help`` line.
+Named presets (the guide's GPU and CPU runs, the quick default) are in ``configs.py``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import jax.numpy as jnp
 
+from unet_jax.losses import LOSSES
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+KERNELS = ("auto", "stock")
+
+
+class ConfigError(ValueError):
+    """A setting the user can fix; the message is one line naming its flag."""
+
+
+def _field(default, help: str, **flag: Any):
+    """A Config field with its ``--help`` text and argparse options (``flag``)."""
+    return dataclasses.field(default=default, metadata={"help": help, **flag})
 
 
 @dataclasses.dataclass
 class Config:
-    # Model (the seed's U-Net by default).
-    in_channels: int = 3
-    num_classes: int = 1
-    base_features: int = 64
-    depth: int = 4
-    dtype: str = "float32"            # compute dtype; parameters stay float32
+    # Model (the guide's U-Net by default: 31,031,745 parameters for 3 in / 1 out).
+    in_channels: int = _field(3, "input channels: 3 (RGB) or 1 (grayscale)", choices=(1, 3))
+    num_classes: int = _field(1, "output classes: 1 for binary masks (sigmoid), C > 1 for "
+                              "masks of class ids 0..C-1 (softmax)")
+    base_features: int = _field(64, "U-Net width: channels of the first level (the guide's 64)")
+    depth: int = _field(4, "U-Net levels (the guide's 4); sizes must be divisible by 2**depth")
+    dtype: str = _field("float32", "compute dtype; bfloat16 pays off on GPUs, not CPUs",
+                        choices=tuple(DTYPES))
+    kernels: str = _field("auto", "'auto': the faster CPU backward kernels when JAX runs on "
+                          "a CPU, stock Flax ops elsewhere; 'stock': stock ops everywhere",
+                          choices=KERNELS)
 
     # Data.
-    data_dir: Optional[str] = None    # None: the built-in synthetic sample dataset
-    image_size: tuple[int, int] = (64, 96)  # (height, width) the model sees
-    split: str = "car"                # "car" (no car on both sides) or "random"
-    val_fraction: float = 0.2
-    subset: float = 1.0
-    augment: bool = False
-    cache: str = "memory"             # "memory", "none" or a file prefix
-    skip_bad: bool = False
+    data_dir: Optional[str] = _field(None, "Kaggle Carvana layout (train/, train_masks/) or "
+                                     "images/ + masks/ folders (default: the built-in "
+                                     "synthetic sample set)")
+    image_size: tuple[int, int] = _field((64, 96), "size (H W, or one number for a square) "
+                                         "the model sees", nargs="+", metavar=("H", "W"))
+    split: str = _field("car", "validation split: by car (no car on both sides) or per "
+                        "image, as the guide", choices=("car", "random"))
+    val_fraction: float = _field(0.2, "share of the cars (or images) for validation")
+    subset: float = _field(1.0, "fraction of the cars to use, e.g. 0.1 as the guide's CPU run")
+    augment: bool = _field(False, "random flips, shifts/scales, brightness/contrast")
+    cache: str = _field("memory", "decoded images: 'memory', 'none', or a file prefix "
+                        "(memory-mapped, for data larger than memory)")
+    skip_bad: bool = _field(False, "skip unreadable or unmatched image/mask pairs (listed "
+                            "as a warning) instead of stopping")
 
     # Optimisation (the guide: AdamW, lr 3e-4, BCE).
-    loss: str = "bce"
-    learning_rate: float = 3e-4
-    weight_decay: float = 1e-2        # torch.optim.AdamW's default, as the guide used
-    batch_size: int = 8
-    epochs: int = 12
-    seed: int = 42
+    loss: str = _field("bce", "bce (the guide's), dice or bce_dice", choices=LOSSES)
+    learning_rate: float = _field(3e-4, "AdamW learning rate", flag="--lr")
+    weight_decay: float = _field(1e-2, "AdamW weight decay (torch's default, as the guide)")
+    batch_size: int = _field(8, "global batch size, split over all devices")
+    epochs: int = _field(12, "total epochs; with --resume a larger value extends the run")
+    seed: int = _field(42, "seed for initialisation, split, order and augmentation")
 
     # Checkpoints.
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = _field(2, "how many of the latest checkpoints to keep (the "
+                                   "best by validation Dice is kept as well)")
+
+    def __post_init__(self):
+        self.image_size = normalize_image_size(self.image_size, self.depth)
+        if self.data_dir is not None:
+            self.data_dir = str(Path(self.data_dir).expanduser().resolve())
+        for name in ("batch_size", "epochs", "base_features", "depth", "num_classes",
+                     "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{flag(name)} {value}: give a whole number of at least 1")
+        if self.in_channels not in (1, 3):
+            raise ConfigError(f"--in-channels {self.in_channels}: give 1 (grayscale) or 3 (RGB)")
+        if self.seed < 0:
+            raise ConfigError(f"--seed {self.seed}: give a number of at least 0")
+        for name, values in (("dtype", DTYPES), ("kernels", KERNELS), ("loss", LOSSES),
+                             ("split", ("car", "random"))):
+            if getattr(self, name) not in values:
+                raise ConfigError(f"{flag(name)} {getattr(self, name)!r}: choose one of "
+                                  f"{', '.join(values)}")
+        if not 0 < self.subset <= 1:
+            raise ConfigError(f"--subset {self.subset}: give a fraction in (0, 1]")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction {self.val_fraction}: give a fraction in (0, 1)")
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise ConfigError(f"--lr {self.learning_rate}: give a positive learning rate")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay {self.weight_decay}: give 0 or more")
+        if not self.cache:
+            raise ConfigError("--cache '': give 'memory', 'none' or a file prefix")
 
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def differences(self, other: "Config") -> list[str]:
+        """Names of the fields whose values differ (both are normalised)."""
+        return [f.name for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        """Builds a Config from a dict, ignoring keys this version does not know."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in fields}
-        if "image_size" in d:
-            d["image_size"] = tuple(d["image_size"])
-        return cls(**d)
+        """Builds a Config from a dict, ignoring keys this version does not know
+        (``config.json`` also records the devices a run used)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def load(cls, path) -> "Config":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a Config field: ``learning_rate`` -> ``--lr``."""
+    field = {f.name: f for f in dataclasses.fields(Config)}[name]
+    return field.metadata.get("flag", "--" + name.replace("_", "-"))
+
+
+def normalize_image_size(value, depth) -> tuple[int, int]:
+    """(height, width) from one number or two, checked against the U-Net's depth."""
+    from unet_jax.models import check_input_size
+
+    sizes = [value] if isinstance(value, int) else list(value)
+    if len(sizes) not in (1, 2) or not all(isinstance(s, int) for s in sizes):
+        raise ConfigError(f"--image-size {' '.join(map(str, sizes))}: give one or two whole "
+                          "numbers, H [W]")
+    height, width = sizes * 2 if len(sizes) == 1 else sizes
+    if height <= 0 or width <= 0:
+        raise ConfigError(f"--image-size {height} {width}: sizes must be positive")
+    if isinstance(depth, int) and depth >= 1:
+        try:
+            check_input_size(height, width, depth)
+        except ValueError as e:
+            raise ConfigError(f"--image-size: {e}") from None
+    return height, width
+
+
+# --- Command-line flags, one per field ------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser, defaults: Config | None = None) -> None:
+    """Adds one flag per Config field, with its help, type and choices.
+
+    Every flag defaults to None (argparse.SUPPRESS would hide it from ``overrides``),
+    so that ``overrides`` can tell a flag the user gave from one left out, which is
+    what presets and ``--resume`` need. The help shows the values of ``defaults``
+    (the command's default preset).
+    """
+    defaults = defaults or Config()
+    group = parser.add_argument_group("run settings (unet_jax.Config; without --preset, "
+                                      "the values in brackets)")
+    for field in dataclasses.fields(Config):
+        meta = dict(field.metadata)
+        help_text = f"{meta.pop('help')} [{_shown(getattr(defaults, field.name))}]"
+        name = meta.pop("flag", "--" + field.name.replace("_", "-"))
+        kind = _base_type(field.type)
+        if kind is bool:
+            group.add_argument(name, dest=field.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
+        else:
+            group.add_argument(name, dest=field.name, type=kind, default=None,
+                               help=help_text, **meta)
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    """The Config fields the user gave on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+            if getattr(args, f.name, None) is not None}
+
+
+def _base_type(annotation):
+    text = str(annotation)
+    for kind in (bool, int, float, str):
+        if kind.__name__ in text and "tuple" not in text:
+            return kind
+    return int  # tuple[int, int]: one number per argument (nargs)
+
+
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return "sample set" if value is None else str(value)

@@ -1,13 +1,16 @@
 """Choosing where JAX runs, and the XLA settings that make the U-Net fast there.
 
-Both must happen before JAX creates its first backend: XLA reads ``XLA_FLAGS`` once,
-when the backend starts, and the platform list cannot change afterwards. This module
-therefore imports JAX only inside ``select_platform``.
+Importing ``unet_jax`` changes nothing in the process. A command (or a library user
+who wants the project's CPU settings) calls ``setup_platform`` once, before the first
+JAX computation: XLA reads ``XLA_FLAGS`` when its backend starts, and JAX's platform
+list cannot change afterwards.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 # XLA's CPU backend (jaxlib 0.10) sends each convolution through YNNPACK by default,
 # which runs the U-Net's weight-gradient convolutions at a fraction of the machine's
@@ -32,13 +35,20 @@ class PlatformError(RuntimeError):
     """The requested platform is not available on this machine."""
 
 
-def apply_xla_flags(platform: str = "auto") -> None:
-    """Adds the project's CPU XLA flags to ``XLA_FLAGS`` unless the user set them.
+def _has_cuda_plugin() -> bool:
+    """Whether JAX's CUDA build is installed (it may still find no GPU)."""
+    for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12"):
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return True
+        except ModuleNotFoundError:  # the parent package of a dotted name is missing
+            continue
+    return False
 
-    Skipped for ``gpu``: the flags only concern the CPU backend.
-    """
-    if platform == "gpu":
-        return
+
+def add_cpu_xla_flags() -> None:
+    """Appends the project's CPU flags to ``XLA_FLAGS``, keeping the user's own: a flag
+    the user already set is left as the user set it."""
     current = os.environ.get("XLA_FLAGS", "")
     extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in current]
     if extra:
@@ -46,22 +56,34 @@ def apply_xla_flags(platform: str = "auto") -> None:
 
 
 def configure_platform(platform: str = "auto") -> None:
-    """Sets XLA flags and JAX's platform list; no backend is started yet."""
+    """Sets XLA flags and JAX's platform list; no backend is started yet.
+
+    The CPU flags are added when the run will be on the CPU: ``cpu``, or ``auto`` on a
+    machine without JAX's CUDA build.
+    """
     if platform not in PLATFORMS:
         raise PlatformError(f"--platform {platform!r}: choose one of {', '.join(PLATFORMS)}")
-    apply_xla_flags(platform)
+    if platform == "cpu" or (platform == "auto" and not _has_cuda_plugin()):
+        add_cpu_xla_flags()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no page of TF's start-up notes
+    # TensorFlow (the input pipeline) must never take a GPU from JAX; data_pipeline
+    # hides them when it first imports TF, and here if something imported it already.
+    if "tensorflow" in sys.modules:
+        from data_pipeline.tf_setup import tensorflow
+
+        tensorflow()
     import jax
 
     if platform != "auto":
         jax.config.update("jax_platforms", "cuda" if platform == "gpu" else "cpu")
 
 
-def select_platform(platform: str = "auto") -> str:
+def setup_platform(platform: str = "auto") -> str:
     """Makes JAX use ``platform`` ('auto', 'cpu' or 'gpu'); returns the backend in use.
 
-    Call before any JAX computation. 'auto' takes a GPU when JAX sees one. Raises
-    PlatformError with a one-line explanation when 'gpu' is asked for and JAX has no
-    working GPU backend, rather than silently training on the CPU.
+    Call once, before any JAX computation. 'auto' takes a GPU when JAX sees one.
+    Raises PlatformError with a one-line explanation when 'gpu' is asked for and JAX
+    has no working GPU backend, rather than silently training on the CPU.
     """
     configure_platform(platform)
     import jax

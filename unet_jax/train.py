@@ -17,20 +17,30 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
-from unet_jax import losses, metrics
+from unet_jax import cpu_kernels, losses, metrics
 from unet_jax.config import Config
 from unet_jax.models import UNet
 
 TrainState = train_state.TrainState
 
 
-def create_model(config: Config) -> UNet:
-    """The U-Net that ``config`` describes."""
+def create_model(config: Config, backend: str | None = None) -> UNet:
+    """The U-Net that ``config`` describes, for ``backend`` (JAX's default if None).
+
+    On a CPU (unless ``config.kernels == "stock"``) the model gets the CPU backward
+    kernels of ``cpu_kernels``; the parameters and forward values are the same either
+    way, so a checkpoint trained on one backend serves the other.
+    """
+    backend = backend or jax.default_backend()
+    kernels = {}
+    if config.kernels == "auto" and backend == "cpu":
+        kernels = dict(conv=cpu_kernels.CpuConv, pool=cpu_kernels.max_pool_2x2)
     return UNet(num_classes=config.num_classes, base_features=config.base_features,
-                depth=config.depth, dtype=config.compute_dtype)
+                depth=config.depth, dtype=config.compute_dtype, **kernels)
 
 
 def create_optimizer(config: Config) -> optax.GradientTransformation:
@@ -52,9 +62,10 @@ def init_params(rng, config: Config):
     return create_model(config).init(rng, dummy)["params"]
 
 
-def create_train_state(rng, config: Config) -> TrainState:
-    """Parameters, AdamW state and a step counter for a new run."""
-    model = create_model(config)
+def create_train_state(rng, config: Config, model: UNet | None = None) -> TrainState:
+    """Parameters, AdamW state and a step counter for a new run (of ``model``, by
+    default the one ``config`` describes)."""
+    model = model or create_model(config)
     return TrainState.create(apply_fn=model.apply, params=init_params(rng, config),
                              tx=create_optimizer(config))
 
@@ -94,7 +105,7 @@ def eval_step(params, batch, apply_fn, loss: str = "bce"):
     logits = apply_fn({"params": params}, batch["image"])
     per_image = _batch_metrics(logits, batch, losses.per_image_loss(loss, logits, batch["mask"]))
     valid = batch.get("valid", jnp.ones(logits.shape[0], bool)).astype(jnp.float32)
-    sums = {k: jnp.sum(v * valid) for k, v in per_image.items()}
+    sums = {k: jnp.tensordot(valid, v, axes=1) for k, v in per_image.items()}
     sums["count"] = jnp.sum(valid)
     return sums
 
@@ -106,7 +117,8 @@ def predict_step(params, images, apply_fn):
 
 
 def merge_sums(sums: list[dict]) -> dict:
-    """Per-image means from the host copies of several ``eval_step`` results."""
-    total = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
-    count = max(total.pop("count"), 1.0)
+    """Per-image means from the host copies of several ``eval_step`` results: floats,
+    and (C-1,) arrays for the per-class scores."""
+    total = {k: np.sum([np.asarray(s[k], np.float64) for s in sums], axis=0) for k in sums[0]}
+    count = max(float(total.pop("count")), 1.0)
     return {k: v / count for k, v in total.items()}

@@ -1,0 +1,121 @@
+"""One Config: normalised values, one-line errors naming the flag, presets, flags made
+from the fields, and a platform choice that changes nothing at import."""
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unet_jax import config as config_lib, configs
+from unet_jax.config import Config, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_values_are_normalised_so_equal_runs_compare_equal(tmp_path):
+    assert Config(image_size=64).image_size == (64, 64)
+    assert Config(image_size=[64]).image_size == (64, 64)
+    assert Config(image_size=[32, 48]) == Config(image_size=(32, 48))
+    (tmp_path / "d").mkdir()
+    a = Config(data_dir=str(tmp_path / "d"))
+    b = Config(data_dir=str(tmp_path / "d") + "/")
+    c = Config(data_dir=str(tmp_path / "x" / ".." / "d"))
+    assert a == b == c and Path(a.data_dir).is_absolute()
+    assert Config.from_dict({**a.to_dict(), "device_count": 8}) == a
+
+
+def test_round_trip_through_json(tmp_path):
+    config = configs.get("tiny", num_classes=3, augment=True)
+    (tmp_path / "config.json").write_text(config.to_json())
+    assert Config.load(tmp_path / "config.json") == config
+
+
+@pytest.mark.parametrize("fields,flag", [
+    (dict(image_size=(100, 96)), "--image-size"),
+    (dict(image_size=(0, 96)), "--image-size"),
+    (dict(batch_size=0), "--batch-size"),
+    (dict(epochs=-1), "--epochs"),
+    (dict(learning_rate=float("nan")), "--lr"),
+    (dict(learning_rate=0.0), "--lr"),
+    (dict(subset=1.5), "--subset"),
+    (dict(val_fraction=1.0), "--val-fraction"),
+    (dict(in_channels=2), "--in-channels"),
+    (dict(loss="focal"), "--loss"),
+    (dict(dtype="float16"), "--dtype"),
+    (dict(kernels="fast"), "--kernels"),
+])
+def test_bad_values_give_one_line_naming_the_flag(fields, flag):
+    with pytest.raises(ConfigError) as e:
+        Config(**fields)
+    message = str(e.value)
+    assert message.startswith(flag) and "\n" not in message
+
+
+def test_the_size_error_suggests_valid_sizes():
+    with pytest.raises(ConfigError, match="height 100 -> 96 or 112"):
+        Config(image_size=(100, 96))
+
+
+def test_presets_are_valid_configs_and_flags_override_them():
+    for name, make in configs.PRESETS.items():
+        assert isinstance(make(), Config), name
+        assert make.__doc__ and "python -m experiments.train" in make.__doc__, name
+    assert configs.seed_gpu().image_size == (512, 512) and configs.seed_gpu().batch_size == 32
+    assert configs.seed_cpu().subset == 0.1 and configs.seed_cpu().batch_size == 4
+    assert configs.full().base_features == 64
+    assert configs.get("seed-gpu", epochs=1).epochs == 1
+    with pytest.raises(ConfigError, match="--preset"):
+        configs.get("nope")
+
+
+def test_every_field_is_a_flag_with_help():
+    parser = argparse.ArgumentParser()
+    config_lib.add_arguments(parser, configs.default())
+    text = parser.format_help()
+    for field in dataclasses.fields(Config):
+        assert config_lib.flag(field.name) in text, field.name
+    args = parser.parse_args(["--image-size", "32", "--lr", "0.01", "--augment",
+                              "--num-classes", "3"])
+    assert config_lib.overrides(args) == {"image_size": [32], "learning_rate": 0.01,
+                                          "augment": True, "num_classes": 3}
+    assert dataclasses.replace(Config(), **config_lib.overrides(args)).image_size == (32, 32)
+    assert config_lib.overrides(parser.parse_args([])) == {}
+
+
+def _python(code: str, **env) -> str:
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, **env}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_import_changes_nothing_in_the_environment():
+    code = ("import os; before = dict(os.environ); import unet_jax, data_pipeline, "
+            "experiments.train; print(before == dict(os.environ))")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.stdout.strip() == "True", result.stderr
+
+
+def test_setup_platform_adds_cpu_flags_on_the_cpu_and_keeps_the_users():
+    code = ("import os, unet_jax; print(unet_jax.setup_platform('cpu')); "
+            "print(os.environ['XLA_FLAGS'])")
+    backend, flags = _python(code, XLA_FLAGS="--xla_dump_to=/nonexistent-unused "
+                             "--xla_cpu_enable_concurrency_optimized_scheduler=true").splitlines()
+    assert backend == "cpu"
+    assert "--xla_dump_to=/nonexistent-unused" in flags
+    assert "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution" in flags
+    # The user's own value of a flag the project also sets is kept, not overridden.
+    assert flags.count("concurrency_optimized_scheduler") == 1 and "=true" in flags
+
+
+def test_setup_platform_rejects_an_unknown_platform():
+    from unet_jax.platform import PlatformError, configure_platform
+
+    with pytest.raises(PlatformError, match="--platform 'tpu'"):
+        configure_platform("tpu")

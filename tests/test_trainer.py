@@ -1,0 +1,144 @@
+"""``unet_jax.train_and_evaluate``, the one trainer, called as a library user calls it."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data_pipeline
+import unet_jax
+from unet_jax import checkpoints, configs, rundir
+from unet_jax.config import ConfigError
+
+unet_jax.setup_platform("cpu")
+
+TINY = configs.tiny()
+
+
+def shapes_dir(root, n=24, size=(48, 32), seed=0):
+    """images/ + masks/ with three kinds of pixel: background (0), squares (1) and
+    discs (2), each image holding one of each, at random places and sizes. The kinds
+    differ in shape and tint, so that a tiny model can tell them apart in a few epochs."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[:h, :w]
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        image = rng.integers(60, 110, (h, w, 3)).astype(np.float32)
+        mask = np.zeros((h, w), np.uint8)
+        r = int(rng.integers(5, 8))
+        x, y = int(rng.integers(0, w // 2 - 2 * r)), int(rng.integers(r, h - 2 * r))
+        mask[y:y + 2 * r, x:x + 2 * r] = 1
+        cx, cy = int(rng.integers(w // 2 + r, w - r)), int(rng.integers(r, h - r))
+        mask[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = 2
+        image[mask == 1] = (220, 200, 60)
+        image[mask == 2] = (60, 200, 220)
+        image += rng.normal(0, 12, image.shape)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"s{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"s{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return data_pipeline.sample_dataset_dir(tmp_path_factory.mktemp("data") / "sample",
+                                            num_cars=5, size=(96, 64), seed=3)
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("runs") / "run"
+    config = dataclasses.replace(TINY, data_dir=str(data_dir), epochs=2)
+    return config, workdir, unet_jax.train_and_evaluate(config, workdir, log=lambda *a: None)
+
+
+def test_a_library_run_writes_what_the_cli_does(run):
+    config, workdir, summary = run
+    assert summary["workdir"] == workdir and [r["epoch"] for r in summary["history"]] == [1, 2]
+    assert summary["best"] == max(summary["history"], key=lambda r: r["val_dice"])
+    assert {"config.json", "split.json", "metrics.csv", "loss.png", "predictions.png",
+            "checkpoints", "tensorboard"} <= {p.name for p in workdir.iterdir()}
+    assert unet_jax.Config.load(workdir / "config.json") == config
+    assert summary["history"][1]["train_loss"] < summary["history"][0]["train_loss"]
+
+
+def test_resume_extends_a_run_and_refuses_other_settings(run, tmp_path):
+    config, workdir, _ = run
+    with pytest.raises(ConfigError, match=r"^--lr 0\.5 differs from the run's 0\.003"):
+        unet_jax.train_and_evaluate(dataclasses.replace(config, learning_rate=0.5), workdir,
+                                    resume=True, log=lambda *a: None)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        unet_jax.train_and_evaluate(config, workdir, log=lambda *a: None)
+    with pytest.raises(ConfigError, match="holds no run"):
+        unet_jax.train_and_evaluate(config, tmp_path / "empty", resume=True,
+                                    log=lambda *a: None)
+    summary = unet_jax.train_and_evaluate(dataclasses.replace(config, epochs=3), workdir,
+                                          resume=True, log=lambda *a: None)
+    assert [r["epoch"] for r in summary["history"]] == [1, 2, 3]
+    assert json.loads((workdir / "config.json").read_text())["epochs"] == 3
+
+
+def test_a_second_run_in_a_held_directory_is_refused(data_dir, tmp_path):
+    workdir = tmp_path / "busy"
+    config = dataclasses.replace(TINY, data_dir=str(data_dir), epochs=1)
+    with rundir.lock(workdir):
+        with pytest.raises(rundir.RunDirError, match="in use by another training run"):
+            unet_jax.train_and_evaluate(config, workdir, log=lambda *a: None)
+    assert not (workdir / "config.json").exists()
+
+
+def test_a_failed_resume_changes_nothing(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    config = dataclasses.replace(TINY, data_dir=str(data_dir), epochs=1)
+    unet_jax.train_and_evaluate(config, workdir, log=lambda *a: None)
+    for data in (workdir / "checkpoints" / "1").rglob("*"):
+        if data.is_file() and data.parent.name == "d":  # orbax's array data files
+            data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    with pytest.raises(checkpoints.CheckpointError):
+        unet_jax.train_and_evaluate(dataclasses.replace(config, epochs=3), workdir,
+                                    resume=True, log=lambda *a: None)
+    after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_multi_class_trains_every_class(tmp_path):
+    """Three classes end to end: the masks keep their ids through the pipeline (a
+    pipeline that binarised them would leave class 2 unseen and its Dice at 0), and
+    every class is learnt well above what predicting background scores (0 here: each
+    validation image holds every class)."""
+    data = shapes_dir(tmp_path / "shapes")
+    config = dataclasses.replace(TINY, data_dir=str(data), num_classes=3, base_features=8,
+                                 epochs=12, learning_rate=1e-2, split="random",
+                                 val_fraction=0.25)
+    summary = unet_jax.train_and_evaluate(config, tmp_path / "run", log=lambda *a: None)
+    last = summary["history"][-1]
+    assert last["val_dice_class1"] > 0.5 and last["val_dice_class2"] > 0.5, last
+    assert last["val_dice"] == pytest.approx((last["val_dice_class1"] + last["val_dice_class2"]) / 2)
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert "val_dice_class2" in header and "val_iou_class1" in header
+
+
+def test_a_mask_value_beyond_the_classes_is_one_line_naming_the_file(tmp_path):
+    data = shapes_dir(tmp_path / "shapes", n=8)
+    config = dataclasses.replace(TINY, data_dir=str(data), num_classes=2, epochs=1,
+                                 split="random")
+    with pytest.raises(data_pipeline.DataError, match=r"masks/s\d+\.png holds class 2"):
+        unet_jax.train_and_evaluate(config, tmp_path / "run", log=lambda *a: None)
+
+
+def test_the_readme_library_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Library use"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "best validation Dice" in out and "car" in out
+    assert (tmp_path / "runs" / "tiny" / "metrics.csv").is_file()

@@ -1,0 +1,252 @@
+"""``train_and_evaluate``: the guide's training loop, as one function that reads top to bottom.
+
+The guide trains with a loop per epoch: a pass over the training batches (forward,
+loss, ``zero_grad``, ``backward``, ``optimizer.step``), a pass over the validation
+batches without gradients, the two losses printed and plotted. This function is that
+loop, and what a run needs around it: the split kept in ``split.json``, checkpoints
+(the last few and the best by validation Dice), ``--resume`` from the newest intact
+checkpoint, a stop on a non-finite loss with the last good checkpoint kept, Dice and
+IoU per epoch in ``metrics.csv`` and TensorBoard, the guide's loss plot and a figure of
+predictions, and data parallelism over every device of every process.
+
+``python -m experiments.train`` is flags -> ``Config`` -> this call; a library user
+calls it the same way::
+
+    import unet_jax
+    unet_jax.setup_platform("cpu")
+    summary = unet_jax.train_and_evaluate(unet_jax.configs.tiny(), "runs/tiny")
+
+The run directory receives::
+
+    config.json      the settings, to reproduce or restore the run
+    split.json       the training and validation image files
+    checkpoints/     orbax checkpoints: the last epochs and the best by validation Dice
+    metrics.csv      one row per epoch: train/validation loss, Dice, IoU, ...
+    loss.png         training and validation loss per epoch (the guide's plot)
+    predictions.png  validation images, true masks and predicted masks
+    tensorboard/     the same metrics as TensorBoard event files
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import data_pipeline
+from unet_jax import checkpoints, parallel, report, rundir
+from unet_jax.config import Config, ConfigError, flag
+from unet_jax.train import create_train_state, eval_step, merge_sums, predict_step, train_step
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on a problem the user can act on (the loss became NaN, ...)."""
+
+
+def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=print) -> dict:
+    """Trains the U-Net that ``config`` describes, writing the run to ``workdir``.
+
+    With ``resume``, continues the run in ``workdir`` from its newest intact checkpoint;
+    ``config`` must then equal the run's saved settings except ``epochs``, which may
+    grow. Returns ``{"workdir", "history", "best"}``: the run directory, one dict per
+    epoch (the rows of metrics.csv) and the best of them by validation Dice.
+
+    Raises ``ConfigError``, ``data_pipeline.DataError``, ``checkpoints.CheckpointError``,
+    ``rundir.RunDirError`` or ``TrainingError`` with one line naming what to fix.
+    """
+    workdir = Path(workdir).expanduser()
+    is_main = jax.process_index() == 0
+    log = log if is_main else (lambda *a, **k: None)
+    # Settings that cannot work stop here, before anything is written.
+    try:
+        parallel.check_batch_size(config.batch_size, parallel.make_mesh())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    # --- Run directory: one training run at a time, and no finished run overwritten.
+    # Every process writes the checkpoints; process 0 alone holds the lock.
+    rundir.check_writable(workdir)
+    with rundir.lock(workdir) if is_main else contextlib.nullcontext():
+        return _train(config, workdir, resume, log, is_main)
+
+
+def _train(config: Config, workdir: Path, resume: bool, log, is_main: bool) -> dict:
+    # --- Settings: a resumed run keeps its own (only --epochs may change).
+    config_file, split_file = workdir / "config.json", workdir / "split.json"
+    if resume:
+        if not config_file.is_file():
+            raise ConfigError(f"--resume: {workdir} holds no run (no config.json); check "
+                              "--workdir, or drop --resume to start a new run")
+        saved = Config.load(config_file)
+        changed = [name for name in saved.differences(config) if name != "epochs"]
+        if changed:
+            raise ConfigError(
+                f"{flag(changed[0])} {_shown(getattr(config, changed[0]))} differs from "
+                f"the run's {_shown(getattr(saved, changed[0]))} in {config_file}; --resume "
+                "continues a run with its own settings (only --epochs may change): drop "
+                "the flag or start a new --workdir")
+    elif config_file.exists() or (workdir / "checkpoints").exists():
+        raise ConfigError(f"--workdir {workdir} already holds a run; pass --resume to "
+                          "continue it, or choose another --workdir")
+
+    # --- Devices: one mesh over all of them; each batch is split along its first axis.
+    mesh = parallel.make_mesh()
+    processes = jax.process_count()
+
+    # --- Input: files checked before any training; the split kept in split.json, so
+    # a resumed run trains and validates on the same images.
+    data_dir = config.data_dir or str(data_pipeline.sample_dataset_dir())
+    if resume and split_file.is_file():
+        train_pairs, val_pairs = data_pipeline.read_split(split_file)
+    else:
+        pairs = data_pipeline.find_pairs(data_dir, skip_bad=config.skip_bad)
+        train_pairs, val_pairs = data_pipeline.split_pairs(
+            pairs, method=config.split, val_fraction=config.val_fraction, seed=config.seed,
+            subset=config.subset)
+    if len(train_pairs) < config.batch_size:
+        raise ConfigError(f"--batch-size {config.batch_size} is larger than the "
+                          f"{len(train_pairs)} training images; lower it")
+    pipeline_kw = dict(image_size=config.image_size, batch_size=config.batch_size // processes,
+                       in_channels=config.in_channels, num_classes=config.num_classes,
+                       cache=None if config.cache == "none" else config.cache,
+                       shard=(jax.process_index(), processes))
+    train_data = data_pipeline.InputPipeline(train_pairs, train=True, seed=config.seed,
+                                             augment=config.augment, **pipeline_kw)
+    val_data = data_pipeline.InputPipeline(val_pairs, train=False, **pipeline_kw)
+
+    # --- Model and optimizer; on resume, restored from the newest intact checkpoint.
+    state = parallel.replicate(create_train_state(jax.random.key(config.seed), config), mesh)
+    backend = jax.default_backend()
+    manager = checkpoints.checkpoint_manager(workdir, keep=config.keep_checkpoints)
+    history, start_epoch = [], 0
+    if resume and manager.all_steps():
+        state, progress, start_epoch, damaged = checkpoints.restore_latest_intact(manager, state)
+        history = progress["history"]
+        skipped = f" (damaged, not used: {', '.join(map(str, damaged))})" if damaged else ""
+        log(f"resuming {workdir} from epoch {start_epoch}{skipped}")
+    if start_epoch >= config.epochs:
+        manager.close()
+        log(f"{workdir} has already trained {start_epoch} epochs; pass a larger --epochs "
+            "to extend it")
+        return {"workdir": workdir, "history": history, "best": _best(history)}
+
+    # Only now that the run is known to start (or resume) does the directory change.
+    if is_main:
+        settings = {**config.to_dict(), "device_count": jax.device_count(),
+                    "process_count": processes, "backend": backend}
+        rundir.write_text_atomic(config_file, json.dumps(settings, indent=2, sort_keys=True))
+        if not split_file.is_file():
+            data_pipeline.write_split(split_file, train_pairs, val_pairs)
+
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    log(f"unet-jax: {n_params:,} parameters on {backend} ({jax.device_count()} device(s), "
+        f"{processes} process(es)); {len(train_pairs)} training / {len(val_pairs)} "
+        f"validation images from {data_dir}; size {config.image_size[0]}x"
+        f"{config.image_size[1]}, batch {config.batch_size}; run directory {workdir}")
+    writer = report.SummaryWriter(workdir / "tensorboard") if is_main else None
+
+    def evaluate(params) -> dict:
+        sums = [eval_step(params, parallel.shard_batch(batch, mesh), state.apply_fn,
+                          loss=config.loss)
+                for batch in val_data.epoch(0)]
+        return merge_sums(jax.device_get(sums))
+
+    def finite(loss, epoch: int, step: int) -> float:
+        value = float(loss)
+        if not math.isfinite(value):
+            last = manager.latest_step()
+            kept = (f"the last good checkpoint (epoch {last}) is intact" if last
+                    else "no checkpoint was written")
+            raise TrainingError(f"training loss became {value} at epoch {epoch}, step "
+                                f"{step}; {kept} in {workdir}; lower --lr or check the data")
+        return value
+
+    # --- Training loop: the guide's, one jitted step per batch.
+    from tqdm import tqdm
+
+    try:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            start = time.perf_counter()
+            losses, pending = [], None
+            bar = tqdm(train_data.epoch(epoch), total=len(train_data),
+                       desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False,
+                       disable=not is_main)
+            for batch in bar:
+                state, metrics = train_step(state, parallel.shard_batch(batch, mesh),
+                                            loss=config.loss)
+                # Read the previous step's loss, not this one's, so the host never waits
+                # for the device and the next batch is dispatched at once.
+                if pending is not None:
+                    losses.append(finite(pending, epoch, len(losses) + 1))
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+                pending = metrics["loss"]
+            losses.append(finite(pending, epoch, len(losses) + 1))
+            train_seconds = time.perf_counter() - start
+
+            # --- Validation: no gradients, every validation image once.
+            val = evaluate(state.params)
+            row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+                   "val_loss": float(val["loss"]), "val_dice": float(val["dice"]),
+                   "val_iou": float(val["iou"]),
+                   "val_pixel_accuracy": float(val["pixel_accuracy"])}
+            for c, (dice, iou) in enumerate(zip(val.get("dice_per_class", []),
+                                                val.get("iou_per_class", [])), start=1):
+                row[f"val_dice_class{c}"], row[f"val_iou_class{c}"] = float(dice), float(iou)
+            row["train_img_per_s"] = len(losses) * config.batch_size / train_seconds
+            row["epoch_seconds"] = time.perf_counter() - start
+            history.append(row)
+
+            # --- Checkpoint, then the files a person reads.
+            checkpoints.save(manager, epoch, state,
+                             {"epoch": epoch, "step": int(state.step), "history": history},
+                             {"val_dice": row["val_dice"]})
+            log(f"epoch {epoch}: train loss {row['train_loss']:.4f}, validation loss "
+                f"{row['val_loss']:.4f}, Dice {row['val_dice']:.4f}, IoU {row['val_iou']:.4f} "
+                f"({row['epoch_seconds']:.0f} s, {row['train_img_per_s']:.1f} img/s)")
+            batch = next(iter(val_data.epoch(0)))
+            logits = predict_step(state.params, parallel.shard_batch(batch, mesh)["image"],
+                                  state.apply_fn)
+            if is_main:
+                rundir.write_text_atomic(workdir / "metrics.csv", _csv(history))
+                writer.scalars(epoch, {k: v for k, v in row.items() if k != "epoch"})
+                report.plot_loss(history, workdir / "loss.png")
+                report.plot_predictions(batch["image"], batch["mask"],
+                                        parallel.local_rows(logits),
+                                        workdir / "predictions.png", valid=batch.get("valid"))
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        if writer is not None:
+            writer.close()
+
+    best = _best(history)
+    log(f"done: best validation Dice {best['val_dice']:.4f} (epoch {best['epoch']}); "
+        f"outputs in {workdir}/ (metrics.csv, loss.png, predictions.png, checkpoints/); "
+        f"predict with: python -m experiments.predict --checkpoint {workdir} --input IMAGE "
+        "--output DIR")
+    return {"workdir": workdir, "history": history, "best": best}
+
+
+def _best(history: list[dict]) -> dict | None:
+    return max(history, key=lambda r: r["val_dice"]) if history else None
+
+
+def _csv(history: list[dict]) -> str:
+    """metrics.csv from the whole history (rewritten each epoch: no duplicate rows
+    after a resume)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(history[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return out.getvalue()
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
