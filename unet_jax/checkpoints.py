@@ -18,9 +18,14 @@ What a crash or a damaged file costs (measured with orbax 0.12.8):
   place: a run killed meanwhile left a half-deleted ``<epoch>`` that orbax listed as
   complete. So old checkpoints are first renamed into ``checkpoints/.deleting/`` (one
   atomic rename) and removed there.
-* A checkpoint damaged later (a file truncated or deleted, a copy cut short) raises
-  ``CheckpointError`` naming it and the intact ones; ``--epoch best`` and
-  ``--resume`` fall back to an intact checkpoint instead.
+* A checkpoint damaged later (an array file truncated or deleted, a copy cut short)
+  raises ``CheckpointError`` naming it and the intact ones; ``--epoch best`` and
+  ``--resume`` fall back to an intact checkpoint instead. (A missing ``_METADATA``
+  alone is no damage: the restore target describes the same tree.)
+
+``restore_params`` (predict, evaluate) restores onto one device, whatever devices
+the run trained on; ``restore_latest_intact`` (``--resume``) into the shardings of the
+state it is given.
 """
 
 from __future__ import annotations
@@ -73,9 +78,12 @@ class _Manager(ocp.CheckpointManager):
 
 
 def _empty_deleting(directory: Path) -> None:
-    # The entries only: orbax may be renaming the next one into .deleting/ itself.
+    # Called only when no save of this manager is running, and on process 0 alone (the
+    # one orbax deletes on), so nothing is being renamed into .deleting/ meanwhile.
     for entry in sorted((directory / DELETING).glob("*")):
         shutil.rmtree(entry, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (directory / DELETING).rmdir()
 
 
 class _DropOrbaxNote(logging.Filter):
@@ -85,10 +93,12 @@ class _DropOrbaxNote(logging.Filter):
         return not record.getMessage().startswith("Given directory is read only")
 
 
-def checkpoint_manager(run_dir, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+def checkpoint_manager(run_dir, keep: int = 2, read_only: bool = False,
+                       asynchronous: bool = True) -> ocp.CheckpointManager:
     """A manager for ``RUN_DIR/checkpoints`` keeping the last ``keep`` and the best.
 
     ``read_only`` (predict, evaluate) never creates, changes or deletes anything.
+    ``asynchronous`` saves write in the background (see ``save``).
     """
     keep_policy = policies.AnyPreservationPolicy([
         policies.LatestN(keep),
@@ -100,7 +110,8 @@ def checkpoint_manager(run_dir, keep: int = 2, read_only: bool = False) -> ocp.C
         best_mode="max", read_only=read_only, create=not read_only,
         # Spelled out for a read-only manager, which orbax would otherwise warn about.
         save_interval_steps=0 if read_only else 1,
-        todelete_subdir=None if read_only else DELETING)
+        todelete_subdir=None if read_only else DELETING,
+        enable_async_checkpointing=asynchronous)
     quiet = _DropOrbaxNote()
     absl = logging.getLogger("absl")
     absl.addFilter(quiet)
@@ -108,8 +119,8 @@ def checkpoint_manager(run_dir, keep: int = 2, read_only: bool = False) -> ocp.C
         manager = _Manager(directory, options=options)
     finally:
         absl.removeFilter(quiet)
-    manager.deletes = not read_only
-    if not read_only:
+    manager.deletes = not read_only and jax.process_index() == 0
+    if manager.deletes:
         _empty_deleting(directory)  # left by a run killed while removing them
     return manager
 
@@ -280,14 +291,14 @@ def restore_latest_intact(manager: ocp.CheckpointManager, state: TrainState):
 def _set_aside(manager: ocp.CheckpointManager, epochs: list[int]) -> None:
     directory = Path(manager.directory)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    try:
-        (directory / DAMAGED).mkdir(exist_ok=True)
-        for epoch in epochs:
+    for epoch in epochs:
+        try:
+            (directory / DAMAGED).mkdir(exist_ok=True)
             (directory / str(epoch)).rename(directory / DAMAGED / f"{epoch}-{stamp}")
-    except OSError as e:
-        raise CheckpointError(f"--resume: cannot move the damaged checkpoint "
-                              f"{directory / str(epoch)} aside ({e.strerror or e}); move it "
-                              "out of the run directory and resume again") from None
+        except OSError as e:
+            raise CheckpointError(f"--resume: cannot move the damaged checkpoint "
+                                  f"{directory / str(epoch)} aside ({e.strerror or e}); move "
+                                  "it out of the run directory and resume again") from None
     manager.reload()
 
 
@@ -299,7 +310,7 @@ def load_config(run_dir) -> Config:
                               "(pass the directory that experiments.train wrote)")
     try:
         return Config.load(path)
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path} is damaged ({e}); restore it from the run's "
                               "settings or a copy") from None
 
@@ -338,7 +349,8 @@ def restore_params(run_dir, which: str | int = "best"):
     ``which`` is 'best' (highest validation Dice), 'latest' or an epoch number. A
     damaged best checkpoint falls back to the next best (a one-line warning on this
     module's logger names both); a damaged checkpoint asked for by name raises
-    CheckpointError naming the intact ones.
+    CheckpointError naming the intact ones, as does a directory without config.json
+    or checkpoints, or an epoch it does not have.
     """
     config = load_config(run_dir)
     if not (Path(run_dir) / "checkpoints").is_dir():
@@ -347,7 +359,13 @@ def restore_params(run_dir, which: str | int = "best"):
     try:
         if not manager.all_steps():
             raise CheckpointError(f"{Path(run_dir) / 'checkpoints'} holds no checkpoint")
-        abstract = jax.eval_shape(lambda: init_params(jax.random.key(0), config))
+        # Onto this process's first device, whatever devices the run trained on: with
+        # no sharding given, orbax reuses the saved one, and a run trained on two
+        # devices failed to restore on a machine with one.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+            jax.eval_shape(lambda: init_params(jax.random.key(0), config)))
         items = dict(params=ocp.args.StandardRestore(abstract))
         errors = []
         for epoch in _candidates(manager, which):
@@ -385,13 +403,18 @@ def save_params(run_dir, params, config: Config, metrics: dict | None = None,
     a run raises CheckpointError.
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is a file; choose a directory for the run")
     if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
         raise CheckpointError(f"{run_dir} already holds a run; choose another directory")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.",
                                     suffix=".tmp"))
     try:
-        manager = checkpoint_manager(staging)
+        # Synchronous: a save that fails asynchronously went on creating directories
+        # in the background (into the staging directory just removed) and left a
+        # thread waiting minutes for a signal that never came.
+        manager = checkpoint_manager(staging, asynchronous=False)
         try:
             manager.save(epoch, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params),

@@ -9,6 +9,7 @@ when the process is killed, so a crashed run never leaves the directory stuck.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import tempfile
@@ -21,34 +22,46 @@ class RunDirError(RuntimeError):
 
 
 def check_writable(directory, what: str = "--workdir") -> Path:
-    """Creates ``directory`` if needed and checks that a file can be written in it."""
+    """Creates ``directory`` if needed and checks that a file can be written in it.
+
+    Done before any work, so that a read-only or full disk, or a path that is a file,
+    is a one-line RunDirError naming the flag (``what``), not a traceback an epoch later.
+    """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise RunDirError(f"{what} {directory} is a file, not a directory; choose a "
+                          f"directory for {what}")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
-        raise RunDirError(f"{what} {directory} is not writable ({e.strerror or e}); choose a "
+        reason = e.strerror or errno.errorcode.get(e.errno, str(e))
+        raise RunDirError(f"{what} {directory} is not writable ({reason}); choose a "
                           f"writable {what}") from None
     return directory
 
 
 @contextlib.contextmanager
 def lock(directory):
-    """Holds ``directory``'s run lock, or raises RunDirError at once if another process
-    holds it."""
+    """Holds ``directory``'s run lock (``directory/.lock``), creating the directory.
+
+    Raises RunDirError at once, without waiting, if another process holds it. The
+    lock file records the holder's pid and start time for that message.
+    """
     path = check_writable(directory) / ".lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
             raise RunDirError(f"--workdir {directory} is in use by another training run "
                               f"({holder}); wait for it to finish or choose another "
                               "--workdir") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                   .encode(), 0)
         yield path
     finally:
@@ -61,8 +74,8 @@ def write_text_atomic(path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from other users
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide it from other users
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -71,3 +84,10 @@ def write_text_atomic(path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    # The rename itself reaches the disk with the directory's entry.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
