@@ -15,7 +15,6 @@ accelerator.
 * ``sample_data``: the built-in synthetic stand-in for Carvana.
 * ``tfds_carvana``: a TFDS builder for Kaggle's zips (manual download); imported on
   its own, as it loads tensorflow_datasets.
-* ``throughput``: images/s the pipeline delivers, with and without its cache.
 """
 
 from data_pipeline.errors import DataError

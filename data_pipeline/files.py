@@ -30,7 +30,7 @@ from pathlib import Path
 from PIL import UnidentifiedImageError
 
 from data_pipeline.errors import DataError
-from data_pipeline.preprocess import open_image
+from data_pipeline.preprocess import open_within_limit
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def image_problem(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     fast and still catches a truncated JPEG.
     """
     try:
-        with open_image(path) as img:
+        with open_within_limit(path) as img:
             size, fmt = img.size, img.format
             if not _looks_complete(path, fmt):
                 img.load()  # raises on data that ends early

@@ -10,75 +10,116 @@ The training pipeline caches these uint8 arrays and scales them per batch; predi
 calls the same functions for the same file, so the model sees exactly what it was
 trained on. Evaluation reads the true masks with ``load_mask`` at their own size.
 
-Pillow refuses images over ``Image.MAX_IMAGE_PIXELS`` (about 89 million pixels) as
-possible decompression bombs. Such a file is reported like any unreadable one; if
-such images are genuine, set ``UNET_JAX_MAX_IMAGE_PIXELS`` to a larger count (or 0 for
-no limit).
+Pillow guards against decompression bombs (a small file that decodes to gigabytes):
+it warns about an image over ``Image.MAX_IMAGE_PIXELS`` (about 89 million pixels) and
+refuses one over twice that. Here anything over the limit is refused, as a one-line
+DataError naming the file and its pixel count, which training's up-front check
+reports like any bad file (``--skip-bad`` skips it). If such images are genuine, set
+``UNET_JAX_MAX_IMAGE_PIXELS`` to a larger count (or 0 for no limit); it is read at
+every decode.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.errors import DataError
 
 MAX_PIXELS_VARIABLE = "UNET_JAX_MAX_IMAGE_PIXELS"
+_PILLOW_LIMIT = Image.MAX_IMAGE_PIXELS  # Pillow's own limit, read (not changed) at import
+
+
+def _silence_pillow_warning() -> None:
+    """Ignores Pillow's DecompressionBombWarning (an image between its limit and twice
+    it): ``open_within_limit`` refuses such an image with a DataError, so the warning
+    would only repeat that, as two more lines on stderr. Installed at decode time, and
+    again whenever another filter (``-W error``, pytest's, ``catch_warnings``) has
+    come to decide that warning first."""
+    for action, _, category, _, _ in warnings.filters:
+        if issubclass(Image.DecompressionBombWarning, category):  # the filter that decides
+            if action == "ignore" and category is Image.DecompressionBombWarning:
+                return
+            break
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def max_image_pixels() -> int | None:
-    """The pixel limit for one image: ``$UNET_JAX_MAX_IMAGE_PIXELS`` or Pillow's."""
+    """The pixel limit for one image: ``$UNET_JAX_MAX_IMAGE_PIXELS`` (0: none), else
+    Pillow's default. Read at every decode, so the variable may be set at any time."""
     value = os.environ.get(MAX_PIXELS_VARIABLE)
     if value is None:
-        return Image.MAX_IMAGE_PIXELS
+        return _PILLOW_LIMIT
     try:
         limit = int(value)
     except ValueError:
+        limit = -1
+    if limit < 0:
         raise DataError(f"{MAX_PIXELS_VARIABLE}={value!r}: give a whole number of pixels "
-                        "(0 for no limit)") from None
+                        "(0 for no limit)")
     return limit or None
+
+
+def _over_limit(path, pixels: int | None, limit: int, size=None) -> DataError:
+    """The one-line error of an image over the pixel limit, with the way to allow it."""
+    shape = f" ({size[0]}x{size[1]})" if size else ""
+    found = f"has {pixels:,} pixels{shape}" if pixels else "has more pixels"
+    return DataError(f"{path} {found}, over the {limit:,}-pixel limit for one image "
+                     "(Pillow's guard against decompression bombs); if it is genuine, allow "
+                     f"larger images with {MAX_PIXELS_VARIABLE}=<pixels> (0 for no limit)")
+
+
+@contextlib.contextmanager
+def open_within_limit(path):
+    """``Image.open`` of ``path``, an image over the pixel limit raising a one-line
+    DataError (when opened, or when a frame or tile turns out larger as it loads);
+    Pillow's other errors pass through, for callers that tell them apart."""
+    limit = max_image_pixels()
+    # Set at every decode and never restored: decoding threads all set the same value
+    # (saving and restoring it would race between them), and Pillow reads it again
+    # while loading some formats (GIF frames, TIFF tiles).
+    Image.MAX_IMAGE_PIXELS = limit
+    _silence_pillow_warning()
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if limit and width * height > limit:  # Pillow only warns up to twice its limit
+                raise _over_limit(path, width * height, limit, img.size)
+            yield img
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Above twice the limit Pillow refuses before returning the image (and so does
+        # its warning, under ``python -W error``); its message holds the pixel count.
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise _over_limit(path, int(found.group(1)) if found else None, limit) from None
 
 
 @contextlib.contextmanager
 def open_image(path):
     """``Image.open`` of ``path``; any problem (not an image, truncated, over the pixel
-    limit) becomes a one-line DataError naming the file."""
+    limit), when opening or while the caller decodes it, becomes a one-line DataError
+    naming the file."""
     try:
-        with _open_image(path) as img:
+        with open_within_limit(path) as img:
             yield img
     except DataError:
         raise
+    except UnidentifiedImageError:
+        raise DataError(f"{path} cannot be decoded (not an image, or a format Pillow does "
+                        "not read); fix or remove the file") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's decode errors
         what = " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{path} cannot be decoded ({what}); fix or remove the file") from None
 
 
-@contextlib.contextmanager
-def _open_image(path):
-    """``Image.open`` with the pixel limit reported as a one-line DataError."""
-    limit = max_image_pixels()
-    hint = (f"if it is genuine, allow larger images with {MAX_PIXELS_VARIABLE}=<pixels> "
-            "(0 for no limit)")
-    previous = Image.MAX_IMAGE_PIXELS
-    try:
-        # Pillow's own check (an error above twice its limit) follows ours, so that a
-        # raised limit raises both.
-        Image.MAX_IMAGE_PIXELS = limit
-        img = Image.open(path)
-    except Image.DecompressionBombError:
-        raise DataError(f"{path} is larger than the {limit:,}-pixel limit for one image; "
-                        f"{hint}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
-    with img:
-        width, height = img.size
-        if limit and width * height > limit:
-            raise DataError(f"{path} has {width * height:,} pixels ({width}x{height}), over "
-                            f"the {limit:,}-pixel limit for one image; {hint}")
-        yield img
+def image_size_of(path) -> tuple[int, int]:
+    """(height, width) of an image file, from its header alone (nothing is decoded)."""
+    with open_image(path) as img:
+        return img.size[::-1]
 
 
 def to_float(image: np.ndarray) -> np.ndarray:
@@ -93,57 +134,89 @@ RESIZE = {"bilinear": Image.Resampling.BILINEAR, "area": Image.Resampling.BOX}
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
+def _to_8_bits(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grayscale image as 8-bit ('L').
+
+    16-bit modes are scaled by their range (65535 -> 255), whatever the image holds,
+    so that every image of a dataset is scaled alike. 32-bit integer and float images
+    say nothing of their range: float values up to 1 are taken as [0, 1], integers
+    over 255 as 16-bit, anything else as 0..255.
+    """
+    values = np.asarray(img, np.float32)
+    if img.mode.startswith("I;16"):
+        values = values / 257
+    elif img.mode == "F" and values.max() <= 1:
+        values = values * 255
+    elif values.max() > 255:
+        values = values / 257
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+
+
 def load_image(path, image_size=None, in_channels: int = 3,
                resize: str = "bilinear") -> np.ndarray:
     """uint8 (h, w, in_channels) of an image file of any common format and mode, at
     ``image_size`` (height, width), or at its own size if None.
 
-    Grayscale, palette and RGBA images become RGB (alpha is dropped) for 3 channels;
-    anything becomes luminance for 1. 16-bit images are scaled to 8 bits.
+    Grayscale, palette, CMYK and RGBA images become RGB (alpha is dropped) for 3
+    channels; anything becomes luminance for 1. 16-bit images are scaled to 8 bits.
+    A JPEG at least twice ``image_size`` is decoded at 1/2, 1/4 or 1/8 scale
+    (``draft``: the JPEG decoder's own scaling, far cheaper than a full decode), never
+    below ``image_size``, then resized.
     """
+    if resize not in RESIZE:
+        raise ValueError(f"resize {resize!r}: choose one of {', '.join(RESIZE)}")
     mode = "RGB" if in_channels == 3 else "L"
     with open_image(path) as img:
         height, width = image_size or img.size[::-1]
         if image_size:
-            img.draft(mode, (width, height))  # JPEG: decode at 1/2..1/8 scale when enough
+            img.draft(mode, (width, height))  # never below the target size
         if img.mode in _WIDE_MODES:
-            values = np.asarray(img, np.float32)
-            values = values * 255 if values.max() <= 1 else values
-            values = values / 257 if values.max() > 255 else values
-            img = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+            img = _to_8_bits(img)
         elif img.mode == "P":
             img = img.convert("RGBA")  # applies the palette, transparency included
-        img = img.convert(mode).resize((width, height), RESIZE[resize])
+        img = img.convert(mode)
+        if img.size != (width, height):
+            img = img.resize((width, height), RESIZE[resize])
         return np.asarray(img, np.uint8).reshape(height, width, in_channels)
+
+
+# Colour spaces whose black is not all zeros: converted to RGB before a mask is read.
+_OTHER_COLOUR_MODES = ("CMYK", "YCbCr", "LAB", "HSV")
 
 
 def load_mask(path, image_size=None, num_classes: int = 1) -> np.ndarray:
     """uint8 (h, w, 1) of a mask file at ``image_size`` (or its own size if None):
-    {0, 1} for binary masks, else class ids.
+    {0, 1} for binary masks (``num_classes`` 1), else class ids.
 
-    Colour masks: the largest of the R, G, B values (alpha is never part of the
-    mask; LA masks use L). 16-bit masks are read as their values. Binary masks: any
-    non-zero value is foreground: Kaggle's GIFs hold palette index 1, users' masks
-    often 0/255. Palette images are read as their indices, never their colours (the
-    colour of index 1 may well be black). JPEG masks are the exception: lossy
-    compression leaves their black at 1, 2, 3..., so they are cut at 128. Resized
-    nearest, so no new values appear.
+    One rule for every format. Palette images are read as their indices, never their
+    colours (Kaggle's GIFs hold index 1 on the car, whose colour may well be black).
+    Alpha is never part of the mask: LA masks use L, RGBA masks R, G and B. Colour
+    masks take the largest of R, G, B. 16-bit masks keep their values (0/65535 and
+    0/1 masks alike; class ids are often stored as 16-bit).
+
+    Binary masks: any non-zero value is foreground (Kaggle's index 1, users' 0/255),
+    except in JPEG masks, cut at 128: lossy compression leaves their black at 1, 2,
+    3... Class ids are kept, and an id the model has no class for is an error.
+    Resized nearest, so no new values appear.
     """
     with open_image(path) as m:
-        lossy = m.format == "JPEG"
+        lossy = m.format in ("JPEG", "MPO")  # MPO: a camera's JPEG with extra frames
+        if m.mode in _OTHER_COLOUR_MODES:
+            m = m.convert("RGB")
         if image_size:
             # Nearest picks source pixels, so resizing first gives the same mask as
             # classifying first, and classifies 100x fewer pixels of a Kaggle mask.
             m = m.resize(tuple(image_size)[::-1], Image.Resampling.NEAREST)
-        mode, values = m.mode, np.asarray(m)  # 'P' gives palette indices
-    if values.ndim == 3:  # colour masks: foreground wherever any colour is set
-        values = values[..., :1] if mode == "LA" else values[..., :3]
-        values = values.max(axis=-1)
+        bands, values = m.getbands(), np.asarray(m)  # 'P' gives palette indices
+    if values.ndim == 3:  # several bands: the largest of those that are not alpha
+        keep = [i for i, band in enumerate(bands) if band not in ("A", "a", "X")]
+        values = values[..., keep].max(axis=-1)
     if num_classes == 1:
         values = values >= 128 if lossy else values > 0
-    elif values.max() >= num_classes:
-        raise DataError(f"{path} holds class {int(values.max())} but the model has "
-                        f"{num_classes} classes; fix the mask or raise --num-classes")
+    elif values.size and (values.max() >= num_classes or values.min() < 0):
+        found = int(values.max() if values.max() >= num_classes else values.min())
+        raise DataError(f"{path} holds class {found} but the model has {num_classes} "
+                        f"classes (0..{num_classes - 1}); raise --num-classes or fix the mask")
     return values.astype(np.uint8)[..., None]
 
 

@@ -290,11 +290,11 @@ def kaggle_size_sample(count: int, out_dir) -> Path:
 
 
 def run_pipeline(args) -> dict:
-    """Images/s of the input pipeline alone (``data_pipeline.throughput``): decoding
+    """Images/s of the input pipeline alone (``experiments.throughput``): decoding
     every image from disk (``cold``, the first epoch or no cache) and reading the
     decoded cache (``cached``, every later epoch)."""
     import data_pipeline
-    from data_pipeline.throughput import measure_throughput
+    from experiments.throughput import measure_throughput
 
     size = args.image_size
     with tempfile.TemporaryDirectory(prefix="unet-jax-kaggle-size-") as tmp:

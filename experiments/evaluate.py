@@ -10,6 +10,7 @@ as JSON (``RUN_DIR/evaluation-<split>.json`` unless ``--output`` says otherwise)
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from experiments import common
@@ -37,7 +38,7 @@ def select_pairs(args, config):
     run_dir = Path(args.checkpoint)
     data_dir = args.data_dir or config.data_dir or str(data_pipeline.sample_dataset_dir())
     if args.split == "all":
-        return data_pipeline.find_pairs(data_dir, skip_bad=config.skip_bad)
+        return data_pipeline.find_pairs(data_dir, skip_bad=args.skip_bad or config.skip_bad)
     split_file = run_dir / "split.json"
     if not split_file.is_file():
         raise common.UserError(f"{run_dir} has no split.json, so its validation images are "
@@ -60,6 +61,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     from data_pipeline import preprocess
+    from data_pipeline.errors import DataError
     from unet_jax import rundir
     from unet_jax.inference import Predictor
     from unet_jax.metrics import segmentation_scores
@@ -70,9 +72,16 @@ def main(argv=None):
     masks = {p.image: p.mask for p in pairs}
     scores = []
     results = predictor.predict_files([p.image for p in pairs], skip_bad=args.skip_bad)
-    for image, _, predicted in tqdm(results, total=len(pairs), unit="image"):
+    # disable=None: a progress bar on terminals only, not in logs or pipes.
+    for image, _, predicted in tqdm(results, total=len(pairs), unit="image", disable=None):
         # The true mask by the same rule training reads it with, at its own size.
-        truth = preprocess.load_mask(masks[image], None, num_classes)[..., 0]
+        try:
+            truth = preprocess.load_mask(masks[image], None, num_classes)[..., 0]
+        except DataError as e:
+            if not args.skip_bad:
+                raise
+            logging.getLogger(__name__).warning("skipping %s", e)
+            continue
         if truth.shape != predicted.shape:
             raise common.UserError(f"{masks[image]}: mask is {truth.shape[1]}x{truth.shape[0]} "
                                    f"but its image is {predicted.shape[1]}x{predicted.shape[0]}")

@@ -44,8 +44,10 @@ def main(argv=None):
     out = rundir.check_writable(Path(args.output), "--output")
     written = 0
     results = predictor.predict_files(paths, skip_bad=args.skip_bad, images=args.viz)
+    # A progress bar on terminals only (None: off when stderr is a file or a pipe), so
+    # that logs and captured output hold the messages alone.
     for path, image, mask in tqdm(results, total=len(paths), unit="image",
-                                  disable=len(paths) < 2):
+                                  disable=True if len(paths) < 2 else None):
         # Binary: 0/255, visible in any viewer. Several classes: the class ids
         # themselves, which is what tools that read label maps expect.
         picture = mask.astype(np.uint8) * 255 if mask.dtype == bool else mask.astype(np.uint8)
@@ -72,39 +74,57 @@ def save_png(picture, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-# One colour per class for overlays (class 0, the background, stays uncoloured).
+# A fixed colour per class for figures (class 0, the background, stays uncoloured);
+# beyond these six, matplotlib's tab20 colours in turn.
 CLASS_COLOURS = [(0.90, 0.10, 0.10), (0.10, 0.55, 0.95), (0.10, 0.80, 0.25),
                  (0.95, 0.75, 0.05), (0.70, 0.20, 0.85), (0.05, 0.85, 0.85)]
 
 
+def class_colours(num_classes: int) -> list[tuple[float, float, float]]:
+    """RGB colours of classes 1..num_classes-1 (one, for a binary model's foreground),
+    the same for every image, so a class keeps its colour across a folder's figures."""
+    import matplotlib
+
+    palette = CLASS_COLOURS + [tuple(c[:3]) for c in matplotlib.colormaps["tab20"].colors]
+    return [palette[i % len(palette)] for i in range(max(num_classes - 1, 1))]
+
+
 def save_viz(image, mask, path, num_classes: int = 1) -> None:
-    """The guide's figure (input and predicted mask side by side) plus an overlay,
-    with one colour per class when there are several."""
+    """The guide's figure (input and predicted mask side by side) plus an overlay.
+
+    Several classes: the mask panel and the overlay colour each class alike, and the
+    overlay's legend names the classes the image holds.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
     shown = image[..., 0] if image.shape[-1] == 1 else image
     overlay = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image.copy()
     ids = mask.astype(np.int32)
-    colours = CLASS_COLOURS[: max(num_classes - 1, 1)]
+    colours = class_colours(num_classes)
     for c, colour in enumerate(colours, start=1):
         overlay[ids == c] = 0.5 * overlay[ids == c] + 0.5 * np.array(colour)
+    if num_classes > 1:
+        mask_style = dict(cmap=ListedColormap([(0.0, 0.0, 0.0), *colours]), vmin=0,
+                          vmax=num_classes - 1)
+    else:
+        mask_style = dict(cmap="gray", vmin=0, vmax=1)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    cmap = "gray" if num_classes <= 2 else "tab10"
-    panels = ((shown, "input", "gray"), (ids, "predicted mask", cmap), (overlay, "overlay", None))
-    for ax, (picture, title, colour_map) in zip(axes, panels):
-        ax.imshow(picture, cmap=colour_map, interpolation="nearest",
-                  **({"vmin": 0, "vmax": 9} if colour_map == "tab10" else {}))
+    panels = ((shown, "input", dict(cmap="gray")), (ids, "predicted mask", mask_style),
+              (overlay, "overlay", {}))
+    for ax, (picture, title, style) in zip(axes, panels):
+        ax.imshow(picture, interpolation="nearest", **style)
         ax.set_title(title)
         ax.axis("off")
-    if num_classes > 1:
-        axes[2].legend(handles=[Patch(color=c, label=f"class {i}")
-                                for i, c in enumerate(colours, start=1)],
-                       loc="lower right", fontsize=8)
+    present = [c for c in range(1, num_classes) if (ids == c).any()]
+    if num_classes > 1 and present:
+        axes[2].legend(handles=[Patch(color=colours[c - 1], label=f"class {c}")
+                                for c in present], loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -70,8 +70,9 @@ def main(argv=None):
         with tmp.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["img", "rle_mask"])
+            # disable=None: a progress bar on terminals only, not in logs or pipes.
             for path, _, mask in tqdm(predictor.predict_files(paths, skip_bad=args.skip_bad),
-                                      total=len(paths), unit="image"):
+                                      total=len(paths), unit="image", disable=None):
                 writer.writerow([path.name, rle_encode(mask)])
                 rows += 1
         tmp.replace(out)

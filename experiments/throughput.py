@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from data_pipeline.input_pipeline import InputPipeline
+from data_pipeline import InputPipeline
 
 
 def _rate(pipeline: InputPipeline, epoch: int, batches: int, warmup: int) -> float:

@@ -340,3 +340,114 @@ def test_import_torch_refuses_pickled_objects(tmp_path, capsys):
     torch.save({"weights": collections.Counter("abc")}, tmp_path / "evil.pth")
     assert call(import_torch.main, [str(tmp_path / "evil.pth"), str(tmp_path / "o")]) == 2
     assert "evil.pth" in capsys.readouterr().err
+
+
+# --- multi-class predict, bad masks in evaluate, interrupted writes ----------------------
+
+def multi_class_run(run_dir, num_classes=3, winner=2):
+    """A run directory of an untrained ``num_classes`` model whose head favours class
+    ``winner`` by far, so that it predicts that class on every pixel."""
+    import dataclasses
+
+    import jax
+
+    from unet_jax import checkpoints, configs, init_params
+
+    config = dataclasses.replace(configs.tiny(), num_classes=num_classes)
+    params = init_params(jax.random.key(0), config)
+    params["head"]["bias"] = params["head"]["bias"] + 50.0 * (np.arange(num_classes) == winner)
+    return checkpoints.save_params(run_dir, params, config)
+
+
+def test_predict_writes_class_ids_for_a_multi_class_run(tmp_path):
+    run = multi_class_run(tmp_path / "run")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (50, 70, 3), np.uint8)).save(inputs / "a.png")
+    Image.fromarray(rng.integers(0, 255, (30, 40), np.uint8)).save(inputs / "b.jpg")
+    out = tmp_path / "out"
+    assert call(predict.main, ["--checkpoint", str(run), "--input", str(inputs),
+                               "--output", str(out), "--viz"]) == 0
+    for name, size in (("a", (70, 50)), ("b", (40, 30))):
+        mask = Image.open(out / f"{name}_mask.png")
+        assert mask.mode == "L" and mask.size == size
+        assert (np.asarray(mask) == 2).all()  # the class id itself, not 0/255
+    assert sorted(p.name for p in out.iterdir()) == [  # and no temporary file behind
+        "a_mask.png", "a_viz.png", "b_mask.png", "b_viz.png"]
+
+
+def test_predict_viz_colours_every_class(tmp_path):
+    colours = predict.class_colours(12)
+    assert len(colours) == 11 and len(set(colours)) == 11  # classes 1..11, each its own
+    assert predict.class_colours(1) == predict.class_colours(2)  # the foreground's
+    mask = np.arange(12).repeat(4)[None].repeat(8, 0)  # every class, background included
+    image = np.full((8, 48, 1), 0.5, np.float32)
+    predict.save_viz(image, mask, tmp_path / "viz.png", num_classes=12)
+    assert Image.open(tmp_path / "viz.png").size[0] > 0
+
+
+def test_predict_leaves_no_half_written_mask(tmp_path, monkeypatch):
+    target = tmp_path / "a_mask.png"
+    predict.save_png(np.full((4, 4), 255, np.uint8), target)
+    before = target.read_bytes()
+
+    def failing_save(self, fp, *args, **kwargs):  # a full disk, halfway through
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(OSError):
+        predict.save_png(np.zeros((4, 4), np.uint8), target)
+    assert [p.name for p in tmp_path.iterdir()] == ["a_mask.png"]
+    assert target.read_bytes() == before  # the previous mask, whole
+
+
+def test_submit_removes_its_partial_file_when_a_later_image_fails(trained_run, tmp_path,
+                                                                   capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(inputs / name)
+    (inputs / "c.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "submission.csv"
+    # One image per batch: the rows of a and b are written before c fails.
+    assert call(submit.main, ["--checkpoint", str(trained_run), "--input", str(inputs),
+                              "--output", str(out), "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the progress bar's, then the error
+    assert err[-1].startswith("test: error: ") and "c.png" in err[-1]
+    assert list(tmp_path.glob("submission*")) == []
+
+
+def corrupt_middle(path):
+    """Damages a PNG's image data but keeps its end, so that only decoding it (not the
+    up-front check of its last bytes) finds the damage."""
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") + 8
+    data[start:start + 20] = bytes(20)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["not an image", "damaged data"])
+def test_evaluate_skips_a_bad_mask_when_asked_and_names_it_otherwise(trained_run, tmp_path,
+                                                                     capsys, damage):
+    from tests.data_fixtures import box_mask, write_image, write_mask
+
+    data = tmp_path / "data"
+    for i in range(3):
+        write_image(data / "images" / f"img{i}.png", (96, 64), seed=i)
+        write_mask(data / "masks" / f"img{i}.png", box_mask((96, 64), seed=i))
+    bad = data / "masks" / "img1.png"
+    if damage == "not an image":  # found by the check before any prediction
+        bad.write_bytes(b"not an image")
+    else:  # found only when evaluate decodes it
+        corrupt_middle(bad)
+    out = tmp_path / "result.json"
+    argv = ["--checkpoint", str(trained_run), "--data-dir", str(data), "--split", "all",
+            "--output", str(out)]
+    assert call(evaluate.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the progress bar's, then the error
+    assert err[-1].startswith("test: error: ") and str(bad) in err[-1]
+    assert call(evaluate.main, argv + ["--skip-bad"]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 2 and (result["skipped"] == 1 or damage == "not an image")

@@ -262,7 +262,7 @@ def test_a_batch_larger_than_the_data_is_an_error(kaggle):
 # --- throughput ---------------------------------------------------------------------
 
 def test_measure_throughput_reports_cold_and_cached_rates(kaggle):
-    from data_pipeline.throughput import measure_throughput
+    from experiments.throughput import measure_throughput
 
     result = measure_throughput(kaggle, SIZE, 4, cache="memory", batches=3, warmup=1)
     assert result["cold_img_per_s"] > 0 and result["cached_img_per_s"] > 0

@@ -3,6 +3,10 @@ model exactly what training fed it."""
 
 import dataclasses
 import json
+import shutil
+import struct
+import warnings
+import zlib
 
 import jax
 import numpy as np
@@ -11,10 +15,17 @@ from PIL import Image
 
 import data_pipeline
 from data_pipeline import preprocess
-from tests.data_fixtures import DARK_PALETTE, box_mask
+from tests.data_fixtures import DARK_PALETTE, box_mask, own_dir
 from unet_jax import checkpoints, configs, init_params
 
 MASK = box_mask((48, 32), seed=4)
+
+
+@pytest.fixture(autouse=True)
+def _pillow_limit_restored(monkeypatch):
+    """Decoding sets Pillow's global pixel limit from UNET_JAX_MAX_IMAGE_PIXELS; a test's
+    small limit must not stay behind for other tests' direct ``Image.open``."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
 
 
 def write_mask_as(path, kind):
@@ -37,7 +48,15 @@ def write_mask_as(path, kind):
         img = Image.fromarray(m.astype(np.uint16) * 65535)
     elif kind == "jpeg":
         img = Image.fromarray(m * 255)
-    path = path.with_suffix(".jpg" if kind == "jpeg" else ".gif" if kind == "gif" else ".png")
+    elif kind == "bilevel":  # mode '1': one bit per pixel
+        img = Image.fromarray(m * 255).convert("1")
+    elif kind == "png16_01":  # 16-bit, but holding 0 and 1
+        img = Image.fromarray(m.astype(np.uint16))
+    elif kind == "rgba_cutout":  # a cut-out: white car, transparent black background
+        img = Image.fromarray(np.stack([m * 255] * 3 + [m * 255], -1), "RGBA")
+    elif kind == "tiff":
+        img = Image.fromarray(m)
+    path = path.with_suffix({"jpeg": ".jpg", "gif": ".gif", "tiff": ".tif"}.get(kind, ".png"))
     img.save(path, **({"quality": 90} if kind == "jpeg" else {}))
     return path
 
@@ -45,7 +64,7 @@ def write_mask_as(path, kind):
 KINDS = ["gif", "png255", "png01", "rgb", "rgba", "la", "png16", "jpeg"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["bilevel", "png16_01", "rgba_cutout", "tiff"])
 def test_every_mask_format_reads_as_the_same_mask(tmp_path, kind):
     path = write_mask_as(tmp_path / "m", kind)
     mask = preprocess.load_mask(path)[..., 0].astype(bool)
@@ -62,20 +81,114 @@ def test_class_ids_are_kept_and_checked(tmp_path):
     ids[:4], ids[6:] = 1, 2
     Image.fromarray(ids).save(tmp_path / "ids.png")
     np.testing.assert_array_equal(preprocess.load_mask(tmp_path / "ids.png", None, 3)[..., 0], ids)
-    with pytest.raises(data_pipeline.DataError, match=r"ids\.png holds class 2 .* 2 classes"):
+    with pytest.raises(data_pipeline.DataError, match=r"ids\.png holds class 2 .* 2 classes") as e:
         preprocess.load_mask(tmp_path / "ids.png", None, 2)
+    assert "raise --num-classes or fix the mask" in str(e.value)
+    # Binary: the ids are all foreground, whatever their value.
+    np.testing.assert_array_equal(preprocess.load_mask(tmp_path / "ids.png")[..., 0], ids > 0)
+    # 16-bit class ids keep their values (a 16-bit mask is not rescaled).
+    Image.fromarray(ids.astype(np.uint16)).save(tmp_path / "ids16.png")
+    np.testing.assert_array_equal(
+        preprocess.load_mask(tmp_path / "ids16.png", (4, 4), 3)[..., 0], ids[::2, ::2])
 
 
-def test_an_image_over_the_pixel_limit_is_one_line_with_the_fix(tmp_path, monkeypatch):
+def test_16_bit_images_are_scaled_by_their_range_not_their_content(tmp_path):
+    # A dark 16-bit image is dark: 200/65535 of full scale, not 200/255.
+    for value, expected in [(65535, 255), (25700, 100), (200, 1), (1, 0)]:
+        Image.fromarray(np.full((8, 8), value, np.uint16)).save(tmp_path / "x.png")
+        assert Image.open(tmp_path / "x.png").mode == "I;16"
+        assert (preprocess.load_image(tmp_path / "x.png") == expected).all(), value
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")  # float: [0, 1]
+    assert (preprocess.load_image(tmp_path / "f.tif", None, 1) == 128).all()
+
+
+def test_image_size_of_reads_the_header(tmp_path):
+    Image.fromarray(np.zeros((30, 70, 3), np.uint8)).save(tmp_path / "a.jpg")
+    assert preprocess.image_size_of(tmp_path / "a.jpg") == (30, 70)
+    (tmp_path / "b.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(data_pipeline.DataError, match=r"b\.jpg cannot be decoded .*fix or remove"):
+        preprocess.image_size_of(tmp_path / "b.jpg")
+
+
+# 40x60 = 2,400 pixels: over twice a limit of 1,000 Pillow raises; between a limit of
+# 2,000 and twice it, Pillow only warns (or raises its warning, under -W error).
+@pytest.mark.parametrize("limit,warnings_as_errors", [("1000", False), ("2000", False),
+                                                      ("2000", True)])
+def test_an_image_over_the_pixel_limit_is_one_line_with_the_fix(tmp_path, monkeypatch, limit,
+                                                                warnings_as_errors):
     Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(tmp_path / "big.png")
-    monkeypatch.setenv("UNET_JAX_MAX_IMAGE_PIXELS", "1000")
-    with pytest.raises(data_pipeline.DataError) as e:
+    monkeypatch.setenv("UNET_JAX_MAX_IMAGE_PIXELS", limit)
+    with pytest.raises(data_pipeline.DataError) as e, warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("error" if warnings_as_errors else "always")
         preprocess.load_image(tmp_path / "big.png")
+    assert shown == []  # no Pillow warning besides the error: one line on stderr
     message = str(e.value)
-    assert "big.png" in message and "UNET_JAX_MAX_IMAGE_PIXELS" in message
+    assert "big.png has 2,400 pixels" in message and f"{int(limit):,}-pixel limit" in message
+    assert "UNET_JAX_MAX_IMAGE_PIXELS=<pixels> (0 for no limit)" in message
     assert "\n" not in message
     monkeypatch.setenv("UNET_JAX_MAX_IMAGE_PIXELS", "0")  # no limit
     assert preprocess.load_image(tmp_path / "big.png").shape == (40, 60, 3)
+
+
+def test_a_raised_limit_holds_while_the_file_loads(tmp_path, monkeypatch):
+    # Pillow checks its limit again while loading a compressed TIFF; the limit must
+    # still be the variable's then, not Pillow's (here a small stand-in for its 89
+    # million), or a genuine large TIFF fails with Pillow's traceback.
+    Image.fromarray(np.zeros((40, 60), np.uint8)).save(tmp_path / "big.tif",
+                                                       compression="tiff_deflate")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setenv("UNET_JAX_MAX_IMAGE_PIXELS", "0")
+    assert preprocess.load_image(tmp_path / "big.tif", (20, 30)).shape == (20, 30, 3)
+    assert preprocess.load_mask(tmp_path / "big.tif").shape == (40, 60, 1)
+
+
+def test_a_bad_pixel_limit_variable_is_named(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a.png")
+    monkeypatch.setenv("UNET_JAX_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(data_pipeline.DataError, match="UNET_JAX_MAX_IMAGE_PIXELS='lots'"):
+        preprocess.load_image(tmp_path / "a.png")
+
+
+def write_big_png(path, width=16000, height=12000):
+    """A genuine 8-bit grayscale PNG of zeros, written by hand: Pillow itself takes
+    several seconds for 192 million pixels, zlib on its own about one."""
+    def chunk(kind, data):
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    compressor, rows = zlib.compressobj(9), b"\0" * (width + 1) * 250  # filter byte + row
+    data = b"".join(compressor.compress(rows) for _ in range(height // 250))
+    data += compressor.compress(b"\0" * (width + 1) * (height % 250)) + compressor.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def big_png(tmp_path_factory):
+    return write_big_png(tmp_path_factory.mktemp("big") / "huge.png")
+
+
+def test_a_16000x12000_image_is_refused_with_the_fix(big_png, tmp_path, monkeypatch):
+    monkeypatch.delenv("UNET_JAX_MAX_IMAGE_PIXELS", raising=False)  # Pillow's own limit
+    for load in (preprocess.load_image, preprocess.load_mask):
+        with pytest.raises(data_pipeline.DataError) as e:
+            load(big_png, (32, 48))
+        message = str(e.value)
+        assert message.startswith(f"{big_png} has 192,000,000 pixels") and "\n" not in message
+        assert "UNET_JAX_MAX_IMAGE_PIXELS" in message
+    # Before training: the pair is named (and skipped with skip_bad), the rest kept.
+    own_dir(tmp_path, n=2)
+    shutil.copy(big_png, tmp_path / "images" / "huge.png")
+    shutil.copy(big_png, tmp_path / "masks" / "huge.png")
+    with pytest.raises(data_pipeline.DataError) as e:
+        data_pipeline.find_pairs(tmp_path)
+    message = str(e.value)
+    assert "huge.png has 192,000,000 pixels" in message and "--skip-bad" in message
+    assert "UNET_JAX_MAX_IMAGE_PIXELS" in message and "\n" not in message
+    assert [p.image.name for p in data_pipeline.find_pairs(tmp_path, skip_bad=True)] == [
+        "img0.png", "img1.png"]
 
 
 def test_an_oversized_pair_is_skipped_or_named_before_training(tmp_path, monkeypatch):
@@ -109,6 +222,8 @@ def run_dir(tmp_path):
     ("gray.png", "L", (80, 50), 3),
     ("gray1.png", "L", (80, 50), 1),
     ("alpha.png", "RGBA", (64, 40), 3),
+    ("big_gray.jpg", "L", (400, 300), 1),  # draft decoding of the luminance alone
+    ("big_gray3.jpg", "L", (400, 300), 3),
 ])
 def test_prediction_feeds_what_training_fed(tmp_path, run_dir, name, mode, size, in_channels):
     from unet_jax.inference import Predictor
