@@ -159,9 +159,8 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_path,
 def test_killed_run_resumes_to_the_same_metrics(data_dir, tmp_path):
     """SIGKILL mid-run, --resume, and the metrics equal an uninterrupted run's."""
     args = ["--data-dir", str(data_dir), *TINY, "--epochs", "3", "--lr", "3e-3"]
-    straight = tmp_path / "straight"
-    result = run_cli("experiments.train", *args, "--workdir", str(straight))
-    assert result.returncode == 0, result.stderr
+    straight = tmp_path / "straight"  # in this process: its compiled steps are reused below
+    assert call(train.main, [*args, "--workdir", str(straight)]) == 0
 
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -176,9 +175,7 @@ def test_killed_run_resumes_to_the_same_metrics(data_dir, tmp_path):
     proc.wait()
     assert not (killed / "checkpoints" / "3").exists()
 
-    result = run_cli("experiments.train", "--workdir", str(killed), "--resume",
-                     "--platform", "cpu")
-    assert result.returncode == 0, result.stderr
+    assert call(train.main, ["--workdir", str(killed), "--resume", "--platform", "cpu"]) == 0
     a, b = read_metrics(straight), read_metrics(killed)
     assert [r["epoch"] for r in b] == ["1", "2", "3"]
     for ra, rb in zip(a, b):
@@ -186,9 +183,8 @@ def test_killed_run_resumes_to_the_same_metrics(data_dir, tmp_path):
             np.testing.assert_allclose(float(ra[key]), float(rb[key]), rtol=1e-5, err_msg=key)
 
     # More epochs on resume extend the run.
-    result = run_cli("experiments.train", "--workdir", str(killed), "--resume", "--epochs", "4",
-                     "--platform", "cpu")
-    assert result.returncode == 0, result.stderr
+    assert call(train.main, ["--workdir", str(killed), "--resume", "--epochs", "4",
+                             "--platform", "cpu"]) == 0
     assert [r["epoch"] for r in read_metrics(killed)] == ["1", "2", "3", "4"]
 
 
