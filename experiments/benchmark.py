@@ -88,7 +88,9 @@ def parse_args(argv=None):
     if args.compare_torch and args.base_features != 64:
         raise common.UserError("--compare-torch runs the guide's model, which has 64 base "
                                "features; leave --base-features at 64")
-    args.image_size = common.image_size(args.image_size)  # (height, width), checked
+    from unet_jax.config import normalize_image_size
+
+    args.image_size = normalize_image_size(args.image_size, 4)  # (height, width), checked
     return args
 
 

@@ -100,13 +100,6 @@ def _initialize_distributed(*args) -> None:
         raise UserError(f"cannot join the multi-process run: {str(e).splitlines()[0]}") from None
 
 
-def image_size(values, depth: int = 4) -> tuple[int, int]:
-    """(height, width) from ``--image-size H [W]``, checked as a Config checks it."""
-    from unet_jax.config import normalize_image_size
-
-    return normalize_image_size(values, depth)
-
-
 def run(main, argv=None, prog: str = "") -> None:
     """Runs ``main(argv)``; user errors become one line on stderr and exit status 2."""
     from data_pipeline.errors import DataError

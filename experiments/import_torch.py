@@ -37,6 +37,7 @@ def main(argv=None):
         raise common.UserError("import_torch needs PyTorch to read .pth files: "
                                "pip install torch (the CPU build is enough)") from None
     from unet_jax import checkpoints, config_from_torch, params_from_torch
+    from unet_jax.config import normalize_image_size
 
     path, out = Path(args.weights), Path(args.out_dir)
     if not path.is_file():
@@ -56,7 +57,7 @@ def main(argv=None):
         config = config_from_torch(state_dict)
     except ValueError as e:
         raise common.UserError(f"{path}: {e}") from None
-    config.image_size = common.image_size(args.image_size, config.depth)
+    config.image_size = normalize_image_size(args.image_size, config.depth)
     checkpoints.save_params(out, params, config)
     print(f"wrote {out} ({sum(v.size for v in _leaves(params)):,} parameters, "
           f"{config.in_channels} in / {config.num_classes} out channels, input "

@@ -41,6 +41,15 @@ def call(main, argv):
     return exit_info.value.code
 
 
+def random_images(folder, shapes: dict):
+    """A folder of random images, file name -> array shape (H, W) or (H, W, 3)."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, shape in shapes.items():
+        Image.fromarray(rng.integers(0, 255, shape, np.uint8)).save(folder / name)
+    return folder
+
+
 def read_metrics(run_dir):
     with open(run_dir / "metrics.csv") as f:
         return list(csv.DictReader(f))
@@ -189,11 +198,7 @@ def test_killed_run_resumes_to_the_same_metrics(data_dir, tmp_path):
 
 
 def test_predict_writes_binary_masks_at_each_images_size(trained_run, tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (70, 101, 3), np.uint8)).save(inputs / "odd.jpg")
-    Image.fromarray(rng.integers(0, 255, (40, 50), np.uint8)).save(inputs / "gray.png")
+    inputs = random_images(tmp_path / "in", {"odd.jpg": (70, 101, 3), "gray.png": (40, 50)})
     out = tmp_path / "out"
     assert call(predict.main, ["--checkpoint", str(trained_run), "--input", str(inputs),
                                "--output", str(out), "--viz"]) == 0
@@ -357,11 +362,7 @@ def multi_class_run(run_dir, num_classes=3, winner=2):
 
 def test_predict_writes_class_ids_for_a_multi_class_run(tmp_path):
     run = multi_class_run(tmp_path / "run")
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (50, 70, 3), np.uint8)).save(inputs / "a.png")
-    Image.fromarray(rng.integers(0, 255, (30, 40), np.uint8)).save(inputs / "b.jpg")
+    inputs = random_images(tmp_path / "in", {"a.png": (50, 70, 3), "b.jpg": (30, 40)})
     out = tmp_path / "out"
     assert call(predict.main, ["--checkpoint", str(run), "--input", str(inputs),
                                "--output", str(out), "--viz"]) == 0

@@ -177,7 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Config | None = Non
                                       "the values in brackets)")
     for field in dataclasses.fields(Config):
         meta = dict(field.metadata)
-        help_text = f"{meta.pop('help')} [{_shown(getattr(defaults, field.name))}]"
+        help_text = f"{meta.pop('help')} [{shown(getattr(defaults, field.name))}]"
         name = meta.pop("flag", "--" + field.name.replace("_", "-"))
         kind = _base_type(field.type)
         if kind is bool:
@@ -202,7 +202,8 @@ def _base_type(annotation):
     return int  # tuple[int, int]: one number per argument (nargs)
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
+    """A setting's value as a user types it: ``(64, 96)`` -> ``64 96``."""
     if isinstance(value, tuple):
         return " ".join(map(str, value))
     return "sample set" if value is None else str(value)

@@ -42,7 +42,7 @@ import numpy as np
 
 import data_pipeline
 from unet_jax import checkpoints, parallel, report, rundir
-from unet_jax.config import Config, ConfigError, flag
+from unet_jax.config import Config, ConfigError, flag, shown
 from unet_jax.train import create_train_state, eval_step, merge_sums, predict_step, train_step
 
 
@@ -88,8 +88,8 @@ def _train(config: Config, workdir: Path, resume: bool, log, is_main: bool) -> d
         changed = [name for name in saved.differences(config) if name != "epochs"]
         if changed:
             raise ConfigError(
-                f"{flag(changed[0])} {_shown(getattr(config, changed[0]))} differs from "
-                f"the run's {_shown(getattr(saved, changed[0]))} in {config_file}; --resume "
+                f"{flag(changed[0])} {shown(getattr(config, changed[0]))} differs from "
+                f"the run's {shown(getattr(saved, changed[0]))} in {config_file}; --resume "
                 "continues a run with its own settings (only --epochs may change): drop "
                 "the flag or start a new --workdir")
     elif config_file.exists() or (workdir / "checkpoints").exists():
@@ -246,7 +246,3 @@ def _csv(history: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(history)
     return out.getvalue()
-
-
-def _shown(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
