@@ -38,13 +38,14 @@ def test_train_reports_sane_figures(train_row):
 
 
 def test_peak_memory_grows_with_the_training_state(train_row):
-    """Four times the width holds about 16 times the parameters, and training keeps four
-    copies of them (parameters, gradients, AdamW's two moments): the peak must grow by
-    at least most of that difference."""
-    wide = bench("--mode", "train", *TINY[:-4], "--base-features", "32", "--platform", "cpu")
-    params = {8: 1_941_105 // 4, 32: 1_941_105 * 4}  # about 16x apart
-    expected_mb = 4 * 4 * (params[32] - params[8]) / 1e6
-    assert wide["peak_rss_mb"] - train_row["peak_rss_mb"] > 0.7 * expected_mb
+    """The full width holds 64 times the parameters of width 8, and a training step
+    keeps at least three copies of them resident (parameters and AdamW's two moments).
+    Peak RSS also holds the runtime and the compiler's own peak, which the two runs
+    share only roughly, so the test asks for half of that difference."""
+    wide = bench("--mode", "train", *TINY[:-4], "--base-features", "64", "--platform", "cpu")
+    params = {8: 485_817, 64: 31_031_745}
+    expected_mb = 3 * 4 * (params[64] - params[8]) / 1e6
+    assert wide["peak_rss_mb"] - train_row["peak_rss_mb"] > 0.5 * expected_mb
 
 
 def test_compare_kernels_measures_each_cpu_kernel():
