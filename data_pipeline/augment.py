@@ -1,0 +1,278 @@
+"""Paired image/mask augmentation, chosen by name, for the tf.data pipeline.
+
+A segmentation network learns from few labelled images only if it sees them in many
+forms. Each op below changes an image and its mask together: the geometric ops move
+both by one and the same transform, so every label stays on its pixel, and resample
+the mask nearest, so it keeps exactly its values ({0, 1}, or the class ids); colour
+ops touch the image alone. Images are float32 (h, w, C) in [0, 1], masks float32
+(h, w, 1).
+
+* ``flip``: a random horizontal flip (a car facing left is still a car).
+* ``shift``: a random shift of up to 10% of each side and a scale of 0.9 to 1.1.
+* ``rotate``: a random rotation about the centre, up to 10 degrees either way.
+* ``elastic``: the U-Net paper's smooth elastic deformation (a random 3x3 grid of
+  displacements, interpolated to every pixel), its most important augmentation when
+  only a few annotated images exist.
+* ``color``: random brightness and contrast.
+
+``augment_pair`` applies the chosen ops in one fixed order, geometry first and colour
+last: flip, shift, rotate, elastic, color. Everything is stateless: the randomness comes
+from a seed of two integers, split into one sub-seed per op, so an example's flip (say)
+is the same whichever other ops are on, and a run can be repeated exactly. All of it is
+plain TensorFlow, so it runs inside ``tf.data`` ``map`` as well as eagerly.
+"""
+
+from __future__ import annotations
+
+import math
+
+from data_pipeline.tf_setup import tensorflow
+
+AUGMENTATIONS = ("flip", "shift", "color", "elastic", "rotate")
+DEFAULT_AUGMENT = ("flip", "shift", "color")
+
+# The order ops are applied in: geometry before colour, so that interpolation never
+# blurs a colour change across an edge that then moves.
+_ORDER = ("flip", "shift", "rotate", "elastic", "color")
+
+# Sub-seed positions. The first six are those flip, shift and color have always drawn
+# from, so runs that used them see the same augmentation as before; new ops take new
+# positions at the end (stateless_split is counter-based: splitting into more seeds
+# leaves the first ones as they were).
+_SEEDS = {"flip": 0, "scale": 1, "shift_x": 2, "shift_y": 3, "brightness": 4,
+          "contrast": 5, "rotate": 6, "elastic": 7}
+
+MAX_SHIFT = 0.1  # of each side
+SCALE = (0.9, 1.1)
+MAX_DEGREES = 10.0
+# The paper's 10 px standard deviation on 572x572 tiles, as a fraction of the shorter
+# side; at least one pixel, as a smaller displacement barely moves a nearest-sampled mask.
+ELASTIC_SIGMA = 10.0 / 572.0
+MIN_ELASTIC_SIGMA = 1.0
+
+
+def parse_augment(value) -> str:
+    """The canonical form of a choice of augmentations: names joined by commas, in the
+    order of ``AUGMENTATIONS``, "" for none.
+
+    ``True`` means ``DEFAULT_AUGMENT``; ``False``, ``None``, "" and "none" mean none; a
+    string such as "elastic,flip" or "flip, rotate" (or a sequence of names) chooses
+    those ops. One canonical spelling lets a run's settings be compared and stored.
+    """
+    if value is True:
+        return ",".join(DEFAULT_AUGMENT)
+    if value is False or value is None:
+        return ""
+    if isinstance(value, str):
+        text, names = value, value.split(",")
+    elif isinstance(value, (tuple, list)):
+        text, names = ",".join(map(str, value)), [str(v) for v in value]
+    else:
+        raise TypeError(f"--augment {value!r}: give True, False or names separated by commas")
+    names = [n.strip() for n in names if n.strip()]
+    if [n.lower() for n in names] == ["none"]:
+        return ""
+    for name in names:
+        if name.lower() not in AUGMENTATIONS:
+            raise ValueError(f"--augment {text!r}: unknown augmentation {name!r}; "
+                             f"choose from {', '.join(AUGMENTATIONS)}")
+    chosen = {n.lower() for n in names}
+    return ",".join(a for a in AUGMENTATIONS if a in chosen)
+
+
+def augment_pair(image, mask, seed, ops=",".join(DEFAULT_AUGMENT)):
+    """Applies the augmentations named in ``ops`` to an image and its mask.
+
+    ``ops`` is the canonical string of ``parse_augment`` (or a tuple of names); the
+    named ops run in the order flip, shift, rotate, elastic, color, and the others not
+    at all, so ``ops=""`` returns the pair unchanged. Shift and rotate are combined
+    into one transform, so the image is interpolated once for both. ``seed`` is two
+    integers; the same seed gives the same result.
+    """
+    tf = tensorflow()
+    names = set(parse_augment(ops).split(",")) - {""}
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), len(_SEEDS))
+    seed_of = {name: seeds[i] for name, i in _SEEDS.items()}
+
+    if "flip" in names:
+        image, mask = random_flip(image, mask, seed_of["flip"])
+    transforms = []
+    if "shift" in names:
+        transforms.append(shift_transform(
+            image, seed_of["scale"], seed_of["shift_x"], seed_of["shift_y"]))
+    if "rotate" in names:
+        transforms.append(rotate_transform(image, seed_of["rotate"]))
+    if transforms:
+        image, mask = projective_warp(image, mask, _compose(transforms))
+    if "elastic" in names:
+        h, w = _size(image)
+        image, mask = elastic_warp(image, mask,
+                                   random_displacement(seed_of["elastic"], h, w))
+    if "color" in names:
+        image = random_color(image, seed_of["brightness"], seed_of["contrast"])
+    return image, mask
+
+
+# --- flip -----------------------------------------------------------------------------
+
+def random_flip(image, mask, seed):
+    """Mirrors image and mask left to right with probability 1/2.
+
+    Exact (no interpolation): the cheapest way to double the views of each example.
+    """
+    tf = tensorflow()
+    flip = tf.random.stateless_uniform([], seed) < 0.5
+    return (tf.where(flip, tf.reverse(image, [1]), image),
+            tf.where(flip, tf.reverse(mask, [1]), mask))
+
+
+# --- shift and rotate: one projective transform -----------------------------------------
+# A transform is the 8 numbers [a0, a1, a2, b0, b1, b2, c0, c1] of
+# ImageProjectiveTransformV3: output pixel (x, y) samples the input at
+# ((a0 x + a1 y + a2) / k, (b0 x + b1 y + b2) / k), k = c0 x + c1 y + 1.
+
+def shift_transform(image, scale_seed, x_seed, y_seed):
+    """The transform of a random scale (0.9 to 1.1, about the centre) and shift (up to
+    10% of each side): the model must find a car wherever it stands and however large.
+
+    Output pixel (x, y) samples the input at (x / s + tx, y / s + ty).
+    """
+    tf = tensorflow()
+    h, w = (tf.cast(n, tf.float32) for n in _size(image))
+    scale = tf.random.stateless_uniform([], scale_seed, *SCALE)
+    dx = tf.random.stateless_uniform([], x_seed, -MAX_SHIFT, MAX_SHIFT) * w
+    dy = tf.random.stateless_uniform([], y_seed, -MAX_SHIFT, MAX_SHIFT) * h
+    inv = 1.0 / scale
+    return tf.stack([inv, 0.0, (w - 1) * (1 - inv) / 2 - dx,
+                     0.0, inv, (h - 1) * (1 - inv) / 2 - dy, 0.0, 0.0])
+
+
+def rotate_transform(image, seed):
+    """The transform of a random rotation about the image centre, uniform in +-10
+    degrees: photos taken a little askew, and micrographs with no "up" at all, should
+    not confuse the model, and a small angle keeps the reflected corners small.
+    """
+    tf = tensorflow()
+    h, w = (tf.cast(n, tf.float32) for n in _size(image))
+    angle = tf.random.stateless_uniform([], seed, -MAX_DEGREES, MAX_DEGREES) * (math.pi / 180)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    return tf.stack([cos, -sin, cx - cos * cx + sin * cy,
+                     sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0])
+
+
+def _compose(transforms):
+    """One transform equal to applying ``transforms`` in turn (the first one first)."""
+    tf = tensorflow()
+    if len(transforms) == 1:
+        return transforms[0]  # untouched, so a lone shift is exactly the same as ever
+
+    def matrix(t):
+        return tf.reshape(tf.concat([t, [1.0]], 0), [3, 3])
+
+    # Applying A and then B samples the input at A(B(p)): the matrices multiply in order.
+    total = matrix(transforms[0])
+    for t in transforms[1:]:
+        total = total @ matrix(t)
+    return tf.reshape(total / total[2, 2], [9])[:8]
+
+
+def projective_warp(image, mask, transform):
+    """Resamples image (bilinear) and mask (nearest) by one projective ``transform``.
+
+    Pixels that fall outside are filled by reflecting the image at its borders, which
+    continues the background instead of adding black corners the model would learn.
+    """
+    tf = tensorflow()
+
+    def warp(x, interpolation):
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=x[None], transforms=transform[None], output_shape=tf.shape(x)[:2],
+            interpolation=interpolation, fill_mode="REFLECT", fill_value=0.0)[0]
+
+    return warp(image, "BILINEAR"), warp(mask, "NEAREST")
+
+
+# --- elastic deformation ----------------------------------------------------------------
+
+def random_displacement(seed, height, width, grid=3, sigma=None):
+    """A smooth random displacement field, (height, width, 2) float32: dy, then dx.
+
+    As in the U-Net paper: a displacement vector per point of a coarse ``grid`` x
+    ``grid`` grid, drawn from a Gaussian with standard deviation ``sigma`` pixels,
+    interpolated bicubically to every pixel. The coarse grid makes the deformation
+    smooth, like tissue or sheet metal that bends, instead of noise that tears. The
+    default ``sigma`` is the paper's 10 px on 572 px tiles scaled to the shorter side,
+    and at least 1 px.
+    """
+    tf = tensorflow()
+    if sigma is None:
+        shorter = tf.cast(tf.minimum(height, width), tf.float32)
+        sigma = tf.maximum(ELASTIC_SIGMA * shorter, MIN_ELASTIC_SIGMA)
+    coarse = tf.random.stateless_normal([grid, grid, 2], seed) * sigma
+    return tf.image.resize(coarse, tf.stack([height, width]), method="bicubic")
+
+
+def elastic_warp(image, mask, displacement):
+    """Samples image (bilinear) and mask (nearest) at (y + dy, x + dx) for every pixel.
+
+    ``displacement`` is (h, w, 2) float32, dy then dx, in pixels: with dx = +2, every
+    pixel shows what was 2 pixels to its right. Coordinates that fall outside are
+    mirrored at the borders (as ``projective_warp`` reflects), so no black appears.
+    A per-pixel field cannot be a projective transform, hence the explicit gathers.
+    """
+    tf = tensorflow()
+    h, w = _size(image)
+    ys = tf.cast(tf.range(h), tf.float32)[:, None] + displacement[..., 0]
+    xs = tf.cast(tf.range(w), tf.float32)[None, :] + displacement[..., 1]
+    ys, xs = _mirror(ys, h), _mirror(xs, w)
+
+    def gather(x, rows, cols):
+        flat = tf.reshape(x, [-1, tf.shape(x)[-1]])
+        return tf.gather(flat, rows * w + cols)
+
+    def clamp(i, n):
+        return tf.clip_by_value(i, 0, n - 1)
+
+    y0, x0 = tf.floor(ys), tf.floor(xs)
+    fy, fx = (ys - y0)[..., None], (xs - x0)[..., None]
+    y0, x0 = tf.cast(y0, tf.int32), tf.cast(x0, tf.int32)
+    y1, x1 = clamp(y0 + 1, h), clamp(x0 + 1, w)
+    y0, x0 = clamp(y0, h), clamp(x0, w)
+    top = gather(image, y0, x0) * (1 - fx) + gather(image, y0, x1) * fx
+    bottom = gather(image, y1, x0) * (1 - fx) + gather(image, y1, x1) * fx
+    warped = top * (1 - fy) + bottom * fy
+
+    nearest_y = clamp(tf.cast(tf.floor(ys + 0.5), tf.int32), h)
+    nearest_x = clamp(tf.cast(tf.floor(xs + 0.5), tf.int32), w)
+    labels = gather(mask, nearest_y, nearest_x)
+    return tf.ensure_shape(warped, image.shape), tf.ensure_shape(labels, mask.shape)
+
+
+def _mirror(coords, n):
+    """Coordinates folded into [-0.5, n - 0.5] by mirroring at the outer pixel edges
+    (d c b a | a b c d | d c b a, the REFLECT of the projective transforms)."""
+    tf = tensorflow()
+    period = 2.0 * tf.cast(n, tf.float32)
+    t = tf.math.floormod(coords + 0.5, period)
+    return tf.where(t >= period / 2, period - t, t) - 0.5
+
+
+# --- colour -----------------------------------------------------------------------------
+
+def random_color(image, brightness_seed, contrast_seed):
+    """Random brightness (+-0.1) and contrast (0.8 to 1.2), clipped back to [0, 1].
+
+    Lighting differs between photos; the mask does not, so only the image changes.
+    """
+    tf = tensorflow()
+    image = tf.image.stateless_random_brightness(image, 0.1, brightness_seed)
+    image = tf.image.stateless_random_contrast(image, 0.8, 1.2, contrast_seed)
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def _size(image):
+    """(height, width): Python ints when the shape is static, as in tf.data's map."""
+    tf = tensorflow()
+    dynamic = tf.shape(image)
+    return tuple(image.shape[i] if image.shape[i] is not None else dynamic[i] for i in (0, 1))
