@@ -2,12 +2,13 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unet_jax import per_image_loss, segmentation_metrics
-from unet_jax.losses import DICE_SMOOTH
+from unet_jax import eval_step, per_image_loss, segmentation_metrics
+from unet_jax.losses import DICE_SMOOTH, FOCAL_GAMMA, LossSpec, focal_loss, tversky_loss
 
 
 def as_logits(*rows):
@@ -53,8 +54,134 @@ def test_multiclass_cross_entropy_uses_integer_masks():
 
 
 def test_unknown_loss_is_named():
-    with pytest.raises(ValueError, match="focal.*bce, dice, bce_dice"):
-        per_image_loss("focal", as_logits([0.0]), as_logits([0.0]))
+    with pytest.raises(ValueError, match="hinge.*bce, dice, bce_dice, focal, tversky"):
+        per_image_loss("hinge", as_logits([0.0]), as_logits([0.0]))
+
+
+def random_logits_and_mask(shape, classes, scale):
+    rng = np.random.default_rng(0)
+    logits = scale * rng.standard_normal((*shape, classes)).astype(np.float32)
+    mask = rng.integers(0, max(classes, 2), (*shape, 1)).astype(np.float32)
+    return jnp.asarray(logits), jnp.asarray(mask)
+
+
+# One compiled program per loss, rather than one per operation.
+jitted_loss = jax.jit(per_image_loss, static_argnums=0)
+
+
+def focal(logits, mask, gamma=FOCAL_GAMMA):
+    return jitted_loss(LossSpec("focal", focal_gamma=gamma), logits, mask)
+
+
+def test_focal_loss_by_hand():
+    # The BCE example above: p_t = 0.5, 1 - sig(2), 1 - sig(-1), sig(3); gamma 2.
+    logits = as_logits([0.0, 2.0], [-1.0, 3.0])
+    mask = as_logits([1.0, 0.0], [0.0, 1.0])
+    p_t = [0.5, 0.11920292202, 0.73105857863, 0.95257412682]
+    per_pixel = [-(1 - p) ** 2 * math.log(p) for p in p_t]
+    # = 0.1732868, 1.6500782, 0.0226581, 0.0001093: the confident right pixel counts
+    # 1/443 of its BCE (0.0485874), the badly wrong one 78% of its (2.1269280).
+    np.testing.assert_allclose(per_pixel, [0.1732868, 1.6500782, 0.0226581, 0.0001093],
+                               atol=1e-7)
+    np.testing.assert_allclose(focal(logits, mask), [0.4615331], rtol=1e-6)
+    # alpha 0.25 on the object pixels (1 and 4), 0.75 on the background (2 and 3).
+    weighted = focal_loss(logits, mask, alpha=0.25)
+    np.testing.assert_allclose(weighted, [(0.25 * per_pixel[0] + 0.75 * per_pixel[1]
+                                           + 0.75 * per_pixel[2] + 0.25 * per_pixel[3]) / 4],
+                               rtol=1e-6)
+    np.testing.assert_allclose(weighted, [0.3244753], rtol=1e-6)
+
+
+def test_multiclass_focal_loss_by_hand():
+    logits = jnp.asarray([[[[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]]])  # (1, 1, 2, 3)
+    mask = jnp.asarray([[[[0], [2]]]], jnp.float32)
+    p1 = math.exp(2) / (math.exp(2) + 1 + math.exp(-1))  # 0.8437947
+    p2 = 1 / 3
+    expected = (-(1 - p1) ** 2 * math.log(p1) - (1 - p2) ** 2 * math.log(p2)) / 2
+    np.testing.assert_allclose(expected, 0.2462082, rtol=1e-6)
+    np.testing.assert_allclose(focal(logits, mask), [expected], rtol=1e-5)
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_focal_with_gamma_zero_is_bce(classes):
+    logits, mask = random_logits_and_mask((2, 4, 5), classes, scale=4.0)
+    np.testing.assert_allclose(focal(logits, mask, gamma=0.0),
+                               jitted_loss("bce", logits, mask), rtol=1e-6)
+    grad = lambda name: jax.jit(jax.grad(lambda z: per_image_loss(name, z, mask).sum()))(logits)
+    np.testing.assert_allclose(grad(LossSpec("focal", focal_gamma=0.0)), grad("bce"),
+                               rtol=1e-5, atol=1e-8)
+    # gamma > 0 only ever lowers each pixel's loss: (1 - p_t)**gamma <= 1.
+    assert np.all(np.asarray(focal(logits, mask)) < np.asarray(jitted_loss("bce", logits, mask)))
+
+
+def test_focal_is_finite_for_confident_pixels():
+    # Confidently wrong: the full BCE of 200; confidently right: 0, with finite gradients.
+    np.testing.assert_allclose(focal(as_logits([200.0]), as_logits([0.0])), [200.0], rtol=1e-6)
+    np.testing.assert_allclose(focal(as_logits([200.0]), as_logits([1.0])), [0.0], atol=1e-30)
+    logits = jnp.asarray([[[[100.0, -100.0, 0.0], [-100.0, 100.0, 0.0]]]])
+    mask = jnp.asarray([[[[0], [0]]]], jnp.float32)
+    grads = jax.jit(jax.grad(lambda z: focal(z, mask, gamma=0.5).sum()))(logits)
+    assert np.all(np.isfinite(grads))
+    np.testing.assert_allclose(focal(logits, mask, gamma=0.5), [100.0], rtol=1e-6)
+
+
+def test_tversky_loss_by_hand():
+    logits = as_logits([0.0, 100.0], [100.0, -100.0])  # probabilities .5 1 / 1 0
+    mask = as_logits([1.0, 0.0], [1.0, 1.0])
+    tp, fp, fn = 0.5 + 1.0, 1.0, 0.5 + 1.0
+    # alpha 0.3 on the false positives, beta 0.7 on the false negatives:
+    # (2*1.5 + 1) / (2*1.5 + 2*0.3*1 + 2*0.7*1.5 + 1) = 4 / 6.7.
+    expected = 1 - (2 * tp + DICE_SMOOTH) / (2 * tp + 0.6 * fp + 1.4 * fn + DICE_SMOOTH)
+    np.testing.assert_allclose(expected, 1 - 4 / 6.7)
+    np.testing.assert_allclose(jitted_loss("tversky", logits, mask), [expected], rtol=1e-5)
+    # alpha and beta swapped: the misses now weigh less, so the loss is lower (1 - 4 / 6.3).
+    np.testing.assert_allclose(tversky_loss(logits, mask, alpha=0.7), [1 - 4 / 6.3], rtol=1e-5)
+    np.testing.assert_allclose(
+        jitted_loss(LossSpec("tversky", tversky_alpha=0.7), logits, mask), [1 - 4 / 6.3],
+        rtol=1e-5)
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_tversky_with_equal_weights_is_soft_dice(classes):
+    logits, mask = random_logits_and_mask((3, 6, 4), classes, scale=3.0)
+    dice = jitted_loss("dice", logits, mask)
+    np.testing.assert_allclose(tversky_loss(logits, mask, 0.5, 0.5), dice, rtol=1e-6)
+    np.testing.assert_allclose(
+        jitted_loss(LossSpec("tversky", tversky_alpha=0.5), logits, mask), dice, rtol=1e-6)
+    assert not np.allclose(jitted_loss("tversky", logits, mask), dice, rtol=1e-3)
+
+
+def test_tversky_is_zero_for_an_empty_mask_predicted_empty():
+    np.testing.assert_allclose(
+        per_image_loss("tversky", as_logits([-100.0, -100.0]), as_logits([0.0, 0.0])), [0.0],
+        atol=1e-6)
+
+
+def _logits_as_params(variables, images):
+    return variables["params"]["logits"]
+
+
+def test_loss_hyperparameters_reach_the_jitted_eval_step():
+    """The spec is a static argument of the jitted step: its gamma and alpha are used."""
+    logits = as_logits([0.0, 2.0], [-1.0, 3.0])
+    mask = as_logits([1.0, 0.0], [0.0, 1.0])
+    batch = {"image": jnp.zeros((1, 2, 2, 3)), "mask": mask}
+    cases = [(LossSpec("focal", focal_gamma=0.0), per_image_loss("bce", logits, mask)),
+             (LossSpec("focal", focal_gamma=1.0), focal_loss(logits, mask, 1.0)),
+             (LossSpec("tversky", tversky_alpha=0.9), tversky_loss(logits, mask, 0.9, 0.1))]
+    for spec, expected in cases:
+        sums = eval_step({"logits": logits}, batch, _logits_as_params, loss=spec)
+        np.testing.assert_allclose(sums["loss"], expected[0], rtol=1e-6)
+    assert LossSpec("focal") != LossSpec("focal", focal_gamma=1.0)
+    assert hash(LossSpec("focal")) == hash(LossSpec("focal", focal_gamma=2.0))
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(name="hinge"), "hinge"), (dict(focal_gamma=-1.0), "focal_gamma"),
+    (dict(tversky_alpha=1.5), "tversky_alpha")])
+def test_loss_spec_rejects_bad_values(fields, message):
+    with pytest.raises(ValueError, match=message):
+        LossSpec(**fields)
 
 
 def test_dice_iou_accuracy_by_hand():

@@ -59,7 +59,7 @@ def test_train_step_donates_the_old_state():
     assert not new_state.params["head"]["kernel"].is_deleted()
 
 
-@pytest.mark.parametrize("loss", ["bce", "dice", "bce_dice"])
+@pytest.mark.parametrize("loss", ["bce", "dice", "bce_dice", "focal", "tversky"])
 def test_every_loss_trains(loss):
     state = create_train_state(jax.random.key(0), SMALL)
     batch = blob_batch()
