@@ -11,7 +11,9 @@ accelerator.
 * ``splits``: training/validation split by car (default) or per image; split.json.
 * ``preprocess``: decode and resize images and masks, the one way that training,
   predict, evaluate and submit share.
-* ``input_pipeline``: cache, shuffle, augment, batch, prefetch.
+* ``augment``: paired image/mask augmentations chosen by name (flip, shift, color,
+  elastic, rotate), stateless and seeded.
+* ``input_pipeline``: cache, crop, shuffle, augment, batch, prefetch.
 * ``sample_data``: the built-in synthetic stand-in for Carvana.
 * ``tfds_carvana``: a TFDS builder for Kaggle's zips (manual download); imported on
   its own, as it loads tensorflow_datasets.
@@ -19,14 +21,16 @@ accelerator.
 
 from data_pipeline.errors import DataError
 from data_pipeline.files import Pair, check_pair, detect_layout, find_images, find_pairs
-from data_pipeline.input_pipeline import InputPipeline, augment_pair
-from data_pipeline.preprocess import load_example, load_image, load_mask, to_float
+from data_pipeline.augment import AUGMENTATIONS, augment_pair, parse_augment
+from data_pipeline.input_pipeline import InputPipeline
+from data_pipeline.preprocess import (load_example, load_image, load_mask, scaled_size,
+                                      to_float)
 from data_pipeline.sample_data import sample_dataset_dir
 from data_pipeline.splits import (read_split, split_pairs, subset_by_car, subset_by_group,
                                   write_split)
 
 __all__ = [
-    "DataError", "InputPipeline", "Pair", "augment_pair", "check_pair", "detect_layout",
-    "find_images", "find_pairs", "load_example", "load_image", "load_mask", "read_split", "to_float",
+    "AUGMENTATIONS", "DataError", "InputPipeline", "Pair", "augment_pair", "parse_augment", "check_pair", "detect_layout",
+    "find_images", "find_pairs", "load_example", "load_image", "load_mask", "read_split", "scaled_size", "to_float",
     "sample_dataset_dir", "split_pairs", "subset_by_car", "subset_by_group", "write_split",
 ]

@@ -6,10 +6,20 @@ uint8 in a cache, so that only the first epoch pays for decoding. Per epoch: a s
 order, optional paired augmentation, scaling to [0, 1], batching, and prefetching in
 background threads while the accelerator works on the previous batch.
 
+Patch training (``crop``): the U-Net paper's way. Each example is cached once at its
+own resolution times ``scale`` (never squashed to a square), and every epoch draws
+``crops_per_image`` random crops of ``crop`` from each image, so that the model sees
+fine detail at full resolution and a few large images give many steps. Validation
+then scores whole images (``examples``) by tiled prediction. The cache holds every
+image at that size: Kaggle's 5,088 Carvana photos (1918x1280 RGB plus a one-byte
+mask per pixel, 9.8 MB each) take 50 GB at scale 1.0 and 12.5 GB at scale 0.5, so
+for data larger than memory give ``cache`` a file prefix (memory-mapped; the pages
+the epoch reads are loaded on demand).
+
 Determinism: the order of epoch ``e`` is a permutation drawn from ``(seed, e)``, and
-the augmentation of an example from ``(seed, e, its index)``, so a fresh process
-produces exactly the batches of the original one. That is what lets ``--resume``
-continue a run as if it had never stopped.
+the crop and augmentation of an example from ``(seed, e, its index)``, so a fresh
+process produces exactly the batches of the original one. That is what lets
+``--resume`` continue a run as if it had never stopped.
 
 Decoding uses Pillow for every format, and this was measured, not assumed: Kaggle's
 1918x1280 JPEGs decode at 3-5 ms each with Pillow's DCT scaling (``draft``) for small
@@ -18,8 +28,9 @@ plus antialiased resize; and Pillow reads palette GIFs as palette indices (Kaggl
 masks store the car as index 1; ``tf.io.decode_gif`` returns the palette's colours),
 TIFF (which TF cannot decode), 16-bit and palette images.
 
-The cache is a pair of numpy arrays (in memory, or memory-mapped files) that the
-pipeline object holds, filled as examples are first read. tf.data's own ``cache()``
+The cache is a pair of flat numpy arrays (in memory, or memory-mapped files) that the
+pipeline object holds, one slot per example at its own size, filled as examples are
+first read. tf.data's own ``cache()``
 is reused by the datasets derived from it each epoch (checked: TF 2.21 decodes once
 over three epochs), but it is read in sequence: an exact seeded permutation of the
 whole epoch and every-n-th sharding need random access, and tf.data discards a cache
@@ -39,9 +50,10 @@ from typing import Iterator
 
 import numpy as np
 
+from data_pipeline.augment import augment_pair, parse_augment
 from data_pipeline.errors import DataError
 from data_pipeline.files import Pair
-from data_pipeline.preprocess import RESIZE, load_example
+from data_pipeline.preprocess import RESIZE, image_size_of, load_example, scaled_size
 from data_pipeline.tf_setup import tensorflow
 
 class InputPipeline:
@@ -49,14 +61,21 @@ class InputPipeline:
 
     Args:
       pairs: the image/mask pairs (from ``find_pairs`` and ``split_pairs``).
-      image_size: (height, width) the model sees.
+      image_size: (height, width) every image is resized to (without ``crop``).
       batch_size: images per batch of this process.
       train: shuffle each epoch, augment (if ``augment``) and drop the last partial
         batch, so the train step compiles once. Otherwise keep the order and pad the
         last batch with zeros, ``valid`` marking the real rows, so one compiled eval
         step serves every batch.
-      seed: with the epoch number, fixes the order and the augmentation.
-      augment: random flips, shifts, scales and brightness/contrast (training only).
+      seed: with the epoch number, fixes the order, the crops and the augmentation.
+      augment: the augmentations by name (``augment.parse_augment``: e.g.
+        "flip,shift,color,elastic,rotate"; True for flip,shift,color), training only.
+      crop: (height, width) of the random crops to train on, or None to train on
+        whole resized images. Images are then kept at their own size times
+        ``scale``; one smaller than the crop is mirrored at its borders to fit.
+        Evaluation reads whole images with ``examples`` instead of batches.
+      scale: with ``crop``, the factor every image is resized by first.
+      crops_per_image: with ``crop``, crops drawn from each image per epoch.
       cache: 'memory', None (decode every epoch) or a file path prefix: the decoded
         examples then live in memory-mapped files, reused by later runs with the same
         files and settings (``<prefix>-<hash>.images.npy`` and so on).
@@ -74,9 +93,10 @@ class InputPipeline:
     """
 
     def __init__(self, pairs: list[Pair], *, image_size, batch_size: int, train: bool,
-                 seed: int = 0, augment: bool = False, cache: str | None = "memory",
+                 seed: int = 0, augment=False, cache: str | None = "memory",
                  in_channels: int = 3, resize: str = "bilinear", shard=(0, 1),
-                 num_classes: int = 1):
+                 num_classes: int = 1, crop=None, scale: float = 1.0,
+                 crops_per_image: int = 1):
         if not pairs:
             raise DataError("no images for this split; add data or lower --val-fraction")
         if resize not in RESIZE:
@@ -88,12 +108,17 @@ class InputPipeline:
         index, count = shard
         if not 0 <= index < count:
             raise ValueError(f"shard {shard}: give (index, count) with 0 <= index < count")
+        if crops_per_image < 1 or (crop is None and crops_per_image != 1):
+            raise ValueError(f"crops_per_image {crops_per_image}: give 1 or more, with crop")
         self.pairs = list(pairs)
         self.image_size = tuple(int(x) for x in image_size)
+        self.crop = tuple(int(x) for x in crop) if crop is not None else None
+        self.scale = scale
+        self.crops_per_image = crops_per_image
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
-        self.augment = augment and train
+        self.augment = parse_augment(augment) if train else ""
         self.cache = cache
         self.in_channels = in_channels
         self.resize = resize
@@ -103,20 +128,27 @@ class InputPipeline:
             raise DataError(f"{len(self.pairs)} training images make no full batch of "
                             f"{batch_size * count} (--batch-size); lower the batch size")
         self._store = None  # (images, masks, ready) once the cache is opened
+        self._sizes = None  # (n, 2) height and width of each cached example
         self._lock = threading.Lock()
         self._error = None  # the DataError message of a file that failed to decode
 
     # --- sizes and order ---------------------------------------------------------------
 
+    def _views(self) -> int:
+        """Examples per training epoch: each image ``crops_per_image`` times."""
+        return len(self.pairs) * (self.crops_per_image if self.train else 1)
+
     def __len__(self) -> int:
         """Batches per epoch for this process (the same for every process)."""
         n, (_, count) = len(self.pairs), self.shard
         if self.train:
-            return n // (self.batch_size * count)
+            return self._views() // (self.batch_size * count)
         return math.ceil(math.ceil(n / count) / self.batch_size)
 
     def order(self, epoch: int = 0) -> np.ndarray:
-        """Indices into ``pairs`` that this process reads in ``epoch``, in order.
+        """What this process reads in ``epoch``, in order: indices into ``pairs``, or
+        in training, view numbers (view ``v`` is a crop of image ``v % len(pairs)``;
+        without ``crops_per_image`` the two are the same).
 
         Training: the global permutation of ``(seed, epoch)``, cut to whole global
         batches, then every ``count``-th from ``index``. Evaluation: the files in
@@ -127,16 +159,27 @@ class InputPipeline:
         n, (index, count) = len(self.pairs), self.shard
         if not self.train:
             return np.arange(index, n, count)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self._views())
         return order[: len(self) * self.batch_size * count][index::count]
+
+    def sizes(self) -> np.ndarray:
+        """(n, 2) height and width of each example as cached: ``image_size``, or with
+        ``crop`` the image's own size times ``scale`` (read from the file headers)."""
+        if self._sizes is None:
+            if self.crop is None:
+                sizes = [self.image_size] * len(self.pairs)
+            else:
+                sizes = [scaled_size(image_size_of(p.image), self.scale) for p in self.pairs]
+            self._sizes = np.asarray(sizes, np.int64).reshape(len(self.pairs), 2)
+        return self._sizes
 
     # --- decoding and the cache ------------------------------------------------------
 
     def _decode(self, index: int):
         """Example ``index`` decoded from its files, remembering a failure's message."""
         try:
-            return load_example(self.pairs[index], self.image_size, self.in_channels,
-                                self.resize, self.num_classes)
+            return load_example(self.pairs[index], None if self.crop else self.image_size,
+                                self.in_channels, self.resize, self.num_classes, self.scale)
         except DataError as e:
             self._error = str(e)  # TF wraps the exception; epoch() raises it again
             raise
@@ -148,14 +191,21 @@ class InputPipeline:
             for f in (p.image, p.mask):
                 st = f.stat()
                 files.append([str(f), st.st_size, st.st_mtime_ns])
-        key = json.dumps([files, self.image_size, self.in_channels, self.resize,
-                          self.num_classes])
+        size = ["native", self.scale] if self.crop else self.image_size
+        key = json.dumps([files, size, self.in_channels, self.resize, self.num_classes])
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
+    def _offsets(self) -> np.ndarray:
+        """(n + 1,) start of each example's mask pixels in the flat store (its image
+        starts at ``in_channels`` times that)."""
+        sizes = self.sizes()
+        return np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1])])
+
     def _open_store(self):
-        """The cache arrays: (images, masks, ready), ready[i] once example i is in."""
-        n, (h, w), c = len(self.pairs), self.image_size, self.in_channels
-        shapes = {"images": (n, h, w, c), "masks": (n, h, w, 1), "ready": (n,)}
+        """The cache arrays: (images, masks, ready), flat uint8 arrays holding every
+        example at its own size, and ready[i] once example i is in."""
+        n, c, pixels = len(self.pairs), self.in_channels, int(self._offsets()[-1])
+        shapes = {"images": (pixels * c,), "masks": (pixels,), "ready": (n,)}
         dtypes = {"images": np.uint8, "masks": np.uint8, "ready": np.bool_}
         if self.cache == "memory":
             # np.zeros maps zeroed pages lazily: memory is used as examples arrive.
@@ -173,23 +223,57 @@ class InputPipeline:
         return tuple(np.lib.format.open_memmap(f"{base}.{k}.npy", "w+", dtypes[k], shapes[k])
                      for k in shapes)
 
-    def _example(self, index) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (image, mask) of example ``index``: from the cache, or decoded (and
-        cached); zeros for eval padding (index -1)."""
-        index = int(index)
-        (h, w), c = self.image_size, self.in_channels
-        if index < 0:
-            return np.zeros((h, w, c), np.uint8), np.zeros((h, w, 1), np.uint8)
+    def _cached(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (image, mask) of example ``index``, decoded on first use and kept in
+        the cache; views into the cache, not copies."""
         if self.cache is None:
             return self._decode(index)
         with self._lock:
             if self._store is None:
+                self._offsets_cache = self._offsets()
                 self._store = self._open_store()
         images, masks, ready = self._store
+        (h, w), c = self.sizes()[index], self.in_channels
+        start, end = self._offsets_cache[index], self._offsets_cache[index + 1]
+        image = images[start * c:end * c].reshape(h, w, c)
+        mask = masks[start:end].reshape(h, w, 1)
         if not ready[index]:
-            images[index], masks[index] = self._decode(index)
+            image[...], mask[...] = self._decode(index)
             ready[index] = True  # after the data: a reader never sees half an example
-        return np.array(images[index]), np.array(masks[index])
+        return image, mask
+
+    def _example(self, index) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (image, mask) of example ``index`` (a copy); zeros for eval padding
+        (index -1)."""
+        index = int(index)
+        if index < 0:
+            (h, w), c = self.image_size, self.in_channels
+            return np.zeros((h, w, c), np.uint8), np.zeros((h, w, 1), np.uint8)
+        image, mask = self._cached(index)
+        return np.array(image), np.array(mask)
+
+    def _crop(self, view, epoch) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (image, mask) of a random ``crop`` of view ``view``'s image, placed
+        uniformly by ``(seed, epoch, view)``. An image smaller than the crop is
+        mirrored at its bottom and right borders to fit, as tiled prediction does."""
+        view, (ch, cw) = int(view), self.crop
+        image, mask = self._cached(view % len(self.pairs))
+        h, w = image.shape[:2]
+        if h < ch or w < cw:
+            pad = ((0, max(0, ch - h)), (0, max(0, cw - w)), (0, 0))
+            image, mask = np.pad(image, pad, "symmetric"), np.pad(mask, pad, "symmetric")
+            h, w = image.shape[:2]
+        rng = np.random.default_rng([self.seed, int(epoch), view])
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        return (np.ascontiguousarray(image[y:y + ch, x:x + cw]),
+                np.ascontiguousarray(mask[y:y + ch, x:x + cw]))
+
+    def examples(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every example whole, in order, as uint8 (image, mask) at its cached size:
+        what validation of a crop-trained run predicts tile by tile."""
+        for index in range(len(self.pairs)):
+            yield self._example(index)
+        self._flush()
 
     def fill(self, workers: int | None = None) -> None:
         """Decodes every example into the cache now, in parallel threads (Pillow's
@@ -197,7 +281,7 @@ class InputPipeline:
         if self.cache is None:
             return
         with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-            list(pool.map(self._example, range(len(self.pairs))))
+            list(pool.map(self._cached, range(len(self.pairs))))
         self._flush()
 
     def _flush(self):
@@ -211,23 +295,31 @@ class InputPipeline:
     def dataset(self, epoch: int = 0):
         """The ``tf.data.Dataset`` of the batches of ``epoch`` (dicts of tensors)."""
         tf = tensorflow()
+        if self.crop is not None and not self.train:
+            raise ValueError("whole images of a crop pipeline differ in size and make no "
+                             "batches; read them with examples()")
         indices = self.order(epoch)
         valid = np.ones(len(indices), bool)
         if not self.train:  # pad with zero images to whole batches, marked not valid
             pad = len(self) * self.batch_size - len(indices)
             indices = np.concatenate([indices, np.full(pad, -1)])
             valid = np.concatenate([valid, np.zeros(pad, bool)])
-        (h, w), c = self.image_size, self.in_channels
+        (h, w), c = self.crop or self.image_size, self.in_channels
         key = tf.constant([self.seed, epoch], tf.int64)
         augment = self.augment
+        if self.crop is not None:
+            read = lambda view: self._crop(view, epoch)  # noqa: E731
+        else:
+            read = self._example
 
         def load(index, is_valid):
-            image, mask = tf.numpy_function(self._example, [index], [tf.uint8, tf.uint8])
+            image, mask = tf.numpy_function(read, [index], [tf.uint8, tf.uint8])
             image = tf.cast(tf.ensure_shape(image, (h, w, c)), tf.float32) / 255.0
             mask = tf.cast(tf.ensure_shape(mask, (h, w, 1)), tf.float32)
             if augment:
                 image, mask = augment_pair(
-                    image, mask, tf.random.experimental.stateless_fold_in(key, index))
+                    image, mask, tf.random.experimental.stateless_fold_in(key, index),
+                    augment)
             return {"image": image, "mask": mask, "valid": is_valid}
 
         ds = tf.data.Dataset.from_tensor_slices((indices.astype(np.int64), valid))
@@ -250,41 +342,3 @@ class InputPipeline:
             raise
         self._flush()
 
-
-def augment_pair(image, mask, seed):
-    """Random flip, shift and scale (the same on image and mask), brightness/contrast.
-
-    The geometric changes teach the model that a car is a car wherever it stands and
-    however large; one transform for both keeps every label on its pixel, and the
-    mask is resampled nearest so it stays binary. Colour changes touch the image
-    only. All randomness is stateless, drawn from ``seed`` (2 integers).
-    """
-    tf = tensorflow()
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 6)
-    h = tf.cast(tf.shape(image)[0], tf.float32)
-    w = tf.cast(tf.shape(image)[1], tf.float32)
-
-    flip = tf.random.stateless_uniform([], seeds[0]) < 0.5
-    image = tf.where(flip, tf.reverse(image, [1]), image)
-    mask = tf.where(flip, tf.reverse(mask, [1]), mask)
-
-    # Output pixel (x, y) samples the input at (x / s + tx, y / s + ty): a scale s about
-    # the centre and a shift of up to 10% of each side.
-    scale = tf.random.stateless_uniform([], seeds[1], 0.9, 1.1)
-    dx = tf.random.stateless_uniform([], seeds[2], -0.1, 0.1) * w
-    dy = tf.random.stateless_uniform([], seeds[3], -0.1, 0.1) * h
-    inv = 1.0 / scale
-    transform = tf.stack([inv, 0.0, (w - 1) * (1 - inv) / 2 - dx,
-                          0.0, inv, (h - 1) * (1 - inv) / 2 - dy, 0.0, 0.0])[None]
-
-    def warp(x, interpolation):
-        return tf.raw_ops.ImageProjectiveTransformV3(
-            images=x[None], transforms=transform, output_shape=tf.shape(x)[:2],
-            interpolation=interpolation, fill_mode="REFLECT", fill_value=0.0)[0]
-
-    image = warp(image, "BILINEAR")
-    mask = warp(mask, "NEAREST")
-
-    image = tf.image.stateless_random_brightness(image, 0.1, seeds[4])
-    image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seeds[5])
-    return tf.clip_by_value(image, 0.0, 1.0), mask

@@ -122,6 +122,15 @@ def image_size_of(path) -> tuple[int, int]:
         return img.size[::-1]
 
 
+def scaled_size(size, scale: float) -> tuple[int, int]:
+    """(height, width) of an image of ``size`` (height, width) resized by ``scale``.
+
+    Rounded to whole pixels, at least 1: what ``--scale`` makes of every image, for
+    training crops and tiled prediction alike (a 1918x1280 photo at 0.5 is 959x640).
+    """
+    return tuple(max(1, round(s * scale)) for s in size)
+
+
 def to_float(image: np.ndarray) -> np.ndarray:
     """uint8 -> float32 in [0, 1], the model's input scale."""
     return np.asarray(image, np.float32) / 255.0
@@ -153,9 +162,9 @@ def _to_8_bits(img: Image.Image) -> Image.Image:
 
 
 def load_image(path, image_size=None, in_channels: int = 3,
-               resize: str = "bilinear") -> np.ndarray:
+               resize: str = "bilinear", scale: float = 1.0) -> np.ndarray:
     """uint8 (h, w, in_channels) of an image file of any common format and mode, at
-    ``image_size`` (height, width), or at its own size if None.
+    ``image_size`` (height, width), or at its own size times ``scale`` if None.
 
     Grayscale, palette, CMYK and RGBA images become RGB (alpha is dropped) for 3
     channels; anything becomes luminance for 1. 16-bit images are scaled to 8 bits.
@@ -167,8 +176,8 @@ def load_image(path, image_size=None, in_channels: int = 3,
         raise ValueError(f"resize {resize!r}: choose one of {', '.join(RESIZE)}")
     mode = "RGB" if in_channels == 3 else "L"
     with open_image(path) as img:
-        height, width = image_size or img.size[::-1]
-        if image_size:
+        height, width = image_size or scaled_size(img.size[::-1], scale)
+        if image_size or scale != 1:
             img.draft(mode, (width, height))  # never below the target size
         if img.mode in _WIDE_MODES:
             img = _to_8_bits(img)
@@ -184,9 +193,9 @@ def load_image(path, image_size=None, in_channels: int = 3,
 _OTHER_COLOUR_MODES = ("CMYK", "YCbCr", "LAB", "HSV")
 
 
-def load_mask(path, image_size=None, num_classes: int = 1) -> np.ndarray:
-    """uint8 (h, w, 1) of a mask file at ``image_size`` (or its own size if None):
-    {0, 1} for binary masks (``num_classes`` 1), else class ids.
+def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -> np.ndarray:
+    """uint8 (h, w, 1) of a mask file at ``image_size`` (or its own size times
+    ``scale`` if None): {0, 1} for binary masks (``num_classes`` 1), else class ids.
 
     One rule for every format. Palette images are read as their indices, never their
     colours (Kaggle's GIFs hold index 1 on the car, whose colour may well be black).
@@ -203,10 +212,11 @@ def load_mask(path, image_size=None, num_classes: int = 1) -> np.ndarray:
         lossy = m.format in ("JPEG", "MPO")  # MPO: a camera's JPEG with extra frames
         if m.mode in _OTHER_COLOUR_MODES:
             m = m.convert("RGB")
-        if image_size:
+        size = image_size or scaled_size(m.size[::-1], scale)
+        if tuple(size) != m.size[::-1]:
             # Nearest picks source pixels, so resizing first gives the same mask as
             # classifying first, and classifies 100x fewer pixels of a Kaggle mask.
-            m = m.resize(tuple(image_size)[::-1], Image.Resampling.NEAREST)
+            m = m.resize(tuple(size)[::-1], Image.Resampling.NEAREST)
         bands, values = m.getbands(), np.asarray(m)  # 'P' gives palette indices
     if values.ndim == 3:  # several bands: the largest of those that are not alpha
         keep = [i for i, band in enumerate(bands) if band not in ("A", "a", "X")]
@@ -221,8 +231,9 @@ def load_mask(path, image_size=None, num_classes: int = 1) -> np.ndarray:
 
 
 def load_example(pair, image_size, in_channels: int = 3, resize: str = "bilinear",
-                 num_classes: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                 num_classes: int = 1, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8 (h, w, C), mask uint8 (h, w, 1)) of one ``files.Pair`` at
-    ``image_size``; any decoding problem is a DataError naming the file."""
-    return (load_image(pair.image, image_size, in_channels, resize),
-            load_mask(pair.mask, image_size, num_classes))
+    ``image_size``, or at the image's own size times ``scale`` if None; any decoding
+    problem is a DataError naming the file."""
+    return (load_image(pair.image, image_size, in_channels, resize, scale),
+            load_mask(pair.mask, image_size, num_classes, scale))

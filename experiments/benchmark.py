@@ -13,7 +13,10 @@ the same invocation, the way the guide trains it (AdamW lr 3e-4, BCEWithLogitsLo
 under ``torch.inference_mode``, in NCHW and in channels_last, with one thread per core,
 and prints JAX/torch ratios. Torch's GFLOP/s use the JAX program's FLOP count (the
 same network), so they compare directly. ``--mode pipeline`` times the tf.data input
-pipeline alone, with no model.
+pipeline alone, with no model (with ``--crop``, the patch-training pipeline).
+``--mode tile`` times overlap-tile prediction of whole photos (1918x1280 by default,
+``--photo-size``) in tiles of ``--image-size``: photos/s and the peak memory of the
+process, which the tiling keeps bounded whatever the photo's size.
 
 The machines we share are noisy: read ratios from one invocation, never absolute
 numbers from different runs. Each row records the load average and the CPU seconds
@@ -41,6 +44,9 @@ python -m experiments.benchmark --mode train --image-size 128 --batch-size 4 --c
 python -m experiments.benchmark --mode infer --image-size 512 --batch-size 1 --compare-torch
 python -m experiments.benchmark --mode train --image-size 512 --batch-size 4 --steps 3 --json
 python -m experiments.benchmark --mode pipeline --image-size 512 --batch-size 32 --kaggle-size-sample 64
+python -m experiments.benchmark --mode pipeline --crop 256 --scale 0.5 --batch-size 16 --kaggle-size-sample 64
+python -m experiments.benchmark --mode tile --image-size 256 --batch-size 8 --overlap 0.25 --steps 2
+python -m experiments.benchmark --mode tile --image-size 512 --photo-size 4000 6000 --steps 1
 python -m experiments.benchmark --platform gpu --dtype bfloat16 --image-size 512 --batch-size 32
 """
 
@@ -53,8 +59,9 @@ CHILDREN = ("jax", *KERNEL_VARIANTS, "torch-nchw", "torch-channels_last")
 
 def parse_args(argv=None):
     p = common.make_parser("experiments.benchmark", __doc__.split("\n\n")[0], EXAMPLES)
-    p.add_argument("--mode", choices=("train", "infer", "pipeline"), default="train",
-                   help="a full AdamW training step, a forward pass, or the input pipeline")
+    p.add_argument("--mode", choices=("train", "infer", "pipeline", "tile"), default="train",
+                   help="a full AdamW training step, a forward pass, the input pipeline, "
+                   "or overlap-tile prediction of whole photos (tiles of --image-size)")
     p.add_argument("--image-size", type=int, nargs="+", default=[128], metavar=("H", "W"),
                    help="model input height [width] (default: 128)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -74,6 +81,18 @@ def parse_args(argv=None):
                    help="pipeline mode: read N synthetic 1918x1280 JPEG/GIF pairs in "
                    "Kaggle's layout (what a real Carvana run decodes), written to a "
                    "temporary folder from the sample set")
+    p.add_argument("--crop", type=int, nargs="+", metavar=("H", "W"),
+                   help="pipeline mode: random crops of this size (patch training) instead "
+                   "of whole images resized to --image-size")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="pipeline mode with --crop, and tile mode: resize each image by this "
+                   "factor first (default: 1.0)")
+    p.add_argument("--photo-size", type=int, nargs=2, default=[1280, 1918], metavar=("H", "W"),
+                   help="tile mode: the photo's height and width (default: Carvana's 1280 1918)")
+    p.add_argument("--overlap", type=float, default=0.25,
+                   help="tile mode: fraction of a tile its neighbour shares (default: 0.25)")
+    p.add_argument("--tta", choices=("none", "hflip", "flips"), default="none",
+                   help="tile mode: test-time flips (default: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     common.add_platform_flag(p)
@@ -91,6 +110,14 @@ def parse_args(argv=None):
     from unet_jax.config import normalize_image_size
 
     args.image_size = normalize_image_size(args.image_size, 4)  # (height, width), checked
+    if args.crop is not None:
+        args.crop = normalize_image_size(args.crop, 4, "--crop")
+    if not 0 < args.scale <= 8:
+        raise common.UserError(f"--scale {args.scale}: give a factor in (0, 8]")
+    if not 0 <= args.overlap < 1:
+        raise common.UserError(f"--overlap {args.overlap}: give a fraction in [0, 1)")
+    if min(args.photo_size) < 1:
+        raise common.UserError("--photo-size: give a positive height and width")
     return args
 
 
@@ -165,7 +192,8 @@ def run_jax(args, variant: str = "jax") -> dict:
     if args.mode == "train":
         lowered = train_step.lower(state, batch)
     else:
-        lowered = predict_step.lower(state.params, batch["image"], state.apply_fn)
+        lowered = predict_step.lower(state.params, batch["image"], state.apply_fn,
+                                     args.tta if args.mode == "tile" else "none")
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()
@@ -173,17 +201,35 @@ def run_jax(args, variant: str = "jax") -> dict:
     flops = flops_of(compiled)
 
     holder = {"state": state}
+    images_per_step, calls = args.batch_size, 1
+    if args.mode == "tile":  # one step: a whole photo, tile by tile
+        from data_pipeline.preprocess import scaled_size
+        from unet_jax import tiling
+
+        photo = rng.uniform(size=(*scaled_size(args.photo_size, args.scale), 3)).astype(np.float32)
+
+        def predict(tiles):
+            holder["calls"] = holder.get("calls", 0) + 1
+            return np.asarray(compiled(state.params, tiles))
+
+        images_per_step = 1
+        tiling.predict_tiled(predict, photo, (h, w), args.overlap, args.batch_size)
+        calls, holder["calls"] = holder["calls"], 0
 
     def step():
         if args.mode == "train":
             holder["state"], metrics = compiled(holder["state"], batch)
             jax.block_until_ready((holder["state"], metrics))
+        elif args.mode == "tile":
+            tiling.predict_tiled(predict, photo, (h, w), args.overlap, args.batch_size)
         else:
             jax.block_until_ready(compiled(state.params, batch["image"]))
 
     timing = time_steps(step, args.steps, args.warmup)
+    flops *= calls
     return {"framework": variant, "backend": backend, "device": jax.devices()[0].device_kind,
-            "img_per_s": args.batch_size / timing["step_s"], **timing,
+            "img_per_s": images_per_step / timing["step_s"], **timing,
+            "model_calls_per_step": calls,
             "lower_s": lower_s, "compile_s": compile_s, "flops_per_step": flops,
             "gflops_per_s": flops / timing["step_s"] / 1e9, "peak_rss_mb": peak_rss_mb(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
@@ -313,7 +359,7 @@ def run_pipeline(args) -> dict:
                 f"--warmup {args.warmup}; use a smaller batch or more images")
         try:
             result = measure_throughput(pairs, size, args.batch_size, batches=batches,
-                                        warmup=args.warmup)
+                                        warmup=args.warmup, crop=args.crop, scale=args.scale)
         except ValueError as e:
             raise common.UserError(str(e)) from None
     if args.kaggle_size_sample:  # the folder is gone by now
@@ -350,7 +396,8 @@ def child_argv(args, which: str) -> list[str]:
             "--image-size", *map(str, args.image_size), "--batch-size", str(args.batch_size),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype,
             "--base-features", str(args.base_features), "--platform", args.platform,
-            "--child", which]
+            "--photo-size", *map(str, args.photo_size), "--scale", str(args.scale),
+            "--overlap", str(args.overlap), "--tta", args.tta, "--child", which]
 
 
 def run_child(args, which: str) -> dict:
@@ -380,7 +427,12 @@ def print_table(args, rows: list[dict]) -> None:
     """One line per row: images/s, GFLOP/s, peak memory, compile, and JAX's speed-up."""
     jax_row = rows[0]
     h, w = args.image_size
-    print(f"{args.mode} {h}x{w}, batch {args.batch_size}, {args.dtype}, on "
+    what = f"{args.mode} {h}x{w}"
+    if args.mode == "tile":
+        what = (f"tiled prediction of {args.photo_size[1]}x{args.photo_size[0]} photos at "
+                f"scale {args.scale} in {jax_row['model_calls_per_step']} calls of {h}x{w} "
+                f"tiles (overlap {args.overlap}, tta {args.tta}); img/s = photos/s")
+    print(f"{what}, batch {args.batch_size}, {args.dtype}, on "
           f"{jax_row['backend']} ({jax_row['device']}); median of {args.steps} steps "
           f"after {args.warmup} warm-up:")
     print(f"  {'':20} {'img/s':>9} {'GFLOP/s':>8} {'cpu s/step':>10} {'peak MB':>8} "
@@ -407,8 +459,10 @@ def main(argv=None):
 
     if args.mode == "pipeline":
         result = run_pipeline(args)
+        into = (f"crops of {result['crop'][0]}x{result['crop'][1]} at scale {args.scale}"
+                if args.crop else f"{result['image_size'][0]}x{result['image_size'][1]}")
         print(f"input pipeline, {result['images']} images ({result['mean_image_kb']:.0f} kB "
-              f"mean file) to {result['image_size'][0]}x{result['image_size'][1]}, batch "
+              f"mean file) to {into}, batch "
               f"{result['batch_size']}: {result['cold_img_per_s']:.1f} img/s decoding from "
               f"disk, {result['cached_img_per_s']:.1f} img/s from the cache (filled in "
               f"{result['cache_fill_s']:.1f} s)")

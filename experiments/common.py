@@ -48,7 +48,8 @@ def positive_int(text: str) -> int:
 
 
 def add_checkpoint_flags(parser) -> None:
-    """--checkpoint, --epoch, --batch-size, --skip-bad and --platform of the tools that use a run."""
+    """--checkpoint, --epoch, --batch-size, --skip-bad, how to predict (--tile, --overlap,
+    --tta) and --platform: the flags of the tools that use a run."""
     parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
                         help="run directory written by experiments.train or experiments.import_torch")
     parser.add_argument("--epoch", default="best",
@@ -56,7 +57,27 @@ def add_checkpoint_flags(parser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per model call")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip unreadable images (listed as a warning) instead of stopping")
+    g = parser.add_argument_group("how to predict (default: as the run was trained)")
+    g.add_argument("--tile", action=argparse.BooleanOptionalAction, default=None,
+                   help="--tile: whole images at native resolution (times the run's "
+                   "--scale), tile by tile with mirrored borders; --no-tile: each image "
+                   "resized, one model call (default: tiles for runs trained with --crop)")
+    g.add_argument("--overlap", type=float, metavar="F",
+                   help="tiled prediction: fraction of a tile its neighbour shares "
+                   "(default: the run's, 0.25 unless set)")
+    g.add_argument("--tta", choices=("none", "hflip", "flips"),
+                   help="test-time augmentation: average with the left-right mirror "
+                   "(hflip) or every flip (flips) (default: the run's, none unless set)")
     add_platform_flag(parser)
+
+
+def make_predictor(args):
+    """The ``Predictor`` of a tool's --checkpoint, --epoch, --batch-size, --tile,
+    --overlap and --tta."""
+    from unet_jax.inference import Predictor
+
+    return Predictor(args.checkpoint, args.epoch, args.batch_size, tile=args.tile,
+                     overlap=args.overlap, tta=args.tta)
 
 
 def add_distributed_flags(parser) -> None:

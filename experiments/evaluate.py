@@ -1,16 +1,19 @@
 """Evaluate a trained run: mean Dice, IoU and pixel accuracy at each image's full size.
 
-Masks are predicted as ``experiments.predict`` does (at the trained size, logits
-resized back) and scored against the true masks at their original resolution, which
-is how Kaggle scored Carvana; the validation Dice printed during training is computed
-at the training size and is usually slightly higher. The result is printed and written
-as JSON (``RUN_DIR/evaluation-<split>.json`` unless ``--output`` says otherwise).
+Masks are predicted as ``experiments.predict`` does (the run's own way, or as
+``--tile``, ``--overlap`` and ``--tta`` say) and scored against the true masks at their
+original resolution, which is how Kaggle scored Carvana; the validation Dice printed
+during training is computed at the training size (or scale) and is usually slightly
+higher. The result, with the seconds per image, is printed and written as JSON
+(``RUN_DIR/evaluation-<split>.json`` unless ``--output`` says otherwise);
+``--compare`` adds every way of predicting that fits the run, side by side.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from experiments import common
@@ -18,6 +21,7 @@ from experiments import common
 EXAMPLES = """
 python -m experiments.evaluate --checkpoint RUN_DIR                      # its validation split
 python -m experiments.evaluate --checkpoint RUN_DIR --data-dir ~/carvana --split all
+python -m experiments.evaluate --checkpoint RUN_DIR --compare   # resize/tile x TTA, timed
 """
 
 
@@ -28,6 +32,10 @@ def parse_args(argv=None):
     p.add_argument("--split", choices=("validation", "all"), default="validation",
                    help="the run's validation images (from split.json), or every pair in --data-dir")
     p.add_argument("--output", help="JSON file for the results")
+    p.add_argument("--compare", action="store_true",
+                   help="also score every way of predicting that fits the run (resized / "
+                   "whole and tiled, each with and without test-time flips), with the "
+                   "time per image, under 'compare' in the JSON")
     return p.parse_args(argv)
 
 
@@ -54,31 +62,29 @@ def select_pairs(args, config):
     return val_pairs
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    common.start_platform(args.platform)
+def score(predictor, pairs, skip_bad: bool) -> dict:
+    """Mean Dice, IoU and pixel accuracy of ``predictor``'s masks for ``pairs`` at each
+    image's full size, and the seconds per image (decoding included)."""
     import numpy as np
     from tqdm import tqdm
 
     from data_pipeline import preprocess
     from data_pipeline.errors import DataError
-    from unet_jax import rundir
-    from unet_jax.inference import Predictor
     from unet_jax.metrics import segmentation_scores
 
-    predictor = Predictor(args.checkpoint, args.epoch, args.batch_size)
     num_classes = predictor.config.num_classes
-    pairs = select_pairs(args, predictor.config)
     masks = {p.image: p.mask for p in pairs}
     scores = []
-    results = predictor.predict_files([p.image for p in pairs], skip_bad=args.skip_bad)
+    start = time.perf_counter()
+    results = predictor.predict_files([p.image for p in pairs], skip_bad=skip_bad)
     # disable=None: a progress bar on terminals only, not in logs or pipes.
-    for image, _, predicted in tqdm(results, total=len(pairs), unit="image", disable=None):
+    for image, _, predicted in tqdm(results, total=len(pairs), unit="image", disable=None,
+                                    desc=predictor.describe()):
         # The true mask by the same rule training reads it with, at its own size.
         try:
             truth = preprocess.load_mask(masks[image], None, num_classes)[..., 0]
         except DataError as e:
-            if not args.skip_bad:
+            if not skip_bad:
                 raise
             logging.getLogger(__name__).warning("skipping %s", e)
             continue
@@ -87,6 +93,7 @@ def main(argv=None):
                                    f"but its image is {predicted.shape[1]}x{predicted.shape[0]}")
         scores.append({k: np.asarray(v[0]) for k, v in segmentation_scores(
             predicted[None].astype(np.int32), truth[None].astype(np.int32), num_classes).items()})
+    seconds = time.perf_counter() - start
     if not scores:
         raise common.UserError("no image could be scored (all were skipped as unreadable)")
     result = {name: float(np.mean([s[name] for s in scores]))
@@ -95,12 +102,45 @@ def main(argv=None):
         for name in ("dice", "iou"):
             per_class = np.mean([s[f"{name}_per_class"] for s in scores], axis=0)
             result[f"{name}_per_class"] = {str(c): float(v) for c, v in enumerate(per_class, 1)}
-    result.update(images=len(scores), skipped=len(pairs) - len(scores), split=args.split,
-                  checkpoint=str(args.checkpoint), epoch=predictor.epoch,
-                  image_size=list(predictor.config.image_size))
+    result.update(mode=predictor.mode, tta=predictor.tta, overlap=predictor.overlap,
+                  seconds_per_image=seconds / len(scores), images=len(scores),
+                  skipped=len(pairs) - len(scores))
+    return result
+
+
+def ways_to_compare(predictor, tile_given: bool, tta_given: str | None) -> list[tuple]:
+    """(tile, tta) pairs for --compare: each prediction mode that fits the run (a run
+    trained on crops: whole images and tiles; one trained on resized images: resized,
+    and tiles only if --tile asks), each without and with test-time flips."""
+    modes = [False, True] if predictor.config.tiled or tile_given else [False]
+    flips = tta_given if tta_given not in (None, "none") else "hflip"
+    return [(tile, tta) for tile in modes for tta in ("none", flips)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.start_platform(args.platform)
+    from unet_jax import rundir
+
+    predictor = common.make_predictor(args)
+    pairs = select_pairs(args, predictor.config)
+    result = score(predictor, pairs, args.skip_bad)
+    print(f"{result['images']} images ({args.split}, {predictor.describe()}): Dice "
+          f"{result['dice']:.4f}, IoU {result['iou']:.4f}, pixel accuracy "
+          f"{result['pixel_accuracy']:.4f}, {result['seconds_per_image']:.3f} s/image")
+    if args.compare:
+        result["compare"] = []
+        for tile, tta in ways_to_compare(predictor, bool(args.tile), args.tta):
+            predictor.tile, predictor.tta = tile, tta
+            row = score(predictor, pairs, args.skip_bad)
+            result["compare"].append(row)
+            print(f"  {row['mode']:>6}, tta {row['tta']:<5}: Dice {row['dice']:.4f}, IoU "
+                  f"{row['iou']:.4f}, {row['seconds_per_image']:.3f} s/image")
+    result.update(split=args.split, checkpoint=str(args.checkpoint), epoch=predictor.epoch,
+                  image_size=list(predictor.config.image_size),
+                  crop=list(predictor.config.crop) if predictor.config.crop else None,
+                  scale=predictor.config.scale)
     # The scores first: a run directory that cannot be written still shows them.
-    print(f"{len(scores)} images ({args.split}): Dice {result['dice']:.4f}, IoU "
-          f"{result['iou']:.4f}, pixel accuracy {result['pixel_accuracy']:.4f}")
     out = Path(args.output or Path(args.checkpoint) / f"evaluation-{args.split}.json")
     try:
         rundir.write_text_atomic(out, json.dumps(result, indent=2))

@@ -1,7 +1,9 @@
 """Predict masks for new images with a trained run (the guide's single_image_inference).
 
 Restores the parameters alone (the best checkpoint by validation Dice, unless
-``--epoch`` says otherwise), predicts at the size the run was trained at, and writes,
+``--epoch`` says otherwise), predicts the way the run was trained (resized to its
+training size, or for a run trained on crops, tile by tile at native resolution;
+``--tile``/``--no-tile``, ``--overlap`` and ``--tta`` choose otherwise), and writes,
 for each input image, a PNG mask at the image's own size: 0/255 for a binary model, the
 class ids (0..C-1) for several classes. ``--viz`` adds the guide's side-by-side figure
 (input, predicted mask) and an overlay, one colour per class.
@@ -16,6 +18,7 @@ from experiments import common
 EXAMPLES = """
 python -m experiments.predict --checkpoint runs/unet-20261124-120000 --input car.jpg --output out/
 python -m experiments.predict --checkpoint RUN_DIR --input test_images/ --output masks/ --viz
+python -m experiments.predict --checkpoint RUN_DIR --input big.tif --output out/ --tile --tta hflip
 """
 
 
@@ -37,9 +40,7 @@ def main(argv=None):
 
     import data_pipeline
     from unet_jax import rundir
-    from unet_jax.inference import Predictor
-
-    predictor = Predictor(args.checkpoint, args.epoch, args.batch_size)
+    predictor = common.make_predictor(args)
     paths = data_pipeline.find_images(args.input)
     out = rundir.check_writable(Path(args.output), "--output")
     written = 0
@@ -57,8 +58,7 @@ def main(argv=None):
         written += 1
     skipped = f"; skipped {len(paths) - written} unreadable" if written < len(paths) else ""
     print(f"wrote {written} mask(s) to {out}/{skipped} (checkpoint epoch {predictor.epoch} "
-          f"of {args.checkpoint}, model input {predictor.config.image_size[0]}x"
-          f"{predictor.config.image_size[1]})")
+          f"of {args.checkpoint}; {predictor.describe()})")
     return 0
 
 

@@ -55,9 +55,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     import data_pipeline
-    from unet_jax.inference import Predictor
-
-    predictor = Predictor(args.checkpoint, args.epoch, args.batch_size)
+    predictor = common.make_predictor(args)
     if predictor.config.num_classes != 1:
         raise common.UserError(f"--checkpoint {args.checkpoint}: a Carvana submission needs a "
                                "binary model (num_classes 1); Kaggle's run-length encoding "

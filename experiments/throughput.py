@@ -29,17 +29,19 @@ def _rate(pipeline: InputPipeline, epoch: int, batches: int, warmup: int) -> flo
 
 
 def measure_throughput(pairs, image_size, batch_size: int, *, cache="memory",
-                       batches: int = 20, warmup: int = 2, augment: bool = False,
-                       in_channels: int = 3) -> dict:
+                       batches: int = 20, warmup: int = 2, augment=False,
+                       in_channels: int = 3, crop=None, scale: float = 1.0) -> dict:
     """Images/s the training pipeline delivers over ``batches`` batches.
 
     Returns ``cold_img_per_s`` (decoding from disk), ``cached_img_per_s`` (reading a
     filled ``cache``: 'memory' or a file prefix; None if ``cache`` is None),
     ``img_per_s`` (what training with ``cache`` sees after its first epoch),
-    ``cache_fill_s`` (decoding every image once, in parallel) and the settings.
+    ``cache_fill_s`` (decoding every image once, in parallel) and the settings. With
+    ``crop``, the patch-training pipeline: random crops of the images at their own
+    size times ``scale``.
     """
     kw = dict(image_size=image_size, batch_size=batch_size, train=True, augment=augment,
-              in_channels=in_channels)
+              in_channels=in_channels, crop=crop, scale=scale)
     cold_pipeline = InputPipeline(pairs, cache=None, **kw)
     batches = min(batches, len(cold_pipeline) - warmup)
     if batches < 1:
@@ -55,4 +57,5 @@ def measure_throughput(pairs, image_size, batch_size: int, *, cache="memory",
         result["cached_img_per_s"] = _rate(cached, 1, batches, warmup)
     result["img_per_s"] = result["cached_img_per_s"] or result["cold_img_per_s"]
     return {**result, "images": len(pairs), "batches": batches, "batch_size": batch_size,
-            "image_size": list(image_size), "cache": cache}
+            "image_size": list(image_size), "cache": cache,
+            "crop": list(crop) if crop else None, "scale": scale}

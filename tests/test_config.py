@@ -44,7 +44,20 @@ def test_round_trip_through_json(tmp_path):
     (dict(subset=1.5), "--subset"),
     (dict(val_fraction=1.0), "--val-fraction"),
     (dict(in_channels=2), "--in-channels"),
-    (dict(loss="focal"), "--loss"),
+    (dict(loss="hinge"), "--loss"),
+    (dict(focal_gamma=-1.0), "--focal-gamma"),
+    (dict(focal_gamma=float("inf")), "--focal-gamma"),
+    (dict(tversky_alpha=1.5), "--tversky-alpha"),
+    (dict(attention=True, skip_connections=False), "--attention"),
+    (dict(crop=(30, 32)), "--crop"),
+    (dict(scale=0.5), "--scale"),
+    (dict(crop=32, scale=0.0), "--scale"),
+    (dict(crop=32, crops_per_image=0), "--crops-per-image"),
+    (dict(crops_per_image=4), "--crops-per-image"),
+    (dict(overlap=1.0), "--overlap"),
+    (dict(overlap=-0.1), "--overlap"),
+    (dict(tta="rot90"), "--tta"),
+    (dict(augment="flip,warp"), "--augment"),
     (dict(dtype="float16"), "--dtype"),
     (dict(kernels="fast"), "--kernels"),
 ])
@@ -81,8 +94,11 @@ def test_every_field_is_a_flag_with_help():
     args = parser.parse_args(["--image-size", "32", "--lr", "0.01", "--augment",
                               "--num-classes", "3"])
     assert config_lib.overrides(args) == {"image_size": [32], "learning_rate": 0.01,
-                                          "augment": True, "num_classes": 3}
+                                          "augment": "flip,shift,color", "num_classes": 3}
     assert dataclasses.replace(Config(), **config_lib.overrides(args)).image_size == (32, 32)
+    args = parser.parse_args(["--augment", "rotate,elastic", "--crop", "32", "48"])
+    config = dataclasses.replace(Config(), **config_lib.overrides(args))
+    assert config.augment == "elastic,rotate" and config.crop == (32, 48)
     assert config_lib.overrides(parser.parse_args([])) == {}
 
 

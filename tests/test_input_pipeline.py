@@ -269,3 +269,79 @@ def test_measure_throughput_reports_cold_and_cached_rates(kaggle):
     assert result["img_per_s"] == result["cached_img_per_s"] and result["batches"] == 3
     cold = measure_throughput(kaggle, SIZE, 4, cache=None, batches=2, warmup=1)
     assert cold["cached_img_per_s"] is None and cold["img_per_s"] == cold["cold_img_per_s"]
+
+
+# --- patch training: crops at native resolution ---------------------------------------
+
+def _find_window(big: np.ndarray, small: np.ndarray):
+    """(y, x) where ``small`` sits inside ``big``, or None."""
+    h, w = small.shape[:2]
+    for y in range(big.shape[0] - h + 1):
+        for x in range(big.shape[1] - w + 1):
+            if np.array_equal(big[y:y + h, x:x + w], small):
+                return y, x
+    return None
+
+
+def test_crops_are_windows_of_the_image_at_its_own_size_times_scale(kaggle):
+    crop = pipe(kaggle[:8], crop=(8, 16), scale=0.5, batch_size=4)
+    whole = dp.InputPipeline(kaggle[:8], image_size=SIZE, batch_size=1, train=False,
+                             crop=(8, 16), scale=0.5)
+    assert (crop.sizes() == [H // 2, W // 2]).all()  # 32x48 files at scale 0.5
+    examples = [(dp.to_float(i), m.astype(np.float32)) for i, m in whole.examples()]
+    order = crop.order(0)
+    batches = list(crop.epoch(0))
+    for b, batch in enumerate(batches):
+        assert batch["image"].shape == (4, 8, 16, 3) and batch["mask"].shape == (4, 8, 16, 1)
+        for row in range(4):
+            image, mask = examples[order[4 * b + row] % 8]
+            where = _find_window(image, batch["image"][row])
+            assert where is not None  # a crop, not a resized image
+            y, x = where
+            np.testing.assert_array_equal(batch["mask"][row], mask[y:y + 8, x:x + 16])
+
+
+def test_crops_per_image_draw_several_different_crops_per_epoch(kaggle):
+    pipeline = pipe(kaggle, crop=(16, 16), crops_per_image=3, batch_size=4)
+    assert len(pipeline) == 20 * 3 // 4
+    views = pipeline.order(0)
+    assert sorted(views) == list(range(60))  # every image three times, once each view
+    crops = {v: pipeline._crop(v, 0)[0] for v in (0, 20, 40)}  # three views of image 0
+    assert not np.array_equal(crops[0], crops[20]) or not np.array_equal(crops[0], crops[40])
+
+
+def test_crops_are_seeded_by_seed_epoch_and_view(kaggle):
+    a = stack(pipe(kaggle, crop=(16, 16), seed=3), 1)
+    np.testing.assert_array_equal(a, stack(pipe(kaggle, crop=(16, 16), seed=3), 1))
+    assert not np.array_equal(a, stack(pipe(kaggle, crop=(16, 16), seed=3), 2))
+    assert not np.array_equal(a, stack(pipe(kaggle, crop=(16, 16), seed=4), 1))
+
+
+def test_an_image_smaller_than_the_crop_is_mirrored_to_fit(kaggle):
+    pipeline = pipe(kaggle[:4], crop=(48, 64), batch_size=4)  # files are 32x48
+    image, mask = pipeline._crop(0, 0)
+    assert image.shape == (48, 64, 3) and mask.shape == (48, 64, 1)
+    original, _ = pipeline._cached(0)
+    np.testing.assert_array_equal(image[:32, :48], original)
+    np.testing.assert_array_equal(image[32:48, :48], original[::-1][:16])  # mirrored rows
+
+
+def test_crop_cache_holds_images_of_different_sizes_in_a_file(tmp_path):
+    for i, size in enumerate([(40, 30), (56, 20), (24, 36)]):
+        write_image(tmp_path / "d" / "images" / f"i{i}.png", size=size, seed=i)
+        write_mask(tmp_path / "d" / "masks" / f"i{i}.png", box_mask(size, seed=i))
+    pairs = dp.find_pairs(tmp_path / "d")
+    kw = dict(crop=(16, 16), scale=0.75, batch_size=3, cache=str(tmp_path / "cache" / "c"))
+    first = pipe(pairs, **kw)
+    assert first.sizes().tolist() == [[22, 30], [15, 42], [27, 18]]
+    first.fill()
+    batches = stack(first, 0)
+    second = pipe(pairs, **kw)
+    second._decode = None  # a new pipeline that decoded anything would fail: all cached
+    np.testing.assert_array_equal(stack(second, 0), batches)
+    assert len(list((tmp_path / "cache").glob("c-*.images.npy"))) == 1
+
+
+def test_whole_images_of_a_crop_pipeline_are_not_batched(kaggle):
+    with pytest.raises(ValueError, match="examples"):
+        dp.InputPipeline(kaggle, image_size=SIZE, batch_size=2, train=False, crop=(16, 16)).dataset()

@@ -1,10 +1,11 @@
 """unet-jax: the U-Net of the Carvana annotated guide, in JAX and Flax.
 
 Read the modules in this order to learn the architecture and its training:
-``models`` (DoubleConv, DownSample, UpSample, UNet), ``losses``, ``metrics``,
-``train`` (state and jit-compiled steps), ``trainer`` (``train_and_evaluate``: the
-whole training loop), ``checkpoints``, ``config`` and ``configs`` (a run's settings
-and the named presets), ``torch_import``. ``cpu_kernels`` holds the faster CPU
+``models`` (DoubleConv, DownSample, UpSample, UNet, and the options' AttentionGate
+and SeparableConv), ``losses``, ``metrics``, ``train`` (state and jit-compiled
+steps), ``trainer`` (``train_and_evaluate``: the whole training loop),
+``checkpoints``, ``config`` and ``configs`` (a run's settings and the named presets),
+``torch_import``. ``cpu_kernels`` holds the faster CPU
 backward passes that ``train.create_model`` swaps in on a CPU.
 
 Importing the package changes nothing in the process; call ``setup_platform`` first
@@ -13,9 +14,10 @@ to choose the platform and the CPU's XLA settings.
 
 from unet_jax import configs
 from unet_jax.config import Config, ConfigError
-from unet_jax.losses import LOSSES, per_image_loss
+from unet_jax.losses import LOSSES, LossSpec, per_image_loss
 from unet_jax.metrics import segmentation_metrics, segmentation_scores
-from unet_jax.models import DoubleConv, DownSample, UNet, UpConv, UpSample
+from unet_jax.models import (
+    AttentionGate, DoubleConv, DownSample, SeparableConv, UNet, UpConv, UpSample)
 from unet_jax.platform import PlatformError, setup_platform
 from unet_jax.torch_import import config_from_torch, params_from_torch
 from unet_jax.train import (
@@ -24,8 +26,8 @@ from unet_jax.train import (
 from unet_jax.trainer import train_and_evaluate
 
 __all__ = [
-    "Config", "ConfigError", "DoubleConv", "DownSample", "LOSSES", "PlatformError",
-    "TrainState", "UNet", "UpConv", "UpSample", "config_from_torch", "configs",
+    "AttentionGate", "Config", "ConfigError", "DoubleConv", "DownSample", "LOSSES",
+    "LossSpec", "PlatformError", "SeparableConv", "TrainState", "UNet", "UpConv", "UpSample", "config_from_torch", "configs",
     "create_model", "create_train_state", "eval_step", "init_params", "params_from_torch",
     "per_image_loss", "predict_step", "segmentation_metrics", "segmentation_scores",
     "setup_platform", "train_and_evaluate", "train_step",

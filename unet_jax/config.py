@@ -24,7 +24,8 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
-from unet_jax.losses import LOSSES
+from unet_jax.losses import FOCAL_GAMMA, LOSSES, TVERSKY_ALPHA
+from unet_jax.tiling import TTA
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 KERNELS = ("auto", "stock")
@@ -52,37 +53,77 @@ class Config:
     kernels: str = _field("auto", "'auto': the faster CPU backward kernels when JAX runs on "
                           "a CPU, stock Flax ops elsewhere; 'stock': stock ops everywhere",
                           choices=KERNELS)
+    skip_connections: bool = _field(True, "the U-Net's skip connections; --no-skip-connections "
+                                    "drops them (the guide's 'why skips matter' experiment)")
+    attention: bool = _field(False, "attention gates on the skip connections (Attention "
+                             "U-Net, Oktay et al. 2018)")
+    separable: bool = _field(False, "depthwise-separable 3x3 convolutions: the lightweight "
+                             "U-Net, about a fifth of the parameters")
 
     # Data.
     data_dir: Optional[str] = _field(None, "Kaggle Carvana layout (train/, train_masks/) or "
                                      "images/ + masks/ folders (default: the built-in "
                                      "synthetic sample set)")
     image_size: tuple[int, int] = _field((64, 96), "size (H W, or one number for a square) "
-                                         "the model sees", nargs="+", metavar=("H", "W"))
+                                         "whole images are resized to (without --crop)",
+                                         nargs="+", metavar=("H", "W"))
+    crop: Optional[tuple[int, int]] = _field(
+        None, "train on random crops of H W (or one number) taken from each image at its "
+        "own resolution times --scale, never squashed; prediction then tiles whole images",
+        nargs="+", metavar=("H", "W"))
+    scale: float = _field(1.0, "with --crop: resize every image by this factor first "
+                          "(0.5 makes a 1918x1280 photo 959x640)")
+    crops_per_image: int = _field(1, "with --crop: random crops drawn from each image per "
+                                  "epoch, so that a few images give enough steps")
     split: str = _field("car", "validation split: by car (no car on both sides) or per "
                         "image, as the guide", choices=("car", "random"))
     val_fraction: float = _field(0.2, "share of the cars (or images) for validation")
     subset: float = _field(1.0, "fraction of the cars to use, e.g. 0.1 as the guide's CPU run")
-    augment: bool = _field(False, "random flips, shifts/scales, brightness/contrast")
+    augment: str = _field("", "augmentations by name, comma-separated: flip, shift "
+                          "(with scale), color, elastic, rotate; --augment alone is "
+                          "flip,shift,color; 'none' for none", nargs="?",
+                          const="flip,shift,color", metavar="OPS")
     cache: str = _field("memory", "decoded images: 'memory', 'none', or a file prefix "
                         "(memory-mapped, for data larger than memory)")
     skip_bad: bool = _field(False, "skip unreadable or unmatched image/mask pairs (listed "
                             "as a warning) instead of stopping")
 
     # Optimisation (the guide: AdamW, lr 3e-4, BCE).
-    loss: str = _field("bce", "bce (the guide's), dice or bce_dice", choices=LOSSES)
+    loss: str = _field("bce", "bce (the guide's), dice, bce_dice, focal or tversky (the "
+                       "last two for small objects on a large background)", choices=LOSSES)
+    focal_gamma: float = _field(FOCAL_GAMMA, "--loss focal: gamma, how strongly pixels the "
+                                "model already gets right are faded out (0: BCE)")
+    tversky_alpha: float = _field(TVERSKY_ALPHA, "--loss tversky: weight of false positives; "
+                                  "false negatives weigh 1 - alpha (0.5: soft Dice)")
     learning_rate: float = _field(3e-4, "AdamW learning rate", flag="--lr")
     weight_decay: float = _field(1e-2, "AdamW weight decay (torch's default, as the guide)")
     batch_size: int = _field(8, "global batch size, split over all devices")
     epochs: int = _field(12, "total epochs; with --resume a larger value extends the run")
     seed: int = _field(42, "seed for initialisation, split, order and augmentation")
 
+    # Prediction: how validation during training and, by default, predict, evaluate
+    # and submit predict this run's masks (their --tile, --overlap, --tta override it).
+    overlap: float = _field(0.25, "tiled prediction: fraction of a tile its neighbour "
+                            "shares (0.5 is slower and slightly smoother)")
+    tta: str = _field("none", "test-time augmentation of predict, evaluate and submit "
+                      "(validation during training uses none): none, hflip (average with "
+                      "the left-right mirror) or flips (also upside down and both)",
+                      choices=TTA)
+
     # Checkpoints.
     keep_checkpoints: int = _field(2, "how many of the latest checkpoints to keep (the "
                                    "best by validation Dice is kept as well)")
 
     def __post_init__(self):
+        from data_pipeline.augment import parse_augment
+
         self.image_size = normalize_image_size(self.image_size, self.depth)
+        if self.crop is not None:
+            self.crop = normalize_image_size(self.crop, self.depth, "--crop")
+        try:
+            self.augment = parse_augment(self.augment)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.data_dir is not None:
             self.data_dir = str(Path(self.data_dir).expanduser().resolve())
         for name in ("batch_size", "epochs", "base_features", "depth", "num_classes",
@@ -107,12 +148,46 @@ class Config:
             raise ConfigError(f"--lr {self.learning_rate}: give a positive learning rate")
         if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"--weight-decay {self.weight_decay}: give 0 or more")
+        if not (math.isfinite(self.focal_gamma) and self.focal_gamma >= 0):
+            raise ConfigError(f"--focal-gamma {self.focal_gamma}: give 0 or more, e.g. 2")
+        if not 0 <= self.tversky_alpha <= 1:
+            raise ConfigError(f"--tversky-alpha {self.tversky_alpha}: give a value in [0, 1]")
+        if self.attention and not self.skip_connections:
+            raise ConfigError("--attention gates the skip connections: drop "
+                              "--no-skip-connections or --attention")
+        if not (math.isfinite(self.scale) and 0 < self.scale <= 8):
+            raise ConfigError(f"--scale {self.scale}: give a factor in (0, 8], e.g. 0.5")
+        if self.crop is None and self.scale != 1:
+            raise ConfigError(f"--scale {self.scale} needs --crop H W: without it whole "
+                              "images are resized to --image-size")
+        if not isinstance(self.crops_per_image, int) or self.crops_per_image < 1:
+            raise ConfigError(f"--crops-per-image {self.crops_per_image}: give a whole "
+                              "number of at least 1")
+        if self.crop is None and self.crops_per_image != 1:
+            raise ConfigError(f"--crops-per-image {self.crops_per_image} needs --crop H W "
+                              "(without it, raise --epochs to see each image more often)")
+        if not (math.isfinite(self.overlap) and 0 <= self.overlap < 1):
+            raise ConfigError(f"--overlap {self.overlap}: give a fraction in [0, 1), e.g. 0.25")
+        if self.tta not in TTA:
+            raise ConfigError(f"--tta {self.tta!r}: choose one of {', '.join(TTA)}")
         if not self.cache:
             raise ConfigError("--cache '': give 'memory', 'none' or a file prefix")
 
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the run predicts whole images tile by tile (it trained on crops)
+        rather than resized to ``image_size``."""
+        return self.crop is not None
+
+    @property
+    def tile(self) -> tuple[int, int]:
+        """The size of the tiles tiled prediction cuts: the training crop, or
+        ``image_size`` for a run trained on whole resized images."""
+        return self.crop or self.image_size
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -143,22 +218,22 @@ def flag(name: str) -> str:
     return field.metadata.get("flag", "--" + name.replace("_", "-"))
 
 
-def normalize_image_size(value, depth) -> tuple[int, int]:
+def normalize_image_size(value, depth, flag_name: str = "--image-size") -> tuple[int, int]:
     """(height, width) from one number or two, checked against the U-Net's depth."""
     from unet_jax.models import check_input_size
 
     sizes = [value] if isinstance(value, int) else list(value)
     if len(sizes) not in (1, 2) or not all(isinstance(s, int) for s in sizes):
-        raise ConfigError(f"--image-size {' '.join(map(str, sizes))}: give one or two whole "
+        raise ConfigError(f"{flag_name} {' '.join(map(str, sizes))}: give one or two whole "
                           "numbers, H [W]")
     height, width = sizes * 2 if len(sizes) == 1 else sizes
     if height <= 0 or width <= 0:
-        raise ConfigError(f"--image-size {height} {width}: sizes must be positive")
+        raise ConfigError(f"{flag_name} {height} {width}: sizes must be positive")
     if isinstance(depth, int) and depth >= 1:
         try:
             check_input_size(height, width, depth)
         except ValueError as e:
-            raise ConfigError(f"--image-size: {e}") from None
+            raise ConfigError(f"{flag_name}: {e}") from None
     return height, width
 
 
@@ -177,7 +252,7 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Config | None = Non
                                       "the values in brackets)")
     for field in dataclasses.fields(Config):
         meta = dict(field.metadata)
-        help_text = f"{meta.pop('help')} [{shown(getattr(defaults, field.name))}]"
+        help_text = f"{meta.pop('help')} [{shown(getattr(defaults, field.name), field.name)}]"
         name = meta.pop("flag", "--" + field.name.replace("_", "-"))
         kind = _base_type(field.type)
         if kind is bool:
@@ -202,8 +277,11 @@ def _base_type(annotation):
     return int  # tuple[int, int]: one number per argument (nargs)
 
 
-def shown(value) -> str:
-    """A setting's value as a user types it: ``(64, 96)`` -> ``64 96``."""
-    if isinstance(value, tuple):
+def shown(value, name: str = "") -> str:
+    """A setting's value as a user types it: ``(64, 96)`` -> ``64 96``; None is the
+    sample set for ``data_dir``, else 'none'."""
+    if isinstance(value, (tuple, list)):
         return " ".join(map(str, value))
-    return "sample set" if value is None else str(value)
+    if value is None:
+        return "sample set" if name == "data_dir" else "none"
+    return str(value) if value != "" else "none"

@@ -25,14 +25,17 @@ def plot_loss(history: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_predictions(images, masks, logits, path: Path, valid=None, rows: int = 4) -> None:
-    """A grid: one row per validation image with the image, true mask, predicted mask."""
-    keep = np.arange(len(images)) if valid is None else np.flatnonzero(valid)
-    keep = keep[:rows]
+def plot_predictions(images, masks, logits, path: Path, rows: int = 4) -> None:
+    """A grid: one row per validation image with the image, true mask, predicted mask.
+
+    ``images``, ``masks`` and ``logits`` are batches or lists of (H, W, ...) arrays
+    (whole images of a crop-trained run differ in size)."""
+    keep = range(min(len(images), rows))
     fig, axes = plt.subplots(len(keep), 3, figsize=(9, 2.6 * len(keep)), squeeze=False)
     for row, i in enumerate(keep):
-        predicted = (logits[i, ..., 0] > 0) if logits.shape[-1] == 1 else logits[i].argmax(-1)
-        panels = [(np.squeeze(images[i]), "image"), (masks[i, ..., 0], "true mask"),
+        logit = np.asarray(logits[i])
+        predicted = (logit[..., 0] > 0) if logit.shape[-1] == 1 else logit.argmax(-1)
+        panels = [(np.squeeze(images[i]), "image"), (np.asarray(masks[i])[..., 0], "true mask"),
                   (predicted, "predicted mask")]
         for ax, (picture, title) in zip(axes[row], panels):
             ax.imshow(picture, cmap="gray", interpolation="nearest")

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from unet_jax import cpu_kernels, losses, metrics
+from unet_jax import cpu_kernels, losses, metrics, tiling
 from unet_jax.config import Config
 from unet_jax.models import UNet
 
@@ -33,14 +33,24 @@ def create_model(config: Config, backend: str | None = None) -> UNet:
 
     On a CPU (unless ``config.kernels == "stock"``) the model gets the CPU backward
     kernels of ``cpu_kernels``; the parameters and forward values are the same either
-    way, so a checkpoint trained on one backend serves the other.
+    way, so a checkpoint trained on one backend serves the other. The model options
+    (skip connections, attention gates, separable convolutions) work with both.
     """
     backend = backend or jax.default_backend()
     kernels = {}
     if config.kernels == "auto" and backend == "cpu":
         kernels = dict(conv=cpu_kernels.CpuConv, pool=cpu_kernels.max_pool_2x2)
     return UNet(num_classes=config.num_classes, base_features=config.base_features,
-                depth=config.depth, dtype=config.compute_dtype, **kernels)
+                depth=config.depth, dtype=config.compute_dtype,
+                skip_connections=config.skip_connections, attention=config.attention,
+                separable=config.separable, **kernels)
+
+
+def loss_spec(config: Config) -> losses.LossSpec:
+    """The loss that ``config`` trains with, with its hyperparameters, for the steps'
+    ``loss`` argument."""
+    return losses.LossSpec(config.loss, focal_gamma=config.focal_gamma,
+                           tversky_alpha=config.tversky_alpha)
 
 
 def create_optimizer(config: Config) -> optax.GradientTransformation:
@@ -84,11 +94,13 @@ def _batch_metrics(logits, batch, per_image_loss):
 
 
 @functools.partial(jax.jit, static_argnames=("loss",), donate_argnames=("state",))
-def train_step(state: TrainState, batch, loss: str = "bce"):
+def train_step(state: TrainState, batch, loss: str | losses.LossSpec = "bce"):
     """One AdamW update on ``batch`` = {"image": (N,H,W,C), "mask": (N,H,W,1)}.
 
     Returns the new state and the batch means of loss, dice, iou and pixel_accuracy
     (computed from the logits of the forward pass that produced the gradients).
+    ``loss`` is a name from ``losses.LOSSES`` or a ``losses.LossSpec`` (``loss_spec``
+    makes the one a Config asks for); it is static, so each loss compiles once.
     """
 
     def loss_fn(params):
@@ -102,15 +114,14 @@ def train_step(state: TrainState, batch, loss: str = "bce"):
     return new_state, jax.tree.map(jnp.mean, batch_metrics)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "loss"))
-def eval_step(params, batch, apply_fn, loss: str = "bce"):
-    """Sums of per-image loss and metrics over the valid images of ``batch``.
+@functools.partial(jax.jit, static_argnames=("loss",))
+def score_logits(logits, batch, loss: str | losses.LossSpec = "bce"):
+    """Sums of per-image loss and metrics of ``logits`` over the valid images of ``batch``.
 
     Evaluation batches may be padded to a fixed size (so one compiled program serves
     the last, partial batch too); ``batch["valid"]`` (N,) marks the real images. Sums
     and a count, rather than means, let the caller merge batches exactly.
     """
-    logits = apply_fn({"params": params}, batch["image"])
     per_image = _batch_metrics(logits, batch, losses.per_image_loss(loss, logits, batch["mask"]))
     valid = batch.get("valid", jnp.ones(logits.shape[0], bool)).astype(jnp.float32)
     sums = {k: jnp.tensordot(valid, v, axes=1) for k, v in per_image.items()}
@@ -118,10 +129,17 @@ def eval_step(params, batch, apply_fn, loss: str = "bce"):
     return sums
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn",))
-def predict_step(params, images, apply_fn):
-    """Logits for a batch of images (N, H, W, C) -> (N, H, W, num_classes)."""
-    return apply_fn({"params": params}, images)
+@functools.partial(jax.jit, static_argnames=("apply_fn", "loss"))
+def eval_step(params, batch, apply_fn, loss: str | losses.LossSpec = "bce"):
+    """``score_logits`` of the model's logits for ``batch``: the validation step."""
+    return score_logits(apply_fn({"params": params}, batch["image"]), batch, loss)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "tta"))
+def predict_step(params, images, apply_fn, tta: str = "none"):
+    """Logits for a batch of images (N, H, W, C) -> (N, H, W, num_classes), averaged
+    over mirrored views with ``tta`` 'hflip' or 'flips' (``tiling.flip_average``)."""
+    return tiling.flip_average(lambda x: apply_fn({"params": params}, x), images, tta)
 
 
 def merge_sums(sums: list[dict]) -> dict:

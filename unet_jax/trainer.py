@@ -41,9 +41,12 @@ import jax
 import numpy as np
 
 import data_pipeline
-from unet_jax import checkpoints, parallel, report, rundir
+from unet_jax import checkpoints, parallel, report, rundir, tiling
 from unet_jax.config import Config, ConfigError, flag, shown
-from unet_jax.train import create_train_state, eval_step, merge_sums, predict_step, train_step
+from unet_jax.train import (create_train_state, eval_step, loss_spec, merge_sums,
+                            predict_step, score_logits, train_step)
+
+PREVIEW = 4  # validation images in predictions.png
 
 
 class TrainingError(RuntimeError):
@@ -88,8 +91,9 @@ def _train(config: Config, workdir: Path, resume: bool, log, is_main: bool) -> d
         changed = [name for name in saved.differences(config) if name != "epochs"]
         if changed:
             raise ConfigError(
-                f"{flag(changed[0])} {shown(getattr(config, changed[0]))} differs from "
-                f"the run's {shown(getattr(saved, changed[0]))} in {config_file}; --resume "
+                f"{flag(changed[0])} {shown(getattr(config, changed[0]), changed[0])} differs "
+                f"from the run's {shown(getattr(saved, changed[0]), changed[0])} in "
+                f"{config_file}; --resume "
                 "continues a run with its own settings (only --epochs may change): drop "
                 "the flag or start a new --workdir")
     elif config_file.exists() or (workdir / "checkpoints").exists():
@@ -110,15 +114,19 @@ def _train(config: Config, workdir: Path, resume: bool, log, is_main: bool) -> d
         train_pairs, val_pairs = data_pipeline.split_pairs(
             pairs, method=config.split, val_fraction=config.val_fraction, seed=config.seed,
             subset=config.subset)
-    if len(train_pairs) < config.batch_size:
+    if len(train_pairs) * config.crops_per_image < config.batch_size:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the "
-                          f"{len(train_pairs)} training images; lower it")
+                          f"{len(train_pairs)} training images; lower it"
+                          + (" or raise --crops-per-image" if config.tiled else ""))
     pipeline_kw = dict(image_size=config.image_size, batch_size=config.batch_size // processes,
                        in_channels=config.in_channels, num_classes=config.num_classes,
                        cache=None if config.cache == "none" else config.cache,
-                       shard=(jax.process_index(), processes))
+                       shard=(jax.process_index(), processes), crop=config.crop,
+                       scale=config.scale)
     train_data = data_pipeline.InputPipeline(train_pairs, train=True, seed=config.seed,
-                                             augment=config.augment, **pipeline_kw)
+                                             augment=config.augment,
+                                             crops_per_image=config.crops_per_image,
+                                             **pipeline_kw)
     val_data = data_pipeline.InputPipeline(val_pairs, train=False, **pipeline_kw)
 
     # --- Model and optimizer; on resume, restored from the newest intact checkpoint.
@@ -146,17 +154,51 @@ def _train(config: Config, workdir: Path, resume: bool, log, is_main: bool) -> d
             data_pipeline.write_split(split_file, train_pairs, val_pairs)
 
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    if config.tiled:
+        size = (f"crops {shown(config.crop)} (x{config.crops_per_image} per image) of the "
+                f"images at scale {config.scale}, validated whole, tiled")
+    else:
+        size = f"size {config.image_size[0]}x{config.image_size[1]}"
     log(f"unet-jax: {n_params:,} parameters on {backend} ({jax.device_count()} device(s), "
         f"{processes} process(es)); {len(train_pairs)} training / {len(val_pairs)} "
-        f"validation images from {data_dir}; size {config.image_size[0]}x"
-        f"{config.image_size[1]}, batch {config.batch_size}; run directory {workdir}")
+        f"validation images from {data_dir}; {size}, batch {config.batch_size}; run "
+        f"directory {workdir}")
     writer = report.SummaryWriter(workdir / "tensorboard") if is_main else None
 
-    def evaluate(params) -> dict:
-        sums = [eval_step(params, parallel.shard_batch(batch, mesh), state.apply_fn,
-                          loss=config.loss)
-                for batch in val_data.epoch(0)]
-        return merge_sums(jax.device_get(sums))
+    def evaluate(params) -> tuple[dict, tuple]:
+        """Validation loss and metrics, and (images, masks, logits) of the first
+        validation images for the predictions figure."""
+        if not config.tiled:
+            sums = [eval_step(params, parallel.shard_batch(batch, mesh), state.apply_fn,
+                              loss=loss_spec(config))
+                    for batch in val_data.epoch(0)]
+            batch = next(iter(val_data.epoch(0)))
+            logits = predict_step(params, parallel.shard_batch(batch, mesh)["image"],
+                                  state.apply_fn)
+            keep = np.flatnonzero(batch["valid"])[:PREVIEW]
+            return merge_sums(jax.device_get(sums)), (
+                batch["image"][keep], batch["mask"][keep], parallel.local_rows(logits)[keep])
+        # Whole images at the training scale, tile by tile, as predict does it. Every
+        # process predicts every image (their sizes differ, so they cannot be split
+        # into equal global batches); each keeps the rows of its own tiles.
+        tiles_per_call = config.batch_size // processes
+
+        def predict(tiles):
+            logits = predict_step(params, parallel.shard_batch({"image": tiles}, mesh)["image"],
+                                  state.apply_fn)
+            return parallel.local_rows(logits)
+
+        sums, preview = [], ([], [], [])
+        for image, mask in val_data.examples():
+            image = data_pipeline.to_float(image)
+            logits = tiling.predict_tiled(predict, image, config.tile, config.overlap,
+                                          tiles_per_call)
+            mask = mask.astype(np.float32)
+            sums.append(score_logits(logits[None], {"mask": mask[None]}, loss_spec(config)))
+            if len(preview[0]) < PREVIEW:
+                for part, value in zip(preview, (image, mask, logits)):
+                    part.append(value)
+        return merge_sums(jax.device_get(sums)), preview
 
     def finite(loss, epoch: int, step: int) -> float:
         value = float(loss)
@@ -180,7 +222,7 @@ def _train(config: Config, workdir: Path, resume: bool, log, is_main: bool) -> d
                        disable=not is_main)
             for batch in bar:
                 state, metrics = train_step(state, parallel.shard_batch(batch, mesh),
-                                            loss=config.loss)
+                                            loss=loss_spec(config))
                 # Read the previous step's loss, not this one's, so the host never waits
                 # for the device and the next batch is dispatched at once.
                 if pending is not None:
@@ -191,7 +233,7 @@ def _train(config: Config, workdir: Path, resume: bool, log, is_main: bool) -> d
             train_seconds = time.perf_counter() - start
 
             # --- Validation: no gradients, every validation image once.
-            val = evaluate(state.params)
+            val, (images, masks, logits) = evaluate(state.params)
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
                    "val_loss": float(val["loss"]), "val_dice": float(val["dice"]),
                    "val_iou": float(val["iou"]),
@@ -210,16 +252,11 @@ def _train(config: Config, workdir: Path, resume: bool, log, is_main: bool) -> d
             log(f"epoch {epoch}: train loss {row['train_loss']:.4f}, validation loss "
                 f"{row['val_loss']:.4f}, Dice {row['val_dice']:.4f}, IoU {row['val_iou']:.4f} "
                 f"({row['epoch_seconds']:.0f} s, {row['train_img_per_s']:.1f} img/s)")
-            batch = next(iter(val_data.epoch(0)))
-            logits = predict_step(state.params, parallel.shard_batch(batch, mesh)["image"],
-                                  state.apply_fn)
             if is_main:
                 rundir.write_text_atomic(workdir / "metrics.csv", _csv(history))
                 writer.scalars(epoch, {k: v for k, v in row.items() if k != "epoch"})
                 report.plot_loss(history, workdir / "loss.png")
-                report.plot_predictions(batch["image"], batch["mask"],
-                                        parallel.local_rows(logits),
-                                        workdir / "predictions.png", valid=batch.get("valid"))
+                report.plot_predictions(images, masks, logits, workdir / "predictions.png")
     finally:
         manager.wait_until_finished()
         manager.close()

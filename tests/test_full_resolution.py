@@ -1,0 +1,98 @@
+"""Patch training and overlap-tile prediction end to end: train on crops of images whose
+sizes no U-Net accepts whole, then predict, evaluate and submit at full resolution."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import evaluate, predict, submit, train
+from tests.data_fixtures import own_dir
+from tests.test_experiments import call
+
+SIZE = (45, 37)  # (width, height): divisible by neither 4 nor 16
+
+
+@pytest.fixture(scope="module")
+def crop_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("full-res")
+    data = own_dir(root / "data", n=10, size=SIZE)
+    run = root / "run"
+    argv = ["--data-dir", str(data), "--workdir", str(run), "--base-features", "4",
+            "--depth", "2", "--crop", "16", "--scale", "0.75", "--crops-per-image", "2",
+            "--batch-size", "4", "--epochs", "2", "--lr", "3e-3", "--split", "random",
+            "--augment", "flip,rotate,elastic"]
+    assert call(train.main, argv) == 0
+    return data, run
+
+
+def test_crop_training_records_its_settings_and_validates_whole_images(crop_run):
+    _, run = crop_run
+    settings = json.loads((run / "config.json").read_text())
+    assert settings["crop"] == [16, 16] and settings["scale"] == 0.75
+    assert settings["crops_per_image"] == 2 and settings["augment"] == "flip,elastic,rotate"
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(0 <= float(r["val_dice"]) <= 1 for r in rows)
+    assert (run / "predictions.png").stat().st_size > 0
+
+
+def test_predict_tiles_by_default_and_writes_masks_at_each_image_size(crop_run, tmp_path,
+                                                                     capsys):
+    data, run = crop_run
+    out = tmp_path / "masks"
+    assert call(predict.main, ["--checkpoint", str(run), "--input", str(data / "images"),
+                               "--output", str(out), "--platform", "cpu"]) == 0
+    assert "tiles of 16x16 at scale 0.75" in capsys.readouterr().out
+    masks = sorted(out.glob("*_mask.png"))
+    assert len(masks) == 10
+    for m in masks:
+        assert Image.open(m).size == SIZE
+
+
+def test_evaluate_compares_modes_and_tta_and_matches_predict(crop_run, tmp_path):
+    data, run = crop_run
+    out = tmp_path / "masks"
+    assert call(predict.main, ["--checkpoint", str(run), "--input", str(data / "images"),
+                               "--output", str(out), "--tta", "hflip", "--platform", "cpu"]) == 0
+    result_file = tmp_path / "eval.json"
+    assert call(evaluate.main, ["--checkpoint", str(run), "--split", "all", "--compare",
+                                "--tta", "hflip", "--output", str(result_file),
+                                "--platform", "cpu"]) == 0
+    result = json.loads(result_file.read_text())
+    assert result["mode"] == "tile" and result["tta"] == "hflip"
+    assert result["seconds_per_image"] > 0 and result["images"] == 10
+    ways = {(r["mode"], r["tta"]): r for r in result["compare"]}
+    assert set(ways) == {("resize", "none"), ("resize", "hflip"), ("tile", "none"),
+                         ("tile", "hflip")}
+    assert ways["tile", "hflip"]["dice"] == pytest.approx(result["dice"])
+    # The Dice evaluate reports is the one of predict's masks against the mask files.
+    dice = []
+    for path in sorted((data / "images").glob("*.png")):
+        predicted = np.asarray(Image.open(out / f"{path.stem}_mask.png")) > 0
+        truth = np.asarray(Image.open(data / "masks" / path.name)) > 0
+        total = predicted.sum() + truth.sum()
+        dice.append(1.0 if total == 0 else 2 * (predicted & truth).sum() / total)
+    assert result["dice"] == pytest.approx(float(np.mean(dice)), abs=1e-6)
+
+
+def test_submit_and_resize_mode_work_on_a_crop_run(crop_run, tmp_path):
+    data, run = crop_run
+    csv_file = tmp_path / "submission.csv"
+    assert call(submit.main, ["--checkpoint", str(run), "--input", str(data / "images"),
+                              "--output", str(csv_file), "--no-tile", "--platform", "cpu"]) == 0
+    assert len(csv_file.read_text().splitlines()) == 11
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--overlap", "1.5"], "--overlap 1.5: give a fraction in [0, 1)"),
+    (["--tta", "rot"], "--tta: invalid choice"),
+])
+def test_bad_prediction_flags_are_one_line(crop_run, tmp_path, capsys, flags, message):
+    data, run = crop_run
+    code = call(predict.main, ["--checkpoint", str(run), "--input", str(data / "images"),
+                               "--output", str(tmp_path / "o"), "--platform", "cpu", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
