@@ -85,6 +85,9 @@ def test_pipeline_mode_measures_the_input_pipeline(tmp_path):
               "--batch-size", "4")
     assert r["images"] == 32 and r["image_size"] == [32, 48]
     assert r["cold_img_per_s"] > 0 and r["cached_img_per_s"] > 0 and r["img_per_s"] > 0
+    crops = bench("--mode", "pipeline", "--data-dir", str(data), "--crop", "16", "32",
+                  "--scale", "0.5", "--batch-size", "4")
+    assert crops["crop"] == [16, 32] and crops["scale"] == 0.5 and crops["img_per_s"] > 0
 
 
 def test_kaggle_size_sample_writes_carvana_sized_pairs(tmp_path):
@@ -109,3 +112,14 @@ def test_bad_flags_fail_with_one_line(args, message):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_tile_mode_times_whole_photos_in_tiles():
+    r = bench("--mode", "tile", "--image-size", "32", "--batch-size", "4", "--steps", "1",
+              "--warmup", "0", "--base-features", "4", "--photo-size", "70", "100",
+              "--overlap", "0.25", "--platform", "cpu")
+    assert r["mode"] == "tile" and r["img_per_s"] > 0
+    # 70x100 with 4-pixel mirrored margins is 78x108: 3 x 5 tiles of 32x32 at a stride
+    # of at most 24, in batches of 4
+    assert r["model_calls_per_step"] == 4
+    assert r["gflops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_s"] / 1e9)
