@@ -5,7 +5,8 @@ Read the modules in this order to learn the architecture and its training:
 and SeparableConv), ``losses``, ``metrics``, ``train`` (state and jit-compiled
 steps), ``trainer`` (``train_and_evaluate``: the whole training loop),
 ``checkpoints``, ``config`` and ``configs`` (a run's settings and the named presets),
-``torch_import``. ``cpu_kernels`` holds the faster CPU
+``tiling`` (overlap-tile prediction at full resolution, test-time flips),
+``inference`` (masks for image files), ``torch_import``. ``cpu_kernels`` holds the faster CPU
 backward passes that ``train.create_model`` swaps in on a CPU.
 
 Importing the package changes nothing in the process; call ``setup_platform`` first
