@@ -1,0 +1,122 @@
+"""The annotated guide (docs/guide/guide.py) runs from top to bottom, and its builder
+writes a readable README, a valid notebook and every figure.
+
+The whole guide runs at ``--size tiny`` (tiny images and models; about two minutes on a
+2-core CPU, most of it compiling), so a change in the library that breaks a cell fails
+here, not in front of a reader.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import common, guide
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "docs" / "guide" / "guide.py"
+
+# The figures each chapter of the guide promises its reader.
+FIGURES = ["architecture", "receptive_field", "augmentation", "single_image_inference",
+           "loss_and_dice", "predictions", "feature_maps", "skip_connections",
+           "skips_vs_no_skips", "losses_small_objects", "attention_gates"]
+
+
+def test_parse_cells_reads_the_percent_format():
+    text = ("# a header, not a cell\n"
+            "\n"
+            "# %% [markdown]\n"
+            "# # Title\n"
+            "#\n"
+            "# Some *text*.\n"
+            "\n"
+            "# %%\n"
+            "# a comment\n"
+            "x = 1\n"
+            "\n"
+            "# %%\n"
+            "\n"
+            "# %%\n"
+            "print(x)\n")
+    cells = guide.parse_cells(text)
+    assert [c.kind for c in cells] == ["markdown", "code", "code"]  # the empty cell is gone
+    assert cells[0].source == "# Title\n\nSome *text*."
+    assert cells[1].source == "# a comment\nx = 1"
+    assert cells[1].line == 9 and cells[1].first_line == "x = 1"
+    assert cells[2].source == "print(x)" and cells[2].line == 15
+
+
+def test_a_failing_cell_stops_the_build_with_one_line(tmp_path, capsys):
+    source = tmp_path / "broken.py"
+    source.write_text("# %%\nprint('fine')\n\n# %%\nvalues = [1, 2]\nvalues[5]\n")
+    with pytest.raises(SystemExit) as exit_info:
+        common.run(guide.main, ["--source", str(source), "--out", str(tmp_path / "out"),
+                                "--platform", "cpu"], prog="python -m experiments.guide")
+    assert exit_info.value.code == common.USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "cell 2 (line 5: 'values = [1, 2]')" in err[0]
+    assert "IndexError" in err[0] and "line 6" in err[0]
+    assert not (tmp_path / "out" / "README.md").exists()
+
+
+def test_the_committed_guide_has_the_cells_of_its_source():
+    """docs/guide/guide.ipynb is rebuilt whenever guide.py changes (the outputs may
+    differ between machines; the cells may not)."""
+    committed = json.loads((ROOT / "docs" / "guide" / "guide.ipynb").read_text())
+    built = ["".join(c["source"]) for c in committed["cells"] if c["id"] != "cell-footer"]
+    assert built == [c.source for c in guide.parse_cells(SOURCE.read_text())], (
+        "docs/guide/guide.py changed: rebuild with `python -m experiments.guide`")
+
+
+@pytest.fixture(scope="module")
+def tiny_guide(tmp_path_factory):
+    out = tmp_path_factory.mktemp("guide")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.guide", "--size", "tiny", "--out", str(out),
+         "--platform", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_every_cell_of_the_tiny_guide_runs(tiny_guide):
+    readme = (tiny_guide / "README.md").read_text()
+    for chapter in ("## Model architecture", "## Model training", "## Model evaluation",
+                    "## Experiments and results", "## Observed limitations of CPU training",
+                    "## Limitations and weaknesses of U-Net", "## Future directions"):
+        assert chapter in readme
+    assert "31,031,745" in readme  # the guide's model, counted from its own parameters
+    assert "Traceback" not in readme
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
+    assert linked and all((tiny_guide / path).is_file() for path in linked)
+
+
+def test_the_tiny_guide_writes_a_valid_notebook(tiny_guide):
+    notebook = json.loads((tiny_guide / "guide.ipynb").read_text())
+    assert notebook["nbformat"] == 4 and notebook["nbformat_minor"] >= 4
+    assert notebook["metadata"]["kernelspec"]["language"] == "python"
+    cells = notebook["cells"]
+    assert {c["cell_type"] for c in cells} == {"markdown", "code"}
+    for cell in cells:
+        assert {"cell_type", "id", "metadata", "source"} <= set(cell)
+        if cell["cell_type"] == "code":
+            assert {"execution_count", "outputs"} <= set(cell)
+    images = [o for c in cells if c["cell_type"] == "code" for o in c["outputs"]
+              if "image/png" in o.get("data", {})]
+    assert len(images) >= len(FIGURES)
+    try:
+        import nbformat
+    except ImportError:
+        return
+    nbformat.validate(nbformat.reads(json.dumps(notebook), as_version=4))
+
+
+def test_the_tiny_guide_makes_every_figure(tiny_guide):
+    missing = [name for name in FIGURES if not (tiny_guide / "figures" / f"{name}.png").is_file()]
+    assert not missing
