@@ -96,7 +96,7 @@ def test_gpu_without_gpu_is_one_line_and_exit_2(tmp_path):
     (["--image-size", "30"], "--image-size"),
     (["--batch-size", "0"], "--batch-size"),
     (["--subset", "1.5"], "--subset"),
-    (["--loss", "focal"], "--loss"),
+    (["--loss", "hinge"], "--loss"),
     (["--data-dir", "/nonexistent/carvana"], "/nonexistent/carvana"),
     (["--resume"], "--resume needs --workdir"),
 ])
