@@ -129,6 +129,7 @@ class InputPipeline:
                             f"{batch_size * count} (--batch-size); lower the batch size")
         self._store = None  # (images, masks, ready) once the cache is opened
         self._sizes = None  # (n, 2) height and width of each cached example
+        self._starts = None  # (n + 1,) each example's first mask pixel in the store
         self._lock = threading.Lock()
         self._error = None  # the DataError message of a file that failed to decode
 
@@ -230,11 +231,11 @@ class InputPipeline:
             return self._decode(index)
         with self._lock:
             if self._store is None:
-                self._offsets_cache = self._offsets()
+                self._starts = self._offsets()
                 self._store = self._open_store()
         images, masks, ready = self._store
         (h, w), c = self.sizes()[index], self.in_channels
-        start, end = self._offsets_cache[index], self._offsets_cache[index + 1]
+        start, end = self._starts[index], self._starts[index + 1]
         image = images[start * c:end * c].reshape(h, w, c)
         mask = masks[start:end].reshape(h, w, 1)
         if not ready[index]:
