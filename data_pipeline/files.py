@@ -30,7 +30,7 @@ from pathlib import Path
 from PIL import UnidentifiedImageError
 
 from data_pipeline.errors import DataError
-from data_pipeline.preprocess import open_within_limit
+from data_pipeline.preprocess import load_mask, open_within_limit
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +88,17 @@ def detect_layout(data_dir) -> tuple[Path, Path, str]:
 
 def _by_stem(files: list[Path], strip: str = "") -> tuple[dict[str, Path], list[str]]:
     """Files keyed by stem (less the ``strip`` suffix), and the problems of stems
-    shared by two files, where the pairing would have to guess."""
-    found: dict[str, Path] = {}
-    problems = []
+    shared by several files (``e0.png`` and ``e0.jpg``). Such a stem is dropped
+    whole: which file its mask belongs to, or which mask ``e0_mask.png`` of
+    predict would be, is a guess, so neither file is used."""
+    claims: dict[str, list[Path]] = {}
     for f in files:
         stem = f.stem[: -len(strip)] if strip and f.stem.endswith(strip) else f.stem
-        if stem in found:
-            problems.append(f"{f} and {found[stem].name} both claim the name {stem!r}; "
-                            "remove one")
-        else:
-            found[stem] = f
+        claims.setdefault(stem, []).append(f)
+    found = {stem: paths[0] for stem, paths in claims.items() if len(paths) == 1}
+    problems = [f"{paths[0]} and {', '.join(p.name for p in paths[1:])} both claim the "
+                f"name {stem!r}; rename or remove all but one"
+                for stem, paths in claims.items() if len(paths) > 1]
     return found, problems
 
 
@@ -160,8 +161,13 @@ def _looks_complete(path: Path, fmt: str | None) -> bool:
     return False  # TIFF and others: decode to be sure
 
 
-def check_pair(pair: Pair) -> str | None:
-    """None if the pair is usable, else one line saying which file is wrong and how."""
+def check_pair(pair: Pair, num_classes: int = 1) -> str | None:
+    """None if the pair is usable, else one line saying which file is wrong and how.
+
+    With several classes the mask is decoded too and its class ids checked at the
+    file's own size (``preprocess.check_class_ids``): an id on a few pixels that
+    resizing drops would otherwise pass unseen.
+    """
     image_size, problem = image_problem(pair.image)
     if problem:
         return f"{pair.image} {problem}"
@@ -171,23 +177,28 @@ def check_pair(pair: Pair) -> str | None:
     if image_size != mask_size:
         return (f"{pair.mask} is {mask_size[0]}x{mask_size[1]} but its image "
                 f"{pair.image.name} is {image_size[0]}x{image_size[1]}")
+    if num_classes > 1:
+        try:
+            load_mask(pair.mask, None, num_classes)
+        except DataError as e:
+            return str(e)
     return None
 
 
 def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
-               workers: int = 16) -> list[Pair]:
+               num_classes: int = 1, workers: int = 16) -> list[Pair]:
     """Every usable image/mask pair under ``data_dir``, in name order.
 
     The layout is detected (Kaggle's or ``images/`` + ``masks/``). With ``check``,
     every file is opened in a pool of ``workers`` threads (the work is file reads and
     Pillow's C decoders, which release the GIL). A bad pair raises a DataError naming
     the first bad file, unless ``skip_bad``, which drops the bad pairs and logs a
-    warning listing them.
+    warning listing them. ``num_classes`` > 1 checks each mask's class ids as well.
     """
     pairs, problems = match_pairs(data_dir)
     if check and pairs:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            found = list(pool.map(check_pair, pairs))
+            found = list(pool.map(lambda pair: check_pair(pair, num_classes), pairs))
         problems += [p for p in found if p]
         pairs = [pair for pair, p in zip(pairs, found) if not p]
     if problems and not skip_bad:
@@ -204,8 +215,29 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
     return pairs
 
 
-def find_images(path) -> list[Path]:
-    """The images to predict: one image file, or a folder's images in name order."""
+def check_crop_fits(pairs, crop: tuple[int, int], scale: float) -> None:
+    """Raises DataError unless every image, resized by ``scale``, is at least a crop
+    in each direction: a scale that shrinks a photo to a few pixels would train on
+    mirrored copies of them and score near-empty validation images. Only the file
+    headers are read."""
+    from data_pipeline.preprocess import image_size_of, scaled_size
+
+    sizes = [(scaled_size(image_size_of(p.image), scale), p.image) for p in pairs]
+    (height, width), image = min(sizes, key=lambda s: (min(s[0][0] / crop[0],
+                                                           s[0][1] / crop[1]), str(s[1])))
+    if height < crop[0] or width < crop[1]:
+        raise DataError(f"{image} is {width}x{height} at --scale {scale}, smaller than "
+                        f"--crop {crop[0]} {crop[1]}; raise --scale or lower --crop to at "
+                        f"most {min(height, crop[0])} {min(width, crop[1])}")
+
+
+def find_images(path, *, skip_bad: bool = False) -> list[Path]:
+    """The images to predict: one image file, or a folder's images in name order.
+
+    Two images of one stem (``e0.png``, ``e0.jpg``) would write the same
+    ``e0_mask.png``: a DataError naming both, or with ``skip_bad`` both are left out
+    with a warning.
+    """
     path = Path(path).expanduser()
     if path.is_file():
         if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -214,8 +246,13 @@ def find_images(path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DataError(f"--input {path}: no such file or directory")
-    images = _images_in(path)
+    images, problems = _by_stem(_images_in(path))
+    if problems and not skip_bad:
+        raise DataError(f"{problems[0]}: their masks would share one output file; "
+                        "or pass --skip-bad to leave them out")
+    if problems:
+        log.warning("skipping images whose names clash:\n  %s", "\n  ".join(problems))
     if not images:
         raise DataError(f"--input {path}: the folder holds no images "
                         f"({', '.join(IMAGE_SUFFIXES)})")
-    return images
+    return sorted(images.values())

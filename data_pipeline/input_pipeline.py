@@ -125,8 +125,9 @@ class InputPipeline:
         self.shard = (index, count)
         self.num_classes = num_classes
         if train and len(self) == 0:
+            more = " or raise --crops-per-image" if crop is not None else ""
             raise DataError(f"{len(self.pairs)} training images make no full batch of "
-                            f"{batch_size * count} (--batch-size); lower the batch size")
+                            f"{batch_size * count} (--batch-size); lower the batch size{more}")
         self._store = None  # (images, masks, ready) once the cache is opened
         self._sizes = None  # (n, 2) height and width of each cached example
         self._starts = None  # (n + 1,) each example's first mask pixel in the store

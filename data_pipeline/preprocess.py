@@ -223,11 +223,29 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
         values = values[..., keep].max(axis=-1)
     if num_classes == 1:
         values = values >= 128 if lossy else values > 0
-    elif values.size and (values.max() >= num_classes or values.min() < 0):
-        found = int(values.max() if values.max() >= num_classes else values.min())
-        raise DataError(f"{path} holds class {found} but the model has {num_classes} "
-                        f"classes (0..{num_classes - 1}); raise --num-classes or fix the mask")
+    else:
+        check_class_ids(values, num_classes, path)
     return values.astype(np.uint8)[..., None]
+
+
+def check_class_ids(values: np.ndarray, num_classes: int, path) -> None:
+    """Raises DataError unless every value of a mask is a class id below ``num_classes``.
+
+    The one rule for class ids; ``files.check_pair`` applies it to each source mask
+    before training, so an id on pixels that resizing would drop is found too. A mask
+    of only 0 and 255 (or 65535) is a binary mask, for which the fix is
+    ``--num-classes 1``, not more classes.
+    """
+    if not values.size or (values.max() < num_classes and values.min() >= 0):
+        return
+    found = np.unique(values)
+    if len(found) <= 2 and found.max() in (255, 65535) and found.min() == 0:
+        raise DataError(f"{path} holds only 0 and {int(found.max())}, a binary mask, but "
+                        f"--num-classes is {num_classes}; pass --num-classes 1 for binary "
+                        "masks, or store class ids 0..C-1")
+    bad = int(found.max() if found.max() >= num_classes else found.min())
+    raise DataError(f"{path} holds class {bad} but the model has {num_classes} classes "
+                    f"(0..{num_classes - 1}); raise --num-classes or fix the mask")
 
 
 def load_example(pair, image_size, in_channels: int = 3, resize: str = "bilinear",

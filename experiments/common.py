@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
+
+from unet_jax.tiling import TTA
 
 USER_ERROR = 2
 
@@ -65,7 +68,7 @@ def add_checkpoint_flags(parser) -> None:
     g.add_argument("--overlap", type=float, metavar="F",
                    help="tiled prediction: fraction of a tile its neighbour shares "
                    "(default: the run's, 0.25 unless set)")
-    g.add_argument("--tta", choices=("none", "hflip", "flips"),
+    g.add_argument("--tta", choices=TTA,
                    help="test-time augmentation: average with the left-right mirror "
                    "(hflip) or every flip (flips) (default: the run's, none unless set)")
     add_platform_flag(parser)
@@ -96,6 +99,9 @@ def start_platform(platform: str, args=None) -> str:
     # orbax and tfds log routine notes through absl as warnings; the tools say what
     # matters themselves.
     logging.getLogger("absl").setLevel(logging.ERROR)
+    # TensorFlow's C++ start-up notes (oneDNN, CPU features) are read from the
+    # environment when TF is first imported, whichever module imports it first.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from unet_jax.platform import PlatformError, configure_platform, setup_platform
 
     try:

@@ -46,20 +46,16 @@ def select_pairs(args, config):
     run_dir = Path(args.checkpoint)
     data_dir = args.data_dir or config.data_dir or str(data_pipeline.sample_dataset_dir())
     if args.split == "all":
-        return data_pipeline.find_pairs(data_dir, skip_bad=args.skip_bad or config.skip_bad)
+        # Unchecked: scoring reads every file anyway, and names a bad one there (or with
+        # --skip-bad, skips it and counts it in "skipped").
+        return data_pipeline.find_pairs(data_dir, skip_bad=args.skip_bad, check=False)
     split_file = run_dir / "split.json"
     if not split_file.is_file():
         raise common.UserError(f"{run_dir} has no split.json, so its validation images are "
                                "unknown; pass --data-dir DIR --split all")
-    _, val_pairs = data_pipeline.read_split(split_file)
-    if args.data_dir:  # the data moved: find the same files, by name, in --data-dir
-        by_name = {p.image.name: p for p in data_pipeline.find_pairs(args.data_dir, skip_bad=True)}
-        missing = [p.image.name for p in val_pairs if p.image.name not in by_name]
-        if missing:
-            raise common.UserError(f"--data-dir {args.data_dir} lacks {len(missing)} of the "
-                                   f"run's validation images (e.g. {missing[0]})")
-        val_pairs = [by_name[p.image.name] for p in val_pairs]
-    return val_pairs
+    # Moved data is found by file name in --data-dir; a file that is there but
+    # unreadable is named when it is scored, not taken for missing.
+    return data_pipeline.read_split(split_file, args.data_dir)[1]
 
 
 def score(predictor, pairs, skip_bad: bool) -> dict:
@@ -76,21 +72,23 @@ def score(predictor, pairs, skip_bad: bool) -> dict:
     masks = {p.image: p.mask for p in pairs}
     scores = []
     start = time.perf_counter()
-    results = predictor.predict_files([p.image for p in pairs], skip_bad=skip_bad)
+    paths = [p.image for p in pairs]
+    results = predictor.predict_files(paths, skip_bad=skip_bad)
     # disable=None: a progress bar on terminals only, not in logs or pipes.
     for image, _, predicted in tqdm(results, total=len(pairs), unit="image", disable=None,
                                     desc=predictor.describe()):
-        # The true mask by the same rule training reads it with, at its own size.
         try:
+            # The true mask by the same rule training reads it with, at its own size.
             truth = preprocess.load_mask(masks[image], None, num_classes)[..., 0]
+            if truth.shape != predicted.shape:
+                raise DataError(f"{masks[image]}: mask is {truth.shape[1]}x{truth.shape[0]} "
+                                f"but its image is {predicted.shape[1]}x{predicted.shape[0]}; "
+                                "fix or remove the pair, or pass --skip-bad")
         except DataError as e:
             if not skip_bad:
                 raise
             logging.getLogger(__name__).warning("skipping %s", e)
             continue
-        if truth.shape != predicted.shape:
-            raise common.UserError(f"{masks[image]}: mask is {truth.shape[1]}x{truth.shape[0]} "
-                                   f"but its image is {predicted.shape[1]}x{predicted.shape[0]}")
         scores.append({k: np.asarray(v[0]) for k, v in segmentation_scores(
             predicted[None].astype(np.int32), truth[None].astype(np.int32), num_classes).items()})
     seconds = time.perf_counter() - start

@@ -41,7 +41,7 @@ def main(argv=None):
     import data_pipeline
     from unet_jax import rundir
     predictor = common.make_predictor(args)
-    paths = data_pipeline.find_images(args.input)
+    paths = data_pipeline.find_images(args.input, skip_bad=args.skip_bad)
     out = rundir.check_writable(Path(args.output), "--output")
     written = 0
     results = predictor.predict_files(paths, skip_bad=args.skip_bad, images=args.viz)

@@ -60,7 +60,7 @@ def main(argv=None):
         raise common.UserError(f"--checkpoint {args.checkpoint}: a Carvana submission needs a "
                                "binary model (num_classes 1); Kaggle's run-length encoding "
                                "holds one mask per image")
-    paths = data_pipeline.find_images(args.input)
+    paths = data_pipeline.find_images(args.input, skip_bad=args.skip_bad)
     out = Path(args.output)
     tmp = out.with_name(out.name + ".tmp")  # a crash never leaves a truncated CSV
     rows = 0

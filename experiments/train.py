@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 from experiments import common
 
@@ -44,20 +43,16 @@ def parse_args(argv=None):
 
 
 def build_config(args):
-    """The run's Config: preset < flags; on --resume, the saved settings < flags
-    (the trainer then refuses any flag that differs, except --epochs)."""
-    from unet_jax import config as config_lib, configs
+    """The run's Config: preset < flags. On --resume without --preset, the saved
+    settings < flags, so a resume needs no flag but --epochs; the trainer then refuses
+    any setting that differs from the run's, except --epochs (repeating the first
+    command, preset included, with --resume and more --epochs works)."""
+    from unet_jax import checkpoints, config as config_lib, configs, rundir
 
     given = config_lib.overrides(args)
-    if args.resume:
-        if args.preset:
-            raise common.UserError("--preset cannot be used with --resume: the run keeps its "
-                                   "own settings (only --epochs may change)")
-        saved = Path(args.workdir) / "config.json"
-        if not saved.is_file():
-            raise common.UserError(f"--resume: {args.workdir} holds no run (no config.json); "
-                                   "check --workdir, or drop --resume to start a new run")
-        return dataclasses.replace(config_lib.Config.load(saved), **given)
+    if args.resume and not args.preset:
+        rundir.check_start(args.workdir, resume=True)
+        return dataclasses.replace(checkpoints.load_config(args.workdir), **given)
     return configs.get(args.preset or "default", **given)
 
 

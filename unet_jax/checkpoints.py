@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import shutil
 import tempfile
 import threading
@@ -46,7 +45,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from unet_jax.config import Config
+from unet_jax.config import Config, flag, shown
 from unet_jax.train import TrainState, init_params
 
 BEST_METRIC = "val_dice"
@@ -140,55 +139,114 @@ def save(manager: ocp.CheckpointManager, epoch: int, state: TrainState, progress
     ), metrics={k: float(v) for k, v in metrics.items()})
 
 
-# --- Restoring, and telling a damaged checkpoint from our own mistakes ----------------
+# --- Restoring, and telling a damaged checkpoint from one that does not fit -----------
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files cannot be read; callers may fall back to another."""
+
 
 _RESTORE_LOCK = threading.Lock()
-_DRAIN_SECONDS = 120.0
 
 
-def _restore(manager: ocp.CheckpointManager, epoch: int, items: dict) -> dict:
+def _restore(manager: ocp.CheckpointManager, epoch: int, items: dict,
+             config: Config | None = None) -> dict:
     """``manager.restore`` of the ``items`` of checkpoint ``epoch``.
 
-    Orbax and TensorStore raise many kinds of exception for a file that is truncated,
-    missing or not what its metadata says (ValueError, FileNotFoundError, plain
-    Exception...), so whatever the restore call itself raises becomes one
-    CheckpointError naming the checkpoint; nothing else is wrapped, so a mistake in
-    our own code still shows its traceback.
+    First the checkpoint's own metadata is compared with what ``config`` builds
+    (``_misfit``): parameters of other shapes are the wrong settings, not damage, and
+    no other checkpoint of the run would fit either. After that, whatever the restore
+    raises (orbax and TensorStore raise many kinds for a truncated or missing file)
+    is damage: one DamagedCheckpoint naming the checkpoint.
     """
+    path = Path(manager.directory) / str(epoch)
+    misfit = _misfit(path / "params", items["params"], config)
+    if misfit:
+        raise CheckpointError(f"{path} does not fit the run's settings ({misfit}); "
+                              "restore the run's config.json, or pass the run directory "
+                              "this checkpoint belongs to")
     with _RESTORE_LOCK, _reads_finish_before_loops_close():
         try:
             return manager.restore(epoch, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 (see above)
             error = e
-    path = Path(manager.directory) / str(epoch)
-    raise CheckpointError(f"{path} is damaged ({_reason(error, epoch, items)})") from error
+    inner = error
+    while inner.__cause__ or inner.__context__:
+        inner = inner.__cause__ or inner.__context__
+    message = (str(inner).strip().splitlines() or [type(inner).__name__])[0][:200]
+    what = f"its {next(iter(items))}" if len(items) == 1 else "it"
+    raise DamagedCheckpoint(f"{path} is damaged ({what} cannot be read: {message})") from error
+
+
+def _misfit(params_dir: Path, target, config: Config | None) -> str | None:
+    """Why the parameters saved in ``params_dir`` cannot restore into ``target``
+    (shapes or names differ), naming the settings that differ where they can be read
+    off the saved shapes; None if they fit, or if the metadata cannot be read (a
+    restore then tells whether the files are intact)."""
+    try:
+        saved = _shapes(ocp.StandardCheckpointHandler().metadata(params_dir))
+    except Exception:  # noqa: BLE001 (no or unreadable metadata: let the restore decide)
+        return None
+    wanted = _shapes(target.item if hasattr(target, "item") else target)
+    if saved == wanted:
+        return None
+    inferred = _settings_of(saved) if config is not None else {}
+    differ = [name for name, value in inferred.items() if getattr(config, name) != value]
+    if differ:
+        trained = " and ".join(f"{flag(n)} {shown(inferred[n])}" for n in differ)
+        now = " and ".join(f"{flag(n)} {shown(getattr(config, n))}" for n in differ)
+        return f"it was trained with {trained}; config.json says {now}"
+    name = sorted(set(saved) ^ set(wanted) or
+                  [k for k in saved if saved[k] != wanted[k]])[0]
+    return (f"parameter {name} is {saved.get(name, 'absent')} in it, "
+            f"{wanted.get(name, 'absent')} for the run's settings")
+
+
+def _shapes(tree) -> dict:
+    return {jax.tree_util.keystr(k): tuple(v.shape)
+            for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _settings_of(shapes: dict) -> dict:
+    """The model settings that parameter shapes reveal: width, depth, channels,
+    classes, separable convolutions and attention gates (see ``models.UNet``)."""
+    separable = any("depthwise" in k for k in shapes)
+    first = "['down_1']['conv']['conv1']" + ("['depthwise']" if separable else "")
+    out = "['down_1']['conv']['conv1']" + ("['pointwise']" if separable else "")
+    settings = {"depth": len({k.split("]")[0] for k in shapes if k.startswith("['down_")}),
+                "separable": separable,
+                "attention": any("['attention']" in k for k in shapes)}
+    with contextlib.suppress(KeyError, IndexError):
+        settings["in_channels"] = shapes[first + "['kernel']"][-1 if separable else -2]
+        settings["base_features"] = shapes[out + "['bias']"][0]
+        settings["num_classes"] = shapes["['head']['bias']"][0]
+    return settings
 
 
 @contextlib.contextmanager
 def _reads_finish_before_loops_close():
-    """Makes the event loops orbax creates in this thread wait for their reads.
-
-    Orbax runs a restore in a fresh asyncio loop, one task per array. When one array
-    fails, it closes the loop at once; the other reads go on in TensorStore's threads
-    and, finishing, find the loop closed: pages of "RuntimeError: Event loop is
-    closed" and "Exception ignored in <coroutine>" on stderr after the one-line error.
-    Here a loop's ``close`` first lets its pending tasks end, as ``asyncio.run``
-    would. Loops of other threads (orbax's background saves) are left alone.
-    """
-    get_policy = getattr(asyncio, "get_event_loop_policy", None)
-    if get_policy is None:  # Python without loop policies: the noise is all we lose
-        yield
-        return
+    """Orbax restores in a fresh asyncio loop and closes it at the first failed read
+    while TensorStore's other reads go on: pages of "Event loop is closed" follow the
+    one-line error. Loops made in this thread meanwhile first let their tasks end."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # policies: deprecated in 3.14
-        policy = get_policy()
-    thread = threading.get_ident()
-    new_loop = policy.new_event_loop
+        warnings.simplefilter("ignore", DeprecationWarning)  # loop policies: 3.14
+        policy = asyncio.get_event_loop_policy()
+    thread, new_loop = threading.get_ident(), policy.new_event_loop
 
     def new_event_loop():
         loop = new_loop()
         if threading.get_ident() == thread:
-            _drain_on_close(loop)
+            close = loop.close
+
+            def drain_then_close():
+                pending = [] if loop.is_closed() or loop.is_running() else asyncio.all_tasks(loop)
+                if pending:
+                    done, _ = loop.run_until_complete(asyncio.wait(pending, timeout=120))
+                    for task in done:  # their errors are the one already raised
+                        if not task.cancelled():
+                            task.exception()
+                close()
+
+            loop.close = drain_then_close
         return loop
 
     policy.new_event_loop = new_event_loop
@@ -196,40 +254,6 @@ def _reads_finish_before_loops_close():
         yield
     finally:
         del policy.new_event_loop  # back to the class's method
-
-
-def _drain_on_close(loop: asyncio.AbstractEventLoop) -> None:
-    close = loop.close
-
-    def drain_then_close():
-        if not loop.is_closed() and not loop.is_running():
-            pending = asyncio.all_tasks(loop)
-            if pending:
-                done, _ = loop.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_SECONDS))
-                for task in done:  # their errors are the one already raised: retrieve them
-                    if not task.cancelled():
-                        task.exception()
-        close()
-
-    loop.close = drain_then_close
-
-
-def _reason(error: BaseException, epoch: int, items: dict) -> str:
-    """What part of the checkpoint failed and why, in a few words: the innermost
-    orbax/TensorStore message without the TensorStore spec and paths around it."""
-    chain, e = [], error
-    while e is not None and len(chain) < 10:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    text = " ".join(" ".join(str(e).split()) for e in chain)
-    item = next((name for name in items if f"{epoch}/{name}" in text), None)
-    message = " ".join(str(chain[-1]).split()) or type(chain[-1]).__name__
-    message = re.sub(r' in OCDBT database at (local file )?"[^"]*"', "", message)
-    for cut in (" See full TensorStore details", " [tensorstore_spec", " [source locations"):
-        message = message.split(cut)[0]
-    if len(message) > 200:
-        message = message[:197] + "..."
-    return f"its {item} cannot be read: {message}" if item else message
 
 
 def _abstract(tree):
@@ -242,24 +266,27 @@ def _state_items(state: TrainState) -> dict:
                 progress=ocp.args.JsonRestore())
 
 
-def restore_state(manager: ocp.CheckpointManager, state: TrainState, epoch: int | None = None):
+def restore_state(manager: ocp.CheckpointManager, state: TrainState, epoch: int | None = None,
+                  config: Config | None = None):
     """(state, progress) from checkpoint ``epoch`` (latest by default).
 
     ``state`` is a freshly created TrainState (or its ``jax.eval_shape``); it gives the
-    structure, shapes and shardings to restore into. A damaged checkpoint raises
-    CheckpointError.
+    structure, shapes and shardings to restore into; ``config``, the settings it was
+    made from, lets a checkpoint that does not fit name the setting that differs. A
+    damaged checkpoint raises DamagedCheckpoint.
     """
     epoch = manager.latest_step() if epoch is None else epoch
     if epoch is None:
         raise CheckpointError(f"no checkpoint in {manager.directory}")
-    restored = _restore(manager, epoch, _state_items(state))
+    restored = _restore(manager, epoch, _state_items(state), config)
     progress = dict(restored["progress"])
     state = state.replace(params=restored["params"], opt_state=restored["opt_state"],
                           step=progress["step"])
     return state, progress
 
 
-def restore_latest_intact(manager: ocp.CheckpointManager, state: TrainState):
+def restore_latest_intact(manager: ocp.CheckpointManager, state: TrainState,
+                          config: Config | None = None):
     """(state, progress, epoch, damaged epochs) from the newest checkpoint that reads.
 
     What ``--resume`` uses: a checkpoint damaged after it was written costs the epochs
@@ -272,8 +299,8 @@ def restore_latest_intact(manager: ocp.CheckpointManager, state: TrainState):
     damaged = []
     for epoch in sorted(manager.all_steps(), reverse=True):
         try:
-            restored, progress = restore_state(manager, state, epoch)
-        except CheckpointError as e:
+            restored, progress = restore_state(manager, state, epoch, config)
+        except DamagedCheckpoint as e:
             log.debug("%s", e)
             damaged.append(epoch)
             continue
@@ -370,8 +397,8 @@ def restore_params(run_dir, which: str | int = "best"):
         errors = []
         for epoch in _candidates(manager, which):
             try:
-                restored = _restore(manager, epoch, items)
-            except CheckpointError as e:
+                restored = _restore(manager, epoch, items, config)
+            except DamagedCheckpoint as e:
                 errors.append(str(e))
                 continue
             if errors:
@@ -388,7 +415,7 @@ def restore_params(run_dir, which: str | int = "best"):
 def _readable(manager, epoch, items) -> bool:
     try:
         _restore(manager, epoch, items)
-    except CheckpointError:
+    except DamagedCheckpoint:
         return False
     return True
 

@@ -28,6 +28,7 @@ from unet_jax.losses import FOCAL_GAMMA, LOSSES, TVERSKY_ALPHA
 from unet_jax.tiling import TTA
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MAX_OVERLAP = 0.75  # tiled prediction: at most 16 model calls per pixel
 KERNELS = ("auto", "stock")
 
 
@@ -117,7 +118,11 @@ class Config:
     def __post_init__(self):
         from data_pipeline.augment import parse_augment
 
-        self.image_size = normalize_image_size(self.image_size, self.depth)
+        self._coerce_types()
+        # Only the size the run uses must fit the depth: with --crop, whole images are
+        # never resized to --image-size, so its default may not stop a deeper U-Net.
+        self.image_size = normalize_image_size(self.image_size,
+                                               self.depth if self.crop is None else None)
         if self.crop is not None:
             self.crop = normalize_image_size(self.crop, self.depth, "--crop")
         try:
@@ -152,6 +157,12 @@ class Config:
             raise ConfigError(f"--focal-gamma {self.focal_gamma}: give 0 or more, e.g. 2")
         if not 0 <= self.tversky_alpha <= 1:
             raise ConfigError(f"--tversky-alpha {self.tversky_alpha}: give a value in [0, 1]")
+        # A loss's own setting with another loss would be ignored without a word.
+        for name, loss, default in (("focal_gamma", "focal", FOCAL_GAMMA),
+                                    ("tversky_alpha", "tversky", TVERSKY_ALPHA)):
+            if self.loss != loss and getattr(self, name) != default:
+                raise ConfigError(f"{flag(name)} {getattr(self, name)} needs --loss {loss} "
+                                  f"(the loss is {self.loss}): drop it or pass --loss {loss}")
         if self.attention and not self.skip_connections:
             raise ConfigError("--attention gates the skip connections: drop "
                               "--no-skip-connections or --attention")
@@ -166,12 +177,33 @@ class Config:
         if self.crop is None and self.crops_per_image != 1:
             raise ConfigError(f"--crops-per-image {self.crops_per_image} needs --crop H W "
                               "(without it, raise --epochs to see each image more often)")
-        if not (math.isfinite(self.overlap) and 0 <= self.overlap < 1):
-            raise ConfigError(f"--overlap {self.overlap}: give a fraction in [0, 1), e.g. 0.25")
+        if not (math.isfinite(self.overlap) and 0 <= self.overlap <= MAX_OVERLAP):
+            # Tiles per pixel grow as 1 / (1 - overlap)**2: 16 at 0.75, 10,000 at 0.99.
+            raise ConfigError(f"--overlap {self.overlap}: give a fraction in [0, "
+                              f"{MAX_OVERLAP}], e.g. 0.25 (0.5 for smoother seams)")
         if self.tta not in TTA:
             raise ConfigError(f"--tta {self.tta!r}: choose one of {', '.join(TTA)}")
         if not self.cache:
             raise ConfigError("--cache '': give 'memory', 'none' or a file prefix")
+
+    def _coerce_types(self) -> None:
+        """Each field as its declared type, so that ``Config(overlap="0.3")`` (a value
+        read from a file or a form) works and ``Config(epochs="ten")`` is a ConfigError
+        naming the flag, not a TypeError deep inside a check."""
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), _base_type(field.type)
+            if value is None or "tuple" in str(field.type) or (kind is str and
+                                                                isinstance(value, bool)):
+                continue  # sizes are checked below; augment=True means the defaults
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{flag(field.name)} {value!r}: give true or false")
+                continue
+            try:
+                setattr(self, field.name, _as_type(value, kind))
+            except (TypeError, ValueError, OverflowError):
+                what = {int: "a whole number", float: "a number"}.get(kind, "a value")
+                raise ConfigError(f"{flag(field.name)} {value!r}: give {what}") from None
 
     @property
     def compute_dtype(self):
@@ -267,6 +299,18 @@ def overrides(args: argparse.Namespace) -> dict:
     """The Config fields the user gave on the command line."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
             if getattr(args, f.name, None) is not None}
+
+
+def _as_type(value, kind):
+    """``value`` as ``kind`` (int, float or str); ValueError if it is not one."""
+    if isinstance(value, bool) and kind is not str:
+        raise ValueError(value)
+    if kind is int and not isinstance(value, int):
+        number = float(value)
+        if not number.is_integer():
+            raise ValueError(value)
+        return int(number)
+    return kind(value)
 
 
 def _base_type(annotation):

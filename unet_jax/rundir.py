@@ -1,4 +1,15 @@
-"""A run directory that one run owns at a time, and files in it that are never half-written.
+"""A run directory: what state it is in, one run at a time in it, no half-written files.
+
+The state of a directory decides what ``train`` may do with it, and is decided here
+alone (``check_start``), in one vocabulary:
+
+* **free**: nothing in it, or only a run that stopped before its first checkpoint
+  (a NaN loss, a bad file found while reading the data): nothing finished is lost by
+  starting it again, so a new run may start there;
+* **resumable**: it holds at least one checkpoint; ``--resume`` continues it, and a
+  new run is refused, since it would overwrite finished work;
+* **finished work without checkpoints**: ``metrics.csv`` is there but the checkpoints
+  are gone: nothing to resume from, and the metrics are never overwritten.
 
 Two training runs writing into one directory interleave their checkpoints and files
 and leave neither usable, so a run holds an exclusive lock on ``RUN_DIR/.lock`` while
@@ -19,6 +30,34 @@ from pathlib import Path
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used: busy, or not writable. One line, with the fix."""
+
+
+def has_checkpoint(directory) -> bool:
+    """Whether ``directory/checkpoints`` holds a finished checkpoint: orbax names one
+    by its epoch alone, and a save still in progress ``<epoch>.orbax-checkpoint-tmp``."""
+    folder = Path(directory) / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def check_start(directory, resume: bool, what: str = "--workdir") -> None:
+    """Raises RunDirError unless a run may start in ``directory`` (``resume`` False) or
+    be resumed from it (``resume`` True); see the module's docstring for the states."""
+    directory = Path(directory)
+    checkpoint = has_checkpoint(directory)
+    finished = (directory / "metrics.csv").exists()
+    if resume and not checkpoint:
+        if not (directory / "config.json").is_file():
+            raise RunDirError(f"--resume: {directory} holds no run (no config.json); check "
+                              f"{what}, or drop --resume to start a new run")
+        if finished:
+            raise RunDirError(f"--resume: {directory} has metrics.csv but no checkpoint to "
+                              f"resume from (checkpoints/ was removed); start a new run in "
+                              f"another {what}")
+        raise RunDirError(f"--resume: {directory} holds no checkpoint (its run stopped "
+                          "before finishing an epoch); drop --resume to start it again")
+    if not resume and (checkpoint or finished):
+        raise RunDirError(f"{what} {directory} already holds a run; pass --resume to "
+                          f"continue it, or choose another {what}")
 
 
 def check_writable(directory, what: str = "--workdir") -> Path:

@@ -77,47 +77,71 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
     # Every process writes the checkpoints; process 0 alone holds the lock.
     rundir.check_writable(workdir)
     with rundir.lock(workdir) if is_main else contextlib.nullcontext():
-        return _train(config, workdir, resume, log, is_main)
+        check_run_dir(config, workdir, resume)
+        mesh = parallel.make_mesh()  # one mesh over every device; batches split on axis 0
+        train_data, val_data, data_dir = build_data(config, workdir, resume)
+        state, manager, history = restore_or_init(config, workdir, resume, mesh, log)
+        try:
+            start_epoch = history[-1]["epoch"] if history else 0
+            if start_epoch >= config.epochs:
+                log(f"{workdir} has already trained {start_epoch} epochs; pass a larger "
+                    "--epochs to extend it")
+                return {"workdir": workdir, "history": history, "best": _best(history)}
+            if is_main:  # only now that the run starts (or resumes) does the directory change
+                write_run_files(config, workdir, train_data.pairs, val_data.pairs)
+            log(_summary(config, state, train_data, val_data, data_dir, workdir))
+            train_epochs(config, workdir, state, manager, history, train_data, val_data,
+                         mesh, log, is_main)
+        finally:
+            manager.wait_until_finished()
+            manager.close()
+    best = _best(history)
+    log(f"done: best validation Dice {best['val_dice']:.4f} (epoch {best['epoch']}); "
+        f"outputs in {workdir}/ (metrics.csv, loss.png, predictions.png, checkpoints/); "
+        f"predict with: python -m experiments.predict --checkpoint {workdir} --input IMAGE "
+        "--output DIR")
+    return {"workdir": workdir, "history": history, "best": best}
 
 
-def _train(config: Config, workdir: Path, resume: bool, log, is_main: bool) -> dict:
-    # --- Settings: a resumed run keeps its own (only --epochs may change).
-    config_file, split_file = workdir / "config.json", workdir / "split.json"
-    if resume:
-        if not config_file.is_file():
-            raise ConfigError(f"--resume: {workdir} holds no run (no config.json); check "
-                              "--workdir, or drop --resume to start a new run")
-        saved = Config.load(config_file)
-        changed = [name for name in saved.differences(config) if name != "epochs"]
-        if changed:
-            raise ConfigError(
-                f"{flag(changed[0])} {shown(getattr(config, changed[0]), changed[0])} differs "
-                f"from the run's {shown(getattr(saved, changed[0]), changed[0])} in "
-                f"{config_file}; --resume "
-                "continues a run with its own settings (only --epochs may change): drop "
-                "the flag or start a new --workdir")
-    elif config_file.exists() or (workdir / "checkpoints").exists():
-        raise ConfigError(f"--workdir {workdir} already holds a run; pass --resume to "
-                          "continue it, or choose another --workdir")
+# --- The phases of a run, in the order train_and_evaluate calls them ------------------
 
-    # --- Devices: one mesh over all of them; each batch is split along its first axis.
-    mesh = parallel.make_mesh()
-    processes = jax.process_count()
+def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
+    """Stops before anything is written unless the run may start (or resume) in
+    ``workdir`` (``rundir.check_start``); a resumed run keeps its own settings, so
+    a ``config`` that differs from its ``config.json`` in more than ``epochs`` is
+    refused, naming the flag."""
+    rundir.check_start(workdir, resume)
+    if not resume:
+        return
+    config_file = workdir / "config.json"
+    saved = Config.load(config_file)
+    changed = [name for name in saved.differences(config) if name != "epochs"]
+    if changed:
+        name = changed[0]
+        raise ConfigError(
+            f"{flag(name)} {shown(getattr(config, name), name)} differs from the run's "
+            f"{shown(getattr(saved, name), name)} in {config_file}; --resume continues a "
+            "run with its own settings (only --epochs may change): drop the flag or start "
+            "a new --workdir")
 
-    # --- Input: files checked before any training; the split kept in split.json, so
-    # a resumed run trains and validates on the same images.
+
+def build_data(config: Config, workdir: Path, resume: bool):
+    """(train pipeline, validation pipeline, data folder). Every file is checked
+    before any training (``data_pipeline.find_pairs``); the split is kept in
+    split.json, so a resumed run trains and validates on the same images."""
     data_dir = config.data_dir or str(data_pipeline.sample_dataset_dir())
+    split_file = workdir / "split.json"
     if resume and split_file.is_file():
         train_pairs, val_pairs = data_pipeline.read_split(split_file)
     else:
-        pairs = data_pipeline.find_pairs(data_dir, skip_bad=config.skip_bad)
+        pairs = data_pipeline.find_pairs(data_dir, skip_bad=config.skip_bad,
+                                         num_classes=config.num_classes)
         train_pairs, val_pairs = data_pipeline.split_pairs(
             pairs, method=config.split, val_fraction=config.val_fraction, seed=config.seed,
             subset=config.subset)
-    if len(train_pairs) * config.crops_per_image < config.batch_size:
-        raise ConfigError(f"--batch-size {config.batch_size} is larger than the "
-                          f"{len(train_pairs)} training images; lower it"
-                          + (" or raise --crops-per-image" if config.tiled else ""))
+    if config.crop is not None:
+        data_pipeline.check_crop_fits(train_pairs + val_pairs, config.crop, config.scale)
+    processes = jax.process_count()
     pipeline_kw = dict(image_size=config.image_size, batch_size=config.batch_size // processes,
                        in_channels=config.in_channels, num_classes=config.num_classes,
                        cache=None if config.cache == "none" else config.cache,
@@ -128,77 +152,44 @@ def _train(config: Config, workdir: Path, resume: bool, log, is_main: bool) -> d
                                              crops_per_image=config.crops_per_image,
                                              **pipeline_kw)
     val_data = data_pipeline.InputPipeline(val_pairs, train=False, **pipeline_kw)
+    return train_data, val_data, data_dir
 
-    # --- Model and optimizer; on resume, restored from the newest intact checkpoint.
+
+def restore_or_init(config: Config, workdir: Path, resume: bool, mesh, log):
+    """(state, checkpoint manager, history): a new state from ``config.seed``, or on
+    resume the newest intact checkpoint's state and the metrics of its epochs."""
     state = parallel.replicate(create_train_state(jax.random.key(config.seed), config), mesh)
-    backend = jax.default_backend()
     manager = checkpoints.checkpoint_manager(workdir, keep=config.keep_checkpoints)
-    history, start_epoch = [], 0
-    if resume and manager.all_steps():
-        state, progress, start_epoch, damaged = checkpoints.restore_latest_intact(manager, state)
-        history = progress["history"]
-        skipped = f" (damaged, not used: {', '.join(map(str, damaged))})" if damaged else ""
-        log(f"resuming {workdir} from epoch {start_epoch}{skipped}")
-    if start_epoch >= config.epochs:
+    if not resume:
+        return state, manager, []
+    try:
+        state, progress, epoch, damaged = checkpoints.restore_latest_intact(manager, state, config)
+    except BaseException:
         manager.close()
-        log(f"{workdir} has already trained {start_epoch} epochs; pass a larger --epochs "
-            "to extend it")
-        return {"workdir": workdir, "history": history, "best": _best(history)}
+        raise
+    skipped = f" (damaged, not used: {', '.join(map(str, damaged))})" if damaged else ""
+    log(f"resuming {workdir} from epoch {epoch}{skipped}")
+    return state, manager, progress["history"]
 
-    # Only now that the run is known to start (or resume) does the directory change.
-    if is_main:
-        settings = {**config.to_dict(), "device_count": jax.device_count(),
-                    "process_count": processes, "backend": backend}
-        rundir.write_text_atomic(config_file, json.dumps(settings, indent=2, sort_keys=True))
-        if not split_file.is_file():
-            data_pipeline.write_split(split_file, train_pairs, val_pairs)
 
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    if config.tiled:
-        size = (f"crops {shown(config.crop)} (x{config.crops_per_image} per image) of the "
-                f"images at scale {config.scale}, validated whole, tiled")
-    else:
-        size = f"size {config.image_size[0]}x{config.image_size[1]}"
-    log(f"unet-jax: {n_params:,} parameters on {backend} ({jax.device_count()} device(s), "
-        f"{processes} process(es)); {len(train_pairs)} training / {len(val_pairs)} "
-        f"validation images from {data_dir}; {size}, batch {config.batch_size}; run "
-        f"directory {workdir}")
+def write_run_files(config: Config, workdir: Path, train_pairs, val_pairs) -> None:
+    """config.json (with the devices the run uses) and, for a new run, split.json."""
+    settings = {**config.to_dict(), "device_count": jax.device_count(),
+                "process_count": jax.process_count(), "backend": jax.default_backend()}
+    rundir.write_text_atomic(workdir / "config.json",
+                             json.dumps(settings, indent=2, sort_keys=True))
+    if not (workdir / "split.json").is_file():
+        data_pipeline.write_split(workdir / "split.json", train_pairs, val_pairs)
+
+
+def train_epochs(config: Config, workdir: Path, state, manager, history: list, train_data,
+                 val_data, mesh, log, is_main: bool) -> None:
+    """The guide's loop: per epoch, one jitted step per training batch, validation,
+    a checkpoint, then the files a person reads. ``history`` grows by one row per
+    epoch."""
+    from tqdm import tqdm
+
     writer = report.SummaryWriter(workdir / "tensorboard") if is_main else None
-
-    def evaluate(params) -> tuple[dict, tuple]:
-        """Validation loss and metrics, and (images, masks, logits) of the first
-        validation images for the predictions figure."""
-        if not config.tiled:
-            sums = [eval_step(params, parallel.shard_batch(batch, mesh), state.apply_fn,
-                              loss=loss_spec(config))
-                    for batch in val_data.epoch(0)]
-            batch = next(iter(val_data.epoch(0)))
-            logits = predict_step(params, parallel.shard_batch(batch, mesh)["image"],
-                                  state.apply_fn)
-            keep = np.flatnonzero(batch["valid"])[:PREVIEW]
-            return merge_sums(jax.device_get(sums)), (
-                batch["image"][keep], batch["mask"][keep], parallel.local_rows(logits)[keep])
-        # Whole images at the training scale, tile by tile, as predict does it. Every
-        # process predicts every image (their sizes differ, so they cannot be split
-        # into equal global batches); each keeps the rows of its own tiles.
-        tiles_per_call = config.batch_size // processes
-
-        def predict(tiles):
-            logits = predict_step(params, parallel.shard_batch({"image": tiles}, mesh)["image"],
-                                  state.apply_fn)
-            return parallel.local_rows(logits)
-
-        sums, preview = [], ([], [], [])
-        for image, mask in val_data.examples():
-            image = data_pipeline.to_float(image)
-            logits = tiling.predict_tiled(predict, image, config.tile, config.overlap,
-                                          tiles_per_call)
-            mask = mask.astype(np.float32)
-            sums.append(score_logits(logits[None], {"mask": mask[None]}, loss_spec(config)))
-            if len(preview[0]) < PREVIEW:
-                for part, value in zip(preview, (image, mask, logits)):
-                    part.append(value)
-        return merge_sums(jax.device_get(sums)), preview
 
     def finite(loss, epoch: int, step: int) -> float:
         value = float(loss)
@@ -210,10 +201,8 @@ def _train(config: Config, workdir: Path, resume: bool, log, is_main: bool) -> d
                                 f"{step}; {kept} in {workdir}; lower --lr or check the data")
         return value
 
-    # --- Training loop: the guide's, one jitted step per batch.
-    from tqdm import tqdm
-
     try:
+        start_epoch = history[-1]["epoch"] if history else 0
         for epoch in range(start_epoch + 1, config.epochs + 1):
             start = time.perf_counter()
             losses, pending = [], None
@@ -233,7 +222,7 @@ def _train(config: Config, workdir: Path, resume: bool, log, is_main: bool) -> d
             train_seconds = time.perf_counter() - start
 
             # --- Validation: no gradients, every validation image once.
-            val, (images, masks, logits) = evaluate(state.params)
+            val, (images, masks, logits) = validate(config, state, val_data, mesh)
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
                    "val_loss": float(val["loss"]), "val_dice": float(val["dice"]),
                    "val_iou": float(val["iou"]),
@@ -258,17 +247,59 @@ def _train(config: Config, workdir: Path, resume: bool, log, is_main: bool) -> d
                 report.plot_loss(history, workdir / "loss.png")
                 report.plot_predictions(images, masks, logits, workdir / "predictions.png")
     finally:
-        manager.wait_until_finished()
-        manager.close()
         if writer is not None:
             writer.close()
 
-    best = _best(history)
-    log(f"done: best validation Dice {best['val_dice']:.4f} (epoch {best['epoch']}); "
-        f"outputs in {workdir}/ (metrics.csv, loss.png, predictions.png, checkpoints/); "
-        f"predict with: python -m experiments.predict --checkpoint {workdir} --input IMAGE "
-        "--output DIR")
-    return {"workdir": workdir, "history": history, "best": best}
+
+def validate(config: Config, state, val_data, mesh) -> tuple[dict, tuple]:
+    """Validation loss and metrics, and (images, masks, logits) of the first
+    validation images for the predictions figure."""
+    params = state.params
+    if not config.tiled:
+        sums = [eval_step(params, parallel.shard_batch(batch, mesh), state.apply_fn,
+                          loss=loss_spec(config))
+                for batch in val_data.epoch(0)]
+        batch = next(iter(val_data.epoch(0)))
+        logits = predict_step(params, parallel.shard_batch(batch, mesh)["image"],
+                              state.apply_fn)
+        keep = np.flatnonzero(batch["valid"])[:PREVIEW]
+        return merge_sums(jax.device_get(sums)), (
+            batch["image"][keep], batch["mask"][keep], parallel.local_rows(logits)[keep])
+    # Whole images at the training scale, tile by tile, as predict does it. Every
+    # process predicts every image (their sizes differ, so they cannot be split
+    # into equal global batches); each keeps the rows of its own tiles.
+    tiles_per_call = config.batch_size // jax.process_count()
+
+    def predict(tiles):
+        logits = predict_step(params, parallel.shard_batch({"image": tiles}, mesh)["image"],
+                              state.apply_fn)
+        return parallel.local_rows(logits)
+
+    sums, preview = [], ([], [], [])
+    for image, mask in val_data.examples():
+        image = data_pipeline.to_float(image)
+        logits = tiling.predict_tiled(predict, image, config.tile, config.overlap,
+                                      tiles_per_call)
+        mask = mask.astype(np.float32)
+        sums.append(score_logits(logits[None], {"mask": mask[None]}, loss_spec(config)))
+        if len(preview[0]) < PREVIEW:
+            for part, value in zip(preview, (image, mask, logits)):
+                part.append(value)
+    return merge_sums(jax.device_get(sums)), preview
+
+
+def _summary(config, state, train_data, val_data, data_dir, workdir) -> str:
+    """The run's first log line: model size, devices, data and sizes."""
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    if config.tiled:
+        size = (f"crops {shown(config.crop)} (x{config.crops_per_image} per image) of the "
+                f"images at scale {config.scale}, validated whole, tiled")
+    else:
+        size = f"size {config.image_size[0]}x{config.image_size[1]}"
+    return (f"unet-jax: {n_params:,} parameters on {jax.default_backend()} "
+            f"({jax.device_count()} device(s), {jax.process_count()} process(es)); "
+            f"{len(train_data.pairs)} training / {len(val_data.pairs)} validation images "
+            f"from {data_dir}; {size}, batch {config.batch_size}; run directory {workdir}")
 
 
 def _best(history: list[dict]) -> dict | None:

@@ -1,0 +1,257 @@
+"""User mistakes found by trying the tools as a new user would: each ends in one line
+naming the right file or flag (or, for a valid command, works), decided in one place."""
+
+import json
+
+import numpy as np
+import pytest
+
+import data_pipeline
+from data_pipeline import DataError
+from experiments import evaluate, predict, train
+from tests.data_fixtures import box_mask, write_image, write_mask
+from tests.test_experiments import TINY, call, read_metrics
+from unet_jax import checkpoints, configs, rundir, trainer
+from unet_jax.config import Config, ConfigError
+
+
+def own_folders(root, n=6, size=(48, 32), mask_value=255):
+    for i in range(n):
+        write_image(root / "images" / f"img{i}.png", size, seed=i)
+        write_mask(root / "masks" / f"img{i}.png", box_mask(size, seed=i), mask_value)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return own_folders(tmp_path_factory.mktemp("own"), n=8)
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """A tiny run of one epoch, shared by the tests that only read it."""
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    assert call(train.main, ["--data-dir", str(data), "--workdir", str(run_dir),
+                             "--epochs", "1", *TINY[:-2]]) == 0
+    return run_dir
+
+
+def last_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and "Traceback" not in "\n".join(lines)
+    return lines[-1]
+
+
+# --- Two files of one name --------------------------------------------------------------
+
+def test_predict_refuses_two_images_that_would_share_a_mask_file(run, tmp_path, capsys):
+    folder = tmp_path / "in"
+    write_image(folder / "e0.png", seed=1)
+    write_image(folder / "e0.jpg", seed=2)
+    write_image(folder / "e1.png", seed=3)
+    out = tmp_path / "out"
+    assert call(predict.main, ["--checkpoint", str(run), "--input", str(folder),
+                               "--output", str(out)]) == 2
+    line = last_line(capsys)
+    assert "e0.jpg" in line and "e0.png" in line and "--skip-bad" in line
+    assert not out.exists() or not any(out.iterdir())
+    assert call(predict.main, ["--checkpoint", str(run), "--input", str(folder),
+                               "--output", str(out), "--skip-bad"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["e1_mask.png"]
+
+
+def test_skip_bad_uses_neither_image_of_a_clash(tmp_path):
+    root = own_folders(tmp_path, n=3)
+    write_image(root / "images" / "img0.jpg", seed=9)  # img0.png's namesake
+    with pytest.raises(DataError, match="img0.jpg and img0.png both claim the name 'img0'"):
+        data_pipeline.find_pairs(root)
+    pairs = data_pipeline.find_pairs(root, skip_bad=True)
+    assert [p.image.name for p in pairs] == ["img1.png", "img2.png"]
+
+
+# --- Class ids --------------------------------------------------------------------------
+
+def test_a_class_id_beyond_num_classes_is_found_in_the_source_mask(tmp_path):
+    root = tmp_path / "d"
+    for i in range(3):
+        write_image(root / "images" / f"img{i}.png", (64, 64), seed=i)
+        ids = np.zeros((64, 64), np.uint8)
+        ids[8:24, 8:24] = 1 + i % 2
+        if i == 1:
+            ids[63, 63] = 5  # one pixel: resizing to 32x32 (nearest) drops it
+        write_mask(root / "masks" / f"img{i}.png", ids, value=1)
+    with pytest.raises(DataError, match=r"img1.png holds class 5 but the model has 3 classes"):
+        data_pipeline.find_pairs(root, num_classes=3)
+    assert [p.image.name for p in data_pipeline.find_pairs(root, num_classes=3, skip_bad=True)] \
+        == ["img0.png", "img2.png"]
+    assert len(data_pipeline.find_pairs(root, num_classes=6)) == 3
+
+
+def test_binary_masks_with_several_classes_advise_num_classes_1(data):
+    with pytest.raises(DataError, match=r"holds only 0 and 255, a binary mask, but "
+                       r"--num-classes is 2; pass --num-classes 1"):
+        data_pipeline.find_pairs(data, num_classes=2)
+
+
+def test_train_with_a_bad_class_id_is_one_line(data, tmp_path, capsys):
+    assert call(train.main, ["--data-dir", str(data), "--workdir", str(tmp_path / "r"),
+                             "--num-classes", "3", *TINY[:-2]]) == 2
+    assert "holds only 0 and 255" in last_line(capsys)
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
+# --- Sizes --------------------------------------------------------------------------------
+
+def test_a_scale_that_leaves_images_smaller_than_the_crop_is_one_line(data, tmp_path, capsys):
+    argv = ["--data-dir", str(data), "--workdir", str(tmp_path / "r"), "--crop", "16",
+            "--scale", "0.002", "--base-features", "4", "--depth", "2", "--batch-size", "4"]
+    assert call(train.main, argv) == 2
+    line = last_line(capsys)
+    assert "img0.png is 1x1 at --scale 0.002, smaller than --crop 16 16" in line
+    assert "raise --scale" in line
+
+
+def test_an_unused_image_size_does_not_stop_a_deeper_crop_run():
+    config = configs.get("default", crop=(64, 64), depth=6)
+    assert config.crop == (64, 64) and config.depth == 6
+    with pytest.raises(ConfigError, match="--crop"):
+        configs.get("default", crop=(48, 48), depth=6)
+
+
+# --- The run directory's state ------------------------------------------------------------
+
+def test_a_run_that_failed_before_its_first_checkpoint_leaves_its_workdir_free(data, tmp_path,
+                                                                              capsys, monkeypatch):
+    import unet_jax.trainer as lib
+
+    real_step = lib.train_step
+    monkeypatch.setattr(lib, "train_step", lambda state, batch, loss="bce": (
+        lambda out: (out[0], {**out[1], "loss": out[1]["loss"] * float("nan")}))(
+            real_step(state, batch, loss=loss)))
+    argv = ["--data-dir", str(data), "--workdir", str(tmp_path / "w"), "--epochs", "1",
+            *TINY[:-2]]
+    assert call(train.main, argv + ["--lr", "1e6"]) == 2
+    assert "no checkpoint was written" in last_line(capsys)
+    monkeypatch.setattr(lib, "train_step", real_step)
+    assert call(train.main, argv + ["--resume"]) == 2
+    assert "holds no checkpoint (its run stopped before finishing an epoch); drop --resume" \
+        in last_line(capsys)
+    assert call(train.main, argv + ["--lr", "1e-3"]) == 0
+    assert [r["epoch"] for r in read_metrics(tmp_path / "w")] == ["1"]
+
+
+def test_resume_without_checkpoints_never_overwrites_finished_metrics(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".lock"))
+    shutil.rmtree(copy / "checkpoints")
+    before = (copy / "metrics.csv").read_text()
+    assert call(train.main, ["--workdir", str(copy), "--resume", "--epochs", "2"]) == 2
+    assert "has metrics.csv but no checkpoint to resume from" in last_line(capsys)
+    assert call(train.main, ["--workdir", str(copy), *TINY[:-2]]) == 2
+    assert "already holds a run" in last_line(capsys)
+    assert (copy / "metrics.csv").read_text() == before
+
+
+def test_resume_accepts_the_preset_of_the_first_command(tmp_path):
+    workdir = tmp_path / "w"
+    (workdir / "checkpoints" / "1").mkdir(parents=True)
+    (workdir / "config.json").write_text(configs.tiny().to_json())
+    args = train.parse_args(["--preset", "tiny", "--workdir", str(workdir), "--resume",
+                             "--epochs", "3"])
+    config = train.build_config(args)
+    assert config.epochs == 3
+    trainer.check_run_dir(config, workdir, resume=True)  # does not raise
+    args = train.parse_args(["--preset", "default", "--workdir", str(workdir), "--resume"])
+    with pytest.raises(ConfigError, match="differs from the run's"):
+        trainer.check_run_dir(train.build_config(args), workdir, resume=True)
+
+
+def test_run_dir_states_on_disk(tmp_path):
+    empty = tmp_path / "empty"
+    rundir.check_start(empty, resume=False)
+    with pytest.raises(rundir.RunDirError, match="holds no run"):
+        rundir.check_start(empty, resume=True)
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints" / "1.orbax-checkpoint-tmp-5").mkdir(parents=True)
+    (stopped / "config.json").write_text("{}")
+    rundir.check_start(stopped, resume=False)  # an unfinished save is no checkpoint
+    done = tmp_path / "done"
+    (done / "checkpoints" / "2").mkdir(parents=True)
+    with pytest.raises(rundir.RunDirError, match="already holds a run"):
+        rundir.check_start(done, resume=False)
+
+
+# --- Checkpoints that do not fit the settings ---------------------------------------------
+
+def test_a_checkpoint_of_other_settings_is_named_as_such_not_as_damage(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".lock"))
+    settings = json.loads((copy / "config.json").read_text())
+    settings["base_features"] = 8
+    (copy / "config.json").write_text(json.dumps(settings))
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        checkpoints.restore_params(copy)
+    text = str(e.value)
+    assert "does not fit the run's settings" in text and "damaged" not in text
+    assert "trained with --base-features 4; config.json says --base-features 8" in text
+    assert call(train.main, ["--workdir", str(copy), "--resume", "--epochs", "2"]) == 2
+    line = last_line(capsys)
+    assert "does not fit the run's settings" in line and "--base-features 4" in line
+    assert not (copy / "checkpoints" / checkpoints.DAMAGED).exists()
+
+
+# --- evaluate ---------------------------------------------------------------------------
+
+def test_evaluate_names_a_truncated_mask_in_a_moved_data_dir(run, data, tmp_path, capsys):
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    split = json.loads((run / "split.json").read_text())
+    stem = split["validation"][0].rsplit("/", 1)[1].rsplit(".", 1)[0]
+    mask = moved / "masks" / f"{stem}.png"
+    mask.write_bytes(mask.read_bytes()[: mask.stat().st_size // 2])
+    out = tmp_path / "r.json"
+    argv = ["--checkpoint", str(run), "--data-dir", str(moved), "--output", str(out)]
+    assert call(evaluate.main, argv) == 2
+    line = last_line(capsys)
+    assert str(mask) in line and "lacks" not in line
+    assert call(evaluate.main, argv + ["--skip-bad"]) == 0
+    result = json.loads(out.read_text())
+    assert result["skipped"] == 1 and result["images"] == len(split["validation"]) - 1
+
+
+def test_evaluate_all_counts_a_wrong_size_mask_it_skips(run, tmp_path):
+    root = own_folders(tmp_path / "d", n=3)
+    write_mask(root / "masks" / "img2.png", box_mask((40, 32)))
+    out = tmp_path / "r.json"
+    assert call(evaluate.main, ["--checkpoint", str(run), "--data-dir", str(root), "--split",
+                                "all", "--skip-bad", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["images"], result["skipped"]) == (2, 1)
+
+
+# --- Settings -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(tversky_alpha=0.7), "--tversky-alpha 0.7 needs --loss tversky"),
+    (dict(focal_gamma=1.0, loss="dice"), "--focal-gamma 1.0 needs --loss focal"),
+    (dict(overlap=0.99), "--overlap 0.99: give a fraction in [0, 0.75]"),
+    (dict(epochs="ten"), "--epochs 'ten': give a whole number"),
+    (dict(batch_size=2.5), "--batch-size 2.5: give a whole number"),
+    (dict(skip_bad="yes"), "--skip-bad 'yes': give true or false"),
+])
+def test_settings_that_would_be_ignored_or_misread_are_refused(kwargs, message):
+    with pytest.raises(ConfigError) as e:
+        Config(**kwargs)
+    assert message in str(e.value)
+
+
+def test_settings_from_text_are_coerced():
+    config = Config(overlap="0.3", epochs="3", learning_rate="1e-3")
+    assert (config.overlap, config.epochs, config.learning_rate) == (0.3, 3, 1e-3)
+    assert Config(tversky_alpha=0.7, loss="tversky").tversky_alpha == 0.7
