@@ -36,14 +36,13 @@ def main(argv=None):
     except ImportError:
         raise common.UserError("import_torch needs PyTorch to read .pth files: "
                                "pip install torch (the CPU build is enough)") from None
-    from unet_jax import checkpoints, config_from_torch, params_from_torch
+    from unet_jax import checkpoints, config_from_torch, params_from_torch, rundir
     from unet_jax.config import normalize_image_size
 
     path, out = Path(args.weights), Path(args.out_dir)
     if not path.is_file():
         raise common.UserError(f"{path}: no such file")
-    if (out / "checkpoints").exists():
-        raise common.UserError(f"{out} already holds a run; choose another OUT_DIR")
+    rundir.check_start(out, resume=False, what="OUT_DIR", resumable=False)  # before reading
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for bad or unsafe files

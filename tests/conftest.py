@@ -1,12 +1,37 @@
-"""Tests write only under their temporary directories: the sample dataset, generated
-on first use, goes to a session temporary folder, never to the user's home."""
+"""Test-session settings.
+
+* The sample dataset, generated on first use, goes to a session temporary folder,
+  never to the user's home.
+* Every test process (pytest-xdist's workers, and the commands tests start as
+  subprocesses) shares one persistent XLA compilation cache in that folder: the suite
+  builds the same tiny U-Nets in many processes, and compiling them is most of its
+  time. Nothing is written to the user's own cache.
+"""
+
+import os
 
 import pytest
 
 
+def _session_root(tmp_path_factory):
+    """A folder shared by every xdist worker of this session (each has its own basetemp
+    below it), or the basetemp itself without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(autouse=True, scope="session")
-def _sample_data_in_a_temporary_folder(tmp_path_factory):
+def _sample_data_and_compile_cache_in_a_temporary_folder(tmp_path_factory):
+    root = _session_root(tmp_path_factory)
     mp = pytest.MonkeyPatch()
     mp.setenv("UNET_JAX_DATA", str(tmp_path_factory.mktemp("unet-jax-data")))
+    cache = root / "jax-compilation-cache"
+    cache.mkdir(exist_ok=True)
+    mp.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
+    mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     yield
     mp.undo()

@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from unet_jax import checkpoints  # noqa: E402
+from unet_jax import checkpoints, rundir  # noqa: E402
 from unet_jax.checkpoints import CheckpointError  # noqa: E402
 from unet_jax.config import Config  # noqa: E402
 from unet_jax.train import TrainState, create_train_state  # noqa: E402
@@ -392,7 +392,7 @@ def test_save_params_writes_a_run_that_restores(tmp_path, saved):
     (tmp_path / "empty").mkdir()
     checkpoints.save_params(tmp_path / "empty", params, CONFIG)
     assert checkpoints.restore_params(tmp_path / "empty")[2] == 0
-    with pytest.raises(CheckpointError, match="already holds a run; choose another"):
+    with pytest.raises(rundir.RunDirError, match="already holds a run; choose another"):
         checkpoints.save_params(out, params, CONFIG)
 
 

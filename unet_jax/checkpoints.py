@@ -1,30 +1,21 @@
 """Checkpoints with orbax: the last few epochs and the best one by validation Dice.
 
-A run directory looks like::
+``RUN_DIR/checkpoints/<epoch>/`` holds params/, opt_state/, progress/ (epoch, step,
+metric history as JSON) and metrics/ as separate orbax items, so inference restores
+the parameters alone. What a crash or a damaged file costs (orbax 0.12.8):
 
-    RUN_DIR/config.json          the Config the run was made with
-    RUN_DIR/checkpoints/<epoch>/ params/, opt_state/, progress/ (JSON), metrics/
+* A run killed while saving keeps its previous checkpoints: orbax writes into
+  ``<epoch>.orbax-checkpoint-tmp`` and renames it when complete.
+* Orbax deletes checkpoints that fall out of the keep policy file by file, in place,
+  and a run killed meanwhile left a half-deleted ``<epoch>`` listed as complete; so
+  they are first renamed into ``checkpoints/.deleting/`` (one atomic rename).
+* A checkpoint whose files cannot be read raises ``DamagedCheckpoint`` naming it and
+  the intact ones; ``--epoch best`` and ``--resume`` fall back to an intact one. One
+  that reads but was made with other settings (shapes in its metadata differ from
+  what config.json builds) is named as such: every checkpoint of the run would fail.
 
-Parameters, optimizer state and progress (epoch, step, metric history) are separate
-orbax items, so inference restores the parameters alone, without reading (or even
-knowing the structure of) the optimizer state.
-
-What a crash or a damaged file costs (measured with orbax 0.12.8):
-
-* A run killed while saving keeps its previous checkpoints: orbax writes each one
-  into ``<epoch>.orbax-checkpoint-tmp`` and renames it when complete, and never
-  lists a temporary directory.
-* Orbax deletes the checkpoints that fall out of the keep policy file by file, in
-  place: a run killed meanwhile left a half-deleted ``<epoch>`` that orbax listed as
-  complete. So old checkpoints are first renamed into ``checkpoints/.deleting/`` (one
-  atomic rename) and removed there.
-* A checkpoint damaged later (an array file truncated or deleted, a copy cut short)
-  raises ``CheckpointError`` naming it and the intact ones; ``--epoch best`` and
-  ``--resume`` fall back to an intact checkpoint instead. (A missing ``_METADATA``
-  alone is no damage: the restore target describes the same tree.)
-
-``restore_params`` (predict, evaluate) restores onto one device, whatever devices
-the run trained on; ``restore_latest_intact`` (``--resume``) into the shardings of the
+``restore_params`` (predict, evaluate) restores onto one device, whatever devices the
+run trained on; ``restore_latest_intact`` (``--resume``) into the shardings of the
 state it is given.
 """
 
@@ -45,6 +36,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from unet_jax import rundir
 from unet_jax.config import Config, flag, shown
 from unet_jax.train import TrainState, init_params
 
@@ -85,13 +77,6 @@ def _empty_deleting(directory: Path) -> None:
         (directory / DELETING).rmdir()
 
 
-class _DropOrbaxNote(logging.Filter):
-    """Drops orbax's note that a read-only manager's directory is read only."""
-
-    def filter(self, record):
-        return not record.getMessage().startswith("Given directory is read only")
-
-
 def checkpoint_manager(run_dir, keep: int = 2, read_only: bool = False,
                        asynchronous: bool = True) -> ocp.CheckpointManager:
     """A manager for ``RUN_DIR/checkpoints`` keeping the last ``keep`` and the best.
@@ -111,7 +96,8 @@ def checkpoint_manager(run_dir, keep: int = 2, read_only: bool = False,
         save_interval_steps=0 if read_only else 1,
         todelete_subdir=None if read_only else DELETING,
         enable_async_checkpointing=asynchronous)
-    quiet = _DropOrbaxNote()
+    # orbax logs a note for every read-only manager that its directory is read only.
+    quiet = lambda record: not record.getMessage().startswith("Given directory is read only")  # noqa: E731
     absl = logging.getLogger("absl")
     absl.addFilter(quiet)
     try:
@@ -427,13 +413,12 @@ def save_params(run_dir, params, config: Config, metrics: dict | None = None,
     predict and evaluate accept it like any training run's directory. Everything is
     written into a hidden sibling directory first and moved into place when complete,
     so a failure (or a kill) never leaves a half run directory; one that already holds
-    a run raises CheckpointError.
+    a run raises RunDirError.
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is a file; choose a directory for the run")
-    if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
-        raise CheckpointError(f"{run_dir} already holds a run; choose another directory")
+    rundir.check_start(run_dir, resume=False, what="the run directory", resumable=False)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.",
                                     suffix=".tmp"))

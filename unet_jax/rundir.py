@@ -39,9 +39,12 @@ def has_checkpoint(directory) -> bool:
     return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
-def check_start(directory, resume: bool, what: str = "--workdir") -> None:
+def check_start(directory, resume: bool, what: str = "--workdir", *,
+                resumable: bool = True) -> None:
     """Raises RunDirError unless a run may start in ``directory`` (``resume`` False) or
-    be resumed from it (``resume`` True); see the module's docstring for the states."""
+    be resumed from it (``resume`` True); see the module's docstring for the states.
+    ``resumable`` False: the command cannot resume (importing weights), so the
+    message offers no --resume."""
     directory = Path(directory)
     checkpoint = has_checkpoint(directory)
     finished = (directory / "metrics.csv").exists()
@@ -56,8 +59,9 @@ def check_start(directory, resume: bool, what: str = "--workdir") -> None:
         raise RunDirError(f"--resume: {directory} holds no checkpoint (its run stopped "
                           "before finishing an epoch); drop --resume to start it again")
     if not resume and (checkpoint or finished):
-        raise RunDirError(f"{what} {directory} already holds a run; pass --resume to "
-                          f"continue it, or choose another {what}")
+        hint = "pass --resume to continue it, or " if resumable else ""
+        raise RunDirError(f"{what} {directory} already holds a run; {hint}choose another "
+                          f"{what}")
 
 
 def check_writable(directory, what: str = "--workdir") -> Path:

@@ -22,7 +22,7 @@ import optax
 from flax.training import train_state
 
 from unet_jax import cpu_kernels, losses, metrics, tiling
-from unet_jax.config import Config
+from unet_jax.config import DTYPES, Config
 from unet_jax.models import UNet
 
 TrainState = train_state.TrainState
@@ -36,14 +36,24 @@ def create_model(config: Config, backend: str | None = None) -> UNet:
     way, so a checkpoint trained on one backend serves the other. The model options
     (skip connections, attention gates, separable convolutions) work with both.
     """
-    backend = backend or jax.default_backend()
+    cpu = config.kernels == "auto" and (backend or jax.default_backend()) == "cpu"
+    return _unet(config.num_classes, config.base_features, config.depth, config.dtype,
+                 config.skip_connections, config.attention, config.separable, cpu)
+
+
+# The same settings give the very same model and optimizer objects: jit keys its
+# compiled programs on them (the train state's ``apply_fn`` and ``tx``), so a second
+# run in one process (a notebook, a sweep, the tests) reuses the first one's programs
+# instead of compiling them again.
+@functools.lru_cache(maxsize=64)
+def _unet(num_classes, base_features, depth, dtype, skip_connections, attention, separable,
+          cpu_kernels_on) -> UNet:
     kernels = {}
-    if config.kernels == "auto" and backend == "cpu":
+    if cpu_kernels_on:
         kernels = dict(conv=cpu_kernels.CpuConv, pool=cpu_kernels.max_pool_2x2)
-    return UNet(num_classes=config.num_classes, base_features=config.base_features,
-                depth=config.depth, dtype=config.compute_dtype,
-                skip_connections=config.skip_connections, attention=config.attention,
-                separable=config.separable, **kernels)
+    return UNet(num_classes=num_classes, base_features=base_features, depth=depth,
+                dtype=DTYPES[dtype], skip_connections=skip_connections, attention=attention,
+                separable=separable, **kernels)
 
 
 def loss_spec(config: Config) -> losses.LossSpec:
@@ -60,8 +70,12 @@ def create_optimizer(config: Config) -> optax.GradientTransformation:
     included, with weight_decay 0.01 by default; optax's ``adamw`` does the same with
     these arguments, so the two optimise identically.
     """
-    return optax.adamw(config.learning_rate, b1=0.9, b2=0.999, eps=1e-8,
-                       weight_decay=config.weight_decay)
+    return _adamw(config.learning_rate, config.weight_decay)
+
+
+@functools.lru_cache(maxsize=64)
+def _adamw(learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
+    return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
 
 
 def init_params(rng, config: Config, model: UNet | None = None):
@@ -77,7 +91,12 @@ def init_params(rng, config: Config, model: UNet | None = None):
     side = 2 ** config.depth
     dummy = jnp.zeros((1, side, side, config.in_channels), jnp.float32)
     init_rng = jax.random.key(jax.random.bits(rng, dtype=jnp.uint32), impl="rbg")
-    return jax.jit(model.init)(init_rng, dummy)["params"]
+    return _jitted_init(model)(init_rng, dummy)["params"]
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_init(model: UNet):
+    return jax.jit(model.init)
 
 
 def create_train_state(rng, config: Config, model: UNet | None = None) -> TrainState:
