@@ -1,5 +1,6 @@
 """Tests write only under their temporary directories: the sample dataset, generated
-on first use, goes to a session temporary folder, never to the user's home."""
+on first use, and JAX's persistent compilation cache go to session temporary folders,
+never to the user's home."""
 
 import pytest
 
@@ -8,5 +9,6 @@ import pytest
 def _sample_data_in_a_temporary_folder(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("UNET_JAX_DATA", str(tmp_path_factory.mktemp("unet-jax-data")))
+    mp.setenv("UNET_JAX_COMPILE_CACHE", str(tmp_path_factory.mktemp("jax-cache")))
     yield
     mp.undo()
