@@ -43,7 +43,7 @@ def create_model(config: Config, backend: str | None = None) -> UNet:
     return UNet(num_classes=config.num_classes, base_features=config.base_features,
                 depth=config.depth, dtype=config.compute_dtype,
                 skip_connections=config.skip_connections, attention=config.attention,
-                separable=config.separable, **kernels)
+                separable=config.separable, remat=config.remat, **kernels)
 
 
 def loss_spec(config: Config) -> losses.LossSpec:
