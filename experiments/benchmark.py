@@ -553,6 +553,9 @@ def run_child(args, which: str, timeout: float | None = None) -> dict:
         child.communicate()
         raise common.UserError(f"the {which} measurement took over {timeout:.0f} s and "
                                "was stopped") from None
+    except BaseException:  # interrupted or terminated: the child goes too
+        os.killpg(child.pid, signal.SIGKILL)
+        raise
     if child.returncode != 0:
         lines = (stderr or stdout).strip().splitlines()
         raise common.UserError(f"the {which} measurement failed: "

@@ -40,6 +40,8 @@ import json
 import os
 import platform as host_platform
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,6 +122,8 @@ def run(args) -> int:
               "rows": [], "left_out": []}
     cache = tempfile.mkdtemp(prefix="unet-jax-suite-cache-")
     start, scale = time.perf_counter(), 1.0
+    # Stopped from outside (a time limit): end the running row's process as well.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         for row in rows:
             why_not = _missing(row, args)

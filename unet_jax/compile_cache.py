@@ -59,14 +59,22 @@ def resolve(setting: str | None = None) -> Path | None:
 
     Without a setting: ``UNET_JAX_COMPILE_CACHE``, then JAX's own configured folder,
     then ``default_dir()``."""
-    import jax
-
     value = setting if setting is not None else os.environ.get(ENV)
     if value is None:
-        value = jax.config.jax_compilation_cache_dir or str(default_dir())
+        value = _jax_own_dir() or str(default_dir())
     if value.strip().lower() in OFF or not value.strip():
         return None
     return Path(value).expanduser().resolve()
+
+
+def _jax_own_dir() -> str | None:
+    """The folder JAX was told to use (``JAX_COMPILATION_CACHE_DIR`` or its config)."""
+    import jax
+
+    try:
+        return getattr(jax.config, "jax_compilation_cache_dir", None) or None
+    except Exception:  # a JAX whose config does not read as attributes
+        return os.environ.get("JAX_COMPILATION_CACHE_DIR") or None
 
 
 def enable(setting: str | None = None, *, min_compile_s: float = MIN_COMPILE_S,
