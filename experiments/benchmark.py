@@ -399,8 +399,18 @@ def run_torch(args, channels_last: bool, compiled: bool = False) -> dict:
     name = "torch-compile" if compiled else (
         "torch-channels_last" if channels_last else "torch-nchw")
     cuda = device == "cuda"
-    return {"framework": name, "device": torch.cuda.get_device_name() if cuda else "cpu",
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    # the same network as the JAX rows, so the same count of FLOPs
+    from unet_jax import flops
+
+    count = flops.train_flops if args.mode == "train" else flops.forward_flops
+    flops_per_step = args.batch_size * count(h, w)
+    return {"framework": name, "device": device_name,
             "img_per_s": args.batch_size / timing["step_s"], **timing,
+            "flops_per_step": flops_per_step,
+            "gflops_per_s": flops_per_step / timing["step_s"] / 1e9,
+            "mfu": flops.utilisation(flops_per_step / timing["step_s"], device_name,
+                                     args.dtype),
             "compile_s": first_s, "peak_rss_mb": peak_rss_mb(),
             "peak_device_mb": torch.cuda.max_memory_allocated() / 1e6 if cuda else None,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -574,16 +584,6 @@ def torch_available() -> bool:
     return True
 
 
-def add_torch_flops(row: dict, jax_row: dict, dtype: str) -> None:
-    """GFLOP/s and MFU of a torch row: the same network, so the JAX row's count of
-    FLOPs per step over torch's step time."""
-    from unet_jax import flops
-
-    row["flops_per_step"] = jax_row["flops_per_step"]
-    row["gflops_per_s"] = row["flops_per_step"] / row["step_s"] / 1e9
-    row["mfu"] = flops.utilisation(row["gflops_per_s"] * 1e9, row["device"], dtype)
-
-
 def print_table(args, rows: list[dict]) -> None:
     """One line per row: images/s, GFLOP/s, peak memory, compile, and JAX's speed-up."""
     jax_row = rows[0]
@@ -656,8 +656,6 @@ def main(argv=None):
             notes.append("--compare-torch: torch is not installed here (pip install "
                          "torch, the CPU build is enough); JAX only")
     jax_row = rows[0]
-    for row in (r for r in rows[1:] if r["framework"].startswith("torch")):
-        add_torch_flops(row, jax_row, args.dtype)
     print_table(args, rows)
     for note in notes:
         print(note)
