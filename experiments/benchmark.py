@@ -5,18 +5,24 @@ compile caches, thread pools and peak memory of one measurement never leak into
 another. Images/s is the batch size over the median step time of ``--steps`` timed
 steps, after compiling and ``--warmup`` untimed steps; every step waits for its
 results (``block_until_ready``). Compile time (``jit(...).lower(...).compile()``) is
-reported apart from the steps. GFLOP/s is XLA's own FLOP count of the compiled program
-(``compiled.cost_analysis()['flops']``) over the median step time.
+reported apart from the steps, with what the persistent compilation cache did
+(``unet_jax/compile_cache.py``). GFLOP/s is the network's FLOPs counted from its shapes
+(``unet_jax/flops.py``: XLA's own count misses cuDNN's convolutions on a GPU) over the
+median step time; on a GPU the table of peak rates there turns it into a model FLOP
+utilisation (``mfu``), and ``peak_device_mb`` is the device's peak memory
+(``memory_stats()`` for JAX, ``max_memory_allocated()`` for torch).
 
 ``--compare-torch`` runs the guide's PyTorch U-Net (``experiments/torch_unet.py``) in
 the same invocation, the way the guide trains it (AdamW lr 3e-4, BCEWithLogitsLoss) or
 under ``torch.inference_mode``, in NCHW and in channels_last, with one thread per core,
-and prints JAX/torch ratios. Torch's GFLOP/s use the JAX program's FLOP count (the
-same network), so they compare directly. ``--mode pipeline`` times the tf.data input
+and prints JAX/torch ratios; on a GPU also under ``torch.compile`` (channels_last,
+bf16 autocast with ``--dtype bfloat16``), the peer a GPU user would pick. Torch's
+GFLOP/s use the same count (the same network), so they compare directly. ``--mode pipeline`` times the tf.data input
 pipeline alone, with no model (with ``--crop``, the patch-training pipeline).
 ``--mode tile`` times overlap-tile prediction of whole photos (1918x1280 by default,
 ``--photo-size``) in tiles of ``--image-size``: photos/s and the peak memory of the
 process, which the tiling keeps bounded whatever the photo's size.
+``--suite gpu`` runs the whole GPU check, row by row (``experiments/suite.py``).
 
 The machines we share are noisy: read ratios from one invocation, never absolute
 numbers from different runs. Each row records the load average and the CPU seconds
@@ -30,6 +36,7 @@ import json
 import os
 import platform as host_platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -48,13 +55,19 @@ python -m experiments.benchmark --mode pipeline --crop 256 --scale 0.5 --batch-s
 python -m experiments.benchmark --mode tile --image-size 256 --batch-size 8 --overlap 0.25 --steps 2
 python -m experiments.benchmark --mode tile --image-size 512 --photo-size 4000 6000 --steps 1
 python -m experiments.benchmark --platform gpu --dtype bfloat16 --image-size 512 --batch-size 32
+python -m experiments.benchmark --mode train --remat full --image-size 256 --batch-size 8
+python -m experiments.benchmark --mode pipeline --augment --kaggle-size-sample 64 --batch-size 16
+python -m experiments.benchmark --suite gpu --platform gpu --out results/gpu-suite
+python -m experiments.benchmark --suite gpu --platform cpu --quick --out /tmp/dry-run
 """
 
 # "jax" is the model as training builds it (on a CPU: with both CPU kernels); the
 # others measure what each CPU kernel of unet_jax/cpu_kernels.py buys (--compare-kernels).
 KERNEL_VARIANTS = {"jax-stock": (False, False), "jax-conv-kernel": (True, False),
                    "jax-pool-kernel": (False, True)}
-CHILDREN = ("jax", *KERNEL_VARIANTS, "torch-nchw", "torch-channels_last")
+TORCH_CHILDREN = ("torch-nchw", "torch-channels_last", "torch-compile")
+CHILDREN = ("jax", *KERNEL_VARIANTS, *TORCH_CHILDREN, "pipeline")
+TTA_VIEWS = {"none": 1, "hflip": 2, "flips": 4}
 
 
 def parse_args(argv=None):
@@ -93,6 +106,26 @@ def parse_args(argv=None):
                    help="tile mode: fraction of a tile its neighbour shares (default: 0.25)")
     p.add_argument("--tta", choices=("none", "hflip", "flips"), default="none",
                    help="tile mode: test-time flips (default: none)")
+    p.add_argument("--remat", choices=("none", "convs", "full"), default="none",
+                   help="train mode: rematerialise each block (unet_jax.Config.remat)")
+    p.add_argument("--metrics", choices=("step", "none"), default="step",
+                   help="train mode: 'step' computes the batch's Dice, IoU and accuracy in "
+                   "the step, as training does; 'none' measures a step with the loss alone")
+    p.add_argument("--augment", nargs="?", const="flip,shift,color", default="",
+                   metavar="OPS", help="pipeline mode: augmentations by name (alone: "
+                   "flip,shift,color), as train's --augment")
+    p.add_argument("--suite", choices=("gpu",),
+                   help="run the whole GPU check (experiments/suite.py): every row in its own "
+                   "process, markdown and JSON written to --out after each row")
+    p.add_argument("--out", metavar="PREFIX",
+                   help="--suite: write PREFIX.md and PREFIX.json (default: gpu-suite)")
+    p.add_argument("--quick", action="store_true",
+                   help="--suite: tiny sizes (32x32, batch 2, 2 steps), to try every code "
+                   "path on a CPU in minutes")
+    p.add_argument("--rows", help="--suite: only these rows, by id, comma-separated")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="--suite: stop starting rows that would not finish within this "
+                   "many seconds (default: 330; with --quick, 1800)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     common.add_platform_flag(p)
@@ -104,6 +137,13 @@ def parse_args(argv=None):
         raise common.UserError("--warmup must be 0 or more")
     if args.kaggle_size_sample is not None and args.kaggle_size_sample < 1:
         raise common.UserError("--kaggle-size-sample must be at least 1")
+    if args.augment:
+        from data_pipeline.augment import parse_augment
+
+        try:
+            args.augment = parse_augment(args.augment)
+        except ValueError as e:
+            raise common.UserError(str(e)) from None
     if args.compare_torch and args.base_features != 64:
         raise common.UserError("--compare-torch runs the guide's model, which has 64 base "
                                "features; leave --base-features at 64")
@@ -165,17 +205,18 @@ def run_jax(args, variant: str = "jax") -> dict:
     """One configuration of the Flax U-Net: the real ``train_step`` (AdamW, BCE, and
     its batch metrics) or ``predict_step``, on random data of the requested size.
     ``variant`` is "jax" (the model as training builds it) or a KERNEL_VARIANTS key."""
-    backend = common.start_platform(args.platform)
+    backend = common.start_platform(args.platform, args)
     import dataclasses
 
     import jax
     import numpy as np
 
     from unet_jax import Config, create_model, create_train_state, predict_step, train_step
-    from unet_jax import cpu_kernels
+    from unet_jax import compile_cache, cpu_kernels, flops as flop_count
 
     h, w = args.image_size
-    config = Config(base_features=args.base_features, dtype=args.dtype, image_size=(h, w))
+    config = Config(base_features=args.base_features, dtype=args.dtype, image_size=(h, w),
+                    remat=args.remat)
     model = None
     if variant in KERNEL_VARIANTS:
         conv, pool = KERNEL_VARIANTS[variant]
@@ -188,9 +229,10 @@ def run_jax(args, variant: str = "jax") -> dict:
     batch = {"image": jax.device_put(rng.uniform(size=(args.batch_size, h, w, 3)).astype(np.float32)),
              "mask": jax.device_put((rng.uniform(size=(args.batch_size, h, w, 1)) > 0.5).astype(np.float32))}
 
+    step_fn = train_step if args.metrics == "step" else loss_only_step
     start = time.perf_counter()
     if args.mode == "train":
-        lowered = train_step.lower(state, batch)
+        lowered = step_fn.lower(state, batch)
     else:
         lowered = predict_step.lower(state.params, batch["image"], state.apply_fn,
                                      args.tta if args.mode == "tile" else "none")
@@ -198,7 +240,12 @@ def run_jax(args, variant: str = "jax") -> dict:
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    flops = flops_of(compiled)
+    xla_flops = flops_of(compiled)
+    model_options = flop_count.model_options(config)
+    flops = args.batch_size * (
+        flop_count.train_flops(h, w, **model_options) if args.mode == "train"
+        else flop_count.forward_flops(h, w, **model_options)
+        * TTA_VIEWS[args.tta if args.mode == "tile" else "none"])
 
     holder = {"state": state}
     images_per_step, calls = args.batch_size, 1
@@ -226,13 +273,64 @@ def run_jax(args, variant: str = "jax") -> dict:
             jax.block_until_ready(compiled(state.params, batch["image"]))
 
     timing = time_steps(step, args.steps, args.warmup)
-    flops *= calls
-    return {"framework": variant, "backend": backend, "device": jax.devices()[0].device_kind,
+    flops, xla_flops = flops * calls, xla_flops * calls
+    device = jax.devices()[0]
+    return {"framework": variant, "backend": backend, "device": device.device_kind,
             "img_per_s": images_per_step / timing["step_s"], **timing,
             "model_calls_per_step": calls,
             "lower_s": lower_s, "compile_s": compile_s, "flops_per_step": flops,
-            "gflops_per_s": flops / timing["step_s"] / 1e9, "peak_rss_mb": peak_rss_mb(),
+            "xla_flops_per_step": xla_flops,
+            "gflops_per_s": flops / timing["step_s"] / 1e9,
+            "mfu": flop_count.utilisation(flops / timing["step_s"], device.device_kind,
+                                          args.dtype),
+            "peak_device_mb": jax_peak_device_mb(device), "peak_rss_mb": peak_rss_mb(),
+            "compile_cache": str(compile_cache.current_dir() or "off"),
+            "cache": compile_cache.stats(), "remat": args.remat, "metrics": args.metrics,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
+
+
+def jax_peak_device_mb(device) -> float | None:
+    """The device's peak memory in use (MB), where the backend reports it (GPUs; a
+    CPU reports nothing, and its figure is ``peak_rss_mb``)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # backends without the call raise rather than return None
+        return None
+    peak = (stats or {}).get("peak_bytes_in_use")
+    return None if peak is None else peak / 1e6
+
+
+def _loss_only_step(state, batch):
+    """A training step with the loss alone (``--metrics none``): what the batch
+    metrics of ``train_step`` cost, measured by leaving them out."""
+    import jax
+
+    from unet_jax import losses
+
+    def loss_fn(params):
+        logits = state.apply_fn({"params": params}, batch["image"])
+        return losses.per_image_loss("bce", logits, batch["mask"]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), {"loss": loss}
+
+
+class _LazyJit:
+    """``jax.jit(fn, donate_argnums=0)``, made on first use (JAX is imported only
+    after the platform is chosen)."""
+
+    def __init__(self, fn):
+        self.fn, self.jitted = fn, None
+
+    def __getattr__(self, name):
+        if self.jitted is None:
+            import jax
+
+            self.jitted = jax.jit(self.fn, donate_argnums=0)
+        return getattr(self.jitted, name)
+
+
+loss_only_step = _LazyJit(_loss_only_step)
 
 
 def cpu_count() -> int:
@@ -243,13 +341,14 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def run_torch(args, channels_last: bool) -> dict:
+def run_torch(args, channels_last: bool, compiled: bool = False) -> dict:
     """The guide's PyTorch U-Net, run as the guide runs it, in this process.
 
     Train: ``model(img)``, ``zero_grad``, ``BCEWithLogitsLoss``, ``backward``, AdamW
     ``step`` (lr 3e-4). Infer: the forward pass under ``torch.inference_mode`` in eval
     mode. One intra-op thread per core, as JAX's CPU backend uses. The first step
-    (allocations, oneDNN kernel selection) is reported as ``compile_s``.
+    (allocations, oneDNN kernel selection; with ``compiled``, ``torch.compile``'s
+    compilation) is reported as ``compile_s``.
     """
     import numpy as np
     import torch
@@ -262,12 +361,14 @@ def run_torch(args, channels_last: bool) -> dict:
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = UNet(3, 1).to(device=device, memory_format=fmt)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    if compiled:
+        model = torch.compile(model)
     rng = np.random.default_rng(0)
     img = torch.from_numpy(rng.uniform(size=(args.batch_size, 3, h, w)).astype(np.float32))
     mask = torch.from_numpy((rng.uniform(size=(args.batch_size, 1, h, w)) > 0.5).astype(np.float32))
     img = img.to(device).contiguous(memory_format=fmt)
     mask = mask.to(device).contiguous(memory_format=fmt)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     criterion = torch.nn.BCEWithLogitsLoss()
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
@@ -295,9 +396,23 @@ def run_torch(args, channels_last: bool) -> dict:
     step()
     first_s = time.perf_counter() - start
     timing = time_steps(step, args.steps, args.warmup)
-    return {"framework": "torch-channels_last" if channels_last else "torch-nchw",
-            "device": device, "img_per_s": args.batch_size / timing["step_s"], **timing,
+    name = "torch-compile" if compiled else (
+        "torch-channels_last" if channels_last else "torch-nchw")
+    cuda = device == "cuda"
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    # the same network as the JAX rows, so the same count of FLOPs
+    from unet_jax import flops
+
+    count = flops.train_flops if args.mode == "train" else flops.forward_flops
+    flops_per_step = args.batch_size * count(h, w)
+    return {"framework": name, "device": device_name,
+            "img_per_s": args.batch_size / timing["step_s"], **timing,
+            "flops_per_step": flops_per_step,
+            "gflops_per_s": flops_per_step / timing["step_s"] / 1e9,
+            "mfu": flops.utilisation(flops_per_step / timing["step_s"], device_name,
+                                     args.dtype),
             "compile_s": first_s, "peak_rss_mb": peak_rss_mb(),
+            "peak_device_mb": torch.cuda.max_memory_allocated() / 1e6 if cuda else None,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
@@ -337,10 +452,19 @@ def kaggle_size_sample(count: int, out_dir) -> Path:
     return out
 
 
+FEED_IMG_PER_S = 400  # about what one H100/H200-class GPU trains at 512x512 in bf16
+
+
 def run_pipeline(args) -> dict:
     """Images/s of the input pipeline alone (``experiments.throughput``): decoding
     every image from disk (``cold``, the first epoch or no cache) and reading the
-    decoded cache (``cached``, every later epoch)."""
+    decoded cache (``cached``, every later epoch), with ``--augment``'s augmentations.
+
+    tf.data spreads the work over every core of the host, so images/s per core (the
+    rate over the cores this process may use) times the cores of a GPU host says
+    whether it keeps up: ``cores_for_400`` is how many cores feed the 400 img/s that
+    one H100/H200-class GPU trains at (512x512, bf16), assuming the work scales
+    with the cores, which decoding and augmenting independent images does."""
     import data_pipeline
     from experiments.throughput import measure_throughput
 
@@ -359,12 +483,20 @@ def run_pipeline(args) -> dict:
                 f"--warmup {args.warmup}; use a smaller batch or more images")
         try:
             result = measure_throughput(pairs, size, args.batch_size, batches=batches,
-                                        warmup=args.warmup, crop=args.crop, scale=args.scale)
+                                        warmup=args.warmup, crop=args.crop, scale=args.scale,
+                                        augment=args.augment)
         except ValueError as e:
             raise common.UserError(str(e)) from None
     if args.kaggle_size_sample:  # the folder is gone by now
         data_dir = f"{args.kaggle_size_sample} synthetic 1918x1280 pairs (temporary)"
+    cores = cpu_count()
+    for kind in ("cold", "cached"):
+        rate = result.get(f"{kind}_img_per_s")
+        result[f"{kind}_img_per_s_per_core"] = rate / cores if rate else None
+        result[f"{kind}_cores_for_{FEED_IMG_PER_S}"] = (
+            FEED_IMG_PER_S / (rate / cores) if rate else None)
     return {"framework": "tf.data", "mode": "pipeline", "data_dir": str(data_dir),
+            "augment": args.augment or "none", "cores": cores,
             "kaggle_size_sample": args.kaggle_size_sample, "mean_image_kb": jpeg_kb,
             **result, "peak_rss_mb": peak_rss_mb(), "machine": machine_info()}
 
@@ -392,25 +524,54 @@ def machine_info() -> dict:
 
 def child_argv(args, which: str) -> list[str]:
     """The command line of the child that measures ``which`` for this invocation."""
-    return [sys.executable, "-m", "experiments.benchmark", "--mode", args.mode,
+    argv = [sys.executable, "-m", "experiments.benchmark", "--mode", args.mode,
             "--image-size", *map(str, args.image_size), "--batch-size", str(args.batch_size),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype,
             "--base-features", str(args.base_features), "--platform", args.platform,
             "--photo-size", *map(str, args.photo_size), "--scale", str(args.scale),
-            "--overlap", str(args.overlap), "--tta", args.tta, "--child", which]
+            "--overlap", str(args.overlap), "--tta", args.tta, "--remat", args.remat,
+            "--metrics", args.metrics, "--child", which]
+    if args.compile_cache:
+        argv += ["--compile-cache", args.compile_cache]
+    if args.augment:
+        argv += ["--augment", args.augment]
+    if args.kaggle_size_sample:
+        argv += ["--kaggle-size-sample", str(args.kaggle_size_sample)]
+    if args.data_dir:
+        argv += ["--data-dir", args.data_dir]
+    if args.crop:
+        argv += ["--crop", *map(str, args.crop)]
+    return argv
 
 
-def run_child(args, which: str) -> dict:
-    """Measures one configuration in a fresh process; returns its result row."""
+def run_child(args, which: str, timeout: float | None = None) -> dict:
+    """Measures one configuration in a fresh process; returns its result row, with
+    ``wall_s``, the child's whole life (start-up and compiling included).
+
+    A child that outlives ``timeout`` seconds is stopped with everything it started
+    (torch.compile's workers too) and reported as a UserError."""
     load = os.getloadavg()[0]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run(child_argv(args, which), capture_output=True, text=True, env=env,
-                            cwd=Path(__file__).resolve().parents[1])
-    if result.returncode != 0:
-        lines = (result.stderr or result.stdout).strip().splitlines()
+    start = time.perf_counter()
+    child = subprocess.Popen(child_argv(args, which), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env,
+                             cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        raise common.UserError(f"the {which} measurement took over {timeout:.0f} s and "
+                               "was stopped") from None
+    except BaseException:  # interrupted or terminated: the child goes too
+        os.killpg(child.pid, signal.SIGKILL)
+        raise
+    if child.returncode != 0:
+        lines = (stderr or stdout).strip().splitlines()
         raise common.UserError(f"the {which} measurement failed: "
-                               f"{lines[-1] if lines else f'exit status {result.returncode}'}")
-    row = json.loads(result.stdout.strip().splitlines()[-1])
+                               f"{lines[-1] if lines else f'exit status {child.returncode}'}")
+    row = json.loads(stdout.strip().splitlines()[-1])
+    row["wall_s"] = time.perf_counter() - start
     row["load_avg"] = round((load + os.getloadavg()[0]) / 2, 2)
     return row
 
@@ -435,16 +596,18 @@ def print_table(args, rows: list[dict]) -> None:
     print(f"{what}, batch {args.batch_size}, {args.dtype}, on "
           f"{jax_row['backend']} ({jax_row['device']}); median of {args.steps} steps "
           f"after {args.warmup} warm-up:")
-    print(f"  {'':20} {'img/s':>9} {'GFLOP/s':>8} {'cpu s/step':>10} {'peak MB':>8} "
-          f"{'compile s':>9} {'load':>5} {'jax/this':>8}")
+    print(f"  {'':20} {'img/s':>9} {'GFLOP/s':>8} {'MFU':>5} {'cpu s/step':>10} "
+          f"{'peak MB':>8} {'device MB':>9} {'compile s':>9} {'load':>5} {'jax/this':>8}")
     for row in rows:
         ratio = jax_row["img_per_s"] / row["img_per_s"]
+        mfu = f"{row['mfu']:5.0%}" if row.get("mfu") is not None else f"{'-':>5}"
+        device_mb = row.get("peak_device_mb")
+        device_mb = f"{device_mb:9.0f}" if device_mb is not None else f"{'-':>9}"
         print(f"  {row['framework']:20} {row['img_per_s']:9.3f} {row['gflops_per_s']:8.1f} "
-              f"{row['cpu_s']:10.2f} {row['peak_rss_mb']:8.0f} {row['compile_s']:9.1f} "
-              f"{row['load_avg']:5.2f} {ratio:8.2f}")
-    if len(rows) > 1:
-        print("  (torch GFLOP/s use XLA's FLOP count of the same network; compile s for "
-              "torch is its first step)")
+              f"{mfu} {row['cpu_s']:10.2f} {row['peak_rss_mb']:8.0f} {device_mb} "
+              f"{row['compile_s']:9.1f} {row['load_avg']:5.2f} {ratio:8.2f}")
+    print("  (GFLOP/s: the network's FLOPs counted from its shapes, unet_jax/flops.py; MFU "
+          "against the GPU's dense peak; compile s for torch is its first step)")
 
 
 def main(argv=None):
@@ -452,20 +615,31 @@ def main(argv=None):
     if args.child:
         if args.child.startswith("jax"):
             row = run_jax(args, args.child)
+        elif args.mode == "pipeline":
+            row = run_pipeline(args)
         else:
-            row = run_torch(args, channels_last=args.child == "torch-channels_last")
+            row = run_torch(args, channels_last=args.child != "torch-nchw",
+                            compiled=args.child == "torch-compile")
         print(json.dumps(row))
         return 0
+    if args.suite:
+        from experiments import suite
+
+        return suite.run(args)
 
     if args.mode == "pipeline":
         result = run_pipeline(args)
         into = (f"crops of {result['crop'][0]}x{result['crop'][1]} at scale {args.scale}"
                 if args.crop else f"{result['image_size'][0]}x{result['image_size'][1]}")
         print(f"input pipeline, {result['images']} images ({result['mean_image_kb']:.0f} kB "
-              f"mean file) to {into}, batch "
+              f"mean file) to {into}, augment {result['augment']}, batch "
               f"{result['batch_size']}: {result['cold_img_per_s']:.1f} img/s decoding from "
               f"disk, {result['cached_img_per_s']:.1f} img/s from the cache (filled in "
-              f"{result['cache_fill_s']:.1f} s)")
+              f"{result['cache_fill_s']:.1f} s), on {result['cores']} core(s): "
+              f"{result['cold_img_per_s_per_core']:.1f} and "
+              f"{result['cached_img_per_s_per_core']:.1f} img/s per core; "
+              f"{FEED_IMG_PER_S} img/s needs {result['cold_cores_for_400']:.1f} cores "
+              f"decoding, {result['cached_cores_for_400']:.1f} from the cache")
         if args.json:
             print(json.dumps(result))
         return 0
@@ -476,14 +650,12 @@ def main(argv=None):
     notes = []
     if args.compare_torch:
         if torch_available():
-            rows += [run_child(args, "torch-nchw"), run_child(args, "torch-channels_last")]
+            peers = TORCH_CHILDREN if rows[0]["backend"] == "gpu" else TORCH_CHILDREN[:2]
+            rows += [run_child(args, peer) for peer in peers]
         else:
             notes.append("--compare-torch: torch is not installed here (pip install "
                          "torch, the CPU build is enough); JAX only")
     jax_row = rows[0]
-    for row in (r for r in rows[1:] if r["framework"].startswith("torch")):
-        # the same network: XLA's FLOP count over torch's step time
-        row["gflops_per_s"] = jax_row["flops_per_step"] / row["step_s"] / 1e9
     print_table(args, rows)
     for note in notes:
         print(note)

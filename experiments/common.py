@@ -38,8 +38,15 @@ def make_parser(prog: str, doc: str, examples: str) -> Parser:
 
 
 def add_platform_flag(parser) -> None:
+    """--platform, and --compile-cache (``unet_jax.compile_cache``), which every command
+    that runs JAX shares."""
     parser.add_argument("--platform", choices=("auto", "cpu", "gpu"), default="auto",
                         help="where JAX runs; 'gpu' fails unless JAX sees a GPU (default: auto)")
+    parser.add_argument("--compile-cache", metavar="DIR|off",
+                        help="folder of JAX's persistent compilation cache, so a second run "
+                        "loads its compiled programs instead of compiling them again; 'off' "
+                        "turns it off (default: $UNET_JAX_COMPILE_CACHE, else "
+                        "~/.cache/unet-jax/jax-cache)")
 
 
 def positive_int(text: str) -> int:
@@ -95,17 +102,20 @@ def add_distributed_flags(parser) -> None:
 
 def start_platform(platform: str, args=None) -> str:
     """Chooses the JAX platform and its XLA settings (``unet_jax.setup_platform``, before
-    any JAX work), and joins a multi-process run when asked to."""
+    any JAX work), turns on the persistent compilation cache (``--compile-cache``), and
+    joins a multi-process run when asked to."""
     # orbax and tfds log routine notes through absl as warnings; the tools say what
     # matters themselves.
     logging.getLogger("absl").setLevel(logging.ERROR)
     # TensorFlow's C++ start-up notes (oneDNN, CPU features) are read from the
     # environment when TF is first imported, whichever module imports it first.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from unet_jax import compile_cache
     from unet_jax.platform import PlatformError, configure_platform, setup_platform
 
     try:
         configure_platform(platform)
+        compile_cache.enable(getattr(args, "compile_cache", None))
         explicit = [getattr(args, k, None) for k in ("coordinator", "num_processes", "process_id")]
         if any(v is not None for v in explicit):
             if any(v is None for v in explicit):
@@ -114,7 +124,7 @@ def start_platform(platform: str, args=None) -> str:
         elif getattr(args, "distributed", False):
             _initialize_distributed()
         return setup_platform(platform)
-    except PlatformError as e:
+    except (PlatformError, compile_cache.CompileCacheError) as e:
         raise UserError(str(e)) from None
 
 

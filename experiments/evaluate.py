@@ -117,7 +117,7 @@ def ways_to_compare(predictor, tile_given: bool, tta_given: str | None) -> list[
 
 def main(argv=None):
     args = parse_args(argv)
-    common.start_platform(args.platform)
+    common.start_platform(args.platform, args)
     from unet_jax import rundir
 
     predictor = common.make_predictor(args)

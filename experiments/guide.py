@@ -292,7 +292,7 @@ def main(argv=None):
         # without XLA's backend optimisations they compile in about two thirds the time.
         os.environ["XLA_FLAGS"] = " ".join(
             [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
-    common.start_platform(args.platform)
+    common.start_platform(args.platform, args)
     start, load = time.perf_counter(), os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="unet-jax-guide-"))
     try:

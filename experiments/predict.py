@@ -34,7 +34,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    common.start_platform(args.platform)
+    common.start_platform(args.platform, args)
     import numpy as np
     from tqdm import tqdm
 

@@ -51,7 +51,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    common.start_platform(args.platform)
+    common.start_platform(args.platform, args)
     from tqdm import tqdm
 
     import data_pipeline

@@ -26,12 +26,9 @@ def _sample_data_and_compile_cache_in_a_temporary_folder(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("UNET_JAX_DATA", str(tmp_path_factory.mktemp("unet-jax-data")))
     cache = root / "jax-compilation-cache"
-    cache.mkdir(exist_ok=True)
-    mp.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
-    mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-    import jax
+    mp.setenv("UNET_JAX_COMPILE_CACHE", str(cache))  # commands, in-process and started
+    from unet_jax import compile_cache
 
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    compile_cache.enable(str(cache), log=lambda *a, **k: None)
     yield
     mp.undo()

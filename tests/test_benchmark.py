@@ -1,6 +1,7 @@
 """experiments.benchmark end to end at a tiny size. Speed itself is never asserted."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,32 @@ def test_tile_mode_times_whole_photos_in_tiles():
     # of at most 24, in batches of 4
     assert r["model_calls_per_step"] == 4
     assert r["gflops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_s"] / 1e9)
+
+
+def test_the_gpu_suite_runs_where_tensorflow_and_matplotlib_are_missing(tmp_path):
+    """The GPU check's code paths, at a tiny size on the CPU, with TensorFlow and
+    matplotlib made unimportable (GPU images often lack both): the model row runs,
+    the pipeline row fails on its own without stopping the suite, the torch row is
+    left out with its reason, and the markdown and JSON are written."""
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    for name in ("tensorflow", "matplotlib"):
+        (blocked / f"{name}.py").write_text(f"raise ImportError('no {name} here')\n")
+    out = tmp_path / "results" / "suite"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--suite", "gpu", "--quick",
+         "--platform", "cpu", "--base-features", "4", "--out", str(out),
+         "--rows", "jax-infer-bf16,torch-compile-infer-bf16,pipeline-augment"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(ROOT)])})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.with_name("suite.json").read_text())
+    rows = {row["id"]: row for row in report["rows"]}
+    jax_row = rows["jax-infer-bf16"]
+    assert "error" not in jax_row, jax_row
+    assert jax_row["img_per_s"] > 0 and jax_row["dtype"] == "bfloat16"
+    assert jax_row["cache"]["cache_misses"] >= 1  # the suite's own, empty cache
+    assert "tensorflow" in rows["pipeline-augment"]["error"]
+    assert [r["id"] for r in report["left_out"]] == ["torch-compile-infer-bf16"]
+    table = out.with_name("suite.md").read_text()
+    assert "| jax-infer-bf16 |" in table and "64 base features" in table

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 
 from unet_jax.losses import FOCAL_GAMMA, LOSSES, TVERSKY_ALPHA
+from unet_jax.models import REMAT
 from unet_jax.tiling import TTA
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -60,6 +61,10 @@ class Config:
                              "U-Net, Oktay et al. 2018)")
     separable: bool = _field(False, "depthwise-separable 3x3 convolutions: the lightweight "
                              "U-Net, about a fifth of the parameters")
+    remat: str = _field("none", "trade compute for training memory: 'convs' keeps only "
+                        "the convolution outputs for the backward pass and recomputes the "
+                        "rest, 'full' recomputes each block from its input; same model, "
+                        "same checkpoints", choices=REMAT)
 
     # Data.
     data_dir: Optional[str] = _field(None, "Kaggle Carvana layout (train/, train_masks/) or "
@@ -141,7 +146,7 @@ class Config:
         if self.seed < 0:
             raise ConfigError(f"--seed {self.seed}: give a number of at least 0")
         for name, values in (("dtype", DTYPES), ("kernels", KERNELS), ("loss", LOSSES),
-                             ("split", ("car", "random"))):
+                             ("split", ("car", "random")), ("remat", REMAT)):
             if getattr(self, name) not in values:
                 raise ConfigError(f"{flag(name)} {getattr(self, name)!r}: choose one of "
                                   f"{', '.join(values)}")

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 ModuleDef = Any  # a Flax module class, or a functools.partial of one
@@ -72,7 +73,8 @@ class DoubleConv(nn.Module):
             else:
                 x = self.conv(self.features, (3, 3), padding="SAME", use_bias=True,
                               dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
-            x = nn.relu(x)
+            # named for UNet(remat="convs"), which keeps these and recomputes the rest
+            x = nn.relu(checkpoint_name(x, CONV_OUTPUT))
         return x
 
 
@@ -115,6 +117,29 @@ class SeparableConv(nn.Module):
         x = self.conv(channels, (3, 3), padding="SAME", feature_group_count=channels,
                       use_bias=False, name="depthwise", **kw)(x)
         return self.conv(self.features, (1, 1), use_bias=True, name="pointwise", **kw)(x)
+
+
+CONV_OUTPUT = "conv_output"
+REMAT = ("none", "convs", "full")
+
+
+def remat_policy(remat: str):
+    """What a rematerialised block keeps from its forward pass for the backward pass.
+
+    Training keeps every activation of the forward pass until the backward pass has
+    used it: at 512x512 that is most of a step's memory. ``jax.checkpoint`` trades it
+    for compute: a block keeps only what its policy saves, and recomputes the rest
+    from its input when the gradient needs it. 'convs' keeps the convolution outputs
+    and recomputes the cheap elementwise work around them (ReLU, pooling,
+    concatenation, the up-convolution's product); 'full' keeps nothing but the block's
+    input and runs the whole block forward again (about a third more arithmetic for a
+    training step, the least memory).
+    """
+    if remat == "convs":
+        return jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT)
+    if remat == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    raise ValueError(f"remat {remat!r}: choose one of {', '.join(REMAT)}")
 
 
 def max_pool(x):
@@ -307,6 +332,9 @@ class UNet(nn.Module):
       conv, pool: the 3x3 convolution module and the 2x2 pooling function, stock
         ``nn.Conv`` and ``max_pool`` by default (``unet_jax.train.create_model``
         swaps in ``cpu_kernels`` on a CPU: same parameters, same values).
+      remat: 'none', or rematerialise each level's block (``remat_policy``): 'convs'
+        or 'full' trade compute for memory. The parameters and the values are the
+        same (a checkpoint serves every setting); only the gradient's memory changes.
 
     Options, the guide's "future directions" (all off, the guide's U-Net, by default):
       skip_connections: False drops the skips, leaving an encoder-decoder that must
@@ -332,6 +360,7 @@ class UNet(nn.Module):
     skip_connections: bool = True
     attention: bool = False
     separable: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x):
@@ -343,22 +372,27 @@ class UNet(nn.Module):
         check_input_size(x.shape[1], x.shape[2], self.depth)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv=self.conv,
                   separable=self.separable)
+        down_block, double_conv, up_block = DownSample, DoubleConv, UpSample
+        if self.remat != "none":  # same modules, same names: the same parameters
+            policy = remat_policy(self.remat)
+            down_block, double_conv, up_block = (nn.remat(block, policy=policy)
+                                                 for block in (DownSample, DoubleConv, UpSample))
 
         # Contracting path: keep each level's pre-pool map for its skip connection.
         skips = []
         for i in range(self.depth):
-            down, x = DownSample(self.base_features * 2 ** i, pool=self.pool,
+            down, x = down_block(self.base_features * 2 ** i, pool=self.pool,
                                  name=f"down_{i + 1}", **kw)(x)
             skips.append(down)
 
         # Bottleneck: the most compressed, most abstract view of the whole image.
-        x = DoubleConv(self.base_features * 2 ** self.depth, name="bottleneck", **kw)(x)
+        x = double_conv(self.base_features * 2 ** self.depth, name="bottleneck", **kw)(x)
 
         # Expansive path: the deepest skip joins the first up level, and so on.
         for i, skip in enumerate(reversed(skips)):
             if not self.skip_connections:
                 skip = None  # the decoder must rebuild the details from below alone
-            x = UpSample(self.base_features * 2 ** (self.depth - 1 - i), name=f"up_{i + 1}",
+            x = up_block(self.base_features * 2 ** (self.depth - 1 - i), name=f"up_{i + 1}",
                          attention=self.attention, **kw)(x, skip)
 
         # Head: a per-pixel linear classifier over the 64 decoder features.

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only: runs on servers without a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _pyplot():
+    """matplotlib's pyplot, drawing to files only (servers have no display). Imported
+    on first use, so that ``import unet_jax`` works where matplotlib is not installed
+    (many GPU images): only the figures of a training run need it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
     """Training and validation loss per epoch, as the guide's ``plot_loss`` draws it."""
+    plt = _pyplot()
     epochs = [r["epoch"] for r in history]
     fig = plt.figure(figsize=(10, 6))
     plt.plot(epochs, [r["train_loss"] for r in history], label="Training Loss", marker="o")
@@ -30,6 +39,7 @@ def plot_predictions(images, masks, logits, path: Path, rows: int = 4) -> None:
 
     ``images``, ``masks`` and ``logits`` are batches or lists of (H, W, ...) arrays
     (whole images of a crop-trained run differ in size)."""
+    plt = _pyplot()
     keep = range(min(len(images), rows))
     fig, axes = plt.subplots(len(keep), 3, figsize=(9, 2.6 * len(keep)), squeeze=False)
     for row, i in enumerate(keep):
@@ -49,7 +59,7 @@ def _save(fig, path: Path) -> None:
     # Write beside, then rename: a viewer never sees a half-written PNG.
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    _pyplot().close(fig)
     tmp.replace(path)
 
 

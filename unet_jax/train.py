@@ -38,7 +38,8 @@ def create_model(config: Config, backend: str | None = None) -> UNet:
     """
     cpu = config.kernels == "auto" and (backend or jax.default_backend()) == "cpu"
     return _unet(config.num_classes, config.base_features, config.depth, config.dtype,
-                 config.skip_connections, config.attention, config.separable, cpu)
+                 config.skip_connections, config.attention, config.separable, config.remat,
+                 cpu)
 
 
 # The same settings give the very same model and optimizer objects: jit keys its
@@ -47,13 +48,13 @@ def create_model(config: Config, backend: str | None = None) -> UNet:
 # instead of compiling them again.
 @functools.lru_cache(maxsize=64)
 def _unet(num_classes, base_features, depth, dtype, skip_connections, attention, separable,
-          cpu_kernels_on) -> UNet:
+          remat, cpu_kernels_on) -> UNet:
     kernels = {}
     if cpu_kernels_on:
         kernels = dict(conv=cpu_kernels.CpuConv, pool=cpu_kernels.max_pool_2x2)
     return UNet(num_classes=num_classes, base_features=base_features, depth=depth,
                 dtype=DTYPES[dtype], skip_connections=skip_connections, attention=attention,
-                separable=separable, **kernels)
+                separable=separable, remat=remat, **kernels)
 
 
 def loss_spec(config: Config) -> losses.LossSpec:

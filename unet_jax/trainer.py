@@ -41,7 +41,7 @@ import jax
 import numpy as np
 
 import data_pipeline
-from unet_jax import checkpoints, parallel, report, rundir, tiling
+from unet_jax import checkpoints, compile_cache, parallel, report, rundir, tiling
 from unet_jax.config import Config, ConfigError, flag, shown
 from unet_jax.train import (create_train_state, eval_step, loss_spec, merge_sums,
                             predict_step, score_logits, train_step)
@@ -76,6 +76,10 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
     # --- Run directory: one training run at a time, and no finished run overwritten.
     # Every process writes the checkpoints; process 0 alone holds the lock.
     rundir.check_writable(workdir)
+    try:  # compile once: a later run of the same step loads it (unet_jax/compile_cache.py)
+        compile_cache.enable_default()
+    except compile_cache.CompileCacheError as e:
+        raise ConfigError(str(e)) from None
     with rundir.lock(workdir) if is_main else contextlib.nullcontext():
         check_run_dir(config, workdir, resume)
         mesh = parallel.make_mesh()  # one mesh over every device; batches split on axis 0
