@@ -1,7 +1,6 @@
 """unet_jax.prediction: the mode object, and prediction as one program on the device,
 checked against the host's numpy tiling (``tiling.predict_tiled``) and Pillow's resize."""
 
-import dataclasses
 import os
 import subprocess
 import sys
