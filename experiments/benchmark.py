@@ -21,7 +21,10 @@ GFLOP/s use the same count (the same network), so they compare directly. ``--mod
 pipeline alone, with no model (with ``--crop``, the patch-training pipeline).
 ``--mode tile`` times overlap-tile prediction of whole photos (1918x1280 by default,
 ``--photo-size``) in tiles of ``--image-size``: photos/s and the peak memory of the
-process, which the tiling keeps bounded whatever the photo's size.
+process, which the tiling keeps bounded whatever the photo's size. ``--mode whole``
+times the same photos in one pass each. Both run ``prediction.predict_batch``, the
+program predict, evaluate and submit use: a uint8 photo at the training scale in, the
+mask at the photo's own size out.
 ``--suite gpu`` runs the whole GPU check, row by row (``experiments/suite.py``).
 
 The machines we share are noisy: read ratios from one invocation, never absolute
@@ -32,6 +35,7 @@ per step (``cpu_s``), which a busy machine disturbs much less than wall time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform as host_platform
@@ -54,6 +58,7 @@ python -m experiments.benchmark --mode pipeline --image-size 512 --batch-size 32
 python -m experiments.benchmark --mode pipeline --crop 256 --scale 0.5 --batch-size 16 --kaggle-size-sample 64
 python -m experiments.benchmark --mode tile --image-size 256 --batch-size 8 --overlap 0.25 --steps 2
 python -m experiments.benchmark --mode tile --image-size 512 --photo-size 4000 6000 --steps 1
+python -m experiments.benchmark --mode whole --base-features 8 --batch-size 1 --steps 2
 python -m experiments.benchmark --platform gpu --dtype bfloat16 --image-size 512 --batch-size 32
 python -m experiments.benchmark --mode train --remat full --image-size 256 --batch-size 8
 python -m experiments.benchmark --mode pipeline --augment --kaggle-size-sample 64 --batch-size 16
@@ -72,9 +77,11 @@ TTA_VIEWS = {"none": 1, "hflip": 2, "flips": 4}
 
 def parse_args(argv=None):
     p = common.make_parser("experiments.benchmark", __doc__.split("\n\n")[0], EXAMPLES)
-    p.add_argument("--mode", choices=("train", "infer", "pipeline", "tile"), default="train",
+    p.add_argument("--mode", choices=("train", "infer", "pipeline", "tile", "whole"),
+                   default="train",
                    help="a full AdamW training step, a forward pass, the input pipeline, "
-                   "or overlap-tile prediction of whole photos (tiles of --image-size)")
+                   "overlap-tile prediction of whole photos (tiles of --image-size), or "
+                   "whole photos in one pass (--batch-size photos per call)")
     p.add_argument("--image-size", type=int, nargs="+", default=[128], metavar=("H", "W"),
                    help="model input height [width] (default: 128)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -98,14 +105,15 @@ def parse_args(argv=None):
                    help="pipeline mode: random crops of this size (patch training) instead "
                    "of whole images resized to --image-size")
     p.add_argument("--scale", type=float, default=1.0,
-                   help="pipeline mode with --crop, and tile mode: resize each image by this "
-                   "factor first (default: 1.0)")
+                   help="pipeline mode with --crop, and tile and whole modes: resize each "
+                   "image by this factor first (default: 1.0)")
     p.add_argument("--photo-size", type=int, nargs=2, default=[1280, 1918], metavar=("H", "W"),
-                   help="tile mode: the photo's height and width (default: Carvana's 1280 1918)")
+                   help="tile and whole modes: the photo's height and width (default: "
+                   "Carvana's 1280 1918)")
     p.add_argument("--overlap", type=float, default=0.25,
                    help="tile mode: fraction of a tile its neighbour shares (default: 0.25)")
     p.add_argument("--tta", choices=("none", "hflip", "flips"), default="none",
-                   help="tile mode: test-time flips (default: none)")
+                   help="tile and whole modes: test-time flips (default: none)")
     p.add_argument("--remat", choices=("none", "convs", "full"), default="none",
                    help="train mode: rematerialise each block (unet_jax.Config.remat)")
     p.add_argument("--metrics", choices=("step", "none"), default="step",
@@ -230,12 +238,13 @@ def run_jax(args, variant: str = "jax") -> dict:
              "mask": jax.device_put((rng.uniform(size=(args.batch_size, h, w, 1)) > 0.5).astype(np.float32))}
 
     step_fn = train_step if args.metrics == "step" else loss_only_step
+    if args.mode in ("tile", "whole"):
+        return run_prediction(args, config, state, backend)
     start = time.perf_counter()
     if args.mode == "train":
         lowered = step_fn.lower(state, batch)
     else:
-        lowered = predict_step.lower(state.params, batch["image"], state.apply_fn,
-                                     args.tta if args.mode == "tile" else "none")
+        lowered = predict_step.lower(state.params, batch["image"], state.apply_fn)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()
@@ -244,40 +253,81 @@ def run_jax(args, variant: str = "jax") -> dict:
     model_options = flop_count.model_options(config)
     flops = args.batch_size * (
         flop_count.train_flops(h, w, **model_options) if args.mode == "train"
-        else flop_count.forward_flops(h, w, **model_options)
-        * TTA_VIEWS[args.tta if args.mode == "tile" else "none"])
+        else flop_count.forward_flops(h, w, **model_options))
 
     holder = {"state": state}
-    images_per_step, calls = args.batch_size, 1
-    if args.mode == "tile":  # one step: a whole photo, tile by tile
-        from data_pipeline.preprocess import scaled_size
-        from unet_jax import tiling
-
-        photo = rng.uniform(size=(*scaled_size(args.photo_size, args.scale), 3)).astype(np.float32)
-
-        def predict(tiles):
-            holder["calls"] = holder.get("calls", 0) + 1
-            return np.asarray(compiled(state.params, tiles))
-
-        images_per_step = 1
-        tiling.predict_tiled(predict, photo, (h, w), args.overlap, args.batch_size)
-        calls, holder["calls"] = holder["calls"], 0
 
     def step():
         if args.mode == "train":
             holder["state"], metrics = compiled(holder["state"], batch)
             jax.block_until_ready((holder["state"], metrics))
-        elif args.mode == "tile":
-            tiling.predict_tiled(predict, photo, (h, w), args.overlap, args.batch_size)
         else:
             jax.block_until_ready(compiled(state.params, batch["image"]))
 
     timing = time_steps(step, args.steps, args.warmup)
-    flops, xla_flops = flops * calls, xla_flops * calls
     device = jax.devices()[0]
     return {"framework": variant, "backend": backend, "device": device.device_kind,
-            "img_per_s": images_per_step / timing["step_s"], **timing,
-            "model_calls_per_step": calls,
+            "img_per_s": args.batch_size / timing["step_s"], **timing,
+            "model_calls_per_step": 1,
+            "lower_s": lower_s, "compile_s": compile_s, "flops_per_step": flops,
+            "xla_flops_per_step": xla_flops,
+            "gflops_per_s": flops / timing["step_s"] / 1e9,
+            "mfu": flop_count.utilisation(flops / timing["step_s"], device.device_kind,
+                                          args.dtype),
+            "peak_device_mb": jax_peak_device_mb(device), "peak_rss_mb": peak_rss_mb(),
+            "compile_cache": str(compile_cache.current_dir() or "off"),
+            "cache": compile_cache.stats(), "remat": args.remat, "metrics": args.metrics,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
+
+
+def run_prediction(args, config, state, backend: str) -> dict:
+    """Photos/s of ``prediction.predict_batch`` on random uint8 photos at the scale's
+    size, masks at ``--photo-size`` out: tiled (``--mode tile``, one photo per call,
+    tiles of ``--image-size`` in batches of ``--batch-size``) or whole (``--mode
+    whole``, ``--batch-size`` photos per call). FLOPs are counted (``unet_jax.flops``):
+    every tile's or whole pass's forward FLOPs, times the test-time views."""
+    import jax
+    import numpy as np
+
+    from data_pipeline.preprocess import scaled_size
+    from unet_jax import compile_cache, flops as flop_count, tiling
+    from unet_jax.prediction import PredictionMode, predict_batch
+
+    size = scaled_size(args.photo_size, args.scale)
+    photos = 1 if args.mode == "tile" else args.batch_size
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (photos, *size, 3), np.uint8)
+    config = dataclasses.replace(config, crop=tuple(args.image_size), scale=args.scale,
+                                 overlap=args.overlap, tta=args.tta)
+    mode = PredictionMode.from_config(config, how=args.mode)
+    start = time.perf_counter()
+    lowered = predict_batch.lower(state.params, images, np.int32(photos), state.apply_fn,
+                                  mode, args.batch_size, tuple(args.photo_size))
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    model_options = flop_count.model_options(config)
+    if args.mode == "tile":
+        padded = [s + sum(p) for s, p in zip(size, tiling.padding(size, mode.tile, args.overlap))]
+        tiles = int(np.prod([len(tiling.tile_starts(n, t, args.overlap))
+                             for n, t in zip(padded, mode.tile)]))
+        calls = -(-tiles // args.batch_size)
+        flops = tiles * flop_count.forward_flops(*mode.tile, **model_options)
+    else:
+        calls = 1
+        flops = photos * flop_count.forward_flops(*mode.padded(size), **model_options)
+    flops *= TTA_VIEWS[args.tta]
+    xla_flops = flops_of(compiled)
+    device = jax.devices()[0]
+
+    def step():
+        np.asarray(compiled(state.params, images, np.int32(photos)))  # the masks, on the host
+
+    timing = time_steps(step, args.steps, args.warmup)
+    return {"framework": "jax", "backend": backend, "device": device.device_kind,
+            "img_per_s": photos / timing["step_s"], **timing,
+            "model_calls_per_step": calls, "photos_per_call": photos,
             "lower_s": lower_s, "compile_s": compile_s, "flops_per_step": flops,
             "xla_flops_per_step": xla_flops,
             "gflops_per_s": flops / timing["step_s"] / 1e9,
@@ -593,6 +643,9 @@ def print_table(args, rows: list[dict]) -> None:
         what = (f"tiled prediction of {args.photo_size[1]}x{args.photo_size[0]} photos at "
                 f"scale {args.scale} in {jax_row['model_calls_per_step']} calls of {h}x{w} "
                 f"tiles (overlap {args.overlap}, tta {args.tta}); img/s = photos/s")
+    elif args.mode == "whole":
+        what = (f"whole-image prediction of {args.photo_size[1]}x{args.photo_size[0]} photos "
+                f"at scale {args.scale} (tta {args.tta}); img/s = photos/s")
     print(f"{what}, batch {args.batch_size}, {args.dtype}, on "
           f"{jax_row['backend']} ({jax_row['device']}); median of {args.steps} steps "
           f"after {args.warmup} warm-up:")

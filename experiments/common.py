@@ -69,9 +69,11 @@ def add_checkpoint_flags(parser) -> None:
                         help="skip unreadable images (listed as a warning) instead of stopping")
     g = parser.add_argument_group("how to predict (default: as the run was trained)")
     g.add_argument("--tile", action=argparse.BooleanOptionalAction, default=None,
-                   help="--tile: whole images at native resolution (times the run's "
-                   "--scale), tile by tile with mirrored borders; --no-tile: each image "
-                   "resized, one model call (default: tiles for runs trained with --crop)")
+                   help="--tile: images at native resolution (times the run's --scale), "
+                   "tile by tile with mirrored borders; --no-tile: in one pass, whole "
+                   "(runs trained with --crop) or resized (default: resized, or for runs "
+                   "trained with --crop whole, and tiled if the pass would not fit in "
+                   "memory)")
     g.add_argument("--overlap", type=float, metavar="F",
                    help="tiled prediction: fraction of a tile its neighbour shares "
                    "(default: the run's, 0.25 unless set)")

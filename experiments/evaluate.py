@@ -21,7 +21,7 @@ from experiments import common
 EXAMPLES = """
 python -m experiments.evaluate --checkpoint RUN_DIR                      # its validation split
 python -m experiments.evaluate --checkpoint RUN_DIR --data-dir ~/carvana --split all
-python -m experiments.evaluate --checkpoint RUN_DIR --compare   # resize/tile x TTA, timed
+python -m experiments.evaluate --checkpoint RUN_DIR --compare   # whole/tile x TTA, timed
 """
 
 
@@ -33,8 +33,8 @@ def parse_args(argv=None):
                    help="the run's validation images (from split.json), or every pair in --data-dir")
     p.add_argument("--output", help="JSON file for the results")
     p.add_argument("--compare", action="store_true",
-                   help="also score every way of predicting that fits the run (resized / "
-                   "whole and tiled, each with and without test-time flips), with the "
+                   help="also score every way of predicting that fits the run (resized, "
+                   "or whole and tiled, each with and without test-time flips), with the "
                    "time per image, under 'compare' in the JSON")
     return p.parse_args(argv)
 
@@ -100,19 +100,26 @@ def score(predictor, pairs, skip_bad: bool) -> dict:
         for name in ("dice", "iou"):
             per_class = np.mean([s[f"{name}_per_class"] for s in scores], axis=0)
             result[f"{name}_per_class"] = {str(c): float(v) for c, v in enumerate(per_class, 1)}
-    result.update(mode=predictor.mode, tta=predictor.tta, overlap=predictor.overlap,
+    mode = predictor.mode
+    result.update(mode=mode.how, tta=mode.tta, overlap=mode.overlap,
                   seconds_per_image=seconds / len(scores), images=len(scores),
                   skipped=len(pairs) - len(scores))
     return result
 
 
-def ways_to_compare(predictor, tile_given: bool, tta_given: str | None) -> list[tuple]:
-    """(tile, tta) pairs for --compare: each prediction mode that fits the run (a run
-    trained on crops: whole images and tiles; one trained on resized images: resized,
-    and tiles only if --tile asks), each without and with test-time flips."""
-    modes = [False, True] if predictor.config.tiled or tile_given else [False]
+def ways_to_compare(config, tile_given: bool, overlap, tta_given: str | None) -> list:
+    """The ``PredictionMode``s --compare scores: each way of predicting that fits the
+    run (a run trained on crops: whole images and tiles; one trained on resized
+    images: resized, and tiles only if --tile asks), each without and with
+    test-time flips."""
+    from unet_jax.prediction import PredictionMode
+
+    hows = [None]  # the run's own: resized, or whole (tiled beyond the memory budget)
+    if config.crop is not None or tile_given:
+        hows.append("tile")
     flips = tta_given if tta_given not in (None, "none") else "hflip"
-    return [(tile, tta) for tile in modes for tta in ("none", flips)]
+    return [PredictionMode.from_config(config, how, overlap, tta)
+            for how in hows for tta in ("none", flips)]
 
 
 def main(argv=None):
@@ -128,8 +135,9 @@ def main(argv=None):
           f"{result['pixel_accuracy']:.4f}, {result['seconds_per_image']:.3f} s/image")
     if args.compare:
         result["compare"] = []
-        for tile, tta in ways_to_compare(predictor, bool(args.tile), args.tta):
-            predictor.tile, predictor.tta = tile, tta
+        for mode in ways_to_compare(predictor.config, bool(args.tile), args.overlap,
+                                    args.tta):
+            predictor.mode = mode
             row = score(predictor, pairs, args.skip_bad)
             result["compare"].append(row)
             print(f"  {row['mode']:>6}, tta {row['tta']:<5}: Dice {row['dice']:.4f}, IoU "

@@ -2,7 +2,7 @@
 
 Restores the parameters alone (the best checkpoint by validation Dice, unless
 ``--epoch`` says otherwise), predicts the way the run was trained (resized to its
-training size, or for a run trained on crops, tile by tile at native resolution;
+training size, or for a run trained on crops, the whole image at the training scale;
 ``--tile``/``--no-tile``, ``--overlap`` and ``--tta`` choose otherwise), and writes,
 for each input image, a PNG mask at the image's own size: 0/255 for a binary model, the
 class ids (0..C-1) for several classes. ``--viz`` adds the guide's side-by-side figure

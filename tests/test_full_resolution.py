@@ -39,13 +39,13 @@ def test_crop_training_records_its_settings_and_validates_whole_images(crop_run)
     assert (run / "predictions.png").stat().st_size > 0
 
 
-def test_predict_tiles_by_default_and_writes_masks_at_each_image_size(crop_run, tmp_path,
+def test_predict_whole_by_default_and_writes_masks_at_each_image_size(crop_run, tmp_path,
                                                                      capsys):
     data, run = crop_run
     out = tmp_path / "masks"
     assert call(predict.main, ["--checkpoint", str(run), "--input", str(data / "images"),
                                "--output", str(out), "--platform", "cpu"]) == 0
-    assert "tiles of 16x16 at scale 0.75" in capsys.readouterr().out
+    assert "whole at scale 0.75" in capsys.readouterr().out
     masks = sorted(out.glob("*_mask.png"))
     assert len(masks) == 10
     for m in masks:
@@ -62,12 +62,12 @@ def test_evaluate_compares_modes_and_tta_and_matches_predict(crop_run, tmp_path)
                                 "--tta", "hflip", "--output", str(result_file),
                                 "--platform", "cpu"]) == 0
     result = json.loads(result_file.read_text())
-    assert result["mode"] == "tile" and result["tta"] == "hflip"
+    assert result["mode"] == "whole" and result["tta"] == "hflip"
     assert result["seconds_per_image"] > 0 and result["images"] == 10
     ways = {(r["mode"], r["tta"]): r for r in result["compare"]}
-    assert set(ways) == {("resize", "none"), ("resize", "hflip"), ("tile", "none"),
+    assert set(ways) == {("whole", "none"), ("whole", "hflip"), ("tile", "none"),
                          ("tile", "hflip")}
-    assert ways["tile", "hflip"]["dice"] == pytest.approx(result["dice"])
+    assert ways["whole", "hflip"]["dice"] == pytest.approx(result["dice"])
     # The Dice evaluate reports is the one of predict's masks against the mask files.
     dice = []
     for path in sorted((data / "images").glob("*.png")):
@@ -78,11 +78,11 @@ def test_evaluate_compares_modes_and_tta_and_matches_predict(crop_run, tmp_path)
     assert result["dice"] == pytest.approx(float(np.mean(dice)), abs=1e-6)
 
 
-def test_submit_and_resize_mode_work_on_a_crop_run(crop_run, tmp_path):
+def test_submit_and_tile_mode_work_on_a_crop_run(crop_run, tmp_path):
     data, run = crop_run
     csv_file = tmp_path / "submission.csv"
     assert call(submit.main, ["--checkpoint", str(run), "--input", str(data / "images"),
-                              "--output", str(csv_file), "--no-tile", "--platform", "cpu"]) == 0
+                              "--output", str(csv_file), "--tile", "--platform", "cpu"]) == 0
     assert len(csv_file.read_text().splitlines()) == 11
 
 
@@ -102,7 +102,7 @@ def test_crops_reach_the_dice_of_resized_images_at_the_same_pixels_seen(tmp_path
     """The same narrow U-Net, trained once on whole images resized to 32x48 and once on
     32x32 crops of the images at the same scale (for 1.5x the epochs: the same number
     of pixels seen), each scored at full resolution the way it predicts by default:
-    resized, and tile by tile."""
+    resized, and whole at the training scale."""
     import dataclasses
 
     import data_pipeline
@@ -119,7 +119,7 @@ def test_crops_reach_the_dice_of_resized_images_at_the_same_pixels_seen(tmp_path
     for name, config in (("resized", resized), ("cropped", cropped)):
         unet_jax.train_and_evaluate(config, tmp_path / name, log=lambda *a: None)
         predictor = Predictor(tmp_path / name)
-        assert predictor.mode == ("tile" if name == "cropped" else "resize")
+        assert predictor.mode.how == ("whole" if name == "cropped" else "resize")
         _, val_pairs = data_pipeline.read_split(tmp_path / name / "split.json")
         dice[name] = score(predictor, val_pairs, skip_bad=False)["dice"]
     print(f"validation Dice at full resolution: {dice}")

@@ -1,21 +1,17 @@
 """Masks for images of any size from a trained run: what predict, evaluate and submit share.
 
 The model sees each image exactly as training fed it: decoded and resized by
-``data_pipeline.preprocess`` (the same function, so the same pixels), scaled to [0, 1].
-Two ways to predict, the run's own by default:
+``data_pipeline.preprocess`` (the same function, so the same pixels). How it predicts
+is the run's ``PredictionMode`` (``unet_jax.prediction``): resized to the training
+size, the whole image at the training scale, or tile by tile; the tools' ``--tile``,
+``--overlap`` and ``--tta`` choose otherwise.
 
-* ``resize`` (runs trained on whole images): the image resized to the training size,
-  one model call per image. A run trained on crops resizes instead to its own size
-  times the training ``scale``, rounded to a multiple of ``2**depth`` (a few pixels),
-  so the model sees objects at the scale it learned them.
-* ``tile`` (runs trained on crops): the image at its own size times ``scale``,
-  predicted tile by tile with overlap and mirrored borders (``unet_jax.tiling``):
-  nothing is squashed, and any image size works.
-
-Either may average mirrored views (``tta``). The logits are resized back to the
-image's own size, bilinearly, and only then thresholded at 0 (probability 0.5) or
-arg-maxed: thresholding first and resizing the mask would give blocky edges, and
-Carvana is scored at full size.
+The host decodes files and writes the results; everything between, the resize of
+the logits back to the image's own size and the threshold (or arg-max) included,
+is one jitted program per image size (``prediction.predict_batch``), fed a batch of
+same-size images at a time. The logits are resized before thresholding, bilinearly:
+thresholding first and resizing the mask would give blocky edges, and Carvana is
+scored at full size.
 """
 
 from __future__ import annotations
@@ -27,23 +23,14 @@ from PIL import Image
 
 from data_pipeline import preprocess
 from data_pipeline.errors import DataError
-from unet_jax import tiling
+from unet_jax.prediction import PredictionMode, how_of_tile_flag, predict_batch
 
 log = logging.getLogger(__name__)
 
 
-def check_options(overlap: float, tta: str) -> None:
-    """Raises ConfigError, naming the flag, for an overlap or tta that cannot work."""
-    from unet_jax.config import ConfigError
-
-    if not (isinstance(overlap, (int, float)) and 0 <= overlap < 1):
-        raise ConfigError(f"--overlap {overlap}: give a fraction in [0, 1), e.g. 0.25")
-    if tta not in tiling.TTA:
-        raise ConfigError(f"--tta {tta!r}: choose one of {', '.join(tiling.TTA)}")
-
-
 def resize_logits(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of (h, w, C) float logits to (height, width)."""
+    """Bilinear resize of (h, w, C) float logits to (height, width) with Pillow: the
+    host's way, which the device program's resize is tested against."""
     if tuple(logits.shape[:2]) == tuple(size):
         return logits
     height, width = size
@@ -52,110 +39,102 @@ def resize_logits(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.stack(channels, axis=-1)
 
 
+def _padded_count(count: int, limit: int) -> int:
+    """The batch a program call pads ``count`` images to: ``limit``, or for fewer the
+    next power of two, so a folder compiles a few shapes and wastes little work."""
+    return min(limit, 1 << (count - 1).bit_length())
+
+
 class Predictor:
     """Restores a run's parameters once and turns image files into full-size masks.
 
-    ``tile``, ``overlap`` and ``tta`` default to the run's own settings (``Config``:
-    tiled for a run trained on crops); they are plain attributes, so one Predictor
-    can score several ways of predicting.
+    ``mode`` is the run's ``PredictionMode`` unless ``tile`` (the tools' --tile and
+    --no-tile), ``overlap`` or ``tta`` say otherwise; it is a plain attribute, so
+    one Predictor can score several ways of predicting. ``batch_size`` images (or
+    tiles) go through the model per call.
     """
 
     def __init__(self, run_dir, which="best", batch_size: int = 8, *, tile=None,
-                 overlap=None, tta=None):
+                 overlap=None, tta=None, memory_budget=None):
         from unet_jax import checkpoints
         from unet_jax.train import create_model
 
         self.params, self.config, self.epoch = checkpoints.restore_params(run_dir, which)
         self.apply_fn = create_model(self.config).apply
         self.batch_size = batch_size
-        self.tile = self.config.tiled if tile is None else bool(tile)
-        self.overlap = self.config.overlap if overlap is None else overlap
-        self.tta = self.config.tta if tta is None else tta
-        check_options(self.overlap, self.tta)
-
-    @property
-    def mode(self) -> str:
-        return "tile" if self.tile else "resize"
+        self.mode = PredictionMode.from_config(
+            self.config, how_of_tile_flag(self.config, tile), overlap, tta, memory_budget)
 
     def describe(self) -> str:
         """How masks are predicted, in words, for the tools' summary lines."""
+        return self.mode.describe()
+
+    def decode(self, path) -> np.ndarray:
+        """uint8 (h, w, C) of an image file as the model sees it: resized to the
+        training size, or at its own size times the training scale."""
         c = self.config
-        if self.tile:
-            how = (f"tiles of {c.tile[0]}x{c.tile[1]} at scale {c.scale}, overlap "
-                   f"{self.overlap}")
-        elif c.crop is None:
-            how = f"resized to {c.image_size[0]}x{c.image_size[1]}"
-        else:
-            how = f"whole at scale {c.scale}"
-        return how + (f", test-time {self.tta}" if self.tta != "none" else "")
+        if self.mode.how == "resize":
+            return preprocess.load_image(path, c.image_size, c.in_channels)
+        return preprocess.load_image(path, None, c.in_channels, scale=self.mode.scale)
 
     def model_input(self, path) -> np.ndarray:
-        """What the model sees for an image file: (H, W, C) float32 in [0, 1], the very
-        array the training pipeline makes of that file (resized, or for a crop-trained
-        run, the whole image at the training scale that crops are cut from)."""
-        c = self.config
-        if self.tile:
-            image = preprocess.load_image(path, None, c.in_channels, scale=c.scale)
-        elif c.crop is None:
-            image = preprocess.load_image(path, c.image_size, c.in_channels)
-        else:
-            step = 2 ** c.depth
-            size = preprocess.scaled_size(preprocess.image_size_of(path), c.scale)
-            image = preprocess.load_image(
-                path, tuple(max(step, round(s / step) * step) for s in size), c.in_channels)
-        return preprocess.to_float(image)
+        """What the model sees for an image file: (h, w, C) float32 in [0, 1], the very
+        array the training pipeline makes of that file."""
+        return preprocess.to_float(self.decode(path))
 
-    def _predict(self, batch: np.ndarray) -> np.ndarray:
-        import jax
-
-        from unet_jax.train import predict_step
-
-        return jax.device_get(predict_step(self.params, batch, self.apply_fn, self.tta))
+    def _predict(self, inputs: list[np.ndarray], sizes: list[tuple[int, int]],
+                 masks: bool) -> list[np.ndarray]:
+        """Masks (or logits) at each image's own size, from ``decode`` (or
+        ``model_input``) arrays: one program call per batch of same-size images."""
+        out = [None] * len(inputs)
+        groups = {}
+        for i, (x, size) in enumerate(zip(inputs, sizes)):
+            groups.setdefault((x.shape, x.dtype.str, tuple(size)), []).append(i)
+        for (shape, _, size), indices in groups.items():
+            limit = self.mode.images_per_call(shape[:2], self.batch_size)
+            mode = self.mode.resolved(shape[:2])
+            for start in range(0, len(indices), limit):
+                chunk = indices[start:start + limit]
+                batch = np.zeros((_padded_count(len(chunk), limit), *shape), inputs[chunk[0]].dtype)
+                batch[:len(chunk)] = [inputs[i] for i in chunk]
+                result = np.asarray(predict_batch(
+                    self.params, batch, np.int32(len(chunk)), self.apply_fn, mode,
+                    self.batch_size, tuple(size), masks))
+                for row, i in enumerate(chunk):
+                    out[i] = result[row]
+        return out
 
     def logits(self, inputs: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
-        """Logits (H, W, classes) at each image's own size, from ``model_input`` arrays."""
-        if self.tile:
-            return [resize_logits(tiling.predict_tiled(self._predict, x, self.config.tile,
-                                                       self.overlap, self.batch_size), size)
-                    for x, size in zip(inputs, sizes)]
-        out = [None] * len(inputs)
-        same_shape = {}
-        for i, x in enumerate(inputs):
-            same_shape.setdefault(x.shape, []).append(i)
-        for shape, indices in same_shape.items():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
-                batch = np.zeros((self.batch_size, *shape), np.float32)  # compiles once
-                batch[:len(chunk)] = [inputs[i] for i in chunk]
-                logits = self._predict(batch)
-                for row, i in enumerate(chunk):
-                    out[i] = resize_logits(logits[row], sizes[i])
-        return out
+        """Float32 logits (H, W, classes) at each image's own size, from ``decode``
+        (uint8) or ``model_input`` (float32) arrays."""
+        return self._predict(inputs, sizes, masks=False)
+
+    def masks(self, inputs: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Masks at each image's own size, from ``decode`` arrays: bool (H, W) for one
+        class, else uint8 class ids, as ``to_mask`` makes of logits."""
+        binary = self.config.num_classes == 1
+        return [m.astype(bool) if binary else m for m in self._predict(inputs, sizes, True)]
 
     @staticmethod
     def to_mask(logits: np.ndarray) -> np.ndarray:
-        """Bool (H, W) for one class, else class ids."""
+        """Bool (H, W) for one class, else class ids, of host logits (H, W, classes)."""
         return logits[..., 0] > 0 if logits.shape[-1] == 1 else logits.argmax(-1)
 
     def predict_files(self, paths, skip_bad: bool = False, images: bool = False):
-        """Yields (path, image, mask) for each readable file, ``mask`` at the file's own
-        size; ``image`` is the file at its own size (float32 in [0, 1], for figures)
-        when ``images``, else None. One batch of files is read at a time, so a folder
-        of any size fits in memory.
+        """Yields (path, image, mask) for each readable file, in order, ``mask`` at the
+        file's own size; ``image`` is the file at its own size (float32 in [0, 1], for
+        figures) when ``images``, else None. ``batch_size`` files are read at a time,
+        so a folder of any size fits in memory.
 
         An unreadable file raises its one-line DataError, or with ``skip_bad`` is
         skipped with a warning while the other images of its batch go on.
         """
-        # Tiling batches the tiles of one image; holding one whole image at a time
-        # bounds memory for very large photos.
-        files_per_call = 1 if self.tile else self.batch_size
-        for start in range(0, len(paths), files_per_call):
+        for start in range(0, len(paths), self.batch_size):
             chunk, inputs, sizes, pictures = [], [], [], []
-            for path in paths[start:start + files_per_call]:
+            for path in paths[start:start + self.batch_size]:
                 try:
-                    inputs.append(self.model_input(path))
-                    with preprocess.open_image(path) as img:
-                        sizes.append(img.size[::-1])
+                    inputs.append(self.decode(path))
+                    sizes.append(preprocess.image_size_of(path))
                     if images:
                         pictures.append(preprocess.to_float(
                             preprocess.load_image(path, None, self.config.in_channels)))
@@ -166,6 +145,5 @@ class Predictor:
                     del inputs[len(chunk):], sizes[len(chunk):], pictures[len(chunk):]
                     continue
                 chunk.append(path)
-            logits = self.logits(inputs, sizes)
-            for i, (path, logit) in enumerate(zip(chunk, logits)):
-                yield path, pictures[i] if images else None, self.to_mask(logit)
+            for i, (path, mask) in enumerate(zip(chunk, self.masks(inputs, sizes))):
+                yield path, pictures[i] if images else None, mask

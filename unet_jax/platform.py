@@ -67,8 +67,9 @@ def configure_platform(platform: str = "auto") -> None:
         add_cpu_xla_flags()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no page of TF's start-up notes
     # TensorFlow (the input pipeline) must never take a GPU from JAX; data_pipeline
-    # hides them when it first imports TF, and here if something imported it already.
-    if "tensorflow" in sys.modules:
+    # hides them when it first imports TF, and here if something imported it already
+    # (None in sys.modules is TF blocked from import, not imported).
+    if sys.modules.get("tensorflow") is not None:
         from data_pipeline.tf_setup import tensorflow
 
         tensorflow()

@@ -21,6 +21,14 @@ Only one batch of tiles is held at a time, so memory grows with the image alone:
 image in float32 plus one float32 plane per class and one for the weights, about
 500 MB for a 6000x4000 photo.
 
+``predict_tiled`` runs on the host in numpy and calls the model once per batch of
+tiles: clear, and the reference the device version is tested against. ``tiled_logits``
+is the same algorithm written for ``jax.jit``: padding, cutting, the model, blending
+and normalising all become one program on the accelerator, so the host neither cuts
+tiles nor waits between batches. ``whole_logits`` is the alternative a fully
+convolutional network allows: one pass over the whole image, mirror-padded to a size
+the U-Net accepts.
+
 Test-time augmentation (``flip_average``) predicts mirrored copies of the input as
 well, mirrors the predictions back and averages the probabilities: a car facing left
 is still a car, so the model's errors on the copies are partly independent and the
@@ -35,6 +43,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 TTA = ("none", "hflip", "flips")
 # The views each choice averages, as the axes of an NHWC batch to mirror: W is axis 2.
@@ -119,6 +128,92 @@ def predict_tiled(predict: Callable[[np.ndarray], np.ndarray], image: np.ndarray
             weight_sum[y:y + th, x:x + tw] += weights
     total /= weight_sum
     return total[pads[0][0]:pads[0][0] + height, pads[1][0]:pads[1][0] + width]
+
+
+def _placed_sums(length: int, tile: int, starts: list[int], profile: np.ndarray) -> np.ndarray:
+    """(length,) sum of ``profile`` (one axis of the Gaussian) placed at each start."""
+    total = np.zeros(length, np.float64)
+    for start in starts:
+        total[start:start + tile] += profile
+    return total
+
+
+def tiled_logits(logits_fn: Callable, images, tile: tuple[int, int], overlap: float = 0.25,
+                 tiles_per_call: int = 8, count=None):
+    """``predict_tiled`` on the device, for use under ``jax.jit``: logits (N, H, W, K)
+    of images (N, H, W, C) float32, every image tiled alike.
+
+    The tiles of all N images are visited in fixed batches of ``tiles_per_call`` by a
+    ``lax.fori_loop``: each step cuts its tiles from the padded images
+    (``dynamic_slice``), runs ``logits_fn`` on them and adds their Gaussian-weighted
+    logits into an accumulator of the padded size. No array of every tile is ever
+    built, so memory grows with the images alone, as on the host. ``count`` (a traced
+    integer, default N) says how many of the N images are real: the loop stops after
+    their tiles, so a batch padded with blank images to a fixed shape (one compiled
+    program) costs no model calls for the padding.
+
+    The sum of the weights does not depend on the image: the Gaussian is the outer
+    product of one profile per axis and the tiles form a grid, so it is the outer
+    product of two 1-D sums, computed once on the host.
+    """
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap {overlap}: give a fraction in [0, 1)")
+    n, height, width, channels = images.shape
+    (th, tw), batch = tile, tiles_per_call
+    pads = padding((height, width), tile, overlap)
+    top, left = pads[0][0], pads[1][0]
+    padded = jnp.pad(images, ((0, 0), *pads, (0, 0)), mode="symmetric")
+    ys = tile_starts(padded.shape[1], th, overlap)
+    xs = tile_starts(padded.shape[2], tw, overlap)
+    if len(ys) == len(xs) == 1:  # one tile is the whole (padded) image: no blending
+        return logits_fn(padded)[:, top:top + height, left:left + width]
+
+    per_image = len(ys) * len(xs)
+    corners = np.array([(i, y, x) for i in range(n) for y in ys for x in xs], np.int32)
+    steps_max = math.ceil(len(corners) / batch)
+    corners = jnp.asarray(np.pad(corners, ((0, steps_max * batch - len(corners)), (0, 0))))
+    real = per_image * (n if count is None else count)  # tiles of the real images
+    steps = (real + batch - 1) // batch
+    weights = jnp.asarray(gaussian_weights(tile))[..., None]
+    classes = jax.eval_shape(
+        logits_fn, jax.ShapeDtypeStruct((batch, th, tw, channels), images.dtype)).shape[-1]
+
+    def step(s, total):
+        rows = lax.dynamic_slice_in_dim(corners, s * batch, batch)
+        tiles = jnp.concatenate([lax.dynamic_slice(
+            padded, (rows[i, 0], rows[i, 1], rows[i, 2], 0), (1, th, tw, channels))
+            for i in range(batch)])
+        keep = (s * batch + jnp.arange(batch)) < real  # the last batch's padding adds 0
+        weighted = jnp.where(keep[:, None, None, None],
+                             logits_fn(tiles).astype(jnp.float32) * weights, 0.0)
+
+        def add(i, total):  # one tile at a time: the tiles of a batch may overlap
+            at = (rows[i, 0], rows[i, 1], rows[i, 2], 0)
+            here = lax.dynamic_slice(total, at, (1, th, tw, classes))
+            return lax.dynamic_update_slice(
+                total, here + lax.dynamic_slice_in_dim(weighted, i, 1), at)
+
+        # A loop rather than ``batch`` unrolled updates: XLA compiles it several times
+        # faster (measured: 3 s against 7 s with test-time flips on a 2-core CPU).
+        return lax.fori_loop(0, batch, add, total)
+
+    total = lax.fori_loop(0, steps, step,
+                          jnp.zeros((n, *padded.shape[1:3], classes), jnp.float32))
+    profiles = [gaussian_weights((t, 1))[:, 0] for t in tile]  # the Gaussian per axis
+    row = _placed_sums(padded.shape[1], th, ys, profiles[0])
+    col = _placed_sums(padded.shape[2], tw, xs, profiles[1])
+    weight_sum = jnp.outer(jnp.asarray(row, jnp.float32), jnp.asarray(col, jnp.float32))
+    return (total / weight_sum[None, :, :, None])[:, top:top + height, left:left + width]
+
+
+def whole_logits(logits_fn: Callable, images, multiple: int):
+    """Logits (N, H, W, K) of images (N, H, W, C) in one pass: mirror-padded at the
+    bottom and right up to multiples of ``multiple`` (the U-Net's ``2**depth``), so
+    that any size fits the network, and the padding cut away again. Works under
+    ``jax.jit``."""
+    _, height, width, _ = images.shape
+    pads = ((0, 0), (0, -height % multiple), (0, -width % multiple), (0, 0))
+    return logits_fn(jnp.pad(images, pads, mode="symmetric"))[:, :height, :width]
 
 
 def probabilities(logits):

@@ -41,8 +41,9 @@ import jax
 import numpy as np
 
 import data_pipeline
-from unet_jax import checkpoints, compile_cache, parallel, report, rundir, tiling
+from unet_jax import checkpoints, compile_cache, parallel, report, rundir
 from unet_jax.config import Config, ConfigError, flag, shown
+from unet_jax.prediction import PredictionMode, predict_batch
 from unet_jax.train import (create_train_state, eval_step, loss_spec, merge_sums,
                             predict_step, score_logits, train_step)
 
@@ -257,9 +258,10 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
 
 def validate(config: Config, state, val_data, mesh) -> tuple[dict, tuple]:
     """Validation loss and metrics, and (images, masks, logits) of the first
-    validation images for the predictions figure."""
-    params = state.params
-    if not config.tiled:
+    validation images for the predictions figure. Validation predicts as predict does
+    by default (``PredictionMode``), without test-time flips."""
+    params, val_mode = state.params, validation_mode(config)
+    if val_mode.how == "resize":
         sums = [eval_step(params, parallel.shard_batch(batch, mesh), state.apply_fn,
                           loss=loss_spec(config))
                 for batch in val_data.epoch(0)]
@@ -269,37 +271,36 @@ def validate(config: Config, state, val_data, mesh) -> tuple[dict, tuple]:
         keep = np.flatnonzero(batch["valid"])[:PREVIEW]
         return merge_sums(jax.device_get(sums)), (
             batch["image"][keep], batch["mask"][keep], parallel.local_rows(logits)[keep])
-    # Whole images at the training scale, tile by tile, as predict does it. Every
-    # process predicts every image (their sizes differ, so they cannot be split
-    # into equal global batches); each keeps the rows of its own tiles.
-    tiles_per_call = config.batch_size // jax.process_count()
-
-    def predict(tiles):
-        logits = predict_step(params, parallel.shard_batch({"image": tiles}, mesh)["image"],
-                              state.apply_fn)
-        return parallel.local_rows(logits)
-
+    # Whole images at the training scale, in one pass or tile by tile, as predict
+    # does it. Their sizes differ, so they make no global batch: every device
+    # predicts every image, one at a time.
     sums, preview = [], ([], [], [])
     for image, mask in val_data.examples():
-        image = data_pipeline.to_float(image)
-        logits = tiling.predict_tiled(predict, image, config.tile, config.overlap,
-                                      tiles_per_call)
-        mask = mask.astype(np.float32)
-        sums.append(score_logits(logits[None], {"mask": mask[None]}, loss_spec(config)))
+        mode = val_mode.resolved(image.shape[:2])
+        logits = predict_batch(params, parallel.replicate(image[None], mesh), 1,
+                               state.apply_fn, mode, config.batch_size, masks=False)
+        mask = mask[None].astype(np.float32)
+        sums.append(score_logits(logits, {"mask": mask}, loss_spec(config)))
         if len(preview[0]) < PREVIEW:
-            for part, value in zip(preview, (image, mask, logits)):
+            for part, value in zip(preview, (data_pipeline.to_float(image), mask[0],
+                                             np.asarray(logits)[0])):
                 part.append(value)
     return merge_sums(jax.device_get(sums)), preview
+
+
+def validation_mode(config: Config) -> PredictionMode:
+    return PredictionMode.from_config(config, tta="none")
 
 
 def _summary(config, state, train_data, val_data, data_dir, workdir) -> str:
     """The run's first log line: model size, devices, data and sizes."""
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    if config.tiled:
-        size = (f"crops {shown(config.crop)} (x{config.crops_per_image} per image) of the "
-                f"images at scale {config.scale}, validated whole, tiled")
-    else:
+    val_mode = validation_mode(config)
+    if val_mode.how == "resize":
         size = f"size {config.image_size[0]}x{config.image_size[1]}"
+    else:
+        size = (f"crops {shown(config.crop)} (x{config.crops_per_image} per image) of the "
+                f"images at scale {config.scale}, validated {val_mode.describe()}")
     return (f"unet-jax: {n_params:,} parameters on {jax.default_backend()} "
             f"({jax.device_count()} device(s), {jax.process_count()} process(es)); "
             f"{len(train_data.pairs)} training / {len(val_data.pairs)} validation images "
