@@ -108,8 +108,10 @@ def _model_function(params, config, dtype: str):
     """images -> logits of the run's U-Net with stock Flax ops, computing in ``dtype``."""
     from unet_jax.train import create_model
 
+    import jax
+
     model = create_model(dataclasses.replace(config, kernels="stock", dtype=dtype), "cpu")
-    return lambda images: model.apply({"params": params}, images)
+    return jax.jit(lambda images: model.apply({"params": params}, images))
 
 
 def _polymorphic_shape(config) -> str:
@@ -123,7 +125,7 @@ def _to_stablehlo(fn, config) -> bytes:
     import jax.numpy as jnp
 
     shape = jax.export.symbolic_shape(_polymorphic_shape(config))
-    exported = jax.export.export(jax.jit(fn), platforms=("cpu", "cuda"))(
+    exported = jax.export.export(fn, platforms=("cpu", "cuda"))(
         jax.ShapeDtypeStruct(shape, jnp.float32))
     return bytes(exported.serialize())
 
@@ -207,7 +209,8 @@ def _segment_prod(ctx, node, name, args):
 def _to_onnx(tflite: bytes, path: Path) -> None:
     onnx = _require("onnx", "onnx")
     tf2onnx = _require("tf2onnx", "onnx")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's notice of ai_edge_litert
         source = Path(tmp) / "model.tflite"
         source.write_bytes(tflite)
         model, _ = tf2onnx.convert.from_tflite(
