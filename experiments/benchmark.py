@@ -14,7 +14,9 @@ under ``torch.inference_mode``, in NCHW and in channels_last, with one thread pe
 and prints JAX/torch ratios. Torch's GFLOP/s use the JAX program's FLOP count (the
 same network), so they compare directly. ``--mode pipeline`` times the tf.data input
 pipeline alone, with no model (with ``--crop``, the patch-training pipeline).
-``--mode tile`` times overlap-tile prediction of whole photos (1918x1280 by default,
+``--compare-onnx`` (``--mode infer``) adds onnxruntime on the CPU running the same
+model exported to ONNX (``unet_jax.export``), an informational row: how a deployed
+model compares with JAX on the same machine. ``--mode tile`` times overlap-tile prediction of whole photos (1918x1280 by default,
 ``--photo-size``) in tiles of ``--image-size``: photos/s and the peak memory of the
 process, which the tiling keeps bounded whatever the photo's size.
 
@@ -42,6 +44,7 @@ from experiments import common
 EXAMPLES = """
 python -m experiments.benchmark --mode train --image-size 128 --batch-size 4 --compare-torch
 python -m experiments.benchmark --mode infer --image-size 512 --batch-size 1 --compare-torch
+python -m experiments.benchmark --mode infer --image-size 512 --batch-size 1 --compare-onnx
 python -m experiments.benchmark --mode train --image-size 512 --batch-size 4 --steps 3 --json
 python -m experiments.benchmark --mode pipeline --image-size 512 --batch-size 32 --kaggle-size-sample 64
 python -m experiments.benchmark --mode pipeline --crop 256 --scale 0.5 --batch-size 16 --kaggle-size-sample 64
@@ -54,7 +57,7 @@ python -m experiments.benchmark --platform gpu --dtype bfloat16 --image-size 512
 # others measure what each CPU kernel of unet_jax/cpu_kernels.py buys (--compare-kernels).
 KERNEL_VARIANTS = {"jax-stock": (False, False), "jax-conv-kernel": (True, False),
                    "jax-pool-kernel": (False, True)}
-CHILDREN = ("jax", *KERNEL_VARIANTS, "torch-nchw", "torch-channels_last")
+CHILDREN = ("jax", *KERNEL_VARIANTS, "torch-nchw", "torch-channels_last", "onnxruntime")
 
 
 def parse_args(argv=None):
@@ -73,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--base-features", type=int, default=64, help="U-Net width (default: 64)")
     p.add_argument("--compare-torch", action="store_true",
                    help="also run the guide's PyTorch model, NCHW and channels_last")
+    p.add_argument("--compare-onnx", action="store_true",
+                   help="infer mode: also run the model exported to ONNX with onnxruntime "
+                   "on the CPU (needs pip install -e '.[export]')")
     p.add_argument("--compare-kernels", action="store_true",
                    help="also run the model with stock Flax ops and with each CPU kernel "
                    "alone (unet_jax/cpu_kernels.py), to see what each one buys")
@@ -104,6 +110,8 @@ def parse_args(argv=None):
         raise common.UserError("--warmup must be 0 or more")
     if args.kaggle_size_sample is not None and args.kaggle_size_sample < 1:
         raise common.UserError("--kaggle-size-sample must be at least 1")
+    if args.compare_onnx and args.mode != "infer":
+        raise common.UserError("--compare-onnx times inference: use it with --mode infer")
     if args.compare_torch and args.base_features != 64:
         raise common.UserError("--compare-torch runs the guide's model, which has 64 base "
                                "features; leave --base-features at 64")
@@ -233,6 +241,38 @@ def run_jax(args, variant: str = "jax") -> dict:
             "lower_s": lower_s, "compile_s": compile_s, "flops_per_step": flops,
             "gflops_per_s": flops / timing["step_s"] / 1e9, "peak_rss_mb": peak_rss_mb(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
+
+
+def run_onnx(args) -> dict:
+    """The same U-Net (same parameters as the JAX row) exported to ONNX and run by
+    onnxruntime's CPU provider with one thread per core, in this process. Its
+    "compile" time is the export (checked against JAX) and the session's creation."""
+    common.start_platform("cpu")
+    import jax
+    import numpy as np
+
+    from unet_jax import Config, export
+    from unet_jax.train import init_params
+
+    ort = export.require("onnxruntime", "onnx")
+    h, w = args.image_size
+    config = Config(base_features=args.base_features, image_size=(h, w))
+    params = init_params(jax.random.key(0), config)
+    images = np.random.default_rng(0).uniform(size=(args.batch_size, h, w, 3)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        path = Path(tmp) / "unet.onnx"
+        export.export_params(params, config, "onnx", path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = cpu_count()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        compile_s = time.perf_counter() - start
+        size_mb = path.stat().st_size / 1e6
+    timing = time_steps(lambda: session.run(None, {"image": images}), args.steps, args.warmup)
+    return {"framework": "onnxruntime", "backend": "cpu", "device": "cpu",
+            "img_per_s": args.batch_size / timing["step_s"], **timing,
+            "compile_s": compile_s, "gflops_per_s": 0.0, "peak_rss_mb": peak_rss_mb(),
+            "onnx_mb": size_mb, "onnxruntime": ort.__version__}
 
 
 def cpu_count() -> int:
@@ -415,12 +455,14 @@ def run_child(args, which: str) -> dict:
     return row
 
 
+def module_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return module_available("torch")
 
 
 def print_table(args, rows: list[dict]) -> None:
@@ -443,8 +485,9 @@ def print_table(args, rows: list[dict]) -> None:
               f"{row['cpu_s']:10.2f} {row['peak_rss_mb']:8.0f} {row['compile_s']:9.1f} "
               f"{row['load_avg']:5.2f} {ratio:8.2f}")
     if len(rows) > 1:
-        print("  (torch GFLOP/s use XLA's FLOP count of the same network; compile s for "
-              "torch is its first step)")
+        print("  (torch and onnxruntime GFLOP/s use XLA's FLOP count of the same network; "
+              "compile s for torch is its first step, for onnxruntime the export and "
+              "session)")
 
 
 def main(argv=None):
@@ -452,6 +495,8 @@ def main(argv=None):
     if args.child:
         if args.child.startswith("jax"):
             row = run_jax(args, args.child)
+        elif args.child == "onnxruntime":
+            row = run_onnx(args)
         else:
             row = run_torch(args, channels_last=args.child == "torch-channels_last")
         print(json.dumps(row))
@@ -470,19 +515,26 @@ def main(argv=None):
             print(json.dumps(result))
         return 0
 
-    rows = [run_child(args, "jax")]
+    rows, notes = [run_child(args, "jax")], []
     if args.compare_kernels:
         rows += [run_child(args, variant) for variant in KERNEL_VARIANTS]
-    notes = []
     if args.compare_torch:
         if torch_available():
             rows += [run_child(args, "torch-nchw"), run_child(args, "torch-channels_last")]
         else:
             notes.append("--compare-torch: torch is not installed here (pip install "
                          "torch, the CPU build is enough); JAX only")
+    if args.compare_onnx:
+        missing = [m for m in ("tf2onnx", "onnx", "onnxruntime") if not module_available(m)]
+        if missing:
+            notes.append(f"--compare-onnx: {', '.join(missing)} not installed here (pip "
+                         "install -e '.[export]'); JAX only")
+        else:
+            rows.append(run_child(args, "onnxruntime"))
     jax_row = rows[0]
-    for row in (r for r in rows[1:] if r["framework"].startswith("torch")):
-        # the same network: XLA's FLOP count over torch's step time
+    for row in (r for r in rows[1:] if r["framework"] in ("onnxruntime", "torch-nchw",
+                                                          "torch-channels_last")):
+        # the same network: XLA's FLOP count over this row's step time
         row["gflops_per_s"] = jax_row["flops_per_step"] / row["step_s"] / 1e9
     print_table(args, rows)
     for note in notes:
@@ -495,6 +547,8 @@ def main(argv=None):
         torch_rows = [r for r in rows[1:] if r["framework"].startswith("torch")]
         if torch_rows:
             result["torch"] = {r["framework"]: r for r in torch_rows}
+        if rows[-1]["framework"] == "onnxruntime":
+            result["onnxruntime"] = rows[-1]
         if len(rows) > 1:
             result["variants"] = {r["framework"]: r for r in rows[1:]
                                   if r["framework"] in KERNEL_VARIANTS}

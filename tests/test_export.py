@@ -91,7 +91,7 @@ def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("export") / "run"
     params = random_params(CONFIG, seed=1)
     # Centre the logits on a car photo, so that masks hold both car and background.
-    fn = export._model_function(params, CONFIG, "float32")
+    fn = export.model_function(params, CONFIG, "float32")
     params["head"]["bias"] = params["head"]["bias"] - np.median(
         np.asarray(fn(real_looking_image())))
     checkpoints.save_params(run, params, CONFIG, epoch=3)
@@ -102,7 +102,7 @@ def run_dir(tmp_path_factory):
 def reference(run_dir):
     """JAX's logits for the run's test batches, computed once for every format."""
     batches = sample_batches(CONFIG)
-    fn = export._model_function(run_dir[1], CONFIG, "float32")
+    fn = export.model_function(run_dir[1], CONFIG, "float32")
     return batches, [np.asarray(fn(images)) for images in batches]
 
 
@@ -159,7 +159,7 @@ def test_every_model_option_exports(options, fmt, tmp_path):
     # at another size.
     export.export_params(params, config, fmt, tmp_path / f"unet.{fmt}")
     images = sample_batches(config)[1]
-    expected = export._model_function(params, config, "float32")(images)
+    expected = export.model_function(params, config, "float32")(images)
     assert_matches(export.load(tmp_path / f"unet.{fmt}", fmt), [images], [expected],
                    config.num_classes)
 
@@ -173,7 +173,7 @@ def test_bfloat16_on_request_where_the_format_has_it(run_dir, tmp_path):
     assert check["max_abs_diff"] <= check["tolerance"]
     images = real_looking_image((48, 32))
     bf16 = export.load(tmp_path / "bf16", "stablehlo")(images)
-    f32 = np.asarray(export._model_function(params, CONFIG, "float32")(images))
+    f32 = np.asarray(export.model_function(params, CONFIG, "float32")(images))
     assert bf16.dtype == np.float32  # logits in float32, computed in bfloat16:
     assert 1e-5 < np.abs(bf16 - f32).max() < 0.05 * max(1, np.abs(f32).max())
     with pytest.raises(ExportError, match=r"^--dtype bfloat16: tflite exports compute in "

@@ -104,7 +104,7 @@ def read_sidecar(output) -> dict:
 
 # --- The function to export --------------------------------------------------------------
 
-def _model_function(params, config, dtype: str):
+def model_function(params, config, dtype: str):
     """images -> logits of the run's U-Net with stock Flax ops, computing in ``dtype``."""
     from unet_jax.train import create_model
 
@@ -207,8 +207,8 @@ def _segment_prod(ctx, node, name, args):
 
 
 def _to_onnx(tflite: bytes, path: Path) -> None:
-    onnx = _require("onnx", "onnx")
-    tf2onnx = _require("tf2onnx", "onnx")
+    onnx = require("onnx", "onnx")
+    tf2onnx = require("tf2onnx", "onnx")
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tf.lite.Interpreter's notice of ai_edge_litert
         source = Path(tmp) / "model.tflite"
@@ -235,7 +235,9 @@ def _rename_io(model, input_name: str, output_name: str) -> None:
         node.output[:] = [renames.get(n, n) for n in node.output]
 
 
-def _require(module: str, fmt: str):
+def require(module: str, fmt: str):
+    """Imports ``module``, which ``--format fmt`` needs; one line naming the extra
+    that installs it if it is missing."""
     import importlib
 
     try:
@@ -253,7 +255,7 @@ def load(path, fmt: str | None = None):
     path = Path(path)
     fmt = fmt or read_sidecar(path)["format"]
     if fmt == "onnx":
-        ort = _require("onnxruntime", "onnx")
+        ort = require("onnxruntime", "onnx")
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return lambda images: session.run(None, {"image": np.asarray(images, np.float32)})[0]
     if fmt == "savedmodel":
@@ -313,9 +315,9 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32") -> d
                           "CPU runtimes have no bfloat16 convolutions); drop --dtype")
     if fmt == "onnx":
         for module in ("tf2onnx", "onnx", "onnxruntime"):
-            _require(module, fmt)
+            require(module, fmt)
     output = _check_output(Path(output), fmt)
-    fn = _model_function(params, config, dtype)
+    fn = model_function(params, config, dtype)
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     try:
         artifact = staging / output.name
