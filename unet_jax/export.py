@@ -106,9 +106,9 @@ def read_sidecar(output) -> dict:
 
 def model_function(params, config, dtype: str):
     """images -> logits of the run's U-Net with stock Flax ops, computing in ``dtype``."""
-    from unet_jax.train import create_model
-
     import jax
+
+    from unet_jax.train import create_model
 
     model = create_model(dataclasses.replace(config, kernels="stock", dtype=dtype), "cpu")
     return jax.jit(lambda images: model.apply({"params": params}, images))
