@@ -246,7 +246,8 @@ def run_jax(args, variant: str = "jax") -> dict:
 def run_onnx(args) -> dict:
     """The same U-Net (same parameters as the JAX row) exported to ONNX and run by
     onnxruntime's CPU provider with one thread per core, in this process. Its
-    "compile" time is the export (checked against JAX) and the session's creation."""
+    "compile" time is the export (checked against JAX) and the session's creation,
+    and its peak memory includes the export's (the conversion's, not the session's)."""
     common.start_platform("cpu")
     import jax
     import numpy as np
@@ -487,7 +488,7 @@ def print_table(args, rows: list[dict]) -> None:
     if len(rows) > 1:
         print("  (torch and onnxruntime GFLOP/s use XLA's FLOP count of the same network; "
               "compile s for torch is its first step, for onnxruntime the export and "
-              "session)")
+              "session, whose peak memory its row includes)")
 
 
 def main(argv=None):
