@@ -19,7 +19,9 @@ and prints JAX/torch ratios; on a GPU also under ``torch.compile`` (channels_las
 bf16 autocast with ``--dtype bfloat16``), the peer a GPU user would pick. Torch's
 GFLOP/s use the same count (the same network), so they compare directly. ``--mode pipeline`` times the tf.data input
 pipeline alone, with no model (with ``--crop``, the patch-training pipeline).
-``--mode tile`` times overlap-tile prediction of whole photos (1918x1280 by default,
+``--compare-onnx`` (``--mode infer``) adds onnxruntime on the CPU running the same
+model exported to ONNX (``unet_jax.export``), an informational row: how a deployed
+model compares with JAX on the same machine. ``--mode tile`` times overlap-tile prediction of whole photos (1918x1280 by default,
 ``--photo-size``) in tiles of ``--image-size``: photos/s and the peak memory of the
 process, which the tiling keeps bounded whatever the photo's size. ``--mode whole``
 times the same photos in one pass each. Both run ``prediction.predict_batch``, the
@@ -53,6 +55,7 @@ from experiments import common
 EXAMPLES = """
 python -m experiments.benchmark --mode train --image-size 128 --batch-size 4 --compare-torch
 python -m experiments.benchmark --mode infer --image-size 512 --batch-size 1 --compare-torch
+python -m experiments.benchmark --mode infer --image-size 512 --batch-size 1 --compare-onnx
 python -m experiments.benchmark --mode train --image-size 512 --batch-size 4 --steps 3 --json
 python -m experiments.benchmark --mode pipeline --image-size 512 --batch-size 32 --kaggle-size-sample 64
 python -m experiments.benchmark --mode pipeline --crop 256 --scale 0.5 --batch-size 16 --kaggle-size-sample 64
@@ -70,9 +73,13 @@ python -m experiments.benchmark --suite gpu --platform cpu --quick --out /tmp/dr
 # others measure what each CPU kernel of unet_jax/cpu_kernels.py buys (--compare-kernels).
 KERNEL_VARIANTS = {"jax-stock": (False, False), "jax-conv-kernel": (True, False),
                    "jax-pool-kernel": (False, True)}
+<<<<<<< HEAD
 TORCH_CHILDREN = ("torch-nchw", "torch-channels_last", "torch-compile")
 CHILDREN = ("jax", *KERNEL_VARIANTS, *TORCH_CHILDREN, "pipeline")
 TTA_VIEWS = {"none": 1, "hflip": 2, "flips": 4}
+=======
+CHILDREN = ("jax", *KERNEL_VARIANTS, "torch-nchw", "torch-channels_last", "onnxruntime")
+>>>>>>> export
 
 
 def parse_args(argv=None):
@@ -93,6 +100,9 @@ def parse_args(argv=None):
     p.add_argument("--base-features", type=int, default=64, help="U-Net width (default: 64)")
     p.add_argument("--compare-torch", action="store_true",
                    help="also run the guide's PyTorch model, NCHW and channels_last")
+    p.add_argument("--compare-onnx", action="store_true",
+                   help="infer mode: also run the model exported to ONNX with onnxruntime "
+                   "on the CPU (needs pip install -e '.[export]')")
     p.add_argument("--compare-kernels", action="store_true",
                    help="also run the model with stock Flax ops and with each CPU kernel "
                    "alone (unet_jax/cpu_kernels.py), to see what each one buys")
@@ -145,6 +155,7 @@ def parse_args(argv=None):
         raise common.UserError("--warmup must be 0 or more")
     if args.kaggle_size_sample is not None and args.kaggle_size_sample < 1:
         raise common.UserError("--kaggle-size-sample must be at least 1")
+<<<<<<< HEAD
     if args.augment:
         from data_pipeline.augment import parse_augment
 
@@ -152,6 +163,10 @@ def parse_args(argv=None):
             args.augment = parse_augment(args.augment)
         except ValueError as e:
             raise common.UserError(str(e)) from None
+=======
+    if args.compare_onnx and args.mode != "infer":
+        raise common.UserError("--compare-onnx times inference: use it with --mode infer")
+>>>>>>> export
     if args.compare_torch and args.base_features != 64:
         raise common.UserError("--compare-torch runs the guide's model, which has 64 base "
                                "features; leave --base-features at 64")
@@ -280,6 +295,7 @@ def run_jax(args, variant: str = "jax") -> dict:
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
 
 
+<<<<<<< HEAD
 def run_prediction(args, config, state, backend: str) -> dict:
     """Photos/s of ``prediction.predict_batch`` on random uint8 photos at the scale's
     size, masks at ``--photo-size`` out: tiled (``--mode tile``, one photo per call,
@@ -381,6 +397,39 @@ class _LazyJit:
 
 
 loss_only_step = _LazyJit(_loss_only_step)
+=======
+def run_onnx(args) -> dict:
+    """The same U-Net (same parameters as the JAX row) exported to ONNX and run by
+    onnxruntime's CPU provider with one thread per core, in this process. Its
+    "compile" time is the export (checked against JAX) and the session's creation,
+    and its peak memory includes the export's (the conversion's, not the session's)."""
+    common.start_platform("cpu")
+    import jax
+    import numpy as np
+
+    from unet_jax import Config, export
+    from unet_jax.train import init_params
+
+    ort = export.require("onnxruntime", "onnx")
+    h, w = args.image_size
+    config = Config(base_features=args.base_features, image_size=(h, w))
+    params = init_params(jax.random.key(0), config)
+    images = np.random.default_rng(0).uniform(size=(args.batch_size, h, w, 3)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        path = Path(tmp) / "unet.onnx"
+        export.export_params(params, config, "onnx", path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = cpu_count()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        compile_s = time.perf_counter() - start
+        size_mb = path.stat().st_size / 1e6
+    timing = time_steps(lambda: session.run(None, {"image": images}), args.steps, args.warmup)
+    return {"framework": "onnxruntime", "backend": "cpu", "device": "cpu",
+            "img_per_s": args.batch_size / timing["step_s"], **timing,
+            "compile_s": compile_s, "gflops_per_s": 0.0, "peak_rss_mb": peak_rss_mb(),
+            "onnx_mb": size_mb, "onnxruntime": ort.__version__}
+>>>>>>> export
 
 
 def cpu_count() -> int:
@@ -626,12 +675,14 @@ def run_child(args, which: str, timeout: float | None = None) -> dict:
     return row
 
 
+def module_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return module_available("torch")
 
 
 def print_table(args, rows: list[dict]) -> None:
@@ -657,10 +708,19 @@ def print_table(args, rows: list[dict]) -> None:
         device_mb = row.get("peak_device_mb")
         device_mb = f"{device_mb:9.0f}" if device_mb is not None else f"{'-':>9}"
         print(f"  {row['framework']:20} {row['img_per_s']:9.3f} {row['gflops_per_s']:8.1f} "
+<<<<<<< HEAD
               f"{mfu} {row['cpu_s']:10.2f} {row['peak_rss_mb']:8.0f} {device_mb} "
               f"{row['compile_s']:9.1f} {row['load_avg']:5.2f} {ratio:8.2f}")
     print("  (GFLOP/s: the network's FLOPs counted from its shapes, unet_jax/flops.py; MFU "
           "against the GPU's dense peak; compile s for torch is its first step)")
+=======
+              f"{row['cpu_s']:10.2f} {row['peak_rss_mb']:8.0f} {row['compile_s']:9.1f} "
+              f"{row['load_avg']:5.2f} {ratio:8.2f}")
+    if len(rows) > 1:
+        print("  (torch and onnxruntime GFLOP/s use XLA's FLOP count of the same network; "
+              "compile s for torch is its first step, for onnxruntime the export and "
+              "session, whose peak memory its row includes)")
+>>>>>>> export
 
 
 def main(argv=None):
@@ -668,8 +728,13 @@ def main(argv=None):
     if args.child:
         if args.child.startswith("jax"):
             row = run_jax(args, args.child)
+<<<<<<< HEAD
         elif args.mode == "pipeline":
             row = run_pipeline(args)
+=======
+        elif args.child == "onnxruntime":
+            row = run_onnx(args)
+>>>>>>> export
         else:
             row = run_torch(args, channels_last=args.child != "torch-nchw",
                             compiled=args.child == "torch-compile")
@@ -697,10 +762,9 @@ def main(argv=None):
             print(json.dumps(result))
         return 0
 
-    rows = [run_child(args, "jax")]
+    rows, notes = [run_child(args, "jax")], []
     if args.compare_kernels:
         rows += [run_child(args, variant) for variant in KERNEL_VARIANTS]
-    notes = []
     if args.compare_torch:
         if torch_available():
             peers = TORCH_CHILDREN if rows[0]["backend"] == "gpu" else TORCH_CHILDREN[:2]
@@ -708,7 +772,21 @@ def main(argv=None):
         else:
             notes.append("--compare-torch: torch is not installed here (pip install "
                          "torch, the CPU build is enough); JAX only")
+    if args.compare_onnx:
+        missing = [m for m in ("tf2onnx", "onnx", "onnxruntime") if not module_available(m)]
+        if missing:
+            notes.append(f"--compare-onnx: {', '.join(missing)} not installed here (pip "
+                         "install -e '.[export]'); JAX only")
+        else:
+            rows.append(run_child(args, "onnxruntime"))
     jax_row = rows[0]
+<<<<<<< HEAD
+=======
+    for row in (r for r in rows[1:] if r["framework"] in ("onnxruntime", "torch-nchw",
+                                                          "torch-channels_last")):
+        # the same network: XLA's FLOP count over this row's step time
+        row["gflops_per_s"] = jax_row["flops_per_step"] / row["step_s"] / 1e9
+>>>>>>> export
     print_table(args, rows)
     for note in notes:
         print(note)
@@ -720,6 +798,8 @@ def main(argv=None):
         torch_rows = [r for r in rows[1:] if r["framework"].startswith("torch")]
         if torch_rows:
             result["torch"] = {r["framework"]: r for r in torch_rows}
+        if rows[-1]["framework"] == "onnxruntime":
+            result["onnxruntime"] = rows[-1]
         if len(rows) > 1:
             result["variants"] = {r["framework"]: r for r in rows[1:]
                                   if r["framework"] in KERNEL_VARIANTS}

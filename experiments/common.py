@@ -144,12 +144,13 @@ def run(main, argv=None, prog: str = "") -> None:
     from data_pipeline.errors import DataError
     from unet_jax.checkpoints import CheckpointError
     from unet_jax.config import ConfigError
+    from unet_jax.export import ExportError
     from unet_jax.rundir import RunDirError
     from unet_jax.trainer import TrainingError
 
     try:
         code = main(argv)
-    except (UserError, DataError, CheckpointError, ConfigError, RunDirError,
+    except (UserError, DataError, CheckpointError, ConfigError, ExportError, RunDirError,
             TrainingError) as e:
         sys.stderr.write(f"{prog or 'error'}: error: {e}\n")
         sys.exit(USER_ERROR)

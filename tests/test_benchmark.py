@@ -107,6 +107,7 @@ def test_kaggle_size_sample_writes_carvana_sized_pairs(tmp_path):
     (["--image-size", "100"], "--image-size"),
     (["--compare-torch", "--base-features", "8"], "64 base features"),
     (["--steps", "0"], "--steps"),
+    (["--compare-onnx", "--mode", "train"], "--compare-onnx times inference"),
 ])
 def test_bad_flags_fail_with_one_line(args, message):
     result = subprocess.run([sys.executable, "-m", "experiments.benchmark", *args],

@@ -1,0 +1,297 @@
+"""Export: each format, run by its own runtime, gives JAX's logits (to 1e-4) for any
+batch and size; every model option exports; the sidecar holds the run's prediction
+settings; the README's onnxruntime example gives experiments.predict's mask; bad runs
+and impossible exports are one line, and leave no file."""
+
+import contextlib
+import dataclasses
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline import sample_data
+from experiments import export as export_cli
+from tests.test_experiments import call
+from unet_jax import checkpoints, export
+from unet_jax.checkpoints import CheckpointError
+from unet_jax.config import Config
+from unet_jax.export import ExportError
+from unet_jax.inference import Predictor
+from unet_jax.train import init_params
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = Config(base_features=4, depth=2, image_size=(32, 48))
+
+
+def _missing_onnx_package():
+    import importlib.util
+
+    return next((m for m in ("tf2onnx", "onnx", "onnxruntime")
+                 if importlib.util.find_spec(m) is None), None)
+
+
+def needs(fmt):
+    missing = _missing_onnx_package() if fmt == "onnx" else None
+    if missing:
+        pytest.skip(f"{missing} is not installed (pip install -e '.[export]')")
+
+
+def real_looking_image(size=(96, 64), seed=3) -> np.ndarray:
+    """A sample-set car photograph, (1, H, W, 3) float32 in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    photo, _ = sample_data.render(sample_data.random_car(rng), 3, size, rng)
+    return (np.asarray(photo.convert("RGB"), np.float32) / 255.0)[None]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quick_compiles():
+    """XLA's optimisations cost compile time and change no value that matters here."""
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+def random_params(config, seed=0):
+    """Parameters of the U-Net of ``config`` drawn with numpy at the initialisers'
+    scale (1/sqrt(fan-in)): an export must reproduce any weights, and this skips
+    compiling the initialisers."""
+    shapes = jax.eval_shape(lambda: init_params(jax.random.key(0), config))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (rng.normal(size=s.shape) / np.sqrt(
+        np.prod(s.shape[:-1]) if len(s.shape) > 1 else 10)).astype(np.float32), shapes)
+
+
+def sample_batches(config):
+    """3 random images at the run's size, and 1 car photo at twice that size."""
+    h, w = config.image_size
+    photo = real_looking_image((2 * w, 2 * h))
+    return [np.random.default_rng(1).uniform(size=(3, h, w, config.in_channels)).astype(
+        np.float32), photo if config.in_channels == 3 else photo.mean(-1, keepdims=True)]
+
+
+def assert_matches(run, batches, expected, num_classes=1):
+    for images, logits in zip(batches, expected):
+        out = run(images)
+        assert out.shape == (*images.shape[:3], num_classes)
+        diff = float(np.max(np.abs(out - logits)))
+        assert diff <= export.TOLERANCE["float32"] * max(1.0, float(np.max(np.abs(logits)))), (
+            images.shape, diff)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("export") / "run"
+    params = random_params(CONFIG, seed=1)
+    # Centre the logits on a car photo, so that masks hold both car and background.
+    fn = export.model_function(params, CONFIG, "float32")
+    params["head"]["bias"] = params["head"]["bias"] - np.median(
+        np.asarray(fn(real_looking_image())))
+    checkpoints.save_params(run, params, CONFIG, epoch=3)
+    return run, params
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir):
+    """JAX's logits for the run's test batches, computed once for every format."""
+    batches = sample_batches(CONFIG)
+    fn = export.model_function(run_dir[1], CONFIG, "float32")
+    return batches, [np.asarray(fn(images)) for images in batches]
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    """The run exported in every format whose packages are installed: stablehlo through
+    the command line, the others through the library."""
+    out = tmp_path_factory.mktemp("exported")
+    paths = {}
+    for fmt in export.FORMATS:
+        if fmt == "onnx" and _missing_onnx_package():
+            continue
+        paths[fmt] = out / f"unet.{fmt}"
+        if fmt != "stablehlo":
+            export.export_run(run_dir[0], fmt, paths[fmt])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert call(export_cli.main, ["--checkpoint", str(run_dir[0]), "--format",
+                                      "stablehlo", "--output", str(paths["stablehlo"])]) == 0
+    paths["printed"] = printed.getvalue()
+    return paths
+
+
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_every_format_gives_jax_logits_for_any_batch_and_size(exported, reference, fmt):
+    needs(fmt)
+    assert_matches(export.load(exported[fmt], fmt), *reference)
+    info = export.read_sidecar(exported[fmt])
+    assert info["format"] == fmt and info["checkpoint"]["epoch"] == 3
+    assert info["parity"]["max_abs_diff"] <= 1e-4
+
+
+def test_the_command_says_what_it_wrote(exported):
+    line = exported["printed"].strip()
+    assert line.startswith(f"wrote {exported['stablehlo']} (") and line.endswith(
+        "random images)")
+    assert f"{exported['stablehlo']}.json from epoch 3" in line
+    assert "height and width dynamic, sides multiples of 4" in line
+
+
+@pytest.mark.parametrize("options, fmt", [
+    # onnx is converted from the tflite model: it runs both converters (tf2onnx is
+    # slow on the attention gates' resize, so they go to tflite alone).
+    (dict(attention=True), "tflite"),
+    (dict(separable=True), "onnx"),
+    (dict(depth=3, in_channels=1, num_classes=3), "tflite"),
+], ids=["attention-tflite", "separable-onnx", "depth3-gray-3classes-tflite"])
+def test_every_model_option_exports(options, fmt, tmp_path):
+    needs(fmt)
+    config = dataclasses.replace(CONFIG, **options)
+    params = random_params(config)
+    # export_params compares 2 images at the run's size with JAX; here a batch of 1
+    # at another size.
+    export.export_params(params, config, fmt, tmp_path / f"unet.{fmt}")
+    images = sample_batches(config)[1]
+    expected = export.model_function(params, config, "float32")(images)
+    assert_matches(export.load(tmp_path / f"unet.{fmt}", fmt), [images], [expected],
+                   config.num_classes)
+
+
+def test_a_bfloat16_run_exports_in_float32_or_on_request_in_bfloat16(run_dir, tmp_path):
+    params = run_dir[1]
+    trained_in_bf16 = dataclasses.replace(CONFIG, dtype="bfloat16")
+    export.export_params(params, trained_in_bf16, "stablehlo", tmp_path / "f32")
+    images = real_looking_image((48, 32))
+    f32 = np.asarray(export.model_function(params, CONFIG, "float32")(images))
+    assert_matches(export.load(tmp_path / "f32", "stablehlo"), [images], [f32])
+    # export_params compares the bfloat16 export with JAX's bfloat16 model itself
+    # (bfloat16 convolutions compile slowly on a CPU: no more of them here).
+    check = export.export_params(params, trained_in_bf16, "stablehlo", tmp_path / "bf16",
+                                 dtype="bfloat16")
+    assert check["max_abs_diff"] <= check["tolerance"]
+    bf16 = export.load(tmp_path / "bf16", "stablehlo")(images)
+    assert bf16.dtype == np.float32  # logits in float32, computed in bfloat16:
+    assert 1e-5 < np.abs(bf16 - f32).max() < 0.05 * max(1, np.abs(f32).max())
+    with pytest.raises(ExportError, match=r"^--dtype bfloat16: tflite exports compute in "
+                       r"float32 only .*drop --dtype$"):
+        export.export_params(params, CONFIG, "tflite", tmp_path / "x.tflite", dtype="bfloat16")
+
+
+def test_the_sidecar_holds_the_runs_prediction_settings(exported, run_dir):
+    settings = export.read_sidecar(exported["stablehlo"])["prediction"]
+    assert settings == export.prediction_settings(CONFIG)
+    # Enough to rebuild them, and they are what predict does with the run by default.
+    rebuilt = Config(image_size=tuple(settings["image_size"]), crop=settings["crop"],
+                     scale=settings["scale"], overlap=settings["overlap"],
+                     tta=settings["tta"], in_channels=settings["in_channels"],
+                     num_classes=settings["num_classes"], depth=settings["depth"])
+    assert export.prediction_settings(rebuilt) == settings
+    predictor = Predictor(run_dir[0])
+    assert (predictor.mode, predictor.overlap, predictor.tta) == (
+        settings["mode"], settings["overlap"], settings["tta"])
+    crop_run = dataclasses.replace(CONFIG, crop=(32, 32), scale=0.5, tta="hflip")
+    tiles = json.loads(json.dumps(export.prediction_settings(crop_run)))
+    assert (tiles["mode"], tiles["tile"], tiles["scale"], tiles["tta"]) == (
+        "tile", [32, 32], 0.5, "hflip")
+    assert "tiles of 32x32" in tiles["how"] and "whole image at scale 0.5" in tiles["how"]
+
+
+def readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- onnx-example -->\n```python\n(.*?)```", text, re.S)
+    assert block, "the README's onnxruntime example is marked <!-- onnx-example -->"
+    return block.group(1)
+
+
+def test_the_readme_onnx_example_gives_predicts_mask(exported, run_dir, tmp_path):
+    needs("onnx")
+    code = readme_example()
+    assert len(code.strip().splitlines()) <= 15
+    assert "jax" not in code and "tensorflow" not in code and "unet_jax" not in code
+    # A JPEG larger than twice the run's size: decoded with JPEG's own downscaling, as
+    # training and predict decode it.
+    rng = np.random.default_rng(5)
+    photo, _ = sample_data.render(sample_data.random_car(rng), 5, (150, 100), rng)
+    photo.convert("RGB").save(tmp_path / "car.jpg", quality=90)
+    for name in ("unet.onnx", "unet.onnx.json"):
+        (tmp_path / name).write_bytes((exported["onnx"].parent / name).read_bytes())
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    mask = np.asarray(Image.open(tmp_path / "car_mask.png")) > 0
+    (_, _, expected), = Predictor(run_dir[0]).predict_files([tmp_path / "car.jpg"])
+    assert mask.shape == (100, 150) and 0 < expected.mean() < 1
+    assert np.array_equal(mask, expected)
+
+
+# --- One-line errors, no files --------------------------------------------------------
+
+def test_a_directory_that_is_not_a_run_is_one_line(tmp_path, capsys):
+    code = call(export_cli.main, ["--checkpoint", str(tmp_path), "--format", "stablehlo",
+                                  "--output", str(tmp_path / "out" / "unet.stablehlo")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is not a run directory" in err[0]
+    assert not (tmp_path / "out" / "unet.stablehlo").exists()
+
+
+def test_a_damaged_checkpoint_is_one_line(run_dir, tmp_path, capsys):
+    import shutil
+
+    run = Path(shutil.copytree(run_dir[0], tmp_path / "run"))
+    data = max((f for f in (run / "checkpoints" / "3" / "params").rglob("*")
+                if f.is_file() and f.parent.name == "d"), key=lambda f: f.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    code = call(export_cli.main, ["--checkpoint", str(run), "--format", "stablehlo",
+                                  "--output", str(tmp_path / "unet.stablehlo")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is damaged" in err[0], err
+    assert not list(tmp_path.glob("unet.stablehlo*"))
+
+
+def test_an_export_that_computes_something_else_is_refused(run_dir, tmp_path, monkeypatch):
+    real_load = export.load
+    monkeypatch.setattr(export, "load", lambda path, fmt=None: (
+        lambda images: real_load(path, fmt)(images) + 1e-3))
+    with pytest.raises(ExportError, match=r"^--format stablehlo: the exported model computes "
+                       r"other logits than JAX .*; nothing was written$"):
+        export.export_params(run_dir[1], CONFIG, "stablehlo", tmp_path / "unet.stablehlo")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_operation_the_onnx_converter_lacks_is_named(run_dir, tmp_path, monkeypatch):
+    needs("onnx")
+    import onnx
+    import tf2onnx
+    from onnx import helper
+
+    def unconverted(*args, **kwargs):
+        node = helper.make_node("TFL_SOME_NEW_OP", ["image"], ["logits"])
+        graph = helper.make_graph([node], "g", [], [])
+        return helper.make_model(graph), None
+
+    monkeypatch.setattr(tf2onnx.convert, "from_tflite", unconverted)
+    assert onnx  # the check reads onnx's operator schemas
+    with pytest.raises(ExportError, match=r"^--format onnx: tf2onnx cannot convert the "
+                       r"operation TFL_SOME_NEW_OP$"):
+        export.export_params(run_dir[1], CONFIG, "onnx", tmp_path / "unet.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_export_extra_names_the_install_command(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)  # import fails as if not installed
+    with pytest.raises(ExportError, match=re.escape(
+            "--format onnx needs tf2onnx, which is not installed: pip install -e '.[export]'")):
+        export.export_params(run_dir[1], CONFIG, "onnx", tmp_path / "unet.onnx")
+
+
+def test_an_output_that_is_a_directory_is_one_line(run_dir, tmp_path):
+    with pytest.raises(ExportError, match=r"is a directory; give a file name"):
+        export.export_params(run_dir[1], CONFIG, "tflite", tmp_path)
+    with pytest.raises(CheckpointError):
+        export.export_run(tmp_path, "tflite", tmp_path / "unet.tflite")

@@ -1,0 +1,411 @@
+"""A trained run outside this package: ONNX, TF SavedModel, TFLite and StableHLO files.
+
+Every format holds the same function: images ``(N, H, W, C)`` float32 in [0, 1] with
+the run's channels to logits ``(N, H, W, num_classes)``, the parameters inside. The
+batch size, the height and the width are all dynamic (any multiple of ``2**depth``:
+the U-Net halves the map ``depth`` times). The model is the stock Flax one (the CPU
+training kernels change only the backward pass) in float32 by default, also for a run
+trained in bfloat16.
+
+One route, through converters the field maintains, so that each format holds the same
+program (JAX's own export, StableHLO):
+
+* ``stablehlo``: ``jax.export`` serialises the StableHLO program with JAX's
+  compatibility guarantees, lowered for CPU and CUDA; ``jax.export.deserialize(...)
+  .call(images)`` runs it in any later JAX, without this package.
+* ``savedmodel``: ``jax2tf`` wraps that program as one ``XlaCallModule`` op of a
+  TensorFlow graph (signature ``serving_default``: ``image`` -> ``logits``), for TF
+  Serving or ``tf.saved_model.load``.
+* ``tflite``: the TFLite converter turns the StableHLO of that graph into TFLite's
+  own operations (CONV_2D, MAX_POOL_2D, BATCH_MATMUL...), for phones and edge boards.
+* ``onnx``: ``tf2onnx`` converts the TFLite model to ONNX (opset 17), for ONNX
+  Runtime. ``jax2onnx`` would convert directly but requires an older orbax-checkpoint
+  than this package uses, and tf2onnx cannot read a SavedModel's ``XlaCallModule``
+  (jax2tf no longer writes plain TF ops), so ONNX comes from the TFLite model.
+
+Nothing is written that was not checked: every export is run on random images by the
+runtime its users will use (onnxruntime, TF's loader, the TFLite interpreter,
+``jax.export.deserialize``) and compared with JAX's logits before it is moved into
+place. An operation a converter lacks, or a conversion that computes something else,
+is a one-line ``ExportError`` naming the format (and the operation), and no file.
+
+Beside each export, ``<output>.json`` says what a caller needs to use it: the input
+and output, how the run predicts (``prediction_settings``), and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+FORMATS = ("onnx", "savedmodel", "tflite", "stablehlo")
+ONNX_OPSET = 17
+# The exported logits must equal JAX's to this, relative to the largest logit (at
+# least 1): float32 sums in another order differ by about 1e-6 of it.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+EXTRA = "pip install -e '.[export]'"
+
+
+class ExportError(RuntimeError):
+    """A model that cannot be exported as asked; the message is one line naming the
+    format or flag and the fix."""
+
+
+# --- What a caller needs: the sidecar JSON ----------------------------------------------
+
+def prediction_settings(config) -> dict:
+    """How the run predicts a mask, as plain data: what ``inference.Predictor`` does
+    for this run by default, for callers of an exported model.
+
+    ``resize`` (runs trained on whole images): resize the image to ``image_size``,
+    one call, resize the logits back. ``tile`` (runs trained on crops): the whole
+    image at its own size times ``scale`` (rounded to a multiple of ``size_multiple``),
+    or tiles of ``tile`` with ``overlap``, blended. A binary model's mask is ``logits
+    > threshold`` (0: probability 0.5); with several classes, the argmax.
+    """
+    c = config
+    if c.tiled:
+        how = (f"the whole image at scale {c.scale} (sides rounded to a multiple of "
+               f"{2 ** c.depth}), or tiles of {c.tile[0]}x{c.tile[1]} at that scale "
+               f"overlapping by {c.overlap}, blended with Gaussian weights")
+    else:
+        how = f"the image resized to {c.image_size[0]}x{c.image_size[1]}, logits resized back"
+    return {"mode": "tile" if c.tiled else "resize", "how": how,
+            "image_size": list(c.image_size), "crop": list(c.crop) if c.crop else None,
+            "tile": list(c.tile), "scale": c.scale, "overlap": c.overlap, "tta": c.tta,
+            "in_channels": c.in_channels, "num_classes": c.num_classes, "depth": c.depth,
+            "size_multiple": 2 ** c.depth,
+            "threshold": 0.0 if c.num_classes == 1 else None,
+            "decision": ("logits > threshold (sigmoid probability 0.5)" if c.num_classes == 1
+                         else "argmax over the classes")}
+
+
+def sidecar_path(output) -> Path:
+    """``<output>.json``: beside a file, or beside a SavedModel directory."""
+    return Path(f"{Path(output)}.json")
+
+
+def read_sidecar(output) -> dict:
+    """The sidecar of an export (``output`` the exported file or directory)."""
+    path = sidecar_path(output)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path} cannot be read ({e}); export the model again") from None
+
+
+# --- The function to export --------------------------------------------------------------
+
+def model_function(params, config, dtype: str):
+    """images -> logits of the run's U-Net with stock Flax ops, computing in ``dtype``."""
+    import jax
+
+    from unet_jax.train import create_model
+
+    model = create_model(dataclasses.replace(config, kernels="stock", dtype=dtype), "cpu")
+    return jax.jit(lambda images: model.apply({"params": params}, images))
+
+
+def _polymorphic_shape(config) -> str:
+    """Batch, height and width dynamic; height and width multiples of 2**depth."""
+    k = 2 ** config.depth
+    return f"b, {k}*h, {k}*w, {config.in_channels}"
+
+
+def _to_stablehlo(fn, config) -> bytes:
+    import jax
+    import jax.numpy as jnp
+
+    shape = jax.export.symbolic_shape(_polymorphic_shape(config))
+    exported = jax.export.export(fn, platforms=("cpu", "cuda"))(
+        jax.ShapeDtypeStruct(shape, jnp.float32))
+    return bytes(exported.serialize())
+
+
+def _tf_function(fn, config, platforms):
+    """``fn`` as a TF function of one float32 ``image`` batch returning ``logits``."""
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    converted = jax2tf.convert(fn, polymorphic_shapes=[f"({_polymorphic_shape(config)})"],
+                               with_gradient=False, native_serialization_platforms=platforms)
+    spec = tf.TensorSpec([None, None, None, config.in_channels], tf.float32, name="image")
+    return tf.function(lambda image: {"logits": converted(image)}, autograph=False,
+                       input_signature=[spec])
+
+
+def _write_savedmodel(fn, config, path: Path) -> None:
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.serve = _tf_function(fn, config, ("cpu", "cuda"))
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+
+
+def _to_tflite(fn, config) -> bytes:
+    import tensorflow as tf
+
+    concrete = _tf_function(fn, config, ("cpu",)).get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
+    try:
+        return converter.convert()
+    except Exception as e:  # noqa: BLE001 (the converter raises its own ConverterError)
+        raise ExportError(f"--format tflite: the TFLite converter cannot convert this "
+                          f"model ({_converter_reason(str(e))})") from None
+
+
+def _converter_reason(message: str) -> str:
+    """The operation a converter's error names, else the first line of the error."""
+    ops = re.findall(r"(?:legalize|convert)[a-z ]* (?:operation|op) '([\w.]+)'", message)
+    if ops:
+        return "operation " + ", ".join(dict.fromkeys(ops))
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[0] if lines else "no reason given"
+
+
+def _segment_prod(ctx, node, name, args):
+    """tf2onnx handler for TFLite's UNSORTED_SEGMENT_PROD.
+
+    The TFLite converter computes dynamic reshape sizes with it (the product of some
+    of a shape's dimensions, the others marked by segment id -1, which the op drops).
+    tf2onnx's own handler gathers id -1 as the last dimension instead, so every
+    dynamic-shape model came out with wrong reshape sizes. This one does what the op
+    means: ``out[s] = prod(data[i] for ids[i] == s)`` for s in range(num_segments).
+    """
+    import onnx
+    from tf2onnx import utils
+
+    data, ids, num = node.input
+    i64 = onnx.TensorProto.INT64
+
+    def const(value):
+        return ctx.make_const(utils.make_name(f"{name}_const"), np.asarray(value)).output[0]
+
+    def op(kind, *inputs, **attr):
+        return ctx.make_node(kind, list(inputs), attr=attr).output[0]
+
+    ids, num = op("Cast", ids, to=i64), op("Cast", num, to=i64)
+    segments = op("Range", const(np.int64(0)), num, const(np.int64(1)))
+    member = op("Equal", op("Unsqueeze", ids, const(np.array([0], np.int64))),
+                op("Unsqueeze", segments, const(np.array([1], np.int64))))
+    unit = const(np.array(1, utils.map_onnx_to_numpy_type(ctx.get_dtype(data))))
+    factors = op("Where", member, op("Unsqueeze", data, const(np.array([0], np.int64))), unit)
+    ctx.replace_inputs(node, [factors])
+    node.type = "ReduceProd"  # over axis 1, opset 17's attribute form
+    for key in list(node.attr):
+        del node.attr[key]
+    node.set_attr("axes", [1])
+    node.set_attr("keepdims", 0)
+
+
+def _to_onnx(tflite: bytes, path: Path) -> None:
+    onnx = require("onnx", "onnx")
+    tf2onnx = require("tf2onnx", "onnx")
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's notice of ai_edge_litert
+        source = Path(tmp) / "model.tflite"
+        source.write_bytes(tflite)
+        model, _ = tf2onnx.convert.from_tflite(
+            str(source), opset=ONNX_OPSET,
+            custom_op_handlers={"UnsortedSegmentProd": (_segment_prod, [])})
+    unknown = [n.op_type for n in model.graph.node
+               if n.domain not in ("", "ai.onnx") or not onnx.defs.has(n.op_type)]
+    if unknown:
+        raise ExportError(f"--format onnx: tf2onnx cannot convert the operation "
+                          f"{', '.join(dict.fromkeys(unknown))}")
+    _rename_io(model, "image", "logits")
+    onnx.save(model, str(path))
+
+
+def _rename_io(model, input_name: str, output_name: str) -> None:
+    """Names the ONNX graph's one input and one output (tf2onnx keeps TFLite's)."""
+    renames = {model.graph.input[0].name: input_name, model.graph.output[0].name: output_name}
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.name = renames[value.name]
+    for node in model.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+
+
+def require(module: str, fmt: str):
+    """Imports ``module``, which ``--format fmt`` needs; one line naming the extra
+    that installs it if it is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ExportError(f"--format {fmt} needs {module}, which is not installed: "
+                          f"{EXTRA}") from None
+
+
+# --- Running an export -------------------------------------------------------------------
+
+def load(path, fmt: str | None = None):
+    """A function images (N, H, W, C) float32 -> logits (numpy) of an exported model,
+    run by the runtime of its format (the format from the sidecar if not given)."""
+    path = Path(path)
+    fmt = fmt or read_sidecar(path)["format"]
+    if fmt == "onnx":
+        ort = require("onnxruntime", "onnx")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda images: session.run(None, {"image": np.asarray(images, np.float32)})[0]
+    if fmt == "savedmodel":
+        import tensorflow as tf
+
+        serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+        return lambda images: serve(image=tf.constant(images, tf.float32))["logits"].numpy()
+    if fmt == "tflite":
+        return _tflite_runner(path)
+    if fmt == "stablehlo":
+        import jax
+
+        exported = jax.export.deserialize(bytearray(path.read_bytes()))
+        return lambda images: np.asarray(exported.call(np.asarray(images, np.float32)))
+    raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+def _tflite_runner(path: Path):
+    import tensorflow as tf
+
+    with warnings.catch_warnings():  # tf.lite.Interpreter's notice of ai_edge_litert
+        warnings.simplefilter("ignore")
+        interpreter = tf.lite.Interpreter(model_path=str(path))
+    index_in = interpreter.get_input_details()[0]["index"]
+    index_out = interpreter.get_output_details()[0]["index"]
+
+    def run(images):
+        images = np.asarray(images, np.float32)
+        interpreter.resize_tensor_input(index_in, images.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(index_in, images)
+        interpreter.invoke()
+        return interpreter.get_tensor(index_out).copy()
+
+    return run
+
+
+def parity(run, fn, images) -> tuple[float, float]:
+    """(largest difference between ``run``'s logits and JAX's (``fn``) for ``images``,
+    largest absolute JAX logit)."""
+    expected = np.asarray(fn(images), np.float32)
+    return (float(np.max(np.abs(np.asarray(run(images)) - expected))),
+            float(np.max(np.abs(expected))))
+
+
+# --- Export -------------------------------------------------------------------------------
+
+def export_params(params, config, fmt: str, output, dtype: str = "float32") -> dict:
+    """Writes ``params`` of a run with ``config`` as ``fmt`` to ``output``, checked
+    against JAX; returns the check: {"max_abs_diff", "input_shape", "tolerance"}."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if dtype not in TOLERANCE:
+        raise ExportError(f"--dtype {dtype!r}: choose float32 or bfloat16")
+    if dtype != "float32" and fmt in ("onnx", "tflite"):
+        raise ExportError(f"--dtype {dtype}: {fmt} exports compute in float32 only (its "
+                          "CPU runtimes have no bfloat16 convolutions); drop --dtype")
+    if fmt == "onnx":
+        for module in ("tf2onnx", "onnx", "onnxruntime"):
+            require(module, fmt)
+    output = _check_output(Path(output), fmt)
+    fn = model_function(params, config, dtype)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    try:
+        artifact = staging / output.name
+        if fmt == "stablehlo":
+            artifact.write_bytes(_to_stablehlo(fn, config))
+        elif fmt == "savedmodel":
+            _write_savedmodel(fn, config, artifact)
+        elif fmt == "tflite":
+            artifact.write_bytes(_to_tflite(fn, config))
+        else:
+            _to_onnx(_to_tflite(fn, config), artifact)
+        shape = (2, *config.tile, config.in_channels)
+        images = np.random.default_rng(0).uniform(size=shape).astype(np.float32)
+        diff, largest = parity(load(artifact, fmt), fn, images)
+        limit = TOLERANCE[dtype] * max(1.0, largest)
+        if not diff <= limit:
+            raise ExportError(f"--format {fmt}: the exported model computes other logits "
+                              f"than JAX (largest difference {diff:.3g}, allowed "
+                              f"{limit:.3g}); nothing was written")
+        _replace(artifact, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"max_abs_diff": diff, "input_shape": list(shape), "tolerance": limit}
+
+
+def export_run(run_dir, fmt: str, output, which="best", dtype: str = "float32") -> dict:
+    """Exports a run's checkpoint (``which``: 'best', 'latest' or an epoch) as ``fmt``
+    to ``output`` and writes its sidecar; returns the sidecar's contents."""
+    from unet_jax import checkpoints
+
+    params, config, epoch = checkpoints.restore_params(run_dir, which)
+    check = export_params(params, config, fmt, output, dtype)
+    k = 2 ** config.depth
+    info = {
+        "format": fmt, "file": Path(output).name,
+        "input": {"name": "image", "shape": [None, None, None, config.in_channels],
+                  "dtype": "float32", "layout": "NHWC", "range": [0.0, 1.0],
+                  "dynamic": f"batch; height and width any multiple of {k}"},
+        "output": {"name": "logits", "shape": [None, None, None, config.num_classes],
+                   "dtype": "float32"},
+        "compute_dtype": dtype, "trained_dtype": config.dtype,
+        "prediction": prediction_settings(config),
+        "checkpoint": {"run_dir": str(Path(run_dir).resolve()), "epoch": epoch,
+                       "which": str(which)},
+        "parity": check,
+    }
+    _write_text(sidecar_path(output), json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def size_of(path) -> int:
+    """Bytes of an exported file, or of every file of a SavedModel directory."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def _check_output(output: Path, fmt: str) -> Path:
+    """``output``'s parent created; refuses a path that holds something else."""
+    if fmt == "savedmodel":
+        if output.is_file():
+            raise ExportError(f"--output {output} is a file; a SavedModel is a directory, "
+                              "give a new directory name")
+        if output.is_dir() and any(output.iterdir()) and not (output / "saved_model.pb").exists():
+            raise ExportError(f"--output {output} holds other files; give a new directory")
+    elif output.is_dir():
+        raise ExportError(f"--output {output} is a directory; give a file name, e.g. "
+                          f"{output / ('unet.' + fmt)}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=output.parent, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ExportError(f"--output {output}: {output.parent} is not writable "
+                          f"({e.strerror or e}); choose another path") from None
+    return output
+
+
+def _replace(artifact: Path, output: Path) -> None:
+    """Moves a checked export into place, replacing an older export there."""
+    if output.is_dir():
+        shutil.rmtree(output)
+    os.replace(artifact, output)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
