@@ -73,13 +73,9 @@ python -m experiments.benchmark --suite gpu --platform cpu --quick --out /tmp/dr
 # others measure what each CPU kernel of unet_jax/cpu_kernels.py buys (--compare-kernels).
 KERNEL_VARIANTS = {"jax-stock": (False, False), "jax-conv-kernel": (True, False),
                    "jax-pool-kernel": (False, True)}
-<<<<<<< HEAD
 TORCH_CHILDREN = ("torch-nchw", "torch-channels_last", "torch-compile")
-CHILDREN = ("jax", *KERNEL_VARIANTS, *TORCH_CHILDREN, "pipeline")
+CHILDREN = ("jax", *KERNEL_VARIANTS, *TORCH_CHILDREN, "pipeline", "onnxruntime")
 TTA_VIEWS = {"none": 1, "hflip": 2, "flips": 4}
-=======
-CHILDREN = ("jax", *KERNEL_VARIANTS, "torch-nchw", "torch-channels_last", "onnxruntime")
->>>>>>> export
 
 
 def parse_args(argv=None):
@@ -155,7 +151,6 @@ def parse_args(argv=None):
         raise common.UserError("--warmup must be 0 or more")
     if args.kaggle_size_sample is not None and args.kaggle_size_sample < 1:
         raise common.UserError("--kaggle-size-sample must be at least 1")
-<<<<<<< HEAD
     if args.augment:
         from data_pipeline.augment import parse_augment
 
@@ -163,10 +158,8 @@ def parse_args(argv=None):
             args.augment = parse_augment(args.augment)
         except ValueError as e:
             raise common.UserError(str(e)) from None
-=======
     if args.compare_onnx and args.mode != "infer":
         raise common.UserError("--compare-onnx times inference: use it with --mode infer")
->>>>>>> export
     if args.compare_torch and args.base_features != 64:
         raise common.UserError("--compare-torch runs the guide's model, which has 64 base "
                                "features; leave --base-features at 64")
@@ -295,7 +288,6 @@ def run_jax(args, variant: str = "jax") -> dict:
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
 
 
-<<<<<<< HEAD
 def run_prediction(args, config, state, backend: str) -> dict:
     """Photos/s of ``prediction.predict_batch`` on random uint8 photos at the scale's
     size, masks at ``--photo-size`` out: tiled (``--mode tile``, one photo per call,
@@ -355,6 +347,39 @@ def run_prediction(args, config, state, backend: str) -> dict:
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
 
 
+def run_onnx(args) -> dict:
+    """The same U-Net (same parameters as the JAX row) exported to ONNX and run by
+    onnxruntime's CPU provider with one thread per core, in this process. Its
+    "compile" time is the export (checked against JAX) and the session's creation,
+    and its peak memory includes the export's (the conversion's, not the session's)."""
+    common.start_platform("cpu")
+    import jax
+    import numpy as np
+
+    from unet_jax import Config, export
+    from unet_jax.train import init_params
+
+    ort = export.require("onnxruntime", "onnx")
+    h, w = args.image_size
+    config = Config(base_features=args.base_features, image_size=(h, w))
+    params = init_params(jax.random.key(0), config)
+    images = np.random.default_rng(0).uniform(size=(args.batch_size, h, w, 3)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        path = Path(tmp) / "unet.onnx"
+        export.export_params(params, config, "onnx", path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = cpu_count()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        compile_s = time.perf_counter() - start
+        size_mb = path.stat().st_size / 1e6
+    timing = time_steps(lambda: session.run(None, {"image": images}), args.steps, args.warmup)
+    return {"framework": "onnxruntime", "backend": "cpu", "device": "cpu",
+            "img_per_s": args.batch_size / timing["step_s"], **timing,
+            "compile_s": compile_s, "gflops_per_s": 0.0, "peak_rss_mb": peak_rss_mb(),
+            "onnx_mb": size_mb, "onnxruntime": ort.__version__}
+
+
 def jax_peak_device_mb(device) -> float | None:
     """The device's peak memory in use (MB), where the backend reports it (GPUs; a
     CPU reports nothing, and its figure is ``peak_rss_mb``)."""
@@ -397,39 +422,6 @@ class _LazyJit:
 
 
 loss_only_step = _LazyJit(_loss_only_step)
-=======
-def run_onnx(args) -> dict:
-    """The same U-Net (same parameters as the JAX row) exported to ONNX and run by
-    onnxruntime's CPU provider with one thread per core, in this process. Its
-    "compile" time is the export (checked against JAX) and the session's creation,
-    and its peak memory includes the export's (the conversion's, not the session's)."""
-    common.start_platform("cpu")
-    import jax
-    import numpy as np
-
-    from unet_jax import Config, export
-    from unet_jax.train import init_params
-
-    ort = export.require("onnxruntime", "onnx")
-    h, w = args.image_size
-    config = Config(base_features=args.base_features, image_size=(h, w))
-    params = init_params(jax.random.key(0), config)
-    images = np.random.default_rng(0).uniform(size=(args.batch_size, h, w, 3)).astype(np.float32)
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        path = Path(tmp) / "unet.onnx"
-        export.export_params(params, config, "onnx", path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = cpu_count()
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        compile_s = time.perf_counter() - start
-        size_mb = path.stat().st_size / 1e6
-    timing = time_steps(lambda: session.run(None, {"image": images}), args.steps, args.warmup)
-    return {"framework": "onnxruntime", "backend": "cpu", "device": "cpu",
-            "img_per_s": args.batch_size / timing["step_s"], **timing,
-            "compile_s": compile_s, "gflops_per_s": 0.0, "peak_rss_mb": peak_rss_mb(),
-            "onnx_mb": size_mb, "onnxruntime": ort.__version__}
->>>>>>> export
 
 
 def cpu_count() -> int:
@@ -708,19 +700,11 @@ def print_table(args, rows: list[dict]) -> None:
         device_mb = row.get("peak_device_mb")
         device_mb = f"{device_mb:9.0f}" if device_mb is not None else f"{'-':>9}"
         print(f"  {row['framework']:20} {row['img_per_s']:9.3f} {row['gflops_per_s']:8.1f} "
-<<<<<<< HEAD
               f"{mfu} {row['cpu_s']:10.2f} {row['peak_rss_mb']:8.0f} {device_mb} "
               f"{row['compile_s']:9.1f} {row['load_avg']:5.2f} {ratio:8.2f}")
     print("  (GFLOP/s: the network's FLOPs counted from its shapes, unet_jax/flops.py; MFU "
-          "against the GPU's dense peak; compile s for torch is its first step)")
-=======
-              f"{row['cpu_s']:10.2f} {row['peak_rss_mb']:8.0f} {row['compile_s']:9.1f} "
-              f"{row['load_avg']:5.2f} {ratio:8.2f}")
-    if len(rows) > 1:
-        print("  (torch and onnxruntime GFLOP/s use XLA's FLOP count of the same network; "
-              "compile s for torch is its first step, for onnxruntime the export and "
-              "session, whose peak memory its row includes)")
->>>>>>> export
+          "against the GPU's dense peak; compile s for torch is its first step, "
+          "for onnxruntime the export and session, whose peak memory its row includes)")
 
 
 def main(argv=None):
@@ -728,13 +712,10 @@ def main(argv=None):
     if args.child:
         if args.child.startswith("jax"):
             row = run_jax(args, args.child)
-<<<<<<< HEAD
         elif args.mode == "pipeline":
             row = run_pipeline(args)
-=======
         elif args.child == "onnxruntime":
             row = run_onnx(args)
->>>>>>> export
         else:
             row = run_torch(args, channels_last=args.child != "torch-nchw",
                             compiled=args.child == "torch-compile")
@@ -780,13 +761,9 @@ def main(argv=None):
         else:
             rows.append(run_child(args, "onnxruntime"))
     jax_row = rows[0]
-<<<<<<< HEAD
-=======
-    for row in (r for r in rows[1:] if r["framework"] in ("onnxruntime", "torch-nchw",
-                                                          "torch-channels_last")):
-        # the same network: XLA's FLOP count over this row's step time
+    for row in (r for r in rows[1:] if r["framework"] == "onnxruntime"):
+        # the same network: the counted FLOPs over this row's step time
         row["gflops_per_s"] = jax_row["flops_per_step"] / row["step_s"] / 1e9
->>>>>>> export
     print_table(args, rows)
     for note in notes:
         print(note)
