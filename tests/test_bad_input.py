@@ -255,3 +255,14 @@ def test_settings_from_text_are_coerced():
     config = Config(overlap="0.3", epochs="3", learning_rate="1e-3")
     assert (config.overlap, config.epochs, config.learning_rate) == (0.3, 3, 1e-3)
     assert Config(tversky_alpha=0.7, loss="tversky").tversky_alpha == 0.7
+
+
+def test_predict_files_takes_one_path_as_one_file(run, tmp_path):
+    from unet_jax.inference import Predictor
+
+    image = tmp_path / "car.png"
+    write_image(image, (48, 32), seed=4)
+    predictor = Predictor(run)
+    for one in (str(image), image):
+        [(path, _, mask)] = list(predictor.predict_files(one))
+        assert path == image and mask.shape == (32, 48)

@@ -193,12 +193,12 @@ def test_the_sidecar_holds_the_runs_prediction_settings(exported, run_dir):
                      num_classes=settings["num_classes"], depth=settings["depth"])
     assert export.prediction_settings(rebuilt) == settings
     predictor = Predictor(run_dir[0])
-    assert (predictor.mode, predictor.overlap, predictor.tta) == (
+    assert (predictor.mode.how, predictor.mode.overlap, predictor.mode.tta) == (
         settings["mode"], settings["overlap"], settings["tta"])
     crop_run = dataclasses.replace(CONFIG, crop=(32, 32), scale=0.5, tta="hflip")
     tiles = json.loads(json.dumps(export.prediction_settings(crop_run)))
     assert (tiles["mode"], tiles["tile"], tiles["scale"], tiles["tta"]) == (
-        "tile", [32, 32], 0.5, "hflip")
+        "whole", [32, 32], 0.5, "hflip")
     assert "tiles of 32x32" in tiles["how"] and "whole image at scale 0.5" in tiles["how"]
 
 

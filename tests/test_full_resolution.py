@@ -87,7 +87,7 @@ def test_submit_and_tile_mode_work_on_a_crop_run(crop_run, tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--overlap", "1.5"], "--overlap 1.5: give a fraction in [0, 1)"),
+    (["--overlap", "1.5"], "--overlap 1.5: give a fraction in [0, 0.75]"),
     (["--tta", "rot"], "--tta: invalid choice"),
 ])
 def test_bad_prediction_flags_are_one_line(crop_run, tmp_path, capsys, flags, message):

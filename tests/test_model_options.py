@@ -313,11 +313,11 @@ def test_options_and_loss_settings_are_flags():
                  "--focal-gamma", "--tversky-alpha"):
         assert flag in text, flag
     args = parser.parse_args(["--no-skip-connections", "--separable", "--loss", "focal",
-                              "--focal-gamma", "1.5", "--tversky-alpha", "0.4"])
+                              "--focal-gamma", "1.5"])
     config = dataclasses.replace(Config(), **config_lib.overrides(args))
     model = create_model(config)
     assert (model.skip_connections, model.attention, model.separable) == (False, False, True)
-    assert loss_spec(config) == LossSpec("focal", focal_gamma=1.5, tversky_alpha=0.4)
+    assert loss_spec(config) == LossSpec("focal", focal_gamma=1.5, tversky_alpha=0.3)
     assert config_lib.overrides(parser.parse_args(["--attention"])) == {"attention": True}
     default = create_model(Config())
     assert (default.skip_connections, default.attention, default.separable) == (True, False, False)

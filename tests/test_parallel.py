@@ -113,7 +113,9 @@ def test_two_processes_with_jax_distributed(data_dir, single_device_run, tmp_pat
     backend runs the cross-process all-reduce with gloo)."""
     run = tmp_path / "multi"
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # No shared compilation cache: two processes of one run compile their programs
+    # side by side, as on two hosts.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "UNET_JAX_COMPILE_CACHE": "off"}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "experiments.train", "--data-dir", str(data_dir),
          "--workdir", str(run), *TINY, "--coordinator", f"127.0.0.1:{port}",

@@ -157,7 +157,7 @@ def test_whole_images_share_a_call_only_while_they_fit_the_budget():
 
 
 @pytest.mark.parametrize("override,message", [
-    ({"overlap": 1.5}, "--overlap 1.5: give a fraction in [0, 1)"),
+    ({"overlap": 1.5}, "--overlap 1.5: give a fraction in [0, 0.75]"),
     ({"tta": "rot90"}, "--tta 'rot90': choose one of none, hflip, flips"),
 ])
 def test_overrides_config_refuses_are_refused_with_its_message(override, message):

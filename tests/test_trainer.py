@@ -73,7 +73,7 @@ def test_resume_extends_a_run_and_refuses_other_settings(run, tmp_path):
                                     resume=True, log=lambda *a: None)
     with pytest.raises(rundir.RunDirError, match="already holds a run; pass --resume"):
         unet_jax.train_and_evaluate(config, workdir, log=lambda *a: None)
-    with pytest.raises(ConfigError, match="holds no run"):
+    with pytest.raises(rundir.RunDirError, match="holds no run"):
         unet_jax.train_and_evaluate(config, tmp_path / "empty", resume=True,
                                     log=lambda *a: None)
     summary = unet_jax.train_and_evaluate(dataclasses.replace(config, epochs=3), workdir,

@@ -62,27 +62,31 @@ class ExportError(RuntimeError):
 # --- What a caller needs: the sidecar JSON ----------------------------------------------
 
 def prediction_settings(config) -> dict:
-    """How the run predicts a mask, as plain data: what ``inference.Predictor`` does
-    for this run by default, for callers of an exported model.
+    """How the run predicts a mask, as plain data: the run's ``PredictionMode``, what
+    ``inference.Predictor`` does with it by default, for callers of an exported model.
 
     ``resize`` (runs trained on whole images): resize the image to ``image_size``,
-    one call, resize the logits back. ``tile`` (runs trained on crops): the whole
-    image at its own size times ``scale`` (rounded to a multiple of ``size_multiple``),
-    or tiles of ``tile`` with ``overlap``, blended. A binary model's mask is ``logits
-    > threshold`` (0: probability 0.5); with several classes, the argmax.
+    one call, resize the logits back. ``whole`` (runs trained on crops): the whole
+    image at its own size times ``scale``, mirror-padded to a multiple of
+    ``size_multiple``, in one call; where that pass would not fit in memory, tiles of
+    ``tile`` with ``overlap``, blended. A binary model's mask is ``logits >
+    threshold`` (0: probability 0.5); with several classes, the argmax.
     """
-    c = config
-    if c.tiled:
-        how = (f"the whole image at scale {c.scale} (sides rounded to a multiple of "
-               f"{2 ** c.depth}), or tiles of {c.tile[0]}x{c.tile[1]} at that scale "
-               f"overlapping by {c.overlap}, blended with Gaussian weights")
-    else:
+    from unet_jax.prediction import PredictionMode
+
+    c, mode = config, PredictionMode.from_config(config, memory_budget=1 << 62)
+    if mode.how == "resize":
         how = f"the image resized to {c.image_size[0]}x{c.image_size[1]}, logits resized back"
-    return {"mode": "tile" if c.tiled else "resize", "how": how,
+    else:
+        how = (f"the whole image at scale {c.scale} (sides mirror-padded to a multiple of "
+               f"{mode.multiple}), or, where that does not fit in memory, tiles of "
+               f"{c.tile[0]}x{c.tile[1]} at that scale overlapping by {c.overlap}, blended "
+               "with Gaussian weights")
+    return {"mode": mode.how, "how": how,
             "image_size": list(c.image_size), "crop": list(c.crop) if c.crop else None,
             "tile": list(c.tile), "scale": c.scale, "overlap": c.overlap, "tta": c.tta,
             "in_channels": c.in_channels, "num_classes": c.num_classes, "depth": c.depth,
-            "size_multiple": 2 ** c.depth,
+            "size_multiple": mode.multiple,
             "threshold": 0.0 if c.num_classes == 1 else None,
             "decision": ("logits > threshold (sigmoid probability 0.5)" if c.num_classes == 1
                          else "argmax over the classes")}

@@ -17,6 +17,8 @@ scored at full size.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -127,8 +129,12 @@ class Predictor:
         so a folder of any size fits in memory.
 
         An unreadable file raises its one-line DataError, or with ``skip_bad`` is
-        skipped with a warning while the other images of its batch go on.
+        skipped with a warning while the other images of its batch go on. ``paths``
+        is a list of files, or one file (a str or Path), never read as its characters.
         """
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        paths = [Path(p) for p in paths]
         for start in range(0, len(paths), self.batch_size):
             chunk, inputs, sizes, pictures = [], [], [], []
             for path in paths[start:start + self.batch_size]:
