@@ -228,7 +228,7 @@ def run_jax(args, variant: str = "jax") -> dict:
     import numpy as np
 
     from unet_jax import Config, create_model, create_train_state, predict_step, train_step
-    from unet_jax import compile_cache, cpu_kernels, flops as flop_count
+    from unet_jax import cpu_kernels, flops as flop_count
 
     h, w = args.image_size
     config = Config(base_features=args.base_features, dtype=args.dtype, image_size=(h, w),
@@ -277,15 +277,7 @@ def run_jax(args, variant: str = "jax") -> dict:
     return {"framework": variant, "backend": backend, "device": device.device_kind,
             "img_per_s": args.batch_size / timing["step_s"], **timing,
             "model_calls_per_step": 1,
-            "lower_s": lower_s, "compile_s": compile_s, "flops_per_step": flops,
-            "xla_flops_per_step": xla_flops,
-            "gflops_per_s": flops / timing["step_s"] / 1e9,
-            "mfu": flop_count.utilisation(flops / timing["step_s"], device.device_kind,
-                                          args.dtype),
-            "peak_device_mb": jax_peak_device_mb(device), "peak_rss_mb": peak_rss_mb(),
-            "compile_cache": str(compile_cache.current_dir() or "off"),
-            "cache": compile_cache.stats(), "remat": args.remat, "metrics": args.metrics,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
+            **jax_figures(args, device, timing, flops, xla_flops, lower_s, compile_s)}
 
 
 def run_prediction(args, config, state, backend: str) -> dict:
@@ -298,7 +290,7 @@ def run_prediction(args, config, state, backend: str) -> dict:
     import numpy as np
 
     from data_pipeline.preprocess import scaled_size
-    from unet_jax import compile_cache, flops as flop_count, tiling
+    from unet_jax import flops as flop_count, tiling
     from unet_jax.prediction import PredictionMode, predict_batch
 
     size = scaled_size(args.photo_size, args.scale)
@@ -336,15 +328,7 @@ def run_prediction(args, config, state, backend: str) -> dict:
     return {"framework": "jax", "backend": backend, "device": device.device_kind,
             "img_per_s": photos / timing["step_s"], **timing,
             "model_calls_per_step": calls, "photos_per_call": photos,
-            "lower_s": lower_s, "compile_s": compile_s, "flops_per_step": flops,
-            "xla_flops_per_step": xla_flops,
-            "gflops_per_s": flops / timing["step_s"] / 1e9,
-            "mfu": flop_count.utilisation(flops / timing["step_s"], device.device_kind,
-                                          args.dtype),
-            "peak_device_mb": jax_peak_device_mb(device), "peak_rss_mb": peak_rss_mb(),
-            "compile_cache": str(compile_cache.current_dir() or "off"),
-            "cache": compile_cache.stats(), "remat": args.remat, "metrics": args.metrics,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
+            **jax_figures(args, device, timing, flops, xla_flops, lower_s, compile_s)}
 
 
 def run_onnx(args) -> dict:
@@ -378,6 +362,24 @@ def run_onnx(args) -> dict:
             "img_per_s": args.batch_size / timing["step_s"], **timing,
             "compile_s": compile_s, "gflops_per_s": 0.0, "peak_rss_mb": peak_rss_mb(),
             "onnx_mb": size_mb, "onnxruntime": ort.__version__}
+
+
+def jax_figures(args, device, timing, flops, xla_flops, lower_s, compile_s) -> dict:
+    """What every JAX row reports beside its speed: compile times, counted and XLA
+    FLOPs, utilisation, memory, the compile cache and the settings that shape them."""
+    import jax
+
+    from unet_jax import compile_cache, flops as flop_count
+
+    return {"lower_s": lower_s, "compile_s": compile_s, "flops_per_step": flops,
+            "xla_flops_per_step": xla_flops,
+            "gflops_per_s": flops / timing["step_s"] / 1e9,
+            "mfu": flop_count.utilisation(flops / timing["step_s"], device.device_kind,
+                                          args.dtype),
+            "peak_device_mb": jax_peak_device_mb(device), "peak_rss_mb": peak_rss_mb(),
+            "compile_cache": str(compile_cache.current_dir() or "off"),
+            "cache": compile_cache.stats(), "remat": args.remat, "metrics": args.metrics,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
 
 
 def jax_peak_device_mb(device) -> float | None:
