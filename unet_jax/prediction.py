@@ -50,7 +50,11 @@ def pass_bytes(size: tuple[int, int], base_features: int) -> int:
 def default_memory_budget() -> int:
     """Bytes a whole-image pass may take: half of the accelerator's memory, or a
     quarter of the machine's on a CPU (where the host holds the images as well)."""
-    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+    # This process's own device: another process's cannot report its memory.
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except (AttributeError, jax.errors.JaxRuntimeError):  # a backend without the figures
+        stats = None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"]) // 2
     try:
