@@ -124,4 +124,8 @@ def test_crops_reach_the_dice_of_resized_images_at_the_same_pixels_seen(tmp_path
         dice[name] = score(predictor, val_pairs, skip_bad=False)["dice"]
     print(f"validation Dice at full resolution: {dice}")
     assert dice["resized"] > 0.7  # both learned something
-    assert dice["cropped"] >= dice["resized"]
+    # Crops at least match resizing, within a margin the seeds justify: over seeds 42, 0,
+    # 1 and 2 (2-core AMD EPYC) cropped minus resized was +0.043, -0.005, +0.033 and
+    # +0.056 (resized 0.78-0.87); one seed in four lost by 0.005, so equality alone could
+    # fail by chance on another CPU, and 0.03 is six times that loss.
+    assert dice["cropped"] >= dice["resized"] - 0.03
