@@ -51,6 +51,8 @@ import time
 from pathlib import Path
 
 from experiments import common
+from unet_jax.config import REMAT
+from unet_jax.tiling import TTA
 
 EXAMPLES = """
 python -m experiments.benchmark --mode train --image-size 128 --batch-size 4 --compare-torch
@@ -118,9 +120,9 @@ def parse_args(argv=None):
                    "Carvana's 1280 1918)")
     p.add_argument("--overlap", type=float, default=0.25,
                    help="tile mode: fraction of a tile its neighbour shares (default: 0.25)")
-    p.add_argument("--tta", choices=("none", "hflip", "flips"), default="none",
+    p.add_argument("--tta", choices=TTA, default="none",
                    help="tile and whole modes: test-time flips (default: none)")
-    p.add_argument("--remat", choices=("none", "convs", "full"), default="none",
+    p.add_argument("--remat", choices=REMAT, default="none",
                    help="train mode: rematerialise each block (unet_jax.Config.remat)")
     p.add_argument("--metrics", choices=("step", "none"), default="step",
                    help="train mode: 'step' computes the batch's Dice, IoU and accuracy in "
@@ -163,15 +165,15 @@ def parse_args(argv=None):
     if args.compare_torch and args.base_features != 64:
         raise common.UserError("--compare-torch runs the guide's model, which has 64 base "
                                "features; leave --base-features at 64")
-    from unet_jax.config import normalize_image_size
+    from unet_jax.config import Config, ConfigError, normalize_image_size
 
     args.image_size = normalize_image_size(args.image_size, 4)  # (height, width), checked
     if args.crop is not None:
         args.crop = normalize_image_size(args.crop, 4, "--crop")
-    if not 0 < args.scale <= 8:
-        raise common.UserError(f"--scale {args.scale}: give a factor in (0, 8]")
-    if not 0 <= args.overlap < 1:
-        raise common.UserError(f"--overlap {args.overlap}: give a fraction in [0, 1)")
+    try:  # the run settings' own checks, so the benchmark accepts what training does
+        Config(overlap=args.overlap, scale=args.scale, crop=args.crop or (16, 16))
+    except ConfigError as e:
+        raise common.UserError(str(e)) from None
     if min(args.photo_size) < 1:
         raise common.UserError("--photo-size: give a positive height and width")
     return args
