@@ -126,6 +126,7 @@ def main(argv=None):
     args = parse_args(argv)
     common.start_platform(args.platform, args)
     from unet_jax import rundir
+    from unet_jax.optim import weights_name
 
     predictor = common.make_predictor(args)
     pairs = select_pairs(args, predictor.config)
@@ -143,6 +144,7 @@ def main(argv=None):
             print(f"  {row['mode']:>6}, tta {row['tta']:<5}: Dice {row['dice']:.4f}, IoU "
                   f"{row['iou']:.4f}, {row['seconds_per_image']:.3f} s/image")
     result.update(split=args.split, checkpoint=str(args.checkpoint), epoch=predictor.epoch,
+                  weights=weights_name(predictor.config),
                   image_size=list(predictor.config.image_size),
                   crop=list(predictor.config.crop) if predictor.config.crop else None,
                   scale=predictor.config.scale)

@@ -1,8 +1,8 @@
 """Checkpoints with orbax: the last few epochs and the best one by validation Dice.
 
 ``RUN_DIR/checkpoints/<epoch>/`` holds params/, opt_state/, progress/ (epoch, step,
-metric history as JSON) and metrics/ as separate orbax items, so inference restores
-the parameters alone. What a crash or a damaged file costs (orbax 0.12.8):
+metric history as JSON), metrics/ and, for a run with ``--ema``, ema_params/ (the
+averaged weights) as separate orbax items, so inference restores the weights alone. What a crash or a damaged file costs (orbax 0.12.8):
 
 * A run killed while saving keeps its previous checkpoints: orbax writes into
   ``<epoch>.orbax-checkpoint-tmp`` and renames it when complete.
@@ -38,11 +38,13 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from unet_jax import rundir
 from unet_jax.config import Config, flag, shown
-from unet_jax.train import TrainState, init_params
+from unet_jax.optim import TrainState, weights_name
+from unet_jax.train import init_params
 
 BEST_METRIC = "val_dice"
 DELETING = ".deleting"  # under checkpoints/: old checkpoints on their way out
 DAMAGED = "damaged"  # under checkpoints/: damaged checkpoints --resume moved aside
+_WEIGHTS = {"raw": "params", "ema": "ema_params"}  # the orbax item of each kind of weights
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +120,13 @@ def save(manager: ocp.CheckpointManager, epoch: int, state: TrainState, progress
     background while training goes on; ``manager.wait_until_finished()`` or ``close()``
     waits for it.
     """
-    manager.save(epoch, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        progress=ocp.args.JsonSave(progress),
-    ), metrics={k: float(v) for k, v in metrics.items()})
+    items = dict(params=ocp.args.StandardSave(state.params),
+                 opt_state=ocp.args.StandardSave(state.opt_state),
+                 progress=ocp.args.JsonSave(progress))
+    if state.ema_params is not None:
+        items["ema_params"] = ocp.args.StandardSave(state.ema_params)
+    manager.save(epoch, args=ocp.args.Composite(**items),
+                 metrics={k: float(v) for k, v in metrics.items()})
 
 
 # --- Restoring, and telling a damaged checkpoint from one that does not fit -----------
@@ -145,7 +149,8 @@ def _restore(manager: ocp.CheckpointManager, epoch: int, items: dict,
     is damage: one DamagedCheckpoint naming the checkpoint.
     """
     path = Path(manager.directory) / str(epoch)
-    misfit = _misfit(path / "params", items["params"], config)
+    weights = "params" if "params" in items else next(iter(items))
+    misfit = _misfit(path / weights, items[weights], config)
     if misfit:
         raise CheckpointError(f"{path} does not fit the run's settings ({misfit}); "
                               "restore the run's config.json, or pass the run directory "
@@ -247,9 +252,12 @@ def _abstract(tree):
 
 
 def _state_items(state: TrainState) -> dict:
-    return dict(params=ocp.args.StandardRestore(_abstract(state.params)),
-                opt_state=ocp.args.StandardRestore(_abstract(state.opt_state)),
-                progress=ocp.args.JsonRestore())
+    items = dict(params=ocp.args.StandardRestore(_abstract(state.params)),
+                 opt_state=ocp.args.StandardRestore(_abstract(state.opt_state)),
+                 progress=ocp.args.JsonRestore())
+    if state.ema_params is not None:
+        items["ema_params"] = ocp.args.StandardRestore(_abstract(state.ema_params))
+    return items
 
 
 def restore_state(manager: ocp.CheckpointManager, state: TrainState, epoch: int | None = None,
@@ -264,10 +272,12 @@ def restore_state(manager: ocp.CheckpointManager, state: TrainState, epoch: int 
     epoch = manager.latest_step() if epoch is None else epoch
     if epoch is None:
         raise CheckpointError(f"no checkpoint in {manager.directory}")
-    restored = _restore(manager, epoch, _state_items(state), config)
+    items = _state_items(state)
+    restored = _restore(manager, epoch, items, config)
     progress = dict(restored["progress"])
     state = state.replace(params=restored["params"], opt_state=restored["opt_state"],
-                          step=progress["step"])
+                          step=progress["step"],
+                          ema_params=restored["ema_params"] if "ema_params" in items else None)
     return state, progress
 
 
@@ -357,7 +367,9 @@ def _candidates(manager: ocp.CheckpointManager, which) -> list[int]:
 
 
 def restore_params(run_dir, which: str | int = "best"):
-    """(params, config, epoch) of a run directory, without the optimizer state.
+    """(params, config, epoch) of a run directory, without the optimizer state: the
+    averaged weights of a run trained with ``--ema`` (``optim.weights_name``), the
+    trained ones otherwise.
 
     ``which`` is 'best' (highest validation Dice), 'latest' or an epoch number. A
     damaged best checkpoint falls back to the next best (a one-line warning on this
@@ -379,7 +391,8 @@ def restore_params(run_dir, which: str | int = "best"):
         abstract = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
             jax.eval_shape(lambda: init_params(jax.random.key(0), config)))
-        items = dict(params=ocp.args.StandardRestore(abstract))
+        weights = _WEIGHTS[weights_name(config)]
+        items = {weights: ocp.args.StandardRestore(abstract)}
         errors = []
         for epoch in _candidates(manager, which):
             try:
@@ -389,7 +402,7 @@ def restore_params(run_dir, which: str | int = "best"):
                 continue
             if errors:
                 log.warning("%s; using the next best, epoch %d", "; ".join(errors), epoch)
-            return restored["params"], config, epoch
+            return restored[weights], config, epoch
         intact = [s for s in manager.all_steps() if _readable(manager, s, items)]
         hint = (f"intact checkpoints: {', '.join(map(str, intact))} — pass --epoch "
                 f"{intact[-1]}" if intact else "no intact checkpoint is left")

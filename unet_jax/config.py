@@ -26,11 +26,14 @@ import jax.numpy as jnp
 
 from unet_jax.losses import FOCAL_GAMMA, LOSSES, TVERSKY_ALPHA
 from unet_jax.models import REMAT
+from unet_jax.optim import SCHEDULES
 from unet_jax.tiling import TTA
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MAX_OVERLAP = 0.75  # tiled prediction: at most 16 model calls per pixel
 KERNELS = ("auto", "stock")
+PLATEAU_PATIENCE = 3
+PLATEAU_FACTOR = 0.5
 
 
 class ConfigError(ValueError):
@@ -103,6 +106,24 @@ class Config:
                                   "false negatives weigh 1 - alpha (0.5: soft Dice)")
     learning_rate: float = _field(3e-4, "AdamW learning rate", flag="--lr")
     weight_decay: float = _field(1e-2, "AdamW weight decay (torch's default, as the guide)")
+    schedule: str = _field("constant", "learning-rate schedule after the warm-up: constant "
+                           "(the guide's), cosine (to zero at the last step, as big_vision), "
+                           "poly (nnU-Net's lr * (1 - t)**0.9) or plateau (times "
+                           "--plateau-factor whenever validation Dice goes "
+                           "--plateau-patience epochs without a new best, as "
+                           "milesial/Pytorch-UNet)", choices=SCHEDULES)
+    warmup_epochs: float = _field(0.0, "epochs over which the rate climbs linearly from "
+                                  "near zero to --lr (fractions allowed; 0: none)")
+    plateau_patience: int = _field(PLATEAU_PATIENCE, "--schedule plateau: epochs without a "
+                                   "new best validation Dice before the rate is lowered")
+    plateau_factor: float = _field(PLATEAU_FACTOR, "--schedule plateau: what the rate is "
+                                   "multiplied by each time")
+    clip_norm: float = _field(0.0, "clip the gradients to this global L2 norm (milesial's "
+                              "1.0); 0: no clipping")
+    ema: float = _field(0.0, "keep an exponential moving average of the weights with this "
+                        "decay (e.g. 0.999), ramped up from 0 over the first steps; "
+                        "validation, predict, evaluate, submit and export then use it; "
+                        "0: none")
     batch_size: int = _field(8, "global batch size, split over all devices")
     epochs: int = _field(12, "total epochs; with --resume a larger value extends the run")
     seed: int = _field(42, "seed for initialisation, split, order and augmentation")
@@ -168,6 +189,7 @@ class Config:
             if self.loss != loss and getattr(self, name) != default:
                 raise ConfigError(f"{flag(name)} {getattr(self, name)} needs --loss {loss} "
                                   f"(the loss is {self.loss}): drop it or pass --loss {loss}")
+        self._check_optimisation()
         if self.attention and not self.skip_connections:
             raise ConfigError("--attention gates the skip connections: drop "
                               "--no-skip-connections or --attention")
@@ -190,6 +212,33 @@ class Config:
             raise ConfigError(f"--tta {self.tta!r}: choose one of {', '.join(TTA)}")
         if not self.cache:
             raise ConfigError("--cache '': give 'memory', 'none' or a file prefix")
+
+    def _check_optimisation(self) -> None:
+        """The schedule, clipping and averaging settings (see ``unet_jax.optim``)."""
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule {self.schedule!r}: choose one of "
+                              f"{', '.join(SCHEDULES)}")
+        if not (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs):
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs}: give 0 or more and "
+                              f"fewer than --epochs {self.epochs}, e.g. 1")
+        if not isinstance(self.plateau_patience, int) or self.plateau_patience < 1:
+            raise ConfigError(f"--plateau-patience {self.plateau_patience}: give a whole "
+                              "number of epochs, at least 1")
+        if not 0 < self.plateau_factor < 1:
+            raise ConfigError(f"--plateau-factor {self.plateau_factor}: give a factor in "
+                              "(0, 1), e.g. 0.5")
+        for name, default in (("plateau_patience", PLATEAU_PATIENCE),
+                              ("plateau_factor", PLATEAU_FACTOR)):
+            if self.schedule != "plateau" and getattr(self, name) != default:
+                raise ConfigError(f"{flag(name)} {getattr(self, name)} needs --schedule "
+                                  f"plateau (the schedule is {self.schedule}): drop it or "
+                                  "pass --schedule plateau")
+        if not (math.isfinite(self.clip_norm) and self.clip_norm >= 0):
+            raise ConfigError(f"--clip-norm {self.clip_norm}: give a norm above 0 (e.g. "
+                              "1.0), or 0 for no clipping")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"--ema {self.ema}: give a decay in [0, 1), e.g. 0.999, or 0 "
+                              "for no averaging")
 
     def _coerce_types(self) -> None:
         """Each field as its declared type, so that ``Config(overlap="0.3")`` (a value

@@ -349,8 +349,10 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32") -> d
 
 def export_run(run_dir, fmt: str, output, which="best", dtype: str = "float32") -> dict:
     """Exports a run's checkpoint (``which``: 'best', 'latest' or an epoch) as ``fmt``
-    to ``output`` and writes its sidecar; returns the sidecar's contents."""
+    to ``output`` and writes its sidecar; returns the sidecar's contents. A run trained
+    with ``--ema`` exports its averaged weights, as predict uses them."""
     from unet_jax import checkpoints
+    from unet_jax.optim import weights_name
 
     params, config, epoch = checkpoints.restore_params(run_dir, which)
     check = export_params(params, config, fmt, output, dtype)
@@ -365,7 +367,7 @@ def export_run(run_dir, fmt: str, output, which="best", dtype: str = "float32") 
         "compute_dtype": dtype, "trained_dtype": config.dtype,
         "prediction": prediction_settings(config),
         "checkpoint": {"run_dir": str(Path(run_dir).resolve()), "epoch": epoch,
-                       "which": str(which)},
+                       "which": str(which), "weights": weights_name(config)},
         "parity": check,
     }
     _write_text(sidecar_path(output), json.dumps(info, indent=2) + "\n")

@@ -18,14 +18,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax.training import train_state
 
-from unet_jax import cpu_kernels, losses, metrics, tiling
+from unet_jax import cpu_kernels, losses, metrics, optim, tiling
 from unet_jax.config import DTYPES, Config
 from unet_jax.models import UNet
-
-TrainState = train_state.TrainState
+from unet_jax.optim import TrainState, create_optimizer
 
 
 def create_model(config: Config, backend: str | None = None) -> UNet:
@@ -64,21 +61,6 @@ def loss_spec(config: Config) -> losses.LossSpec:
                            tversky_alpha=config.tversky_alpha)
 
 
-def create_optimizer(config: Config) -> optax.GradientTransformation:
-    """AdamW as in the guide (``optim.AdamW(model.parameters(), lr=3e-4)``).
-
-    PyTorch's AdamW decays every parameter by ``lr * weight_decay`` per step, biases
-    included, with weight_decay 0.01 by default; optax's ``adamw`` does the same with
-    these arguments, so the two optimise identically.
-    """
-    return _adamw(config.learning_rate, config.weight_decay)
-
-
-@functools.lru_cache(maxsize=64)
-def _adamw(learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
-    return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
-
-
 def init_params(rng, config: Config, model: UNet | None = None):
     """Freshly initialised parameters (initialised on a tiny input: the U-Net's weights
     do not depend on the image size).
@@ -100,12 +82,19 @@ def _jitted_init(model: UNet):
     return jax.jit(model.init)
 
 
-def create_train_state(rng, config: Config, model: UNet | None = None) -> TrainState:
+def create_train_state(rng, config: Config, model: UNet | None = None,
+                       steps_per_epoch: int | None = None) -> TrainState:
     """Parameters, AdamW state and a step counter for a new run (of ``model``, by
-    default the one ``config`` describes)."""
+    default the one ``config`` describes), and with ``config.ema`` the average of the
+    weights, which starts as a copy of them. A schedule other than a constant rate
+    needs ``steps_per_epoch`` (``optim.create_optimizer``)."""
     model = model or create_model(config)
-    return TrainState.create(apply_fn=model.apply, params=init_params(rng, config, model),
-                             tx=create_optimizer(config))
+    params = init_params(rng, config, model)
+    averaging = {}
+    if config.ema:  # a copy: the state is donated, and one buffer cannot be donated twice
+        averaging = dict(ema_params=jax.tree.map(jnp.copy, params), ema_decay=config.ema)
+    return TrainState.create(apply_fn=model.apply, params=params,
+                             tx=create_optimizer(config, steps_per_epoch), **averaging)
 
 
 def _batch_metrics(logits, batch, per_image_loss):
@@ -115,7 +104,8 @@ def _batch_metrics(logits, batch, per_image_loss):
 
 @functools.partial(jax.jit, static_argnames=("loss",), donate_argnames=("state",))
 def train_step(state: TrainState, batch, loss: str | losses.LossSpec = "bce"):
-    """One AdamW update on ``batch`` = {"image": (N,H,W,C), "mask": (N,H,W,1)}.
+    """One AdamW update on ``batch`` = {"image": (N,H,W,C), "mask": (N,H,W,1)}, and
+    of the weights' moving average where the state keeps one (``optim``).
 
     Returns the new state and the batch means of loss, dice, iou and pixel_accuracy
     (computed from the logits of the forward pass that produced the gradients).
@@ -130,6 +120,9 @@ def train_step(state: TrainState, batch, loss: str | losses.LossSpec = "bce"):
 
     grads, (logits, per_image) = jax.grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads)
+    if state.ema_decay is not None:
+        new_state = new_state.replace(ema_params=optim.update_ema(
+            state.ema_params, new_state.params, state.step, state.ema_decay))
     batch_metrics = _batch_metrics(jax.lax.stop_gradient(logits), batch, per_image)
     return new_state, jax.tree.map(jnp.mean, batch_metrics)
 

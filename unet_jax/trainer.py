@@ -21,7 +21,8 @@ The run directory receives::
     config.json      the settings, to reproduce or restore the run
     split.json       the training and validation image files
     checkpoints/     orbax checkpoints: the last epochs and the best by validation Dice
-    metrics.csv      one row per epoch: train/validation loss, Dice, IoU, ...
+    metrics.csv      one row per epoch: train/validation loss, Dice, IoU, the learning
+                     rate, which weights were scored (raw or the --ema average), ...
     loss.png         training and validation loss per epoch (the guide's plot)
     predictions.png  validation images, true masks and predicted masks
     tensorboard/     the same metrics as TensorBoard event files
@@ -41,7 +42,7 @@ import jax
 import numpy as np
 
 import data_pipeline
-from unet_jax import checkpoints, compile_cache, parallel, report, rundir
+from unet_jax import checkpoints, compile_cache, optim, parallel, report, rundir
 from unet_jax.config import Config, ConfigError, flag, shown
 from unet_jax.prediction import PredictionMode, predict_batch
 from unet_jax.train import (create_train_state, eval_step, loss_spec, merge_sums,
@@ -85,7 +86,8 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
         check_run_dir(config, workdir, resume)
         mesh = parallel.make_mesh()  # one mesh over every device; batches split on axis 0
         train_data, val_data, data_dir = build_data(config, workdir, resume)
-        state, manager, history = restore_or_init(config, workdir, resume, mesh, log)
+        state, manager, history = restore_or_init(config, workdir, resume, mesh, log,
+                                                  steps_per_epoch=len(train_data))
         try:
             start_epoch = history[-1]["epoch"] if history else 0
             if start_epoch >= config.epochs:
@@ -121,6 +123,12 @@ def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
     config_file = workdir / "config.json"
     saved = Config.load(config_file)
     changed = [name for name in saved.differences(config) if name != "epochs"]
+    if not changed and saved.epochs != config.epochs and config.schedule in ("cosine", "poly"):
+        raise ConfigError(
+            f"--epochs {config.epochs} differs from the run's {saved.epochs} in {config_file}: "
+            f"its {config.schedule} schedule decays to zero at epoch {saved.epochs}, and more "
+            "epochs would raise the rate again; resume with the run's --epochs, or start a "
+            "new --workdir")
     if changed:
         name = changed[0]
         raise ConfigError(
@@ -160,10 +168,13 @@ def build_data(config: Config, workdir: Path, resume: bool):
     return train_data, val_data, data_dir
 
 
-def restore_or_init(config: Config, workdir: Path, resume: bool, mesh, log):
+def restore_or_init(config: Config, workdir: Path, resume: bool, mesh, log,
+                    steps_per_epoch: int):
     """(state, checkpoint manager, history): a new state from ``config.seed``, or on
-    resume the newest intact checkpoint's state and the metrics of its epochs."""
-    state = parallel.replicate(create_train_state(jax.random.key(config.seed), config), mesh)
+    resume the newest intact checkpoint's state and the metrics of its epochs. The
+    learning-rate schedule is laid out over ``steps_per_epoch`` updates per epoch."""
+    state = parallel.replicate(create_train_state(jax.random.key(config.seed), config,
+                                                  steps_per_epoch=steps_per_epoch), mesh)
     manager = checkpoints.checkpoint_manager(workdir, keep=config.keep_checkpoints)
     if not resume:
         return state, manager, []
@@ -210,6 +221,7 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
         start_epoch = history[-1]["epoch"] if history else 0
         for epoch in range(start_epoch + 1, config.epochs + 1):
             start = time.perf_counter()
+            state, rate_scale = set_plateau_rate(config, state, history, log)
             losses, pending = [], None
             bar = tqdm(train_data.epoch(epoch), total=len(train_data),
                        desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False,
@@ -235,6 +247,9 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
             for c, (dice, iou) in enumerate(zip(val.get("dice_per_class", []),
                                                 val.get("iou_per_class", [])), start=1):
                 row[f"val_dice_class{c}"], row[f"val_iou_class{c}"] = float(dice), float(iou)
+            row["learning_rate"] = optim.learning_rate_at(  # of the epoch's last update
+                config, int(state.step) - 1, len(train_data), rate_scale)
+            row["val_weights"] = optim.weights_name(config)
             row["train_img_per_s"] = len(losses) * config.batch_size / train_seconds
             row["epoch_seconds"] = time.perf_counter() - start
             history.append(row)
@@ -243,12 +258,15 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
             checkpoints.save(manager, epoch, state,
                              {"epoch": epoch, "step": int(state.step), "history": history},
                              {"val_dice": row["val_dice"]})
+            averaged = " (averaged weights)" if config.ema else ""
             log(f"epoch {epoch}: train loss {row['train_loss']:.4f}, validation loss "
-                f"{row['val_loss']:.4f}, Dice {row['val_dice']:.4f}, IoU {row['val_iou']:.4f} "
-                f"({row['epoch_seconds']:.0f} s, {row['train_img_per_s']:.1f} img/s)")
+                f"{row['val_loss']:.4f}, Dice {row['val_dice']:.4f}, IoU {row['val_iou']:.4f}"
+                f"{averaged}, lr {row['learning_rate']:.2g} ({row['epoch_seconds']:.0f} s, "
+                f"{row['train_img_per_s']:.1f} img/s)")
             if is_main:
                 rundir.write_text_atomic(workdir / "metrics.csv", _csv(history))
-                writer.scalars(epoch, {k: v for k, v in row.items() if k != "epoch"})
+                writer.scalars(epoch, {k: v for k, v in row.items()
+                                       if k != "epoch" and not isinstance(v, str)})
                 report.plot_loss(history, workdir / "loss.png")
                 report.plot_predictions(images, masks, logits, workdir / "predictions.png")
     finally:
@@ -256,11 +274,27 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
             writer.close()
 
 
+def set_plateau_rate(config: Config, state, history: list, log):
+    """(state, factor): for ``--schedule plateau``, the state with the factor on its
+    rate that the validation Dice of ``history`` call for (``optim.plateau_scale``);
+    a resumed run gets the same factor as an uninterrupted one. 1 for other schedules."""
+    if config.schedule != "plateau":
+        return state, 1.0
+    dices = [row["val_dice"] for row in history]
+    scale = optim.plateau_scale(dices, config.plateau_patience, config.plateau_factor)
+    if history and scale < optim.plateau_scale(dices[:-1], config.plateau_patience,
+                                               config.plateau_factor):
+        log(f"validation Dice has not improved for {config.plateau_patience} epochs: "
+            f"learning rate lowered to {config.learning_rate * scale:.2g}")
+    return state.replace(opt_state=optim.set_plateau_scale(state.opt_state, scale)), scale
+
+
 def validate(config: Config, state, val_data, mesh) -> tuple[dict, tuple]:
     """Validation loss and metrics, and (images, masks, logits) of the first
     validation images for the predictions figure. Validation predicts as predict does
-    by default (``PredictionMode``), without test-time flips."""
-    params, val_mode = state.params, validation_mode(config)
+    by default (``PredictionMode``), without test-time flips, with the weights the run
+    is used by (the average with ``--ema``)."""
+    params, val_mode = optim.scored_params(state), validation_mode(config)
     if val_mode.how == "resize":
         sums = [eval_step(params, parallel.shard_batch(batch, mesh), state.apply_fn,
                           loss=loss_spec(config))
@@ -304,7 +338,8 @@ def _summary(config, state, train_data, val_data, data_dir, workdir) -> str:
     return (f"unet-jax: {n_params:,} parameters on {jax.default_backend()} "
             f"({jax.device_count()} device(s), {jax.process_count()} process(es)); "
             f"{len(train_data.pairs)} training / {len(val_data.pairs)} validation images "
-            f"from {data_dir}; {size}, batch {config.batch_size}; run directory {workdir}")
+            f"from {data_dir}; {size}, batch {config.batch_size}; {optim.describe(config)}; "
+            f"run directory {workdir}")
 
 
 def _best(history: list[dict]) -> dict | None:
