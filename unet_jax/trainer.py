@@ -21,8 +21,8 @@ The run directory receives::
     config.json      the settings, to reproduce or restore the run
     split.json       the training and validation image files
     checkpoints/     orbax checkpoints: the last epochs and the best by validation Dice
-    metrics.csv      one row per epoch: train/validation loss, Dice, IoU, the learning
-                     rate, which weights were scored (raw or the --ema average), ...
+    metrics.csv      one row per epoch, all numbers: train/validation loss, Dice, IoU,
+                     the learning rate, ... (a run with --ema scores its averaged weights)
     loss.png         training and validation loss per epoch (the guide's plot)
     predictions.png  validation images, true masks and predicted masks
     tensorboard/     the same metrics as TensorBoard event files
@@ -249,7 +249,6 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
                 row[f"val_dice_class{c}"], row[f"val_iou_class{c}"] = float(dice), float(iou)
             row["learning_rate"] = optim.learning_rate_at(  # of the epoch's last update
                 config, int(state.step) - 1, len(train_data), rate_scale)
-            row["val_weights"] = optim.weights_name(config)
             row["train_img_per_s"] = len(losses) * config.batch_size / train_seconds
             row["epoch_seconds"] = time.perf_counter() - start
             history.append(row)
@@ -265,8 +264,7 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
                 f"{row['train_img_per_s']:.1f} img/s)")
             if is_main:
                 rundir.write_text_atomic(workdir / "metrics.csv", _csv(history))
-                writer.scalars(epoch, {k: v for k, v in row.items()
-                                       if k != "epoch" and not isinstance(v, str)})
+                writer.scalars(epoch, {k: v for k, v in row.items() if k != "epoch"})
                 report.plot_loss(history, workdir / "loss.png")
                 report.plot_predictions(images, masks, logits, workdir / "predictions.png")
     finally:
