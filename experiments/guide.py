@@ -1,23 +1,28 @@
-"""Build the annotated guide: run docs/guide/guide.py cell by cell, write README and notebook.
+"""Build the annotated guide: run docs/guide/guide.py in a Jupyter kernel, write README and notebook.
 
 ``docs/guide/guide.py`` is the guide's one source, in the "percent" notebook format
 that Jupytext, VS Code and Spyder read: a line ``# %% [markdown]`` starts a cell of
 markdown written as comment lines, a line ``# %%`` starts a code cell; anything above
-the first marker is a header and not part of the guide. This command executes the code
-cells in order in one namespace, as a notebook kernel would, and writes:
+the first marker is a header and not part of the guide. jupytext reads it into a
+notebook; nbclient runs the code cells in order in a Jupyter kernel (ipykernel, with
+this Python, in the current folder), which captures what each prints and displays; and
+this command writes:
 
     OUT/README.md     the guide for reading on GitHub: markdown, code, printed output,
                       figures; nothing needs to run to read it
-    OUT/guide.ipynb   the same cells as a Jupyter notebook (nbformat 4), outputs and
-                      figures embedded, ready to open in Jupyter or Colab and rerun
+    OUT/guide.ipynb   the executed notebook (nbformat), outputs and figures embedded,
+                      ready to open in Jupyter or Colab and rerun
     OUT/figures/      every figure the cells saved, as PNG
 
-Before the first cell the namespace holds ``SIZE`` ("tiny" or "full": the cells choose
-small or real settings from it), ``FIGURES`` (the folder figures go to), ``RUNS`` (a
-temporary folder for the training runs, removed afterwards) and ``PLATFORM``. A figure
-is any file that appears or changes in ``FIGURES`` while a cell runs; it is shown after
-that cell's printed output. Because every number and figure comes out of one run of the
-project's own code, the guide cannot drift from the code: rebuild it after a change.
+A hidden first cell, not published, sets the names the cells read: ``SIZE`` ("tiny" or
+"full": the cells choose small or real settings from it), ``FIGURES`` (the folder
+figures go to), ``RUNS`` (a temporary folder for the training runs, removed afterwards)
+and ``PLATFORM``. The guide's first code cell gives them defaults, so the published
+notebook runs top to bottom as it is. A figure is a PNG a cell saves in ``FIGURES`` and
+displays (the guide's ``save``); the README links it where it was displayed. What the
+cells write to stderr (progress bars, warnings) is left out. Because every number and
+figure comes out of one run of the project's own code, the guide cannot drift from the
+code: rebuild it after a change.
 
 A cell that raises stops the build with one line naming the cell (its number, its line
 in the source and its first line) and exit status 2, and OUT is left as it was: the
@@ -28,10 +33,7 @@ from __future__ import annotations
 
 import ast
 import base64
-import contextlib
 import dataclasses
-import io
-import json
 import os
 import platform
 import re
@@ -40,7 +42,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import traceback
 from pathlib import Path
 
 from experiments import common
@@ -53,118 +54,181 @@ python -m experiments.guide                          # the full guide into docs/
 python -m experiments.guide --size tiny --out /tmp/guide   # every cell, tiny settings (~2 min)
 """
 
-CELL_MARKER = re.compile(r"^# %%(?P<rest>.*)$")
-
-
-@dataclasses.dataclass
-class Cell:
-    """One cell of the source: its kind, text and where it starts in the file."""
-
-    kind: str  # "markdown" or "code"
-    source: str
-    line: int  # 1-based line of the cell's first content line in the source file
-    output: str = ""
-    figures: list = dataclasses.field(default_factory=list)  # paths, in saving order
-    seconds: float = 0.0
-
-    @property
-    def first_line(self) -> str:
-        """The cell's first line that is neither blank nor a comment, to name it by."""
-        lines = [l.strip() for l in self.source.splitlines() if l.strip()]
-        code = [l for l in lines if not l.startswith("#")]
-        return (code or lines or [""])[0]
-
-
-def parse_cells(text: str) -> list[Cell]:
-    """The cells of a percent-format file, in order; empty cells are dropped.
-
-    A markdown cell's lines lose their leading ``# `` (or a lone ``#``); a code
-    cell's text is kept as written.
-    """
-    cells, kind, lines, start = [], None, [], 0
-
-    def close():
-        while lines and not lines[-1].strip():
-            lines.pop()
-        skip = 0
-        while skip < len(lines) and not lines[skip].strip():
-            skip += 1
-        if kind is not None and lines[skip:]:
-            cells.append(Cell(kind, "\n".join(lines[skip:]), start + skip))
-
-    for number, line in enumerate(text.splitlines(), start=1):
-        marker = CELL_MARKER.match(line)
-        if marker:
-            close()
-            kind = "markdown" if "[markdown]" in marker["rest"] else "code"
-            lines, start = [], number + 1
-        elif kind == "markdown":
-            lines.append(line[2:] if line.startswith("# ") else line.lstrip("#"))
-        elif kind == "code":
-            lines.append(line)
-    close()
-    return cells
+# A percent-format cell marker at the top of the file means the file has no header
+# (the start of jupytext's own marker pattern).
+STARTS_WITH_MARKER = re.compile(r"\s*#\s*%%")
+# Where an IPython traceback points into a cell: "Cell In[4], line 6".
+CELL_FRAME = re.compile(r"Cell In\[(\d+)\], line (\d+)")
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class CellError(common.UserError):
     """A cell of the guide raised; the message names the cell."""
 
 
-def _snapshot(folder: Path) -> dict:
-    return {p: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+@dataclasses.dataclass
+class Guide:
+    """The guide's notebook, and for each code cell (by index) the line of the source
+    file where its first line with text is, so that an error can point into the file."""
+
+    notebook: object  # nbformat.NotebookNode
+    starts: dict[int, int]
+
+    def code_cells(self) -> list[int]:
+        return [i for i, c in enumerate(self.notebook.cells) if c.cell_type == "code"]
 
 
-def _failure_line(error: BaseException, filename: str) -> int | None:
-    """The line of the guide source where ``error`` was raised (its last frame there)."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == filename]
-    return frames[-1].lineno if frames else None
+def read_source(text: str) -> Guide:
+    """The guide in ``text`` (percent format) as a notebook, read by jupytext.
 
-
-def execute(cells: list[Cell], namespace: dict, figures: Path, filename: str,
-            progress=sys.stderr, verbose: bool = False) -> None:
-    """Runs the code cells in order in ``namespace``, recording each one's printed
-    output, the figures it saved and its time. Raises CellError on the first failure.
-
-    Each cell is compiled with its own line numbers in the source file, so that a
-    traceback (and the one-line error) points into the guide itself. What a cell
-    writes to stderr (progress bars, warnings) is not part of the guide: it is
-    dropped, or passed through with ``verbose``.
+    The header above the first marker is dropped, and the cells get stable ids
+    (``cell-000``, ...), so that a rebuild changes no more of guide.ipynb than its
+    outputs. jupytext keeps each code cell's text as written, which is how its line
+    in the file is found.
     """
-    code_cells = [c for c in cells if c.kind == "code"]
-    for number, cell in enumerate(code_cells, start=1):
-        before = _snapshot(figures)
-        code = compile("\n" * (cell.line - 1) + cell.source, filename, "exec")
-        out = io.StringIO()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(
-                    sys.stderr if verbose else io.StringIO()):
-                exec(code, namespace)
-        except Exception as e:  # noqa: BLE001: any failure of the guide's code stops it
-            where = _failure_line(e, filename)
-            at = f", failing at line {where}" if where and where != cell.line else ""
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise CellError(
-                f"code cell {number} (line {cell.line}: {cell.first_line[:60]!r}) raised "
-                f"{type(e).__name__}{': ' + detail if detail else ''}{at}") from e
-        finally:
-            cell.seconds = time.perf_counter() - start
-            cell.output = out.getvalue()
-            _close_figures()
-        after = _snapshot(figures)
-        cell.figures = sorted((p for p in after if before.get(p) != after[p]), key=after.get)
-        cpu = time.process_time() - cpu_start
-        print(f"[{number:2}/{len(code_cells)}] {cell.seconds:6.1f} s ({cpu:6.1f} s CPU)  "
-              f"{cell.first_line[:60]}", file=progress, flush=True)
+    import jupytext
+
+    notebook = jupytext.reads(text, fmt="py:percent")
+    if not STARTS_WITH_MARKER.match(text):
+        del notebook.cells[0]
+    notebook.metadata = {}  # jupytext's notes on the text format; the notebook gets its own
+    starts, position = {}, 0
+    for index, cell in enumerate(notebook.cells):
+        cell.id = f"cell-{index:03d}"
+        cell.metadata = {k: v for k, v in cell.metadata.items()
+                         if k not in ("lines_to_next_cell", "lines_to_end_of_cell_marker")}
+        code = cell.source.lstrip("\n")
+        if cell.cell_type == "code" and code.strip():
+            found = text.find(code, position)
+            if found >= 0:
+                starts[index] = text.count("\n", 0, found) + 1
+                position = found + len(code)
+    return Guide(notebook, starts)
 
 
-def _close_figures() -> None:
-    """Closes figures a cell left open, so that memory does not grow cell by cell."""
-    if "matplotlib.pyplot" in sys.modules:
-        sys.modules["matplotlib.pyplot"].close("all")
+def first_line(source: str) -> str:
+    """A cell's first line that is neither blank nor a comment, to name it by."""
+    lines = [l.strip() for l in source.splitlines() if l.strip()]
+    code = [l for l in lines if not l.startswith("#")]
+    return (code or lines or [""])[0]
+
+
+# --- Running: a Jupyter kernel, cell by cell ----------------------------------------------
+
+def setup_source(size: str, figures: Path, runs: Path, platform_name: str,
+                 compile_cache: str | None) -> str:
+    """The hidden first cell: the names the guide's cells read, and JAX's platform and
+    compilation cache started in the kernel as every command does (the kernel, not this
+    process, runs JAX: a GPU is taken once, by the process that uses it)."""
+    return textwrap.dedent(f"""\
+        import pathlib as _pathlib, types as _types
+        from experiments import common as _common
+
+        SIZE, PLATFORM = {size!r}, {platform_name!r}
+        FIGURES, RUNS = _pathlib.Path({str(figures)!r}), _pathlib.Path({str(runs)!r})
+        _common.start_platform(PLATFORM, _types.SimpleNamespace(compile_cache={compile_cache!r}))
+        """)
+
+
+class Progress:
+    """nbclient's cell hooks: a line on stderr for each cell that ran, and with
+    ``verbose`` what it wrote to stderr. nbclient counts the setup cell as cell 0."""
+
+    def __init__(self, guide: Guide, verbose: bool = False):
+        self.numbers = {index + 1: n for n, index in enumerate(guide.code_cells(), start=1)}
+        self.verbose, self.current, self.started = verbose, None, 0.0
+
+    def on_cell_execute(self, cell, cell_index):
+        self.current, self.started = cell_index, time.perf_counter()
+
+    def on_cell_executed(self, cell, cell_index, execute_reply):
+        if self.verbose:
+            sys.stderr.writelines(o.text for o in cell.outputs if o.get("name") == "stderr")
+        if cell_index in self.numbers and execute_reply["content"]["status"] == "ok":
+            print(f"[{self.numbers[cell_index]:2}/{len(self.numbers)}] "
+                  f"{time.perf_counter() - self.started:6.1f} s  "
+                  f"{first_line(cell.source)[:60]}", file=sys.stderr, flush=True)
+
+
+def execute(guide: Guide, setup: str, verbose: bool = False) -> None:
+    """Runs the setup cell, then the guide's code cells in order, in one new kernel;
+    the outputs are stored in ``guide.notebook``. Raises CellError on the first failure.
+
+    The kernel is ipykernel's ``python3``, which runs this process's Python, in the
+    current folder, with this process's environment (XLA flags included)."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, DeadKernelError
+
+    notebook, progress = guide.notebook, Progress(guide, verbose)
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)",
+                                       "language": "python"}
+    notebook.cells.insert(0, nbformat.v4.new_code_cell(setup, id="setup"))
+    client = NotebookClient(
+        notebook, timeout=None, kernel_name="python3", record_timing=False,
+        coalesce_streams=True, resources={"metadata": {"path": os.getcwd()}},
+        # The kernel's own notes (it warns that it talks over local TCP) are not the guide's.
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],
+        on_cell_execute=progress.on_cell_execute, on_cell_executed=progress.on_cell_executed)
+    try:
+        client.execute()
+    except (CellExecutionError, DeadKernelError) as e:
+        del notebook.cells[0]
+        raise CellError(describe_failure(guide, progress.current - 1, e)) from e
+    del notebook.cells[0]
+    for cell in notebook.cells:  # numbered from 1, as if the setup cell had not run
+        if cell.cell_type == "code" and cell.execution_count:
+            cell.execution_count -= 1
+
+
+def describe_failure(guide: Guide, index: int, error: Exception) -> str:
+    """One line for the failed cell at ``index`` (-1: the setup cell): its number, line
+    and first line in the source, the exception, and where it was raised if elsewhere."""
+    name = getattr(error, "ename", type(error).__name__)
+    evalue = str(getattr(error, "evalue", error)).strip()
+    detail = f": {evalue.splitlines()[0]}" if evalue else ""
+    if index < 0:  # a flag the kernel cannot honour (--platform, --compile-cache)
+        return evalue if name == "UserError" else f"the setup cell raised {name}{detail}"
+    source, line = guide.notebook.cells[index].source, guide.starts.get(index)
+    where = failing_line(guide, getattr(error, "traceback", ""))
+    at = f", failing at line {where}" if where and where != line else ""
+    return (f"code cell {guide.code_cells().index(index) + 1} (line {line}: "
+            f"{first_line(source)[:60]!r}) raised {name}{detail}{at}")
+
+
+def failing_line(guide: Guide, traceback: str) -> int | None:
+    """The line of the source file where the error was raised, from the traceback's
+    last frame in a cell: "Cell In[k], line j" is line j, counted from its first line
+    with text, of the k-th cell run: the setup cell, then each code cell with code."""
+    frames = CELL_FRAME.findall(ANSI_CODE.sub("", traceback))
+    ran = [i for i in guide.code_cells() if guide.notebook.cells[i].source.strip()]
+    if not frames or not 2 <= int(frames[-1][0]) <= len(ran) + 1:
+        return None
+    count, line = map(int, frames[-1])
+    start = guide.starts.get(ran[count - 2])
+    return start + line - 1 if start is not None else None
 
 
 # --- Writing: README.md and guide.ipynb --------------------------------------------------
+
+def name_figures(notebook, figures: Path) -> dict:
+    """The file in ``figures`` that each displayed PNG is, keyed by (cell index, output
+    index): the guide's ``save`` displays the file it wrote, byte for byte. A PNG that
+    no file matches (a figure shown but not saved) is written there under a name of its
+    own, so that the README can link every figure."""
+    saved = {png.read_bytes(): png.name for png in sorted(figures.glob("*.png"))}
+    names = {}
+    for index, cell in enumerate(notebook.cells):
+        for number, output in enumerate(cell.get("outputs", [])):
+            if "image/png" not in output.get("data", {}):
+                continue
+            data = base64.b64decode(output.data["image/png"])
+            if data not in saved:
+                saved[data] = f"cell-{index:03d}-{number}.png"
+                (figures / saved[data]).write_bytes(data)
+            names[index, number] = saved[data]
+    return names
+
 
 def _is_python_source(text: str) -> bool:
     """Whether a cell's output is quoted Python source (``inspect.getsource``), which
@@ -186,58 +250,47 @@ def _fence(text: str, language: str) -> str:
     return f"{ticks}{language}\n{text.rstrip()}\n{ticks}"
 
 
-def render_markdown(cells: list[Cell], footer: str, source: str = "docs/guide/guide.py") -> str:
-    """The guide as GitHub markdown: each code cell, its output, then its figures (linked
-    as ``figures/<name>.png``, beside the README)."""
+def render_output(output, figure: str | None) -> str | None:
+    """One output as markdown: printed text fenced, a figure linked beside the README."""
+    if figure is not None:
+        return f"![{Path(figure).stem}](figures/{figure})"
+    if output.output_type == "stream":
+        text = output.text
+    else:
+        text = output.get("data", {}).get("text/plain", "")
+    if not text.strip():
+        return None
+    return _fence(text, "python" if _is_python_source(text) else "text")
+
+
+def render_markdown(notebook, figure_names: dict, footer: str,
+                    source: str = "docs/guide/guide.py") -> str:
+    """The guide as GitHub markdown: each code cell, then its outputs in order.
+
+    nbconvert's MarkdownExporter is not used: it indents outputs instead of fencing
+    them (so quoted library source is not highlighted), and it extracts figures again
+    as output_N_M.png beside the names the guide gave them."""
     parts = [f"<!-- Generated by `python -m experiments.guide` from {source}: "
              "edit that file, then rebuild. -->"]
-    for cell in cells:
-        if cell.kind == "markdown":
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code":
             parts.append(cell.source)
             continue
         parts.append(_fence(cell.source, "python"))
-        if cell.output.strip():
-            language = "python" if _is_python_source(cell.output) else "text"
-            parts.append(_fence(cell.output, language))
-        for path in cell.figures:
-            parts.append(f"![{path.stem}](figures/{path.name})")
+        for number, output in enumerate(cell.outputs):
+            rendered = render_output(output, figure_names.get((index, number)))
+            if rendered:
+                parts.append(rendered)
     parts.append(footer)
     return "\n\n".join(parts) + "\n"
 
 
-def _lines(text: str) -> list[str]:
-    """Notebook JSON keeps multi-line strings as a list of lines, each with its newline."""
-    return text.splitlines(keepends=True)
-
-
-def render_notebook(cells: list[Cell], footer: str) -> dict:
-    """The guide as an nbformat 4.5 notebook, outputs and figures (base64 PNG) embedded."""
-    nb_cells, count = [], 0
-    for index, cell in enumerate(cells):
-        cell_id = f"cell-{index:03d}"
-        if cell.kind == "markdown":
-            nb_cells.append({"cell_type": "markdown", "id": cell_id, "metadata": {},
-                             "source": _lines(cell.source)})
-            continue
-        count += 1
-        outputs = []
-        if cell.output:
-            outputs.append({"output_type": "stream", "name": "stdout",
-                            "text": _lines(cell.output)})
-        for path in cell.figures:
-            outputs.append({"output_type": "display_data", "metadata": {},
-                            "data": {"image/png": base64.b64encode(path.read_bytes()).decode(),
-                                     "text/plain": [f"<{path.name}>"]}})
-        nb_cells.append({"cell_type": "code", "id": cell_id, "metadata": {},
-                         "execution_count": count, "source": _lines(cell.source),
-                         "outputs": outputs})
-    nb_cells.append({"cell_type": "markdown", "id": "cell-footer", "metadata": {},
-                     "source": _lines(footer)})
-    return {"nbformat": 4, "nbformat_minor": 5, "cells": nb_cells,
-            "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                        "language": "python"},
-                         "language_info": {"name": "python",
-                                           "version": platform.python_version()}}}
+def publishable(notebook) -> None:
+    """Leaves out of the notebook what the cells wrote to stderr (progress bars,
+    warnings): they are the build's, not the guide's."""
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if o.get("name") != "stderr"]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -271,18 +324,31 @@ def parse_args(argv=None):
     p.add_argument("--source", default=str(DEFAULT_SOURCE),
                    help="the percent-format source to run (default: docs/guide/guide.py)")
     p.add_argument("--verbose", action="store_true",
-                   help="show what the cells write to stderr (progress bars, warnings)")
+                   help="show what the cells write to stderr (progress bars, warnings), "
+                   "after each cell")
     common.add_platform_flag(p)
     return p.parse_args(argv)
 
 
+def _check_tools() -> None:
+    """The build's tools are the optional extra ``guide``; without them, say so in a line."""
+    import importlib.util
+
+    missing = [m for m in ("jupytext", "nbclient", "nbformat", "ipykernel")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise common.UserError(f"building the guide needs {', '.join(missing)}: "
+                               "pip install -e '.[guide]'")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    _check_tools()
     source = Path(args.source)
     if not source.is_file():
         raise common.UserError(f"--source {source}: no such file")
-    cells = parse_cells(source.read_text())
-    if not any(c.kind == "code" for c in cells):
+    guide = read_source(source.read_text())
+    if not guide.code_cells():
         raise common.UserError(f"--source {source}: no '# %%' code cells found")
     out_dir = Path(args.out)
 
@@ -290,29 +356,31 @@ def main(argv=None):
             "XLA_FLAGS", ""):
         # The quick check's programs are tiny and take far longer to compile than to run:
         # without XLA's backend optimisations they compile in about two thirds the time.
+        # The kernel inherits this process's environment.
         os.environ["XLA_FLAGS"] = " ".join(
             [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
-    common.start_platform(args.platform, args)
     start, load = time.perf_counter(), os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="unet-jax-guide-"))
     try:
         figures, runs = work / "figures", work / "runs"
         figures.mkdir()
         runs.mkdir()
-        namespace = {"__name__": "__guide__", "SIZE": args.size, "FIGURES": figures,
-                     "RUNS": runs, "PLATFORM": args.platform}
-        execute(cells, namespace, figures, str(source.resolve()), verbose=args.verbose)
+        setup = setup_source(args.size, figures, runs, args.platform, args.compile_cache)
+        execute(guide, setup, verbose=args.verbose)
         seconds = time.perf_counter() - start
-        publish(cells, figures, out_dir, args.size, source, seconds, load)
+        publish(guide.notebook, figures, out_dir, args.size, source, seconds, load)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def publish(cells: list[Cell], figures: Path, out_dir: Path, size: str, source: Path,
+def publish(notebook, figures: Path, out_dir: Path, size: str, source: Path,
             seconds: float, load: float) -> None:
     """Writes README.md and guide.ipynb, and replaces OUT/figures with this build's."""
-    times = os.times()  # this process and the benchmarks it ran, user and system
+    import nbformat
+
+    # This process and its children once ended: the kernel, and the benchmarks it ran.
+    times = os.times()
     cpu_seconds = times.user + times.system + times.children_user + times.children_system
 
     minutes, secs = divmod(round(seconds), 60)
@@ -326,15 +394,20 @@ def publish(cells: list[Cell], figures: Path, out_dir: Path, size: str, source: 
         shown_source = source.resolve().relative_to(ROOT).as_posix()
     except ValueError:
         shown_source = str(source)
-    notebook = json.dumps(render_notebook(cells, footer), indent=1, ensure_ascii=False) + "\n"
+    publishable(notebook)
+    readme = render_markdown(notebook, name_figures(notebook, figures), footer, shown_source)
+    notebook.cells.append(nbformat.v4.new_markdown_cell(footer, id="cell-footer"))
+    nbformat.validate(notebook)  # raises before OUT is touched
+    notebook_text = nbformat.writes(notebook) + "\n"
+
     out_figures = out_dir / "figures"
     out_figures.mkdir(parents=True, exist_ok=True)
     for stale in out_figures.glob("*.png"):  # a figure the guide no longer makes must go
         stale.unlink()
     for png in figures.glob("*.png"):
         shutil.copyfile(png, out_figures / png.name)
-    _write_atomic(out_dir / "README.md", render_markdown(cells, footer, shown_source))
-    _write_atomic(out_dir / "guide.ipynb", notebook)
+    _write_atomic(out_dir / "README.md", readme)
+    _write_atomic(out_dir / "guide.ipynb", notebook_text)
     print(f"guide built in {minutes} min {secs:02d} s ({cpu_seconds / 60:.1f} CPU-minutes): "
           f"{out_dir / 'README.md'}, {out_dir / 'guide.ipynb'}, "
           f"{len(list(out_figures.glob('*.png')))} figures in {out_figures}")

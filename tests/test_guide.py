@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from experiments import common, guide
@@ -26,7 +27,7 @@ FIGURES = ["architecture", "receptive_field", "augmentation", "single_image_infe
            "skips_vs_no_skips", "losses_small_objects", "attention_gates"]
 
 
-def test_parse_cells_reads_the_percent_format():
+def test_read_source_reads_the_percent_format():
     text = ("# a header, not a cell\n"
             "\n"
             "# %% [markdown]\n"
@@ -40,36 +41,46 @@ def test_parse_cells_reads_the_percent_format():
             "\n"
             "# %%\n"
             "\n"
-            "# %%\n"
             "print(x)\n")
-    cells = guide.parse_cells(text)
-    assert [c.kind for c in cells] == ["markdown", "code", "code"]  # the empty cell is gone
+    notebook = guide.read_source(text).notebook
+    cells = notebook.cells
+    assert [c.cell_type for c in cells] == ["markdown", "code", "code"]  # no header
     assert cells[0].source == "# Title\n\nSome *text*."
     assert cells[1].source == "# a comment\nx = 1"
-    assert cells[1].line == 9 and cells[1].first_line == "x = 1"
-    assert cells[2].source == "print(x)" and cells[2].line == 15
+    assert [c.id for c in cells] == ["cell-000", "cell-001", "cell-002"]
+    assert guide.read_source(text).starts == {1: 9, 2: 14}  # each one's first line of text
+    assert guide.first_line(cells[1].source) == "x = 1"
+    assert not notebook.metadata and not any(c.metadata for c in cells)
 
 
-def test_a_failing_cell_stops_the_build_with_one_line(tmp_path, capsys):
+def test_a_failing_cell_stops_the_build_with_one_line(tmp_path):
     source = tmp_path / "broken.py"
     source.write_text("# %%\nprint('fine')\n\n# %%\nvalues = [1, 2]\nvalues[5]\n")
-    with pytest.raises(SystemExit) as exit_info:
-        common.run(guide.main, ["--source", str(source), "--out", str(tmp_path / "out"),
-                                "--platform", "cpu"], prog="python -m experiments.guide")
-    assert exit_info.value.code == common.USER_ERROR
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    (out / "README.md").write_text("the last good build")
+    (out / "figures" / "old.png").write_bytes(b"png")
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.guide", "--source", str(source), "--out", str(out),
+         "--platform", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == common.USER_ERROR
+    # Besides one progress line per cell that ran, stderr is the error, in one line.
+    err = [l for l in result.stderr.strip().splitlines() if not l.startswith("[")]
+    assert len(err) == 1, result.stderr
     assert "cell 2 (line 5: 'values = [1, 2]')" in err[0]
     assert "IndexError" in err[0] and "line 6" in err[0]
-    assert not (tmp_path / "out" / "README.md").exists()
+    assert (out / "README.md").read_text() == "the last good build"
+    assert sorted(p.name for p in out.rglob("*")) == ["README.md", "figures", "old.png"]
 
 
 def test_the_committed_guide_has_the_cells_of_its_source():
     """docs/guide/guide.ipynb is rebuilt whenever guide.py changes (the outputs may
     differ between machines; the cells may not)."""
     committed = json.loads((ROOT / "docs" / "guide" / "guide.ipynb").read_text())
-    built = ["".join(c["source"]) for c in committed["cells"] if c["id"] != "cell-footer"]
-    assert built == [c.source for c in guide.parse_cells(SOURCE.read_text())], (
+    built = [("".join(c["source"]), c["cell_type"]) for c in committed["cells"]
+             if c["id"] != "cell-footer"]
+    cells = guide.read_source(SOURCE.read_text()).notebook.cells
+    assert built == [(c.source, c.cell_type) for c in cells], (
         "docs/guide/guide.py changed: rebuild with `python -m experiments.guide`")
 
 
@@ -95,6 +106,8 @@ def test_every_cell_of_the_tiny_guide_runs(tiny_guide):
     assert "Traceback" not in readme
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
     assert linked and all((tiny_guide / path).is_file() for path in linked)
+    # Each figure once, under the name its cell saved it by: none shown a second time.
+    assert sorted(linked) == sorted(f"figures/{name}.png" for name in FIGURES)
 
 
 def test_the_tiny_guide_writes_a_valid_notebook(tiny_guide):
@@ -109,11 +122,8 @@ def test_the_tiny_guide_writes_a_valid_notebook(tiny_guide):
             assert {"execution_count", "outputs"} <= set(cell)
     images = [o for c in cells if c["cell_type"] == "code" for o in c["outputs"]
               if "image/png" in o.get("data", {})]
-    assert len(images) >= len(FIGURES)
-    try:
-        import nbformat
-    except ImportError:
-        return
+    assert len(images) == len(FIGURES)
+    assert not any(o.get("name") == "stderr" for c in cells for o in c.get("outputs", []))
     nbformat.validate(nbformat.reads(json.dumps(notebook), as_version=4))
 
 
