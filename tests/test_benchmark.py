@@ -49,10 +49,15 @@ def test_peak_memory_grows_with_the_training_state(train_row):
     assert wide["peak_rss_mb"] - train_row["peak_rss_mb"] > 0.5 * expected_mb
 
 
-def test_compare_kernels_measures_each_cpu_kernel():
-    # Inference compiles fastest; the variants still build their own models.
-    r = bench("--mode", "infer", *TINY[:-2], "--steps", "1", "--compare-kernels",
-              "--platform", "cpu")
+@pytest.fixture(scope="module")
+def infer_row():
+    # Inference compiles fastest; the kernel variants still build their own models.
+    return bench("--mode", "infer", *TINY[:-2], "--steps", "1", "--compare-kernels",
+                 "--platform", "cpu")
+
+
+def test_compare_kernels_measures_each_cpu_kernel(infer_row):
+    r = infer_row
     assert set(r["variants"]) == {"jax-stock", "jax-conv-kernel", "jax-pool-kernel"}
     for name, row in r["variants"].items():
         assert row["img_per_s"] > 0 and row["framework"] == name
@@ -61,10 +66,9 @@ def test_compare_kernels_measures_each_cpu_kernel():
         assert row["flops_per_step"] == pytest.approx(r["flops_per_step"], rel=0.01)
 
 
-def test_a_training_step_costs_about_three_forward_passes(train_row):
-    forward = bench("--mode", "infer", *TINY)
-    assert forward["mode"] == "infer" and forward["img_per_s"] > 0
-    assert 2 < train_row["flops_per_step"] / forward["flops_per_step"] < 4.5
+def test_a_training_step_costs_about_three_forward_passes(train_row, infer_row):
+    assert infer_row["mode"] == "infer" and infer_row["img_per_s"] > 0
+    assert 2 < train_row["flops_per_step"] / infer_row["flops_per_step"] < 4.5
 
 
 def test_compare_torch_adds_both_layouts_and_ratios():

@@ -100,7 +100,8 @@ def test_every_parameter_gets_a_finite_nonzero_gradient():
     params = init_params(jax.random.key(0, impl="rbg"), config)
     x = jax.random.uniform(jax.random.key(1, impl="rbg"), (2, 32, 32, 3))
     y = (x[..., :1] > 0.5).astype(jnp.float32)
-    grads = jax.grad(lambda p: _loss(model, p, x, y))(params)
+    # Jitted: op by op, the depth-4 backward pass dispatches for most of a minute.
+    grads = jax.jit(jax.grad(lambda p: _loss(model, p, x, y)))(params)
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]
     # every kernel and bias: 4 down DoubleConvs, the bottleneck, 4 x (up-conv + DoubleConv), head
     assert len(flat) == 4 * 4 + 4 + 4 * (2 + 4) + 2
