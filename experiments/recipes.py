@@ -141,6 +141,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=common.positive_int, default=3,
                    help="seeds per recipe: 0, 1, ... [3]")
     p.add_argument("--epochs", type=common.positive_int, help="override the preset's epochs")
+    p.add_argument("--data-dir", help="train on this dataset instead of the preset's "
+                   "(the built-in sample set by default)")
     p.add_argument("--out", required=True, help="prefix of OUT.md, OUT.json and OUT.png")
     p.add_argument("--runs", help="keep the run directories here (default: a temporary "
                    "folder, removed at the end)")
@@ -151,7 +153,8 @@ def main(argv=None):
     args = parse_args(argv)
     from unet_jax import configs
 
-    base = configs.get(args.preset, **({"epochs": args.epochs} if args.epochs else {}))
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("data_dir", args.data_dir)) if v}
+    base = configs.get(args.preset, **overrides)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     backend = common.start_platform(args.platform, args)
@@ -170,7 +173,7 @@ def main(argv=None):
             f"batch {base.batch_size}, lr {base.learning_rate:g}, width "
             f"{base.base_features}, {base.image_size[0]}x{base.image_size[1]}; EMA decay "
             f"{EMA}; {machine}; {time.perf_counter() - start:.0f} s in all.\n\n"
-            + table(rows, seeds) + "\n")
+            + table(rows, seeds) + f"\n\n![{out.name}]({out.name}.png)\n")
     (out.with_suffix(".md")).write_text(text)
     (out.with_suffix(".json")).write_text(json.dumps(
         {"preset": args.preset, "epochs": base.epochs, "seeds": seeds, "machine": machine,

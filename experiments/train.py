@@ -1,6 +1,6 @@
 """Train the U-Net: flags -> ``unet_jax.Config`` -> ``unet_jax.train_and_evaluate``.
 
-With no arguments it trains a narrow U-Net (the guide's topology at a quarter of its
+With no arguments it trains a narrow U-Net (the guide's topology at an eighth of its
 width) on the built-in synthetic sample dataset, on the CPU, in a few minutes;
 ``--preset full`` is the guide's full-width model. Point ``--data-dir`` at Kaggle's
 Carvana download (``train/`` and ``train_masks/``) or at a folder with ``images/`` and
@@ -21,6 +21,7 @@ python -m experiments.train --platform cpu --preset full      # the guide's full
 python -m experiments.train --platform gpu --data-dir ~/carvana --preset seed-gpu
 python -m experiments.train --data-dir ~/carvana --preset seed-cpu --epochs 3
 python -m experiments.train --workdir runs/my-run --resume --epochs 20   # continue a run
+python -m experiments.train --data-dir ~/carvana --schedule cosine --warmup-epochs 1 --ema 0.999
 """
 
 

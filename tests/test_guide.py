@@ -24,7 +24,7 @@ SOURCE = ROOT / "docs" / "guide" / "guide.py"
 # The figures each chapter of the guide promises its reader.
 FIGURES = ["architecture", "receptive_field", "augmentation", "single_image_inference",
            "loss_and_dice", "predictions", "feature_maps", "skip_connections",
-           "skips_vs_no_skips", "losses_small_objects", "attention_gates"]
+           "skips_vs_no_skips", "recipes", "losses_small_objects", "attention_gates"]
 
 
 def test_read_source_reads_the_percent_format():

@@ -1,0 +1,65 @@
+"""experiments.recipes: the comparison's arithmetic by hand, and the command end to end."""
+
+import dataclasses
+import json
+
+import pytest
+
+from experiments import recipes
+from unet_jax import configs
+
+
+def _history(dices):
+    return [{"epoch": e, "val_dice": d, "val_loss": 1 - d, "learning_rate": 1e-3}
+            for e, d in enumerate(dices, 1)]
+
+
+def test_gains_are_read_seed_by_seed_against_the_first_recipe():
+    results = {"constant": [_history([0.5, 0.9]), _history([0.6, 0.7])],
+               "cosine": [_history([0.8, 0.85]), _history([0.75, 0.8])]}
+    constant, cosine = recipes.summarize(results)
+    assert constant["best"] == [0.9, 0.7] and constant["gain"] == 0
+    assert cosine["best"] == [0.85, 0.8] and cosine["last"] == [0.85, 0.8]
+    assert cosine["gains"] == pytest.approx([-0.05, 0.1])
+    assert cosine["gain"] == pytest.approx(0.025)
+    assert constant["best_spread"] == pytest.approx(0.2)
+    table = recipes.table([constant, cosine], [0, 1])
+    assert "| cosine | 0.8500 / 0.8000 | 0.8250 | 0.0500 |" in table
+    assert "-0.0500 / +0.1000 | +0.0250 |" in table
+
+
+def test_a_recipe_changes_only_its_own_settings():
+    base = configs.default()
+    config = recipes.recipe_config(base, "cosine-2x+ema", seed=7)
+    assert (config.schedule, config.warmup_epochs, config.ema, config.seed) == (
+        "cosine", 1, recipes.EMA, 7)
+    assert config.learning_rate == 2 * base.learning_rate
+    assert recipes.recipe_config(base, "constant", 0) == dataclasses.replace(base, seed=0)
+
+
+def test_the_command_trains_each_recipe_and_seed_and_writes_its_files(tmp_path, monkeypatch):
+    """The command's plumbing, with the trainer (tested on its own) replaced by one that
+    records what it was asked to train."""
+    import unet_jax
+
+    trained = []
+
+    def train_and_evaluate(config, workdir, log=print):
+        trained.append((config, workdir.name))
+        history = _history([0.5, 0.6 + config.ema / 10])
+        return {"history": history, "best": max(history, key=lambda r: r["val_dice"])}
+
+    monkeypatch.setattr(unet_jax, "train_and_evaluate", train_and_evaluate)
+    out = tmp_path / "r"
+    code = recipes.main(["--preset", "tiny", "--epochs", "2", "--seeds", "2", "--recipes",
+                         "constant", "cosine+ema", "--out", str(out), "--platform", "cpu"])
+    assert code == 0
+    assert [name for _, name in trained] == ["constant-seed0", "cosine+ema-seed0",
+                                             "constant-seed1", "cosine+ema-seed1"]
+    assert [(c.seed, c.schedule, c.ema, c.epochs) for c, _ in trained][:2] == [
+        (0, "constant", 0.0, 2), (0, "cosine", recipes.EMA, 2)]
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert list(saved["histories"]) == ["constant", "cosine+ema"]
+    assert saved["rows"][1]["gain"] == pytest.approx(recipes.EMA / 10)
+    assert "| cosine+ema | 0.6990 / 0.6990 |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0
