@@ -45,15 +45,15 @@ np.save("OUT", np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_g
 """
 
 
-def test_train_step_on_two_devices_equals_one(tmp_path):
-    results = []
-    for devices in (1, 2):
-        out = tmp_path / f"params{devices}.npy"
-        result = python(STEP.replace("OUT", str(out)), devices=devices)
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.split() == [str(devices), "True"]
-        results.append(np.load(out))
-    np.testing.assert_allclose(results[0], results[1], atol=2e-5)
+def test_train_step_on_two_devices_equals_one(tmp_path, capsys):
+    # One device: this process (its device count is the default 1); two: a subprocess.
+    one, two = tmp_path / "params1.npy", tmp_path / "params2.npy"
+    exec(textwrap.dedent(STEP.replace("OUT", str(one))), {})
+    assert capsys.readouterr().out.split() == ["1", "True"]
+    result = python(STEP.replace("OUT", str(two)), devices=2)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2", "True"]
+    np.testing.assert_allclose(np.load(one), np.load(two), atol=2e-5)
 
 
 def test_uneven_global_batch_is_a_clear_error(tmp_path):
