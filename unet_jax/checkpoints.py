@@ -2,7 +2,8 @@
 
 ``RUN_DIR/checkpoints/<epoch>/`` holds params/, opt_state/, progress/ (epoch, step,
 metric history as JSON), metrics/ and, for a run with ``--ema``, ema_params/ (the
-averaged weights) as separate orbax items, so inference restores the weights alone. What a crash or a damaged file costs (orbax 0.12.8):
+averaged weights) as separate orbax items, so inference restores the weights alone.
+What a crash or a damaged file costs (orbax 0.12.8):
 
 * A run killed while saving keeps its previous checkpoints: orbax writes into
   ``<epoch>.orbax-checkpoint-tmp`` and renames it when complete.

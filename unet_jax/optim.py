@@ -189,7 +189,7 @@ def scored_params(state: TrainState):
 
 def weights_name(config) -> str:
     """'ema' for a run that keeps averaged weights, 'raw' for one that does not: what
-    metrics.csv and evaluate's JSON say was scored."""
+    evaluate's JSON and the export sidecar say was scored."""
     return "ema" if config.ema else "raw"
 
 
