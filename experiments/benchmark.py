@@ -354,9 +354,7 @@ def run_onnx(args) -> dict:
         start = time.perf_counter()
         path = Path(tmp) / "unet.onnx"
         export.export_params(params, config, "onnx", path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = cpu_count()
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = export.onnx_session(path, threads=cpu_count())
         compile_s = time.perf_counter() - start
         size_mb = path.stat().st_size / 1e6
     timing = time_steps(lambda: session.run(None, {"image": images}), args.steps, args.warmup)

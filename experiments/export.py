@@ -52,8 +52,8 @@ def main(argv=None):
           f"batch, height and width dynamic, sides multiples of "
           f"{info['prediction']['size_multiple']}) and {export.sidecar_path(args.output)} "
           f"from epoch {info['checkpoint']['epoch']} of {args.checkpoint}; logits match "
-          f"JAX to {check['max_abs_diff']:.2g} (largest difference on "
-          f"{'x'.join(map(str, check['input_shape']))} random images)")
+          f"JAX to {check['max_abs_diff']:.2g} (largest difference on random batches "
+          f"of {' and '.join('x'.join(map(str, s)) for s in check['input_shapes'])})")
     return 0
 
 

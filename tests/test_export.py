@@ -138,7 +138,7 @@ def test_every_format_gives_jax_logits_for_any_batch_and_size(exported, referenc
 def test_the_command_says_what_it_wrote(exported):
     line = exported["printed"].strip()
     assert line.startswith(f"wrote {exported['stablehlo']} (") and line.endswith(
-        "random images)")
+        "random batches of 2x32x48x3 and 1x64x48x3)")
     assert f"{exported['stablehlo']}.json from epoch 3" in line
     assert "height and width dynamic, sides multiples of 4" in line
 
@@ -154,8 +154,8 @@ def test_every_model_option_exports(options, fmt, tmp_path):
     needs(fmt)
     config = dataclasses.replace(CONFIG, **options)
     params = random_params(config)
-    # export_params compares 2 images at the run's size with JAX; here a batch of 1
-    # at another size.
+    # export_params compares batches of 2 and 1 with JAX; here a batch of 1 of a sample
+    # photograph at another size.
     export.export_params(params, config, fmt, tmp_path / f"unet.{fmt}")
     images = sample_batches(config)[1]
     expected = export.model_function(params, config, "float32")(images)
@@ -254,12 +254,26 @@ def test_a_damaged_checkpoint_is_one_line(run_dir, tmp_path, capsys):
     assert not list(tmp_path.glob("unet.stablehlo*"))
 
 
-def test_an_export_that_computes_something_else_is_refused(run_dir, tmp_path, monkeypatch):
+def _shifted(logits):
+    return logits + 1e-3
+
+
+def _extra_axis_for_one_image(logits):
+    # What a runtime's shape bug looked like: right for a batch of 2, an extra axis for 1.
+    return logits[None] if logits.shape[0] == 1 else logits
+
+
+@pytest.mark.parametrize("damage, batch", [(_shifted, r"\(2, 32, 48, 3\)"),
+                                           (_extra_axis_for_one_image, r"\(1, 64, 48, 3\)")],
+                         ids=["other-values", "other-shape"])
+def test_an_export_that_computes_something_else_is_refused(run_dir, tmp_path, monkeypatch,
+                                                           damage, batch):
     real_load = export.load
     monkeypatch.setattr(export, "load", lambda path, fmt=None: (
-        lambda images: real_load(path, fmt)(images) + 1e-3))
+        lambda images: damage(np.asarray(real_load(path, fmt)(images)))))
     with pytest.raises(ExportError, match=r"^--format stablehlo: the exported model computes "
-                       r"other logits than JAX .*; nothing was written$"):
+                       rf"other logits than JAX for a batch of shape {batch} .*; nothing "
+                       r"was written$"):
         export.export_params(run_dir[1], CONFIG, "stablehlo", tmp_path / "unet.stablehlo")
     assert list(tmp_path.iterdir()) == []
 

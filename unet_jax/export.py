@@ -48,6 +48,8 @@ import numpy as np
 
 FORMATS = ("onnx", "savedmodel", "tflite", "stablehlo")
 ONNX_OPSET = 17
+# See onnx_session: the CPU-dependent layout rewrite stays off wherever unet-jax runs ONNX.
+ONNX_DISABLED_OPTIMIZERS = ["NchwcTransformer"]
 # The exported logits must equal JAX's to this, relative to the largest logit (at
 # least 1): float32 sums in another order differ by about 1e-6 of it.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
@@ -259,8 +261,7 @@ def load(path, fmt: str | None = None):
     path = Path(path)
     fmt = fmt or read_sidecar(path)["format"]
     if fmt == "onnx":
-        ort = require("onnxruntime", "onnx")
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnx_session(path)
         return lambda images: session.run(None, {"image": np.asarray(images, np.float32)})[0]
     if fmt == "savedmodel":
         import tensorflow as tf
@@ -275,6 +276,23 @@ def load(path, fmt: str | None = None):
         exported = jax.export.deserialize(bytearray(path.read_bytes()))
         return lambda images: np.asarray(exported.call(np.asarray(images, np.float32)))
     raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+def onnx_session(path, threads: int | None = None):
+    """An onnxruntime CPU session of an exported model, as every part of unet-jax runs it.
+
+    onnxruntime's NCHWc layout transformer (on by default) is turned off: it is the one
+    step of the ONNX path whose result depends on the CPU (it blocks channels by the
+    vector width, 8 floats with AVX2 and 16 with AVX-512), and on one x86 machine it
+    gave the separable U-Net's output an extra axis, (1, 1, H, W, 1) for (1, H, W, 1),
+    while AVX2 machines gave the right logits. Exports are checked with this session.
+    """
+    ort = require("onnxruntime", "onnx")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=ONNX_DISABLED_OPTIMIZERS)
 
 
 def _tflite_runner(path: Path):
@@ -299,17 +317,29 @@ def _tflite_runner(path: Path):
 
 def parity(run, fn, images) -> tuple[float, float]:
     """(largest difference between ``run``'s logits and JAX's (``fn``) for ``images``,
-    largest absolute JAX logit)."""
+    largest absolute JAX logit); logits of another shape differ by infinity."""
     expected = np.asarray(fn(images), np.float32)
-    return (float(np.max(np.abs(np.asarray(run(images)) - expected))),
-            float(np.max(np.abs(expected))))
+    got = np.asarray(run(images))
+    if got.shape != expected.shape:
+        return float("inf"), float(np.max(np.abs(expected)))
+    return float(np.max(np.abs(got - expected))), float(np.max(np.abs(expected)))
+
+
+def check_images(config) -> list[np.ndarray]:
+    """The inputs an export is checked on: two images at the run's size, and one at
+    twice its height (a batch and a size the conversion did not trace, which is what
+    shape bugs in a converter or runtime get wrong)."""
+    rng = np.random.default_rng(0)
+    h, w = config.tile
+    shapes = [(2, h, w, config.in_channels), (1, 2 * h, w, config.in_channels)]
+    return [rng.uniform(size=shape).astype(np.float32) for shape in shapes]
 
 
 # --- Export -------------------------------------------------------------------------------
 
 def export_params(params, config, fmt: str, output, dtype: str = "float32") -> dict:
     """Writes ``params`` of a run with ``config`` as ``fmt`` to ``output``, checked
-    against JAX; returns the check: {"max_abs_diff", "input_shape", "tolerance"}."""
+    against JAX; returns the check: {"max_abs_diff", "input_shapes", "tolerance"}."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if dtype not in TOLERANCE:
@@ -333,18 +363,20 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32") -> d
             artifact.write_bytes(_to_tflite(fn, config))
         else:
             _to_onnx(_to_tflite(fn, config), artifact)
-        shape = (2, *config.tile, config.in_channels)
-        images = np.random.default_rng(0).uniform(size=shape).astype(np.float32)
-        diff, largest = parity(load(artifact, fmt), fn, images)
-        limit = TOLERANCE[dtype] * max(1.0, largest)
+        run = load(artifact, fmt)
+        checks = [(images.shape, *parity(run, fn, images)) for images in check_images(config)]
+        diff = max(d for _, d, _ in checks)
+        limit = TOLERANCE[dtype] * max(1.0, max(largest for _, _, largest in checks))
         if not diff <= limit:
+            shape = next(s for s, d, _ in checks if d == diff)
             raise ExportError(f"--format {fmt}: the exported model computes other logits "
-                              f"than JAX (largest difference {diff:.3g}, allowed "
-                              f"{limit:.3g}); nothing was written")
+                              f"than JAX for a batch of shape {shape} (largest difference "
+                              f"{diff:.3g}, allowed {limit:.3g}); nothing was written")
         _replace(artifact, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"max_abs_diff": diff, "input_shape": list(shape), "tolerance": limit}
+    return {"max_abs_diff": diff, "input_shapes": [list(s) for s, _, _ in checks],
+            "tolerance": limit}
 
 
 def export_run(run_dir, fmt: str, output, which="best", dtype: str = "float32") -> dict:
