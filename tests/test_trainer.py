@@ -49,15 +49,30 @@ def data_dir(tmp_path_factory):
                                             num_cars=5, size=(96, 64), seed=3)
 
 
+def drawings(mp):
+    """The epochs whose figures a run draws: patches the loss plot to record them."""
+    from unet_jax import report
+
+    drawn, plot_loss = [], report.plot_loss
+    mp.setattr(report, "plot_loss", lambda history, path: (
+        drawn.append(history[-1]["epoch"]), plot_loss(history, path)))
+    return drawn
+
+
 @pytest.fixture(scope="module")
 def run(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("runs") / "run"
     config = dataclasses.replace(TINY, data_dir=str(data_dir), epochs=2)
-    return config, workdir, unet_jax.train_and_evaluate(config, workdir, log=lambda *a: None)
+    with pytest.MonkeyPatch.context() as mp:
+        drawn = drawings(mp)
+        summary = unet_jax.train_and_evaluate(config, workdir, log=lambda *a: None)
+    return config, workdir, dict(summary, drawn=drawn)
 
 
 def test_a_library_run_writes_what_the_cli_does(run):
     config, workdir, summary = run
+    # Epochs of a second or two: the figures are drawn once, after the last epoch.
+    assert summary["drawn"] == [2]
     assert summary["workdir"] == workdir and [r["epoch"] for r in summary["history"]] == [1, 2]
     assert summary["best"] == max(summary["history"], key=lambda r: r["val_dice"])
     assert {"config.json", "split.json", "metrics.csv", "loss.png", "predictions.png",
@@ -76,10 +91,13 @@ def test_resume_extends_a_run_and_refuses_other_settings(run, tmp_path):
     with pytest.raises(rundir.RunDirError, match="holds no run"):
         unet_jax.train_and_evaluate(config, tmp_path / "empty", resume=True,
                                     log=lambda *a: None)
-    summary = unet_jax.train_and_evaluate(dataclasses.replace(config, epochs=3), workdir,
-                                          resume=True, log=lambda *a: None)
-    assert [r["epoch"] for r in summary["history"]] == [1, 2, 3]
-    assert json.loads((workdir / "config.json").read_text())["epochs"] == 3
+    with pytest.MonkeyPatch.context() as mp:
+        drawn = drawings(mp)
+        mp.setattr(unet_jax.trainer, "FIGURE_INTERVAL_S", 0)  # every epoch, as a long one
+        summary = unet_jax.train_and_evaluate(dataclasses.replace(config, epochs=4), workdir,
+                                              resume=True, log=lambda *a: None)
+    assert [r["epoch"] for r in summary["history"]] == [1, 2, 3, 4] and drawn == [3, 4]
+    assert json.loads((workdir / "config.json").read_text())["epochs"] == 4
 
 
 def test_a_second_run_in_a_held_directory_is_refused(data_dir, tmp_path):

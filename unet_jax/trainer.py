@@ -49,6 +49,7 @@ from unet_jax.train import (create_train_state, eval_step, loss_spec, merge_sums
                             predict_step, score_logits, train_step)
 
 PREVIEW = 4  # validation images in predictions.png
+FIGURE_INTERVAL_S = 30  # loss.png and predictions.png are redrawn at most this often
 
 
 class TrainingError(RuntimeError):
@@ -217,6 +218,7 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
                                 f"{step}; {kept} in {workdir}; lower --lr or check the data")
         return value
 
+    drawn = time.perf_counter()  # when the figures were last drawn (or the loop began)
     try:
         start_epoch = history[-1]["epoch"] if history else 0
         for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -265,8 +267,14 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
             if is_main:
                 rundir.write_text_atomic(workdir / "metrics.csv", _csv(history))
                 writer.scalars(epoch, {k: v for k, v in row.items() if k != "epoch"})
-                report.plot_loss(history, workdir / "loss.png")
-                report.plot_predictions(images, masks, logits, workdir / "predictions.png")
+                # Drawing costs about half a second: after the last epoch and at most
+                # every FIGURE_INTERVAL_S, so that short epochs are not spent plotting
+                # (the numbers of every epoch are in metrics.csv and TensorBoard).
+                if (epoch == config.epochs
+                        or time.perf_counter() - drawn >= FIGURE_INTERVAL_S):
+                    report.plot_loss(history, workdir / "loss.png")
+                    report.plot_predictions(images, masks, logits, workdir / "predictions.png")
+                    drawn = time.perf_counter()
     finally:
         if writer is not None:
             writer.close()
