@@ -48,8 +48,6 @@ import numpy as np
 
 FORMATS = ("onnx", "savedmodel", "tflite", "stablehlo")
 ONNX_OPSET = 17
-# See onnx_session: the CPU-dependent layout rewrite stays off wherever unet-jax runs ONNX.
-ONNX_DISABLED_OPTIMIZERS = ["NchwcTransformer"]
 # The exported logits must equal JAX's to this, relative to the largest logit (at
 # least 1): float32 sums in another order differ by about 1e-6 of it.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
@@ -292,7 +290,7 @@ def onnx_session(path, threads: int | None = None):
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=ONNX_DISABLED_OPTIMIZERS)
+                                disabled_optimizers=["NchwcTransformer"])
 
 
 def _tflite_runner(path: Path):
@@ -320,9 +318,10 @@ def parity(run, fn, images) -> tuple[float, float]:
     largest absolute JAX logit); logits of another shape differ by infinity."""
     expected = np.asarray(fn(images), np.float32)
     got = np.asarray(run(images))
+    largest = float(np.max(np.abs(expected)))
     if got.shape != expected.shape:
-        return float("inf"), float(np.max(np.abs(expected)))
-    return float(np.max(np.abs(got - expected))), float(np.max(np.abs(expected)))
+        return float("inf"), largest
+    return float(np.max(np.abs(got - expected))), largest
 
 
 def check_images(config) -> list[np.ndarray]:
@@ -365,10 +364,9 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32") -> d
             _to_onnx(_to_tflite(fn, config), artifact)
         run = load(artifact, fmt)
         checks = [(images.shape, *parity(run, fn, images)) for images in check_images(config)]
-        diff = max(d for _, d, _ in checks)
+        shape, diff, _ = max(checks, key=lambda check: check[1])
         limit = TOLERANCE[dtype] * max(1.0, max(largest for _, _, largest in checks))
         if not diff <= limit:
-            shape = next(s for s, d, _ in checks if d == diff)
             raise ExportError(f"--format {fmt}: the exported model computes other logits "
                               f"than JAX for a batch of shape {shape} (largest difference "
                               f"{diff:.3g}, allowed {limit:.3g}); nothing was written")
