@@ -6,6 +6,9 @@
   subprocesses) shares one persistent XLA compilation cache in that folder: the suite
   builds the same tiny U-Nets in many processes, and compiling them is most of its
   time. Nothing is written to the user's own cache.
+* XLA compiles without its backend (LLVM) optimisations: the suite's programs are tiny
+  and compile for far longer than they run, and the level changes how fast the code
+  runs, never what it computes. A level the caller set is kept.
 * The slowest files are collected first, so that the workers start on them and share
   the short files at the end (the longest file first is what keeps the last worker
   from running alone).
@@ -14,6 +17,11 @@
 import os
 
 import pytest
+
+# Before any test starts a JAX backend: XLA reads the flags once, when it starts.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                        "--xla_backend_optimization_level=0"]).strip()
 
 # By their measured time on a 2-core CPU, longest first; every other file follows in
 # its usual order.

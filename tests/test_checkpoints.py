@@ -184,7 +184,8 @@ def test_a_run_trained_on_more_devices_restores_on_one(tmp_path):
         manager.close()
     """)
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+                        + " --xla_force_host_platform_device_count=2"}
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], cwd=ROOT,
                    check=True, capture_output=True, timeout=300, env=env)
     params, _, epoch = checkpoints.restore_params(tmp_path / "run")
