@@ -215,7 +215,9 @@ def test_shift_then_rotate_is_one_transform_in_that_order():
 
 def test_default_ops_draw_as_the_original_augmentation():
     """flip, shift and color use the sub-seeds they always used, so earlier runs
-    resume with the same batches. The reference is the original implementation."""
+    resume with the same batches. The reference is the original implementation; the
+    separable resampling that replaced its projective warp gives the same masks and
+    the same images to float rounding."""
     def original(image, mask, s):
         seeds = tf.random.experimental.stateless_split(s, 6)
         flip = tf.random.stateless_uniform([], seeds[0]) < 0.5
@@ -238,11 +240,39 @@ def test_default_ops_draw_as_the_original_augmentation():
         return tf.clip_by_value(image, 0.0, 1.0).numpy(), warp(mask, "NEAREST").numpy()
 
     image, mask = random_image(), class_mask()
-    for s in range(3):
+    flipped = set()
+    for s in range(8):
         expected = original(tf.constant(image), tf.constant(mask), seed(s, 5))
         got = run(image, mask, seed(s, 5), aug.parse_augment(True))
-        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_allclose(got[0], expected[0], rtol=0, atol=1e-6)
         np.testing.assert_array_equal(got[1], expected[1])
+        flipped.add(bool(aug.flip_drawn(tf.random.experimental.stateless_split(
+            seed(s, 5), 6)[0])))
+    assert flipped == {True, False}  # both branches of the folded flip were compared
+
+
+@pytest.mark.parametrize("shape", [(32, 48), (33, 517), (1, 1), (2, 20), (517, 3)])
+def test_the_separable_warp_equals_the_projective_warp(shape):
+    """axis_aligned_warp, the fast path of shift without rotation, samples what
+    ImageProjectiveTransformV3 samples (bilinear image, nearest mask, reflected borders),
+    for the shift's own transforms and for scales and shifts far beyond them (borders
+    reflected more than once), flipped or not."""
+    h, w = shape
+    rng = np.random.default_rng(h * w)
+    image = tf.constant(rng.random((h, w, 3), dtype=np.float32))
+    mask = tf.constant(rng.integers(0, 4, (h, w, 1)).astype(np.float32))
+    transforms = [aug.shift_transform(image, *tf.random.experimental.stateless_split(
+        seed(k, 1), 3)) for k in range(6)]
+    transforms += [tf.constant([sx, 0.0, tx, 0.0, sy, ty, 0.0, 0.0], tf.float32)
+                   for sx, tx, sy, ty in [(1.0, 0.5, 1.0, -0.5), (0.3, -7.3, 2.5, 4.1),
+                                          (3.1, -2.0 * w, 0.45, 1.5 * h), (1.0, 0.0, 1.0, 0.0)]]
+    for k, transform in enumerate(transforms):
+        mirror = k % 2 == 1
+        source = (tf.reverse(image, [1]), tf.reverse(mask, [1])) if mirror else (image, mask)
+        expected = aug.projective_warp(*source, transform)
+        got = aug.axis_aligned_warp(image, mask, transform, mirror)
+        np.testing.assert_allclose(got[0].numpy(), expected[0].numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(got[1].numpy(), expected[1].numpy())
 
 
 def test_runs_inside_tf_data_as_eagerly():
