@@ -18,10 +18,11 @@ import os
 
 import pytest
 
+UNOPTIMISED = "--xla_backend_optimization_level=0"
+
 # Before any test starts a JAX backend: XLA reads the flags once, when it starts.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
-                                        "--xla_backend_optimization_level=0"]).strip()
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), UNOPTIMISED]).strip()
 
 # By their measured time on a 2-core CPU, longest first; every other file follows in
 # its usual order.

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.conftest import UNOPTIMISED
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "32", "--batch-size", "1", "--steps", "2", "--base-features", "8",
         "--platform", "cpu"]
@@ -20,8 +22,7 @@ def bench(*args, full_width=False):
     convolutions run slower unoptimised than they take to optimise."""
     env = dict(os.environ)
     if full_width:
-        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
-            "--xla_backend_optimization_level=0", "")
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(UNOPTIMISED, "")
     result = subprocess.run([sys.executable, "-m", "experiments.benchmark", *args, "--json"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr

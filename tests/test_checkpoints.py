@@ -183,9 +183,7 @@ def test_a_run_trained_on_more_devices_restores_on_one(tmp_path):
                          {"val_dice": 0.5})
         manager.close()
     """)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
-                        + " --xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], cwd=ROOT,
                    check=True, capture_output=True, timeout=300, env=env)
     params, _, epoch = checkpoints.restore_params(tmp_path / "run")

@@ -22,9 +22,7 @@ TINY = ["--base-features", "4", "--depth", "2", "--image-size", "32", "48", "--b
 
 
 def python(code_or_args, devices=1, timeout=300, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
-                        f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_NUM_CPU_DEVICES": str(devices)}
     args = code_or_args if isinstance(code_or_args, list) else ["-c", textwrap.dedent(code_or_args)]
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout, **kw)
