@@ -166,4 +166,9 @@ def test_the_gpu_suite_runs_where_tensorflow_and_matplotlib_are_missing(tmp_path
     assert "tensorflow" in rows["pipeline-augment"]["error"]
     assert [r["id"] for r in report["left_out"]] == ["torch-compile-infer-bf16"]
     table = out.with_name("suite.md").read_text()
-    assert "| jax-infer-bf16 |" in table and "64 base features" in table
+    # why the torch row is left out: the width, or (README's test command installs no
+    # torch) torch itself
+    import importlib.util
+    reason = ("64 base features" if importlib.util.find_spec("torch")
+              else "torch is not installed")
+    assert "| jax-infer-bf16 |" in table and reason in table
