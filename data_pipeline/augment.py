@@ -87,7 +87,9 @@ def augment_pair(image, mask, seed, ops=",".join(DEFAULT_AUGMENT)):
     named ops run in the order flip, shift, rotate, elastic, color, and the others not
     at all, so ``ops=""`` returns the pair unchanged. Shift and rotate are combined
     into one transform, so the image is interpolated once for both. ``seed`` is two
-    integers; the same seed gives the same result.
+    integers; the same seed gives the same result. The mask's pixels are moved, never
+    blended, so it keeps its dtype: the input pipeline passes uint8 masks, a quarter
+    of float32's bytes to move.
     """
     tf = tensorflow()
     names = set(parse_augment(ops).split(",")) - {""}
@@ -216,33 +218,41 @@ def axis_aligned_warp(image, mask, transform, mirror=False):
 
     Bilinear interpolation of such a map is a 1-D interpolation of the rows followed
     by one of the columns, and nearest sampling a pick of rows and then of columns, so
-    each axis costs one gather and a blend instead of four reads and the projection of
-    every pixel, and a flip is a reversed choice of columns: the default
-    augmentations' costliest step, and the augmented pipeline about 1.5x as fast on
-    the host. Borders reflect as in ``projective_warp``; the two agree to float
+    each axis costs a gather per tap and a blend instead of four reads and the
+    projection of every pixel, and a flip is a reversed choice of columns: the
+    default augmentations' costliest step, and the augmented pipeline 1.8x as fast
+    on the host (``docs/benchmarks.md``). Borders reflect as in ``projective_warp``; the two agree to float
     rounding (``tests/test_augment.py``).
     """
     tf = tensorflow()
     h, w = _size(image)
 
-    def source(scale, offset, n):
-        return _reflect(scale * tf.cast(tf.range(n), tf.float32) + offset, n)
-
-    def blend(x, coords, n, axis, flip=False):
+    def taps(scale, offset, n, flip=False):
+        # Per output index along one axis: the two input indices that bilinear
+        # interpolation reads, the nearest one, and the weight of the second.
+        coords = _reflect(scale * tf.cast(tf.range(n), tf.float32) + offset, n)
         lower = tf.floor(coords)
         first = tf.cast(lower, tf.int32)
-        pair = tf.concat([first, tf.minimum(first + 1, n - 1)], 0)
-        pair = tf.where(flip, n - 1 - pair, pair)  # column c of the flipped image
-        a, b = tf.split(tf.gather(x, pair, axis=axis), 2, axis=axis)
-        weight = tf.reshape(coords - lower, [-1, 1, 1] if axis == 0 else [1, -1, 1])
+        second = tf.minimum(first + 1, n - 1)
+        nearest = tf.cast(tf.floor(coords + 0.5), tf.int32)  # std::round: coords >= 0
+        indices = [tf.where(flip, n - 1 - i, i) for i in (first, second, nearest)]
+        return indices, coords - lower
+
+    (y0, y1, y_near), wy = taps(transform[4], transform[5], h)
+    (x0, x1, x_near), wx = taps(transform[0], transform[2], w, mirror)
+
+    def lerp(a, b, weight):
         return a + (b - a) * weight
 
-    ys, xs = source(transform[4], transform[5], h), source(transform[0], transform[2], w)
-    warped = blend(blend(image, ys, h, 0), xs, w, 1, mirror)
-    rows = tf.cast(tf.floor(ys + 0.5), tf.int32)  # std::round, as coordinates are >= 0
-    cols = tf.cast(tf.floor(xs + 0.5), tf.int32)
-    cols = tf.where(mirror, w - 1 - cols, cols)
-    labels = tf.gather(tf.gather(mask, rows, axis=0), cols, axis=1)
+    # Two gathers per axis rather than one of both taps then a split, which copies.
+    rows = lerp(tf.gather(image, y0), tf.gather(image, y1), tf.reshape(wy, [-1, 1, 1]))
+    warped = lerp(tf.gather(rows, x0, axis=1), tf.gather(rows, x1, axis=1),
+                  tf.reshape(wx, [1, -1, 1]))
+    # TensorFlow gathers a column pixel by pixel but a row in one copy, so the
+    # mask's columns (one channel of class ids, as everywhere here) are picked as the
+    # rows of its transpose: 3x faster.
+    labels = tf.gather(mask[..., 0], y_near)
+    labels = tf.transpose(tf.gather(tf.transpose(labels), x_near))[..., None]
     return tf.ensure_shape(warped, image.shape), tf.ensure_shape(labels, mask.shape)
 
 

@@ -317,12 +317,12 @@ class InputPipeline:
         def load(index, is_valid):
             image, mask = tf.numpy_function(read, [index], [tf.uint8, tf.uint8])
             image = tf.cast(tf.ensure_shape(image, (h, w, c)), tf.float32) / 255.0
-            mask = tf.cast(tf.ensure_shape(mask, (h, w, 1)), tf.float32)
-            if augment:
+            mask = tf.ensure_shape(mask, (h, w, 1))
+            if augment:  # the mask stays uint8 until then: a quarter of the bytes to move
                 image, mask = augment_pair(
                     image, mask, tf.random.experimental.stateless_fold_in(key, index),
                     augment)
-            return {"image": image, "mask": mask, "valid": is_valid}
+            return {"image": image, "mask": tf.cast(mask, tf.float32), "valid": is_valid}
 
         ds = tf.data.Dataset.from_tensor_slices((indices.astype(np.int64), valid))
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

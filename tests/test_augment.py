@@ -133,6 +133,19 @@ def test_masks_keep_their_labels(ops):
         assert set(np.unique(labels)) <= {0.0, 1.0, 2.0}
 
 
+@pytest.mark.parametrize("ops", [*aug.AUGMENTATIONS, "flip,shift,rotate,elastic,color"])
+def test_uint8_masks_move_as_float_masks_do(ops):
+    """The input pipeline augments uint8 masks: every op must move them to the same
+    labels as float ones, and keep their dtype."""
+    image, mask = random_image(), class_mask()
+    for s in range(3):
+        as_float = run(image, mask, seed(s, 4), ops)
+        as_uint8 = run(image, mask.astype(np.uint8), seed(s, 4), ops)
+        assert as_uint8[1].dtype == np.uint8
+        np.testing.assert_array_equal(as_uint8[1], as_float[1])
+        np.testing.assert_array_equal(as_uint8[0], as_float[0])
+
+
 @pytest.mark.parametrize("ops", [*GEOMETRIC, "flip,shift,rotate,elastic"])
 def test_image_and_mask_move_together(ops):
     """The image shows its own mask in white: after any geometric op the bright pixels
