@@ -30,7 +30,7 @@ from pathlib import Path
 from PIL import UnidentifiedImageError
 
 from data_pipeline.errors import DataError
-from data_pipeline.preprocess import load_mask, open_within_limit
+from data_pipeline.preprocess import load_mask, open_within_limit, orientation, shown_size
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,8 @@ def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
 
 
 def image_problem(path: Path) -> tuple[tuple[int, int] | None, str | None]:
-    """(size, None) for a readable, complete image file; (None, what is wrong) else.
+    """((width, height) as shown, None) for a readable, complete image file; (None,
+    what is wrong) else.
 
     Opening reads only the header (the size); the data is decoded only where the
     file's end does not prove it complete, which keeps checking thousands of files
@@ -132,7 +133,7 @@ def image_problem(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     """
     try:
         with open_within_limit(path) as img:
-            size, fmt = img.size, img.format
+            size, fmt = shown_size(img)[::-1], img.format
             if not _looks_complete(path, fmt):
                 img.load()  # raises on data that ends early
     except DataError as e:  # over the pixel limit: the message names the file and the fix
@@ -145,6 +146,12 @@ def image_problem(path: Path) -> tuple[tuple[int, int] | None, str | None]:
             return None, f"is truncated: its {fmt} data ends early"
         return None, f"cannot be read as an image ({what})"
     return size, None
+
+
+def _turned(path: Path) -> bool:
+    """True when an image's EXIF orientation turns it a quarter (5 to 8)."""
+    with open_within_limit(path) as img:
+        return orientation(img) >= 5
 
 
 def _looks_complete(path: Path, fmt: str | None) -> bool:
@@ -175,8 +182,13 @@ def check_pair(pair: Pair, num_classes: int = 1) -> str | None:
     if problem:
         return f"{pair.mask} {problem}"
     if image_size != mask_size:
-        return (f"{pair.mask} is {mask_size[0]}x{mask_size[1]} but its image "
-                f"{pair.image.name} is {image_size[0]}x{image_size[1]}")
+        problem = (f"{pair.mask} is {mask_size[0]}x{mask_size[1]} but its image "
+                   f"{pair.image.name} is {image_size[0]}x{image_size[1]}")
+        if mask_size == image_size[::-1] and _turned(pair.image):
+            problem += (" as shown (its EXIF orientation turns it a quarter; files are "
+                        "read as viewers show them): rotate the mask to match the "
+                        "photo as shown, or save the photo upright without the tag")
+        return problem
     if num_classes > 1:
         try:
             load_mask(pair.mask, None, num_classes)

@@ -53,7 +53,8 @@ import numpy as np
 from data_pipeline.augment import augment_pair, parse_augment
 from data_pipeline.errors import DataError
 from data_pipeline.files import Pair
-from data_pipeline.preprocess import RESIZE, image_size_of, load_example, scaled_size
+from data_pipeline.preprocess import (DECODE_VERSION, RESIZE, image_size_of, load_example,
+                                      scaled_size)
 from data_pipeline.tf_setup import tensorflow
 
 class InputPipeline:
@@ -187,14 +188,16 @@ class InputPipeline:
             raise
 
     def _cache_key(self) -> str:
-        """A digest of everything the cached bytes depend on, file dates included."""
+        """A digest of everything the cached bytes depend on: the files (dates
+        included), the sizes, and the decoding rules' version."""
         files = []
         for p in self.pairs:
             for f in (p.image, p.mask):
                 st = f.stat()
                 files.append([str(f), st.st_size, st.st_mtime_ns])
         size = ["native", self.scale] if self.crop else self.image_size
-        key = json.dumps([files, size, self.in_channels, self.resize, self.num_classes])
+        key = json.dumps([files, size, self.in_channels, self.resize, self.num_classes,
+                          DECODE_VERSION])
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def _offsets(self) -> np.ndarray:

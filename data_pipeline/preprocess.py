@@ -6,6 +6,12 @@ asks, resized bilinearly (antialiased) to the model's size. A mask file becomes 
 ``(h, w, 1)`` by one rule for binary masks and one for class ids (``load_mask``),
 resized nearest. ``to_float`` scales an image to the [0, 1] the model sees.
 
+Every file is read the way photo viewers and annotation tools show it: a camera's
+EXIF orientation tag (a phone photo stored sideways with "turn 90 degrees" in its
+header) is applied first, to images and masks alike, and sizes are the sizes shown.
+A mask drawn over the photo as shown then lines up with it, and a predicted mask
+lines up with the photo a user opens.
+
 The training pipeline caches these uint8 arrays and scales them per batch; prediction
 calls the same functions for the same file, so the model sees exactly what it was
 trained on. Evaluation reads the true masks with ``load_mask`` at their own size.
@@ -32,6 +38,9 @@ from PIL import Image, UnidentifiedImageError
 from data_pipeline.errors import DataError
 
 MAX_PIXELS_VARIABLE = "UNET_JAX_MAX_IMAGE_PIXELS"
+# Raised whenever the same file comes to decode to other pixels (2: EXIF orientation
+# applied), so that caches of decoded examples kept on disk are made anew.
+DECODE_VERSION = 2
 _PILLOW_LIMIT = Image.MAX_IMAGE_PIXELS  # Pillow's own limit, read (not changed) at import
 
 
@@ -116,10 +125,48 @@ def open_image(path):
         raise DataError(f"{path} cannot be decoded ({what}); fix or remove the file") from None
 
 
+# EXIF orientation (tag 274) -> the transpose that shows the image upright; 5 to 8
+# turn it a quarter, so its shown width and height are its stored height and width.
+_ORIENTATION_TAG = 0x0112
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation of an opened image, 1 to 8; 1 (as stored) without one.
+
+    Read from the header alone: Pillow would decode a whole PNG to look for an
+    orientation stored after its pixels, which the PNG standard does not allow, so a
+    PNG counts only what its header holds. An unreadable EXIF block counts as none.
+    """
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    try:
+        value = img.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - any malformed EXIF: the pixels are still valid
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def shown_size(img: Image.Image) -> tuple[int, int]:
+    """(height, width) of an opened image as shown, its EXIF orientation applied."""
+    width, height = img.size
+    return (width, height) if orientation(img) >= 5 else (height, width)
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (itself when it says nothing)."""
+    method = _UPRIGHT.get(orientation(img))
+    return img.transpose(method) if method is not None else img
+
+
 def image_size_of(path) -> tuple[int, int]:
-    """(height, width) of an image file, from its header alone (nothing is decoded)."""
+    """(height, width) of an image file as shown (its EXIF orientation applied), from
+    its header alone (nothing is decoded)."""
     with open_image(path) as img:
-        return img.size[::-1]
+        return shown_size(img)
 
 
 def scaled_size(size, scale: float) -> tuple[int, int]:
@@ -168,17 +215,20 @@ def load_image(path, image_size=None, in_channels: int = 3,
 
     Grayscale, palette, CMYK and RGBA images become RGB (alpha is dropped) for 3
     channels; anything becomes luminance for 1. 16-bit images are scaled to 8 bits.
-    A JPEG at least twice ``image_size`` is decoded at 1/2, 1/4 or 1/8 scale
-    (``draft``: the JPEG decoder's own scaling, far cheaper than a full decode), never
-    below ``image_size``, then resized.
+    The EXIF orientation is applied (``upright``). A JPEG at least twice
+    ``image_size`` is decoded at 1/2, 1/4 or 1/8 scale (``draft``: the JPEG decoder's
+    own scaling, far cheaper than a full decode), never below ``image_size``, then
+    resized.
     """
     if resize not in RESIZE:
         raise ValueError(f"resize {resize!r}: choose one of {', '.join(RESIZE)}")
     mode = "RGB" if in_channels == 3 else "L"
     with open_image(path) as img:
-        height, width = image_size or scaled_size(img.size[::-1], scale)
+        height, width = image_size or scaled_size(shown_size(img), scale)
         if image_size or scale != 1:
-            img.draft(mode, (width, height))  # never below the target size
+            # Never below the target size; the decoder scales the image as stored.
+            img.draft(mode, (height, width) if orientation(img) >= 5 else (width, height))
+        img = upright(img)
         if img.mode in _WIDE_MODES:
             img = _to_8_bits(img)
         elif img.mode == "P":
@@ -206,10 +256,12 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
     Binary masks: any non-zero value is foreground (Kaggle's index 1, users' 0/255),
     except in JPEG masks, cut at 128: lossy compression leaves their black at 1, 2,
     3... Class ids are kept, and an id the model has no class for is an error.
-    Resized nearest, so no new values appear.
+    Resized nearest, so no new values appear. The EXIF orientation is applied, as for
+    images.
     """
     with open_image(path) as m:
         lossy = m.format in ("JPEG", "MPO")  # MPO: a camera's JPEG with extra frames
+        m = upright(m)
         if m.mode in _OTHER_COLOUR_MODES:
             m = m.convert("RGB")
         size = image_size or scaled_size(m.size[::-1], scale)

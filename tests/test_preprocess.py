@@ -273,3 +273,78 @@ def test_evaluate_gives_one_dice_whatever_the_mask_format(tmp_path, run_dir, cap
         tolerance = 0.02 if kind == "jpeg" else 1e-9
         for key in ("dice", "iou", "pixel_accuracy"):
             assert result[key] == pytest.approx(reference[key], abs=tolerance), (kind, key)
+
+
+# --- EXIF orientation: files are read as viewers show them ------------------------------
+
+# What each EXIF orientation asks a viewer to do to the stored pixels, in the words of
+# the EXIF standard (exiftool's names), written out in numpy rather than taken from Pillow.
+SHOWN = {1: lambda s: s,
+         2: lambda s: s[:, ::-1],                    # mirror horizontal
+         3: lambda s: s[::-1, ::-1],                 # rotate 180
+         4: lambda s: s[::-1, :],                    # mirror vertical
+         5: lambda s: np.rot90(s[:, ::-1], 1),       # mirror horizontal, rotate 270 CW
+         6: lambda s: np.rot90(s, -1),               # rotate 90 CW
+         7: lambda s: np.rot90(s[:, ::-1], -1),      # mirror horizontal, rotate 90 CW
+         8: lambda s: np.rot90(s, 1)}                # rotate 270 CW
+
+
+def save_with_orientation(path, pixels, value, **kw):
+    """``pixels`` stored as they are, with EXIF orientation ``value`` in the header."""
+    exif = Image.Exif()
+    exif[0x0112] = value
+    Image.fromarray(pixels).save(path, exif=exif, **kw)
+    return path
+
+
+@pytest.mark.parametrize("value", range(1, 9))
+def test_exif_orientation_is_applied_to_images_masks_and_sizes(tmp_path, value):
+    rng = np.random.default_rng(value)
+    stored = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)  # no symmetry to hide a turn
+    stored_mask = (rng.random((6, 10)) > 0.5).astype(np.uint8) * 255
+    image = save_with_orientation(tmp_path / "x.png", stored, value)
+    mask = save_with_orientation(tmp_path / "m.png", stored_mask, value)
+    shown, shown_mask = SHOWN[value](stored), SHOWN[value](stored_mask) > 0
+
+    assert preprocess.image_size_of(image) == shown.shape[:2]
+    np.testing.assert_array_equal(preprocess.load_image(image), shown)
+    np.testing.assert_array_equal(preprocess.load_mask(mask)[..., 0], shown_mask)
+    # Resized to a size given as shown (height, width): the turn comes before the resize.
+    h, w = shown.shape[:2]
+    assert preprocess.load_image(image, (h * 2, w)).shape == (h * 2, w, 3)
+    np.testing.assert_array_equal(preprocess.load_mask(mask, (h * 2, w))[::2, :, 0], shown_mask)
+
+
+def test_a_turned_jpeg_is_decoded_small_and_upright(tmp_path):
+    """A sideways-stored phone photo (orientation 6) shrunk at decode time comes out at
+    the asked size, upright: the bright top-left of the stored pixels ends top-right."""
+    stored = np.zeros((64, 128, 3), np.uint8)
+    stored[:32, :64] = 255
+    path = save_with_orientation(tmp_path / "p.jpg", stored, 6, quality=95)
+    assert preprocess.image_size_of(path) == (128, 64)
+    small = preprocess.load_image(path, (32, 16)).astype(float)
+    assert small.shape == (32, 16, 3)
+    quarters = [small[:16, :8].mean(), small[:16, 8:].mean(), small[16:, :8].mean(), small[16:, 8:].mean()]
+    assert quarters[1] > 200 and max(quarters[0], quarters[2], quarters[3]) < 55
+
+
+def test_a_mask_drawn_on_the_stored_pixels_of_a_turned_photo_is_named(tmp_path):
+    own_dir(tmp_path, n=2, size=(10, 6))
+    stored = np.zeros((6, 10, 3), np.uint8)
+    save_with_orientation(tmp_path / "images" / "img0.png", stored, 6)
+    with pytest.raises(data_pipeline.DataError) as e:
+        data_pipeline.find_pairs(tmp_path)
+    assert "img0.png is 10x6 but its image img0.png is 6x10 as shown" in str(e.value)
+    assert "EXIF orientation" in str(e.value)
+    # The mask drawn over the photo as shown pairs with it.
+    Image.fromarray(np.zeros((10, 6), np.uint8)).save(tmp_path / "masks" / "img0.png")
+    assert len(data_pipeline.find_pairs(tmp_path)) == 2
+
+
+def test_a_predicted_mask_has_the_turned_photo_s_shown_size(tmp_path, run_dir):
+    from unet_jax.inference import Predictor
+
+    stored = np.random.default_rng(2).integers(0, 256, (30, 50, 3), np.uint8)
+    path = save_with_orientation(tmp_path / "phone.jpg", stored, 8)
+    [(_, picture, mask)] = Predictor(run_dir(3)).predict_files(path, images=True)
+    assert mask.shape == picture.shape[:2] == (50, 30)
