@@ -83,11 +83,33 @@ def _over_limit(path, pixels: int | None, limit: int, size=None) -> DataError:
                      f"larger images with {MAX_PIXELS_VARIABLE}=<pixels> (0 for no limit)")
 
 
+def _pages(img: Image.Image) -> int:
+    """How many same-size pages a TIFF holds: 1 for one image, even with a smaller
+    preview page after it; n for a stack (a microscope's slices or time points)."""
+    if img.format != "TIFF" or getattr(img, "n_frames", 1) == 1:
+        return 1
+    size, pages = img.size, 0
+    for index in range(img.n_frames):
+        img.seek(index)
+        pages += img.size == size
+    img.seek(0)
+    return pages
+
+
+def _stack(path, pages: int) -> DataError:
+    """The one-line error of a multi-page TIFF stack, with the fix."""
+    return DataError(f"{path} is a stack of {pages} images (a multi-page TIFF) but each "
+                     "file must hold one image; save each page as a file of its own "
+                     "(Pillow's ImageSequence.Iterator), images and masks under matching "
+                     "names")
+
+
 @contextlib.contextmanager
 def open_within_limit(path):
     """``Image.open`` of ``path``, an image over the pixel limit raising a one-line
-    DataError (when opened, or when a frame or tile turns out larger as it loads);
-    Pillow's other errors pass through, for callers that tell them apart."""
+    DataError (when opened, or when a frame or tile turns out larger as it loads), and
+    so does a multi-page TIFF stack, which would otherwise be read as its first page
+    alone. Pillow's other errors pass through, for callers that tell them apart."""
     limit = max_image_pixels()
     # Set at every decode and never restored: decoding threads all set the same value
     # (saving and restoring it would race between them), and Pillow reads it again
@@ -99,6 +121,9 @@ def open_within_limit(path):
             width, height = img.size
             if limit and width * height > limit:  # Pillow only warns up to twice its limit
                 raise _over_limit(path, width * height, limit, img.size)
+            pages = _pages(img)
+            if pages > 1:
+                raise _stack(path, pages)
             yield img
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # Above twice the limit Pillow refuses before returning the image (and so does

@@ -348,3 +348,29 @@ def test_a_predicted_mask_has_the_turned_photo_s_shown_size(tmp_path, run_dir):
     path = save_with_orientation(tmp_path / "phone.jpg", stored, 8)
     [(_, picture, mask)] = Predictor(run_dir(3)).predict_files(path, images=True)
     assert mask.shape == picture.shape[:2] == (50, 30)
+
+
+# --- multi-page TIFF: a stack is refused, a preview page is not -------------------------
+
+def save_pages(path, sizes):
+    pages = [Image.fromarray(np.full(size, 40 * i, np.uint8)) for i, size in enumerate(sizes)]
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    return path
+
+
+def test_a_tiff_stack_is_refused_naming_the_file_and_the_fix(tmp_path):
+    own_dir(tmp_path, n=2, size=(10, 6))
+    save_pages(tmp_path / "masks" / "img1.tif", [(6, 10)] * 3)
+    (tmp_path / "masks" / "img1.png").unlink()
+    with pytest.raises(data_pipeline.DataError) as e:
+        data_pipeline.find_pairs(tmp_path)
+    assert "img1.tif is a stack of 3 images" in str(e.value) and "ImageSequence" in str(e.value)
+    assert len(data_pipeline.find_pairs(tmp_path, skip_bad=True)) == 1
+    with pytest.raises(data_pipeline.DataError, match=r"stack\.tif is a stack of 2 images"):
+        preprocess.load_image(save_pages(tmp_path / "stack.tif", [(6, 10)] * 2))
+
+
+def test_a_tiff_with_a_smaller_preview_page_is_its_first_page(tmp_path):
+    path = save_pages(tmp_path / "scan.tif", [(6, 10), (3, 5)])
+    assert preprocess.image_size_of(path) == (6, 10)
+    assert (preprocess.load_image(path, None, 1) == 0).all()
