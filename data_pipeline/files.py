@@ -10,7 +10,8 @@ Three layouts are understood:
   ``train_masks.zip`` in one folder; prepared once through the TFDS builder
   (``tfds_carvana``) into ``prepared/`` beside them, then read as above.
 * A user's own folders: ``images/`` and ``masks/``, paired by file stem (the mask may
-  be ``<stem>.<ext>`` or ``<stem>_mask.<ext>``), in any of JPEG, PNG, GIF, TIFF, BMP.
+  be ``<stem>.<ext>`` or ``<stem>_mask.<ext>``), in any of JPEG, PNG, GIF, TIFF, BMP,
+  WebP.
   Each image is its own group.
 
 Every pair is checked up front: that it has its partner, that both files open and are
@@ -34,7 +35,7 @@ from data_pipeline.preprocess import load_mask, open_within_limit, orientation, 
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 LAYOUTS = ("Kaggle's layout (train/ or train_hq/, with train_masks/), Kaggle's train.zip "
            "and train_masks.zip as downloaded, or images/ + masks/")
 FIX = "fix or remove the file, or pass --skip-bad to skip such pairs"
@@ -131,6 +132,7 @@ def image_problem(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     file's end does not prove it complete, which keeps checking thousands of files
     fast and still catches a truncated JPEG.
     """
+    fmt = None  # unknown until Pillow opens the file
     try:
         with open_within_limit(path) as img:
             size, fmt = shown_size(img)[::-1], img.format
@@ -142,8 +144,8 @@ def image_problem(path: Path) -> tuple[tuple[int, int] | None, str | None]:
         return None, "cannot be read as an image (unknown format or not an image file)"
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         what = " ".join(str(e).split()) or type(e).__name__
-        if "truncated" in what:
-            return None, f"is truncated: its {fmt} data ends early"
+        if "truncated" in what or _riff_truncated(path):
+            return None, f"is truncated: its {fmt or 'WEBP'} data ends early"
         return None, f"cannot be read as an image ({what})"
     return size, None
 
@@ -154,6 +156,16 @@ def _turned(path: Path) -> bool:
         return orientation(img) >= 5
 
 
+def _riff_truncated(path: Path) -> bool:
+    """True for a WebP file shorter than its RIFF header says (Pillow decodes WebP
+    as it opens it, and names a cut one only as "could not create decoder object")."""
+    with path.open("rb") as f:
+        header = f.read(12)
+        size = os.fstat(f.fileno()).st_size
+    return (header[:4] == b"RIFF" and header[8:12] == b"WEBP"
+            and int.from_bytes(header[4:8], "little") + 8 > size)
+
+
 def _looks_complete(path: Path, fmt: str | None) -> bool:
     """True when the file's last bytes show a complete file of its format."""
     if fmt in _TRAILERS:
@@ -161,6 +173,8 @@ def _looks_complete(path: Path, fmt: str | None) -> bool:
             f.seek(max(0, os.fstat(f.fileno()).st_size - 32))
             # Some writers pad the end, some cameras append data: both only cost a decode.
             return f.read().rstrip(b"\x00\r\n ").endswith(_TRAILERS[fmt])
+    if fmt == "WEBP":  # Pillow has decoded it to open it
+        return True
     if fmt == "BMP":  # its header states the file's size
         with path.open("rb") as f:
             header = f.read(6)

@@ -279,13 +279,15 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
     0/1 masks alike; class ids are often stored as 16-bit).
 
     Binary masks: any non-zero value is foreground (Kaggle's index 1, users' 0/255),
-    except in JPEG masks, cut at 128: lossy compression leaves their black at 1, 2,
-    3... Class ids are kept, and an id the model has no class for is an error.
+    except in JPEG and lossy WebP masks, cut at 128: lossy compression leaves their
+    black at 1, 2, 3... Class ids are kept, and an id the model has no class for is an
+    error.
     Resized nearest, so no new values appear. The EXIF orientation is applied, as for
     images.
     """
     with open_image(path) as m:
-        lossy = m.format in ("JPEG", "MPO")  # MPO: a camera's JPEG with extra frames
+        # MPO: a camera's JPEG with extra frames.
+        lossy = m.format in ("JPEG", "MPO") or (m.format == "WEBP" and _lossy_webp(path))
         m = upright(m)
         if m.mode in _OTHER_COLOUR_MODES:
             m = m.convert("RGB")
@@ -303,6 +305,19 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
     else:
         check_class_ids(values, num_classes, path)
     return values.astype(np.uint8)[..., None]
+
+
+def _lossy_webp(path) -> bool:
+    """Whether a WebP file's pixels are lossy: its image chunk is VP8 (lossy) rather
+    than VP8L (lossless). Pillow does not say, so the RIFF chunks are walked."""
+    with open(path, "rb") as f:
+        f.seek(12)  # "RIFF", the size, "WEBP"
+        while len(header := f.read(8)) == 8:
+            kind, size = header[:4], int.from_bytes(header[4:], "little")
+            if kind in (b"VP8 ", b"VP8L"):
+                return kind == b"VP8 "
+            f.seek(size + size % 2, os.SEEK_CUR)  # chunks are padded to even sizes
+    return False
 
 
 def check_class_ids(values: np.ndarray, num_classes: int, path) -> None:

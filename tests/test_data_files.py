@@ -70,6 +70,17 @@ def test_jpeg_masks_are_cut_at_128_because_jpeg_is_lossy(tmp_path):
     np.testing.assert_array_equal(dp.load_mask(tmp_path / "m.jpg", (H, W))[..., 0], box_mask())
 
 
+@pytest.mark.parametrize("lossless", [False, True])
+def test_webp_masks_are_cut_at_128_only_when_lossy(tmp_path, lossless):
+    """A lossy WebP mask is noisy like a JPEG one; a lossless one may hold 0/1."""
+    value = 1 if lossless else 255
+    Image.fromarray(box_mask().astype(np.uint8) * value).save(
+        tmp_path / "m.webp", lossless=lossless, quality=60)
+    if not lossless:
+        assert np.asarray(Image.open(tmp_path / "m.webp"))[~box_mask()].max() > 0  # the noise
+    np.testing.assert_array_equal(dp.load_mask(tmp_path / "m.webp", (H, W))[..., 0], box_mask())
+
+
 def test_several_classes_keep_their_ids(tmp_path):
     ids = (box_mask() + 2 * box_mask(seed=5)).astype(np.uint8)
     Image.fromarray(ids).save(tmp_path / "m.png")
@@ -80,15 +91,16 @@ def test_several_classes_keep_their_ids(tmp_path):
 
 def test_own_folders_match_by_stem_in_any_format(tmp_path):
     for name, mask_name in [("a.png", "a.png"), ("b.bmp", "b_mask.png"), ("c.tif", "c.tiff"),
-                            ("d.jpg", "d_mask.gif"), ("e.gif", "e.bmp")]:
+                            ("d.jpg", "d_mask.gif"), ("e.gif", "e.bmp"),
+                            ("f.webp", "f_mask.png")]:
         write_image(tmp_path / "images" / name) if not name.endswith(".gif") else \
             write_mask(tmp_path / "images" / name, box_mask())
         write_mask(tmp_path / "masks" / mask_name, box_mask())
     pairs = dp.find_pairs(tmp_path)
     assert [(p.image.name, p.mask.name) for p in pairs] == [
         ("a.png", "a.png"), ("b.bmp", "b_mask.png"), ("c.tif", "c.tiff"),
-        ("d.jpg", "d_mask.gif"), ("e.gif", "e.bmp")]
-    assert [p.car for p in pairs] == ["a", "b", "c", "d", "e"]  # each image its own group
+        ("d.jpg", "d_mask.gif"), ("e.gif", "e.bmp"), ("f.webp", "f_mask.png")]
+    assert [p.car for p in pairs] == ["a", "b", "c", "d", "e", "f"]  # each image its own group
     for pair in pairs:
         image, mask = dp.load_example(pair, (H, W))
         assert image.shape == (H, W, 3)
@@ -134,7 +146,7 @@ def test_extra_mask(kaggle):
     assert "zzz999_01_mask.gif has no image" in message and "--skip-bad" in message
 
 
-@pytest.mark.parametrize("suffix", [".jpg", ".png", ".bmp", ".tif", ".gif"])
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".bmp", ".tif", ".gif", ".webp"])
 def test_truncated_file(tmp_path, suffix):
     own_dir(tmp_path, n=3)
     path = tmp_path / "images" / f"img1{suffix}"
