@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import data_pipeline
 from data_pipeline import DataError
@@ -266,3 +267,24 @@ def test_predict_files_takes_one_path_as_one_file(run, tmp_path):
     for one in (str(image), image):
         [(path, _, mask)] = list(predictor.predict_files(one))
         assert path == image and mask.shape == (32, 48)
+
+
+@pytest.mark.parametrize("mask_value,kind", [(1, "background"), (2, "foreground")])
+def test_masks_of_one_value_everywhere_stop_the_run_after_its_first_epoch(
+        tmp_path, capsys, mask_value, kind):
+    """0/1 masks saved as JPEG read as empty (cut at 128); a 1/2/3 trimap (2 and 3 where
+    this writes 2) reads as foreground everywhere. Either way, nothing to learn."""
+    for i in range(6):
+        write_image(tmp_path / "images" / f"img{i}.png", (48, 32), seed=i)
+        mask = box_mask((48, 32), seed=i).astype(np.uint8)
+        values = mask * mask_value if kind == "background" else mask + mask_value
+        path = tmp_path / "masks" / f"img{i}.{'jpg' if kind == 'background' else 'png'}"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(values).save(path, quality=95)
+    argv = ["--data-dir", str(tmp_path), "--workdir", str(tmp_path / "w"), "--epochs", "2",
+            *TINY]
+    assert call(train.main, argv) == 2
+    line = last_line(capsys)
+    assert f"every training mask read as {kind} at every pixel in epoch 1" in line
+    assert str(tmp_path / "masks") in line
+    assert not (tmp_path / "w" / "metrics.csv").exists()

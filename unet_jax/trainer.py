@@ -225,10 +225,14 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
             start = time.perf_counter()
             state, rate_scale = set_plateau_rate(config, state, history, log)
             losses, pending = [], None
+            labels = [math.inf, -math.inf]  # lowest and highest mask value seen
             bar = tqdm(train_data.epoch(epoch), total=len(train_data),
                        desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False,
                        disable=not is_main)
             for batch in bar:
+                if epoch == 1:
+                    labels = [min(labels[0], batch["mask"].min()),
+                              max(labels[1], batch["mask"].max())]
                 state, metrics = train_step(state, parallel.shard_batch(batch, mesh),
                                             loss=loss_spec(config))
                 # Read the previous step's loss, not this one's, so the host never waits
@@ -239,6 +243,8 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
                 pending = metrics["loss"]
             losses.append(finite(pending, epoch, len(losses) + 1))
             train_seconds = time.perf_counter() - start
+            if epoch == 1:
+                check_labels(config, train_data, *labels)
 
             # --- Validation: no gradients, every validation image once.
             val, (images, masks, logits) = validate(config, state, val_data, mesh)
@@ -278,6 +284,34 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
     finally:
         if writer is not None:
             writer.close()
+
+
+def check_labels(config: Config, train_data, low: float, high: float) -> None:
+    """Stops a run whose training masks were one value at every pixel of the first
+    epoch: nothing to learn, and a run that says nothing would only show Dice 0 (or
+    a perfect score) at its end. ``low`` and ``high`` are the lowest and highest mask
+    values of this process's batches; all processes compare the same totals.
+
+    Masks that read as empty are most often 0/1 masks saved as JPEG (cut at 128) or
+    masks of the wrong folder; masks that read as all foreground, masks whose
+    background is not 0, such as the 1/2/3 trimaps of the Oxford-IIIT Pet dataset.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        both = np.asarray(multihost_utils.process_allgather(np.array([low, -high])))
+        low, high = float(both[..., 0].min()), -float(both[..., 1].min())
+    folder = train_data.pairs[0].mask.parent
+    if high <= 0:
+        raise TrainingError(
+            f"every training mask read as background at every pixel in epoch 1: nothing "
+            f"to learn; check the masks in {folder} (non-zero pixels are foreground, in "
+            "JPEG masks 128 and up: save 0/1 masks as PNG)")
+    if config.num_classes == 1 and low >= 1:
+        raise TrainingError(
+            f"every training mask read as foreground at every pixel in epoch 1: the masks "
+            f"in {folder} have no 0 (background) pixels; store background as 0 (a "
+            "trimap's 1/2/3 need remapping), or class ids 0..C-1 with --num-classes C")
 
 
 def set_plateau_rate(config: Config, state, history: list, log):
