@@ -80,15 +80,43 @@ def test_a_training_step_costs_about_three_forward_passes(train_row, infer_row):
     assert 2 < train_row["flops_per_step"] / infer_row["flops_per_step"] < 4.5
 
 
-def test_compare_torch_adds_both_layouts_and_ratios():
+def test_compare_torch_adds_both_layouts_torch_compile_and_ratios():
     pytest.importorskip("torch", reason="torch is not installed")
     r = bench("--mode", "infer", "--image-size", "32", "--batch-size", "1", "--steps", "1",
               "--compare-torch", "--platform", "cpu", full_width=True)
     assert set(r["torch"]) == set(r["ratios"]) == set(r["memory_ratios"]) == {
-        "torch-nchw", "torch-channels_last"}
+        "torch-nchw", "torch-channels_last", "torch-compile"}
     for name, row in r["torch"].items():
         assert row["img_per_s"] > 0 and row["peak_rss_mb"] > 50 and row["gflops_per_s"] > 0
         assert r["ratios"][name] == pytest.approx(r["img_per_s"] / row["img_per_s"])
+
+
+@pytest.mark.parametrize("which,expected", [
+    ("all", ["jax", "torch-nchw", "torch-channels_last"]),
+    ("eager", ["jax", "torch-nchw", "torch-channels_last"])])
+def test_a_failed_torch_compile_leaves_the_other_rows_and_says_why(monkeypatch, capsys,
+                                                                    which, expected):
+    """torch.compile needs a C++ compiler on a CPU; without one the measured rows stand."""
+    from experiments import benchmark, common
+
+    called = []
+
+    def fake_child(args, name, timeout=None):
+        called.append(name)
+        if name == "torch-compile":
+            raise common.UserError("the torch-compile measurement failed: no C++ compiler")
+        return {"framework": name, "img_per_s": 1.0, "peak_rss_mb": 100.0, "step_s": 1.0,
+                "gflops_per_s": 1.0, "cpu_s": 1.0, "compile_s": 0.0, "load_avg": 0.0,
+                "backend": "cpu", "device": "cpu", "flops_per_step": 1.0}
+
+    monkeypatch.setattr(benchmark, "run_child", fake_child)
+    monkeypatch.setattr(benchmark, "torch_available", lambda: True)
+    assert benchmark.main(["--mode", "infer", "--compare-torch", which, "--json"]) == 0
+    assert called == expected + ["torch-compile"] * (which == "all")
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(result["torch"]) == expected[1:]
+    assert any("no C++ compiler; its row is left out" in n for n in result["notes"]) == (
+        which == "all")
 
 
 def test_pipeline_mode_measures_the_input_pipeline(tmp_path):
