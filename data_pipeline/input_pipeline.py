@@ -86,7 +86,7 @@ class InputPipeline:
         ``count``-th example of each global batch, from ``index`` on, after the
         epoch's shuffle; the processes' batches together are the global batch a
         single process would see, and every process yields the same number of batches.
-      num_classes: 1 for binary masks (any non-zero value is foreground); more keeps
+      num_classes: 1 for binary masks (foreground by ``preprocess.load_mask``'s rule); more keeps
         the masks' integer class ids.
 
     Batches are dicts of numpy arrays: ``image`` (B, h, w, C) float32 in [0, 1] and

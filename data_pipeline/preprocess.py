@@ -39,7 +39,8 @@ from data_pipeline.errors import DataError
 
 MAX_PIXELS_VARIABLE = "UNET_JAX_MAX_IMAGE_PIXELS"
 # Raised whenever the same file comes to decode to other pixels (2: EXIF orientation
-# applied), so that caches of decoded examples kept on disk are made anew.
+# applied, graded mask edges cut at half scale), so that caches of decoded examples
+# kept on disk are made anew.
 DECODE_VERSION = 2
 _PILLOW_LIMIT = Image.MAX_IMAGE_PIXELS  # Pillow's own limit, read (not changed) at import
 
@@ -280,8 +281,9 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
 
     Binary masks: any non-zero value is foreground (Kaggle's index 1, users' 0/255),
     except in JPEG and lossy WebP masks, cut at 128: lossy compression leaves their
-    black at 1, 2, 3... Class ids are kept, and an id the model has no class for is an
-    error.
+    black at 1, 2, 3...; and in masks with graded edges (values between 0 and 255
+    beside 255 itself: anti-aliased or smoothly resized), cut at half their scale
+    (``_soft``). Class ids are kept, and an id the model has no class for is an error.
     Resized nearest, so no new values appear. The EXIF orientation is applied, as for
     images.
     """
@@ -301,10 +303,29 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
         keep = [i for i, band in enumerate(bands) if band not in ("A", "a", "X")]
         values = values[..., keep].max(axis=-1)
     if num_classes == 1:
-        values = values >= 128 if lossy else values > 0
+        graded = "P" not in bands and _soft(values)  # palette indices are not levels
+        values = values >= _half(values) if lossy or graded else values > 0
     else:
         check_class_ids(values, num_classes, path)
     return values.astype(np.uint8)[..., None]
+
+
+def _half(values: np.ndarray) -> int:
+    """The cut of a mask whose edges are graded: half its type's full scale (128 for
+    8 bits, 32768 for 16)."""
+    return (int(np.iinfo(values.dtype).max) + 1) // 2 if values.dtype.kind == "u" else 128
+
+
+def _soft(values: np.ndarray) -> bool:
+    """Whether a binary mask has graded edges: it reaches its type's full scale (255
+    for 8 bits) and also holds values between 0 and that. Masks drawn with
+    anti-aliasing, or resized with a smooth filter, have such a ring at every edge,
+    which "any non-zero" would count as foreground, growing each object by a pixel
+    or more; 0/1 masks and class-id masks never reach the full scale."""
+    if values.dtype.kind != "u" or not values.size:
+        return False
+    full = np.iinfo(values.dtype).max
+    return bool(values.max() == full and ((values > 0) & (values < full)).any())
 
 
 def _lossy_webp(path) -> bool:

@@ -70,6 +70,32 @@ def test_jpeg_masks_are_cut_at_128_because_jpeg_is_lossy(tmp_path):
     np.testing.assert_array_equal(dp.load_mask(tmp_path / "m.jpg", (H, W))[..., 0], box_mask())
 
 
+def test_graded_edges_are_cut_at_half_scale(tmp_path):
+    """An anti-aliased (or smoothly resized) 0/255 mask has a ring of in-between values
+    at every edge: cut at half scale, not counted as foreground. 0/1 masks, class-id
+    masks and palette indices never reach full scale and keep "any non-zero"."""
+    mask = box_mask()
+    ring = np.zeros_like(mask)
+    ring[1:-1, 1:-1] = mask[:-2, 1:-1] | mask[2:, 1:-1] | mask[1:-1, :-2] | mask[1:-1, 2:]
+    ring &= ~mask
+    graded = np.where(mask, 255, 0).astype(np.uint8)
+    graded[ring] = 100  # under half: background
+    graded[mask & np.roll(~mask, 1, axis=0)] = 160  # the box's top row, over half: foreground
+    Image.fromarray(graded).save(tmp_path / "soft.png")
+    np.testing.assert_array_equal(dp.load_mask(tmp_path / "soft.png", (H, W))[..., 0], mask)
+    wide = (graded.astype(np.uint16) * 257)  # the same at 16 bits
+    Image.fromarray(wide).save(tmp_path / "soft16.png")
+    np.testing.assert_array_equal(dp.load_mask(tmp_path / "soft16.png", (H, W))[..., 0], mask)
+    ids = np.where(mask, 2, 0).astype(np.uint8)
+    ids[ring] = 1  # never at 255: every non-zero value counts
+    Image.fromarray(ids).save(tmp_path / "ids.png")
+    np.testing.assert_array_equal(dp.load_mask(tmp_path / "ids.png", (H, W))[..., 0], mask | ring)
+    palette = Image.fromarray(np.where(mask, 255, np.where(ring, 7, 0)).astype(np.uint8), "P")
+    palette.putpalette([0, 0, 0] * 256)
+    palette.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(dp.load_mask(tmp_path / "p.png", (H, W))[..., 0], mask | ring)
+
+
 @pytest.mark.parametrize("lossless", [False, True])
 def test_webp_masks_are_cut_at_128_only_when_lossy(tmp_path, lossless):
     """A lossy WebP mask is noisy like a JPEG one; a lossless one may hold 0/1."""
