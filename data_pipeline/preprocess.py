@@ -28,6 +28,8 @@ every decode.
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import os
 import re
 import warnings
@@ -86,13 +88,15 @@ def _over_limit(path, pixels: int | None, limit: int, size=None) -> DataError:
 
 def _pages(img: Image.Image) -> int:
     """How many same-size pages a TIFF holds: 1 for one image, even with a smaller
-    preview page after it; n for a stack (a microscope's slices or time points)."""
+    preview page after it, or a page its header marks as a reduced-resolution copy or
+    a transparency mask (NewSubfileType bits 0 and 2); n for a stack (a microscope's
+    slices or time points)."""
     if img.format != "TIFF" or getattr(img, "n_frames", 1) == 1:
         return 1
     size, pages = img.size, 0
     for index in range(img.n_frames):
         img.seek(index)
-        pages += img.size == size
+        pages += img.size == size and not img.tag_v2.get(254, 0) & 0b101
     img.seek(0)
     return pages
 
@@ -173,7 +177,28 @@ def orientation(img: Image.Image) -> int:
         value = img.getexif().get(_ORIENTATION_TAG, 1)
     except Exception:  # noqa: BLE001 - any malformed EXIF: the pixels are still valid
         return 1
-    return value if value in _UPRIGHT else 1
+    value = value if value in _UPRIGHT else 1
+    if img.format == "TIFF" and value != 1 and _pillow_turns_tiffs():
+        if value >= 5:
+            raise DataError(
+                f"{img.filename} is a TIFF whose orientation tag ({value}) turns it a "
+                "quarter, which Pillow does not read consistently; save it upright "
+                "without the tag (or as PNG)")
+        return 1  # Pillow turns it as it loads
+    return value
+
+
+@functools.cache
+def _pillow_turns_tiffs() -> bool:
+    """Whether this Pillow applies a TIFF's orientation itself as it loads (recent
+    versions do, and get a quarter turn's size wrong): a 2x1 TIFF tagged "rotate 180"
+    is read back to see."""
+    exif = Image.Exif()
+    exif[_ORIENTATION_TAG] = 3
+    buffer = io.BytesIO()
+    Image.fromarray(np.array([[0, 255]], np.uint8)).save(buffer, "TIFF", exif=exif)
+    with Image.open(buffer) as img:
+        return int(np.asarray(img)[0, 0]) == 255
 
 
 def shown_size(img: Image.Image) -> tuple[int, int]:
@@ -318,14 +343,28 @@ def _half(values: np.ndarray) -> int:
 
 def _soft(values: np.ndarray) -> bool:
     """Whether a binary mask has graded edges: it reaches its type's full scale (255
-    for 8 bits) and also holds values between 0 and that. Masks drawn with
+    for 8 bits) and its values between 0 and that lie on a thin ring around the
+    full-scale pixels (at least 90% of them within 2 pixels of one). Masks drawn with
     anti-aliasing, or resized with a smooth filter, have such a ring at every edge,
     which "any non-zero" would count as foreground, growing each object by a pixel
-    or more; 0/1 masks and class-id masks never reach the full scale."""
+    or more. Objects of a level of their own (a grey one beside a white one) are not
+    a ring, and 0/1 and class-id masks never reach full scale: both keep "any
+    non-zero"."""
     if values.dtype.kind != "u" or not values.size:
         return False
-    full = np.iinfo(values.dtype).max
-    return bool(values.max() == full and ((values > 0) & (values < full)).any())
+    top = values == np.iinfo(values.dtype).max
+    between = (values > 0) & ~top
+    if not top.any() or not between.any():
+        return False
+    near = top
+    for _ in range(2):  # grow the full-scale pixels by one pixel, twice
+        grown = near.copy()
+        grown[1:] |= near[:-1]
+        grown[:-1] |= near[1:]
+        grown[:, 1:] |= near[:, :-1]
+        grown[:, :-1] |= near[:, 1:]
+        near = grown
+    return (between & near).sum() >= 0.9 * between.sum()
 
 
 def _lossy_webp(path) -> bool:

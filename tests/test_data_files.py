@@ -90,6 +90,11 @@ def test_graded_edges_are_cut_at_half_scale(tmp_path):
     ids[ring] = 1  # never at 255: every non-zero value counts
     Image.fromarray(ids).save(tmp_path / "ids.png")
     np.testing.assert_array_equal(dp.load_mask(tmp_path / "ids.png", (H, W))[..., 0], mask | ring)
+    # A grey object of its own beside a white one is not a ring: both stay foreground.
+    other = box_mask(seed=9) & ~mask & ~ring
+    two = np.where(mask, 255, np.where(other, 100, 0)).astype(np.uint8)
+    Image.fromarray(two).save(tmp_path / "two.png")
+    np.testing.assert_array_equal(dp.load_mask(tmp_path / "two.png", (H, W))[..., 0], mask | other)
     palette = Image.fromarray(np.where(mask, 255, np.where(ring, 7, 0)).astype(np.uint8), "P")
     palette.putpalette([0, 0, 0] * 256)
     palette.save(tmp_path / "p.png")
