@@ -229,8 +229,10 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
             bar = tqdm(train_data.epoch(epoch), total=len(train_data),
                        desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False,
                        disable=not is_main)
+            # Whole masks only: random crops of sparse objects may all miss them.
+            check = epoch == 1 and config.crop is None
             for batch in bar:
-                if epoch == 1:
+                if check:
                     labels = [min(labels[0], batch["mask"].min()),
                               max(labels[1], batch["mask"].max())]
                 state, metrics = train_step(state, parallel.shard_batch(batch, mesh),
@@ -243,7 +245,7 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
                 pending = metrics["loss"]
             losses.append(finite(pending, epoch, len(losses) + 1))
             train_seconds = time.perf_counter() - start
-            if epoch == 1:
+            if check:
                 check_labels(config, train_data, *labels)
 
             # --- Validation: no gradients, every validation image once.
@@ -287,8 +289,8 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
 
 
 def check_labels(config: Config, train_data, low: float, high: float) -> None:
-    """Stops a run whose training masks were one value at every pixel of the first
-    epoch: nothing to learn, and a run that says nothing would only show Dice 0 (or
+    """Stops a run trained on whole images whose masks were one value at every pixel
+    of the first epoch: nothing to learn, and a run that says nothing would only show Dice 0 (or
     a perfect score) at its end. ``low`` and ``high`` are the lowest and highest mask
     values of this process's batches; all processes compare the same totals.
 
