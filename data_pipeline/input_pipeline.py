@@ -86,8 +86,8 @@ class InputPipeline:
         ``count``-th example of each global batch, from ``index`` on, after the
         epoch's shuffle; the processes' batches together are the global batch a
         single process would see, and every process yields the same number of batches.
-      num_classes: 1 for binary masks (foreground by ``preprocess.load_mask``'s rule); more keeps
-        the masks' integer class ids.
+      num_classes: 1 for binary masks (foreground by ``preprocess.load_mask``'s rule);
+        more keeps the masks' integer class ids.
 
     Batches are dicts of numpy arrays: ``image`` (B, h, w, C) float32 in [0, 1] and
     ``mask`` (B, h, w, 1) float32, and for evaluation ``valid`` (B,) bool.

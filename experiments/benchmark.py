@@ -754,10 +754,11 @@ def main(argv=None):
         rows += [run_child(args, variant) for variant in KERNEL_VARIANTS]
     if args.compare_torch:
         if torch_available():
-            rows += [run_child(args, peer) for peer in TORCH_CHILDREN[:2]]
+            *eager, compiled = TORCH_CHILDREN
+            rows += [run_child(args, peer) for peer in eager]
             if args.compare_torch == "all":
                 try:  # it needs a C++ compiler on a CPU (Inductor): the other rows stand
-                    rows.append(run_child(args, "torch-compile"))
+                    rows.append(run_child(args, compiled))
                 except common.UserError as e:
                     notes.append(f"--compare-torch: {e}; its row is left out")
         else:

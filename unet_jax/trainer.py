@@ -290,9 +290,10 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
 
 def check_labels(config: Config, train_data, low: float, high: float) -> None:
     """Stops a run trained on whole images whose masks were one value at every pixel
-    of the first epoch: nothing to learn, and a run that says nothing would only show Dice 0 (or
-    a perfect score) at its end. ``low`` and ``high`` are the lowest and highest mask
-    values of this process's batches; all processes compare the same totals.
+    of the first epoch: nothing to learn, and a run that said nothing would only show
+    Dice 0 (or a perfect score) at its end. ``low`` and ``high`` are the lowest and
+    highest mask values of this process's batches; all processes compare the same
+    totals.
 
     Masks that read as empty are most often 0/1 masks saved as JPEG (cut at 128) or
     masks of the wrong folder; masks that read as all foreground, masks whose
