@@ -86,13 +86,21 @@ def _over_limit(path, pixels: int | None, limit: int, size=None) -> DataError:
                      f"larger images with {MAX_PIXELS_VARIABLE}=<pixels> (0 for no limit)")
 
 
+# Formats whose extra frames are more images of the same kind: a TIFF's pages, an
+# animation's frames. JPEG is left out on purpose: cameras store previews and depth maps
+# as extra frames of a photo (MPO), and the photo is the first.
+_MANY_FRAMES = {"TIFF", "GIF", "WEBP", "PNG"}
+
+
 def _pages(img: Image.Image) -> int:
-    """How many same-size pages a TIFF holds: 1 for one image, even with a smaller
+    """How many images a file holds: 1 for one image, even a TIFF with a smaller
     preview page after it, or a page its header marks as a reduced-resolution copy or
-    a transparency mask (NewSubfileType bits 0 and 2); n for a stack (a microscope's
-    slices or time points)."""
-    if img.format != "TIFF" or getattr(img, "n_frames", 1) == 1:
+    a transparency mask (NewSubfileType bits 0 and 2); n for a TIFF stack (a
+    microscope's slices or time points) or an animated GIF, WebP or PNG."""
+    if img.format not in _MANY_FRAMES or getattr(img, "n_frames", 1) == 1:
         return 1
+    if img.format != "TIFF":
+        return img.n_frames
     size, pages = img.size, 0
     for index in range(img.n_frames):
         img.seek(index)
@@ -101,12 +109,13 @@ def _pages(img: Image.Image) -> int:
     return pages
 
 
-def _stack(path, pages: int) -> DataError:
-    """The one-line error of a multi-page TIFF stack, with the fix."""
-    return DataError(f"{path} is a stack of {pages} images (a multi-page TIFF) but each "
-                     "file must hold one image; save each page as a file of its own "
-                     "(Pillow's ImageSequence.Iterator), images and masks under matching "
-                     "names")
+def _stack(path, img: Image.Image, pages: int) -> DataError:
+    """The one-line error of a file holding several images, with the fix."""
+    what = (f"a stack of {pages} images (a multi-page TIFF)" if img.format == "TIFF"
+            else f"an animation of {pages} frames (an animated {img.format})")
+    return DataError(f"{path} is {what} but each file must hold one image; save each "
+                     "page or frame as a file of its own (Pillow's ImageSequence.Iterator),"
+                     " images and masks under matching names")
 
 
 @contextlib.contextmanager
@@ -114,7 +123,8 @@ def open_within_limit(path):
     """``Image.open`` of ``path``, an image over the pixel limit raising a one-line
     DataError (when opened, or when a frame or tile turns out larger as it loads), and
     so does a multi-page TIFF stack, which would otherwise be read as its first page
-    alone. Pillow's other errors pass through, for callers that tell them apart."""
+    alone, and an animation, which would be read as its first frame. Pillow's other
+    errors pass through, for callers that tell them apart."""
     limit = max_image_pixels()
     # Set at every decode and never restored: decoding threads all set the same value
     # (saving and restoring it would race between them), and Pillow reads it again
@@ -128,7 +138,7 @@ def open_within_limit(path):
                 raise _over_limit(path, width * height, limit, img.size)
             pages = _pages(img)
             if pages > 1:
-                raise _stack(path, pages)
+                raise _stack(path, img, pages)
             yield img
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # Above twice the limit Pillow refuses before returning the image (and so does
@@ -369,13 +379,17 @@ def _soft(values: np.ndarray) -> bool:
 
 def _lossy_webp(path) -> bool:
     """Whether a WebP file's pixels are lossy: its image chunk is VP8 (lossy) rather
-    than VP8L (lossless). Pillow does not say, so the RIFF chunks are walked."""
+    than VP8L (lossless), the first frame's for an animation of one frame. Pillow does
+    not say, so the RIFF chunks are walked."""
     with open(path, "rb") as f:
         f.seek(12)  # "RIFF", the size, "WEBP"
         while len(header := f.read(8)) == 8:
             kind, size = header[:4], int.from_bytes(header[4:], "little")
             if kind in (b"VP8 ", b"VP8L"):
                 return kind == b"VP8 "
+            if kind == b"ANMF":  # a frame: 16 bytes of placement, then its own chunks
+                f.seek(16, os.SEEK_CUR)
+                continue
             f.seek(size + size % 2, os.SEEK_CUR)  # chunks are padded to even sizes
     return False
 

@@ -391,3 +391,40 @@ def test_tiff_pages_marked_as_reduced_copies_are_not_a_stack(tmp_path):
     pages[0].save(tmp_path / "pyramid.tif", save_all=True, append_images=pages[1:],
                   tiffinfo={254: 1})  # NewSubfileType: reduced-resolution copy
     assert preprocess.image_size_of(tmp_path / "pyramid.tif") == (6, 10)
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".webp", ".png"])
+def test_an_animation_is_refused_naming_the_file_and_the_fix(tmp_path, suffix):
+    """An animated mask or image would be read as its first frame alone."""
+    frames = [Image.fromarray(np.full((6, 10), 40 * i, np.uint8)) for i in range(3)]
+    path = tmp_path / f"clip{suffix}"
+    frames[0].save(path, save_all=True, append_images=frames[1:], lossless=True)
+    with pytest.raises(data_pipeline.DataError,
+                       match=rf"clip\{suffix} is an animation of 3 frames .*ImageSequence"):
+        preprocess.load_image(path)
+    frames[0].save(path, save_all=True, append_images=[], lossless=True)
+    assert preprocess.image_size_of(path) == (6, 10)  # one frame is one image
+
+
+def test_a_lossy_webp_of_one_animated_frame_is_cut_at_128(tmp_path):
+    """Its image chunk sits inside an ANMF frame chunk, not at the top of the file."""
+    mask = np.zeros((32, 48), bool)
+    mask[8:24, 10:40] = True
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "still.webp", quality=30)
+    vp8 = (tmp_path / "still.webp").read_bytes()[12:]  # the VP8 chunk, header included
+
+    def chunk(kind, payload):
+        return kind + len(payload).to_bytes(4, "little") + payload + b"\0" * (len(payload) % 2)
+
+    def u24(n):
+        return n.to_bytes(3, "little")
+
+    body = (b"WEBP" + chunk(b"VP8X", bytes([0x02, 0, 0, 0]) + u24(47) + u24(31))
+            + chunk(b"ANIM", bytes(4) + bytes(2))
+            + chunk(b"ANMF", u24(0) + u24(0) + u24(47) + u24(31) + u24(100) + b"\0" + vp8))
+    path = tmp_path / "m.webp"
+    path.write_bytes(b"RIFF" + len(body).to_bytes(4, "little") + body)
+    with Image.open(path) as img:
+        assert img.n_frames == 1 and img.size == (48, 32)
+    assert preprocess._lossy_webp(path)
+    np.testing.assert_array_equal(preprocess.load_mask(path)[..., 0], mask)
