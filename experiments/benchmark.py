@@ -641,14 +641,18 @@ def child_argv(args, which: str) -> list[str]:
     return argv
 
 
-def run_child(args, which: str, timeout: float | None = None) -> dict:
+def run_child(args, which: str, timeout: float | None = None, xla_flags: str = "") -> dict:
     """Measures one configuration in a fresh process; returns its result row, with
     ``wall_s``, the child's whole life (start-up and compiling included).
+    ``xla_flags`` are added to the child's XLA_FLAGS (XLA reads them once, at start-up,
+    which is why a lever that is a compiler flag needs a process of its own).
 
     A child that outlives ``timeout`` seconds is stopped with everything it started
     (torch.compile's workers too) and reported as a UserError."""
     load = os.getloadavg()[0]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if xla_flags:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
     start = time.perf_counter()
     child = subprocess.Popen(child_argv(args, which), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env,

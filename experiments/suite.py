@@ -12,8 +12,9 @@ U-Net, 10 timed steps after 2 untimed ones. The rows, most important first:
 * inference, tiled prediction of Carvana-sized photos (1918x1280, 512x512 tiles,
   ``--tta hflip``), float32 training;
 * the levers, each an option of its own row: rematerialisation (``--remat``), batch
-  64, a step without the batch metrics (``--metrics none``); and the input pipeline
-  with the default augmentations (needs TensorFlow; skipped where it is missing).
+  64, a step without the batch metrics (``--metrics none``), cuDNN runtime fusion (an
+  XLA flag, set in that row's process alone); and the input pipeline with the default
+  augmentations (needs TensorFlow; skipped where it is missing).
 
 Each row reports images/s, the FLOP/s counted from the network's shapes and their
 share of the GPU's peak (MFU), the device's peak memory, compile time and what the
@@ -99,6 +100,12 @@ ROWS = (
     Row("jax-train-bf16-no-metrics", "--metrics none: the step without the batch's Dice, "
         "IoU and accuracy", "jax", {"mode": "train", "dtype": "bfloat16", "metrics": "none"},
         60),
+    # Off by default in XLA because it can make compiling far slower; whether the
+    # fused kernels repay that is what the row measures.
+    Row("jax-train-bf16-runtime-fusion", "cuDNN runtime fusion of convolution, bias and "
+        "ReLU (XLA_FLAGS=--xla_gpu_use_runtime_fusion=true)", "jax",
+        {"mode": "train", "dtype": "bfloat16",
+         "xla_flags": "--xla_gpu_use_runtime_fusion=true"}, 120),
     Row("pipeline-augment", "tf.data input pipeline, Kaggle-sized JPEGs to the row size, "
         "--augment flip,shift,color; img/s = from the cache", "pipeline",
         {"mode": "pipeline", "augment": "flip,shift,color"}, 90, "tensorflow"),
@@ -198,7 +205,8 @@ def _measure(row: Row, args, sizes: dict, cache: str, timeout: float) -> dict:
         if row.child == "pipeline":
             measured = _pipeline(child_args, sizes, timeout)
         else:
-            measured = benchmark.run_child(child_args, row.child, timeout=timeout)
+            measured = benchmark.run_child(child_args, row.child, timeout=timeout,
+                                           xla_flags=settings.get("xla_flags", ""))
     except common.UserError as e:
         return {**result, "error": str(e), "wall_s": time.perf_counter() - start}
     return {**result, **measured}

@@ -200,3 +200,25 @@ def test_the_gpu_suite_runs_where_tensorflow_and_matplotlib_are_missing(tmp_path
     reason = ("64 base features" if importlib.util.find_spec("torch")
               else "torch is not installed")
     assert "| jax-infer-bf16 |" in table and reason in table
+
+
+def test_a_lever_that_is_an_xla_flag_reaches_its_own_row_process_alone(monkeypatch):
+    """XLA reads its flags once per process: the runtime-fusion row must start its
+    child with the flag added to XLA_FLAGS, and the other rows without it."""
+    import argparse
+
+    from experiments import benchmark, suite
+
+    report_env = "import json, os; print(json.dumps({'flags': os.environ.get('XLA_FLAGS', '')}))"
+    monkeypatch.setattr(benchmark, "child_argv", lambda args, which: [sys.executable, "-c",
+                                                                      report_env])
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    rows = {row.id: row for row in suite.ROWS}
+    args = argparse.Namespace(platform="cpu")
+
+    def flags(row_id):
+        return suite._measure(rows[row_id], args, suite.QUICK, "cache", timeout=60)["flags"]
+
+    assert flags("jax-train-bf16-runtime-fusion") == (
+        "--xla_force_host_platform_device_count=1 --xla_gpu_use_runtime_fusion=true")
+    assert flags("jax-train-bf16") == "--xla_force_host_platform_device_count=1"
