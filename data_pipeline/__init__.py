@@ -20,8 +20,8 @@ accelerator.
 """
 
 from data_pipeline.errors import DataError
-from data_pipeline.files import (Pair, check_crop_fits, check_pair, detect_layout, find_images,
-                                 find_pairs)
+from data_pipeline.files import (Pair, check_crop_fits, check_images, check_pair,
+                                 detect_layout, find_images, find_pairs)
 from data_pipeline.augment import AUGMENTATIONS, augment_pair, parse_augment
 from data_pipeline.input_pipeline import InputPipeline
 from data_pipeline.preprocess import (load_example, load_image, load_mask, scaled_size,
@@ -31,8 +31,9 @@ from data_pipeline.splits import (read_split, split_pairs, subset_by_car, subset
                                   write_split)
 
 __all__ = [
-    "AUGMENTATIONS", "DataError", "InputPipeline", "Pair", "augment_pair", "parse_augment", "check_crop_fits",
-    "check_pair", "detect_layout",
-    "find_images", "find_pairs", "load_example", "load_image", "load_mask", "read_split", "scaled_size", "to_float",
+    "AUGMENTATIONS", "DataError", "InputPipeline", "Pair", "augment_pair", "parse_augment",
+    "check_crop_fits", "check_images", "check_pair", "detect_layout", "find_images",
+    "find_pairs", "load_example", "load_image", "load_mask", "read_split", "scaled_size",
+    "to_float",
     "sample_dataset_dir", "split_pairs", "subset_by_car", "subset_by_group", "write_split",
 ]

@@ -257,19 +257,20 @@ def check_crop_fits(pairs, crop: tuple[int, int], scale: float) -> None:
                         f"most {min(height, crop[0])} {min(width, crop[1])}")
 
 
-def find_images(path, *, skip_bad: bool = False) -> list[Path]:
+def find_images(path, *, skip_bad: bool = False, check: bool = True) -> list[Path]:
     """The images to predict: one image file, or a folder's images in name order.
 
     Two images of one stem (``e0.png``, ``e0.jpg``) would write the same
     ``e0_mask.png``: a DataError naming both, or with ``skip_bad`` both are left out
-    with a warning.
+    with a warning. With ``check``, every file is checked before any is predicted
+    (``check_images``), so that a truncated photo is named now, not an hour into a run.
     """
     path = Path(path).expanduser()
     if path.is_file():
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise DataError(f"--input {path} is not an image file "
                             f"(expected one of {', '.join(IMAGE_SUFFIXES)})")
-        return [path]
+        return check_images([path]) if check else [path]
     if not path.is_dir():
         raise DataError(f"--input {path}: no such file or directory")
     images, problems = _by_stem(_images_in(path))
@@ -281,4 +282,28 @@ def find_images(path, *, skip_bad: bool = False) -> list[Path]:
     if not images:
         raise DataError(f"--input {path}: the folder holds no images "
                         f"({', '.join(IMAGE_SUFFIXES)})")
-    return sorted(images.values())
+    paths = sorted(images.values())
+    return check_images(paths, skip_bad=skip_bad) if check else paths
+
+
+def check_images(paths, *, skip_bad: bool = False, workers: int = 16) -> list[Path]:
+    """The readable, complete images of ``paths``, in order, each checked as
+    ``find_pairs`` checks a pair (headers, and the data where the file's end does not
+    prove it complete). A bad one raises a DataError naming it and the fix, unless
+    ``skip_bad``, which leaves the bad ones out with a warning listing them."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        found = list(pool.map(lambda p: image_problem(p)[1], paths))
+    problems = [f"{p} {problem}" for p, problem in zip(paths, found) if problem]
+    if problems and not skip_bad:
+        more = (f" ({len(problems)} bad images in all; --skip-bad skips them and lists "
+                "each)" if len(problems) > 1 else "")
+        raise DataError(f"{problems[0]}; fix or remove the file, or pass --skip-bad to "
+                        f"skip such images{more}")
+    if problems:
+        rest = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        log.warning("skipping %d bad image(s):\n  %s%s", len(problems),
+                    "\n  ".join(problems[:50]), rest)
+    good = [p for p, problem in zip(paths, found) if not problem]
+    if not good:
+        raise DataError("--input: none of its images can be read (see above); fix them")
+    return good

@@ -41,8 +41,15 @@ def main(argv=None):
     import data_pipeline
     from unet_jax import rundir
     predictor = common.make_predictor(args)
-    paths = data_pipeline.find_images(args.input, skip_bad=args.skip_bad)
     out = rundir.check_writable(Path(args.output), "--output")
+    # A second run into the input folder would predict masks of the first run's masks.
+    every = [path for path in data_pipeline.find_images(args.input, skip_bad=args.skip_bad,
+                                                         check=False)
+             if not is_output(path, out)]
+    if not every:
+        raise common.UserError(f"--input {args.input} holds only this command's own outputs "
+                               "(<name>_mask.png, <name>_viz.png); give the folder of images")
+    paths = data_pipeline.check_images(every, skip_bad=args.skip_bad)
     written = 0
     results = predictor.predict_files(paths, skip_bad=args.skip_bad, images=args.viz)
     # A progress bar on terminals only (None: off when stderr is a file or a pipe), so
@@ -56,10 +63,17 @@ def main(argv=None):
         if args.viz:
             save_viz(image, mask, out / f"{path.stem}_viz.png", predictor.config.num_classes)
         written += 1
-    skipped = f"; skipped {len(paths) - written} unreadable" if written < len(paths) else ""
+    skipped = f"; skipped {len(every) - written} unreadable" if written < len(every) else ""
     print(f"wrote {written} mask(s) to {out}/{skipped} (checkpoint epoch {predictor.epoch} "
           f"of {args.checkpoint}; {predictor.describe()})")
     return 0
+
+
+def is_output(path: Path, out: Path) -> bool:
+    """Whether ``path`` is a file this command writes: ``<name>_mask.png`` or
+    ``<name>_viz.png`` in the output folder."""
+    return (path.suffix == ".png" and path.stem.endswith(("_mask", "_viz"))
+            and path.parent.resolve() == out.resolve())
 
 
 def save_png(picture, path: Path) -> None:

@@ -51,6 +51,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    out = check_output(Path(args.output))
     common.start_platform(args.platform, args)
     from tqdm import tqdm
 
@@ -60,10 +61,10 @@ def main(argv=None):
         raise common.UserError(f"--checkpoint {args.checkpoint}: a Carvana submission needs a "
                                "binary model (num_classes 1); Kaggle's run-length encoding "
                                "holds one mask per image")
-    paths = data_pipeline.find_images(args.input, skip_bad=args.skip_bad)
-    out = Path(args.output)
+    every = data_pipeline.find_images(args.input, skip_bad=args.skip_bad, check=False)
+    paths = data_pipeline.check_images(every, skip_bad=args.skip_bad)
     tmp = out.with_name(out.name + ".tmp")  # a crash never leaves a truncated CSV
-    rows = 0
+    written = set()
     try:
         with tmp.open("w", newline="") as f:
             writer = csv.writer(f)
@@ -72,16 +73,36 @@ def main(argv=None):
             for path, _, mask in tqdm(predictor.predict_files(paths, skip_bad=args.skip_bad),
                                       total=len(paths), unit="image", disable=None):
                 writer.writerow([path.name, rle_encode(mask)])
-                rows += 1
+                written.add(path)
+            # Kaggle refuses a submission that lacks a test image: a skipped one gets a
+            # row with an empty mask, and the summary names it.
+            empty = [path for path in every if path not in written]
+            writer.writerows([path.name, ""] for path in empty)
         tmp.replace(out)
     except OSError as e:
         raise common.UserError(f"--output {out}: cannot write it ({e.strerror or e}); choose "
                                "a writable path") from None
     finally:
         tmp.unlink(missing_ok=True)
-    skipped = f"; skipped {len(paths) - rows} unreadable" if rows < len(paths) else ""
-    print(f"wrote {rows} rows to {out}{skipped}")
+    print(f"wrote {len(every)} rows to {out}")
+    if empty:
+        names = ", ".join(path.name for path in empty[:10])
+        more = f" and {len(empty) - 10} more" if len(empty) > 10 else ""
+        print(f"{len(empty)} unreadable image(s) skipped, each written with an empty mask "
+              f"so that Kaggle accepts the file: {names}{more}")
     return 0
+
+
+def check_output(out: Path) -> Path:
+    """``--output`` checked before any work: a folder, or a folder that cannot be
+    written, would otherwise be found only when the finished CSV is moved into place."""
+    from unet_jax import rundir
+
+    if out.is_dir():
+        raise common.UserError(f"--output {out} is a folder; give a file name, such as "
+                               f"{out / 'submission.csv'}")
+    rundir.check_writable(out.parent, "--output's folder")
+    return out
 
 
 if __name__ == "__main__":

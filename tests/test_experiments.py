@@ -269,8 +269,34 @@ def test_submit_leaves_no_temporary_file_on_failure(trained_run, tmp_path, capsy
     assert "b.png" in capsys.readouterr().err
     assert list(tmp_path.glob("submission*")) == []
     assert call(submit.main, argv + ["--skip-bad"]) == 0
-    assert [r[0] for r in csv.reader(out.open())] == ["img", "a.png"]
+    # Kaggle refuses a file without a row per test image: the skipped one is empty.
+    assert [r for r in csv.reader(out.open())][::2] == [["img", "rle_mask"], ["b.png", ""]]
+    assert "1 unreadable image(s) skipped, each written with an empty mask" in (
+        capsys.readouterr().out)
     assert list(tmp_path.glob("submission*")) == [out]
+
+
+def test_submit_refuses_a_folder_as_output_before_predicting(tmp_path, capsys):
+    """predict's --output is a folder; submit's is a file: the mix-up is found before
+    the checkpoint is even read, not when the finished CSV is moved into place."""
+    (tmp_path / "subs").mkdir()
+    code = call(submit.main, ["--checkpoint", str(tmp_path / "no-run"), "--input",
+                              str(tmp_path), "--output", str(tmp_path / "subs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "subs is a folder" in err[0] and "subs/submission.csv" in err[0]
+
+
+def test_predict_into_its_input_folder_twice_predicts_the_images_alone(trained_run,
+                                                                      tmp_path, capsys):
+    inputs = random_images(tmp_path / "in", {"a.png": (40, 60, 3), "b.jpg": (40, 60, 3)})
+    argv = ["--checkpoint", str(trained_run), "--input", str(inputs), "--output",
+            str(inputs), "--viz"]
+    assert call(predict.main, argv) == 0
+    first = {p.name: p.read_bytes() for p in inputs.iterdir()}
+    assert call(predict.main, argv) == 0
+    assert "wrote 2 mask(s)" in capsys.readouterr().out.splitlines()[-1]
+    assert {p.name: p.read_bytes() for p in inputs.iterdir()} == first
 
 
 def test_evaluate_prints_its_scores_when_it_cannot_write_them(trained_run, tmp_path, capsys):
@@ -405,9 +431,9 @@ def test_submit_removes_its_partial_file_when_a_later_image_fails(trained_run, t
                                                                    capsys):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    for name in ("a.png", "b.png"):
+    for name in ("a.png", "b.png", "c.png"):
         Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(inputs / name)
-    (inputs / "c.png").write_bytes(b"\x89PNG broken")
+    corrupt_middle(inputs / "c.png")  # found only when decoded, after a and b
     out = tmp_path / "submission.csv"
     # One image per batch: the rows of a and b are written before c fails.
     assert call(submit.main, ["--checkpoint", str(trained_run), "--input", str(inputs),
