@@ -475,3 +475,22 @@ def test_evaluate_skips_a_bad_mask_when_asked_and_names_it_otherwise(trained_run
     assert call(evaluate.main, argv + ["--skip-bad"]) == 0
     result = json.loads(out.read_text())
     assert result["images"] == 2 and result["skipped"] == 1
+
+
+def test_tiles_on_a_run_of_resized_images_warn_once_that_the_scale_is_unknown(
+        trained_run, tmp_path, caplog):
+    """The run squashed its 64x96 images to 32x48: tiles cut a 64x96 file at twice the
+    scale the model learned, and nothing on record says so but the sizes."""
+    from unet_jax.inference import Predictor
+
+    inputs = random_images(tmp_path / "in", {"a.png": (64, 96, 3), "b.png": (64, 96, 3),
+                                             "same.png": (32, 48, 3)})
+    tiled = Predictor(trained_run, tile=True)
+    tiled.decode(inputs / "same.png")
+    assert not caplog.records  # the training size: nothing to warn of
+    for name in ("a.png", "b.png"):
+        tiled.decode(inputs / name)
+    assert len(caplog.records) == 1
+    assert "resized to 48x32" in caplog.text and "without --tile" in caplog.text
+    Predictor(trained_run).decode(inputs / "a.png")  # resized, as trained: no warning
+    assert len(caplog.records) == 1

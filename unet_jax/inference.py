@@ -66,6 +66,7 @@ class Predictor:
         self.batch_size = batch_size
         self.mode = PredictionMode.from_config(
             self.config, how_of_tile_flag(self.config, tile), overlap, tta, memory_budget)
+        self._warned = False  # the warning of tiles on a run of resized images, once
 
     def describe(self) -> str:
         """How masks are predicted, in words, for the tools' summary lines."""
@@ -77,7 +78,19 @@ class Predictor:
         c = self.config
         if self.mode.how == "resize":
             return preprocess.load_image(path, c.image_size, c.in_channels)
-        return preprocess.load_image(path, None, c.in_channels, scale=self.mode.scale)
+        image = preprocess.load_image(path, None, c.in_channels, scale=self.mode.scale)
+        if c.crop is None and image.shape[:2] != tuple(c.image_size) and not self._warned:
+            # Such a run saw its images squashed to image_size, at a scale no file
+            # records: tiles at the file's own resolution match it only if the
+            # training images had that size already.
+            self._warned = True
+            log.warning("--tile on a run trained on whole images resized to %dx%d: %s is "
+                        "tiled at its own %dx%d, which matches training only if the "
+                        "training images were %dx%d too; otherwise predict without --tile,"
+                        " or train with --crop (and --scale) for tiles", c.image_size[1],
+                        c.image_size[0], path, image.shape[1], image.shape[0],
+                        c.image_size[1], c.image_size[0])
+        return image
 
     def model_input(self, path) -> np.ndarray:
         """What the model sees for an image file: (h, w, C) float32 in [0, 1], the very
