@@ -66,7 +66,7 @@ def score(predictor, pairs, skip_bad: bool) -> dict:
 
     from data_pipeline import preprocess
     from data_pipeline.errors import DataError
-    from unet_jax.metrics import segmentation_scores
+    from unet_jax.metrics import means, segmentation_scores
 
     num_classes = predictor.config.num_classes
     masks = {p.image: p.mask for p in pairs}
@@ -94,12 +94,13 @@ def score(predictor, pairs, skip_bad: bool) -> dict:
     seconds = time.perf_counter() - start
     if not scores:
         raise common.UserError("no image could be scored (all were skipped as unreadable)")
-    result = {name: float(np.mean([s[name] for s in scores]))
-              for name in ("dice", "iou", "pixel_accuracy")}
-    if num_classes > 1:  # per class 1..C-1; "dice" and "iou" are their means
-        for name in ("dice", "iou"):
-            per_class = np.mean([s[f"{name}_per_class"] for s in scores], axis=0)
-            result[f"{name}_per_class"] = {str(c): float(v) for c, v in enumerate(per_class, 1)}
+    averaged = means({"count": len(scores), **{k: np.sum([s[k] for s in scores], axis=0)
+                                                for k in scores[0]}})
+    result = {name: float(averaged[name]) for name in ("dice", "iou", "pixel_accuracy")}
+    if num_classes > 1:  # per class 1..C-1, over the images holding it; "dice" and
+        for name in ("dice", "iou"):  # "iou" are their means; null: in no image
+            result[f"{name}_per_class"] = {str(c): None if np.isnan(v) else float(v)
+                                           for c, v in enumerate(averaged[f"{name}_per_class"], 1)}
     mode = predictor.mode
     result.update(mode=mode.how, tta=mode.tta, overlap=mode.overlap,
                   seconds_per_image=seconds / len(scores), images=len(scores),

@@ -44,6 +44,7 @@ def test_round_trip_through_json(tmp_path):
     (dict(subset=1.5), "--subset"),
     (dict(val_fraction=1.0), "--val-fraction"),
     (dict(in_channels=2), "--in-channels"),
+    (dict(num_classes=257), "--num-classes"),
     (dict(loss="hinge"), "--loss"),
     (dict(focal_gamma=-1.0), "--focal-gamma"),
     (dict(focal_gamma=float("inf")), "--focal-gamma"),

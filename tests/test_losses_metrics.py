@@ -223,3 +223,22 @@ def test_multiclass_metrics_average_foreground_classes():
     np.testing.assert_allclose(m["dice"], [(dice1 + dice2) / 2], rtol=1e-6)
     np.testing.assert_allclose(m["iou"], [(1 / 2 + 1 / 2) / 2], rtol=1e-6)
     np.testing.assert_allclose(m["pixel_accuracy"], [0.75])
+
+
+def test_a_rare_class_is_scored_on_the_images_that_hold_it():
+    """Class 2 is in one image of twenty and missed there: its Dice is 0, not the 0.95
+    that counting the nineteen images without it as perfect would give. A class in no
+    image has no figure, and the overall Dice is the mean of the classes that do."""
+    from unet_jax.metrics import means, segmentation_scores
+
+    true = np.zeros((20, 4, 4), np.int32)
+    true[:, :2] = 1  # class 1 in every image, found
+    true[0, 3, 3] = 2  # class 2 in image 0 alone, predicted as background
+    pred = np.where(true == 1, 1, 0).astype(np.int32)
+    scores = segmentation_scores(pred, true, num_classes=4)
+    averaged = means({"count": 20, **{k: np.sum(np.asarray(v), axis=0)
+                                      for k, v in scores.items()}})
+    np.testing.assert_allclose(averaged["dice_per_class"][:2], [1.0, 0.0])
+    assert np.isnan(averaged["dice_per_class"][2])  # class 3: in no image
+    assert averaged["dice"] == pytest.approx(0.5) and averaged["iou"] == pytest.approx(0.5)
+    np.testing.assert_allclose(scores["dice"][:2], [0.5, 1.0])  # image 0 holds both classes

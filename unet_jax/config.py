@@ -162,6 +162,9 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{flag(name)} {value}: give a whole number of at least 1")
+        if self.num_classes > 256:  # masks and predicted class ids are 8-bit maps
+            raise ConfigError(f"--num-classes {self.num_classes}: at most 256 (class ids "
+                              "0..255, as 8-bit masks and predicted PNGs hold them)")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"--in-channels {self.in_channels}: give 1 (grayscale) or 3 (RGB)")
         if self.seed < 0:

@@ -16,12 +16,19 @@ background included.
 
 Empty masks: where a class is absent from both the truth and the prediction of an
 image, its Dice = IoU = 1 (nothing to find, nothing found); absent from the truth but
-predicted, 0. Without this convention the ratio is 0/0.
+predicted, 0. Without this convention the ratio is 0/0. That is Kaggle's rule for
+Carvana's binary masks, and it holds for a binary model's scores. With several
+classes it would flatter a rare class (present in one image of twenty and missed
+there, it would score 0.95), so each class's figure is averaged over the images where
+it is present, in the truth or the prediction, as nnU-Net and MONAI do; a class present
+in no image has no figure (NaN), and ``dice`` and ``iou`` are the mean of the classes
+that have one (``means``).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def predicted_classes(logits):
@@ -42,7 +49,10 @@ def segmentation_scores(pred, true, num_classes: int) -> dict:
 
     Returns ``dice``, ``iou`` and ``pixel_accuracy`` of shape (N,), and for
     ``num_classes`` > 1 also ``dice_per_class`` and ``iou_per_class`` of shape (N, C-1)
-    (classes 1..C-1). ``num_classes`` 1 means a binary model: ids {0, 1}.
+    (classes 1..C-1), 0 where the class is in neither map, and ``present_per_class``,
+    1 where it is in either; an image's ``dice`` and ``iou`` are then the mean over
+    its present classes (1 where none is). ``num_classes`` 1 means a binary model: ids
+    {0, 1}.
     """
     pred, true = jnp.asarray(pred), jnp.asarray(true)
     classes = jnp.arange(1, max(num_classes, 2))
@@ -57,8 +67,34 @@ def segmentation_scores(pred, true, num_classes: int) -> dict:
     scores = {"dice": dice.mean(axis=-1), "iou": iou.mean(axis=-1),
               "pixel_accuracy": correct.mean(axis=1).astype(jnp.float32)}
     if num_classes > 1:
-        scores.update(dice_per_class=dice, iou_per_class=iou)
+        present = (~empty).astype(jnp.float32)
+        dice, iou = dice * present, iou * present
+        classes_present = present.sum(axis=-1)
+        none = classes_present == 0
+        scores.update(
+            dice=jnp.where(none, 1.0, dice.sum(-1) / jnp.maximum(classes_present, 1.0)),
+            iou=jnp.where(none, 1.0, iou.sum(-1) / jnp.maximum(classes_present, 1.0)),
+            dice_per_class=dice, iou_per_class=iou, present_per_class=present)
     return scores
+
+
+def means(sums: dict) -> dict:
+    """Means over images (host numpy) of per-image scores summed over ``count``
+    images. A class's Dice and IoU are averaged over the images where it is present
+    (``present_per_class``; NaN where it is in none), and with several classes
+    ``dice`` and ``iou`` are the mean of those per-class figures (1 where no class is
+    present anywhere: nothing to find, nothing found)."""
+    total = {k: np.asarray(v, np.float64) for k, v in sums.items()}
+    count = max(float(total.pop("count")), 1.0)
+    present = total.pop("present_per_class", None)
+    result = {k: v / count for k, v in total.items()}
+    if present is not None:
+        for name in ("dice", "iou"):
+            per_class = np.full(present.shape, np.nan)
+            np.divide(total[f"{name}_per_class"], present, out=per_class, where=present > 0)
+            result[f"{name}_per_class"] = per_class
+            result[name] = float(np.nanmean(per_class)) if (present > 0).any() else 1.0
+    return result
 
 
 def segmentation_metrics(logits, masks) -> dict:

@@ -156,8 +156,7 @@ def predict_step(params, images, apply_fn, tta: str = "none"):
 
 
 def merge_sums(sums: list[dict]) -> dict:
-    """Per-image means from the host copies of several ``eval_step`` results: floats,
-    and (C-1,) arrays for the per-class scores."""
-    total = {k: np.sum([np.asarray(s[k], np.float64) for s in sums], axis=0) for k in sums[0]}
-    count = max(float(total.pop("count")), 1.0)
-    return {k: v / count for k, v in total.items()}
+    """Means over images from the host copies of several ``eval_step`` results
+    (``metrics.means``): floats, and (C-1,) arrays for the per-class scores."""
+    return metrics.means({k: np.sum([np.asarray(s[k], np.float64) for s in sums], axis=0)
+                          for k in sums[0]})
