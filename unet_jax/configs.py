@@ -42,7 +42,8 @@ def seed_gpu() -> Config:
 
     ``python -m experiments.train --platform gpu --data-dir ~/carvana --preset seed-gpu``
     on Kaggle's Carvana training set (5,088 photos of 318 cars), all of the data, split
-    by car. Not measured here (no GPU was available to this project's test machines).
+    by car. Its full training run has not been measured; the speed of its training step
+    on an H200 is in docs/benchmarks.md.
     """
     return Config(image_size=(512, 512), batch_size=32, learning_rate=3e-4, epochs=6)
 

@@ -7,9 +7,11 @@ output channels. Logits are the model's raw output ``(N, H, W, num_classes)``.
 * ``bce``: binary cross-entropy on the sigmoid of one logit per pixel, averaged over
   pixels: PyTorch's ``BCEWithLogitsLoss``, the guide's loss. With several classes it is
   the softmax cross-entropy on integer masks, its multi-class generalisation.
-* ``dice``: 1 - soft Dice. Dice compares the predicted and true areas as a whole, so a
-  small object counts as much as a large background; useful where the foreground is a
-  small fraction of the image (the class imbalance the guide lists as a weakness).
+* ``dice``: 1 - soft Dice. Dice is a ratio over the object's pixels and the predicted
+  ones, and ignores correctly rejected background: missing half of a 20-pixel object
+  costs as much as missing half of a car, however much background surrounds it; useful
+  where the foreground is a small fraction of the image (the class imbalance the guide
+  lists as a weakness).
 * ``bce_dice``: their sum, the usual Carvana-competition choice: BCE gives smooth,
   per-pixel gradients early on, Dice optimises the overlap the metric measures.
 
