@@ -115,8 +115,9 @@ print(f"SIZE={SIZE}; JAX {jax.__version__} on {BACKEND} ({jax.devices()[0].devic
 # ## Abstract
 #
 # U-Net (Ronneberger, Fischer and Brox, MICCAI 2015) labels every pixel of an image. A
-# contracting path shrinks the image and widens the features until each position sees
-# most of the picture; an expansive path grows it back to full resolution; skip
+# contracting path shrinks the image and widens the features, so that each deeper
+# position sees a wider window of the image (measured below: 140 pixels square at the
+# bottleneck); an expansive path grows it back to full resolution; skip
 # connections hand the decoder the encoder's sharp, full-resolution features at every
 # level, so that the output is both right about *what* it sees and precise about
 # *where*. This guide builds it in Flax, trains it with a jit-compiled JAX step,
@@ -128,7 +129,10 @@ print(f"SIZE={SIZE}; JAX {jax.__version__} on {BACKEND} ({jax.devices()[0].devic
 # Before deep networks, segmentation meant thresholds, region growing and edge
 # detectors, tuned by hand for each kind of image. Fully convolutional networks (Long et
 # al., 2015) replaced a classifier's dense layers with convolutions and predicted a
-# label per pixel, but coarsely. U-Net added the symmetric expansive path and the
+# label per pixel, but coarsely. Before them, a network labelled a pixel from a patch
+# around it (Ciresan et al., 2012), one forward pass per pixel, sliding the window over
+# the image; U-Net labels every pixel of an image (or of a large tile) in one pass, the
+# work shared by neighbouring pixels. It added the symmetric expansive path and the
 # skips, and trained well from few annotated images thanks to heavy augmentation. The
 # same design segments cells, organs, roads and, here, cars in Kaggle's Carvana
 # challenge (5,088 photos of 318 cars at 1918x1280, one binary mask each).
@@ -350,8 +354,18 @@ save(fig, "receptive_field")
 #
 # The head is `nn.Conv(num_classes, (1, 1))`: per pixel, a linear classifier over the
 # 64 decoder features, 64 weights and a bias for one class. Its logits stay
-# float32 even when the network computes in bfloat16, so that the loss and the 0.5
+# float32 even when the network computes in bfloat16, so that the loss and the
 # threshold are computed in full precision.
+#
+# The output is a logit `z`, not a probability: the sigmoid `σ(z) = 1 / (1 + e^-z)`
+# would turn it into one, and `σ(z) > 0.5` exactly where `z > 0`, so prediction
+# thresholds the logit at 0 and never computes the sigmoid. The loss takes logits too:
+# binary cross-entropy `-[y log σ(z) + (1 - y) log(1 - σ(z))]`, which PyTorch's
+# `BCEWithLogitsLoss` and `optax.sigmoid_binary_cross_entropy` compute in the equal
+# form `max(z, 0) - z y + log(1 + e^-|z|)`. A sigmoid first, then the log, would round
+# `σ(z)` to exactly 0 or 1 for a confident pixel (|z| above about 17 in float32) and
+# take the log of 0; folded together, the loss stays finite and its gradient is
+# simply `σ(z) - y`.
 #
 # ### Synthesis: the whole network for a 512x512x3 input
 #
@@ -568,6 +582,15 @@ save(fig, "augmentation")
 # | the old weights are overwritten in place | `donate_argnames=("state",)`: XLA reuses the old state's buffers for the new one |
 # | `loss.item()` every step (waits for the device) | metrics are read one step late, so the host never waits |
 # | `model.eval()`; `with torch.no_grad():` | `eval_step`: a separate jitted function that computes no gradient |
+#
+# AdamW is Adam with decoupled weight decay (Loshchilov and Hutter, 2019). Adam scales
+# each parameter's step by running averages of its gradient and of its squared
+# gradient, so every weight moves at a similar pace whatever the size of its
+# gradients. Weight decay pulls every weight a little towards zero at each step, which
+# keeps them small; AdamW applies it to the weights directly (`w -= lr * wd * w`)
+# rather than adding it to the gradient, where Adam's scaling would weaken it for the
+# weights with large gradients. The decay is 0.01, PyTorch's default and the guide's
+# (`--weight-decay`).
 
 # %%
 show(unet_jax.train_step)
@@ -628,8 +651,10 @@ print(f"\nfeature maps of one 512x512 image in the guide's U-Net: {per_image / 2
       " two moments)")
 
 # %% [markdown]
-# No GPU was available to this guide's build, so no GPU figure here is measured. The
-# commands for one, with JAX's CUDA build installed (`pip install -e '.[cuda]'`):
+# This guide's build runs on a CPU, so its figures are CPU figures. On a GPU, the
+# training step, its memory at batch 32 and its compile time were measured on an
+# NVIDIA H200 (`docs/benchmarks.md`, and the README's GPU section). The commands for a
+# GPU, with JAX's CUDA build installed (`pip install -e '.[cuda]'`):
 #
 # ```bash
 # python -m experiments.train --platform gpu --data-dir ~/carvana --preset seed-gpu
@@ -695,7 +720,12 @@ save(fig, "single_image_inference")
 # ### Loss and Dice per epoch
 #
 # The run's `metrics.csv` holds one row per epoch. Dice, `2|P∩T| / (|P|+|T|)`, is
-# Carvana's leaderboard metric; it is computed per validation image and averaged.
+# Carvana's leaderboard metric; it is computed per validation image and averaged. IoU
+# (intersection over union, or Jaccard), `|P∩T| / |P∪T|`, weighs the same overlap
+# against the union of the two masks. It is never above Dice, and one gives the other:
+# `IoU = Dice / (2 - Dice)`, so Dice 0.95 is IoU 0.905. Both ignore correctly rejected
+# background, which pixel accuracy counts: a mask of nothing scores 78% pixel
+# accuracy on images whose car covers 22% of the pixels, and Dice 0.
 
 # %%
 import csv
@@ -882,8 +912,9 @@ save(fig, "skip_connections")
 # ### Why the skips matter: the same run without them
 #
 # `UNet(skip_connections=False)` (`Config(skip_connections=False)`, flag
-# `--no-skip-connections`) drops the concatenations: the decoder must rebuild every
-# edge from the bottleneck's coarse maps. Same data, same settings, same seed:
+# `--no-skip-connections`) drops the concatenations: the decoder has only the
+# bottleneck's coarse maps to rebuild every edge from. Same data, same settings, same
+# seed:
 
 # %%
 NOSKIP = dataclasses.replace(MAIN, skip_connections=False)
@@ -925,6 +956,7 @@ save(fig, "skips_vs_no_skips")
 batch = {"image": VAL_IMAGES[:8], "mask": VAL_MASKS[:8, ..., None].astype(np.float32)}
 print(f"{'at initialisation':18} {'shortest path (layers)':>23} {'logits std':>11} "
       f"{'gradient norm at down_1':>24}")
+init_grad = {}
 for name, config in [("with skips", MAIN), ("without skips", NOSKIP)]:
     model = unet_jax.create_model(config)
     params = unet_jax.init_params(jax.random.key(config.seed), config, model)
@@ -940,6 +972,34 @@ for name, config in [("with skips", MAIN), ("without skips", NOSKIP)]:
     else:  # every DoubleConv, the bottleneck's, every up-convolution, the head
         layers = 4 * config.depth + 2 + config.depth + 1
     print(f"{name:18} {layers:>23} {float(logits.std()):>11.2e} {grad_norm:>24.2e}")
+    init_grad[name] = grad_norm
+
+# %% [markdown]
+# What the run without skips learned, against the simplest guess there is: the same
+# probability at every pixel, the share of car pixels, whose BCE is the entropy of
+# that share and whose Dice is 0 (a probability below 0.5 everywhere predicts no car):
+
+# %%
+share = float(VAL_MASKS.mean())
+prior_bce = -(share * np.log(share) + (1 - share) * np.log(1 - share))
+last = noskip_run["history"][-1]
+print(f"car pixels: {share:.1%} of the validation masks; the constant guess scores a BCE "
+      f"of {prior_bce:.4f}")
+print(f"without skips, epoch {last['epoch']}: training loss {last['train_loss']:.4f}, "
+      f"validation loss {last['val_loss']:.4f}, best validation Dice "
+      f"{noskip_run['best']['val_dice']:.4f}")
+print(f"gradient at down_1 at initialisation, with skips / without: "
+      f"{init_grad['with skips'] / init_grad['without skips']:,.0f}x")
+
+# %% [markdown]
+# So this run did not blur the car: it never got past the constant guess. Its deep
+# path is 23 layers from input to output, and at initialisation the gradient that
+# reaches the first block through them is thousands of times weaker than through the
+# five-layer path the skips open, with logits that hardly depend on the input. The
+# guide's U-Net has no normalisation layers, the usual cure for such a deep plain path
+# (milesial/Pytorch-UNet puts batch normalisation after every convolution); with the
+# skips it needs none. The skips do two jobs here: they carry the fine detail that the
+# cut-skip table above measures, and they make the network trainable at all.
 
 # %% [markdown]
 # ### Learning-rate schedules and averaged weights: measured, not assumed
@@ -1070,8 +1130,8 @@ if rate:
 # %% [markdown]
 # The last line puts the PyTorch guide's GPU recipe into CPU time, which is why the
 # runs in this guide shrink the images and the width. A busy machine slows every
-# figure above: the load average shows how shared it was. GPU figures are not measured
-# here (see the commands in the training chapter).
+# figure above: the load average shows how shared it was. GPU figures, from an H200,
+# are in `docs/benchmarks.md`.
 
 # %% [markdown]
 # ## Limitations and weaknesses of U-Net
@@ -1195,8 +1255,9 @@ print(f"{len(small_pairs)} images, foreground {fraction:.1%} of the pixels; pred
 
 # %% [markdown]
 # Four losses from `unet_jax.losses`, the same model and settings otherwise:
-# `bce` (the guide's), `bce_dice` (BCE plus soft Dice, which scores the overlap as a
-# whole so a small object weighs as much as the background), `focal` (BCE with each
+# `bce` (the guide's), `bce_dice` (BCE plus soft Dice, a ratio over the object's and
+# the predicted pixels that ignores the correctly rejected background, so missing half
+# of a small object costs as much as missing half of a large one), `focal` (BCE with each
 # pixel weighted by how wrong it still is, so the many easy background pixels stop
 # dominating) and `tversky` (a soft Dice that charges a missed object pixel more than
 # a false alarm). `Config(loss=...)`, flag `--loss`:
