@@ -126,7 +126,7 @@ def read_split(path, data_dir=None) -> tuple[list[Pair], list[Pair]]:
     if missing:
         where = f" in {data_dir}" if data_dir is not None else ""
         raise DataError(f"{path}: {missing[0]} (or its mask) is not found{where} "
-                        f"({len(missing)} missing); restore the data, pass the folder "
-                        "it moved to, or start a new run")
+                        f"({len(missing)} missing); restore the data, give the folder "
+                        "it moved to (--data-dir), or start a new run")
     return ([by_name[key(i)] for i in images["train"]],
             [by_name[key(i)] for i in images["validation"]])

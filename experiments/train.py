@@ -51,9 +51,15 @@ def build_config(args):
     from unet_jax import checkpoints, config as config_lib, configs, rundir
 
     given = config_lib.overrides(args)
-    if args.resume and not args.preset:
+    if args.resume:
         rundir.check_start(args.workdir, resume=True)
-        return dataclasses.replace(checkpoints.load_config(args.workdir), **given)
+        saved = checkpoints.load_config(args.workdir)
+        if not args.preset:
+            return dataclasses.replace(saved, **given)
+        # The first command's --epochs, not the preset's, unless given again: a run
+        # of 6 epochs resumed with its --preset alone would otherwise stop at the
+        # preset's 2.
+        given.setdefault("epochs", saved.epochs)
     return configs.get(args.preset or "default", **given)
 
 

@@ -494,3 +494,53 @@ def test_tiles_on_a_run_of_resized_images_warn_once_that_the_scale_is_unknown(
     assert "resized to 48x32" in caplog.text and "without --tile" in caplog.text
     Predictor(trained_run).decode(inputs / "a.png")  # resized, as trained: no warning
     assert len(caplog.records) == 1
+
+
+def test_a_new_run_replaces_the_split_of_a_run_that_stopped_before_its_first_checkpoint(
+        data_dir, tmp_path):
+    """A run stopped before its first checkpoint leaves a free directory, and its
+    split.json; the next run there must record its own split, or a later --resume
+    would train and validate on the stopped run's images."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = {"train": [str(tmp_path / "elsewhere" / "train" / "x_01.jpg")],
+             "validation": [str(tmp_path / "elsewhere" / "train" / "y_01.jpg")]}
+    (run_dir / "split.json").write_text(json.dumps(stale))
+    assert call(train.main, ["--data-dir", str(data_dir), "--workdir", str(run_dir),
+                             *TINY[:-2], "--epochs", "1"]) == 0
+    split = json.loads((run_dir / "split.json").read_text())
+    assert "elsewhere" not in json.dumps(split) and split["train"] and split["validation"]
+    assert all(p.startswith(str(data_dir)) for side in split.values() for p in side)
+
+
+def test_resume_with_the_preset_alone_keeps_the_first_commands_epochs(tmp_path):
+    from unet_jax import configs
+
+    workdir = tmp_path / "w"
+    (workdir / "checkpoints" / "1").mkdir(parents=True)
+    (workdir / "config.json").write_text(configs.get("tiny", epochs=6).to_json())
+    args = ["--preset", "tiny", "--workdir", str(workdir), "--resume"]
+    assert train.build_config(train.parse_args(args)).epochs == 6
+    assert train.build_config(train.parse_args(args + ["--epochs", "9"])).epochs == 9
+
+
+def test_resume_finds_the_same_images_where_the_data_moved(data_dir, tmp_path, capsys):
+    import shutil
+
+    first = tmp_path / "first"
+    shutil.copytree(data_dir, first)
+    run_dir = tmp_path / "run"
+    assert call(train.main, ["--data-dir", str(first), "--workdir", str(run_dir),
+                             *TINY[:-2], "--epochs", "1"]) == 0
+    before = json.loads((run_dir / "split.json").read_text())
+    moved = first.rename(tmp_path / "moved")
+    assert call(train.main, ["--workdir", str(run_dir), "--resume", "--epochs", "2"]) == 2
+    assert "(--data-dir)" in capsys.readouterr().err
+    assert call(train.main, ["--workdir", str(run_dir), "--resume", "--epochs", "2",
+                             "--data-dir", str(moved)]) == 0
+    after = json.loads((run_dir / "split.json").read_text())
+    assert after == {side: [p.replace(str(first), str(moved)) for p in paths]
+                     for side, paths in before.items()}  # the same images, where they are
+    # The next resume needs no flag: the run now records the new folder.
+    assert call(train.main, ["--workdir", str(run_dir), "--resume", "--epochs", "3"]) == 0
+    assert [r["epoch"] for r in read_metrics(run_dir)] == ["1", "2", "3"]

@@ -116,14 +116,15 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
 def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
     """Stops before anything is written unless the run may start (or resume) in
     ``workdir`` (``rundir.check_start``); a resumed run keeps its own settings, so
-    a ``config`` that differs from its ``config.json`` in more than ``epochs`` is
+    a ``config`` that differs from its ``config.json`` in more than ``epochs`` and
+    ``data_dir`` (the same images, moved: ``build_data`` finds them by name) is
     refused, naming the flag."""
     rundir.check_start(workdir, resume)
     if not resume:
         return
     config_file = workdir / "config.json"
     saved = Config.load(config_file)
-    changed = [name for name in saved.differences(config) if name != "epochs"]
+    changed = [name for name in saved.differences(config) if name not in ("epochs", "data_dir")]
     if not changed and saved.epochs != config.epochs and config.schedule in ("cosine", "poly"):
         raise ConfigError(
             f"--epochs {config.epochs} differs from the run's {saved.epochs} in {config_file}: "
@@ -135,18 +136,21 @@ def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
         raise ConfigError(
             f"{flag(name)} {shown(getattr(config, name), name)} differs from the run's "
             f"{shown(getattr(saved, name), name)} in {config_file}; --resume continues a "
-            "run with its own settings (only --epochs may change): drop the flag or start "
-            "a new --workdir")
+            "run with its own settings (only --epochs, and --data-dir for data that moved, "
+            "may change): drop the flag or start a new --workdir")
 
 
 def build_data(config: Config, workdir: Path, resume: bool):
     """(train pipeline, validation pipeline, data folder). Every file is checked
     before any training (``data_pipeline.find_pairs``); the split is kept in
-    split.json, so a resumed run trains and validates on the same images."""
+    split.json, so a resumed run trains and validates on the same images, found by
+    file name in ``data_dir`` when it is not the folder the run started from."""
     data_dir = config.data_dir or str(data_pipeline.sample_dataset_dir())
     split_file = workdir / "split.json"
     if resume and split_file.is_file():
-        train_pairs, val_pairs = data_pipeline.read_split(split_file)
+        moved = config.data_dir != Config.load(workdir / "config.json").data_dir
+        train_pairs, val_pairs = data_pipeline.read_split(split_file,
+                                                          data_dir if moved else None)
     else:
         pairs = data_pipeline.find_pairs(data_dir, skip_bad=config.skip_bad,
                                          num_classes=config.num_classes)
@@ -190,13 +194,16 @@ def restore_or_init(config: Config, workdir: Path, resume: bool, mesh, log,
 
 
 def write_run_files(config: Config, workdir: Path, train_pairs, val_pairs) -> None:
-    """config.json (with the devices the run uses) and, for a new run, split.json."""
+    """config.json (with the devices the run uses) and split.json, the images this
+    run trains and validates on. Both are written whenever a run starts or resumes:
+    a new run replaces the files of one that stopped before its first checkpoint in
+    the same directory (a resume must read this run's split, not that one's), and a
+    resume from data that moved records where the images are now."""
     settings = {**config.to_dict(), "device_count": jax.device_count(),
                 "process_count": jax.process_count(), "backend": jax.default_backend()}
     rundir.write_text_atomic(workdir / "config.json",
                              json.dumps(settings, indent=2, sort_keys=True))
-    if not (workdir / "split.json").is_file():
-        data_pipeline.write_split(workdir / "split.json", train_pairs, val_pairs)
+    data_pipeline.write_split(workdir / "split.json", train_pairs, val_pairs)
 
 
 def train_epochs(config: Config, workdir: Path, state, manager, history: list, train_data,
