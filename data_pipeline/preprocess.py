@@ -311,7 +311,8 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
     One rule for every format. Palette images are read as their indices, never their
     colours (Kaggle's GIFs hold index 1 on the car, whose colour may well be black).
     Alpha is never part of the mask: LA masks use L, RGBA masks R, G and B. Colour
-    masks take the largest of R, G, B. 16-bit masks keep their values (0/65535 and
+    masks take the largest of R, G, B (for several classes, a mask whose colours code the
+    classes is an error: only grey colour masks hold ids). 16-bit masks keep their values (0/65535 and
     0/1 masks alike; class ids are often stored as 16-bit).
 
     Binary masks: any non-zero value is foreground (Kaggle's index 1, users' 0/255),
@@ -336,7 +337,10 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
         bands, values = m.getbands(), np.asarray(m)  # 'P' gives palette indices
     if values.ndim == 3:  # several bands: the largest of those that are not alpha
         keep = [i for i, band in enumerate(bands) if band not in ("A", "a", "X")]
-        values = values[..., keep].max(axis=-1)
+        values = values[..., keep]
+        if num_classes > 1 and (values != values[..., :1]).any():
+            raise _colour_coded(path, values, num_classes)
+        values = values.max(axis=-1)
     if num_classes == 1:
         graded = "P" not in bands and _soft(values)  # palette indices are not levels
         values = values >= _half(values) if lossy or graded else values > 0
@@ -392,6 +396,18 @@ def _lossy_webp(path) -> bool:
                 continue
             f.seek(size + size % 2, os.SEEK_CUR)  # chunks are padded to even sizes
     return False
+
+
+def _colour_coded(path, values: np.ndarray, num_classes: int) -> DataError:
+    """The one-line error of a mask that codes its classes as colours (red for one,
+    green for another), which no channel rule can read as class ids."""
+    colours = np.unique(values.reshape(-1, values.shape[-1]), axis=0)
+    shown = ", ".join(str(tuple(int(v) for v in c)) for c in colours[:4])
+    more = f" and {len(colours) - 4} more" if len(colours) > 4 else ""
+    return DataError(f"{path} codes classes as colours ({shown}{more}) but --num-classes "
+                     f"{num_classes} needs class ids, one value per pixel; map each colour "
+                     f"to its id (0..{num_classes - 1}) and save the ids as a grayscale or "
+                     "palette PNG")
 
 
 def check_class_ids(values: np.ndarray, num_classes: int, path) -> None:

@@ -270,3 +270,18 @@ def test_find_images(kaggle, tmp_path):
         dp.find_images(tmp_path / "notes.txt")
     with pytest.raises(dp.DataError, match="no such file"):
         dp.find_images(tmp_path / "nope")
+
+
+def test_colour_coded_class_masks_are_named_not_read_as_their_brightest_channel(tmp_path):
+    """Red for class 1, green for class 2: the largest channel would read both as 255,
+    and the message would then suggest a binary model, merging the classes."""
+    ids = (box_mask() + 2 * box_mask(seed=5)).clip(0, 2)
+    colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)
+    Image.fromarray(colours[ids]).save(tmp_path / "m.png")
+    with pytest.raises(dp.DataError, match=r"m\.png codes classes as colours \(\(0, 0, 0\), "
+                       r"\(0, 255, 0\), \(255, 0, 0\)\) but --num-classes 3 needs class ids"):
+        dp.load_mask(tmp_path / "m.png", (H, W), num_classes=3)
+    grey = np.repeat(ids[..., None].astype(np.uint8), 3, axis=-1)  # ids stored as RGB greys
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    np.testing.assert_array_equal(dp.load_mask(tmp_path / "g.png", (H, W), num_classes=3)[..., 0],
+                                  ids)
