@@ -86,7 +86,9 @@ def augment_pair(image, mask, seed, ops=",".join(DEFAULT_AUGMENT)):
     ``ops`` is the canonical string of ``parse_augment`` (or a tuple of names); the
     named ops run in the order flip, shift, rotate, elastic, color, and the others not
     at all, so ``ops=""`` returns the pair unchanged. Shift and rotate are combined
-    into one transform, so the image is interpolated once for both. ``seed`` is two
+    into one transform, so the image is interpolated once for both, and so is elastic
+    with them: each resampling rounds the mask to the nearest pixel, and two in a row
+    would drift its edges off the image's by a pixel. ``seed`` is two
     integers; the same seed gives the same result. The mask's pixels are moved, never
     blended, so it keeps its dtype: the input pipeline passes uint8 masks, a quarter
     of float32's bytes to move.
@@ -99,7 +101,7 @@ def augment_pair(image, mask, seed, ops=",".join(DEFAULT_AUGMENT)):
     # Scale and shift without rotation move rows and columns independently: two 1-D
     # resamplings give projective_warp's pixels at a fraction of its cost, and the
     # flip becomes a choice of columns in them instead of a pass of its own.
-    axis_aligned = "shift" in names and "rotate" not in names
+    axis_aligned = "shift" in names and not names & {"rotate", "elastic"}
     if "flip" in names and not axis_aligned:
         image, mask = random_flip(image, mask, seed_of["flip"])
     transforms = []
@@ -108,15 +110,15 @@ def augment_pair(image, mask, seed, ops=",".join(DEFAULT_AUGMENT)):
             image, seed_of["scale"], seed_of["shift_x"], seed_of["shift_y"]))
     if "rotate" in names:
         transforms.append(rotate_transform(image, seed_of["rotate"]))
-    if axis_aligned:
+    if "elastic" in names:
+        h, w = _size(image)
+        image, mask = elastic_warp(image, mask, random_displacement(seed_of["elastic"], h, w),
+                                   _compose(transforms) if transforms else None)
+    elif axis_aligned:
         mirror = flip_drawn(seed_of["flip"]) if "flip" in names else False
         image, mask = axis_aligned_warp(image, mask, transforms[0], mirror)
     elif transforms:
         image, mask = projective_warp(image, mask, _compose(transforms))
-    if "elastic" in names:
-        h, w = _size(image)
-        image, mask = elastic_warp(image, mask,
-                                   random_displacement(seed_of["elastic"], h, w))
     if "color" in names:
         image = random_color(image, seed_of["brightness"], seed_of["contrast"])
     return image, mask
@@ -292,8 +294,10 @@ def random_displacement(seed, height, width, grid=3, sigma=None):
     return tf.image.resize(coarse, tf.stack([height, width]), method="bicubic")
 
 
-def elastic_warp(image, mask, displacement):
-    """Samples image (bilinear) and mask (nearest) at (y + dy, x + dx) for every pixel.
+def elastic_warp(image, mask, displacement, transform=None):
+    """Samples image (bilinear) and mask (nearest) at (y + dy, x + dx) for every pixel,
+    mapped through a projective ``transform`` first where one is given (the elastic
+    warp of the transformed image, in one resampling).
 
     ``displacement`` is (h, w, 2) float32, dy then dx, in pixels: with dx = +2, every
     pixel shows what was 2 pixels to its right. Coordinates that fall outside are
@@ -304,6 +308,10 @@ def elastic_warp(image, mask, displacement):
     h, w = _size(image)
     ys = tf.cast(tf.range(h), tf.float32)[:, None] + displacement[..., 0]
     xs = tf.cast(tf.range(w), tf.float32)[None, :] + displacement[..., 1]
+    if transform is not None:  # where projective_warp would read each displaced pixel
+        a0, a1, a2, b0, b1, b2, c0, c1 = tf.unstack(transform)
+        k = c0 * xs + c1 * ys + 1.0
+        xs, ys = (a0 * xs + a1 * ys + a2) / k, (b0 * xs + b1 * ys + b2) / k
     ys, xs = _mirror(ys, h), _mirror(xs, w)
 
     def gather(x, rows, cols):
