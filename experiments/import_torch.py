@@ -4,11 +4,15 @@ The guide saves ``torch.save(model.state_dict(), MODEL_SAVE_PATH)``. This reads 
 with ``torch.load(..., weights_only=True)``, which refuses anything but tensors and
 plain containers (a .pth file is a pickle; unpickling arbitrary objects would run their
 code), converts it with ``unet_jax.params_from_torch``, and writes ``OUT_DIR`` with
-``config.json`` and an orbax checkpoint. Needs torch (``pip install torch``).
+``config.json`` and an orbax checkpoint. A training script's checkpoint that holds the
+state_dict under ``model_state_dict``, ``state_dict`` or ``model`` is read from there.
+Needs torch (``pip install torch``).
 """
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 
 from experiments import common
@@ -43,14 +47,31 @@ def main(argv=None):
     if not path.is_file():
         raise common.UserError(f"{path}: no such file")
     rundir.check_start(out, resume=False, what="OUT_DIR", resumable=False)  # before reading
+    rundir.check_writable(out.parent, "OUT_DIR's folder")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for bad or unsafe files
-        raise common.UserError(f"{path}: not a loadable weights-only state_dict "
-                               f"({str(e).splitlines()[0]})") from None
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # torch refuses classes, which could run code
+            raise common.UserError(f"{path}: holds pickled Python objects (a whole model, or "
+                                   "classes of its own), which are not loaded, for safety; "
+                                   "save model.state_dict(), as the guide does, and import "
+                                   "that") from None
+        raise common.UserError(f"{path}: not a weights file that torch.save wrote "
+                               f"({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 (torch raises several types for files it cannot read)
+        raise common.UserError(f"{path}: not a weights file that torch.save wrote "
+                               f"({_first_line(e)})") from None
     if not isinstance(state_dict, dict):
         raise common.UserError(f"{path}: holds a {type(state_dict).__name__}, not a state_dict; "
                                "save model.state_dict(), as the guide does")
+    # A training script's checkpoint holds the model's state_dict under a key of its
+    # own, beside the optimizer's and the epoch.
+    for key in WRAPPER_KEYS:
+        if isinstance(state_dict.get(key), dict) and not any(
+                torch.is_tensor(v) for v in state_dict.values()):
+            print(f"reading the model's weights under {key!r} of {path}")
+            state_dict = state_dict[key]
+            break
     try:
         params = params_from_torch(state_dict)
         config = config_from_torch(state_dict)
@@ -63,6 +84,18 @@ def main(argv=None):
           f"{config.image_size[0]}x{config.image_size[1]}); use it with "
           f"python -m experiments.predict --checkpoint {out} --input IMAGE --output DIR")
     return 0
+
+
+WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
+
+
+def _first_line(error: Exception) -> str:
+    """What went wrong, in one line: torch's own detail where its long message holds
+    one ("WeightsUnpickler error: ..."), else the first line, without colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    line = detail.group(1) if detail else (text.splitlines() or [""])[0]
+    return f"{type(error).__name__}: {line[:200]}"
 
 
 def _leaves(tree):

@@ -544,3 +544,27 @@ def test_resume_finds_the_same_images_where_the_data_moved(data_dir, tmp_path, c
     # The next resume needs no flag: the run now records the new folder.
     assert call(train.main, ["--workdir", str(run_dir), "--resume", "--epochs", "3"]) == 0
     assert [r["epoch"] for r in read_metrics(run_dir)] == ["1", "2", "3"]
+
+
+def test_import_torch_explains_whole_models_and_reads_wrapped_state_dicts(tmp_path, capsys):
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    from experiments.torch_unet import UNet as TorchUNet
+
+    model = TorchUNet(3, 1)
+    torch.save(model, tmp_path / "whole.pth")
+    assert call(import_torch.main, [str(tmp_path / "whole.pth"), str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "save model.state_dict()" in err[0] and "\x1b" not in err[0]
+    (tmp_path / "notes.pth").write_text("101 not weights")
+    assert call(import_torch.main, [str(tmp_path / "notes.pth"), str(tmp_path / "b")]) == 2
+    assert "not a weights file that torch.save wrote" in capsys.readouterr().err
+    torch.save({"epoch": 3, "model_state_dict": model.state_dict(), "optimizer_state_dict": {}},
+               tmp_path / "ckpt.pth")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert call(import_torch.main, [str(tmp_path / "ckpt.pth"), str(blocker / "run")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert call(import_torch.main, [str(tmp_path / "ckpt.pth"), str(tmp_path / "c"),
+                                    "--image-size", "32"]) == 0
+    assert "under 'model_state_dict'" in capsys.readouterr().out
+    assert (tmp_path / "c" / "config.json").is_file()

@@ -433,9 +433,13 @@ def save_params(run_dir, params, config: Config, metrics: dict | None = None,
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is a file; choose a directory for the run")
     rundir.check_start(run_dir, resume=False, what="the run directory", resumable=False)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.",
-                                    suffix=".tmp"))
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.",
+                                        suffix=".tmp"))
+    except OSError as e:
+        raise rundir.RunDirError(f"{run_dir}: cannot create it ({e.strerror or e}); choose "
+                                 "a writable place for the run directory") from None
     try:
         # Synchronous: a save that fails asynchronously went on creating directories
         # in the background (into the staging directory just removed) and left a
