@@ -288,3 +288,14 @@ def test_masks_of_one_value_everywhere_stop_the_run_after_its_first_epoch(
     assert f"every training mask read as {kind} at every pixel in epoch 1" in line
     assert str(tmp_path / "masks") in line
     assert not (tmp_path / "w" / "metrics.csv").exists()
+
+
+def test_a_missing_run_and_a_hand_edited_setting_are_named_as_such(tmp_path):
+    with pytest.raises(checkpoints.CheckpointError, match=r"nowhere: no such directory"):
+        checkpoints.load_config(tmp_path / "nowhere")
+    settings = json.loads(configs.tiny().to_json())
+    settings["depth"] = "four"
+    (tmp_path / "config.json").write_text(json.dumps(settings))
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"config\.json holds a setting unet-jax refuses \(--depth 'four'"):
+        checkpoints.load_config(tmp_path)

@@ -199,7 +199,10 @@ def test_the_sidecar_holds_the_runs_prediction_settings(exported, run_dir):
     tiles = json.loads(json.dumps(export.prediction_settings(crop_run)))
     assert (tiles["mode"], tiles["tile"], tiles["scale"], tiles["tta"]) == (
         "whole", [32, 32], 0.5, "hflip")
-    assert "tiles of 32x32" in tiles["how"] and "whole image at scale 0.5" in tiles["how"]
+    for step in ("EXIF orientation", "resized by scale 0.5", "tiles of 32x32",
+                 "with tta hflip", "turned into probabilities"):
+        assert step in tiles["how"], step
+    assert "EXIF" in settings["how"] and "tta" not in settings["how"]  # the run's own: none
 
 
 def readme_example() -> str:
@@ -212,22 +215,28 @@ def readme_example() -> str:
 def test_the_readme_onnx_example_gives_predicts_mask(exported, run_dir, tmp_path):
     needs("onnx")
     code = readme_example()
-    assert len(code.strip().splitlines()) <= 15
+    assert len(code.strip().splitlines()) <= 18
     assert "jax" not in code and "tensorflow" not in code and "unet_jax" not in code
     # A JPEG larger than twice the run's size: decoded with JPEG's own downscaling, as
-    # training and predict decode it.
+    # training and predict decode it; then the same photo stored sideways, with the
+    # EXIF tag that turns it upright, as phones save it.
     rng = np.random.default_rng(5)
     photo, _ = sample_data.render(sample_data.random_car(rng), 5, (150, 100), rng)
-    photo.convert("RGB").save(tmp_path / "car.jpg", quality=90)
+    sideways = Image.Exif()
+    sideways[0x0112] = 6  # shown turned 90 degrees clockwise
     for name in ("unet.onnx", "unet.onnx.json"):
         (tmp_path / name).write_bytes((exported["onnx"].parent / name).read_bytes())
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    mask = np.asarray(Image.open(tmp_path / "car_mask.png")) > 0
-    (_, _, expected), = Predictor(run_dir[0]).predict_files([tmp_path / "car.jpg"])
-    assert mask.shape == (100, 150) and 0 < expected.mean() < 1
-    assert np.array_equal(mask, expected)
+    for stored, exif, shown in [(photo, None, (100, 150)),
+                                (photo.transpose(Image.Transpose.ROTATE_90), sideways, (100, 150))]:
+        stored.convert("RGB").save(tmp_path / "car.jpg", quality=90,
+                                   **({"exif": exif} if exif else {}))
+        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        mask = np.asarray(Image.open(tmp_path / "car_mask.png")) > 0
+        (_, _, expected), = Predictor(run_dir[0]).predict_files([tmp_path / "car.jpg"])
+        assert mask.shape == shown and 0 < expected.mean() < 1
+        assert np.array_equal(mask, expected)
 
 
 # --- One-line errors, no files --------------------------------------------------------
@@ -309,3 +318,7 @@ def test_an_output_that_is_a_directory_is_one_line(run_dir, tmp_path):
         export.export_params(run_dir[1], CONFIG, "tflite", tmp_path)
     with pytest.raises(CheckpointError):
         export.export_run(tmp_path, "tflite", tmp_path / "unet.tflite")
+    (tmp_path / "unet.tflite.json").mkdir()  # where the settings file would go
+    with pytest.raises(ExportError, match=r"unet\.tflite\.json would replace a directory"):
+        export.export_params(run_dir[1], CONFIG, "tflite", tmp_path / "unet.tflite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.tflite.json"]

@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from unet_jax import rundir
-from unet_jax.config import Config, flag, shown
+from unet_jax.config import Config, ConfigError, flag, shown
 from unet_jax.optim import TrainState, weights_name
 from unet_jax.train import init_params
 
@@ -329,6 +329,9 @@ def _set_aside(manager: ocp.CheckpointManager, epochs: list[int]) -> None:
 def load_config(run_dir) -> Config:
     """The Config a run directory was made with (its ``config.json``)."""
     path = Path(run_dir) / "config.json"
+    if not Path(run_dir).exists():
+        raise CheckpointError(f"{run_dir}: no such directory (pass the run directory that "
+                              "experiments.train wrote)")
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory: it has no config.json "
                               "(pass the directory that experiments.train wrote)")
@@ -337,6 +340,9 @@ def load_config(run_dir) -> Config:
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path} is damaged ({e}); restore it from the run's "
                               "settings or a copy") from None
+    except ConfigError as e:  # a value edited by hand: named as the file's, not a flag's
+        raise CheckpointError(f"{path} holds a setting unet-jax refuses ({e}); restore "
+                              "the file from the run's settings or a copy") from None
 
 
 def _candidates(manager: ocp.CheckpointManager, which) -> list[int]:

@@ -75,13 +75,25 @@ def prediction_settings(config) -> dict:
     from unet_jax.prediction import PredictionMode
 
     c, mode = config, PredictionMode.from_config(config, memory_budget=1 << 62)
+    # Every step predict takes, in order: a caller who follows them gets its masks.
+    first = ("the image turned upright by its EXIF orientation tag, as viewers show it "
+             "(a JPEG decoded with its own downscaling by 1/2, 1/4 or 1/8 where the "
+             "result stays at least the target size), RGB values / 255")
     if mode.how == "resize":
-        how = f"the image resized to {c.image_size[0]}x{c.image_size[1]}, logits resized back"
+        how = (f"{first}; resized to {c.image_size[0]}x{c.image_size[1]} (bilinear); "
+               "logits resized back to the image's size (bilinear)")
     else:
-        how = (f"the whole image at scale {c.scale} (sides mirror-padded to a multiple of "
-               f"{mode.multiple}), or, where that does not fit in memory, tiles of "
-               f"{c.tile[0]}x{c.tile[1]} at that scale overlapping by {c.overlap}, blended "
-               "with Gaussian weights")
+        how = (f"{first}; resized by scale {c.scale} (bilinear); the whole image, its "
+               f"bottom and right mirror-padded to a multiple of {mode.multiple}, or, "
+               f"where that does not fit in memory, tiles of {c.tile[0]}x{c.tile[1]} "
+               f"overlapping by {c.overlap}, blended with Gaussian weights; logits cut "
+               "back and resized to the image's size (bilinear)")
+    views = {"hflip": "the image mirrored left to right",
+             "flips": "the image mirrored left to right, upside down, and both"}
+    if c.tta in views:
+        how += (f"; with tta {c.tta}, the same for {views[c.tta]}, each view's logits "
+                "mirrored back, turned into probabilities (sigmoid, or softmax for "
+                "several classes) and averaged")
     return {"mode": mode.how, "how": how,
             "image_size": list(c.image_size), "crop": list(c.crop) if c.crop else None,
             "tile": list(c.tile), "scale": c.scale, "overlap": c.overlap, "tta": c.tta,
@@ -423,6 +435,10 @@ def _check_output(output: Path, fmt: str) -> Path:
     elif output.is_dir():
         raise ExportError(f"--output {output} is a directory; give a file name, e.g. "
                           f"{output / ('unet.' + fmt)}")
+    if sidecar_path(output).is_dir():  # found now, not after the export is in place
+        raise ExportError(f"--output {output}: its settings file {sidecar_path(output)} "
+                          "would replace a directory of that name; move it, or give "
+                          "another --output")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=output.parent, prefix=".write-test-")
