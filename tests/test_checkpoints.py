@@ -162,7 +162,7 @@ def test_a_run_trained_on_more_devices_restores_on_one(tmp_path):
     """Without a sharding in the target orbax reuses the saved one: parameters saved
     replicated over 2 devices failed ("damaged") on a machine with 1."""
     script = textwrap.dedent("""
-        import sys
+        import shutil, sys
         from pathlib import Path
         import jax, numpy as np
         from unet_jax import checkpoints
@@ -243,12 +243,15 @@ def test_our_own_errors_are_not_passed_off_as_damage(run, monkeypatch):
         checkpoints.restore_params(run)
 
 
-def test_a_failed_restore_prints_one_line(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "removed"])
+def test_a_failed_restore_prints_one_line(tmp_path, damage):
     """When one array fails, orbax closed its event loop with the other reads still
     running: they printed hundreds of lines of 'Event loop is closed' tracebacks after
-    the error (seen with arrays of a few MB, hence the wider model here)."""
+    the error (seen with arrays of a few MB, hence the wider model here). With the
+    data folder gone, a read may still answer after the error: at most one such
+    traceback (6 lines) was seen in 8 runs, against 169-457 lines in every run."""
     script = textwrap.dedent("""
-        import sys
+        import shutil, sys
         from pathlib import Path
         import jax, numpy as np
         from unet_jax import checkpoints
@@ -263,21 +266,24 @@ def test_a_failed_restore_prints_one_line(tmp_path):
         checkpoints.save_params(run, params, config)
         data = max((f for f in (run / "checkpoints/0/params").rglob("*")
                     if f.is_file() and f.parent.name == "d"), key=lambda f: f.stat().st_size)
-        with open(data, "r+b") as f:
-            f.truncate(data.stat().st_size // 2)
+        if sys.argv[2] == "removed":
+            shutil.rmtree(data.parent)
+        else:
+            with open(data, "r+b") as f:
+                f.truncate(data.stat().st_size // 2)
         try:
             checkpoints.restore_params(run, "latest")
         except checkpoints.CheckpointError as e:
             sys.stderr.write(f"error: {e}\\n")
             sys.exit(2)
     """)
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")],
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run"), damage],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr[-3000:]
-    assert "checkpoints/0 is damaged (its params cannot be read" in lines[0]
+    assert len(lines) <= (1 if damage == "truncated" else 13), result.stderr[-3000:]
+    assert "checkpoints/0 is damaged (its params cannot be read" in lines[-1]
 
 
 # --- A save killed midway -------------------------------------------------------------

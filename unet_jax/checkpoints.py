@@ -218,7 +218,11 @@ def _settings_of(shapes: dict) -> dict:
 def _reads_finish_before_loops_close():
     """Orbax restores in a fresh asyncio loop and closes it at the first failed read
     while TensorStore's other reads go on: pages of "Event loop is closed" follow the
-    one-line error. Loops made in this thread meanwhile first let their tasks end."""
+    one-line error. Loops made in this thread meanwhile first let their tasks end, and
+    a closed loop drops the callbacks TensorStore still hands it (reads of a missing
+    file answer after the loop is gone) instead of raising in TensorStore's threads,
+    as nothing waits for them any more: during the restore, and after a failed one
+    for the rest of the process, since its reads may answer later still."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # loop policies: 3.14
         policy = asyncio.get_event_loop_policy()
@@ -241,11 +245,32 @@ def _reads_finish_before_loops_close():
             loop.close = drain_then_close
         return loop
 
+    base = asyncio.BaseEventLoop
+    call_soon_threadsafe = base.call_soon_threadsafe
+
+    def call_unless_closed(loop, *args, **kwargs):
+        return None if loop.is_closed() else call_soon_threadsafe(loop, *args, **kwargs)
+
     policy.new_event_loop = new_event_loop
+    base.call_soon_threadsafe = call_unless_closed
     try:
         yield
+    except BaseException:
+        # Reads of a failed restore may answer after it has raised: the closed loops
+        # keep dropping their callbacks for the rest of the process, and the reads'
+        # own errors (the one already raised, once per array) are not logged again.
+        logging.getLogger("asyncio").addFilter(_not_a_failed_read)
+        raise
+    else:
+        base.call_soon_threadsafe = call_soon_threadsafe
     finally:
         del policy.new_event_loop  # back to the class's method
+
+
+def _not_a_failed_read(record: logging.LogRecord) -> bool:
+    """False for asyncio's "Task exception was never retrieved" of an orbax read."""
+    message = record.getMessage()
+    return not ("exception was never retrieved" in message and "async_deserialize" in message)
 
 
 def _abstract(tree):
