@@ -414,3 +414,24 @@ def test_save_params_leaves_nothing_when_it_fails(tmp_path, saved, monkeypatch, 
     with pytest.raises(Exception):
         checkpoints.save_params(tmp_path / "imported", params, CONFIG)
     assert [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")] == []
+
+
+def test_a_tied_best_is_the_epoch_whose_checkpoint_is_kept(tmp_path):
+    """orbax's BestN keeps the latest of tied scores; the run's summary names that
+    epoch, and restoring 'best' gives it."""
+    from unet_jax import trainer
+
+    (tmp_path / "config.json").write_text(CONFIG.to_json())
+    manager = checkpoints.checkpoint_manager(tmp_path, keep=1)
+    history, states = [], {}
+    for epoch, dice in [(1, 0.5), (2, 0.9), (3, 0.9), (4, 0.7)]:
+        history.append({"epoch": epoch, "val_dice": dice})
+        states[epoch] = random_state(CONFIG, epoch)
+        checkpoints.save(manager, epoch, states[epoch],
+                         {"epoch": epoch, "step": epoch, "history": []}, {"val_dice": dice})
+    manager.wait_until_finished()
+    assert manager.all_steps() == [3, 4]
+    manager.close()
+    assert trainer._best(history)["epoch"] == 3
+    params, _, epoch = checkpoints.restore_params(tmp_path)
+    assert epoch == 3 and same(params, states[3].params)

@@ -393,7 +393,9 @@ def _summary(config, state, train_data, val_data, data_dir, workdir) -> str:
 
 
 def _best(history: list[dict]) -> dict | None:
-    return max(history, key=lambda r: r["val_dice"]) if history else None
+    """The epoch of the best validation Dice; the latest of a tie, the one whose
+    checkpoint orbax's BestN keeps and ``checkpoints.restore_params`` restores."""
+    return max(history, key=lambda r: (r["val_dice"], r["epoch"])) if history else None
 
 
 def _csv(history: list[dict]) -> str:
