@@ -13,12 +13,14 @@ utilisation (``mfu``), and ``peak_device_mb`` is the device's peak memory
 (``memory_stats()`` for JAX, ``max_memory_allocated()`` for torch).
 
 ``--compare-torch`` runs the guide's PyTorch U-Net (``experiments/torch_unet.py``) in
-the same invocation, the way the guide trains it (AdamW lr 3e-4, BCEWithLogitsLoss) or
-under ``torch.inference_mode``, in NCHW and in channels_last, with one thread per core,
-and under ``torch.compile`` (channels_last, bf16 autocast with ``--dtype bfloat16``),
-PyTorch at its best on a CPU or a GPU (``--compare-torch eager`` leaves it out), and
-prints JAX/torch ratios. Torch's
-GFLOP/s use the same count (the same network), so they compare directly. ``--mode pipeline`` times the tf.data input
+the same invocation, each row in a process without JAX (``experiments/torch_peer.py``),
+on the device JAX ran on: the way the guide trains it (AdamW lr 3e-4, fused where
+torch has it; BCEWithLogitsLoss) or under ``torch.inference_mode``, eager in NCHW and
+in channels_last, with one thread per core, and under ``torch.compile`` in both
+layouts (bf16 autocast with ``--dtype bfloat16``; ``--compare-torch eager`` leaves
+the compiled rows out); the fastest of them is PyTorch at its best on that machine,
+and the table ends with unet-jax's ratio to it. Torch's GFLOP/s use the same count
+(the same network), so they compare directly. ``--mode pipeline`` times the tf.data input
 pipeline alone, with no model (with ``--crop``, the patch-training pipeline).
 ``--compare-onnx`` (``--mode infer``) adds onnxruntime on the CPU running the same
 model exported to ONNX (``unet_jax.export``), an informational row: how a deployed
@@ -42,7 +44,6 @@ import dataclasses
 import json
 import os
 import platform as host_platform
-import resource
 import signal
 import statistics
 import subprocess
@@ -52,6 +53,8 @@ import time
 from pathlib import Path
 
 from experiments import common
+from experiments.timing import cpu_count, peak_rss_mb, time_steps
+from experiments.torch_peer import CHILDREN as TORCH_PEERS
 from unet_jax.config import REMAT
 from unet_jax.tiling import TTA
 
@@ -76,8 +79,8 @@ python -m experiments.benchmark --suite gpu --platform cpu --quick --out /tmp/dr
 # others measure what each CPU kernel of unet_jax/cpu_kernels.py buys (--compare-kernels).
 KERNEL_VARIANTS = {"jax-stock": (False, False), "jax-conv-kernel": (True, False),
                    "jax-pool-kernel": (False, True)}
-TORCH_CHILDREN = ("torch-nchw", "torch-channels_last", "torch-compile")
-CHILDREN = ("jax", *KERNEL_VARIANTS, *TORCH_CHILDREN, "pipeline", "onnxruntime")
+TORCH_CHILDREN = tuple(TORCH_PEERS)  # eager NCHW, eager channels_last, then compiled
+CHILDREN = ("jax", *KERNEL_VARIANTS, "pipeline", "onnxruntime")  # the torch rows: torch_peer
 TTA_VIEWS = {"none": 1, "hflip": 2, "flips": 4}
 
 
@@ -99,9 +102,10 @@ def parse_args(argv=None):
     p.add_argument("--base-features", type=int, default=64, help="U-Net width (default: 64)")
     p.add_argument("--compare-torch", nargs="?", const="all", choices=("all", "eager"),
                    help="also run the guide's PyTorch model: eager in NCHW and "
-                   "channels_last, and (all, the default) under torch.compile with "
-                   "channels_last, PyTorch's fastest; 'eager' leaves torch.compile out "
-                   "(its compile takes 40 s or more on a laptop CPU)")
+                   "channels_last, and (all, the default) under torch.compile in both "
+                   "layouts; the table ends with unet-jax's ratio to the fastest; "
+                   "'eager' leaves torch.compile out (each of its compiles takes 40 s "
+                   "or more on a laptop CPU)")
     p.add_argument("--compare-onnx", action="store_true",
                    help="infer mode: also run the model exported to ONNX with onnxruntime "
                    "on the CPU (needs pip install -e '.[export]')")
@@ -186,35 +190,6 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------
 # Measuring one configuration (runs in a child process)
 # ---------------------------------------------------------------------------------------
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (Linux reports KiB, macOS bytes).
-
-    Measured per child process, so it is the peak of exactly one configuration:
-    parameters, optimizer state, activations, workspace and the runtime itself.
-    """
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
-
-
-def time_steps(step, steps: int, warmup: int) -> dict:
-    """Runs ``step`` (which must block until its results are ready) ``warmup`` times
-    untimed, then ``steps`` times timed; returns the median wall and CPU seconds.
-
-    The median ignores a step slowed by another process; CPU seconds (all threads of
-    this process) change much less than wall time when the machine is shared.
-    """
-    for _ in range(warmup):
-        step()
-    wall, cpu = [], []
-    for _ in range(steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - cpu_start)
-    return {"step_s": statistics.median(wall), "cpu_s": statistics.median(cpu),
-            "step_times_s": [round(t, 4) for t in wall]}
-
 
 def flops_of(compiled) -> float:
     """XLA's FLOP count of a compiled program (0 where the backend does not say)."""
@@ -430,89 +405,6 @@ class _LazyJit:
 loss_only_step = _LazyJit(_loss_only_step)
 
 
-def cpu_count() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
-def run_torch(args, channels_last: bool, compiled: bool = False) -> dict:
-    """The guide's PyTorch U-Net, run as the guide runs it, in this process.
-
-    Train: ``model(img)``, ``zero_grad``, ``BCEWithLogitsLoss``, ``backward``, AdamW
-    ``step`` (lr 3e-4). Infer: the forward pass under ``torch.inference_mode`` in eval
-    mode. One intra-op thread per core, as JAX's CPU backend uses. The first step
-    (allocations, oneDNN kernel selection; with ``compiled``, ``torch.compile``'s
-    compilation) is reported as ``compile_s``.
-    """
-    import numpy as np
-    import torch
-
-    from experiments.torch_unet import UNet
-
-    h, w = args.image_size
-    device = "cuda" if args.platform == "gpu" else "cpu"
-    torch.set_num_threads(cpu_count())
-    torch.manual_seed(0)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = UNet(3, 1).to(device=device, memory_format=fmt)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    if compiled:
-        model = torch.compile(model)
-    rng = np.random.default_rng(0)
-    img = torch.from_numpy(rng.uniform(size=(args.batch_size, 3, h, w)).astype(np.float32))
-    mask = torch.from_numpy((rng.uniform(size=(args.batch_size, 1, h, w)) > 0.5).astype(np.float32))
-    img = img.to(device).contiguous(memory_format=fmt)
-    mask = mask.to(device).contiguous(memory_format=fmt)
-    criterion = torch.nn.BCEWithLogitsLoss()
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def train():
-        with autocast:
-            y_pred = model(img)
-            loss = criterion(y_pred.float(), mask)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        sync()
-
-    def infer():
-        with torch.inference_mode(), autocast:
-            model(img)
-        sync()
-
-    step = train if args.mode == "train" else infer
-    model.train(args.mode == "train")
-    start = time.perf_counter()
-    step()
-    first_s = time.perf_counter() - start
-    timing = time_steps(step, args.steps, args.warmup)
-    name = "torch-compile" if compiled else (
-        "torch-channels_last" if channels_last else "torch-nchw")
-    cuda = device == "cuda"
-    device_name = torch.cuda.get_device_name() if cuda else "cpu"
-    # the same network as the JAX rows, so the same count of FLOPs
-    from unet_jax import flops
-
-    count = flops.train_flops if args.mode == "train" else flops.forward_flops
-    flops_per_step = args.batch_size * count(h, w)
-    return {"framework": name, "device": device_name,
-            "img_per_s": args.batch_size / timing["step_s"], **timing,
-            "flops_per_step": flops_per_step,
-            "gflops_per_s": flops_per_step / timing["step_s"] / 1e9,
-            "mfu": flops.utilisation(flops_per_step / timing["step_s"], device_name,
-                                     args.dtype),
-            "compile_s": first_s, "peak_rss_mb": peak_rss_mb(),
-            "peak_device_mb": torch.cuda.max_memory_allocated() / 1e6 if cuda else None,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
-
-
 # ---------------------------------------------------------------------------------------
 # The input pipeline
 # ---------------------------------------------------------------------------------------
@@ -621,6 +513,12 @@ def machine_info() -> dict:
 
 def child_argv(args, which: str) -> list[str]:
     """The command line of the child that measures ``which`` for this invocation."""
+    if which in TORCH_PEERS:  # a process without JAX (experiments/torch_peer.py)
+        return [sys.executable, "-m", "experiments.torch_peer", "--which", which,
+                "--mode", args.mode, "--image-size", *map(str, args.image_size),
+                "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+                "--warmup", str(args.warmup), "--dtype", args.dtype,
+                "--device", "cuda" if args.platform == "gpu" else "cpu"]
     argv = [sys.executable, "-m", "experiments.benchmark", "--mode", args.mode,
             "--image-size", *map(str, args.image_size), "--batch-size", str(args.batch_size),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype,
@@ -672,6 +570,14 @@ def run_child(args, which: str, timeout: float | None = None, xla_flags: str = "
         raise common.UserError(f"the {which} measurement failed: "
                                f"{lines[-1] if lines else f'exit status {child.returncode}'}")
     row = json.loads(stdout.strip().splitlines()[-1])
+    if which in TORCH_PEERS:  # the same network as the JAX rows: the same FLOP count
+        from unet_jax import flops
+
+        count = flops.train_flops if args.mode == "train" else flops.forward_flops
+        row["flops_per_step"] = args.batch_size * count(*args.image_size)
+        row["gflops_per_s"] = row["flops_per_step"] / row["step_s"] / 1e9
+        row["mfu"] = flops.utilisation(row["flops_per_step"] / row["step_s"],
+                                       row["device"], args.dtype)
     row["wall_s"] = time.perf_counter() - start
     row["load_avg"] = round((load + os.getloadavg()[0]) / 2, 2)
     return row
@@ -712,6 +618,11 @@ def print_table(args, rows: list[dict]) -> None:
         print(f"  {row['framework']:20} {row['img_per_s']:9.3f} {row['gflops_per_s']:8.1f} "
               f"{mfu} {row['cpu_s']:10.2f} {row['peak_rss_mb']:8.0f} {device_mb} "
               f"{row['compile_s']:9.1f} {row['load_avg']:5.2f} {ratio:8.2f}")
+    peers = [row for row in rows if row["framework"].startswith("torch")]
+    if peers:
+        best = max(peers, key=lambda row: row["img_per_s"])
+        print(f"  fastest PyTorch row: {best['framework']}; unet-jax / it: "
+              f"{jax_row['img_per_s'] / best['img_per_s']:.2f}")
     print("  (GFLOP/s: the network's FLOPs counted from its shapes, unet_jax/flops.py; MFU "
           "against the GPU's dense peak; compile s for torch is its first step, "
           "for onnxruntime the export and session, whose peak memory its row includes)")
@@ -724,11 +635,8 @@ def main(argv=None):
             row = run_jax(args, args.child)
         elif args.mode == "pipeline":
             row = run_pipeline(args)
-        elif args.child == "onnxruntime":
-            row = run_onnx(args)
         else:
-            row = run_torch(args, channels_last=args.child != "torch-nchw",
-                            compiled=args.child == "torch-compile")
+            row = run_onnx(args)
         print(json.dumps(row))
         return 0
     if args.suite:
@@ -757,12 +665,16 @@ def main(argv=None):
     if args.compare_kernels:
         rows += [run_child(args, variant) for variant in KERNEL_VARIANTS]
     if args.compare_torch:
+        # The peers run where JAX ran: with --platform auto on a GPU machine, there.
+        peer_args = argparse.Namespace(**{**vars(args), "platform": "gpu" if rows[0][
+            "backend"] in ("gpu", "cuda", "rocm") else "cpu"})
         if torch_available():
-            *eager, compiled = TORCH_CHILDREN
-            rows += [run_child(args, peer) for peer in eager]
-            if args.compare_torch == "all":
+            eager = [peer for peer in TORCH_CHILDREN if not TORCH_PEERS[peer][1]]
+            compiled = [peer for peer in TORCH_CHILDREN if TORCH_PEERS[peer][1]]
+            rows += [run_child(peer_args, peer) for peer in eager]
+            for peer in compiled if args.compare_torch == "all" else ():
                 try:  # it needs a C++ compiler on a CPU (Inductor): the other rows stand
-                    rows.append(run_child(args, compiled))
+                    rows.append(run_child(peer_args, peer))
                 except common.UserError as e:
                     notes.append(f"--compare-torch: {e}; its row is left out")
         else:
@@ -790,6 +702,9 @@ def main(argv=None):
         torch_rows = [r for r in rows[1:] if r["framework"].startswith("torch")]
         if torch_rows:
             result["torch"] = {r["framework"]: r for r in torch_rows}
+            fastest = max(torch_rows, key=lambda r: r["img_per_s"])
+            result["fastest_torch"] = fastest["framework"]
+            result["ratio_to_fastest_torch"] = jax_row["img_per_s"] / fastest["img_per_s"]
         if rows[-1]["framework"] == "onnxruntime":
             result["onnxruntime"] = rows[-1]
         if len(rows) > 1:

@@ -85,10 +85,28 @@ def test_compare_torch_adds_both_layouts_torch_compile_and_ratios():
     r = bench("--mode", "infer", "--image-size", "32", "--batch-size", "1", "--steps", "1",
               "--compare-torch", "--platform", "cpu", full_width=True)
     assert set(r["torch"]) == set(r["ratios"]) == set(r["memory_ratios"]) == {
-        "torch-nchw", "torch-channels_last", "torch-compile"}
+        "torch-nchw", "torch-channels_last", "torch-compile", "torch-compile-nchw"}
     for name, row in r["torch"].items():
         assert row["img_per_s"] > 0 and row["peak_rss_mb"] > 50 and row["gflops_per_s"] > 0
         assert r["ratios"][name] == pytest.approx(r["img_per_s"] / row["img_per_s"])
+        assert row["gflops_per_s"] == pytest.approx(r["flops_per_step"] / row["step_s"] / 1e9)
+    fastest = max(r["torch"].values(), key=lambda row: row["img_per_s"])
+    assert r["fastest_torch"] == fastest["framework"]
+    assert r["ratio_to_fastest_torch"] == pytest.approx(min(r["ratios"].values()))
+
+
+def test_the_torch_rows_run_without_jax_so_their_memory_is_torchs_alone():
+    """JAX, Flax and optax add over 150 MB to a process: a torch row that imported them
+    would report that as PyTorch's memory."""
+    code = ("import sys, experiments.torch_peer; "
+            "print(sorted(m for m in ('jax', 'flax', 'optax', 'unet_jax') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result
+    from experiments import benchmark
+
+    argv = benchmark.child_argv(benchmark.parse_args(["--mode", "infer"]), "torch-nchw")
+    assert argv[1:3] == ["-m", "experiments.torch_peer"] and argv[-2:] == ["--device", "cpu"]
 
 
 @pytest.mark.parametrize("which,expected", [
@@ -112,9 +130,10 @@ def test_a_failed_torch_compile_leaves_the_other_rows_and_says_why(monkeypatch, 
     monkeypatch.setattr(benchmark, "run_child", fake_child)
     monkeypatch.setattr(benchmark, "torch_available", lambda: True)
     assert benchmark.main(["--mode", "infer", "--compare-torch", which, "--json"]) == 0
-    assert called == expected + ["torch-compile"] * (which == "all")
+    compiled = ["torch-compile", "torch-compile-nchw"] * (which == "all")
+    assert called == expected + compiled
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert list(result["torch"]) == expected[1:]
+    assert list(result["torch"]) == expected[1:] + compiled[1:]
     assert any("no C++ compiler; its row is left out" in n for n in result["notes"]) == (
         which == "all")
 
