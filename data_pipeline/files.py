@@ -68,23 +68,37 @@ def _images_in(folder: Path) -> list[Path]:
                   and p.is_file())
 
 
+def unnested(folder: Path) -> Path:
+    """``folder``, or the one folder inside it where ``folder`` holds no image files
+    but that folder does: ``unzip train.zip -d train`` and Windows' "Extract All"
+    put Kaggle's photos in ``train/train/``."""
+    if not folder.is_dir() or _images_in(folder):
+        return folder
+    inside = [p for p in folder.iterdir()
+              if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
+    return inside[0] if len(inside) == 1 and _images_in(inside[0]) else folder
+
+
 def detect_layout(data_dir) -> tuple[Path, Path, str]:
-    """(image folder, mask folder, ``'kaggle'`` or ``'folders'``) of a dataset."""
+    """(image folder, mask folder, ``'kaggle'`` or ``'folders'``) of a dataset; each
+    folder may hold its files one folder down (``unnested``)."""
     root = Path(data_dir).expanduser().absolute()
     if not root.is_dir():
         raise DataError(f"--data-dir {root}: no such directory")
     masks = root / "train_masks"
     for images in (root / "train", root / "train_hq"):
         if images.is_dir() and masks.is_dir():
-            return images, masks, "kaggle"
+            return unnested(images), unnested(masks), "kaggle"
     if (root / "images").is_dir() and (root / "masks").is_dir():
-        return root / "images", root / "masks", "folders"
+        return unnested(root / "images"), unnested(root / "masks"), "folders"
     if (root / "train_masks.zip").is_file():  # Kaggle's zips, as downloaded
         from data_pipeline import tfds_carvana
 
         if tfds_carvana.holds_kaggle_zips(root):
             return detect_layout(tfds_carvana.prepare_zip_folder(root))
-    raise DataError(f"--data-dir {root} matches no known layout: expected {LAYOUTS}")
+    zips = sorted(p.name for p in root.glob("*.zip"))
+    hint = f"; unzip {zips[0]} first" if zips else ""
+    raise DataError(f"--data-dir {root} matches no known layout: expected {LAYOUTS}{hint}")
 
 
 def _by_stem(files: list[Path], strip: str = "") -> tuple[dict[str, Path], list[str]]:
@@ -268,11 +282,13 @@ def find_images(path, *, skip_bad: bool = False, check: bool = True) -> list[Pat
     path = Path(path).expanduser()
     if path.is_file():
         if path.suffix.lower() not in IMAGE_SUFFIXES:
+            unzip = "; unzip it and give the folder" if path.suffix.lower() == ".zip" else ""
             raise DataError(f"--input {path} is not an image file "
-                            f"(expected one of {', '.join(IMAGE_SUFFIXES)})")
+                            f"(expected one of {', '.join(IMAGE_SUFFIXES)}){unzip}")
         return check_images([path]) if check else [path]
     if not path.is_dir():
         raise DataError(f"--input {path}: no such file or directory")
+    path = unnested(path)
     images, problems = _by_stem(_images_in(path))
     if problems and not skip_bad:
         raise DataError(f"{problems[0]}: their masks would share one output file; "
@@ -280,8 +296,10 @@ def find_images(path, *, skip_bad: bool = False, check: bool = True) -> list[Pat
     if problems:
         log.warning("skipping images whose names clash:\n  %s", "\n  ".join(problems))
     if not images:
+        zips = sorted(p.name for p in path.glob("*.zip"))
+        hint = f"; unzip {zips[0]} first" if zips else ""
         raise DataError(f"--input {path}: the folder holds no images "
-                        f"({', '.join(IMAGE_SUFFIXES)})")
+                        f"({', '.join(IMAGE_SUFFIXES)}){hint}")
     paths = sorted(images.values())
     return check_images(paths, skip_bad=skip_bad) if check else paths
 

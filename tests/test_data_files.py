@@ -285,3 +285,27 @@ def test_colour_coded_class_masks_are_named_not_read_as_their_brightest_channel(
     Image.fromarray(grey).save(tmp_path / "g.png")
     np.testing.assert_array_equal(dp.load_mask(tmp_path / "g.png", (H, W), num_classes=3)[..., 0],
                                   ids)
+
+
+def test_kaggle_folders_extracted_one_level_down_are_found(kaggle, tmp_path):
+    """``unzip train.zip -d train`` and Windows' "Extract All" make train/train/."""
+    import shutil
+
+    nested = tmp_path / "extracted"
+    for folder in ("train", "train_masks"):
+        shutil.copytree(kaggle / folder, nested / folder / folder)
+    (nested / "train" / "__MACOSX").mkdir()  # macOS zips carry one beside the photos
+    pairs = dp.find_pairs(nested)
+    assert len(pairs) == len(dp.find_pairs(kaggle))
+    assert pairs[0].image.parent == nested / "train" / "train"
+    assert dp.find_images(nested / "train") == sorted((nested / "train" / "train").glob("*.jpg"))
+
+
+def test_a_zip_where_images_are_expected_says_to_unzip_it(tmp_path):
+    (tmp_path / "test.zip").write_bytes(b"PK\x05\x06" + bytes(18))
+    with pytest.raises(dp.DataError, match=r"test\.zip is not an image file .*; unzip it"):
+        dp.find_images(tmp_path / "test.zip")
+    with pytest.raises(dp.DataError, match=r"holds no images .*; unzip test\.zip first"):
+        dp.find_images(tmp_path)
+    with pytest.raises(dp.DataError, match=r"matches no known layout.*; unzip test\.zip first"):
+        dp.find_pairs(tmp_path)

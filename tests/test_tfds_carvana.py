@@ -89,12 +89,14 @@ def test_tfds_feeds_the_same_pipeline(tmp_path, src, manual):
     assert again == pairs  # prepared and exported once
 
 
-def test_a_folder_of_kaggles_zips_works_as_data_dir(tmp_path, src, manual):
+def test_a_folder_of_kaggles_zips_works_as_data_dir(tmp_path, src, manual, monkeypatch):
     pairs = dp.find_pairs(manual)  # what --data-dir does with the download folder
     original = dp.find_pairs(src)
     assert [p.image.name for p in pairs] == [p.image.name for p in original]
     assert [p.car for p in pairs] == [p.car for p in original]
     assert all(p.image.is_relative_to(manual / "prepared") for p in pairs)
     stamp = (manual / "prepared" / "train" / pairs[0].image.name).stat().st_mtime_ns
-    assert dp.find_pairs(manual) == pairs  # prepared once: the second call only lists
+    # Prepared once: the second call only lists, reading none of the dataset again.
+    monkeypatch.setattr(Carvana, "as_dataset", lambda *a, **k: pytest.fail("read again"))
+    assert dp.find_pairs(manual) == pairs
     assert (manual / "prepared" / "train" / pairs[0].image.name).stat().st_mtime_ns == stamp
