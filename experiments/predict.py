@@ -40,6 +40,9 @@ def main(argv=None):
 
     import data_pipeline
     from unet_jax import rundir
+    if Path(args.output).suffix.lower() in data_pipeline.files.IMAGE_SUFFIXES:
+        raise common.UserError(f"--output {args.output}: give a folder; predict writes "
+                               "<name>_mask.png there for each input image")
     predictor = common.make_predictor(args)
     out = rundir.check_writable(Path(args.output), "--output")
     # A second run into the input folder would predict masks of the first run's masks.
@@ -64,7 +67,9 @@ def main(argv=None):
             save_viz(image, mask, out / f"{path.stem}_viz.png", predictor.config.num_classes)
         written += 1
     skipped = f"; skipped {len(every) - written} unreadable" if written < len(every) else ""
-    print(f"wrote {written} mask(s) to {out}/{skipped} (checkpoint epoch {predictor.epoch} "
+    figures = f" and {written} figure(s) (<name>_viz.png)" if args.viz else ""
+    print(f"wrote {written} mask(s){figures} to {out}/{skipped} (checkpoint epoch "
+          f"{predictor.epoch} "
           f"of {args.checkpoint}; {predictor.describe()})")
     return 0
 

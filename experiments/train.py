@@ -60,6 +60,17 @@ def build_config(args):
         # of 6 epochs resumed with its --preset alone would otherwise stop at the
         # preset's 2.
         given.setdefault("epochs", saved.epochs)
+        config = configs.get(args.preset, **given)
+        # A setting the preset brings, not a flag the user typed: say so.
+        for name in saved.differences(config):
+            if name not in given and name != "data_dir":
+                raise common.UserError(
+                    f"--preset {args.preset} sets {config_lib.flag(name)} "
+                    f"{config_lib.shown(getattr(config, name), name)}, but the run in "
+                    f"{args.workdir} has {config_lib.shown(getattr(saved, name), name)}; "
+                    "resume with the run's own --preset, or with no --preset at all (the "
+                    "run's settings come from its config.json)")
+        return config
     return configs.get(args.preset or "default", **given)
 
 

@@ -568,3 +568,37 @@ def test_import_torch_explains_whole_models_and_reads_wrapped_state_dicts(tmp_pa
                                     "--image-size", "32"]) == 0
     assert "under 'model_state_dict'" in capsys.readouterr().out
     assert (tmp_path / "c" / "config.json").is_file()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "typo"
+    assert call(train.main, ["--data-dir", str(tmp_path / "nonexist"), "--workdir",
+                             str(run_dir), *TINY]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert not run_dir.exists()
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("the user's own")
+    assert call(train.main, ["--data-dir", str(tmp_path / "nonexist"), "--workdir",
+                             str(kept), *TINY]) == 2
+    assert (kept / "notes.txt").is_file()  # a folder it did not create is never removed
+
+
+def test_resume_names_the_preset_that_brings_a_different_setting(tmp_path, capsys):
+    from unet_jax import configs
+
+    workdir = tmp_path / "w"
+    (workdir / "checkpoints" / "1").mkdir(parents=True)
+    (workdir / "config.json").write_text(configs.get("tiny").to_json())
+    assert call(train.main, ["--workdir", str(workdir), "--resume", "--preset", "default",
+                             "--epochs", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "--preset default sets --base-features 8, but the run" in err and "has 4" in err
+
+
+def test_predict_refuses_an_image_file_name_as_its_output_folder(trained_run, tmp_path,
+                                                                capsys):
+    inputs = random_images(tmp_path / "in", {"a.png": (40, 60, 3)})
+    assert call(predict.main, ["--checkpoint", str(trained_run), "--input", str(inputs),
+                               "--output", str(tmp_path / "pred.png")]) == 2
+    assert "give a folder" in capsys.readouterr().err and not (tmp_path / "pred.png").exists()

@@ -35,6 +35,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -76,38 +77,46 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
-    # --- Run directory: one training run at a time, and no finished run overwritten.
-    # Every process writes the checkpoints; process 0 alone holds the lock.
-    rundir.check_writable(workdir)
-    try:  # compile once: a later run of the same step loads it (unet_jax/compile_cache.py)
-        compile_cache.enable_default()
-    except compile_cache.CompileCacheError as e:
-        raise ConfigError(str(e)) from None
-    with rundir.lock(workdir) if is_main else contextlib.nullcontext():
-        check_run_dir(config, workdir, resume)
-        mesh = parallel.make_mesh()  # one mesh over every device; batches split on axis 0
-        train_data, val_data, data_dir = build_data(config, workdir, resume)
-        state, manager, history = restore_or_init(config, workdir, resume, mesh, log,
-                                                  steps_per_epoch=len(train_data))
+    # A run that stops before it writes anything leaves no folder of its own behind.
+    with _removed_if_unused(workdir, is_main):
+        # --- Run directory: one training run at a time, and no finished run overwritten.
+        # Every process writes the checkpoints; process 0 alone holds the lock.
+        rundir.check_writable(workdir)
+        # Compile once: a later run of the same step loads it (unet_jax/compile_cache.py).
         try:
-            start_epoch = history[-1]["epoch"] if history else 0
-            if start_epoch >= config.epochs:
-                log(f"{workdir} has already trained {start_epoch} epochs; pass a larger "
-                    "--epochs to extend it")
-                return {"workdir": workdir, "history": history, "best": _best(history)}
-            if is_main:  # only now that the run starts (or resumes) does the directory change
-                write_run_files(config, workdir, train_data.pairs, val_data.pairs)
-            log(_summary(config, state, train_data, val_data, data_dir, workdir))
-            train_epochs(config, workdir, state, manager, history, train_data, val_data,
-                         mesh, log, is_main)
-        finally:
-            manager.wait_until_finished()
-            manager.close()
+            compile_cache.enable_default()
+        except compile_cache.CompileCacheError as e:
+            raise ConfigError(str(e)) from None
+        with rundir.lock(workdir) if is_main else contextlib.nullcontext():
+            check_run_dir(config, workdir, resume)
+            mesh = parallel.make_mesh()  # one mesh over every device; batches split on axis 0
+            train_data, val_data, data_dir = build_data(config, workdir, resume)
+            state, manager, history = restore_or_init(config, workdir, resume, mesh, log,
+                                                      steps_per_epoch=len(train_data))
+            try:
+                start_epoch = history[-1]["epoch"] if history else 0
+                if start_epoch >= config.epochs:
+                    log(f"{workdir} has already trained {start_epoch} epochs; pass a larger "
+                        "--epochs to extend it")
+                    return {"workdir": workdir, "history": history, "best": _best(history)}
+                if is_main:  # only now that the run starts (or resumes) does the directory change
+                    write_run_files(config, workdir, train_data.pairs, val_data.pairs)
+                log(_summary(config, state, train_data, val_data, data_dir, workdir))
+                train_epochs(config, workdir, state, manager, history, train_data, val_data,
+                             mesh, log, is_main)
+            finally:
+                manager.wait_until_finished()
+                manager.close()
     best = _best(history)
     log(f"done: best validation Dice {best['val_dice']:.4f} (epoch {best['epoch']}); "
         f"outputs in {workdir}/ (metrics.csv, loss.png, predictions.png, checkpoints/); "
         f"predict with: python -m experiments.predict --checkpoint {workdir} --input IMAGE "
         "--output DIR")
+    if best["val_dice"] < 0.05:
+        log("the validation Dice stayed near 0: the model predicts next to no foreground "
+            "yet (it starts by learning the background, most of every image); train for "
+            "more --epochs, or, with a few dozen images, on many random crops of each "
+            "(README: 'A few dozen images')")
     return {"workdir": workdir, "history": history, "best": best}
 
 
@@ -235,7 +244,7 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
             labels = [math.inf, -math.inf]  # lowest and highest mask value seen
             bar = tqdm(train_data.epoch(epoch), total=len(train_data),
                        desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False,
-                       disable=not is_main)
+                       disable=None if is_main else True)  # None: terminals only, not logs
             # Whole masks only: random crops of sparse objects may all miss them.
             check = epoch == 1 and config.crop is None
             for batch in bar:
@@ -390,6 +399,23 @@ def _summary(config, state, train_data, val_data, data_dir, workdir) -> str:
             f"{len(train_data.pairs)} training / {len(val_data.pairs)} validation images "
             f"from {data_dir}; {size}, batch {config.batch_size}; {optim.describe(config)}; "
             f"run directory {workdir}")
+
+
+@contextlib.contextmanager
+def _removed_if_unused(workdir: Path, is_main: bool):
+    """Removes ``workdir`` if this run created it and stops with an error before
+    writing anything in it but its lock (a data folder with a typo, a bad mask), so
+    that failed starts do not pile up as empty run folders."""
+    created = not workdir.exists()
+    try:
+        yield
+    except BaseException:
+        unused = created and is_main and workdir.is_dir() and all(
+            path.name == ".lock" or (path.is_dir() and not any(path.iterdir()))
+            for path in workdir.rglob("*"))
+        if unused:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
 
 def _best(history: list[dict]) -> dict | None:
