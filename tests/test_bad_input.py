@@ -10,6 +10,7 @@ from PIL import Image
 import data_pipeline
 from data_pipeline import DataError
 from experiments import evaluate, predict, train
+from experiments.common import UserError
 from tests.data_fixtures import box_mask, write_image, write_mask
 from tests.test_experiments import TINY, call, read_metrics
 from unet_jax import checkpoints, configs, rundir, trainer
@@ -165,6 +166,9 @@ def test_resume_accepts_the_preset_of_the_first_command(tmp_path):
     assert config.epochs == 3
     trainer.check_run_dir(config, workdir, resume=True)  # does not raise
     args = train.parse_args(["--preset", "default", "--workdir", str(workdir), "--resume"])
+    with pytest.raises(UserError, match="--preset default sets --base-features 8"):
+        train.build_config(args)
+    args = train.parse_args(["--workdir", str(workdir), "--resume", "--lr", "0.5"])
     with pytest.raises(ConfigError, match="differs from the run's"):
         trainer.check_run_dir(train.build_config(args), workdir, resume=True)
 
