@@ -79,6 +79,13 @@ def unnested(folder: Path) -> Path:
     return inside[0] if len(inside) == 1 and _images_in(inside[0]) else folder
 
 
+def _unzip_hint(folder: Path) -> str:
+    """"; unzip X first" for a folder holding a zip where files were expected (Kaggle's
+    "Download All" archive, say), else nothing."""
+    zips = sorted(p.name for p in folder.glob("*.zip"))
+    return f"; unzip {zips[0]} first" if zips else ""
+
+
 def detect_layout(data_dir) -> tuple[Path, Path, str]:
     """(image folder, mask folder, ``'kaggle'`` or ``'folders'``) of a dataset; each
     folder may hold its files one folder down (``unnested``)."""
@@ -96,9 +103,8 @@ def detect_layout(data_dir) -> tuple[Path, Path, str]:
 
         if tfds_carvana.holds_kaggle_zips(root):
             return detect_layout(tfds_carvana.prepare_zip_folder(root))
-    zips = sorted(p.name for p in root.glob("*.zip"))
-    hint = f"; unzip {zips[0]} first" if zips else ""
-    raise DataError(f"--data-dir {root} matches no known layout: expected {LAYOUTS}{hint}")
+    raise DataError(f"--data-dir {root} matches no known layout: expected "
+                    f"{LAYOUTS}{_unzip_hint(root)}")
 
 
 def _by_stem(files: list[Path], strip: str = "") -> tuple[dict[str, Path], list[str]]:
@@ -271,13 +277,13 @@ def check_crop_fits(pairs, crop: tuple[int, int], scale: float) -> None:
                         f"most {min(height, crop[0])} {min(width, crop[1])}")
 
 
-def find_images(path, *, skip_bad: bool = False, check: bool = True) -> list[Path]:
+def find_images(path, *, skip_bad: bool = False) -> list[Path]:
     """The images to predict: one image file, or a folder's images in name order.
 
     Two images of one stem (``e0.png``, ``e0.jpg``) would write the same
     ``e0_mask.png``: a DataError naming both, or with ``skip_bad`` both are left out
-    with a warning. With ``check``, every file is checked before any is predicted
-    (``check_images``), so that a truncated photo is named now, not an hour into a run.
+    with a warning. The files are not opened: ``check_images`` checks them, before
+    any is predicted, so that a truncated photo is named now, not an hour into a run.
     """
     path = Path(path).expanduser()
     if path.is_file():
@@ -285,7 +291,7 @@ def find_images(path, *, skip_bad: bool = False, check: bool = True) -> list[Pat
             unzip = "; unzip it and give the folder" if path.suffix.lower() == ".zip" else ""
             raise DataError(f"--input {path} is not an image file "
                             f"(expected one of {', '.join(IMAGE_SUFFIXES)}){unzip}")
-        return check_images([path]) if check else [path]
+        return [path]
     if not path.is_dir():
         raise DataError(f"--input {path}: no such file or directory")
     path = unnested(path)
@@ -296,12 +302,9 @@ def find_images(path, *, skip_bad: bool = False, check: bool = True) -> list[Pat
     if problems:
         log.warning("skipping images whose names clash:\n  %s", "\n  ".join(problems))
     if not images:
-        zips = sorted(p.name for p in path.glob("*.zip"))
-        hint = f"; unzip {zips[0]} first" if zips else ""
         raise DataError(f"--input {path}: the folder holds no images "
-                        f"({', '.join(IMAGE_SUFFIXES)}){hint}")
-    paths = sorted(images.values())
-    return check_images(paths, skip_bad=skip_bad) if check else paths
+                        f"({', '.join(IMAGE_SUFFIXES)}){_unzip_hint(path)}")
+    return sorted(images.values())
 
 
 def check_images(paths, *, skip_bad: bool = False, workers: int = 16) -> list[Path]:

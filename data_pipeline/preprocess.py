@@ -311,9 +311,9 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
     One rule for every format. Palette images are read as their indices, never their
     colours (Kaggle's GIFs hold index 1 on the car, whose colour may well be black).
     Alpha is never part of the mask: LA masks use L, RGBA masks R, G and B. Colour
-    masks take the largest of R, G, B (for several classes, a mask whose colours code the
-    classes is an error: only grey colour masks hold ids). 16-bit masks keep their values (0/65535 and
-    0/1 masks alike; class ids are often stored as 16-bit).
+    masks take the largest of R, G, B (for several classes, a mask whose colours code
+    the classes is an error: only grey colour masks hold ids). 16-bit masks keep their
+    values (0/65535 and 0/1 masks alike; class ids are often stored as 16-bit).
 
     Binary masks: any non-zero value is foreground (Kaggle's index 1, users' 0/255),
     except in JPEG and lossy WebP masks, cut at 128: lossy compression leaves their

@@ -79,7 +79,6 @@ python -m experiments.benchmark --suite gpu --platform cpu --quick --out /tmp/dr
 # others measure what each CPU kernel of unet_jax/cpu_kernels.py buys (--compare-kernels).
 KERNEL_VARIANTS = {"jax-stock": (False, False), "jax-conv-kernel": (True, False),
                    "jax-pool-kernel": (False, True)}
-TORCH_CHILDREN = tuple(TORCH_PEERS)  # eager NCHW, eager channels_last, then compiled
 CHILDREN = ("jax", *KERNEL_VARIANTS, "pipeline", "onnxruntime")  # the torch rows: torch_peer
 TTA_VIEWS = {"none": 1, "hflip": 2, "flips": 4}
 
@@ -339,7 +338,7 @@ def run_onnx(args) -> dict:
     timing = time_steps(lambda: session.run(None, {"image": images}), args.steps, args.warmup)
     return {"framework": "onnxruntime", "backend": "cpu", "device": "cpu",
             "img_per_s": args.batch_size / timing["step_s"], **timing,
-            "compile_s": compile_s, "gflops_per_s": 0.0, "peak_rss_mb": peak_rss_mb(),
+            "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(),
             "onnx_mb": size_mb, "onnxruntime": ort.__version__}
 
 
@@ -570,11 +569,12 @@ def run_child(args, which: str, timeout: float | None = None, xla_flags: str = "
         raise common.UserError(f"the {which} measurement failed: "
                                f"{lines[-1] if lines else f'exit status {child.returncode}'}")
     row = json.loads(stdout.strip().splitlines()[-1])
-    if which in TORCH_PEERS:  # the same network as the JAX rows: the same FLOP count
+    if which in (*TORCH_PEERS, "onnxruntime"):  # the JAX rows' network: the same count
         from unet_jax import flops
 
         count = flops.train_flops if args.mode == "train" else flops.forward_flops
-        row["flops_per_step"] = args.batch_size * count(*args.image_size)
+        row["flops_per_step"] = args.batch_size * count(*args.image_size,
+                                                        base_features=args.base_features)
         row["gflops_per_s"] = row["flops_per_step"] / row["step_s"] / 1e9
         row["mfu"] = flops.utilisation(row["flops_per_step"] / row["step_s"],
                                        row["device"], args.dtype)
@@ -669,8 +669,8 @@ def main(argv=None):
         peer_args = argparse.Namespace(**{**vars(args), "platform": "gpu" if rows[0][
             "backend"] in ("gpu", "cuda", "rocm") else "cpu"})
         if torch_available():
-            eager = [peer for peer in TORCH_CHILDREN if not TORCH_PEERS[peer][1]]
-            compiled = [peer for peer in TORCH_CHILDREN if TORCH_PEERS[peer][1]]
+            eager = [peer for peer, (_, jit) in TORCH_PEERS.items() if not jit]
+            compiled = [peer for peer, (_, jit) in TORCH_PEERS.items() if jit]
             rows += [run_child(peer_args, peer) for peer in eager]
             for peer in compiled if args.compare_torch == "all" else ():
                 try:  # it needs a C++ compiler on a CPU (Inductor): the other rows stand
@@ -688,9 +688,6 @@ def main(argv=None):
         else:
             rows.append(run_child(args, "onnxruntime"))
     jax_row = rows[0]
-    for row in (r for r in rows[1:] if r["framework"] == "onnxruntime"):
-        # the same network: the counted FLOPs over this row's step time
-        row["gflops_per_s"] = jax_row["flops_per_step"] / row["step_s"] / 1e9
     print_table(args, rows)
     for note in notes:
         print(note)

@@ -46,8 +46,7 @@ def main(argv=None):
     predictor = common.make_predictor(args)
     out = rundir.check_writable(Path(args.output), "--output")
     # A second run into the input folder would predict masks of the first run's masks.
-    every = [path for path in data_pipeline.find_images(args.input, skip_bad=args.skip_bad,
-                                                         check=False)
+    every = [path for path in data_pipeline.find_images(args.input, skip_bad=args.skip_bad)
              if not is_output(path, out)]
     if not every:
         raise common.UserError(f"--input {args.input} holds only this command's own outputs "
