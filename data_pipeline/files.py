@@ -12,7 +12,8 @@ Three layouts are understood:
 * A user's own folders: ``images/`` and ``masks/``, paired by file stem (the mask may
   be ``<stem>.<ext>`` or ``<stem>_mask.<ext>``), in any of JPEG, PNG, GIF, TIFF, BMP,
   WebP.
-  Each image is its own group.
+  Each image is its own group, unless ``--group-by`` reads groups from the names
+  (``splits.grouped``).
 
 Every pair is checked up front: that it has its partner, that both files open and are
 complete, and that they have the same size. A problem found after an hour of training
@@ -49,7 +50,8 @@ _TRAILERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
 @dataclasses.dataclass(frozen=True)
 class Pair:
     """An image, its mask, and the car it shows (the group a split keeps together;
-    for a user's own folders, the image's stem: each image is its own group)."""
+    for a user's own folders, the image's stem, each image its own group, until
+    ``splits.grouped`` reads the groups from the names)."""
 
     image: Path
     mask: Path
@@ -57,7 +59,7 @@ class Pair:
 
     @property
     def group(self) -> str:
-        """The split's grouping key: the car id."""
+        """The split's grouping key: the car id, or the group ``--group-by`` read."""
         return self.car
 
 

@@ -4,12 +4,16 @@ Carvana photographs each car from 16 angles; neighbouring angles look nearly the
 A per-image split (the guide's ``random_split(dataset, [0.8, 0.2])``) puts views of the
 same car on both sides, so validation partly measures memory and its Dice is inflated.
 Splitting by car keeps all 16 views of a car on one side and measures what matters:
-how well the model segments cars it has never seen.
+how well the model segments cars it has never seen. A user's own folders have the same
+problem with the slices of one patient or the frames of one video; their file names
+usually say which group an image belongs to, and ``group_by`` reads it from them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -43,34 +47,65 @@ def subset_by_car(pairs: list[Pair], fraction: float, seed: int = 42) -> list[Pa
 subset_by_group = subset_by_car  # the name other modules knew first
 
 
+def grouped(pairs: list[Pair], pattern: str) -> list[Pair]:
+    """The pairs with each one's group read from its image's file name by ``pattern``.
+
+    The regular expression is searched in the name without its extension; its first
+    group, or the whole match if it has no group, names the group:
+    ``'^(patient\\d+)_'`` puts ``patient12_slice040.png`` in ``patient12``. Every
+    image must match: one left over would silently be a group of its own, on either
+    side of the split.
+    """
+    regex = re.compile(pattern)
+    named, unmatched = [], []
+    for pair in pairs:
+        found = regex.search(pair.image.stem)
+        group = found and (found.group(1) if regex.groups else found.group(0))
+        if group:
+            named.append(dataclasses.replace(pair, car=group))
+        else:
+            unmatched.append(pair.image)
+    if unmatched:
+        raise DataError(f"--group-by {pattern!r} finds no group in the name of "
+                        f"{unmatched[0]} ({len(unmatched)} of {len(pairs)} images); give a "
+                        "pattern that every image name matches, its first (...) the group")
+    return named
+
+
 def _n_val(n: int, val_fraction: float, what: str) -> int:
     """How many of ``n`` units go to validation: rounded, and neither side empty."""
     if n < 2:
         raise DataError(f"a split needs at least 2 {what}, the data has {n}; add data, "
-                        "raise --subset" + (", or use --split random" if what == "cars" else ""))
+                        "raise --subset" + (", or use --split random" if what != "images"
+                                            else ""))
     return min(n - 1, max(1, round(val_fraction * n)))
 
 
 def split_pairs(pairs: list[Pair], *, method: str = "car", val_fraction: float = 0.2,
-                seed: int = 42, subset: float = 1.0) -> tuple[list[Pair], list[Pair]]:
+                seed: int = 42, subset: float = 1.0,
+                group_by: str = "") -> tuple[list[Pair], list[Pair]]:
     """(train, validation) pairs, seeded and reproducible, each in name order.
 
     ``method='car'`` puts whole cars on one side, ``val_fraction`` of the cars (rounded)
     in validation. ``'random'`` splits image by image like the guide; the guide's exact
     split cannot be reproduced without torch's generator, so numpy's
     ``default_rng(seed)`` draws it. ``subset`` first keeps that fraction of the cars,
-    for quick runs.
+    for quick runs. ``group_by`` (see ``grouped``) names the groups that take the
+    cars' place, for both.
     """
     if method not in METHODS:
         raise DataError(f"--split {method!r}: choose one of {', '.join(METHODS)}")
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction {val_fraction}: give a fraction in (0, 1)")
+    if group_by:
+        pairs = grouped(pairs, group_by)
     # Sorted first, so that the split depends on the files alone, not the listing order.
     pairs = sorted(subset_by_car(pairs, subset, seed), key=lambda p: p.image)
     rng = _rng(seed, 1)
     if method == "car":
         cars = sorted({p.car for p in pairs})
-        val_cars = set(rng.permutation(cars)[: _n_val(len(cars), val_fraction, "cars")].tolist())
+        val_cars = set(rng.permutation(cars)[: _n_val(len(cars), val_fraction,
+                                                              "groups" if group_by else "cars")].tolist())
         is_val = [p.car in val_cars for p in pairs]
     else:
         val_idx = set(rng.permutation(len(pairs))[: _n_val(len(pairs), val_fraction,

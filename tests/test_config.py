@@ -61,6 +61,7 @@ def test_round_trip_through_json(tmp_path):
     (dict(augment="flip,warp"), "--augment"),
     (dict(dtype="float16"), "--dtype"),
     (dict(kernels="fast"), "--kernels"),
+    (dict(group_by="(patient"), "--group-by"),
 ])
 def test_bad_values_give_one_line_naming_the_flag(fields, flag):
     with pytest.raises(ConfigError) as e:

@@ -88,6 +88,40 @@ def test_own_folders_split_image_by_image(tmp_path):
     assert len(train) == 8 and len(val) == 2
 
 
+def patient_pairs(patients=10, slices=6):
+    """A user's own folders named <patient>_slice<k>: the stem is each pair's group."""
+    return [dp.Pair(Path(f"/d/images/{p}_slice{k:03d}.png"),
+                    Path(f"/d/masks/{p}_slice{k:03d}.png"), f"{p}_slice{k:03d}")
+            for p in (f"case{i:02d}" for i in range(patients)) for k in range(slices)]
+
+
+def test_group_by_keeps_each_group_on_one_side_for_split_and_subset():
+    pairs = patient_pairs()
+    train, val = dp.split_pairs(pairs, group_by=r"^(case\d+)_")
+    assert not cars(train) & cars(val)
+    assert len(cars(val)) == 2 and len(cars(train)) == 8 and len(val) == 12
+    assert {p.image for p in train + val} == {p.image for p in pairs}
+    # Without a group in the pattern, the whole match names the group.
+    assert dp.split_pairs(pairs, group_by=r"case\d+") == (train, val)
+    small_train, small_val = dp.split_pairs(pairs, subset=0.5, group_by="^(case..)")
+    assert len(cars(small_train) | cars(small_val)) == 5
+    assert len(small_train + small_val) == 30  # whole patients kept
+    # Without it, each slice is its own group: patients straddle the split.
+    train, val = dp.split_pairs(pairs)
+    straddling = {p.car.split("_")[0] for p in train} & {p.car.split("_")[0] for p in val}
+    assert straddling
+
+
+def test_group_by_names_an_image_it_finds_no_group_in():
+    pairs = patient_pairs() + [dp.Pair(Path("/d/images/scan7.png"),
+                                       Path("/d/masks/scan7.png"), "scan7")]
+    with pytest.raises(dp.DataError) as e:
+        dp.split_pairs(pairs, group_by=r"^(case\d+)_")
+    assert "scan7.png (1 of 61 images)" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(dp.DataError, match="at least 2 groups, the data has 1"):
+        dp.split_pairs(patient_pairs(), group_by="slice")
+
+
 def test_split_json_round_trip(tmp_path):
     data = kaggle_dir(tmp_path / "carvana")
     train, val = dp.split_pairs(dp.find_pairs(data))

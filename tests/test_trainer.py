@@ -153,6 +153,24 @@ def test_multi_class_trains_every_class(tmp_path):
     assert "val_dice_class2" in header and "val_iou_class1" in header
 
 
+def test_group_by_reaches_the_runs_split_and_summary(tmp_path):
+    from unet_jax import trainer
+
+    data = shapes_dir(tmp_path / "flat", n=12)
+    for i, image in enumerate(sorted((data / "images").iterdir())):  # 4 patients, 3 slices
+        for folder in ("images", "masks"):
+            (data / folder / image.name).rename(data / folder / f"pt{i % 4}_slice{i}.png")
+    config = dataclasses.replace(TINY, data_dir=str(data), group_by=r"^(pt\d)_",
+                                 val_fraction=0.25)
+    train, val, _ = trainer.build_data(config, tmp_path / "run", resume=False)
+    groups = [{p.image.name.split("_")[0] for p in d.pairs} for d in (train, val)]
+    assert len(groups[1]) == 1 and not groups[0] & groups[1] and len(val.pairs) == 3
+    assert trainer._groups(config, train.pairs, val.pairs) == " (3 / 1 groups)"
+    plain = dataclasses.replace(config, group_by="")
+    train, val, _ = trainer.build_data(plain, tmp_path / "run", resume=False)
+    assert trainer._groups(plain, train.pairs, val.pairs) == ""
+
+
 def test_a_mask_value_beyond_the_classes_is_one_line_naming_the_file(tmp_path):
     data = shapes_dir(tmp_path / "shapes", n=8)
     config = dataclasses.replace(TINY, data_dir=str(data), num_classes=2, epochs=1,

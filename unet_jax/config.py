@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -86,6 +87,11 @@ class Config:
                                   "epoch, so that a few images give enough steps")
     split: str = _field("car", "validation split: by car (no car on both sides) or per "
                         "image, as the guide", choices=("car", "random"))
+    group_by: str = _field("", "a regular expression that reads each image's group from "
+                           "its file name (its first (...) group), for your own folders: "
+                           "'^(patient\\d+)_' keeps all of patient12_*.png on one side of "
+                           "the split; groups take the cars' place in --split car and "
+                           "--subset", metavar="REGEX")
     val_fraction: float = _field(0.2, "share of the cars (or images) for validation")
     subset: float = _field(1.0, "fraction of the cars to use, e.g. 0.1 as the guide's CPU run")
     augment: str = _field("", "augmentations by name, comma-separated: flip, shift "
@@ -174,6 +180,11 @@ class Config:
             if getattr(self, name) not in values:
                 raise ConfigError(f"{flag(name)} {getattr(self, name)!r}: choose one of "
                                   f"{', '.join(values)}")
+        try:
+            re.compile(self.group_by)
+        except re.error as e:
+            raise ConfigError(f"--group-by {self.group_by!r} is not a regular expression "
+                              f"({e}); e.g. '^(patient\\d+)_'") from None
         if not 0 < self.subset <= 1:
             raise ConfigError(f"--subset {self.subset}: give a fraction in (0, 1]")
         if not 0 < self.val_fraction < 1:

@@ -160,12 +160,15 @@ def build_data(config: Config, workdir: Path, resume: bool):
         moved = config.data_dir != Config.load(workdir / "config.json").data_dir
         train_pairs, val_pairs = data_pipeline.read_split(split_file,
                                                           data_dir if moved else None)
+        if config.group_by:  # for the summary: the file records images, not groups
+            train_pairs, val_pairs = (data_pipeline.grouped(pairs, config.group_by)
+                                      for pairs in (train_pairs, val_pairs))
     else:
         pairs = data_pipeline.find_pairs(data_dir, skip_bad=config.skip_bad,
                                          num_classes=config.num_classes)
         train_pairs, val_pairs = data_pipeline.split_pairs(
             pairs, method=config.split, val_fraction=config.val_fraction, seed=config.seed,
-            subset=config.subset)
+            subset=config.subset, group_by=config.group_by)
     if config.crop is not None:
         data_pipeline.check_crop_fits(train_pairs + val_pairs, config.crop, config.scale)
     processes = jax.process_count()
@@ -396,9 +399,19 @@ def _summary(config, state, train_data, val_data, data_dir, workdir) -> str:
                 f"images at scale {config.scale}, validated {val_mode.describe()}")
     return (f"unet-jax: {n_params:,} parameters on {jax.default_backend()} "
             f"({jax.device_count()} device(s), {jax.process_count()} process(es)); "
-            f"{len(train_data.pairs)} training / {len(val_data.pairs)} validation images "
-            f"from {data_dir}; {size}, batch {config.batch_size}; {optim.describe(config)}; "
+            f"{len(train_data.pairs)} training / {len(val_data.pairs)} validation images"
+            f"{_groups(config, train_data.pairs, val_data.pairs)} from {data_dir}; {size}, batch {config.batch_size}; {optim.describe(config)}; "
             f"run directory {workdir}")
+
+
+def _groups(config, train_pairs, val_pairs) -> str:
+    """How many groups (cars) each side of the split holds, when they are not single
+    images: the summary shows that a split by group took place."""
+    counts = [len({p.car for p in pairs}) for pairs in (train_pairs, val_pairs)]
+    if config.split != "car" or counts == [len(train_pairs), len(val_pairs)]:
+        return ""
+    what = "groups" if config.group_by else "cars"
+    return f" ({counts[0]} / {counts[1]} {what})"
 
 
 @contextlib.contextmanager
