@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import textwrap
+import threading
 
 from unet_jax.tiling import TTA
 
@@ -21,6 +23,22 @@ USER_ERROR = 2
 
 class UserError(Exception):
     """A problem with the command's input that the user can fix; exit status 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt.
+
+    A scheduler stopping a job (Slurm, Kaggle, ``docker stop``, ``timeout``) sends
+    SIGTERM, which by default ends Python at once: a checkpoint being written is
+    lost and a run that had not started yet leaves its folder behind. Raised instead,
+    it unwinds like Ctrl-C: the checkpoint in flight is finished and every cleanup
+    runs. A second SIGTERM ends the process at once, as before.
+    """
+
+
+def _terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated
 
 
 class Parser(argparse.ArgumentParser):
@@ -140,7 +158,8 @@ def _initialize_distributed(*args) -> None:
 
 
 def run(main, argv=None, prog: str = "") -> None:
-    """Runs ``main(argv)``; user errors become one line on stderr and exit status 2."""
+    """Runs ``main(argv)``; user errors become one line on stderr and exit status 2,
+    Ctrl-C exits 130 and SIGTERM 143, each after the command's cleanups ran."""
     from data_pipeline.errors import DataError
     from unet_jax.checkpoints import CheckpointError
     from unet_jax.config import ConfigError
@@ -148,6 +167,8 @@ def run(main, argv=None, prog: str = "") -> None:
     from unet_jax.rundir import RunDirError
     from unet_jax.trainer import TrainingError
 
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
         code = main(argv)
     except (UserError, DataError, CheckpointError, ConfigError, ExportError, RunDirError,
@@ -157,4 +178,10 @@ def run(main, argv=None, prog: str = "") -> None:
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
         sys.exit(130)
+    except Terminated:
+        sys.stderr.write(f"{prog}: terminated\n")
+        sys.exit(128 + signal.SIGTERM)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     sys.exit(code or 0)

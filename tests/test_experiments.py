@@ -198,6 +198,25 @@ def test_killed_run_resumes_to_the_same_metrics(data_dir, tmp_path):
     assert [r["epoch"] for r in read_metrics(killed)] == ["1", "2", "3", "4"]
 
 
+def test_sigterm_unwinds_like_ctrl_c_and_exits_143(capsys):
+    """A scheduler's SIGTERM runs the command's cleanups (a checkpoint in flight is
+    finished, an unused run folder removed) instead of ending Python mid-write."""
+    before = signal.getsignal(signal.SIGTERM)
+    cleaned = []
+
+    def main(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the signal's exception ends this
+        finally:
+            cleaned.append(signal.getsignal(signal.SIGTERM))
+
+    assert call(main, []) == 143
+    assert cleaned == [signal.SIG_DFL]  # a second SIGTERM would end it at once
+    assert capsys.readouterr().err == "test: terminated\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_predict_writes_binary_masks_at_each_images_size(trained_run, tmp_path):
     inputs = random_images(tmp_path / "in", {"odd.jpg": (70, 101, 3), "gray.png": (40, 50)})
     out = tmp_path / "out"
