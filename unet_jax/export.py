@@ -35,11 +35,13 @@ and output, how the run predicts (``prediction_settings``), and the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -348,6 +350,41 @@ def check_images(config) -> list[np.ndarray]:
 
 # --- Export -------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _native_logs_held():
+    """Holds what is written to the process's stderr (file descriptor 2) meanwhile.
+
+    The TFLite converter and interpreter log from C++ straight to the descriptor
+    (absl notes about ignored options, the XNNPACK delegate), past Python's logging
+    and ``TF_CPP_MIN_LOG_LEVEL``: a page of notes before export's one-line result.
+    They are dropped when the export succeeds or fails with its own ``ExportError``
+    (which says what went wrong), and written out for any other failure, whose
+    cause they may tell.
+    """
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except ExportError:
+            raise
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def export_params(params, config, fmt: str, output, dtype: str = "float32") -> dict:
     """Writes ``params`` of a run with ``config`` as ``fmt`` to ``output``, checked
     against JAX; returns the check: {"max_abs_diff", "input_shapes", "tolerance"}."""
@@ -366,16 +403,18 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32") -> d
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     try:
         artifact = staging / output.name
-        if fmt == "stablehlo":
-            artifact.write_bytes(_to_stablehlo(fn, config))
-        elif fmt == "savedmodel":
-            _write_savedmodel(fn, config, artifact)
-        elif fmt == "tflite":
-            artifact.write_bytes(_to_tflite(fn, config))
-        else:
-            _to_onnx(_to_tflite(fn, config), artifact)
-        run = load(artifact, fmt)
-        checks = [(images.shape, *parity(run, fn, images)) for images in check_images(config)]
+        with _native_logs_held():
+            if fmt == "stablehlo":
+                artifact.write_bytes(_to_stablehlo(fn, config))
+            elif fmt == "savedmodel":
+                _write_savedmodel(fn, config, artifact)
+            elif fmt == "tflite":
+                artifact.write_bytes(_to_tflite(fn, config))
+            else:
+                _to_onnx(_to_tflite(fn, config), artifact)
+            run = load(artifact, fmt)
+            checks = [(images.shape, *parity(run, fn, images))
+                      for images in check_images(config)]
         shape, diff, _ = max(checks, key=lambda check: check[1])
         limit = TOLERANCE[dtype] * max(1.0, max(largest for _, _, largest in checks))
         if not diff <= limit:
