@@ -21,7 +21,7 @@ python -m experiments.train --platform cpu --preset full      # the guide's full
 python -m experiments.train --platform gpu --data-dir ~/carvana --preset seed-gpu
 python -m experiments.train --data-dir ~/carvana --preset seed-cpu --epochs 3
 python -m experiments.train --workdir runs/my-run --resume --epochs 20   # continue a run
-python -m experiments.train --data-dir ~/carvana --schedule cosine --warmup-epochs 1 --ema 0.999
+python -m experiments.train --data-dir ~/carvana --preset full --schedule cosine --warmup-epochs 1 --ema 0.999
 """
 
 
@@ -74,12 +74,29 @@ def build_config(args):
     return configs.get(args.preset or "default", **given)
 
 
+def sample_sized_note(args) -> str | None:
+    """A note when a user's data would be trained with the sample set's sizes: the
+    default preset (a narrow model at 64x96) fits the built-in set and a first run on
+    a laptop, not photographs or scans, and nothing else would say so."""
+    from unet_jax import config as config_lib
+
+    given = config_lib.overrides(args)
+    if args.resume or args.preset or "data_dir" not in given or {
+            "base_features", "image_size", "crop"} & given.keys():
+        return None
+    return ("note: --data-dir without --preset trains the default preset, sized for the "
+            "sample set (the guide's U-Net at an eighth of its width, at 64x96); for your "
+            "data choose --preset full or seed-gpu, or --base-features and --image-size")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.resume and not args.workdir:
         raise common.UserError("--resume needs --workdir: the run directory to continue")
     config = build_config(args)  # checked before JAX starts: a bad flag costs nothing
     common.start_platform(args.platform, args)
+    if note := sample_sized_note(args):
+        print(note)
 
     import unet_jax
 

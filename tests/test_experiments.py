@@ -532,6 +532,21 @@ def test_a_new_run_replaces_the_split_of_a_run_that_stopped_before_its_first_che
     assert all(p.startswith(str(data_dir)) for side in split.values() for p in side)
 
 
+@pytest.mark.parametrize("argv, noted", [
+    (["--data-dir", "d"], True),
+    (["--data-dir", "d", "--epochs", "30"], True),
+    (["--data-dir", "d", "--preset", "full"], False),
+    (["--data-dir", "d", "--image-size", "256"], False),
+    (["--data-dir", "d", "--base-features", "64"], False),
+    (["--data-dir", "d", "--crop", "256"], False),
+    (["--epochs", "3"], False),  # the sample set: the preset is sized for it
+])
+def test_own_data_at_the_sample_sets_sizes_gets_a_note(argv, noted):
+    note = train.sample_sized_note(train.parse_args(argv))
+    assert (note is not None) == noted
+    assert note is None or ("--preset" in note and "64x96" in note)
+
+
 def test_resume_with_the_preset_alone_keeps_the_first_commands_epochs(tmp_path):
     from unet_jax import configs
 
