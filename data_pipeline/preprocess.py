@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import os
 import re
 import warnings
@@ -39,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.errors import DataError
 
+log = logging.getLogger(__name__)
 MAX_PIXELS_VARIABLE = "UNET_JAX_MAX_IMAGE_PIXELS"
 # Raised whenever the same file comes to decode to other pixels (2: EXIF orientation
 # applied, graded mask edges cut at half scale), so that caches of decoded examples
@@ -251,16 +253,31 @@ RESIZE = {"bilinear": Image.Resampling.BILINEAR, "area": Image.Resampling.BOX}
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
-def _to_8_bits(img: Image.Image) -> Image.Image:
+_narrow_warned = False
+
+
+def _to_8_bits(img: Image.Image, path) -> Image.Image:
     """A 16-bit, 32-bit or float grayscale image as 8-bit ('L').
 
     16-bit modes are scaled by their range (65535 -> 255), whatever the image holds,
     so that every image of a dataset is scaled alike. 32-bit integer and float images
     say nothing of their range: float values up to 1 are taken as [0, 1], integers
-    over 255 as 16-bit, anything else as 0..255.
+    over 255 as 16-bit, anything else as 0..255. A 12-bit camera or scanner (values up
+    to 4095) keeps 17 grey levels that way; no rule read from one file can fix that
+    for a dataset, so the first such image is named with the fix (a window for the
+    whole dataset, chosen by the user).
     """
+    global _narrow_warned
     values = np.asarray(img, np.float32)
-    if img.mode.startswith("I;16"):
+    sixteen = img.mode.startswith("I;16") or (img.mode != "F" and values.max() > 255)
+    if sixteen:
+        if values.max() < 4096 and not _narrow_warned:
+            _narrow_warned = True
+            log.warning("%s is a 16-bit image whose values stay below %d: scaled from "
+                        "65535 to 255, as every 16-bit image is, it keeps %d grey levels; "
+                        "convert such images to 8 bits with one window for the whole "
+                        "dataset first (README: 'Data layouts')", path,
+                        int(values.max()) + 1, int(np.rint(values.max() / 257)) + 1)
         values = values / 257
     elif img.mode == "F" and values.max() <= 1:
         values = values * 255
@@ -291,7 +308,7 @@ def load_image(path, image_size=None, in_channels: int = 3,
             img.draft(mode, (height, width) if orientation(img) >= 5 else (width, height))
         img = upright(img)
         if img.mode in _WIDE_MODES:
-            img = _to_8_bits(img)
+            img = _to_8_bits(img, path)
         elif img.mode == "P":
             img = img.convert("RGBA")  # applies the palette, transparency included
         img = img.convert(mode)

@@ -162,6 +162,25 @@ def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
     assert dp.load_image(tmp_path / "x.png", (H, W)).min() == 255
 
 
+def test_a_12_bit_image_is_named_once_with_the_fix(tmp_path, caplog, monkeypatch):
+    from data_pipeline import preprocess
+
+    monkeypatch.setattr(preprocess, "_narrow_warned", False)
+    Image.fromarray(np.full((H, W), 65535, np.uint16)).save(tmp_path / "wide.png")
+    ramp = np.linspace(0, 4095, H * W).reshape(H, W).astype(np.uint16)
+    for name in ("scan1.png", "scan2.png"):
+        Image.fromarray(ramp).save(tmp_path / name)
+    with caplog.at_level("WARNING"):
+        dp.load_image(tmp_path / "wide.png", (H, W))
+        assert not caplog.records  # the full range: nothing to say
+        levels = dp.load_image(tmp_path / "scan1.png", (H, W), in_channels=1)
+        dp.load_image(tmp_path / "scan2.png", (H, W))
+    assert len(np.unique(levels)) == 17
+    [record] = caplog.records
+    assert "scan1.png" in record.getMessage() and "below 4096" in record.getMessage()
+    assert "17 grey levels" in record.getMessage() and "window" in record.getMessage()
+
+
 # --- every bad-data error names the file -------------------------------------------------
 
 def test_missing_mask(kaggle):
