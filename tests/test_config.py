@@ -62,6 +62,7 @@ def test_round_trip_through_json(tmp_path):
     (dict(dtype="float16"), "--dtype"),
     (dict(kernels="fast"), "--kernels"),
     (dict(group_by="(patient"), "--group-by"),
+    (dict(group_by="^(p\\d+)_", split="random"), "--group-by"),
 ])
 def test_bad_values_give_one_line_naming_the_flag(fields, flag):
     with pytest.raises(ConfigError) as e:

@@ -185,6 +185,10 @@ class Config:
         except re.error as e:
             raise ConfigError(f"--group-by {self.group_by!r} is not a regular expression "
                               f"({e}); e.g. '^(patient\\d+)_'") from None
+        if self.group_by and self.split != "car":
+            raise ConfigError(f"--group-by keeps each group on one side of the split by "
+                              f"group (--split car, the default), not of --split "
+                              f"{self.split}: drop one of the two")
         if not 0 < self.subset <= 1:
             raise ConfigError(f"--subset {self.subset}: give a fraction in (0, 1]")
         if not 0 < self.val_fraction < 1:
