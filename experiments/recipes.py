@@ -143,6 +143,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=common.positive_int, help="override the preset's epochs")
     p.add_argument("--data-dir", help="train on this dataset instead of the preset's "
                    "(the built-in sample set by default)")
+    p.add_argument("--group-by", metavar="REGEX", help="read each image's group from its "
+                   "file name, as train's --group-by, so that a group stays on one side "
+                   "of every recipe's split")
     p.add_argument("--out", required=True, help="prefix of OUT.md, OUT.json and OUT.png")
     p.add_argument("--runs", help="keep the run directories here (default: a temporary "
                    "folder, removed at the end)")
@@ -153,7 +156,8 @@ def main(argv=None):
     args = parse_args(argv)
     from unet_jax import configs
 
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("data_dir", args.data_dir)) if v}
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("data_dir", args.data_dir),
+                                   ("group_by", args.group_by)) if v}
     base = configs.get(args.preset, **overrides)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

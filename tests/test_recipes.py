@@ -52,12 +52,14 @@ def test_the_command_trains_each_recipe_and_seed_and_writes_its_files(tmp_path, 
     monkeypatch.setattr(unet_jax, "train_and_evaluate", train_and_evaluate)
     out = tmp_path / "r"
     code = recipes.main(["--preset", "tiny", "--epochs", "2", "--seeds", "2", "--recipes",
-                         "constant", "cosine+ema", "--out", str(out), "--platform", "cpu"])
+                         "constant", "cosine+ema", "--out", str(out), "--platform", "cpu",
+                         "--group-by", "^(case\\d+)_"])
     assert code == 0
     assert [name for _, name in trained] == ["constant-seed0", "cosine+ema-seed0",
                                              "constant-seed1", "cosine+ema-seed1"]
     assert [(c.seed, c.schedule, c.ema, c.epochs) for c, _ in trained][:2] == [
         (0, "constant", 0.0, 2), (0, "cosine", recipes.EMA, 2)]
+    assert {c.group_by for c, _ in trained} == {"^(case\\d+)_"}
     saved = json.loads(out.with_suffix(".json").read_text())
     assert list(saved["histories"]) == ["constant", "cosine+ema"]
     assert saved["rows"][1]["gain"] == pytest.approx(recipes.EMA / 10)
