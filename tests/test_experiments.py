@@ -229,6 +229,22 @@ def test_predict_writes_binary_masks_at_each_images_size(trained_run, tmp_path):
     assert (out / "odd_viz.png").is_file() and (out / "gray_viz.png").is_file()
 
 
+@pytest.mark.parametrize("foreground", ["everywhere", "in part"])
+def test_predict_writes_the_models_mask_as_0_and_255(tmp_path, foreground):
+    inputs = random_images(tmp_path / "in", {"x.png": (20, 30, 3)})
+    run = (multi_class_run(tmp_path / "run", num_classes=1, winner=0)
+           if foreground == "everywhere" else varied_run(tmp_path / "run", [inputs / "x.png"]))
+    assert call(predict.main, ["--checkpoint", str(run), "--input", str(inputs),
+                               "--output", str(tmp_path / "out")]) == 0
+    written = np.asarray(Image.open(tmp_path / "out" / "x_mask.png"))
+    from unet_jax.inference import Predictor
+    predictor = Predictor(run)
+    [expected] = predictor.masks([predictor.decode(inputs / "x.png")], [(20, 30)])
+    assert np.array_equal(written, expected * np.uint8(255))
+    assert ((written == 255).all() if foreground == "everywhere"
+            else set(np.unique(written)) == {0, 255})
+
+
 def test_predict_names_a_missing_checkpoint(tmp_path, capsys):
     code = call(predict.main, ["--checkpoint", str(tmp_path), "--input", str(tmp_path),
                                "--output", str(tmp_path / "o")])
@@ -344,22 +360,25 @@ def test_rle_is_row_major_and_one_indexed():
     assert submit.rle_encode(np.ones((2, 2), bool)) == "1 4"
 
 
-def test_submit_writes_kaggle_csv(trained_run, tmp_path):
-    test_dir = tmp_path / "test"
-    test_dir.mkdir()
-    for i in range(3):
-        Image.fromarray(np.full((64, 96, 3), 60 * i, np.uint8)).save(test_dir / f"car_{i:02d}.jpg")
+def test_submit_writes_kaggle_csv(tmp_path):
+    # Masks that differ from image to image: each row must hold its own file's.
+    test_dir = random_images(tmp_path / "test", {f"car_{i:02d}.jpg": (64, 96, 3)
+                                                 for i in range(3)})
+    run = varied_run(tmp_path / "run", sorted(test_dir.iterdir()))
     out = tmp_path / "submission.csv"
-    assert call(submit.main, ["--checkpoint", str(trained_run), "--input", str(test_dir),
+    assert call(submit.main, ["--checkpoint", str(run), "--input", str(test_dir),
                               "--output", str(out)]) == 0
     rows = list(csv.reader(out.open()))
     assert rows[0] == ["img", "rle_mask"]
     assert [r[0] for r in rows[1:]] == ["car_00.jpg", "car_01.jpg", "car_02.jpg"]
     from unet_jax.inference import Predictor
-    predictor = Predictor(trained_run)
-    logits = predictor.logits([predictor.model_input(test_dir / "car_01.jpg")], [(64, 96)])
-    expected = predictor.to_mask(logits[0])
-    assert np.array_equal(submit.rle_decode(rows[2][1], (64, 96)), expected)
+    predictor = Predictor(run)
+    decoded = [submit.rle_decode(r[1], (64, 96)) for r in rows[1:]]
+    for i, mask in enumerate(decoded):
+        logits = predictor.logits([predictor.model_input(test_dir / f"car_{i:02d}.jpg")],
+                                  [(64, 96)])
+        assert np.array_equal(mask, predictor.to_mask(logits[0])), i
+    assert len({m.tobytes() for m in decoded}) == 3  # the rows could not be swapped unseen
 
 
 def test_import_torch_round_trip(tmp_path):
@@ -391,9 +410,29 @@ def test_import_torch_refuses_pickled_objects(tmp_path, capsys):
 
 # --- multi-class predict, bad masks in evaluate, interrupted writes ----------------------
 
+def varied_run(run_dir, image_files):
+    """A run of an untrained one-class model whose threshold sits at the median logit
+    of ``image_files``: its masks are part foreground and differ from image to image
+    (a tiny model trained for seconds finds nothing at all: every mask alike)."""
+    import jax
+
+    from unet_jax import checkpoints, init_params
+    from unet_jax.inference import Predictor
+
+    scratch = multi_class_run(run_dir.with_name(run_dir.name + "-untrained"), 1, None)
+    predictor = Predictor(scratch)
+    logits = predictor.logits([predictor.model_input(f) for f in image_files],
+                              [Image.open(f).size[::-1] for f in image_files])
+    params = jax.tree.map(np.asarray, predictor.params)
+    params["head"]["bias"] = params["head"]["bias"] - np.median(np.concatenate(
+        [x.ravel() for x in logits]))
+    return checkpoints.save_params(run_dir, params, predictor.config)
+
+
 def multi_class_run(run_dir, num_classes=3, winner=2):
     """A run directory of an untrained ``num_classes`` model whose head favours class
-    ``winner`` by far, so that it predicts that class on every pixel."""
+    ``winner`` by far, so that it predicts that class on every pixel (for one class,
+    winner 0: foreground everywhere); winner None leaves the model as initialised."""
     import dataclasses
 
     import jax
@@ -402,8 +441,35 @@ def multi_class_run(run_dir, num_classes=3, winner=2):
 
     config = dataclasses.replace(configs.tiny(), num_classes=num_classes)
     params = init_params(jax.random.key(0), config)
-    params["head"]["bias"] = params["head"]["bias"] + 50.0 * (np.arange(num_classes) == winner)
+    if winner is not None:
+        params["head"]["bias"] = params["head"]["bias"] + 50.0 * (np.arange(num_classes) == winner)
     return checkpoints.save_params(run_dir, params, config)
+
+
+def test_evaluate_scores_each_class_over_the_images_that_hold_it(tmp_path):
+    """A 4-class run that predicts class 2 on every pixel, scored by hand: class 1 is
+    in one image and missed there (0), class 2 is everywhere in the prediction (1, 2/3
+    and 0 against a mask all 2, half 2 and all background), class 3 is nowhere (null)."""
+    run = multi_class_run(tmp_path / "run", num_classes=4, winner=2)
+    h, w = 20, 30
+    half = np.zeros((h, w), np.uint8)
+    half[:, :w // 2], half[:, w // 2:] = 1, 2
+    masks = {"a": np.full((h, w), 2, np.uint8), "b": half, "c": np.zeros((h, w), np.uint8)}
+    (tmp_path / "data").mkdir()
+    random_images(tmp_path / "data" / "images", {f"{n}.png": (h, w, 3) for n in masks})
+    (tmp_path / "data" / "masks").mkdir()
+    for name, mask in masks.items():
+        Image.fromarray(mask).save(tmp_path / "data" / "masks" / f"{name}.png")
+    out = tmp_path / "eval.json"
+    assert call(evaluate.main, ["--checkpoint", str(run), "--data-dir", str(tmp_path / "data"),
+                                "--split", "all", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    class_2 = (1 + 2 * 0.5 / 1.5 + 0) / 3
+    assert result["dice_per_class"] == pytest.approx({"1": 0.0, "2": class_2, "3": None})
+    assert result["iou_per_class"] == pytest.approx({"1": 0.0, "2": (1 + 0.5 + 0) / 3,
+                                                     "3": None})
+    assert result["dice"] == pytest.approx(class_2 / 2)  # the classes with a figure
+    assert result["images"] == 3
 
 
 def test_predict_writes_class_ids_for_a_multi_class_run(tmp_path):
