@@ -410,17 +410,19 @@ def test_import_torch_refuses_pickled_objects(tmp_path, capsys):
 
 # --- multi-class predict, bad masks in evaluate, interrupted writes ----------------------
 
-def varied_run(run_dir, image_files):
-    """A run of an untrained one-class model whose threshold sits at the median logit
-    of ``image_files``: its masks are part foreground and differ from image to image
-    (a tiny model trained for seconds finds nothing at all: every mask alike)."""
+def varied_run(run_dir, image_files, source=None):
+    """A run of an untrained one-class model (or of the run ``source``) whose threshold
+    sits at the median logit of ``image_files``: its masks are part foreground and
+    differ from image to image (a tiny model trained for seconds finds nothing at
+    all: every mask alike)."""
     import jax
 
-    from unet_jax import checkpoints, init_params
+    from unet_jax import checkpoints
     from unet_jax.inference import Predictor
 
-    scratch = multi_class_run(run_dir.with_name(run_dir.name + "-untrained"), 1, None)
-    predictor = Predictor(scratch)
+    if source is None:
+        source = multi_class_run(run_dir.with_name(run_dir.name + "-untrained"), 1, None)
+    predictor = Predictor(source)
     logits = predictor.logits([predictor.model_input(f) for f in image_files],
                               [Image.open(f).size[::-1] for f in image_files])
     params = jax.tree.map(np.asarray, predictor.params)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from experiments import evaluate, predict, submit, train
 from tests.data_fixtures import own_dir
-from tests.test_experiments import call
+from tests.test_experiments import call, varied_run
 
 SIZE = (45, 37)  # (width, height): divisible by neither 4 nor 16
 
@@ -78,12 +78,29 @@ def test_evaluate_compares_modes_and_tta_and_matches_predict(crop_run, tmp_path)
     assert result["dice"] == pytest.approx(float(np.mean(dice)), abs=1e-6)
 
 
-def test_submit_and_tile_mode_work_on_a_crop_run(crop_run, tmp_path):
+def test_submit_tile_flag_reaches_the_predictor(crop_run, tmp_path):
+    """Each row is the tiled prediction of its own image at the file's size, and not
+    the whole-image pass a crop run makes by default."""
+    from unet_jax.inference import Predictor
+
     data, run = crop_run
+    images = sorted((data / "images").glob("*.png"))[:3]
+    run = varied_run(tmp_path / "varied", images, source=run)
+    (tmp_path / "test").mkdir()
+    for image in images:
+        (tmp_path / "test" / image.name).write_bytes(image.read_bytes())
     csv_file = tmp_path / "submission.csv"
-    assert call(submit.main, ["--checkpoint", str(run), "--input", str(data / "images"),
+    assert call(submit.main, ["--checkpoint", str(run), "--input", str(tmp_path / "test"),
                               "--output", str(csv_file), "--tile", "--platform", "cpu"]) == 0
-    assert len(csv_file.read_text().splitlines()) == 11
+    rows = list(csv.reader(csv_file.open()))[1:]
+    assert [r[0] for r in rows] == [i.name for i in images]
+    size = (SIZE[1], SIZE[0])
+    tiled, whole = (Predictor(run, tile=tile) for tile in (True, False))
+    assert tiled.mode.how == "tile" and whole.mode.how == "whole"
+    decoded = [submit.rle_decode(r[1], size) for r in rows]
+    for predictor, same in ((tiled, True), (whole, False)):
+        masks = predictor.masks([predictor.decode(i) for i in images], [size] * len(images))
+        assert all(np.array_equal(a, b) for a, b in zip(decoded, masks)) == same
 
 
 @pytest.mark.parametrize("flags,message", [
