@@ -320,6 +320,17 @@ SAVER = textwrap.dedent("""
                     print("removing", flush=True)
                     time.sleep(60)
                 os.unlink = stop
+            elif hook.startswith("rename"):  # stop inside the write of checkpoint 2
+                rename = os.rename
+                def stop_at_rename(src, dst, *args, **kwargs):
+                    src_path = str(src)
+                    item = hook == "rename-item" and "2.orbax-checkpoint-tmp/" in src_path
+                    final = hook == "rename-final" and src_path.endswith("2.orbax-checkpoint-tmp")
+                    if item or final:
+                        print("renaming", flush=True)
+                        time.sleep(60)
+                    return rename(src, dst, *args, **kwargs)
+                os.rename = stop_at_rename
         checkpoints.save(manager, epoch, state, {"epoch": epoch, "step": epoch, "history": []},
                          {"val_dice": epoch / 10})
         manager.wait_until_finished()
@@ -362,20 +373,15 @@ def check_listed_checkpoints(run: Path) -> list[int]:
     return steps
 
 
-def test_a_save_killed_while_writing_is_never_listed(tmp_path):
+@pytest.mark.parametrize("hook", ["rename-item", "rename-final"])
+def test_a_save_killed_while_writing_is_never_listed(tmp_path, hook):
     """Orbax writes into <epoch>.orbax-checkpoint-tmp and renames it when complete:
-    kills at several points of the write of checkpoint 2 leave checkpoint 1 alone
-    listed. The delay is shortened until a kill lands inside the write."""
-    for attempt, delay in enumerate((0.15, 0.05, 0.3, 0.0, 0.5)):
-        run = tmp_path / f"run{attempt}"
-        kill_saver(run, "none", "saving", delay)
-        names = {p.name for p in (run / "checkpoints").iterdir()}
-        steps = check_listed_checkpoints(run)
-        if "2.orbax-checkpoint-tmp" in names:  # caught in the middle of the write
-            assert steps == [1]
-            return
-        shutil.rmtree(run)
-    pytest.skip("no kill landed inside a write (the machine is too fast or too slow)")
+    a kill with one item of checkpoint 2 written ("rename-item"), or with all of
+    them but before the final rename, leaves checkpoint 1 alone listed."""
+    run = tmp_path / "run"
+    kill_saver(run, hook, "renaming", 0.0)
+    assert "2.orbax-checkpoint-tmp" in {p.name for p in (run / "checkpoints").iterdir()}
+    assert check_listed_checkpoints(run) == [1]
 
 
 def test_a_save_killed_while_removing_an_old_checkpoint_leaves_it_unlisted(tmp_path):
