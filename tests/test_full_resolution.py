@@ -38,6 +38,21 @@ def test_crop_training_records_its_settings_and_validates_whole_images(crop_run)
     assert len(rows) == 2 and all(0 <= float(r["val_dice"]) <= 1 for r in rows)
     assert (run / "predictions.png").stat().st_size > 0
 
+    # The last epoch's Dice, found again from the files: each validation image whole at
+    # the training scale, against its mask at that scale, averaged over images.
+    import data_pipeline
+    from unet_jax.inference import Predictor
+
+    predictor = Predictor(run, "latest")
+    dice = []
+    for pair in data_pipeline.read_split(run / "split.json")[1]:
+        truth = data_pipeline.load_mask(pair.mask, scale=0.75)[..., 0] > 0
+        [mask] = predictor.masks([predictor.decode(pair.image)], [truth.shape])
+        total = mask.sum() + truth.sum()
+        dice.append(1.0 if total == 0 else 2 * (mask & truth).sum() / total)
+    assert 0 < np.mean(dice) < 1
+    assert float(rows[-1]["val_dice"]) == pytest.approx(np.mean(dice), abs=1e-5)
+
 
 def test_predict_whole_by_default_and_writes_masks_at_each_image_size(crop_run, tmp_path,
                                                                      capsys):
