@@ -223,6 +223,36 @@ def test_an_op_draws_the_same_whatever_else_is_on():
                                       run(image, mask, k, "flip,shift,elastic,rotate")[1])
 
 
+def test_rotation_angles_stay_within_ten_degrees_and_use_the_range():
+    """The angle is drawn in degrees and turned into radians: up to 10 degrees either
+    way, spread over the range (not always about 0), and a rotation about the centre."""
+    image = tf.zeros((H, W, 3))
+    limit = np.radians(aug.MAX_DEGREES)
+    assert aug.MAX_DEGREES == 10.0
+    cx, cy = (W - 1) / 2, (H - 1) / 2
+    angles = []
+    for s in range(200):
+        t = aug.rotate_transform(image, seed(s, 11)).numpy().astype(np.float64)
+        cos, sin = t[0], t[3]
+        assert cos >= np.cos(limit) - 1e-6 and abs(sin) <= np.sin(limit) + 1e-6, (s, t)
+        np.testing.assert_allclose([t[1], t[4], t[6], t[7]], [-sin, cos, 0.0, 0.0], atol=1e-6)
+        assert cos ** 2 + sin ** 2 == pytest.approx(1.0, abs=1e-5)  # a rotation, no scale
+        # the centre maps to itself
+        np.testing.assert_allclose([cos * cx - sin * cy + t[2], sin * cx + cos * cy + t[5]],
+                                   [cx, cy], atol=1e-4)
+        angles.append(np.degrees(np.arctan2(sin, cos)))
+    angles = np.array(angles)
+    assert angles.min() < -8 and angles.max() > 8  # the draws reach both ends
+    assert np.mean(np.abs(angles) > 2) > 0.6  # uniform in +-10: 80% beyond 2 degrees
+    # augment_pair draws the rotation from its own sub-seed, the same transform
+    k = seed(3, 11)
+    sub = tf.random.experimental.stateless_split(k, len(aug._SEEDS))[aug._SEEDS["rotate"]]
+    mask = shape_mask()
+    expected = aug.projective_warp(tf.constant(np.repeat(mask, 3, -1)), tf.constant(mask),
+                                   aug.rotate_transform(image, sub))[1].numpy()
+    np.testing.assert_array_equal(run(np.repeat(mask, 3, -1), mask, k, "rotate")[1], expected)
+
+
 def test_shift_then_rotate_is_one_transform_in_that_order():
     """Combining the transforms must equal warping twice: first A, then B."""
     image = np.repeat(shape_mask(), 3, axis=-1)

@@ -157,6 +157,65 @@ def test_tversky_is_zero_for_an_empty_mask_predicted_empty():
         atol=1e-6)
 
 
+# Two images of one row of three pixels, three classes. Class 2 is absent from image 1,
+# where the model still gives it some probability; image 0's background pixel is missed.
+MULTI_LOGITS = [[[0.0, 2.0, -1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 3.0]],
+                [[0.0, 2.0, 0.0], [1.0, 1.0, 1.0], [3.0, 0.0, 1.0]]]
+MULTI_MASK = [[0, 1, 2], [1, 1, 0]]
+
+
+def _multiclass_counts():
+    """Soft TP, FP, FN per (image, class), shape (2, 3), by the formulas, in numpy."""
+    logits = np.asarray(MULTI_LOGITS, np.float64)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    tp, fp, fn = (np.zeros((2, 3)) for _ in range(3))
+    for n in range(2):
+        for k in range(3):
+            for pixel in range(3):
+                p, t = probs[n, pixel, k], float(MULTI_MASK[n][pixel] == k)
+                tp[n, k] += p * t
+                fp[n, k] += p * (1 - t)
+                fn[n, k] += (1 - p) * t
+    return tp, fp, fn
+
+
+def _multiclass_inputs():
+    logits = jnp.asarray(MULTI_LOGITS, jnp.float32)[:, None]  # (2, 1, 3, 3)
+    mask = jnp.asarray(MULTI_MASK, jnp.float32)[:, None, :, None]  # (2, 1, 3, 1)
+    return logits, mask
+
+
+def test_multiclass_soft_dice_by_hand_leaves_out_the_background():
+    tp, fp, fn = _multiclass_counts()
+    # Dice per (image, class): (2 TP + 1) / (sum p + sum t + 1), sum p + sum t = 2 TP + FP + FN.
+    dice = (2 * tp + DICE_SMOOTH) / (2 * tp + fp + fn + DICE_SMOOTH)
+    expected = 1 - dice[:, 1:].mean(axis=1)  # classes 1 and 2 of each image
+    np.testing.assert_allclose(expected, [0.2393641, 0.2889752], rtol=1e-6)
+    with_background = 1 - dice.mean(axis=1)
+    over_images = 1 - dice[:, 1:].mean(axis=0)  # the mean over the wrong axis
+    assert np.abs(expected - with_background).min() > 0.005  # far beyond rtol 1e-5
+    assert np.abs(expected - over_images).min() > 0.005  # far beyond rtol 1e-5
+    logits, mask = _multiclass_inputs()
+    np.testing.assert_allclose(jitted_loss("dice", logits, mask), expected, rtol=1e-5)
+    np.testing.assert_allclose(jitted_loss("bce_dice", logits, mask),
+                               jitted_loss("bce", logits, mask) + expected, rtol=1e-5)
+
+
+def test_multiclass_tversky_by_hand_leaves_out_the_background():
+    tp, fp, fn = _multiclass_counts()
+    for alpha, value in ((0.3, [0.2107039, 0.2644640]), (0.8, [0.2781058, 0.2922096])):
+        beta = 1 - alpha
+        index = (2 * tp + DICE_SMOOTH) / (2 * tp + 2 * alpha * fp + 2 * beta * fn + DICE_SMOOTH)
+        expected = 1 - index[:, 1:].mean(axis=1)
+        np.testing.assert_allclose(expected, value, rtol=1e-6)
+        assert np.abs(expected - (1 - index.mean(axis=1))).min() > 0.005
+        assert np.abs(expected - (1 - index[:, 1:].mean(axis=0))).min() > 0.005
+        logits, mask = _multiclass_inputs()
+        np.testing.assert_allclose(
+            jitted_loss(LossSpec("tversky", tversky_alpha=alpha), logits, mask), expected,
+            rtol=1e-5)
+
+
 def _logits_as_params(variables, images):
     return variables["params"]["logits"]
 

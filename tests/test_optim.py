@@ -120,6 +120,45 @@ def test_a_train_step_with_decay_zero_averages_to_the_raw_weights():
         np.testing.assert_array_equal(raw, averaged)
 
 
+def _pixelwise(variables, images):
+    """A stand-in model that compiles in a blink: one logit per pixel, linear in its
+    colour."""
+    p = variables["params"]
+    return images @ p["w"] + p["b"]
+
+
+def test_a_train_step_averages_the_new_weights_with_the_ramped_decay():
+    """ema = d * ema + (1 - d) * params after the update, with d = min(0.999, (1 + n) /
+    (10 + n)) and n the updates before this one: 0 at the first step (d = 0.1), 1 at
+    the second (2/11); far into a run, the 0.999 asked for."""
+    decay = 0.999
+    params = {"w": jnp.array([[0.3], [-0.2], [0.1]]), "b": jnp.array([0.05])}
+    ema = {"w": jnp.array([[1.0], [2.0], [-1.0]]), "b": jnp.array([0.5])}  # not the params
+    state = optim.TrainState.create(apply_fn=_pixelwise, params=params,
+                                    tx=optim.create_optimizer(configs.tiny()),
+                                    ema_params=ema, ema_decay=decay)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.random((2, 4, 6, 3), np.float32),
+             "mask": (rng.random((2, 4, 6, 1)) > 0.5).astype(np.float32)}
+
+    def step_and_check(state, n):
+        old_ema, old_params = jax.device_get((state.ema_params, state.params))  # donated
+        assert int(state.step) == n
+        state, _ = unet_jax.train_step(state, batch)
+        new_params, new_ema = jax.device_get((state.params, state.ema_params))
+        d = min(decay, (1 + n) / (10 + n))
+        for key in ("w", "b"):
+            assert np.abs(new_params[key] - old_params[key]).min() > 1e-3  # AdamW moved it
+            np.testing.assert_allclose(new_ema[key],
+                                       d * old_ema[key] + (1 - d) * new_params[key],
+                                       rtol=1e-6, atol=1e-7)
+        return state
+
+    state = step_and_check(state, 0)  # d = 0.1
+    state = step_and_check(state, 1)  # d = 2/11
+    step_and_check(state.replace(step=jnp.asarray(100_000, jnp.int32)), 100_000)  # d = 0.999
+
+
 @pytest.mark.parametrize("settings,fix", [
     (dict(plateau_patience=5), "--plateau-patience 5 needs --schedule plateau"),
     (dict(schedule="plateau", plateau_factor=1.5), "--plateau-factor 1.5: give a factor"),
@@ -155,10 +194,12 @@ class Killed(Exception):
     pass
 
 
-def _weights(run_dir, item):
+def _weights(run_dir, item, epoch=None):
+    """``item`` of checkpoint ``epoch`` (the latest by default), as saved."""
     manager = checkpoints.checkpoint_manager(run_dir, read_only=True)
     try:
-        return manager.restore(manager.latest_step(), args=checkpoints.ocp.args.Composite(
+        step = manager.latest_step() if epoch is None else epoch
+        return manager.restore(step, args=checkpoints.ocp.args.Composite(
             **{item: checkpoints.ocp.args.StandardRestore()}))[item]
     finally:
         manager.close()
@@ -228,3 +269,9 @@ def test_a_plateau_run_logs_the_lowered_rate(data_dir, tmp_path):
     assert [r["learning_rate"] for r in history] == pytest.approx(
         [1e-12, 1e-12, 5e-13, 2.5e-13], rel=1e-6, abs=0)
     assert sum("learning rate lowered to" in line for line in lines) == 2
+    # The factor reached the optimizer, not only the log: the state each checkpoint
+    # saved (after its epoch's updates) holds the factor those updates were scaled by,
+    # in the last link of the chain, optax.inject_hyperparams(optax.scale)'s step_size.
+    for epoch, factor in ((3, 0.5), (4, 0.25)):
+        opt_state = _weights(tmp_path / "run", "opt_state", epoch)
+        assert float(opt_state[-1]["hyperparams"]["step_size"]) == factor, epoch

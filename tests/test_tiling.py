@@ -72,6 +72,62 @@ def test_gaussian_weights_peak_in_the_middle_and_never_vanish():
     np.testing.assert_allclose(w, w[::-1, ::-1], rtol=1e-6)  # symmetric
 
 
+def test_gaussian_weights_are_the_documented_gaussian():
+    """sigma 1/8 of each side: about 3e-4 at the edge of a large tile, so a neighbour's
+    centre wins where tiles overlap. A much wider Gaussian (nearly flat weights) would
+    blend tiles almost evenly and still peak in the middle, so pin the values."""
+    for tile in ((32, 48), (512, 512), (7, 20)):
+        w = tiling.gaussian_weights(tile)
+        h, wd = tile
+        ys = (np.arange(h) - (h - 1) / 2) / (h / 8)
+        xs = (np.arange(wd) - (wd - 1) / 2) / (wd / 8)
+        expected = np.exp(-0.5 * ys[:, None] ** 2) * np.exp(-0.5 * xs[None, :] ** 2)
+        np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-12)
+        assert w.dtype == np.float32
+        assert w.max() == w[(h - 1) // 2, (wd - 1) // 2] == w[h // 2, wd // 2]  # centre is max
+    w = tiling.gaussian_weights((512, 512))
+    middle = w[256, 256]
+    assert middle == pytest.approx(1.0, abs=1e-3)  # 255.5 is the centre: 0.99994
+    for edge in (w[0, 256], w[-1, 256], w[256, 0], w[256, -1]):
+        assert 2e-4 < edge / middle < 5e-4  # exp(-0.5 * (255.5 / 64)**2) = 3.4e-4
+    w = tiling.gaussian_weights((32, 48))
+    for edge in (w[0, 24], w[-1, 24], w[16, 0], w[16, -1]):
+        assert 0 < edge < 1e-3
+    assert 0 < w[0, 0] < 1e-6  # a corner: the product of two edges
+
+
+def test_where_tiles_overlap_the_tile_seen_nearer_its_centre_wins():
+    """Each tile's "model" returns the tile's own index everywhere. At a pixel near one
+    tile's centre and on a neighbour's outermost row or column, the blend must be the
+    first tile's index to within the edge weight (~6e-4 for 32 px); nearly flat
+    weights would give about the average of the two."""
+    calls = []
+
+    def tile_index(tiles):  # batch k holds tiles k*batch .. k*batch+batch-1, row-major
+        first = len(calls) * len(tiles)
+        calls.append(first)
+        index = first + np.arange(len(tiles), dtype=np.float32)
+        return np.broadcast_to(index[:, None, None, None], (*tiles.shape[:3], 1)).copy()
+
+    # Width 64 with 32-px tiles and overlap 0.5: mirrored by 8 on each side to 80, tiles
+    # starting at 0, 16, 32, 48; height 32 is one tile, unpadded. A tile starting at s
+    # has its centre at s + 15.5 and its edges at s and s + 31 of the padded image, that
+    # is at s - 8 and s + 23 of the output. Output column 8 is tile 1's first column
+    # and tile 0's column 16; tile 2 starts after it.
+    image = np.zeros((32, 64, 3), np.float32)
+    assert tiling.padding((32, 64), (32, 32), 0.5) == ((0, 0), (8, 8))
+    assert tiling.tile_starts(80, 32, 0.5) == [0, 16, 32, 48]
+    out = tiling.predict_tiled(tile_index, image, (32, 32), 0.5, batch_size=3)[..., 0]
+    assert len(calls) == 2
+    # (output column, the tile that sees it nearest its centre; another sees it at an edge)
+    for column, winner in ((8, 0), (7, 0), (23, 1), (24, 1), (39, 2), (40, 2), (55, 3)):
+        np.testing.assert_allclose(out[:, column], winner, atol=1e-3, err_msg=str(column))
+    # Halfway between two tile centres (between output columns 15 and 16) they blend
+    # evenly: the two columns either side mirror each other about 0.5.
+    np.testing.assert_allclose(out[:, 15] + out[:, 16], 1.0, atol=1e-5)
+    assert 0.1 < out[0, 16] - out[0, 15] < 0.9
+
+
 def test_bad_overlap_is_refused():
     with pytest.raises(ValueError, match="overlap"):
         tiling.predict_tiled(lambda t: t, np.zeros((8, 8, 1)), (8, 8), overlap=1.0)
