@@ -85,8 +85,9 @@ class Config:
                           "(0.5 makes a 1918x1280 photo 959x640)")
     crops_per_image: int = _field(1, "with --crop: random crops drawn from each image per "
                                   "epoch, so that a few images give enough steps")
-    split: str = _field("car", "validation split: by car (no car on both sides) or per "
-                        "image, as the guide", choices=("car", "random"))
+    split: str = _field("car", "validation split: by car (no car on both sides; in your "
+                        "own folders by --group-by's group, else per image) or per image, "
+                        "as the guide", choices=("car", "random"))
     group_by: str = _field("", "a regular expression that reads each image's group from "
                            "its file name (its first (...) group), for your own folders: "
                            "'^(patient\\d+)_' keeps all of patient12_*.png on one side of "
