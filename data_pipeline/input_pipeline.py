@@ -88,6 +88,8 @@ class InputPipeline:
         single process would see, and every process yields the same number of batches.
       num_classes: 1 for binary masks (foreground by ``preprocess.load_mask``'s rule);
         more keeps the masks' integer class ids.
+      max_value: the value of 16-bit and float images that becomes 255 (4095 for 12-bit
+        data); 0 for the rule of the file's type (``preprocess._to_8_bits``).
 
     Batches are dicts of numpy arrays: ``image`` (B, h, w, C) float32 in [0, 1] and
     ``mask`` (B, h, w, 1) float32, and for evaluation ``valid`` (B,) bool.
@@ -97,7 +99,7 @@ class InputPipeline:
                  seed: int = 0, augment=False, cache: str | None = "memory",
                  in_channels: int = 3, resize: str = "bilinear", shard=(0, 1),
                  num_classes: int = 1, crop=None, scale: float = 1.0,
-                 crops_per_image: int = 1):
+                 crops_per_image: int = 1, max_value: float = 0.0):
         if not pairs:
             raise DataError("no images for this split; add data or lower --val-fraction")
         if resize not in RESIZE:
@@ -125,6 +127,7 @@ class InputPipeline:
         self.resize = resize
         self.shard = (index, count)
         self.num_classes = num_classes
+        self.max_value = max_value
         if train and len(self) == 0:
             more = " or raise --crops-per-image" if crop is not None else ""
             raise DataError(f"{len(self.pairs)} training images make no full batch of "
@@ -182,7 +185,8 @@ class InputPipeline:
         """Example ``index`` decoded from its files, remembering a failure's message."""
         try:
             return load_example(self.pairs[index], None if self.crop else self.image_size,
-                                self.in_channels, self.resize, self.num_classes, self.scale)
+                                self.in_channels, self.resize, self.num_classes, self.scale,
+                                self.max_value)
         except DataError as e:
             self._error = str(e)  # TF wraps the exception; epoch() raises it again
             raise
@@ -197,7 +201,7 @@ class InputPipeline:
                 files.append([str(f), st.st_size, st.st_mtime_ns])
         size = ["native", self.scale] if self.crop else self.image_size
         key = json.dumps([files, size, self.in_channels, self.resize, self.num_classes,
-                          DECODE_VERSION])
+                          DECODE_VERSION] + ([self.max_value] if self.max_value else []))
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def _offsets(self) -> np.ndarray:

@@ -253,46 +253,51 @@ RESIZE = {"bilinear": Image.Resampling.BILINEAR, "area": Image.Resampling.BOX}
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
-_narrow_warned = False
+narrow_warned = False  # set once the first dark 16-bit or float image was named
 
 
-def _to_8_bits(img: Image.Image, path) -> Image.Image:
+def _to_8_bits(img: Image.Image, path, max_value: float = 0.0) -> Image.Image:
     """A 16-bit, 32-bit or float grayscale image as 8-bit ('L').
 
-    16-bit modes are scaled by their range (65535 -> 255), whatever the image holds,
-    so that every image of a dataset is scaled alike. 32-bit integer and float images
-    say nothing of their range: float values up to 1 are taken as [0, 1], integers
-    over 255 as 16-bit, anything else as 0..255. A 12-bit camera or scanner (values up
-    to 4095) keeps 17 grey levels that way; no rule read from one file can fix that
-    for a dataset, so the first such image is named with the fix (a window for the
-    whole dataset, chosen by the user).
+    With ``max_value`` (``--max-value``), that value becomes 255 in every such file:
+    4095 for a 12-bit camera or scanner. Without it, 16-bit modes are scaled by their
+    range (65535 -> 255), whatever the image holds, so that every image of a dataset
+    is scaled alike; 32-bit integer and float images say nothing of their range:
+    float values up to 1 are taken as [0, 1], integers over 255 as 16-bit, anything
+    else as 0..255. 12-bit data keeps 17 grey levels that way, a nearly black image
+    the model can barely learn from; no rule read from one file can tell 12 bits from
+    a dark 16-bit image, so the first such file is named, with the flag that fixes it.
     """
-    global _narrow_warned
+    global narrow_warned
     values = np.asarray(img, np.float32)
-    sixteen = img.mode.startswith("I;16") or (img.mode != "F" and values.max() > 255)
-    if sixteen:
-        if values.max() < 4096 and not _narrow_warned:
-            _narrow_warned = True
-            log.warning("%s is a 16-bit image whose values stay below %d: scaled from "
-                        "65535 to 255, as every 16-bit image is, it keeps %d grey levels; "
-                        "convert such images to 8 bits with one window for the whole "
-                        "dataset first (README: 'Data layouts')", path,
-                        int(values.max()) + 1, int(np.rint(values.max() / 257)) + 1)
-        values = values / 257
-    elif img.mode == "F" and values.max() <= 1:
+    top = float(values.max()) if values.size else 0.0
+    if max_value:
+        values = values * np.float32(255 / max_value)
+    elif img.mode == "F" and top <= 1:
         values = values * 255
-    elif values.max() > 255:
+    elif img.mode.startswith("I;16") or top > 255:
+        if top < 4096 and not narrow_warned:
+            narrow_warned = True
+            kind = "float" if img.mode == "F" else "16-bit"
+            bits = max(int(top).bit_length(), 9)
+            log.warning("%s is a %s image whose values stay below %d: scaled from 65535 "
+                        "to 255 it keeps %d grey levels, nearly black; if your data has "
+                        "%d bits, pass --max-value %d to train (predict reads it from the "
+                        "run), or window the images to 8 bits first", path, kind,
+                        int(top) + 1, int(np.rint(top / 257)) + 1, bits, 2 ** bits - 1)
         values = values / 257
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
 
 
 def load_image(path, image_size=None, in_channels: int = 3,
-               resize: str = "bilinear", scale: float = 1.0) -> np.ndarray:
+               resize: str = "bilinear", scale: float = 1.0,
+               max_value: float = 0.0) -> np.ndarray:
     """uint8 (h, w, in_channels) of an image file of any common format and mode, at
     ``image_size`` (height, width), or at its own size times ``scale`` if None.
 
     Grayscale, palette, CMYK and RGBA images become RGB (alpha is dropped) for 3
-    channels; anything becomes luminance for 1. 16-bit images are scaled to 8 bits.
+    channels; anything becomes luminance for 1. 16-bit and float images are scaled to
+    8 bits, their ``max_value`` (if given) to 255 (``_to_8_bits``).
     The EXIF orientation is applied (``upright``). A JPEG at least twice
     ``image_size`` is decoded at 1/2, 1/4 or 1/8 scale (``draft``: the JPEG decoder's
     own scaling, far cheaper than a full decode), never below ``image_size``, then
@@ -308,7 +313,7 @@ def load_image(path, image_size=None, in_channels: int = 3,
             img.draft(mode, (height, width) if orientation(img) >= 5 else (width, height))
         img = upright(img)
         if img.mode in _WIDE_MODES:
-            img = _to_8_bits(img, path)
+            img = _to_8_bits(img, path, max_value)
         elif img.mode == "P":
             img = img.convert("RGBA")  # applies the palette, transparency included
         img = img.convert(mode)
@@ -448,9 +453,10 @@ def check_class_ids(values: np.ndarray, num_classes: int, path) -> None:
 
 
 def load_example(pair, image_size, in_channels: int = 3, resize: str = "bilinear",
-                 num_classes: int = 1, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                 num_classes: int = 1, scale: float = 1.0,
+                 max_value: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8 (h, w, C), mask uint8 (h, w, 1)) of one ``files.Pair`` at
     ``image_size``, or at the image's own size times ``scale`` if None; any decoding
     problem is a DataError naming the file."""
-    return (load_image(pair.image, image_size, in_channels, resize, scale),
+    return (load_image(pair.image, image_size, in_channels, resize, scale, max_value),
             load_mask(pair.mask, image_size, num_classes, scale))

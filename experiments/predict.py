@@ -133,7 +133,9 @@ def save_viz(image, mask, path, num_classes: int = 1) -> None:
     else:
         mask_style = dict(cmap="gray", vmin=0, vmax=1)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    panels = ((shown, "input", dict(cmap="gray")), (ids, "predicted mask", mask_style),
+    # The input as the model sees it, not stretched to its own range.
+    panels = ((shown, "input", dict(cmap="gray", vmin=0, vmax=1)), (ids, "predicted mask",
+                                                                     mask_style),
               (overlay, "overlay", {}))
     for ax, (picture, title, style) in zip(axes, panels):
         ax.imshow(picture, interpolation="nearest", **style)

@@ -165,7 +165,7 @@ def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
 def test_a_12_bit_image_is_named_once_with_the_fix(tmp_path, caplog, monkeypatch):
     from data_pipeline import preprocess
 
-    monkeypatch.setattr(preprocess, "_narrow_warned", False)
+    monkeypatch.setattr(preprocess, "narrow_warned", False)
     Image.fromarray(np.full((H, W), 65535, np.uint16)).save(tmp_path / "wide.png")
     ramp = np.linspace(0, 4095, H * W).reshape(H, W).astype(np.uint16)
     for name in ("scan1.png", "scan2.png"):
@@ -177,8 +177,39 @@ def test_a_12_bit_image_is_named_once_with_the_fix(tmp_path, caplog, monkeypatch
         dp.load_image(tmp_path / "scan2.png", (H, W))
     assert len(np.unique(levels)) == 17
     [record] = caplog.records
-    assert "scan1.png" in record.getMessage() and "below 4096" in record.getMessage()
-    assert "17 grey levels" in record.getMessage() and "window" in record.getMessage()
+    message = record.getMessage()
+    assert "scan1.png" in message and "below 4096" in message and "17 grey levels" in message
+    assert "--max-value 4095" in message
+
+
+def test_max_value_scales_12_bit_and_float_images_to_the_full_range(tmp_path, caplog,
+                                                                     monkeypatch):
+    from data_pipeline import preprocess
+
+    monkeypatch.setattr(preprocess, "narrow_warned", False)
+    ramp = np.linspace(0, 4095, H * W).reshape(H, W)
+    Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "int.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")
+    for name in ("int.png", "float.tif"):
+        with caplog.at_level("WARNING"):
+            full = dp.load_image(tmp_path / name, None, in_channels=1, max_value=4095)
+        assert not caplog.records
+        np.testing.assert_allclose(full[..., 0], np.rint(ramp * 255 / 4095), atol=1)
+    with caplog.at_level("WARNING"):  # a float image beyond 255 and dark: named too
+        dark = dp.load_image(tmp_path / "float.tif", None, in_channels=1)
+    assert dark.max() == 16 and "float image" in caplog.text and "--max-value 4095" in caplog.text
+    # The pipeline decodes with it, and its cache does not serve the other scaling.
+    Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "int.png")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "int.png").rename(tmp_path / "images" / "a.png")
+    write_mask(tmp_path / "masks" / "a.png", box_mask((W, H)))
+    pairs = dp.find_pairs(tmp_path)
+    kw = dict(image_size=(H, W), batch_size=1, train=False, in_channels=1,
+              cache=str(tmp_path / "cache"))
+    dark, bright = (list(dp.InputPipeline(pairs, max_value=v, **kw).examples())[0][0]
+                    for v in (0, 4095))
+    assert dark.max() <= 16 and bright.max() >= 254
+    assert len(list(tmp_path.glob("cache-*.images.npy"))) == 2  # one cache per scaling
 
 
 # --- every bad-data error names the file -------------------------------------------------

@@ -207,8 +207,9 @@ def test_an_oversized_pair_is_skipped_or_named_before_training(tmp_path, monkeyp
 
 @pytest.fixture
 def run_dir(tmp_path):
-    def make(in_channels, foreground=False):
-        config = dataclasses.replace(configs.tiny(), in_channels=in_channels)
+    def make(in_channels, foreground=False, max_value=0.0):
+        config = dataclasses.replace(configs.tiny(), in_channels=in_channels,
+                                     max_value=max_value)
         params = init_params(jax.random.key(0), config)
         if foreground:  # predicts every pixel foreground: its Dice depends on the truth
             params["head"]["bias"] = params["head"]["bias"] + 50.0
@@ -224,30 +225,35 @@ def run_dir(tmp_path):
     ("alpha.png", "RGBA", (64, 40), 3),
     ("big_gray.jpg", "L", (400, 300), 1),  # draft decoding of the luminance alone
     ("big_gray3.jpg", "L", (400, 300), 3),
+    ("scan12.png", "I;16", (80, 50), 1),   # 12-bit data with --max-value 4095
 ])
 def test_prediction_feeds_what_training_fed(tmp_path, run_dir, name, mode, size, in_channels):
     from unet_jax.inference import Predictor
 
     rng = np.random.default_rng(0)
-    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
-    pixels = rng.integers(0, 256, (size[1], size[0], channels), np.uint8)
+    channels = {"RGB": 3, "L": 1, "RGBA": 4, "I;16": 1}[mode]
+    top, dtype = (4096, np.uint16) if mode == "I;16" else (256, np.uint8)
+    pixels = rng.integers(0, top, (size[1], size[0], channels), dtype)
     (tmp_path / "images").mkdir()
-    Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode).save(
-        tmp_path / "images" / name)
+    Image.fromarray(pixels[..., 0] if channels == 1 else pixels,
+                    None if mode == "I;16" else mode).save(tmp_path / "images" / name)
     Image.fromarray(np.zeros(size[::-1], np.uint8)).save(
         tmp_path / "images" / ("m_" + name.split(".")[0] + ".png"))
     (tmp_path / "masks").mkdir()
     (tmp_path / "images" / ("m_" + name.split(".")[0] + ".png")).rename(
         tmp_path / "masks" / (name.split(".")[0] + ".png"))
     pairs = data_pipeline.find_pairs(tmp_path)
-    predictor = Predictor(run_dir(in_channels))
+    predictor = Predictor(run_dir(in_channels, max_value=4095 if mode == "I;16" else 0))
     pipeline = data_pipeline.InputPipeline(pairs, image_size=predictor.config.image_size,
                                            batch_size=1, train=False,
-                                           in_channels=in_channels)
+                                           in_channels=in_channels,
+                                           max_value=predictor.config.max_value)
     fed = next(pipeline.epoch(0))["image"][0]
     seen = predictor.model_input(pairs[0].image)
     assert seen.shape == fed.shape == (*predictor.config.image_size, in_channels)
     assert np.abs(seen - fed).max() <= 1 / 255
+    if mode == "I;16":  # scaled by 255/4095 (random pixels resized: mean about 0.5), not
+        assert seen.mean() > 0.3  # by 255/65535 (at most 16/255)
 
 
 def test_evaluate_gives_one_dice_whatever_the_mask_format(tmp_path, run_dir, capsys):

@@ -171,6 +171,24 @@ def test_group_by_reaches_the_runs_split_and_summary(tmp_path):
     assert trainer._groups(plain, train.pairs, val.pairs) == ""
 
 
+def test_a_dice_near_0_at_the_end_gets_a_hint_naming_the_likely_cause(monkeypatch):
+    from data_pipeline import preprocess
+    from unet_jax import trainer
+
+    def rows(*dice):
+        return [{"epoch": i + 1, "val_dice": d} for i, d in enumerate(dice)]
+
+    monkeypatch.setattr(preprocess, "narrow_warned", False)
+    assert trainer._near_zero_hint(rows(0.3, 0.6), {"epoch": 2, "val_dice": 0.6}) is None
+    stayed = trainer._near_zero_hint(rows(0.0, 0.01), {"epoch": 2, "val_dice": 0.01})
+    assert stayed.startswith("the validation Dice stayed near 0") and "--epochs" in stayed
+    ended = trainer._near_zero_hint(rows(0.11, 0.0, 0.0), {"epoch": 1, "val_dice": 0.11})
+    assert "ended near 0 (the best, 0.1100 at epoch 1, may be a guess" in ended
+    monkeypatch.setattr(preprocess, "narrow_warned", True)
+    dark = trainer._near_zero_hint(rows(0.0), {"epoch": 1, "val_dice": 0.0})
+    assert "--max-value" in dark and "--epochs" not in dark
+
+
 def test_a_mask_value_beyond_the_classes_is_one_line_naming_the_file(tmp_path):
     data = shapes_dir(tmp_path / "shapes", n=8)
     config = dataclasses.replace(TINY, data_dir=str(data), num_classes=2, epochs=1,

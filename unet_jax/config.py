@@ -99,6 +99,10 @@ class Config:
                           "(with scale), color, elastic, rotate; --augment alone is "
                           "flip,shift,color; 'none' for none", nargs="?",
                           const="flip,shift,color", metavar="OPS")
+    max_value: float = _field(0.0, "the value of 16-bit and float images shown as white: "
+                              "4095 for a 12-bit camera or scanner; 0 scales by the "
+                              "file's type (65535 for 16-bit; floats as [0, 1] or 0..255)",
+                              metavar="V")
     cache: str = _field("memory", "decoded images: 'memory', 'none', or a file prefix "
                         "(memory-mapped, for data larger than memory)")
     skip_bad: bool = _field(False, "skip unreadable or unmatched image/mask pairs (listed "
@@ -190,6 +194,9 @@ class Config:
             raise ConfigError(f"--group-by keeps each group on one side of the split by "
                               f"group (--split car, the default), not of --split "
                               f"{self.split}: drop one of the two")
+        if not (math.isfinite(self.max_value) and self.max_value >= 0):
+            raise ConfigError(f"--max-value {self.max_value}: give the brightest value of "
+                              "your images, e.g. 4095 for 12-bit data (0: by file type)")
         if not 0 < self.subset <= 1:
             raise ConfigError(f"--subset {self.subset}: give a fraction in (0, 1]")
         if not 0 < self.val_fraction < 1:

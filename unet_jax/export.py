@@ -78,9 +78,13 @@ def prediction_settings(config) -> dict:
 
     c, mode = config, PredictionMode.from_config(config, memory_budget=1 << 62)
     # Every step predict takes, in order: a caller who follows them gets its masks.
+    values = "RGB values" if c.in_channels == 3 else "grayscale (luminance) values"
+    wide = (f"16-bit and float images first scaled by 255 / {c.max_value:g}" if c.max_value
+            else "16-bit images first divided by 257, floats in [0, 1] times 255")
     first = ("the image turned upright by its EXIF orientation tag, as viewers show it "
              "(a JPEG decoded with its own downscaling by 1/2, 1/4 or 1/8 where the "
-             "result stays at least the target size), RGB values / 255")
+             f"result stays at least the target size), {values} / 255 ({wide}, rounded "
+             "and clipped to 0..255)")
     if mode.how == "resize":
         how = (f"{first}; resized to {c.image_size[0]}x{c.image_size[1]} (bilinear); "
                "logits resized back to the image's size (bilinear)")
@@ -100,6 +104,7 @@ def prediction_settings(config) -> dict:
             "image_size": list(c.image_size), "crop": list(c.crop) if c.crop else None,
             "tile": list(c.tile), "scale": c.scale, "overlap": c.overlap, "tta": c.tta,
             "in_channels": c.in_channels, "num_classes": c.num_classes, "depth": c.depth,
+            "max_value": c.max_value,
             "size_multiple": mode.multiple,
             "threshold": 0.0 if c.num_classes == 1 else None,
             "decision": ("logits > threshold (sigmoid probability 0.5)" if c.num_classes == 1

@@ -77,8 +77,10 @@ class Predictor:
         training size, or at its own size times the training scale."""
         c = self.config
         if self.mode.how == "resize":
-            return preprocess.load_image(path, c.image_size, c.in_channels)
-        image = preprocess.load_image(path, None, c.in_channels, scale=self.mode.scale)
+            return preprocess.load_image(path, c.image_size, c.in_channels,
+                                         max_value=c.max_value)
+        image = preprocess.load_image(path, None, c.in_channels, scale=self.mode.scale,
+                                      max_value=c.max_value)
         if c.crop is None and image.shape[:2] != tuple(c.image_size) and not self._warned:
             # Such a run saw its images squashed to image_size, at a scale no file
             # records: tiles at the file's own resolution match it only if the
@@ -156,7 +158,8 @@ class Predictor:
                     sizes.append(preprocess.image_size_of(path))
                     if images:
                         pictures.append(preprocess.to_float(
-                            preprocess.load_image(path, None, self.config.in_channels)))
+                            preprocess.load_image(path, None, self.config.in_channels,
+                                                  max_value=self.config.max_value)))
                 except DataError as e:
                     if not skip_bad:
                         raise

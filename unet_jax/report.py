@@ -46,10 +46,13 @@ def plot_predictions(images, masks, logits, path: Path, rows: int = 4) -> None:
     for row, i in enumerate(keep):
         logit = np.asarray(logits[i])
         predicted = (logit[..., 0] > 0) if logit.shape[-1] == 1 else logit.argmax(-1)
-        panels = [(np.squeeze(images[i]), "image"), (np.asarray(masks[i])[..., 0], "true mask"),
-                  (predicted, "predicted mask")]
-        for ax, (picture, title) in zip(axes[row], panels):
-            ax.imshow(picture, cmap="gray", interpolation="nearest")
+        # Fixed ranges: stretched to each picture's own, a nearly black image would look
+        # normal and an all-foreground mask black.
+        top = max(1, logit.shape[-1] - 1)
+        panels = [(np.squeeze(images[i]), "image", 1), (np.asarray(masks[i])[..., 0],
+                  "true mask", top), (predicted, "predicted mask", top)]
+        for ax, (picture, title, vmax) in zip(axes[row], panels):
+            ax.imshow(picture, cmap="gray", interpolation="nearest", vmin=0, vmax=vmax)
             ax.set_title(title)
             ax.axis("off")
     # Fixed margins: tight_layout measured every tick label and title of the grid, and

@@ -112,12 +112,32 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
         f"outputs in {workdir}/ (metrics.csv, loss.png, predictions.png, checkpoints/); "
         f"predict with: python -m experiments.predict --checkpoint {workdir} --input IMAGE "
         "--output DIR")
-    if best["val_dice"] < 0.05:
-        log("the validation Dice stayed near 0: the model predicts next to no foreground "
-            "yet (it starts by learning the background, most of every image); train for "
-            "more --epochs, or, with a few dozen images, on many random crops of each "
-            "(README: 'A few dozen images')")
+    hint = _near_zero_hint(history, best)
+    if hint:
+        log(hint)
     return {"workdir": workdir, "history": history, "best": best}
+
+
+def _near_zero_hint(history: list[dict], best: dict) -> str | None:
+    """What to do when the last validation Dice is near 0, or None. A best epoch
+    before that may be an untrained model's guess (a little foreground everywhere),
+    which predict would use: said too."""
+    if not history or history[-1]["val_dice"] >= 0.05:
+        return None
+    if best["val_dice"] < 0.05:
+        what = "the validation Dice stayed near 0"
+    else:
+        what = (f"the validation Dice ended near 0 (the best, {best['val_dice']:.4f} at "
+                f"epoch {best['epoch']}, may be a guess made before learning, and predict "
+                "uses it)")
+    if data_pipeline.preprocess.narrow_warned:
+        return (f"{what}: a warning above named 16-bit or float images that reach the "
+                "model nearly black; pass --max-value (e.g. 4095 for 12-bit data) in a "
+                "new run")
+    return (f"{what}: the model predicts next to no foreground yet (it starts by "
+            "learning the background, most of every image); train for more --epochs, "
+            "or, with a few dozen images, on many random crops of each (README: 'A few "
+            "dozen images')")
 
 
 # --- The phases of a run, in the order train_and_evaluate calls them ------------------
@@ -176,7 +196,7 @@ def build_data(config: Config, workdir: Path, resume: bool):
                        in_channels=config.in_channels, num_classes=config.num_classes,
                        cache=None if config.cache == "none" else config.cache,
                        shard=(jax.process_index(), processes), crop=config.crop,
-                       scale=config.scale)
+                       scale=config.scale, max_value=config.max_value)
     train_data = data_pipeline.InputPipeline(train_pairs, train=True, seed=config.seed,
                                              augment=config.augment,
                                              crops_per_image=config.crops_per_image,
