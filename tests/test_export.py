@@ -213,10 +213,30 @@ def readme_example() -> str:
     return block.group(1)
 
 
-def test_the_readme_onnx_example_gives_predicts_mask(exported, run_dir, tmp_path):
+@pytest.fixture(scope="module")
+def gray_onnx(tmp_path_factory):
+    """A grayscale run (1 input channel) exported as ONNX: (run directory, file)."""
     needs("onnx")
+    config = dataclasses.replace(CONFIG, in_channels=1)
+    params = random_params(config, seed=2)
+    fn = export.model_function(params, config, "float32")
+    params["head"]["bias"] = params["head"]["bias"] - np.median(
+        np.asarray(fn(real_looking_image().mean(-1, keepdims=True))))
+    run = tmp_path_factory.mktemp("gray") / "run"
+    checkpoints.save_params(run, params, config, epoch=1)
+    export.export_run(run, "onnx", run.parent / "unet.onnx")
+    return run, run.parent / "unet.onnx"
+
+
+@pytest.mark.parametrize("colour", ["RGB", "L"])
+def test_the_readme_onnx_example_gives_predicts_mask(request, run_dir, tmp_path, colour):
+    needs("onnx")
+    if colour == "RGB":
+        run, onnx_file = run_dir[0], request.getfixturevalue("exported")["onnx"]
+    else:
+        run, onnx_file = request.getfixturevalue("gray_onnx")
     code = readme_example()
-    assert len(code.strip().splitlines()) <= 18
+    assert len(code.strip().splitlines()) <= 20
     assert "jax" not in code and "tensorflow" not in code and "unet_jax" not in code
     # A JPEG larger than twice the run's size: decoded with JPEG's own downscaling, as
     # training and predict decode it; then the same photo stored sideways, with the
@@ -226,18 +246,32 @@ def test_the_readme_onnx_example_gives_predicts_mask(exported, run_dir, tmp_path
     sideways = Image.Exif()
     sideways[0x0112] = 6  # shown turned 90 degrees clockwise
     for name in ("unet.onnx", "unet.onnx.json"):
-        (tmp_path / name).write_bytes((exported["onnx"].parent / name).read_bytes())
+        (tmp_path / name).write_bytes((onnx_file.parent / name).read_bytes())
     for stored, exif, shown in [(photo, None, (100, 150)),
                                 (photo.transpose(Image.Transpose.ROTATE_90), sideways, (100, 150))]:
-        stored.convert("RGB").save(tmp_path / "car.jpg", quality=90,
-                                   **({"exif": exif} if exif else {}))
+        stored.convert(colour).save(tmp_path / "car.jpg", quality=90,
+                                    **({"exif": exif} if exif else {}))
         result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         mask = np.asarray(Image.open(tmp_path / "car_mask.png")) > 0
-        (_, _, expected), = Predictor(run_dir[0]).predict_files([tmp_path / "car.jpg"])
+        (_, _, expected), = Predictor(run).predict_files([tmp_path / "car.jpg"])
         assert mask.shape == shown and 0 < expected.mean() < 1
         assert np.array_equal(mask, expected)
+
+
+def test_the_readme_onnx_example_refuses_a_crop_runs_export(exported, tmp_path):
+    """Resizing is how a run trained on whole images predicts; a crop run's export
+    says so instead of giving other masks than predict."""
+    needs("onnx")
+    for name in ("unet.onnx", "unet.onnx.json"):
+        (tmp_path / name).write_bytes((exported["onnx"].parent / name).read_bytes())
+    sidecar = json.loads((tmp_path / "unet.onnx.json").read_text())
+    sidecar["prediction"]["mode"] = "whole"
+    (tmp_path / "unet.onnx.json").write_text(json.dumps(sidecar))
+    result = subprocess.run([sys.executable, "-c", readme_example()], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "AssertionError" in result.stderr
 
 
 # --- One-line errors, no files --------------------------------------------------------
