@@ -284,6 +284,22 @@ class InputPipeline:
             yield self._example(index)
         self._flush()
 
+    def mask_range(self) -> tuple[float, float]:
+        """The lowest and highest value of this process's share of the whole masks
+        (from the cache, decoded where not yet there), stopping as soon as both
+        background (0) and something else were seen: the check of the masks as a
+        whole that batches of random crops cannot make, as crops of a sparse object
+        may all miss it."""
+        low, high = np.inf, -np.inf
+        index, count = self.shard
+        for i in range(index, len(self.pairs), count):
+            mask = self._cached(i)[1]
+            low, high = min(low, float(mask.min())), max(high, float(mask.max()))
+            if low == 0 < high:
+                break
+        self._flush()
+        return low, high
+
     def fill(self, workers: int | None = None) -> None:
         """Decodes every example into the cache now, in parallel threads (Pillow's
         decoders release the GIL), instead of during the first epoch."""

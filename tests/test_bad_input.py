@@ -273,9 +273,10 @@ def test_predict_files_takes_one_path_as_one_file(run, tmp_path):
         assert path == image and mask.shape == (32, 48)
 
 
+@pytest.mark.parametrize("crop", [None, 16])
 @pytest.mark.parametrize("mask_value,kind", [(1, "background"), (2, "foreground")])
 def test_masks_of_one_value_everywhere_stop_the_run_after_its_first_epoch(
-        tmp_path, capsys, mask_value, kind):
+        tmp_path, capsys, mask_value, kind, crop):
     """0/1 masks saved as JPEG read as empty (cut at 128); a 1/2/3 trimap (2 and 3 where
     this writes 2) reads as foreground everywhere. Either way, nothing to learn."""
     for i in range(6):
@@ -286,7 +287,7 @@ def test_masks_of_one_value_everywhere_stop_the_run_after_its_first_epoch(
         path.parent.mkdir(exist_ok=True)
         Image.fromarray(values).save(path, quality=95)
     argv = ["--data-dir", str(tmp_path), "--workdir", str(tmp_path / "w"), "--epochs", "2",
-            *TINY]
+            *TINY, *(["--crop", str(crop)] if crop else [])]
     assert call(train.main, argv) == 2
     line = last_line(capsys)
     assert f"every training mask read as {kind} at every pixel in epoch 1" in line

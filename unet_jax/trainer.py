@@ -268,10 +268,9 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
             bar = tqdm(train_data.epoch(epoch), total=len(train_data),
                        desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False,
                        disable=None if is_main else True)  # None: terminals only, not logs
-            # Whole masks only: random crops of sparse objects may all miss them.
-            check = epoch == 1 and config.crop is None
+            check = epoch == 1  # whether the masks hold anything to learn
             for batch in bar:
-                if check:
+                if check and config.crop is None:
                     labels = [min(labels[0], batch["mask"].min()),
                               max(labels[1], batch["mask"].max())]
                 state, metrics = train_step(state, parallel.shard_batch(batch, mesh),
@@ -285,6 +284,8 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
             losses.append(finite(pending, epoch, len(losses) + 1))
             train_seconds = time.perf_counter() - start
             if check:
+                if config.crop is not None:  # crops of a sparse object may all miss it
+                    labels = train_data.mask_range()
                 check_labels(config, train_data, *labels)
 
             # --- Validation: no gradients, every validation image once.
@@ -328,11 +329,11 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
 
 
 def check_labels(config: Config, train_data, low: float, high: float) -> None:
-    """Stops a run trained on whole images whose masks were one value at every pixel
-    of the first epoch: nothing to learn, and a run that said nothing would only show
-    Dice 0 (or a perfect score) at its end. ``low`` and ``high`` are the lowest and
-    highest mask values of this process's batches; all processes compare the same
-    totals.
+    """Stops a run whose training masks were one value at every pixel of the first
+    epoch: nothing to learn, and a run that said nothing would only show Dice 0 (or a
+    perfect score) at its end. ``low`` and ``high`` are the lowest and highest mask
+    values of this process's batches (for a run on crops, of its whole masks:
+    ``InputPipeline.mask_range``); all processes compare the same totals.
 
     Masks that read as empty are most often 0/1 masks saved as JPEG (cut at 128) or
     masks of the wrong folder; masks that read as all foreground, masks whose
