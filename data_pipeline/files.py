@@ -106,7 +106,35 @@ def detect_layout(data_dir) -> tuple[Path, Path, str]:
         if tfds_carvana.holds_kaggle_zips(root):
             return detect_layout(tfds_carvana.prepare_zip_folder(root))
     raise DataError(f"--data-dir {root} matches no known layout: expected "
-                    f"{LAYOUTS}{_unzip_hint(root)}")
+                    f"{LAYOUTS}{_unzip_hint(root) or _layout_hint(root)}")
+
+
+# Folder names other tools and datasets use for images and masks.
+_IMAGE_NAMES = ("image", "img", "imgs", "input", "inputs", "raw", "originals")
+_MASK_NAMES = ("mask", "label", "labels", "gt", "ground_truth", "groundtruth",
+               "annotations", "segmentations", "targets")
+
+
+def _layout_hint(root: Path) -> str:
+    """What ``root`` holds and the renaming that would make it a layout: "; it holds
+    image/ and label/: rename them images/ and masks/", or "; pass its parent" for a
+    folder of images given itself; else what it holds."""
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    lower = {name.lower(): name for name in folders}
+    image = next((lower[n] for n in ("images", *_IMAGE_NAMES) if n in lower), None)
+    mask = next((lower[n] for n in ("masks", *_MASK_NAMES) if n in lower), None)
+    if image and mask:
+        renames = [f"{old}/ to {new}/" for old, new in ((image, "images"), (mask, "masks"))
+                   if old != new]
+        return f"; it holds {image}/ and {mask}/: rename {' and '.join(renames)}"
+    if root.name in ("images", "masks", "train", "train_masks") and (
+            any((root.parent / n).is_dir() for n in ("images", "masks", "train_masks"))):
+        return f"; {root.name}/ is one of its folders: pass its parent, {root.parent}"
+    if _images_in(root):
+        return ("; it holds images itself: put them in images/ and their masks in masks/ "
+                "beside it")
+    shown = ", ".join(f"{name}/" for name in folders[:6]) or "no folders"
+    return f"; it holds {shown}"
 
 
 def _by_stem(files: list[Path], strip: str = "") -> tuple[dict[str, Path], list[str]]:
@@ -259,7 +287,11 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
         log.warning("skipping %d bad image/mask pair(s):\n  %s%s", len(problems),
                     "\n  ".join(shown), rest)
     if not pairs:
-        raise DataError(f"--data-dir {data_dir}: no usable image/mask pairs in it")
+        image_dir, mask_dir, _ = detect_layout(data_dir)
+        empty = [f"{d.name}/" for d in (image_dir, mask_dir) if not _images_in(d)]
+        why = (f" ({' and '.join(empty)} {'hold' if len(empty) > 1 else 'holds'} no image "
+               "files)" if empty else "")
+        raise DataError(f"--data-dir {data_dir}: no usable image/mask pairs in it{why}")
     return pairs
 
 

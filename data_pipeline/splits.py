@@ -66,9 +66,13 @@ def grouped(pairs: list[Pair], pattern: str) -> list[Pair]:
         else:
             unmatched.append(pair.image)
     if unmatched:
-        raise DataError(f"--group-by {pattern!r} finds no group in the name of "
-                        f"{unmatched[0]} ({len(unmatched)} of {len(pairs)} images); give a "
-                        "pattern that every image name matches, its first (...) the group")
+        names = ", ".join(p.name for p in unmatched[:3]) + (", ..." if len(unmatched) > 3 else "")
+        case = ("; (?i) at its start ignores case" if any(
+            re.search(pattern, p.stem, re.I) for p in unmatched) else "")
+        raise DataError(f"--group-by '{pattern}' finds no group in the names of "
+                        f"{len(unmatched)} of {len(pairs)} images in {unmatched[0].parent} "
+                        f"({names}); give a pattern that every image name matches, its "
+                        f"first (...) the group{case}")
     return named
 
 

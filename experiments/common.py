@@ -45,8 +45,23 @@ class Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line (argparse prints the usage too)."""
 
     def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            message += self._did_you_mean(message.split(":", 1)[1].split())
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(USER_ERROR)
+
+    def _did_you_mean(self, words: list[str]) -> str:
+        """"; did you mean --crops-per-image?" for the first mistyped flag."""
+        import difflib
+
+        flags = [f for action in self._actions for f in action.option_strings
+                 if f.startswith("--")]
+        for word in words:
+            if word.startswith("--"):
+                close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.7)
+                if close:
+                    return f"; did you mean {close[0]}?"
+        return ""
 
 
 def make_parser(prog: str, doc: str, examples: str) -> Parser:

@@ -11,7 +11,9 @@ Carvana download (``train/`` and ``train_masks/``) or at a folder with ``images/
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
+from pathlib import Path
 
 from experiments import common
 
@@ -101,7 +103,14 @@ def main(argv=None):
     import unet_jax
 
     workdir = args.workdir or time.strftime("runs/unet-%Y%m%d-%H%M%S")
-    unet_jax.train_and_evaluate(config, workdir, resume=args.resume)
+    try:
+        unet_jax.train_and_evaluate(config, workdir, resume=args.resume)
+    except (KeyboardInterrupt, common.Terminated):
+        saved = Path(workdir) / "checkpoints"
+        if saved.is_dir() and any(p.name.isdigit() for p in saved.iterdir()):
+            sys.stderr.write(f"every finished epoch is kept; continue with: python -m "
+                             f"experiments.train --workdir {workdir} --resume\n")
+        raise
     return 0
 
 

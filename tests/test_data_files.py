@@ -359,3 +359,24 @@ def test_a_zip_where_images_are_expected_says_to_unzip_it(tmp_path):
         dp.find_images(tmp_path)
     with pytest.raises(dp.DataError, match=r"matches no known layout.*; unzip test\.zip first"):
         dp.find_pairs(tmp_path)
+
+
+@pytest.mark.parametrize("folders, given, hint", [
+    (("image", "label"), "", "it holds image/ and label/: rename image/ to images/ and "
+                             "label/ to masks/"),
+    (("images", "GT"), "", "it holds images/ and GT/: rename GT/ to masks/"),
+    (("images", "masks"), "images", "images/ is one of its folders: pass its parent"),
+    (("photos", "notes"), "", "it holds notes/, photos/"),
+])
+def test_a_folder_of_no_known_layout_says_what_it_holds_and_the_fix(tmp_path, folders,
+                                                                    given, hint):
+    for name in folders:
+        (tmp_path / name).mkdir()
+    assert error_of(tmp_path / given).endswith(hint + (f", {tmp_path}" if given else ""))
+
+
+def test_empty_folders_are_named_as_empty(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    assert error_of(tmp_path).endswith(
+        "no usable image/mask pairs in it (images/ and masks/ hold no image files)")

@@ -251,6 +251,35 @@ def test_predict_names_a_missing_checkpoint(tmp_path, capsys):
     assert code == 2 and "config.json" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("inside", ["checkpoints", "checkpoints/2", "config.json"])
+def test_a_path_inside_a_run_names_the_run(trained_run, tmp_path, capsys, inside):
+    code = call(predict.main, ["--checkpoint", str(trained_run / inside), "--input",
+                               str(tmp_path), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().endswith(f"it is inside the run {trained_run}; pass that")
+
+
+def test_a_mistyped_flag_gets_the_flag_it_resembles(capsys):
+    assert call(train.main, ["--crops-per-imge", "4"]) == 2
+    assert "unrecognized arguments: --crops-per-imge 4; did you mean --crops-per-image?" in (
+        capsys.readouterr().err)
+
+
+def test_an_interrupted_run_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    import unet_jax
+
+    def interrupted(config, workdir, resume=False):
+        (Path(workdir) / "checkpoints" / "1").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(unet_jax, "train_and_evaluate", interrupted)
+    run = tmp_path / "run"
+    assert call(train.main, [*TINY, "--workdir", str(run)]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"every finished epoch is kept; continue with: python -m experiments.train "
+        f"--workdir {run} --resume", "test: interrupted"]
+
+
 def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, capsys):
     assert call(evaluate.main, ["--checkpoint", str(trained_run)]) == 0
     result = json.loads((trained_run / "evaluation-validation.json").read_text())

@@ -117,7 +117,12 @@ def test_group_by_names_an_image_it_finds_no_group_in():
                                        Path("/d/masks/scan7.png"), "scan7")]
     with pytest.raises(dp.DataError) as e:
         dp.split_pairs(pairs, group_by=r"^(case\d+)_")
-    assert "scan7.png (1 of 61 images)" in str(e.value) and "\n" not in str(e.value)
+    assert "1 of 61 images in /d/images (scan7.png)" in str(e.value)
+    assert "\n" not in str(e.value) and r"(case\d+)" in str(e.value)
+    shouting = patient_pairs() + [dp.Pair(Path("/d/images/CASE77_slice001.png"),
+                                          Path("/d/masks/CASE77_slice001.png"), "x")]
+    with pytest.raises(dp.DataError, match=r"\(\?i\) at its start ignores case"):
+        dp.split_pairs(shouting, group_by=r"^(case\d+)_")
     with pytest.raises(dp.DataError, match="at least 2 groups, the data has 1"):
         dp.split_pairs(patient_pairs(), group_by="slice")
 

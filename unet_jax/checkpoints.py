@@ -379,6 +379,18 @@ def _set_aside(manager: ocp.CheckpointManager, epochs: list[int]) -> None:
     manager.reload()
 
 
+def _run_dir_hint(given) -> str:
+    """Why ``given`` is not a run directory and which is: a file or a folder inside a
+    run (its checkpoints/, one checkpoint) names the run above it."""
+    given = Path(given)
+    for above in list(given.parents)[:3]:
+        if (above / "config.json").is_file():
+            return f"it is inside the run {above}; pass that"
+    if given.is_file():
+        return "it is a file; pass the directory that experiments.train wrote"
+    return "it has no config.json (pass the directory that experiments.train wrote)"
+
+
 def load_config(run_dir) -> Config:
     """The Config a run directory was made with (its ``config.json``)."""
     path = Path(run_dir) / "config.json"
@@ -386,8 +398,7 @@ def load_config(run_dir) -> Config:
         raise CheckpointError(f"{run_dir}: no such directory (pass the run directory that "
                               "experiments.train wrote)")
     if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory: it has no config.json "
-                              "(pass the directory that experiments.train wrote)")
+        raise CheckpointError(f"{run_dir} is not a run directory: {_run_dir_hint(run_dir)}")
     try:
         return Config.load(path)
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
