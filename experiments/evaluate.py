@@ -4,9 +4,11 @@ Masks are predicted as ``experiments.predict`` does (the run's own way, or as
 ``--tile``, ``--overlap`` and ``--tta`` say) and scored against the true masks at their
 original resolution, which is how Kaggle scored Carvana; the validation Dice printed
 during training is computed at the training size (or scale) and is usually slightly
-higher. The result, with the seconds per image, is printed and written as JSON
-(``RUN_DIR/evaluation-<split>.json`` unless ``--output`` says otherwise);
-``--compare`` adds every way of predicting that fits the run, side by side.
+higher. The result, with the seconds per image and each image's own scores, is
+printed and written as JSON (``RUN_DIR/evaluation-<split>.json``, or
+``evaluation-all-<folder>.json`` for another data folder than the run's, unless
+``--output`` says otherwise); ``--compare`` adds every way of predicting that fits the
+run, side by side.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def parse_args(argv=None):
 
 
 def select_pairs(args, config):
-    """The image/mask pairs to score."""
+    """(the image/mask pairs to score, the data folder they are in)."""
     import data_pipeline
 
     run_dir = Path(args.checkpoint)
@@ -48,19 +50,20 @@ def select_pairs(args, config):
     if args.split == "all":
         # Unchecked: scoring reads every file anyway, and names a bad one there (or with
         # --skip-bad, skips it and counts it in "skipped").
-        return data_pipeline.find_pairs(data_dir, skip_bad=args.skip_bad, check=False)
+        return data_pipeline.find_pairs(data_dir, skip_bad=args.skip_bad, check=False), data_dir
     split_file = run_dir / "split.json"
     if not split_file.is_file():
         raise common.UserError(f"{run_dir} has no split.json, so its validation images are "
                                "unknown; pass --data-dir DIR --split all")
     # Moved data is found by file name in --data-dir; a file that is there but
     # unreadable is named when it is scored, not taken for missing.
-    return data_pipeline.read_split(split_file, args.data_dir)[1]
+    return data_pipeline.read_split(split_file, args.data_dir)[1], data_dir
 
 
 def score(predictor, pairs, skip_bad: bool) -> dict:
     """Mean Dice, IoU and pixel accuracy of ``predictor``'s masks for ``pairs`` at each
-    image's full size, and the seconds per image (decoding included)."""
+    image's full size, the seconds per image (decoding included), and each image's
+    own scores (``per_image``: which images, or which patient, the mean hides)."""
     import numpy as np
     from tqdm import tqdm
 
@@ -70,7 +73,7 @@ def score(predictor, pairs, skip_bad: bool) -> dict:
 
     num_classes = predictor.config.num_classes
     masks = {p.image: p.mask for p in pairs}
-    scores = []
+    scores, scored = [], []
     start = time.perf_counter()
     paths = [p.image for p in pairs]
     results = predictor.predict_files(paths, skip_bad=skip_bad)
@@ -91,6 +94,7 @@ def score(predictor, pairs, skip_bad: bool) -> dict:
             continue
         scores.append({k: np.asarray(v[0]) for k, v in segmentation_scores(
             predicted[None].astype(np.int32), truth[None].astype(np.int32), num_classes).items()})
+        scored.append(str(image))
     seconds = time.perf_counter() - start
     if not scores:
         raise common.UserError("no image could be scored (all were skipped as unreadable)")
@@ -105,6 +109,9 @@ def score(predictor, pairs, skip_bad: bool) -> dict:
     result.update(mode=mode.how, tta=mode.tta, overlap=mode.overlap,
                   seconds_per_image=seconds / len(scores), images=len(scores),
                   skipped=len(pairs) - len(scores))
+    result["per_image"] = [{"image": image, **{k: float(s[k]) for k in
+                                               ("dice", "iou", "pixel_accuracy")}}
+                           for image, s in zip(scored, scores)]
     return result
 
 
@@ -130,7 +137,7 @@ def main(argv=None):
     from unet_jax.optim import weights_name
 
     predictor = common.make_predictor(args)
-    pairs = select_pairs(args, predictor.config)
+    pairs, data_dir = select_pairs(args, predictor.config)
     result = score(predictor, pairs, args.skip_bad)
     print(f"{result['images']} images ({args.split}, {predictor.describe()}): Dice "
           f"{result['dice']:.4f}, IoU {result['iou']:.4f}, pixel accuracy "
@@ -141,16 +148,23 @@ def main(argv=None):
                                     args.tta):
             predictor.mode = mode
             row = score(predictor, pairs, args.skip_bad)
+            del row["per_image"]  # the run's own way's are above
             result["compare"].append(row)
             print(f"  {row['mode']:>6}, tta {row['tta']:<5}: Dice {row['dice']:.4f}, IoU "
                   f"{row['iou']:.4f}, {row['seconds_per_image']:.3f} s/image")
-    result.update(split=args.split, checkpoint=str(args.checkpoint), epoch=predictor.epoch,
+    data_dir = str(Path(data_dir).expanduser().resolve())
+    result.update(split=args.split, data_dir=data_dir, checkpoint=str(args.checkpoint),
+                  epoch=predictor.epoch,
                   weights=weights_name(predictor.config),
                   image_size=list(predictor.config.image_size),
                   crop=list(predictor.config.crop) if predictor.config.crop else None,
                   scale=predictor.config.scale)
     # The scores first: a run directory that cannot be written still shows them.
-    out = Path(args.output or Path(args.checkpoint) / f"evaluation-{args.split}.json")
+    # Another folder than the run's own gets a file of its own: scoring a second
+    # dataset does not overwrite the first one's scores.
+    own = str(Path(predictor.config.data_dir or data_dir).expanduser().resolve())
+    name = f"evaluation-{args.split}" + ("" if data_dir == own else f"-{Path(data_dir).name}")
+    out = Path(args.output or Path(args.checkpoint) / f"{name}.json")
     try:
         rundir.write_text_atomic(out, json.dumps(result, indent=2))
     except OSError as e:

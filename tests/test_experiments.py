@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -280,7 +281,7 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path, monkeypatch, capsys):
         f"--workdir {run} --resume", "test: interrupted"]
 
 
-def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, capsys):
+def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, tmp_path, capsys):
     assert call(evaluate.main, ["--checkpoint", str(trained_run)]) == 0
     result = json.loads((trained_run / "evaluation-validation.json").read_text())
     split = json.loads((trained_run / "split.json").read_text())
@@ -301,7 +302,18 @@ def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, capsys):
     assert call(evaluate.main, ["--checkpoint", str(trained_run), "--data-dir", str(data_dir),
                                 "--split", "all"]) == 0
     result = json.loads((trained_run / "evaluation-all.json").read_text())
-    assert result["images"] == 5 * 16
+    assert result["images"] == 5 * 16 and result["data_dir"] == str(data_dir.resolve())
+    per_image = {Path(row["image"]).name: row["dice"] for row in result["per_image"]}
+    assert len(per_image) == 80 and np.mean(list(per_image.values())) == pytest.approx(
+        result["dice"], abs=1e-6)
+    # Another folder gets a file of its own, not the first one's overwritten.
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)
+    assert call(evaluate.main, ["--checkpoint", str(trained_run), "--data-dir", str(other),
+                                "--split", "all"]) == 0
+    result = json.loads((trained_run / "evaluation-all-other.json").read_text())
+    assert result["data_dir"] == str(other.resolve())
+    assert json.loads((trained_run / "evaluation-all.json").read_text())["images"] == 80
 
 
 def test_predict_skips_bad_files_when_asked_and_names_them_otherwise(trained_run, tmp_path,
@@ -656,7 +668,6 @@ def test_resume_with_the_preset_alone_keeps_the_first_commands_epochs(tmp_path):
 
 
 def test_resume_finds_the_same_images_where_the_data_moved(data_dir, tmp_path, capsys):
-    import shutil
 
     first = tmp_path / "first"
     shutil.copytree(data_dir, first)
