@@ -73,7 +73,13 @@ def build_config(args):
                     "resume with the run's own --preset, or with no --preset at all (the "
                     "run's settings come from its config.json)")
         return config
-    return configs.get(args.preset or "default", **given)
+    config = configs.get(args.preset or "default", **given)
+    if "image_size" in given and config.crop is not None:
+        raise common.UserError(
+            "--image-size has no effect with --crop: a run on crops keeps every image at "
+            "its own size times --scale; drop --image-size (or --crop, to train on whole "
+            "images resized to it)")
+    return config
 
 
 def sample_sized_note(args) -> str | None:

@@ -102,6 +102,12 @@ def test_train_with_a_bad_class_id_is_one_line(data, tmp_path, capsys):
     assert not (tmp_path / "r" / "config.json").exists()
 
 
+def without_image_size(argv: list[str]) -> list[str]:
+    """``argv`` less ``--image-size H W``: a run on crops refuses it."""
+    i = argv.index("--image-size")
+    return argv[:i] + argv[i + 3:]
+
+
 # --- Sizes --------------------------------------------------------------------------------
 
 def test_a_scale_that_leaves_images_smaller_than_the_crop_is_one_line(data, tmp_path, capsys):
@@ -287,7 +293,7 @@ def test_masks_of_one_value_everywhere_stop_the_run_after_its_first_epoch(
         path.parent.mkdir(exist_ok=True)
         Image.fromarray(values).save(path, quality=95)
     argv = ["--data-dir", str(tmp_path), "--workdir", str(tmp_path / "w"), "--epochs", "2",
-            *TINY, *(["--crop", str(crop)] if crop else [])]
+            *(TINY if crop is None else [*without_image_size(TINY), "--crop", str(crop)])]
     assert call(train.main, argv) == 2
     line = last_line(capsys)
     assert f"every training mask read as {kind} at every pixel in epoch 1" in line

@@ -260,6 +260,14 @@ def test_a_path_inside_a_run_names_the_run(trained_run, tmp_path, capsys, inside
     assert code == 2 and err.strip().endswith(f"it is inside the run {trained_run}; pass that")
 
 
+def test_image_size_with_crop_is_refused_as_having_no_effect(capsys):
+    assert call(train.main, ["--crop", "64", "--image-size", "128"]) == 2
+    assert "--image-size has no effect with --crop" in capsys.readouterr().err
+    # A preset's image size is not the user's: seed-gpu with --crop trains.
+    config = train.build_config(train.parse_args(["--preset", "seed-gpu", "--crop", "512"]))
+    assert config.crop == (512, 512)
+
+
 def test_a_mistyped_flag_gets_the_flag_it_resembles(capsys):
     assert call(train.main, ["--crops-per-imge", "4"]) == 2
     assert "unrecognized arguments: --crops-per-imge 4; did you mean --crops-per-image?" in (
