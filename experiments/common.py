@@ -166,10 +166,16 @@ def start_platform(platform: str, args=None) -> str:
 def _initialize_distributed(*args) -> None:
     from unet_jax import parallel
 
+    ours = signal.getsignal(signal.SIGTERM) is _terminated
     try:
         parallel.initialize(*args)
     except Exception as e:  # jax raises ValueError/RuntimeError with long messages
         raise UserError(f"cannot join the multi-process run: {str(e).splitlines()[0]}") from None
+    # jax.distributed.initialize installs its own SIGTERM handler (for its preemption
+    # notices, which the trainer does not use); without ours a stopped job would die
+    # mid-checkpoint instead of unwinding like Ctrl-C.
+    if ours and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
 
 
 def run(main, argv=None, prog: str = "") -> None:
@@ -197,6 +203,6 @@ def run(main, argv=None, prog: str = "") -> None:
         sys.stderr.write(f"{prog}: terminated\n")
         sys.exit(128 + signal.SIGTERM)
     finally:
-        if in_main_thread:
+        if previous is not None:  # None: the handler was set outside Python
             signal.signal(signal.SIGTERM, previous)
     sys.exit(code or 0)

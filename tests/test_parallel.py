@@ -137,3 +137,30 @@ def test_two_processes_with_jax_distributed(data_dir, single_device_run, tmp_pat
         for key in ("train_loss", "val_loss", "val_dice"):
             assert row[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-4), key
     assert (run / "checkpoints" / "2" / "params").is_dir()
+
+
+def test_sigterm_still_unwinds_after_joining_a_multi_process_run():
+    """jax.distributed.initialize installs its own SIGTERM handler; the command's own
+    (unwind like Ctrl-C, exit 143) must be back in place once the run is joined."""
+    script = (
+        "import os, signal, sys\n"
+        "from experiments import common\n"
+        "def main(argv):\n"
+        "    args = common.Parser().parse_args(argv)\n"
+        "    common.start_platform('cpu', args)\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        import time; time.sleep(30)\n"
+        "    finally:\n"
+        "        print('cleanup ran', flush=True)\n"
+        "common.run(main, [], prog='probe')\n")
+    script = script.replace(
+        "args = common.Parser().parse_args(argv)",
+        "import argparse; args = argparse.Namespace(coordinator='127.0.0.1:%d', "
+        "num_processes=1, process_id=0, compile_cache='off')" % free_port())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 143, p.stderr[-2000:]
+    assert "cleanup ran" in p.stdout
+    assert "probe: terminated" in p.stderr
