@@ -292,6 +292,15 @@ def test_converter_logs_on_the_descriptor_are_shown_only_for_an_unexpected_failu
     assert capfd.readouterr().err == "after\n"
 
 
+def test_holding_native_logs_works_without_a_python_stderr(monkeypatch, capfd):
+    """Under pythonw (and some embedders) sys.stderr is None; export still runs."""
+    monkeypatch.setattr(sys, "stderr", None)
+    with export._native_logs_held():
+        os.write(2, b"W0000 converter note\n")
+    monkeypatch.undo()
+    assert capfd.readouterr().err == ""
+
+
 def test_a_directory_that_is_not_a_run_is_one_line(tmp_path, capsys):
     code = call(export_cli.main, ["--checkpoint", str(tmp_path), "--format", "stablehlo",
                                   "--output", str(tmp_path / "out" / "unet.stablehlo")])

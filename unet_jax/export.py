@@ -366,26 +366,36 @@ def _native_logs_held():
     (which says what went wrong), and written out for any other failure, whose
     cause they may tell.
     """
-    sys.stderr.flush()
+    def flush():
+        if sys.stderr is not None:  # None under pythonw and some embedders
+            sys.stderr.flush()
+
+    flush()
     try:
         saved = os.dup(2)
     except OSError:  # no stderr to hold
         yield
         return
-    with tempfile.TemporaryFile() as held:
+    try:
+        held = tempfile.TemporaryFile()
+    except OSError:  # no room for a temporary file: let the notes through
+        os.close(saved)
+        yield
+        return
+    with held:
         os.dup2(held.fileno(), 2)
         try:
             yield
         except ExportError:
             raise
         except BaseException:
-            sys.stderr.flush()
+            flush()
             os.dup2(saved, 2)
             held.seek(0)
             os.write(2, held.read())
             raise
         finally:
-            sys.stderr.flush()
+            flush()
             os.dup2(saved, 2)
             os.close(saved)
 
