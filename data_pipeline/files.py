@@ -115,11 +115,20 @@ _MASK_NAMES = ("mask", "label", "labels", "gt", "ground_truth", "groundtruth",
                "annotations", "segmentations", "targets")
 
 
+# A folder of a layout and the folder beside it that makes it one.
+_PARTNERS = {"images": "masks", "masks": "images", "train": "train_masks",
+             "train_masks": "train"}
+
+
 def _layout_hint(root: Path) -> str:
     """What ``root`` holds and the renaming that would make it a layout: "; it holds
     image/ and label/: rename them images/ and masks/", or "; pass its parent" for a
     folder of images given itself; else what it holds."""
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        folders = sorted(p.name for p in root.iterdir()
+                         if p.is_dir() and not p.name.startswith("."))
+    except OSError:  # unreadable: the message without a hint is still right
+        return ""
     lower = {name.lower(): name for name in folders}
     image = next((lower[n] for n in ("images", *_IMAGE_NAMES) if n in lower), None)
     mask = next((lower[n] for n in ("masks", *_MASK_NAMES) if n in lower), None)
@@ -127,8 +136,8 @@ def _layout_hint(root: Path) -> str:
         renames = [f"{old}/ to {new}/" for old, new in ((image, "images"), (mask, "masks"))
                    if old != new]
         return f"; it holds {image}/ and {mask}/: rename {' and '.join(renames)}"
-    if root.name in ("images", "masks", "train", "train_masks") and (
-            any((root.parent / n).is_dir() for n in ("images", "masks", "train_masks"))):
+    partner = _PARTNERS.get(root.name)
+    if partner and (root.parent / partner).is_dir():
         return f"; {root.name}/ is one of its folders: pass its parent, {root.parent}"
     if _images_in(root):
         return ("; it holds images itself: put them in images/ and their masks in masks/ "

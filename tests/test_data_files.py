@@ -366,6 +366,8 @@ def test_a_zip_where_images_are_expected_says_to_unzip_it(tmp_path):
                              "label/ to masks/"),
     (("images", "GT"), "", "it holds images/ and GT/: rename GT/ to masks/"),
     (("images", "masks"), "images", "images/ is one of its folders: pass its parent"),
+    (("train", "train_masks"), "train_masks", "train_masks/ is one of its folders: pass "
+                                              "its parent"),
     (("photos", "notes"), "", "it holds notes/, photos/"),
 ])
 def test_a_folder_of_no_known_layout_says_what_it_holds_and_the_fix(tmp_path, folders,
@@ -373,6 +375,13 @@ def test_a_folder_of_no_known_layout_says_what_it_holds_and_the_fix(tmp_path, fo
     for name in folders:
         (tmp_path / name).mkdir()
     assert error_of(tmp_path / given).endswith(hint + (f", {tmp_path}" if given else ""))
+
+
+def test_a_lone_images_folder_is_not_called_one_folder_of_a_layout(tmp_path):
+    """Without masks/ beside it, images/ is not one half of a layout to pass the
+    parent of; the message says what it holds instead."""
+    (tmp_path / "images" / "photos").mkdir(parents=True)
+    assert error_of(tmp_path / "images").endswith("it holds photos/")
 
 
 def test_empty_folders_are_named_as_empty(tmp_path):
