@@ -6,7 +6,7 @@ original resolution, which is how Kaggle scored Carvana; the validation Dice pri
 during training is computed at the training size (or scale) and is usually slightly
 higher. The result, with the seconds per image and each image's own scores, is
 printed and written as JSON (``RUN_DIR/evaluation-<split>.json``, or
-``evaluation-all-<folder>.json`` for another data folder than the run's, unless
+``evaluation-all-<folder>.json`` for all of another data folder than the run's, unless
 ``--output`` says otherwise); ``--compare`` adds every way of predicting that fits the
 run, side by side.
 """
@@ -160,10 +160,14 @@ def main(argv=None):
                   crop=list(predictor.config.crop) if predictor.config.crop else None,
                   scale=predictor.config.scale)
     # The scores first: a run directory that cannot be written still shows them.
-    # Another folder than the run's own gets a file of its own: scoring a second
-    # dataset does not overwrite the first one's scores.
-    own = str(Path(predictor.config.data_dir or data_dir).expanduser().resolve())
-    name = f"evaluation-{args.split}" + ("" if data_dir == own else f"-{Path(data_dir).name}")
+    # --split all of another folder than the run's own gets a file of its own: scoring
+    # a second dataset does not overwrite the first one's scores. (The validation
+    # split is the run's own images wherever they were moved to.)
+    import data_pipeline
+
+    own = predictor.config.data_dir or str(data_pipeline.sample_dataset_dir())
+    other = args.split == "all" and data_dir != str(Path(own).expanduser().resolve())
+    name = f"evaluation-{args.split}" + (f"-{Path(data_dir).name}" if other else "")
     out = Path(args.output or Path(args.checkpoint) / f"{name}.json")
     try:
         rundir.write_text_atomic(out, json.dumps(result, indent=2))

@@ -322,6 +322,12 @@ def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, tmp_path, caps
     result = json.loads((trained_run / "evaluation-all-other.json").read_text())
     assert result["data_dir"] == str(other.resolve())
     assert json.loads((trained_run / "evaluation-all.json").read_text())["images"] == 80
+    # The validation split is the run's own images wherever they were moved to.
+    (trained_run / "evaluation-validation.json").unlink()
+    assert call(evaluate.main, ["--checkpoint", str(trained_run), "--data-dir", str(other)]) == 0
+    assert json.loads((trained_run / "evaluation-validation.json").read_text())[
+        "data_dir"] == str(other.resolve())
+    assert not list(trained_run.glob("evaluation-validation-*.json"))
 
 
 def test_predict_skips_bad_files_when_asked_and_names_them_otherwise(trained_run, tmp_path,
