@@ -57,18 +57,23 @@ def grouped(pairs: list[Pair], pattern: str) -> list[Pair]:
     side of the split.
     """
     regex = re.compile(pattern)
+
+    def group_of(name: str, regex=regex):
+        found = regex.search(name)
+        return found and (found.group(1) if regex.groups else found.group(0))
+
     named, unmatched = [], []
     for pair in pairs:
-        found = regex.search(pair.image.stem)
-        group = found and (found.group(1) if regex.groups else found.group(0))
+        group = group_of(pair.image.stem)
         if group:
             named.append(dataclasses.replace(pair, car=group))
         else:
             unmatched.append(pair.image)
     if unmatched:
         names = ", ".join(p.name for p in unmatched[:3]) + (", ..." if len(unmatched) > 3 else "")
+        anycase = re.compile(pattern, re.I)
         case = ("; (?i) at its start ignores case" if any(
-            re.search(pattern, p.stem, re.I) for p in unmatched) else "")
+            group_of(p.stem, anycase) for p in unmatched) else "")
         raise DataError(f"--group-by '{pattern}' finds no group in the names of "
                         f"{len(unmatched)} of {len(pairs)} images in {unmatched[0].parent} "
                         f"({names}); give a pattern that every image name matches, its "
@@ -79,9 +84,10 @@ def grouped(pairs: list[Pair], pattern: str) -> list[Pair]:
 def _n_val(n: int, val_fraction: float, what: str) -> int:
     """How many of ``n`` units go to validation: rounded, and neither side empty."""
     if n < 2:
+        fix = {"cars": ", or use --split random",
+               "groups": ", or give --group-by a pattern that finds more groups"}
         raise DataError(f"a split needs at least 2 {what}, the data has {n}; add data, "
-                        "raise --subset" + (", or use --split random" if what != "images"
-                                            else ""))
+                        f"raise --subset{fix.get(what, '')}")
     return min(n - 1, max(1, round(val_fraction * n)))
 
 

@@ -123,7 +123,12 @@ def test_group_by_names_an_image_it_finds_no_group_in():
                                           Path("/d/masks/CASE77_slice001.png"), "x")]
     with pytest.raises(dp.DataError, match=r"\(\?i\) at its start ignores case"):
         dp.split_pairs(shouting, group_by=r"^(case\d+)_")
-    with pytest.raises(dp.DataError, match="at least 2 groups, the data has 1"):
+    # An empty group is no group, and ignoring case would not give one either.
+    with pytest.raises(dp.DataError) as e:
+        dp.split_pairs(patient_pairs(), group_by=r"^(X?)case")
+    assert "finds no group" in str(e.value) and "(?i)" not in str(e.value)
+    with pytest.raises(dp.DataError, match="at least 2 groups, the data has 1; .*--group-by "
+                                           "a pattern that finds more groups"):
         dp.split_pairs(patient_pairs(), group_by="slice")
 
 
