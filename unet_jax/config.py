@@ -93,7 +93,8 @@ class Config:
                            "'^(patient\\d+)_' keeps all of patient12_*.png on one side of "
                            "the split; groups take the cars' place in --split car and "
                            "--subset", metavar="REGEX")
-    val_fraction: float = _field(0.2, "share of the cars (or images) for validation")
+    val_fraction: float = _field(0.2, "share of the cars (the --group-by groups; the images "
+                                 "with --split random) for validation")
     subset: float = _field(1.0, "fraction of the cars to use, e.g. 0.1 as the guide's CPU run")
     augment: str = _field("", "augmentations by name, comma-separated: flip, shift "
                           "(with scale), color, elastic, rotate; --augment alone is "

@@ -421,7 +421,8 @@ def _summary(config, state, train_data, val_data, data_dir, workdir) -> str:
     return (f"unet-jax: {n_params:,} parameters on {jax.default_backend()} "
             f"({jax.device_count()} device(s), {jax.process_count()} process(es)); "
             f"{len(train_data.pairs)} training / {len(val_data.pairs)} validation images"
-            f"{_groups(config, train_data.pairs, val_data.pairs)} from {data_dir}; {size}, batch {config.batch_size}; {optim.describe(config)}; "
+            f"{_groups(config, train_data.pairs, val_data.pairs)} from {data_dir}; {size}, "
+            f"batch {config.batch_size}; {optim.describe(config)}; "
             f"run directory {workdir}")
 
 
