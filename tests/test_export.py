@@ -276,31 +276,6 @@ def test_the_readme_onnx_example_refuses_a_crop_runs_export(exported, tmp_path):
 
 # --- One-line errors, no files --------------------------------------------------------
 
-@pytest.mark.parametrize("raised, shown", [(None, False), (export.ExportError, False),
-                                           (RuntimeError, True)])
-def test_converter_logs_on_the_descriptor_are_shown_only_for_an_unexpected_failure(
-        raised, shown, capfd):
-    """The TFLite converter's C++ notes go to file descriptor 2, past Python."""
-    with contextlib.suppress(export.ExportError, RuntimeError):
-        with export._native_logs_held():
-            os.write(2, b"W0000 converter note\n")
-            if raised:
-                raise raised("failed")
-    err = capfd.readouterr().err
-    assert err == ("W0000 converter note\n" if shown else "")
-    os.write(2, b"after\n")  # the descriptor is back where it was
-    assert capfd.readouterr().err == "after\n"
-
-
-def test_holding_native_logs_works_without_a_python_stderr(monkeypatch, capfd):
-    """Under pythonw (and some embedders) sys.stderr is None; export still runs."""
-    monkeypatch.setattr(sys, "stderr", None)
-    with export._native_logs_held():
-        os.write(2, b"W0000 converter note\n")
-    monkeypatch.undo()
-    assert capfd.readouterr().err == ""
-
-
 def test_a_directory_that_is_not_a_run_is_one_line(tmp_path, capsys):
     code = call(export_cli.main, ["--checkpoint", str(tmp_path), "--format", "stablehlo",
                                   "--output", str(tmp_path / "out" / "unet.stablehlo")])

@@ -35,18 +35,18 @@ and output, how the run predicts (``prediction_settings``), and the checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from data_pipeline.tf_setup import native_logs_held
 
 FORMATS = ("onnx", "savedmodel", "tflite", "stablehlo")
 ONNX_OPSET = 17
@@ -356,51 +356,6 @@ def check_images(config) -> list[np.ndarray]:
 
 # --- Export -------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _native_logs_held():
-    """Holds what is written to the process's stderr (file descriptor 2) meanwhile.
-
-    The TFLite converter and interpreter log from C++ straight to the descriptor
-    (absl notes about ignored options, the XNNPACK delegate), past Python's logging
-    and ``TF_CPP_MIN_LOG_LEVEL``: a page of notes before export's one-line result.
-    They are dropped when the export succeeds or fails with its own ``ExportError``
-    (which says what went wrong), and written out for any other failure, whose
-    cause they may tell.
-    """
-    def flush():
-        if sys.stderr is not None:  # None under pythonw and some embedders
-            sys.stderr.flush()
-
-    flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr to hold
-        yield
-        return
-    try:
-        held = tempfile.TemporaryFile()
-    except OSError:  # no room for a temporary file: let the notes through
-        os.close(saved)
-        yield
-        return
-    with held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        except ExportError:
-            raise
-        except BaseException:
-            flush()
-            os.dup2(saved, 2)
-            held.seek(0)
-            os.write(2, held.read())
-            raise
-        finally:
-            flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def export_params(params, config, fmt: str, output, dtype: str = "float32") -> dict:
     """Writes ``params`` of a run with ``config`` as ``fmt`` to ``output``, checked
     against JAX; returns the check: {"max_abs_diff", "input_shapes", "tolerance"}."""
@@ -419,7 +374,9 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32") -> d
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     try:
         artifact = staging / output.name
-        with _native_logs_held():
+        # The converter and interpreter log from C++ (absl notes about ignored options,
+        # the XNNPACK delegate): a page of notes before export's one-line result.
+        with native_logs_held(quiet_on=(ExportError,)):
             if fmt == "stablehlo":
                 artifact.write_bytes(_to_stablehlo(fn, config))
             elif fmt == "savedmodel":
