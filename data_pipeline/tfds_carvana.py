@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -75,7 +76,7 @@ class Carvana(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, images_zip: Path, masks_zip: Path):
         """(key, example) for every photo, in name order, with its mask's palette
         indices turned into {0, 1}."""
-        with zipfile.ZipFile(images_zip) as images, zipfile.ZipFile(masks_zip) as masks:
+        with _open_zip(images_zip) as images, _open_zip(masks_zip) as masks:
             photos = {PurePosixPath(n).stem: n for n in images.namelist()
                       if n.lower().endswith(".jpg") and "__MACOSX" not in n}
             mask_names = {PurePosixPath(n).stem.removesuffix("_mask"): n
@@ -89,8 +90,8 @@ class Carvana(tfds.core.GeneratorBasedBuilder):
                 if stem not in mask_names:
                     raise DataError(f"{images_zip}: {name} has no mask in {masks_zip.name}; "
                                     "the zips do not belong together")
-                jpeg = images.read(name)
-                with Image.open(io.BytesIO(masks.read(mask_names[stem]))) as m:
+                jpeg = _read(images, name)
+                with Image.open(io.BytesIO(_read(masks, mask_names[stem]))) as m:
                     mask = (np.asarray(m) > 0).astype(np.uint8)  # palette index 1: the car
                 with Image.open(io.BytesIO(jpeg)) as img:
                     if img.size != mask.shape[::-1]:
@@ -100,6 +101,30 @@ class Carvana(tfds.core.GeneratorBasedBuilder):
                 yield stem, {"image": io.BytesIO(jpeg), "mask": mask[..., None],
                              "image/filename": PurePosixPath(name).name,
                              "car_id": stem.rsplit("_", 1)[0]}
+
+
+# A download cut short, or a file that is not a zip: found on opening (no central
+# directory) or on reading a member (a bad CRC, a stream that ends early).
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError)
+
+
+def _damaged(path, e) -> DataError:
+    return DataError(f"{path}: not a complete zip file ({e}); the download was probably "
+                     "cut short: download it again from Kaggle")
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except _DAMAGED as e:
+        raise _damaged(path, e) from None
+
+
+def _read(archive: zipfile.ZipFile, name: str) -> bytes:
+    try:
+        return archive.read(name)
+    except _DAMAGED as e:
+        raise _damaged(archive.filename, e) from None
 
 
 def export_pairs(data_dir, out_dir, split: str = "train") -> Path:

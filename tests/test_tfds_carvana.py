@@ -73,6 +73,25 @@ def test_photo_without_mask_is_named(tmp_path, src):
         prepare(tmp_path, manual)
 
 
+def test_a_truncated_download_is_named(tmp_path, manual):
+    """A download cut short has no central directory: one line naming the zip."""
+    data = (manual / "train.zip").read_bytes()
+    (manual / "train.zip").write_bytes(data[: len(data) // 2])
+    with pytest.raises(dp.DataError, match=r"train\.zip: not a complete zip file.*again"):
+        prepare(tmp_path, manual)
+
+
+def test_a_damaged_member_is_named(tmp_path, manual):
+    """Damage inside a member (its CRC no longer matches) shows when it is read."""
+    data = bytearray((manual / "train_masks.zip").read_bytes())
+    first = zipfile.ZipFile(manual / "train_masks.zip").infolist()[0]
+    start = first.header_offset + 30 + len(first.filename) + len(first.extra)
+    data[start + first.compress_size // 2] ^= 0xFF
+    (manual / "train_masks.zip").write_bytes(bytes(data))
+    with pytest.raises(dp.DataError, match=r"train_masks\.zip: not a complete zip file"):
+        prepare(tmp_path, manual)
+
+
 def test_tfds_feeds_the_same_pipeline(tmp_path, src, manual):
     pairs = pairs_from_tfds(tmp_path / "tfds", tmp_path / "export", manual_dir=manual)
     original = dp.find_pairs(src)
