@@ -41,6 +41,37 @@ def _terminated(signum, frame):
     raise Terminated
 
 
+def _signals_redelivered(previous_hook):
+    """A ``sys.unraisablehook`` that delivers Ctrl-C and SIGTERM again when Python
+    swallowed them.
+
+    A signal's exception is raised in whatever Python code runs when it arrives. If
+    that is a finalizer (TensorFlow's ``__del__`` methods, JAX's garbage-collector
+    callback), Python prints "Exception ignored in ..." and carries on: the run
+    trained to its end and exited 0 after the user pressed Ctrl-C. The signal is sent
+    again a moment later, to land in the command's own code, which unwinds as it
+    should; if it lands in a finalizer again, this repeats.
+    """
+    def send_again(signum):
+        # Sent at once, it would land in this hook, whose exceptions are lost as well.
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+
+    def hook(unraisable):
+        if (unraisable.exc_type is KeyboardInterrupt
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            send_again(signal.SIGINT)
+        elif unraisable.exc_type is Terminated and signal.getsignal(signal.SIGTERM) in (
+                signal.SIG_DFL, _terminated):
+            signal.signal(signal.SIGTERM, _terminated)  # the lost one was the first
+            send_again(signal.SIGTERM)
+        else:
+            previous_hook(unraisable)
+
+    return hook
+
+
 class Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line (argparse prints the usage too)."""
 
@@ -190,6 +221,9 @@ def run(main, argv=None, prog: str = "") -> None:
 
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
+    previous_hook = sys.unraisablehook
+    if in_main_thread:
+        sys.unraisablehook = _signals_redelivered(previous_hook)
     try:
         code = main(argv)
     except (UserError, DataError, CheckpointError, ConfigError, ExportError, RunDirError,
@@ -203,6 +237,7 @@ def run(main, argv=None, prog: str = "") -> None:
         sys.stderr.write(f"{prog}: terminated\n")
         sys.exit(128 + signal.SIGTERM)
     finally:
+        sys.unraisablehook = previous_hook
         if previous is not None:  # None: the handler was set outside Python
             signal.signal(signal.SIGTERM, previous)
     sys.exit(code or 0)

@@ -218,6 +218,37 @@ def test_sigterm_unwinds_like_ctrl_c_and_exits_143(capsys):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                                 (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_that_lands_in_a_finalizer_still_stops_the_command(
+        signum, code, said, capsys):
+    """Python swallows an exception raised in ``__del__`` or a GC callback ("Exception
+    ignored in ..."): a Ctrl-C that arrived while TensorFlow's finalizer ran was lost,
+    and the run trained on to the end and exited 0."""
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    finished = []
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signum)  # arrives here, so its exception is swallowed
+            time.sleep(0.5)
+
+    def main(argv):
+        obj = Finalized()
+        del obj
+        time.sleep(5)  # the signal delivered again ends this
+        finished.append(True)
+        return 0
+
+    try:
+        assert call(main, []) == code
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+    assert not finished
+    err = capsys.readouterr().err
+    assert err.endswith(f"test: {said}\n") and "Exception ignored" not in err
+
+
 def test_predict_writes_binary_masks_at_each_images_size(trained_run, tmp_path):
     inputs = random_images(tmp_path / "in", {"odd.jpg": (70, 101, 3), "gray.png": (40, 50)})
     out = tmp_path / "out"
