@@ -349,8 +349,10 @@ def test_a_missing_export_extra_names_the_install_command(run_dir, tmp_path, mon
 
 
 def test_an_output_that_is_a_directory_is_one_line(run_dir, tmp_path):
-    with pytest.raises(ExportError, match=r"is a directory; give a file name"):
+    with pytest.raises(ExportError, match=r"is a directory; give a file name, e\.g\. .*unet\.tflite$"):
         export.export_params(run_dir[1], CONFIG, "tflite", tmp_path)
+    with pytest.raises(ExportError, match=r"e\.g\. .*unet\.jaxexport$"):  # as the README names it
+        export.export_params(run_dir[1], CONFIG, "stablehlo", tmp_path)
     with pytest.raises(CheckpointError):
         export.export_run(tmp_path, "tflite", tmp_path / "unet.tflite")
     (tmp_path / "unet.tflite.json").mkdir()  # where the settings file would go

@@ -54,6 +54,7 @@ ONNX_OPSET = 17
 # least 1): float32 sums in another order differ by about 1e-6 of it.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 EXTRA = "pip install -e '.[export]'"
+FILE_SUFFIX = {"stablehlo": "jaxexport"}  # jax.export's serialised form, as the docs name it
 
 
 class ExportError(RuntimeError):
@@ -446,7 +447,7 @@ def _check_output(output: Path, fmt: str) -> Path:
             raise ExportError(f"--output {output} holds other files; give a new directory")
     elif output.is_dir():
         raise ExportError(f"--output {output} is a directory; give a file name, e.g. "
-                          f"{output / ('unet.' + fmt)}")
+                          f"{output / ('unet.' + FILE_SUFFIX.get(fmt, fmt))}")
     if sidecar_path(output).is_dir():  # found now, not after the export is in place
         raise ExportError(f"--output {output}: its settings file {sidecar_path(output)} "
                           "would replace a directory of that name; move it, or give "
