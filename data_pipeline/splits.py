@@ -141,11 +141,14 @@ def write_split(path, train: list[Pair], val: list[Pair]) -> None:
     tmp.replace(path)
 
 
-def read_split(path, data_dir=None) -> tuple[list[Pair], list[Pair]]:
+def read_split(path, data_dir=None, otherwise: str = "start a new run",
+               ) -> tuple[list[Pair], list[Pair]]:
     """The (train, validation) pairs of a split file, each image with its mask and car.
 
     The files are not re-checked (they were when the split was made). If the data has
-    moved, ``data_dir`` is where to look for the same images, by file name.
+    moved, ``data_dir`` is where to look for the same images, by file name. Where the
+    images are missing, the error offers to restore them, to give the folder they moved
+    to, or ``otherwise``: the caller's own way out.
     """
     from data_pipeline.files import match_pairs
 
@@ -172,6 +175,6 @@ def read_split(path, data_dir=None) -> tuple[list[Pair], list[Pair]]:
         where = f" in {data_dir}" if data_dir is not None else ""
         raise DataError(f"{path}: {missing[0]} (or its mask) is not found{where} "
                         f"({len(missing)} missing); restore the data, give the folder "
-                        "it moved to (--data-dir), or start a new run")
+                        f"it moved to (--data-dir), or {otherwise}")
     return ([by_name[key(i)] for i in images["train"]],
             [by_name[key(i)] for i in images["validation"]])

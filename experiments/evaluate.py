@@ -57,7 +57,9 @@ def select_pairs(args, config):
                                "unknown; pass --data-dir DIR --split all")
     # Moved data is found by file name in --data-dir; a file that is there but
     # unreadable is named when it is scored, not taken for missing.
-    return data_pipeline.read_split(split_file, args.data_dir)[1], data_dir
+    return data_pipeline.read_split(
+        split_file, args.data_dir,
+        otherwise="score every pair of a folder instead (--data-dir DIR --split all)")[1], data_dir
 
 
 def score(predictor, pairs, skip_bad: bool) -> dict:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -261,6 +262,18 @@ def test_predict_writes_binary_masks_at_each_images_size(trained_run, tmp_path):
     assert (out / "odd_viz.png").is_file() and (out / "gray_viz.png").is_file()
 
 
+def test_tiles_on_a_run_of_resized_images_warn_in_height_by_width(trained_run, tmp_path,
+                                                                   caplog):
+    """The warning quotes --image-size and the file's size in one order, H x W."""
+    inputs = random_images(tmp_path / "in", {"odd.png": (70, 101, 3)})
+    with caplog.at_level(logging.WARNING):
+        assert call(predict.main, ["--checkpoint", str(trained_run), "--input", str(inputs),
+                                   "--output", str(tmp_path / "out"), "--tile"]) == 0
+    warning = " ".join(r.getMessage() for r in caplog.records if "--tile" in r.getMessage())
+    assert "resized to 32x48 (height x width)" in warning
+    assert "at its own 70x101" in warning and "were 32x48 too" in warning
+
+
 @pytest.mark.parametrize("foreground", ["everywhere", "in part"])
 def test_predict_writes_the_models_mask_as_0_and_255(tmp_path, foreground):
     inputs = random_images(tmp_path / "in", {"x.png": (20, 30, 3)})
@@ -359,6 +372,15 @@ def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, tmp_path, caps
     assert json.loads((trained_run / "evaluation-validation.json").read_text())[
         "data_dir"] == str(other.resolve())
     assert not list(trained_run.glob("evaluation-validation-*.json"))
+    # A folder without the run's images: the error offers --split all.
+    (tmp_path / "stranger").mkdir()
+    stranger = random_images(tmp_path / "stranger" / "images", {"a.png": (20, 30, 3)})
+    shutil.copytree(stranger, tmp_path / "stranger" / "masks")
+    capsys.readouterr()
+    assert call(evaluate.main, ["--checkpoint", str(trained_run), "--data-dir",
+                                str(tmp_path / "stranger")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "or score every pair of a folder instead (--data-dir DIR --split all)")
 
 
 def test_predict_skips_bad_files_when_asked_and_names_them_otherwise(trained_run, tmp_path,

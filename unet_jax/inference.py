@@ -86,12 +86,12 @@ class Predictor:
             # records: tiles at the file's own resolution match it only if the
             # training images had that size already.
             self._warned = True
-            log.warning("--tile on a run trained on whole images resized to %dx%d: %s is "
-                        "tiled at its own %dx%d, which matches training only if the "
-                        "training images were %dx%d too; otherwise predict without --tile,"
-                        " or train with --crop (and --scale) for tiles", c.image_size[1],
-                        c.image_size[0], path, image.shape[1], image.shape[0],
-                        c.image_size[1], c.image_size[0])
+            # Height x width throughout, as --image-size takes them.
+            log.warning("--tile on a run trained on whole images resized to %dx%d (height "
+                        "x width): %s is tiled at its own %dx%d, which matches training "
+                        "only if the training images were %dx%d too; otherwise predict "
+                        "without --tile, or train with --crop (and --scale) for tiles",
+                        *c.image_size, path, *image.shape[:2], *c.image_size)
         return image
 
     def model_input(self, path) -> np.ndarray:
