@@ -141,3 +141,24 @@ def test_a_file_in_the_way_is_one_line(tmp_path):
         rundir.check_writable(tmp_path / "run")
     with pytest.raises(RunDirError, match=r"--workdir .* is not writable \(Not a directory\)"):
         rundir.check_writable(tmp_path / "run" / "sub")
+
+
+def test_a_folder_of_other_files_is_refused_and_a_stopped_run_is_not(tmp_path):
+    """A dataset (or a folder of runs) given as --workdir would get a run's files
+    scattered among its own; a run that stopped before its first checkpoint left only
+    a run's files, and may start again."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    with pytest.raises(RunDirError) as e:
+        rundir.check_start(data, resume=False)
+    assert one_line(e.value) == (f"--workdir {data} holds files that are not a run's "
+                                 "(images and 1 more); choose a new or empty directory "
+                                 "for --workdir")
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints").mkdir(parents=True)
+    (stopped / "tensorboard").mkdir()
+    for name in ("config.json", "split.json", ".lock"):
+        (stopped / name).write_text("{}")
+    rundir.check_start(stopped, resume=False)
+    rundir.check_start(tmp_path / "new", resume=False)

@@ -6,6 +6,8 @@ alone (``check_start``), in one vocabulary:
 * **free**: nothing in it, or only a run that stopped before its first checkpoint
   (a NaN loss, a bad file found while reading the data): nothing finished is lost by
   starting it again, so a new run may start there;
+* **someone else's**: it holds files no run writes (a dataset, a folder of runs): a
+  run there would scatter its files among them, so it is refused;
 * **resumable**: it holds at least one checkpoint; ``--resume`` continues it, and a
   new run is refused, since it would overwrite finished work;
 * **finished work without checkpoints**: ``metrics.csv`` is there but the checkpoints
@@ -30,6 +32,11 @@ from pathlib import Path
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used: busy, or not writable. One line, with the fix."""
+
+
+# What a run writes at its top level (hidden files, such as the lock, aside).
+RUN_ENTRIES = frozenset({"checkpoints", "tensorboard", "config.json", "split.json",
+                         "metrics.csv", "loss.png", "predictions.png"})
 
 
 def has_checkpoint(directory) -> bool:
@@ -62,6 +69,13 @@ def check_start(directory, resume: bool, what: str = "--workdir", *,
         hint = "pass --resume to continue it, or " if resumable else ""
         raise RunDirError(f"{what} {directory} already holds a run; {hint}choose another "
                           f"{what}")
+    foreign = sorted(p.name for p in directory.iterdir()
+                     if p.name not in RUN_ENTRIES and not p.name.startswith(".")
+                     ) if directory.is_dir() else []
+    if not resume and foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise RunDirError(f"{what} {directory} holds files that are not a run's "
+                          f"({foreign[0]}{more}); choose a new or empty directory for {what}")
 
 
 def check_writable(directory, what: str = "--workdir") -> Path:
