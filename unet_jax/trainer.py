@@ -349,7 +349,8 @@ def check_labels(config: Config, train_data, low: float, high: float) -> None:
         raise TrainingError(
             f"every training mask read as background at every pixel in epoch 1: nothing "
             f"to learn; check the masks in {folder} (non-zero pixels are foreground, in "
-            "JPEG masks 128 and up: save 0/1 masks as PNG)")
+            "JPEG masks 128 and up: save 0/1 masks as PNG; alpha is not read: a mask "
+            "drawn only in its alpha channel needs it copied to the colour channels)")
     if config.num_classes == 1 and low >= 1:
         raise TrainingError(
             f"every training mask read as foreground at every pixel in epoch 1: the masks "
