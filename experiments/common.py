@@ -9,6 +9,7 @@ reported.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import signal
@@ -209,6 +210,15 @@ def _initialize_distributed(*args) -> None:
         signal.signal(signal.SIGTERM, _terminated)
 
 
+def _second_ctrl_c_exits_at_once() -> None:
+    """Run first of the exit callbacks (the last registered): the command's own
+    cleanups are done, and a Ctrl-C pressed again while JAX's callbacks shut down would
+    print their traceback ("Exception ignored in atexit callback") under the one-line
+    "interrupted". It ends the process at once instead, with the same status."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+
+
 def run(main, argv=None, prog: str = "") -> None:
     """Runs ``main(argv)``; user errors become one line on stderr and exit status 2,
     Ctrl-C exits 130 and SIGTERM 143, each after the command's cleanups ran."""
@@ -232,9 +242,11 @@ def run(main, argv=None, prog: str = "") -> None:
         sys.exit(USER_ERROR)
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
+        atexit.register(_second_ctrl_c_exits_at_once)
         sys.exit(130)
     except Terminated:
         sys.stderr.write(f"{prog}: terminated\n")
+        atexit.register(_second_ctrl_c_exits_at_once)
         sys.exit(128 + signal.SIGTERM)
     finally:
         sys.unraisablehook = previous_hook

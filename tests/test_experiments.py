@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -247,6 +248,25 @@ def test_a_signal_that_lands_in_a_finalizer_still_stops_the_command(
     assert not finished
     err = capsys.readouterr().err
     assert err.endswith(f"test: {said}\n") and "Exception ignored" not in err
+
+
+def test_ctrl_c_again_while_python_shuts_down_adds_no_traceback():
+    """Users press Ctrl-C twice; the second one landing in JAX's exit callbacks
+    printed their traceback under "interrupted"."""
+    script = textwrap.dedent("""
+        import atexit, os, signal, time
+        from experiments import common
+        def shut_down():  # as JAX's clean_up: registered at import, run at exit
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        atexit.register(shut_down)
+        def main(argv):
+            raise KeyboardInterrupt  # the first Ctrl-C
+        common.run(main, [], prog="cmd")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (130, "cmd: interrupted\n")
 
 
 def test_predict_writes_binary_masks_at_each_images_size(trained_run, tmp_path):
