@@ -279,6 +279,31 @@ def test_predict_files_takes_one_path_as_one_file(run, tmp_path):
         assert path == image and mask.shape == (32, 48)
 
 
+def test_arrays_the_predictor_would_misread_are_one_line(run):
+    """Pixels are scaled by dtype (uint8 / 255, floats as they are): int32, uint16 or
+    0..255 floats gave masks 80% equal to the right ones, without a word."""
+    from unet_jax.inference import Predictor
+
+    predictor = Predictor(run)
+    image = np.full((32, 48, 3), 200, np.uint8)
+    good = predictor.masks([image], [(32, 48)])[0]
+    np.testing.assert_array_equal(predictor.masks([image / np.float32(255)], [(32, 48)])[0],
+                                  good)
+    bad = [([image.astype(np.int32)], [(32, 48)], r"image 0 is int32: give uint8"),
+           ([image.astype(np.float32)], [(32, 48)], r"values in \[200, 200\]; float images "
+                                                    r"must be in \[0, 1\]"),
+           ([image[..., :1]], [(32, 48)], r"shape \(32, 48, 1\); the run takes \(height, "
+                                          r"width, 3\)"),
+           ([image, image], [(32, 48)], r"2 images but 1 sizes")]
+    for inputs, sizes, message in bad:
+        with pytest.raises(ValueError, match=message) as e:
+            predictor.masks(inputs, sizes)
+        assert "\n" not in str(e.value)
+    for batch_size in (0, -2, 1.5):
+        with pytest.raises(ValueError, match=rf"batch_size {batch_size}: give a whole"):
+            Predictor(run, batch_size=batch_size)
+
+
 @pytest.mark.parametrize("crop", [None, 16])
 @pytest.mark.parametrize("mask_value,kind", [(1, "background"), (2, "foreground")])
 def test_masks_of_one_value_everywhere_stop_the_run_after_its_first_epoch(

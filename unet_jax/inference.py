@@ -17,6 +17,7 @@ scored at full size.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from pathlib import Path
 
@@ -61,6 +62,10 @@ class Predictor:
         from unet_jax import checkpoints
         from unet_jax.train import create_model
 
+        if (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                or batch_size < 1):
+            raise ValueError(f"batch_size {batch_size!r}: give a whole number of images, 1 "
+                             "or more")
         self.params, self.config, self.epoch = checkpoints.restore_params(run_dir, which)
         self.apply_fn = create_model(self.config).apply
         self.batch_size = batch_size
@@ -103,6 +108,7 @@ class Predictor:
                  masks: bool) -> list[np.ndarray]:
         """Masks (or logits) at each image's own size, from ``decode`` (or
         ``model_input``) arrays: one program call per batch of same-size images."""
+        self._check_inputs(inputs, sizes)
         out = [None] * len(inputs)
         groups = {}
         for i, (x, size) in enumerate(zip(inputs, sizes)):
@@ -121,6 +127,27 @@ class Predictor:
                     out[i] = result[row]
         return out
 
+    def _check_inputs(self, inputs, sizes) -> None:
+        """Raises a one-line ValueError for arrays the model would misread: the pixels
+        are scaled by dtype (uint8 / 255, floats as they are), so any other integer
+        type, or floats over 1, would give wrong masks without an error."""
+        if len(sizes) != len(inputs):
+            raise ValueError(f"{len(inputs)} images but {len(sizes)} sizes: give each "
+                             "image the (height, width) to predict its mask at")
+        channels = self.config.in_channels
+        for i, x in enumerate(inputs):
+            x = np.asarray(x)
+            if x.ndim != 3 or x.shape[-1] != channels:
+                raise ValueError(f"image {i} has shape {x.shape}; the run takes (height, "
+                                 f"width, {channels}) arrays, as decode() makes of a file")
+            if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+                raise ValueError(f"image {i} is {x.dtype}: give uint8 (0..255, as decode() "
+                                 "makes) or floats in [0, 1] (as model_input() makes)")
+            if x.dtype != np.uint8 and x.size and not 0 <= float(x.min()) <= float(x.max()) <= 1:
+                raise ValueError(f"image {i} is {x.dtype} with values in [{float(x.min()):g},"
+                                 f" {float(x.max()):g}]; float images must be in [0, 1] "
+                                 "(divide 0..255 values by 255)")
+
     def logits(self, inputs: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         """Float32 logits (H, W, classes) at each image's own size, from ``decode``
         (uint8) or ``model_input`` (float32) arrays."""
@@ -128,7 +155,7 @@ class Predictor:
 
     def masks(self, inputs: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         """Masks at each image's own size, from ``decode`` arrays: bool (H, W) for one
-        class, else uint8 class ids, as ``to_mask`` makes of logits."""
+        class, else uint8 class ids (the arg-max of the logits)."""
         binary = self.config.num_classes == 1
         return [m.astype(bool) if binary else m for m in self._predict(inputs, sizes, True)]
 
