@@ -179,6 +179,19 @@ def test_resume_accepts_the_preset_of_the_first_command(tmp_path):
         trainer.check_run_dir(train.build_config(args), workdir, resume=True)
 
 
+def test_a_refused_run_directory_is_left_as_it_was(data, tmp_path):
+    """Refused before the lock is taken: no .lock in the user's folder, and no folders
+    made on the way to a run that does not exist."""
+    config = configs.tiny()
+    before = sorted(p.name for p in data.iterdir())
+    with pytest.raises(rundir.RunDirError, match="holds files that are not a run's"):
+        trainer.train_and_evaluate(config, data)
+    assert sorted(p.name for p in data.iterdir()) == before
+    with pytest.raises(rundir.RunDirError, match="holds no run"):
+        trainer.train_and_evaluate(config, tmp_path / "a" / "b", resume=True)
+    assert not (tmp_path / "a").exists()
+
+
 def test_run_dir_states_on_disk(tmp_path):
     empty = tmp_path / "empty"
     rundir.check_start(empty, resume=False)

@@ -80,7 +80,10 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
     # A run that stops before it writes anything leaves no folder of its own behind.
     with _removed_if_unused(workdir, is_main):
         # --- Run directory: one training run at a time, and no finished run overwritten.
-        # Every process writes the checkpoints; process 0 alone holds the lock.
+        # Every process writes the checkpoints; process 0 alone holds the lock. Checked
+        # first without it, so that a refused directory is left as it was (no lock file,
+        # no folders made); again under it, where no other run can change it meanwhile.
+        check_run_dir(config, workdir, resume)
         rundir.check_writable(workdir)
         # Compile once: a later run of the same step loads it (unet_jax/compile_cache.py).
         try:
