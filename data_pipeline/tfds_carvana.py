@@ -5,11 +5,12 @@ for such datasets, the files are downloaded by hand: put ``train.zip`` (or
 ``train_hq.zip``) and ``train_masks.zip`` in tfds' manual directory
 (``~/tensorflow_datasets/downloads/manual/``, or ``manual_dir=``) and prepare once::
 
+    from pathlib import Path
     import tensorflow_datasets as tfds
     from data_pipeline.tfds_carvana import Carvana
-    builder = Carvana(data_dir="~/tensorflow_datasets")
+    builder = Carvana(data_dir=Path.home() / "tensorflow_datasets")  # tfds does not expand ~
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir="~/Downloads"))
+        download_config=tfds.download.DownloadConfig(manual_dir=Path.home() / "Downloads"))
     ds = builder.as_dataset(split="train")
 
 Each example holds the JPEG as Kaggle ships it, the mask as a one-channel PNG with
@@ -131,10 +132,10 @@ def export_pairs(data_dir, out_dir, split: str = "train") -> Path:
     """Writes a prepared ``carvana`` dataset in Kaggle's layout (``train/*.jpg``,
     ``train_masks/*_mask.png``) and returns ``out_dir``. Files already there are kept,
     so a second call costs only the listing."""
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
     (out / "train").mkdir(parents=True, exist_ok=True)
     (out / "train_masks").mkdir(parents=True, exist_ok=True)
-    builder = Carvana(data_dir=data_dir)
+    builder = Carvana(data_dir=Path(data_dir).expanduser())
     # A photo is written after its mask, so as many photos as examples means done: a
     # listing, instead of reading and decoding the whole dataset again (30-40 s for
     # Kaggle's 5,088) at every command.
@@ -158,6 +159,9 @@ def pairs_from_tfds(data_dir, out_dir, *, manual_dir=None, skip_bad: bool = Fals
     ``InputPipeline`` exactly as with ``--data-dir``."""
     from data_pipeline.files import find_pairs
 
+    # tfds takes a "~" literally: a folder named ~ in the working directory.
+    data_dir = Path(data_dir).expanduser()
+    manual_dir = None if manual_dir is None else Path(manual_dir).expanduser()
     Carvana(data_dir=data_dir).download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return find_pairs(export_pairs(data_dir, out_dir), skip_bad=skip_bad)

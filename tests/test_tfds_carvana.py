@@ -108,6 +108,15 @@ def test_tfds_feeds_the_same_pipeline(tmp_path, src, manual):
     assert again == pairs  # prepared and exported once
 
 
+def test_paths_with_a_tilde_are_the_home_folders(tmp_path, src, manual, monkeypatch):
+    """tfds takes "~" literally; pairs_from_tfds expands it, as --data-dir does."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    pairs = pairs_from_tfds("~/tfds", "~/export", manual_dir=f"~/{manual.name}")
+    assert len(pairs) == 6 and (tmp_path / "export" / "train").is_dir()
+    assert not (tmp_path / "~").exists()
+
+
 def test_a_folder_of_kaggles_zips_works_as_data_dir(tmp_path, src, manual, monkeypatch):
     pairs = dp.find_pairs(manual)  # what --data-dir does with the download folder
     original = dp.find_pairs(src)
