@@ -77,7 +77,8 @@ class InputPipeline:
         Evaluation reads whole images with ``examples`` instead of batches.
       scale: with ``crop``, the factor every image is resized by first.
       crops_per_image: with ``crop``, crops drawn from each image per epoch.
-      cache: 'memory', None (decode every epoch) or a file path prefix: the decoded
+      cache: 'memory', None or 'none' (decode every epoch, as ``--cache none``) or a
+        file path prefix: the decoded
         examples then live in memory-mapped files, reused by later runs with the same
         files and settings (``<prefix>-<hash>.images.npy`` and so on).
       in_channels: 3 (RGB) or 1 (grayscale).
@@ -122,7 +123,9 @@ class InputPipeline:
         self.train = train
         self.seed = seed
         self.augment = parse_augment(augment) if train else ""
-        self.cache = cache
+        # 'none' is how Config and --cache spell it; taken as a prefix, it would write
+        # none-<hash>.images.npy into the working directory.
+        self.cache = None if cache == "none" else cache
         self.in_channels = in_channels
         self.resize = resize
         self.shard = (index, count)

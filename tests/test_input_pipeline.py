@@ -129,11 +129,16 @@ def test_the_remainder_dropped_differs_per_epoch(kaggle):
 
 # --- the cache ----------------------------------------------------------------------
 
-def test_later_epochs_read_the_memory_cache_not_the_files(own_copy):
+@pytest.mark.parametrize("no_cache", [None, "none"])  # "none": as Config and --cache say it
+def test_later_epochs_read_the_memory_cache_not_the_files(own_copy, no_cache, tmp_path,
+                                                          monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     cached = pipe(own_copy, cache="memory")
-    uncached = pipe(own_copy, cache=None)
+    uncached = pipe(own_copy, cache=no_cache)
     first = stack(cached, 0)
     np.testing.assert_array_equal(first, stack(uncached, 0))
+    assert not list((tmp_path / "cwd").iterdir())  # no file cache, "none-*.npy" or other
     for p in own_copy:
         p.image.write_bytes(b"gone")
     np.testing.assert_array_equal(np.sort(stack(cached, 1), 0), np.sort(first, 0))

@@ -197,7 +197,7 @@ def build_data(config: Config, workdir: Path, resume: bool):
     processes = jax.process_count()
     pipeline_kw = dict(image_size=config.image_size, batch_size=config.batch_size // processes,
                        in_channels=config.in_channels, num_classes=config.num_classes,
-                       cache=None if config.cache == "none" else config.cache,
+                       cache=config.cache,
                        shard=(jax.process_index(), processes), crop=config.crop,
                        scale=config.scale, max_value=config.max_value)
     train_data = data_pipeline.InputPipeline(train_pairs, train=True, seed=config.seed,
