@@ -111,6 +111,8 @@ def train_step(state: TrainState, batch, loss: str | losses.LossSpec = "bce"):
     (computed from the logits of the forward pass that produced the gradients).
     ``loss`` is a name from ``losses.LOSSES`` or a ``losses.LossSpec`` (``loss_spec``
     makes the one a Config asks for); it is static, so each loss compiles once.
+    ``state`` is donated (its buffers become the new state's, so memory holds one
+    copy): use the returned state, never the one passed in.
     """
 
     def loss_fn(params):
@@ -144,7 +146,9 @@ def score_logits(logits, batch, loss: str | losses.LossSpec = "bce"):
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "loss"))
 def eval_step(params, batch, apply_fn, loss: str | losses.LossSpec = "bce"):
-    """``score_logits`` of the model's logits for ``batch``: the validation step."""
+    """``score_logits`` of the model's logits for ``batch``: the validation step.
+    Sums over the batch's images and their ``count``, not means: ``merge_sums`` of the
+    host copies of several batches gives the means."""
     return score_logits(apply_fn({"params": params}, batch["image"]), batch, loss)
 
 
