@@ -31,6 +31,7 @@ import contextlib
 import functools
 import io
 import logging
+import numbers
 import os
 import re
 import warnings
@@ -305,6 +306,13 @@ def load_image(path, image_size=None, in_channels: int = 3,
     """
     if resize not in RESIZE:
         raise ValueError(f"resize {resize!r}: choose one of {', '.join(RESIZE)}")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels {in_channels!r}: 1 (grayscale) or 3 (RGB)")
+    if image_size is not None and not (
+            isinstance(image_size, (tuple, list)) and len(image_size) == 2
+            and all(isinstance(n, numbers.Integral) and n > 0 for n in image_size)):
+        raise ValueError(f"image_size {image_size!r}: give (height, width), two whole "
+                         "numbers over 0")
     mode = "RGB" if in_channels == 3 else "L"
     with open_image(path) as img:
         height, width = image_size or scaled_size(shown_size(img), scale)

@@ -317,6 +317,27 @@ def test_arrays_the_predictor_would_misread_are_one_line(run):
             Predictor(run, batch_size=batch_size)
 
 
+def test_library_arguments_that_would_misfire_are_named(run, tmp_path):
+    """Library calls get the CLI's care: a wrong argument is named as the argument,
+    not blamed on the file (load_image) or left to act wrongly (tile="no" tiles)."""
+    from data_pipeline import preprocess
+    from unet_jax.inference import Predictor
+
+    image = tmp_path / "car.png"
+    write_image(image, (48, 32), seed=4)
+    for kwargs, message in [({"in_channels": 4}, r"in_channels 4: 1 \(grayscale\) or 3"),
+                            ({"image_size": (0, 48)}, r"image_size \(0, 48\): give \(height, "
+                                                      r"width\)"),
+                            ({"image_size": 32}, r"image_size 32: give")]:
+        with pytest.raises(ValueError, match=message):
+            preprocess.load_image(image, **kwargs)
+    with pytest.raises(ValueError, match=r"tile 'no': give True"):
+        Predictor(run, tile="no")
+    with pytest.raises(TypeError, match=r"config is a dict; give a unet_jax.Config"):
+        trainer.train_and_evaluate(configs.tiny().to_dict(), tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("crop", [None, 16])
 @pytest.mark.parametrize("mask_value,kind", [(1, "background"), (2, "foreground")])
 def test_masks_of_one_value_everywhere_stop_the_run_after_its_first_epoch(

@@ -68,6 +68,9 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
     Raises ``ConfigError``, ``data_pipeline.DataError``, ``checkpoints.CheckpointError``,
     ``rundir.RunDirError`` or ``TrainingError`` with one line naming what to fix.
     """
+    if not isinstance(config, Config):
+        raise TypeError(f"config is a {type(config).__name__}; give a unet_jax.Config (from "
+                        "a dict: Config.from_dict(settings))")
     workdir = Path(workdir).expanduser()
     is_main = jax.process_index() == 0
     log = log if is_main else (lambda *a, **k: None)
