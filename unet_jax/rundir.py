@@ -69,10 +69,11 @@ def check_start(directory, resume: bool, what: str = "--workdir", *,
         hint = "pass --resume to continue it, or " if resumable else ""
         raise RunDirError(f"{what} {directory} already holds a run; {hint}choose another "
                           f"{what}")
+    if resume or not directory.is_dir():
+        return
     foreign = sorted(p.name for p in directory.iterdir()
-                     if p.name not in RUN_ENTRIES and not p.name.startswith(".")
-                     ) if directory.is_dir() else []
-    if not resume and foreign:
+                     if p.name not in RUN_ENTRIES and not p.name.startswith("."))
+    if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise RunDirError(f"{what} {directory} holds files that are not a run's "
                           f"({foreign[0]}{more}); choose a new or empty directory for {what}")
