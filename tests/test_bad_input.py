@@ -13,6 +13,7 @@ from experiments import evaluate, predict, train
 from experiments.common import UserError
 from tests.data_fixtures import box_mask, write_image, write_mask
 from tests.test_experiments import TINY, call, read_metrics
+import unet_jax
 from unet_jax import checkpoints, configs, rundir, trainer
 from unet_jax.config import Config, ConfigError
 
@@ -333,6 +334,8 @@ def test_library_arguments_that_would_misfire_are_named(run, tmp_path):
             preprocess.load_image(image, **kwargs)
     with pytest.raises(ValueError, match=r"tile 'no': give True"):
         Predictor(run, tile="no")
+    with pytest.raises(TypeError, match=r"rng 0 is a number; give a key: jax\.random\.key\(0\)"):
+        unet_jax.create_train_state(0, configs.tiny())
     with pytest.raises(TypeError, match=r"config is a dict; give a unet_jax.Config"):
         trainer.train_and_evaluate(configs.tiny().to_dict(), tmp_path / "w")
     assert not (tmp_path / "w").exists()

@@ -54,3 +54,10 @@ def test_rejects_a_foreign_state_dict():
     sd["extra.weight"] = np.zeros(3)
     with pytest.raises(ValueError, match="extra.weight"):
         params_from_torch(sd)
+    # config_from_torch says the same, where it raised a bare KeyError.
+    with pytest.raises(ValueError, match="down_convolution_1"):
+        config_from_torch({})
+    sd = dict(torch_model(3, 1).state_dict())
+    sd.pop("out.weight")
+    with pytest.raises(ValueError, match=r"no key 'out\.weight': not the guide's UNet"):
+        config_from_torch(sd)

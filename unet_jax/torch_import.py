@@ -44,6 +44,11 @@ def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _missing(key: str) -> ValueError:
+    return ValueError(f"state_dict has no key {key!r}: not the guide's UNet (or saved "
+                      "from a different version of it)")
+
+
 def _depth(state_dict: Mapping[str, Any]) -> int:
     levels = {int(m.group(1)) for k in state_dict
               if (m := re.match(r"down_convolution_(\d+)\.", k))}
@@ -76,8 +81,7 @@ def params_from_torch(state_dict: Mapping[str, Any]) -> dict:
     class Tracking(dict):
         def __getitem__(self, key):
             if key not in sd:
-                raise ValueError(f"state_dict has no key {key!r}: not the guide's UNet "
-                                 f"(or saved from a different version of it)")
+                raise _missing(key)
             used.add(key)
             return sd[key]
 
@@ -102,7 +106,10 @@ def params_from_torch(state_dict: Mapping[str, Any]) -> dict:
 def config_from_torch(state_dict: Mapping[str, Any], **overrides) -> Config:
     """The ``Config`` (channels, classes, width, depth) that a state_dict was made with."""
     sd = _strip_prefix(state_dict)
-    first = _to_numpy(sd["down_convolution_1.conv.conv_op.0.weight"])
-    head = _to_numpy(sd["out.weight"])
+    depth = _depth(sd)
+    first, head = ("down_convolution_1.conv.conv_op.0.weight", "out.weight")
+    if missing := [key for key in (first, head) if key not in sd]:
+        raise _missing(missing[0])
+    first, head = _to_numpy(sd[first]), _to_numpy(sd[head])
     return Config(in_channels=first.shape[1], num_classes=head.shape[0],
-                  base_features=first.shape[0], depth=_depth(sd), **overrides)
+                  base_features=first.shape[0], depth=depth, **overrides)

@@ -70,6 +70,8 @@ def init_params(rng, config: Config, model: UNet | None = None):
     generator slowly for the U-Net's 46 initialisers, 26 s on a 2-core CPU against
     6 s with rbg, a cost every run and every command that restores a run would pay.
     """
+    if isinstance(rng, (int, np.integer)):  # JAX's own error names neither rng nor the fix
+        raise TypeError(f"rng {rng!r} is a number; give a key: jax.random.key({rng})")
     model = model or create_model(config)
     side = 2 ** config.depth
     dummy = jnp.zeros((1, side, side, config.in_channels), jnp.float32)
