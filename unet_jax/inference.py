@@ -66,9 +66,6 @@ class Predictor:
                 or batch_size < 1):
             raise ValueError(f"batch_size {batch_size!r}: give a whole number of images, 1 "
                              "or more")
-        if tile not in (None, True, False):  # "no" would be true, and tile
-            raise ValueError(f"tile {tile!r}: give True (tiles), False (no tiles) or None "
-                             "(the run's own way)")
         self.params, self.config, self.epoch = checkpoints.restore_params(run_dir, which)
         self.apply_fn = create_model(self.config).apply
         self.batch_size = batch_size

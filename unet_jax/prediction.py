@@ -67,6 +67,9 @@ def how_of_tile_flag(config, tile: bool | None) -> str | None:
     """The ``how`` the tools' ``--tile`` (True) and ``--no-tile`` (False) ask for: tiles,
     or without tiles what the run's training allows (whole for a crop-trained run,
     resized otherwise); None (no flag) leaves the run's default."""
+    if tile not in (None, True, False):  # "no" would be true, and tile
+        raise ValueError(f"tile {tile!r}: give True (tiles), False (no tiles) or None "
+                         "(the run's own way)")
     if tile is None:
         return None
     return "tile" if tile else ("whole" if config.crop is not None else "resize")
