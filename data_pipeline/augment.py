@@ -94,6 +94,12 @@ def augment_pair(image, mask, seed, ops=",".join(DEFAULT_AUGMENT)):
     of float32's bytes to move.
     """
     tf = tensorflow()
+    image = tf.convert_to_tensor(image)
+    if not image.dtype.is_floating:
+        # The interpolating ops and colour jitter compute in floats in [0, 1]; TF's own
+        # error for an 8-bit image names neither the argument nor the fix.
+        raise TypeError(f"augment_pair: image is {image.dtype.name}; give floats in [0, 1] "
+                        "(tf.image.convert_image_dtype(image, tf.float32) scales uint8)")
     names = set(parse_augment(ops).split(",")) - {""}
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), len(_SEEDS))
     seed_of = {name: seeds[i] for name, i in _SEEDS.items()}

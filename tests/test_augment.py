@@ -182,6 +182,13 @@ def test_no_ops_leave_the_pair_unchanged():
         np.testing.assert_array_equal(out[1], mask)
 
 
+def test_an_8_bit_image_is_refused_naming_the_fix():
+    image = (random_image() * 255).astype(np.uint8)
+    with pytest.raises(TypeError, match=r"image is uint8; give floats in \[0, 1\] "
+                       r"\(tf.image.convert_image_dtype"):
+        run(image, class_mask(), seed(1, 1), "flip,shift,color")
+
+
 def test_flip_alone_mirrors_or_keeps():
     image, mask = random_image(), class_mask()
     flipped = 0
