@@ -279,16 +279,20 @@ def _reads_finish_before_loops_close():
 
     policy.new_event_loop = new_event_loop
     base.call_soon_threadsafe = call_unless_closed
+    # The reads' own errors (the one about to be raised, once per array) are not logged
+    # again: a read's task can be collected, and logged, while the failure is still
+    # unwinding through orbax, before this function sees it.
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(_not_a_failed_read)
     try:
         yield
     except BaseException:
         # Reads of a failed restore may answer after it has raised: the closed loops
-        # keep dropping their callbacks for the rest of the process, and the reads'
-        # own errors (the one already raised, once per array) are not logged again.
-        logging.getLogger("asyncio").addFilter(_not_a_failed_read)
+        # keep dropping their callbacks, and the filter stays, for the rest of the process.
         raise
     else:
         base.call_soon_threadsafe = call_soon_threadsafe
+        asyncio_log.removeFilter(_not_a_failed_read)
     finally:
         del policy.new_event_loop  # back to the class's method
 
