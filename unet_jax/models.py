@@ -2,8 +2,9 @@
 
 The network is a "U": a contracting path (encoder) that halves the resolution four
 times while doubling the channels, so that each deeper position sees a wider window of
-the image (140 pixels square at the bottleneck, 204 at the output: all of a small
-image, a good part of a 512x512 one) and describes it in more features; a bottleneck
+the image (140 pixels square at the bottleneck, 188 to 204 at the output by where a
+pixel falls on the pooling grid: all of a small image, a good part of a 512x512 one)
+and describes it in more features; a bottleneck
 at the bottom of the U; and an expansive path (decoder) that doubles the resolution
 four times again. At each level of the decoder the upsampled features are concatenated
 with the encoder's features of the same resolution (the skip connections): the encoder
@@ -132,8 +133,8 @@ def remat_policy(remat: str):
     used it: at 512x512 that is most of a step's memory. ``jax.checkpoint`` trades it
     for compute: a block keeps only what its policy saves, and recomputes the rest
     from its input when the gradient needs it. 'convs' keeps the convolution outputs
-    and recomputes the cheap elementwise work around them (ReLU, pooling,
-    concatenation, the up-convolution's product); 'full' keeps nothing but the block's
+    and recomputes the cheaper work around them (ReLU, pooling, concatenation, and
+    the up-convolution's product, about 7% of a decoder level's FLOPs); 'full' keeps nothing but the block's
     input and runs the whole block forward again (about a third more arithmetic for a
     training step, the least memory).
     """

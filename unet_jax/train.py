@@ -2,7 +2,8 @@
 
 The guide's loop does, per batch: forward pass, loss, ``zero_grad``, ``backward``,
 ``optimizer.step``. In JAX the same work is one pure function of (state, batch) that
-returns a new state: ``jax.value_and_grad`` gives loss and gradients in one pass, and
+returns a new state: ``jax.grad(..., has_aux=True)`` gives the gradients and, as
+auxiliary outputs, the logits and per-image losses of the same forward pass, and
 ``state.apply_gradients`` runs AdamW. ``jax.jit`` compiles the whole step once per
 input shape into a single XLA program; the old state is donated, so XLA updates the
 parameter and optimizer buffers in place instead of holding two copies.
