@@ -36,6 +36,7 @@
 # `python -m experiments.guide` rebuilds the published page from docs/guide/guide.py.
 import dataclasses
 import inspect
+import itertools
 import json
 import os
 import subprocess
@@ -363,9 +364,9 @@ save(fig, "receptive_field")
 # binary cross-entropy `-[y log σ(z) + (1 - y) log(1 - σ(z))]`, which PyTorch's
 # `BCEWithLogitsLoss` and `optax.sigmoid_binary_cross_entropy` compute in the equal
 # form `max(z, 0) - z y + log(1 + e^-|z|)`. A sigmoid first, then the log, would round
-# `σ(z)` to exactly 0 or 1 for a confident pixel (|z| above about 17 in float32) and
-# take the log of 0; folded together, the loss stays finite and its gradient is
-# simply `σ(z) - y`.
+# `σ(z)` to exactly 1 for a confident pixel (z above about 17 in float32; to 0 only
+# below about -88), and a confident wrong one would take `log(1 - 1) = log 0`; folded
+# together, the loss stays finite and its gradient is simply `σ(z) - y`.
 #
 # ### Synthesis: the whole network for a 512x512x3 input
 #
@@ -379,7 +380,7 @@ def level_table(model, input_shape):
     """[(block, output shapes, parameters, GFLOP)] of a U-Net's top-level blocks, in the
     order the data flows, and the variables; from shapes alone (``jax.eval_shape`` of
     ``init``, and of ``apply`` with ``capture_intermediates``), so no image of that
-    size is ever computed. A convolution's FLOPs are 2 multiply-adds' worth per weight
+    size is ever computed. A convolution's FLOPs are 2 (one multiply-add) per weight
     per output pixel; the 2x2 up-convolution's output pixels each see one input pixel,
     so a quarter of its weights."""
     from flax.traverse_util import flatten_dict
@@ -421,8 +422,9 @@ for name, shapes, count, gflop in ARCH:
 TOTAL_PARAMS = n_params(arch_vars)
 GFLOP_512 = forward_gflops(guide_unet, arch_vars, (1, 512, 512, 3))
 print(f"{'total':11}    {'':36} {TOTAL_PARAMS:>12,} {sum(r[3] for r in ARCH):>7.1f}")
-print(f"XLA's count for the whole forward pass at 512x512: {GFLOP_512:.1f} GFLOP (the "
-      "convolutions above, plus biases, ReLUs and pooling)")
+print(f"XLA's count for the whole forward pass at 512x512: {GFLOP_512:.1f} GFLOP (XLA "
+      "skips the multiply-adds that fall on the zero padding at the borders, which "
+      "more than offsets the biases, ReLUs and pooling)")
 assert TOTAL_PARAMS == 31_031_745  # the PyTorch guide's model, to the parameter
 
 # %%
@@ -576,7 +578,7 @@ save(fig, "augmentation")
 # | `model.train()`; `y_pred = model(img)` | `logits = state.apply_fn({"params": params}, batch["image"])` inside `loss_fn(params)` |
 # | `loss = criterion(y_pred, mask)` (`BCEWithLogitsLoss`) | `losses.per_image_loss("bce", logits, mask).mean()` |
 # | `optimizer.zero_grad()` | nothing to reset: gradients are return values, never accumulated |
-# | `loss.backward()` | `grads = jax.grad(loss_fn, has_aux=True)(state.params)` |
+# | `loss.backward()` | `grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)` |
 # | `optimizer.step()` (`AdamW`, lr 3e-4) | `state = state.apply_gradients(grads=grads)` (`optax.adamw`) |
 # | runs op by op from Python | `@jax.jit`: one compiled program per input shape |
 # | the old weights are overwritten in place | `donate_argnames=("state",)`: XLA reuses the old state's buffers for the new one |
@@ -1010,7 +1012,8 @@ print(f"gradient at down_1 at initialisation, with skips / without: "
 # **cosine** (big_vision, `--schedule cosine`) or nnU-Net's **polynomial**
 # `(1 - t/T)^0.9` (`--schedule poly`), or a cut by a factor when validation Dice has
 # stopped improving (milesial's `--schedule plateau`). **Gradient clipping**
-# (`--clip-norm`) bounds each step by the gradients' global norm. An **exponential
+# (`--clip-norm`) rescales each batch's gradients so that their global L2 norm is at
+# most the limit. An **exponential
 # moving average** of the weights (`--ema DECAY`) is a second copy of the parameters,
 # `ema = d * ema + (1 - d) * params` after each step, which validation, the best
 # checkpoint and every command then use. Its decay ramps up as
@@ -1044,7 +1047,7 @@ if sweep.with_suffix(".json").is_file():
     print(measured["machine"], f"- {measured['epochs']} epochs")
     print(recipes.table(measured["rows"], measured["seeds"]))
 else:
-    print("python -m experiments.recipes --platform cpu --seeds 3 --out recipes-sample")
+    print("python -m experiments.recipes --platform cpu --seeds 3 --out docs/results/recipes-sample")
 
 # %% [markdown]
 # On this short run no schedule beats the constant rate: cosine loses 0.019 Dice on
@@ -1071,7 +1074,10 @@ bench_doc = ROOT / "docs" / "benchmarks.md"
 BENCH_DOC = {}  # configuration -> JAX images/s, as the document's results table gives it
 if bench_doc.is_file():
     lines = bench_doc.read_text().splitlines()
-    print(next(l.strip("- ") for l in lines if l.startswith("- CPU:")))
+    cpu = next(i for i, l in enumerate(lines) if l.startswith("- CPU:"))
+    cpu_lines = [lines[cpu]] + list(itertools.takewhile(lambda l: l.startswith("  "),
+                                                        lines[cpu + 1:]))
+    print(" ".join(l.strip().removeprefix("- ") for l in cpu_lines))  # the whole bullet
     results = next(i for i, l in enumerate(lines) if l.startswith("## Results"))
     first = next(i for i in range(results, len(lines)) if lines[i].startswith("|"))
     for line in lines[first:]:
@@ -1399,7 +1405,7 @@ print(f"\nseparable against the U-Net at width {width}: {light['count'] / plain[
 
 # %% [markdown]
 # FLOPs are not time. A full 3x3 convolution does 9 x (input channels) multiply-adds
-# for every value it reads; a depthwise one does 9, so memory traffic rather than
+# for every value it writes; a depthwise one does 9, so memory traffic rather than
 # arithmetic bounds it, and how fast it runs depends on the kernels a backend has for
 # it. Measure on the hardware the model is meant for before calling a variant light:
 # the table above does that for this machine.
