@@ -17,8 +17,6 @@ import sys
 import textwrap
 import threading
 
-from unet_jax.tiling import TTA
-
 USER_ERROR = 2
 
 
@@ -142,6 +140,8 @@ def add_checkpoint_flags(parser) -> None:
     g.add_argument("--overlap", type=float, metavar="F",
                    help="tiled prediction: fraction of a tile its neighbour shares "
                    "(default: the run's, 0.25 unless set)")
+    from unet_jax.tiling import TTA
+
     g.add_argument("--tta", choices=TTA,
                    help="test-time augmentation: average with the left-right mirror "
                    "(hflip) or every flip (flips) (default: the run's, none unless set)")
@@ -222,18 +222,28 @@ def _second_ctrl_c_exits_at_once() -> None:
 def run(main, argv=None, prog: str = "") -> None:
     """Runs ``main(argv)``; user errors become one line on stderr and exit status 2,
     Ctrl-C exits 130 and SIGTERM 143, each after the command's cleanups ran."""
-    from data_pipeline.errors import DataError
-    from unet_jax.checkpoints import CheckpointError
-    from unet_jax.config import ConfigError
-    from unet_jax.export import ExportError
-    from unet_jax.rundir import RunDirError
-    from unet_jax.trainer import TrainingError
-
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     previous_hook = sys.unraisablehook
     if in_main_thread:
         sys.unraisablehook = _signals_redelivered(previous_hook)
+    try:
+        # These import JAX, a second or two, whose GC callbacks run meanwhile (the
+        # hook above re-sends a signal they swallow): a Ctrl-C ends the command as at
+        # any later point, not with the import's traceback. Nothing has run yet, so
+        # there is nothing to clean up, and a half-imported JAX's exit callbacks are
+        # not run.
+        from data_pipeline.errors import DataError
+        from unet_jax.checkpoints import CheckpointError
+        from unet_jax.config import ConfigError
+        from unet_jax.export import ExportError
+        from unet_jax.rundir import RunDirError
+        from unet_jax.trainer import TrainingError
+    except (KeyboardInterrupt, Terminated) as e:
+        ctrl_c = isinstance(e, KeyboardInterrupt)
+        sys.stderr.write(f"{prog}: {'interrupted' if ctrl_c else 'terminated'}\n")
+        sys.stderr.flush()
+        os._exit(130 if ctrl_c else 128 + signal.SIGTERM)
     try:
         code = main(argv)
     except (UserError, DataError, CheckpointError, ConfigError, ExportError, RunDirError,

@@ -269,6 +269,40 @@ def test_ctrl_c_again_while_python_shuts_down_adds_no_traceback():
     assert (result.returncode, result.stderr) == (130, "cmd: interrupted\n")
 
 
+@pytest.mark.parametrize("lands_in", ["the import", "a finalizer"])
+def test_ctrl_c_while_jax_first_imports_is_one_line(lands_in):
+    """A Ctrl-C in a command's first second or two, while JAX imports, printed the
+    import's traceback; or, landing in JAX's GC callback that runs meanwhile, was lost,
+    and the run trained to its end. Here it lands in the import of unet_jax.config, or
+    in a finalizer run there, as a user's would: run as `python -m experiments.predict`,
+    with nothing yet imported."""
+    script = textwrap.dedent("""
+        import runpy, sys, time
+
+        LANDS_IN = sys.argv[1]
+
+        class Finalizer:
+            def __del__(self):
+                raise KeyboardInterrupt  # swallowed: "Exception ignored in ..."
+
+        class CtrlC:  # where the signal's exception would be raised: in an import
+            def find_spec(self, name, path=None, target=None):
+                if name == "unet_jax.config":
+                    if LANDS_IN == "the import":
+                        raise KeyboardInterrupt
+                    Finalizer()
+                    time.sleep(2)  # the rest of the import
+
+        sys.meta_path.insert(0, CtrlC())
+        sys.argv = ["predict", "--help"]
+        runpy.run_module("experiments.predict", run_name="__main__", alter_sys=True)
+    """)
+    result = subprocess.run([sys.executable, "-c", script, lands_in], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (
+        130, "python -m experiments.predict: interrupted\n"), result.stderr[-2000:]
+
+
 def test_predict_writes_binary_masks_at_each_images_size(trained_run, tmp_path):
     inputs = random_images(tmp_path / "in", {"odd.jpg": (70, 101, 3), "gray.png": (40, 50)})
     out = tmp_path / "out"
