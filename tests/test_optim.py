@@ -88,6 +88,27 @@ def test_clipping_leaves_small_gradients_and_scales_large_ones_to_the_norm(norm,
     np.testing.assert_allclose(adam.mu["w"], 0.1 * grads["w"] * scale, rtol=1e-6)
 
 
+def test_adamw_updates_as_torchs_algorithm_by_hand():
+    """Three updates of torch.optim.AdamW's documented algorithm (betas 0.9 and 0.999,
+    eps 1e-8, decoupled decay lr * wd * p), which the guide's optimizer runs; the
+    gradients grow and change sign, and the last one is as small as eps, so each
+    hyperparameter moves the result."""
+    config = Config(learning_rate=LR, weight_decay=0.05)
+    tx = optim.create_optimizer(config)
+    p = np.array([0.5, -1.0, 2.0, 1.0], np.float64)
+    grads = [np.array([0.1, -0.2, 0.3, 1e-8]), np.array([-0.3, 0.01, 1.0, -2e-8]),
+             np.array([2.0, -0.5, 0.0, 1e-8])]
+    params, opt_state = jnp.asarray(p, jnp.float32), tx.init(jnp.asarray(p, jnp.float32))
+    m = v = np.zeros(4)
+    for t, g in enumerate(grads, start=1):
+        updates, opt_state = tx.update(jnp.asarray(g, jnp.float32), opt_state, params)
+        params = params + updates
+        p = p - LR * 0.05 * p
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        p = p - LR * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    np.testing.assert_allclose(np.asarray(params), p, rtol=0, atol=1e-6)
+
+
 def test_the_ema_decay_ramps_up_as_tensorflows():
     decay = lambda step: float(optim.ema_decay(step, 0.999))  # noqa: E731
     assert decay(0) == pytest.approx(1 / 10)
@@ -242,12 +263,19 @@ def test_an_ema_run_is_scored_and_used_by_its_averaged_weights(uninterrupted):
         np.testing.assert_array_equal(p, e)
     assert any(not np.array_equal(p, r) for p, r in
                zip(jax.tree.leaves(params), jax.tree.leaves(raw)))
-    # Validation scored exactly those weights.
+    # Validation scored exactly those weights, and not the raw ones: the loss tells
+    # them apart where a tiny model's Dice may not.
     _, val_data, _ = trainer.build_data(config, workdir, resume=True)
-    state = optim.TrainState.create(apply_fn=unet_jax.create_model(config).apply,
-                                    params=params, tx=optim.create_optimizer(config, steps))
-    scores, _ = trainer.validate(config, state, val_data, unet_jax.parallel.make_mesh())
-    assert scores["dice"] == pytest.approx(history[epoch - 1]["val_dice"], abs=1e-6)
+    scores = {}
+    for name, weights in (("ema", params), ("raw", raw)):
+        state = optim.TrainState.create(apply_fn=unet_jax.create_model(config).apply,
+                                        params=weights, tx=optim.create_optimizer(config, steps))
+        scores[name], _ = trainer.validate(config, state, val_data,
+                                           unet_jax.parallel.make_mesh())
+    recorded = history[epoch - 1]
+    assert scores["ema"]["dice"] == pytest.approx(recorded["val_dice"], abs=1e-6)
+    assert scores["ema"]["loss"] == pytest.approx(recorded["val_loss"], rel=1e-5)
+    assert scores["raw"]["loss"] != pytest.approx(recorded["val_loss"], rel=1e-3)
 
 
 def test_a_decaying_schedule_cannot_be_stretched_on_resume(uninterrupted):
