@@ -54,8 +54,8 @@ def toy(classes=1):
     return {"kernel": jnp.asarray(kernel, jnp.float32)}, toy_apply
 
 
-def crop_config(**kw):
-    return Config(base_features=4, depth=2, crop=(32, 32), **kw)
+def crop_config(crop=(32, 32), **kw):
+    return Config(base_features=4, depth=2, crop=crop, **kw)
 
 
 def reference_logits(model, image, mode):
@@ -67,12 +67,14 @@ def reference_logits(model, image, mode):
                                 mode.overlap, batch_size=4)
 
 
-@pytest.mark.parametrize("size,tta", [((333, 517), "none"), ((1, 1), "none"),
-                                      ((2000, 20), "none"), ((333, 517), "hflip"),
-                                      ((2000, 20), "flips"), ((1, 1), "flips")])
-def test_device_tiling_equals_the_numpy_reference(size, tta):
+@pytest.mark.parametrize("size,tta,crop", [
+    ((333, 517), "none", (32, 32)), ((1, 1), "none", (32, 32)), ((2000, 20), "none", (32, 32)),
+    ((333, 517), "hflip", (32, 32)), ((2000, 20), "flips", (32, 32)), ((1, 1), "flips", (32, 32)),
+    # Tiles taller than wide and wider than tall: each axis has its own Gaussian.
+    ((333, 517), "none", (32, 48)), ((100, 61), "hflip", (48, 16))])
+def test_device_tiling_equals_the_numpy_reference(size, tta, crop):
     params, apply_fn = model = toy()
-    mode = PredictionMode.from_config(crop_config(tta=tta), how="tile")
+    mode = PredictionMode.from_config(crop_config(crop, tta=tta), how="tile")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, *size, 3), np.uint8)
     # Three images of which two are real: the tiles of both are placed in their own

@@ -183,3 +183,23 @@ def test_tta_of_several_classes_averages_softmax():
     np.testing.assert_allclose(got, expected, atol=1e-5)
     with pytest.raises(ValueError, match="--tta"):
         tiling.flip_average(three_classes, images, "rot90")
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_tta_of_a_confident_model_stays_finite(classes):
+    """A trained model's logits reach +-40 and more on clear pixels, where float32's
+    probabilities are exactly 0 or 1: their logits would be infinite, and an infinite
+    logit becomes NaN in the bilinear resize back to the photo's size."""
+    images = jax.random.uniform(jax.random.key(3, impl="rbg"), (1, 6, 10, 3))
+
+    def confident(x):  # pixel by pixel, so every flipped view agrees
+        sure = 60.0 * jnp.where(x[..., :1] > 0.5, 1.0, -1.0)
+        return jnp.concatenate([sure, -sure, 0 * sure][:classes], axis=-1)
+
+    got = np.asarray(tiling.flip_average(confident, images, "flips"))
+    assert np.isfinite(got).all()
+    decided = np.asarray(confident(images))
+    if classes == 1:
+        np.testing.assert_array_equal(got > 0, decided > 0)
+    else:
+        np.testing.assert_array_equal(got.argmax(-1), decided.argmax(-1))
