@@ -301,3 +301,24 @@ def test_a_rare_class_is_scored_on_the_images_that_hold_it():
     assert np.isnan(averaged["dice_per_class"][2])  # class 3: in no image
     assert averaged["dice"] == pytest.approx(0.5) and averaged["iou"] == pytest.approx(0.5)
     np.testing.assert_allclose(scores["dice"][:2], [0.5, 1.0])  # image 0 holds both classes
+
+
+def test_images_with_background_alone_score_one_and_count_every_image():
+    """No foreground class in any image, none predicted: nothing to find, nothing
+    found, Dice and IoU 1 (as for one image with an empty mask). The pixel accuracy is
+    the mean over all the images, so one wrong pixel in one of four weighs a quarter."""
+    from unet_jax.metrics import means, segmentation_scores
+
+    true = np.zeros((4, 4, 4), np.int32)
+    pred = true.copy()  # background everywhere, predicted so
+    scores = segmentation_scores(pred, true, num_classes=3)
+    averaged = means({"count": 4, **{k: np.sum(np.asarray(v), axis=0)
+                                     for k, v in scores.items()}})
+    assert averaged["dice"] == 1.0 and averaged["iou"] == 1.0
+    assert np.isnan(averaged["dice_per_class"]).all()
+    true[3, 0, 0] = 1  # one pixel of class 1 in the last image, missed
+    scores = segmentation_scores(pred, true, num_classes=3)
+    averaged = means({"count": 4, **{k: np.sum(np.asarray(v), axis=0)
+                                     for k, v in scores.items()}})
+    assert averaged["pixel_accuracy"] == pytest.approx(1 - 1 / 16 / 4)
+    assert averaged["dice"] == 0.0
