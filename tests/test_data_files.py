@@ -79,8 +79,8 @@ def test_graded_edges_are_cut_at_half_scale(tmp_path):
     ring[1:-1, 1:-1] = mask[:-2, 1:-1] | mask[2:, 1:-1] | mask[1:-1, :-2] | mask[1:-1, 2:]
     ring &= ~mask
     graded = np.where(mask, 255, 0).astype(np.uint8)
-    graded[ring] = 100  # under half: background
-    graded[mask & np.roll(~mask, 1, axis=0)] = 160  # the box's top row, over half: foreground
+    graded[ring] = 127  # under half: background
+    graded[mask & np.roll(~mask, 1, axis=0)] = 128  # the box's top row, half: foreground
     Image.fromarray(graded).save(tmp_path / "soft.png")
     np.testing.assert_array_equal(dp.load_mask(tmp_path / "soft.png", (H, W))[..., 0], mask)
     wide = (graded.astype(np.uint16) * 257)  # the same at 16 bits

@@ -100,6 +100,10 @@ def test_multiclass_focal_loss_by_hand():
     expected = (-(1 - p1) ** 2 * math.log(p1) - (1 - p2) ** 2 * math.log(p2)) / 2
     np.testing.assert_allclose(expected, 0.2462082, rtol=1e-6)
     np.testing.assert_allclose(focal(logits, mask), [expected], rtol=1e-5)
+    # alpha weighs object pixels (class 2 here) alpha and background 1 - alpha.
+    weighted = (-(1 - 0.25) * (1 - p1) ** 2 * math.log(p1)
+                - 0.25 * (1 - p2) ** 2 * math.log(p2)) / 2
+    np.testing.assert_allclose(focal_loss(logits, mask, 2.0, alpha=0.25), [weighted], rtol=1e-5)
 
 
 @pytest.mark.parametrize("classes", [1, 3])

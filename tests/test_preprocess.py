@@ -94,12 +94,33 @@ def test_class_ids_are_kept_and_checked(tmp_path):
 
 def test_16_bit_images_are_scaled_by_their_range_not_their_content(tmp_path):
     # A dark 16-bit image is dark: 200/65535 of full scale, not 200/255.
-    for value, expected in [(65535, 255), (25700, 100), (200, 1), (1, 0)]:
+    for value, expected in [(65535, 255), (51400, 200), (25700, 100), (200, 1), (1, 0)]:
         Image.fromarray(np.full((8, 8), value, np.uint16)).save(tmp_path / "x.png")
         assert Image.open(tmp_path / "x.png").mode == "I;16"
         assert (preprocess.load_image(tmp_path / "x.png") == expected).all(), value
     Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")  # float: [0, 1]
     assert (preprocess.load_image(tmp_path / "f.tif", None, 1) == 128).all()
+
+
+def test_a_resized_image_is_pillows_resize_of_the_file(tmp_path):
+    """Taller than wide in, wider than tall out: height and width swapped anywhere
+    would still give the right shape after the reshape, with the pixels scrambled."""
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (90, 40, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    expected = np.asarray(Image.fromarray(pixels).resize((48, 32), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(preprocess.load_image(tmp_path / "x.png", (32, 48)), expected)
+
+
+def test_scaled_sizes_are_rounded_to_whole_pixels():
+    assert preprocess.scaled_size((333, 517), 0.3) == (100, 155)  # 99.9 and 155.1
+    assert preprocess.scaled_size((1280, 1918), 0.5) == (640, 959)
+    assert preprocess.scaled_size((3, 3), 0.1) == (1, 1)
+
+
+def test_to_float_maps_255_to_exactly_one():
+    got = preprocess.to_float(np.array([0, 51, 255], np.uint8))
+    assert got.dtype == np.float32 and got.tolist() == [0.0, np.float32(0.2), 1.0]
 
 
 def test_image_size_of_reads_the_header(tmp_path):
