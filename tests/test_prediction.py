@@ -146,6 +146,10 @@ def test_a_crop_trained_run_predicts_whole_images_while_they_fit_the_budget():
     assert (mode.how, mode.auto, mode.scale, mode.tile) == ("whole", True, 0.5, (32, 32))
     assert mode.how_for((1280, 1918)) == "whole"
     assert mode.how_for((1280, 1930)) == "tile"  # padded to 1932 wide: over the budget
+    # The pass runs on the padded image: a budget the photo's own size just fits is
+    # not enough for it.
+    tight = PredictionMode.from_config(config, memory_budget=pass_bytes((1280, 1918), 4))
+    assert tight.how_for((1280, 1918)) == "tile" and tight.how_for((1280, 1916)) == "whole"
     assert mode.resolved((4000, 6000)).how == "tile"
     assert "whole at scale 0.5" in mode.describe() and "tiles of 32x32" in mode.describe()
     # asked for explicitly, a way of predicting is kept whatever the size
