@@ -63,10 +63,21 @@ def drawings(mp):
 def run(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("runs") / "run"
     config = dataclasses.replace(TINY, data_dir=str(data_dir), epochs=2)
+    saved, step_losses = [], []  # the metrics each checkpoint is saved with; each step's loss
+    save, train_step = checkpoints.save, unet_jax.trainer.train_step
+
+    def recorded_step(*args, **kwargs):
+        state, metrics = train_step(*args, **kwargs)
+        step_losses.append(metrics["loss"])
+        return state, metrics
+
     with pytest.MonkeyPatch.context() as mp:
         drawn = drawings(mp)
+        mp.setattr(checkpoints, "save", lambda *a: (saved.append(a[4]), save(*a))[1])
+        mp.setattr(unet_jax.trainer, "train_step", recorded_step)
         summary = unet_jax.train_and_evaluate(config, workdir, log=lambda *a: None)
-    return config, workdir, dict(summary, drawn=drawn)
+    return config, workdir, dict(summary, drawn=drawn, saved=saved,
+                                 step_losses=np.asarray(step_losses, np.float64))
 
 
 def test_a_library_run_writes_what_the_cli_does(run):
@@ -80,6 +91,14 @@ def test_a_library_run_writes_what_the_cli_does(run):
             "checkpoints", "tensorboard"} <= {p.name for p in workdir.iterdir()}
     assert unet_jax.Config.load(workdir / "config.json") == config
     assert summary["history"][1]["train_loss"] < summary["history"][0]["train_loss"]
+    # Checkpoints are ranked by validation Dice, the figure the best one is chosen by,
+    # and an epoch's training loss is the mean over every one of its steps, the last too.
+    assert summary["saved"] == [{"val_dice": r["val_dice"]} for r in summary["history"]]
+    per_epoch = summary["step_losses"].reshape(2, -1)
+    np.testing.assert_allclose([r["train_loss"] for r in summary["history"]],
+                               per_epoch.mean(axis=1), rtol=1e-6)
+    _, _, best_epoch = checkpoints.restore_params(workdir, "best")
+    assert best_epoch == summary["best"]["epoch"]
 
 
 def test_resume_extends_a_run_and_refuses_other_settings(run, tmp_path):
