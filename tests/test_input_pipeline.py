@@ -322,6 +322,19 @@ def test_crops_are_seeded_by_seed_epoch_and_view(kaggle):
     assert not np.array_equal(a, stack(pipe(kaggle, crop=(16, 16), seed=4), 1))
 
 
+def test_each_epoch_draws_new_crops_and_augmentations_of_an_image(kaggle):
+    """One image, one view: the order cannot change between epochs, so only a crop
+    and an augmentation drawn anew each epoch make the batches differ."""
+    one = [kaggle[0]]
+    crops = pipe(one, crop=(16, 16), batch_size=1)
+    assert not np.array_equal(stack(crops, 1), stack(crops, 2))
+    for options in ({"augment": "shift"}, {"augment": "color", "crop": (16, 16)}):
+        augmented = pipe(one, batch_size=1, **options)
+        epochs = [stack(augmented, e) for e in (1, 2, 3)]
+        assert not (np.array_equal(epochs[0], epochs[1])
+                    and np.array_equal(epochs[0], epochs[2])), options
+
+
 def test_an_image_smaller_than_the_crop_is_mirrored_to_fit(kaggle):
     pipeline = pipe(kaggle[:4], crop=(48, 64), batch_size=4)  # files are 32x48
     image, mask = pipeline._crop(0, 0)
