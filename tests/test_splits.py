@@ -1,7 +1,10 @@
 """data_pipeline.splits: car-disjoint and per-image splits, subsets, split.json."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,11 +64,29 @@ def test_subset_is_taken_by_car_before_splitting():
     assert cars(dp.subset_by_car(pairs, 0.5, seed=3)) != cars(dp.subset_by_car(pairs, 0.5, seed=4))
     train, val = dp.split_pairs(pairs, method="random", subset=0.25)
     assert len(cars(train + val)) == 5 and len(val) == 16
+    assert len(cars(dp.subset_by_car(pairs, 0.33))) == 7  # 6.6 cars, rounded
+    # --seed chooses the subset too, not only the split within it.
+    assert cars(sum(dp.split_pairs(pairs, subset=0.5, seed=3), [])) != \
+        cars(sum(dp.split_pairs(pairs, subset=0.5, seed=4), []))
+
+
+def test_the_subset_is_the_same_in_every_process():
+    """Python salts string hashes per process: a subset drawn from the cars in set
+    order would differ between the run and its --resume, or evaluate."""
+    script = ("import sys; sys.path.insert(0, '.'); from tests.test_splits import fake_pairs, cars; "
+              "import data_pipeline as dp; print(sorted(cars(dp.subset_by_car(fake_pairs(), 0.5, 3))))")
+    root = Path(__file__).resolve().parents[1]
+    chosen = {subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
+                             text=True, check=True, timeout=120,
+                             env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout
+              for h in (1, 2, 3)}
+    assert len(chosen) == 1, chosen
 
 
 def test_two_cars_split_one_each_and_fewer_is_an_error():
-    train, val = dp.split_pairs(fake_pairs(cars=2))
-    assert len(cars(train)) == len(cars(val)) == 1
+    for val_fraction in (0.2, 0.9):  # neither side is ever empty
+        train, val = dp.split_pairs(fake_pairs(cars=2), val_fraction=val_fraction)
+        assert len(cars(train)) == len(cars(val)) == 1
     with pytest.raises(dp.DataError, match="at least 2 cars, the data has 1"):
         dp.split_pairs(fake_pairs(cars=1))
     with pytest.raises(dp.DataError, match="at least 2 cars"):
