@@ -389,3 +389,21 @@ def test_empty_folders_are_named_as_empty(tmp_path):
     (tmp_path / "masks").mkdir()
     assert error_of(tmp_path).endswith(
         "no usable image/mask pairs in it (images/ and masks/ hold no image files)")
+
+
+def test_hidden_files_beside_the_images_are_not_images(tmp_path):
+    """macOS writes ``._<name>`` beside every file it copies to a foreign disk: they
+    end in .png or .jpg but hold no image."""
+    root = own_dir(tmp_path / "own", n=2)
+    (root / "images" / "._img0.png").write_bytes(b"\x00\x05\x16\x07")
+    (root / "masks" / "._img0.png").write_bytes(b"\x00\x05\x16\x07")
+    assert [p.image.name for p in dp.find_pairs(root)] == ["img0.png", "img1.png"]
+
+
+def test_a_crop_is_checked_against_each_side_of_the_smallest_image(tmp_path):
+    pairs = dp.find_pairs(own_dir(tmp_path / "own", n=2))  # W x H images
+    dp.check_crop_fits(pairs, (H, W), 1.0)
+    for crop in ((H + 8, 16), (16, W + 8)):  # too tall alone, too wide alone
+        with pytest.raises(dp.DataError, match=f"is {W}x{H} at --scale 1.0, smaller than "
+                                               f"--crop {crop[0]} {crop[1]}"):
+            dp.check_crop_fits(pairs, crop, 1.0)

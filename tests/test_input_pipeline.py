@@ -1,5 +1,7 @@
 """data_pipeline.input_pipeline: batches, determinism, cache, padding, augmentation, shards."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -155,6 +157,12 @@ def test_file_cache_serves_a_new_pipeline_after_the_files_change(own_copy, tmp_p
     again = stack(pipe(own_copy, cache=prefix), 0)
     assert len(list((tmp_path / "cache").glob("train-*.images.npy"))) == 2
     assert not np.array_equal(again, first)
+    # An edit that keeps the file's size (a mask redrawn in place, say) shows in its
+    # date alone.
+    stat = own_copy[1].mask.stat()
+    os.utime(own_copy[1].mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    stack(pipe(own_copy, cache=prefix), 0)
+    assert len(list((tmp_path / "cache").glob("train-*.images.npy"))) == 3
 
 
 def test_fill_decodes_everything_up_front(own_copy):

@@ -34,9 +34,12 @@ def test_params_from_torch_gives_the_same_logits(in_channels, num_classes, heigh
     assert np.abs(np.asarray(ours) - expected).max() <= 1e-4
 
 
-def test_accepts_numpy_values_and_a_dataparallel_prefix():
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_accepts_numpy_values_and_a_dataparallel_or_compiled_prefix(prefix):
+    """nn.DataParallel saves its model's keys as module.*, torch.compile's wrapper as
+    _orig_mod.*, and the one around the other both."""
     model = torch_model(3, 1)
-    sd = {"module." + k: v.numpy() for k, v in model.state_dict().items()}
+    sd = {prefix + k: v.numpy() for k, v in model.state_dict().items()}
     params = params_from_torch(sd)
     assert params["up_1"]["up"]["kernel"].shape == (2, 2, 1024, 512)
     config = config_from_torch(sd)
