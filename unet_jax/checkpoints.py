@@ -286,15 +286,13 @@ def _reads_finish_before_loops_close():
     asyncio_log.addFilter(_not_a_failed_read)
     try:
         yield
-    except BaseException:
-        # Reads of a failed restore may answer after it has raised: the closed loops
-        # keep dropping their callbacks, and the filter stays, for the rest of the process.
-        raise
-    else:
-        base.call_soon_threadsafe = call_soon_threadsafe
-        asyncio_log.removeFilter(_not_a_failed_read)
     finally:
         del policy.new_event_loop  # back to the class's method
+    # Reached after a successful restore only. The reads of a failed one may answer
+    # after it has raised: the closed loops keep dropping their callbacks, and the
+    # filter stays, for the rest of the process.
+    base.call_soon_threadsafe = call_soon_threadsafe
+    asyncio_log.removeFilter(_not_a_failed_read)
 
 
 def _not_a_failed_read(record: logging.LogRecord) -> bool:

@@ -4,13 +4,12 @@ The network is a "U": a contracting path (encoder) that halves the resolution fo
 times while doubling the channels, so that each deeper position sees a wider window of
 the image (140 pixels square at the bottleneck, 188 to 204 at the output by where a
 pixel falls on the pooling grid: all of a small image, a good part of a 512x512 one)
-and describes it in more features; a bottleneck
-at the bottom of the U; and an expansive path (decoder) that doubles the resolution
-four times again. At each level of the decoder the upsampled features are concatenated
-with the encoder's features of the same resolution (the skip connections): the encoder
-knows *where* edges are, the decoder knows *what* the object is, and the concatenation
-gives the decoder both. A 1x1 convolution then turns the 64 features of every pixel
-into one logit per class.
+and describes it in more features; a bottleneck at the bottom of the U; and an
+expansive path (decoder) that doubles the resolution four times again. At each level
+of the decoder the upsampled features are concatenated with the encoder's features of
+the same resolution (the skip connections): the encoder knows *where* edges are, the
+decoder knows *what* the object is, and the concatenation gives the decoder both. A
+1x1 convolution then turns the 64 features of every pixel into one logit per class.
 
     input (H, W, 3)
       DownSample  64   ─────────────────────────────── skip ──┐
@@ -134,9 +133,9 @@ def remat_policy(remat: str):
     for compute: a block keeps only what its policy saves, and recomputes the rest
     from its input when the gradient needs it. 'convs' keeps the convolution outputs
     and recomputes the cheaper work around them (ReLU, pooling, concatenation, and
-    the up-convolution's product, about 7% of a decoder level's FLOPs); 'full' keeps nothing but the block's
-    input and runs the whole block forward again (about a third more arithmetic for a
-    training step, the least memory).
+    the up-convolution's product, about 7% of a decoder level's FLOPs); 'full' keeps
+    nothing but the block's input and runs the whole block forward again (about a
+    third more arithmetic for a training step, the least memory).
     """
     if remat == "convs":
         return jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT)
