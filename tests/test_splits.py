@@ -98,8 +98,9 @@ def test_two_cars_split_one_each_and_fewer_is_an_error():
 def test_bad_arguments():
     with pytest.raises(dp.DataError, match="--split 'angle'"):
         dp.split_pairs(fake_pairs(), method="angle")
-    with pytest.raises(dp.DataError, match="--val-fraction"):
-        dp.split_pairs(fake_pairs(), val_fraction=1.0)
+    for val_fraction in (0.0, 1.0):  # an empty side: nothing to validate or to train on
+        with pytest.raises(dp.DataError, match="--val-fraction"):
+            dp.split_pairs(fake_pairs(), val_fraction=val_fraction)
     with pytest.raises(dp.DataError, match="--subset"):
         dp.split_pairs(fake_pairs(), subset=0)
 

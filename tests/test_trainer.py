@@ -111,6 +111,13 @@ def test_resume_extends_a_run_and_refuses_other_settings(run, tmp_path):
     with pytest.raises(rundir.RunDirError, match="holds no run"):
         unet_jax.train_and_evaluate(config, tmp_path / "empty", resume=True,
                                     log=lambda *a: None)
+    # Resumed with the epochs it has: nothing to train, and nothing rewritten.
+    logged, written = [], (workdir / "config.json").stat().st_mtime_ns
+    summary = unet_jax.train_and_evaluate(config, workdir, resume=True, log=logged.append)
+    assert logged[-1] == (f"{workdir} has already trained 2 epochs; pass a larger "
+                          "--epochs to extend it")
+    assert len(summary["history"]) == 2
+    assert (workdir / "config.json").stat().st_mtime_ns == written
     with pytest.MonkeyPatch.context() as mp:
         drawn = drawings(mp)
         mp.setattr(unet_jax.trainer, "FIGURE_INTERVAL_S", 0)  # every epoch, as a long one
