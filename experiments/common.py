@@ -219,6 +219,15 @@ def _second_ctrl_c_exits_at_once() -> None:
         signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 
+def _stopped(prog: str, signal_error: BaseException) -> int:
+    """Says that Ctrl-C (KeyboardInterrupt) or SIGTERM (Terminated) stopped the
+    command, in one line, and returns its exit status: 130 or 143, as a shell gives."""
+    ctrl_c = isinstance(signal_error, KeyboardInterrupt)
+    sys.stderr.write(f"{prog}: {'interrupted' if ctrl_c else 'terminated'}\n")
+    sys.stderr.flush()
+    return 130 if ctrl_c else 128 + signal.SIGTERM
+
+
 def run(main, argv=None, prog: str = "") -> None:
     """Runs ``main(argv)``; user errors become one line on stderr and exit status 2,
     Ctrl-C exits 130 and SIGTERM 143, each after the command's cleanups ran."""
@@ -240,24 +249,16 @@ def run(main, argv=None, prog: str = "") -> None:
         from unet_jax.rundir import RunDirError
         from unet_jax.trainer import TrainingError
     except (KeyboardInterrupt, Terminated) as e:
-        ctrl_c = isinstance(e, KeyboardInterrupt)
-        sys.stderr.write(f"{prog}: {'interrupted' if ctrl_c else 'terminated'}\n")
-        sys.stderr.flush()
-        os._exit(130 if ctrl_c else 128 + signal.SIGTERM)
+        os._exit(_stopped(prog, e))
     try:
         code = main(argv)
     except (UserError, DataError, CheckpointError, ConfigError, ExportError, RunDirError,
             TrainingError) as e:
         sys.stderr.write(f"{prog or 'error'}: error: {e}\n")
         sys.exit(USER_ERROR)
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{prog}: interrupted\n")
+    except (KeyboardInterrupt, Terminated) as e:
         atexit.register(_second_ctrl_c_exits_at_once)
-        sys.exit(130)
-    except Terminated:
-        sys.stderr.write(f"{prog}: terminated\n")
-        atexit.register(_second_ctrl_c_exits_at_once)
-        sys.exit(128 + signal.SIGTERM)
+        sys.exit(_stopped(prog, e))
     finally:
         sys.unraisablehook = previous_hook
         if previous is not None:  # None: the handler was set outside Python

@@ -288,6 +288,12 @@ def test_multiclass_metrics_average_foreground_classes():
     np.testing.assert_allclose(m["pixel_accuracy"], [0.75])
 
 
+def summed(scores: dict) -> dict:
+    """Per-image scores as eval_step sums them over a batch, with their count."""
+    count = len(np.asarray(scores["dice"]))
+    return {"count": count, **{k: np.sum(np.asarray(v), axis=0) for k, v in scores.items()}}
+
+
 def test_a_rare_class_is_scored_on_the_images_that_hold_it():
     """Class 2 is in one image of twenty and missed there: its Dice is 0, not the 0.95
     that counting the nineteen images without it as perfect would give. A class in no
@@ -299,8 +305,7 @@ def test_a_rare_class_is_scored_on_the_images_that_hold_it():
     true[0, 3, 3] = 2  # class 2 in image 0 alone, predicted as background
     pred = np.where(true == 1, 1, 0).astype(np.int32)
     scores = segmentation_scores(pred, true, num_classes=4)
-    averaged = means({"count": 20, **{k: np.sum(np.asarray(v), axis=0)
-                                      for k, v in scores.items()}})
+    averaged = means(summed(scores))
     np.testing.assert_allclose(averaged["dice_per_class"][:2], [1.0, 0.0])
     assert np.isnan(averaged["dice_per_class"][2])  # class 3: in no image
     assert averaged["dice"] == pytest.approx(0.5) and averaged["iou"] == pytest.approx(0.5)
@@ -316,13 +321,11 @@ def test_images_with_background_alone_score_one_and_count_every_image():
     true = np.zeros((4, 4, 4), np.int32)
     pred = true.copy()  # background everywhere, predicted so
     scores = segmentation_scores(pred, true, num_classes=3)
-    averaged = means({"count": 4, **{k: np.sum(np.asarray(v), axis=0)
-                                     for k, v in scores.items()}})
+    averaged = means(summed(scores))
     assert averaged["dice"] == 1.0 and averaged["iou"] == 1.0
     assert np.isnan(averaged["dice_per_class"]).all()
     true[3, 0, 0] = 1  # one pixel of class 1 in the last image, missed
     scores = segmentation_scores(pred, true, num_classes=3)
-    averaged = means({"count": 4, **{k: np.sum(np.asarray(v), axis=0)
-                                     for k, v in scores.items()}})
+    averaged = means(summed(scores))
     assert averaged["pixel_accuracy"] == pytest.approx(1 - 1 / 16 / 4)
     assert averaged["dice"] == 0.0
