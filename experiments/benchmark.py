@@ -55,8 +55,6 @@ from pathlib import Path
 from experiments import common
 from experiments.timing import cpu_count, peak_rss_mb, time_steps
 from experiments.torch_peer import CHILDREN as TORCH_PEERS
-from unet_jax.config import REMAT
-from unet_jax.tiling import TTA
 
 EXAMPLES = """
 python -m experiments.benchmark --mode train --image-size 128 --batch-size 4 --compare-torch
@@ -84,6 +82,11 @@ TTA_VIEWS = {"none": 1, "hflip": 2, "flips": 4}
 
 
 def parse_args(argv=None):
+    # Imported here, not with the module: they import JAX, and common.run guards only
+    # what runs inside it (a Ctrl-C then is one line, not the import's traceback).
+    from unet_jax.models import REMAT
+    from unet_jax.tiling import TTA
+
     p = common.make_parser("experiments.benchmark", __doc__.split("\n\n")[0], EXAMPLES)
     p.add_argument("--mode", choices=("train", "infer", "pipeline", "tile", "whole"),
                    default="train",

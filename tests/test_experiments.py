@@ -303,6 +303,22 @@ def test_ctrl_c_while_jax_first_imports_is_one_line(lands_in):
         130, "python -m experiments.predict: interrupted\n"), result.stderr[-2000:]
 
 
+def test_no_command_imports_jax_as_its_module_loads():
+    """common.run guards a command's JAX import (the test above); an import at the top
+    of a command's module runs before it, where a Ctrl-C prints the import's traceback.
+    Every `python -m experiments.X` with a main must leave JAX to run()."""
+    commands = sorted(p.stem for p in (ROOT / "experiments").glob("*.py")
+                      if "common.run(main" in p.read_text())
+    assert {"benchmark", "guide", "train", "predict"} <= set(commands)
+    script = ("import importlib, sys\n"
+              "for name in sys.argv[1:]:\n"
+              "    importlib.import_module('experiments.' + name)\n"
+              "    assert 'jax' not in sys.modules, name\n")
+    result = subprocess.run([sys.executable, "-c", script, *commands], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_predict_writes_binary_masks_at_each_images_size(trained_run, tmp_path):
     inputs = random_images(tmp_path / "in", {"odd.jpg": (70, 101, 3), "gray.png": (40, 50)})
     out = tmp_path / "out"
