@@ -704,8 +704,8 @@ def corrupt_middle(path):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["not an image", "damaged data"])
-def test_evaluate_skips_a_bad_mask_when_asked_and_names_it_otherwise(trained_run, tmp_path,
+@pytest.mark.parametrize("damage", ["not an image", "damaged data", "damaged image"])
+def test_evaluate_skips_a_bad_pair_when_asked_and_names_it_otherwise(trained_run, tmp_path,
                                                                      capsys, damage):
     from tests.data_fixtures import box_mask, write_image, write_mask
 
@@ -716,7 +716,10 @@ def test_evaluate_skips_a_bad_mask_when_asked_and_names_it_otherwise(trained_run
     bad = data / "masks" / "img1.png"
     if damage == "not an image":  # found by the check before any prediction
         bad.write_bytes(b"not an image")
-    else:  # found only when evaluate decodes it
+    elif damage == "damaged data":  # found only when evaluate decodes it
+        corrupt_middle(bad)
+    else:  # found as the predictor decodes it, the other images of its batch go on
+        bad = data / "images" / "img1.png"
         corrupt_middle(bad)
     out = tmp_path / "result.json"
     argv = ["--checkpoint", str(trained_run), "--data-dir", str(data), "--split", "all",
