@@ -143,6 +143,27 @@ def test_a_damaged_best_falls_back_to_the_next_best_with_a_warning(run, saved, k
     assert warning.endswith("using the next best, epoch 3")
 
 
+@pytest.mark.parametrize("scores", ['{"val_di', "{}", '{"val_dice": NaN}', "[0.9]"])
+def test_damaged_scores_rank_their_checkpoint_last_and_stop_nothing(run, saved, scores,
+                                                                     caplog):
+    """Orbax reads every checkpoint's scores as a manager opens: one file it could not
+    parse stopped predict, evaluate and --resume with a JSON traceback."""
+    (run / "checkpoints" / "2" / "metrics" / "metrics").write_text(scores)
+    with caplog.at_level(logging.WARNING, logger="unet_jax.checkpoints"):
+        params, _, epoch = checkpoints.restore_params(run, "best")
+    assert epoch == 3 and same(params, saved[1][3].params)  # 2 ranks last, params intact
+    [record] = [r for r in caplog.records if r.name == "unet_jax.checkpoints"]
+    warning = one_line(record.getMessage())
+    assert str(Path("checkpoints") / "2" / "metrics") in warning
+    assert warning.endswith("it ranks last for 'best'")
+    assert checkpoints.restore_params(run, "2")[2] == 2
+    manager = checkpoints.checkpoint_manager(run, keep=3)  # what --resume opens
+    try:
+        assert checkpoints.restore_latest_intact(manager, random_state(CONFIG, 9))[2] == 3
+    finally:
+        manager.close()
+
+
 def test_a_missing_metadata_file_is_no_damage(run, saved):
     """Orbax's _METADATA describes the tree, which the restore target gives as well:
     the arrays themselves (the OCDBT files) restore exactly without it."""

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import shutil
 import tempfile
@@ -65,6 +66,36 @@ class _Manager(ocp.CheckpointManager):
     """
 
     deletes = False  # a read-only manager never removes anything
+
+    def metrics(self, step: int) -> dict | None:
+        """The validation scores saved with checkpoint ``step``; None, with a warning,
+        when their file is damaged or holds no usable ``val_dice``.
+
+        Orbax reads every checkpoint's scores as a manager opens, and a file it cannot
+        parse (a run copied while it wrote, a full disk) stopped every command that
+        opened the run with a JSON traceback, the intact checkpoints with it. None is
+        what orbax gives a checkpoint saved without scores: it is kept, and ranks after
+        the scored ones for 'best'.
+        """
+        try:
+            metrics = super().metrics(step)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: rank it last
+            problem = (str(e).splitlines() or [type(e).__name__])[0]
+            return self._unscored(step, f"its scores are unreadable ({problem})")
+        if metrics is None:  # saved without scores, as orbax allows
+            return None
+        score = metrics.get(BEST_METRIC) if isinstance(metrics, dict) else None
+        if (isinstance(score, bool) or not isinstance(score, (int, float))
+                or not math.isfinite(score)):
+            return self._unscored(step, f"it holds no {BEST_METRIC} score")
+        return metrics
+
+    def _unscored(self, step: int, problem: str) -> None:
+        warned = self.__dict__.setdefault("_warned", set())  # orbax asks more than once
+        if step not in warned:
+            warned.add(step)
+            log.warning("%s: %s; it ranks last for 'best'",
+                        Path(self.directory) / str(step) / "metrics", problem)
 
     def wait_until_finished(self):
         super().wait_until_finished()
@@ -418,11 +449,8 @@ def _candidates(manager: ocp.CheckpointManager, which) -> list[int]:
     if which == "best":
         scores = {}
         for step in steps:
-            try:
-                metrics = manager.metrics(step) or {}
-            except Exception:  # noqa: BLE001 (a damaged metrics file: rank it last)
-                metrics = {}
-            if BEST_METRIC in metrics:
+            metrics = manager.metrics(step)  # None where damaged: ranked last
+            if metrics is not None:
                 scores[step] = float(metrics[BEST_METRIC])
         ranked = sorted(scores, key=lambda s: (-scores[s], -s))
         return ranked + sorted(set(steps) - set(ranked), reverse=True)
