@@ -63,6 +63,16 @@ def test_round_trip_through_json(tmp_path):
     (dict(kernels="fast"), "--kernels"),
     (dict(group_by="(patient"), "--group-by"),
     (dict(group_by="^(p\\d+)_", split="random"), "--group-by"),
+    (dict(seed=-1), "--seed"),
+    (dict(max_value=-1.0), "--max-value"),
+    (dict(max_value=float("nan")), "--max-value"),
+    (dict(weight_decay=-0.01), "--weight-decay"),
+    (dict(cache=""), "--cache"),
+    (dict(schedule="plateau", plateau_patience=0), "--plateau-patience"),
+    (dict(schedule="plateau", plateau_factor=1.0), "--plateau-factor"),
+    (dict(plateau_patience=5), "--plateau-patience"),
+    (dict(split="patient"), "--split"),
+    (dict(remat="all"), "--remat"),
 ])
 def test_bad_values_give_one_line_naming_the_flag(fields, flag):
     with pytest.raises(ConfigError) as e:
