@@ -359,3 +359,28 @@ def test_an_output_that_is_a_directory_is_one_line(run_dir, tmp_path):
     with pytest.raises(ExportError, match=r"unet\.tflite\.json would replace a directory"):
         export.export_params(run_dir[1], CONFIG, "tflite", tmp_path / "unet.tflite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.tflite.json"]
+
+
+def test_a_savedmodel_replaces_an_older_one_and_nothing_else(exported, reference, run_dir,
+                                                             tmp_path):
+    """A SavedModel is a directory: exporting again over one replaces it whole, but a
+    directory of other files, or a file, is never removed to make room."""
+    import shutil
+
+    old = tmp_path / "unet_savedmodel"
+    shutil.copytree(exported["savedmodel"], old)
+    (old / "stale.txt").write_text("from the older export")
+    export.export_params(run_dir[1], CONFIG, "savedmodel", old)
+    assert (old / "saved_model.pb").is_file() and not (old / "stale.txt").exists()
+    assert_matches(export.load(old, "savedmodel"), *reference)
+    assert [p.name for p in tmp_path.iterdir()] == ["unet_savedmodel"]  # no staging left
+    other = tmp_path / "results"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(ExportError, match=r"results holds other files; give a new directory"):
+        export.export_params(run_dir[1], CONFIG, "savedmodel", other)
+    a_file = tmp_path / "unet.pb"
+    a_file.write_text("keep")
+    with pytest.raises(ExportError, match=r"unet\.pb is a file; a SavedModel is a directory"):
+        export.export_params(run_dir[1], CONFIG, "savedmodel", a_file)
+    assert (other / "notes.txt").read_text() == a_file.read_text() == "keep"
