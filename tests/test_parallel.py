@@ -164,3 +164,20 @@ def test_sigterm_still_unwinds_after_joining_a_multi_process_run():
     assert p.returncode == 143, p.stderr[-2000:]
     assert "cleanup ran" in p.stdout
     assert "probe: terminated" in p.stderr
+
+
+@pytest.mark.parametrize("flags,error", [
+    (["--coordinator", "127.0.0.1:1"], "--coordinator, --num-processes and --process-id "
+     "go together"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+     "cannot join the multi-process run: process_id and num_processes must be"),
+])
+def test_a_bad_multi_process_setting_is_one_line_before_anything_is_written(
+        tmp_path, flags, error):
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "experiments.train", *TINY, "--workdir",
+                        str(run), *flags], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.startswith(f"python -m experiments.train: error: {error}"), p.stderr
+    assert p.stderr.count("\n") == 1 and not run.exists()
