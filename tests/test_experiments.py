@@ -613,6 +613,17 @@ def multi_class_run(run_dir, num_classes=3, winner=2):
     return checkpoints.save_params(run_dir, params, config)
 
 
+def test_submit_refuses_a_multi_class_run_before_writing(tmp_path, capsys):
+    """Kaggle's run-length encoding holds one binary mask per image."""
+    run = multi_class_run(tmp_path / "run", num_classes=3)
+    random_images(tmp_path / "test", {"a.jpg": (20, 30, 3)})
+    out = tmp_path / "submission.csv"
+    assert call(submit.main, ["--checkpoint", str(run), "--input", str(tmp_path / "test"),
+                              "--output", str(out)]) == 2
+    assert "a Carvana submission needs a binary model" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "test"]
+
+
 def test_evaluate_scores_each_class_over_the_images_that_hold_it(tmp_path):
     """A 4-class run that predicts class 2 on every pixel, scored by hand: class 1 is
     in one image and missed there (0), class 2 is everywhere in the prediction (1, 2/3
