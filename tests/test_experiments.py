@@ -841,6 +841,17 @@ def test_import_torch_explains_whole_models_and_reads_wrapped_state_dicts(tmp_pa
     (tmp_path / "notes.pth").write_text("101 not weights")
     assert call(import_torch.main, [str(tmp_path / "notes.pth"), str(tmp_path / "b")]) == 2
     assert "not a weights file that torch.save wrote" in capsys.readouterr().err
+    torch.save(model.state_dict(), tmp_path / "cut.pth")
+    data = (tmp_path / "cut.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])  # a download cut short
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    for name, error in (("cut.pth", "not a weights file that torch.save wrote ("),
+                        ("tensor.pth", "holds a Tensor, not a state_dict"),
+                        ("absent.pth", "absent.pth: no such file")):
+        assert call(import_torch.main, [str(tmp_path / name), str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and error in err[0], err
+    assert not (tmp_path / "b").exists()
     torch.save({"epoch": 3, "model_state_dict": model.state_dict(), "optimizer_state_dict": {}},
                tmp_path / "ckpt.pth")
     blocker = tmp_path / "file"
