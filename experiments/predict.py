@@ -52,6 +52,7 @@ def main(argv=None):
         raise common.UserError(f"--input {args.input} holds only this command's own outputs "
                                "(<name>_mask.png, <name>_viz.png); give the folder of images")
     paths = data_pipeline.check_images(every, skip_bad=args.skip_bad)
+    check_targets(paths, out, args.viz)
     written = 0
     results = predictor.predict_files(paths, skip_bad=args.skip_bad, images=args.viz)
     # A progress bar on terminals only (None: off when stderr is a file or a pipe), so
@@ -80,13 +81,46 @@ def is_output(path: Path, out: Path) -> bool:
             and path.parent.resolve() == out.resolve())
 
 
-def save_png(picture, path: Path) -> None:
-    """Writes beside, then renames: an interrupted run leaves no half-written mask."""
+# Every PNG this command writes says so in its "Software" text chunk: a second run
+# replaces its own files, and never a file of the same name it did not write.
+SOFTWARE = "unet-jax predict"
+
+
+def written_by_predict(path: Path) -> bool:
+    """Whether the PNG at ``path`` is one this command wrote (its header says so)."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as img:
+            return img.format == "PNG" and img.info.get("Software") == SOFTWARE
+    except (OSError, ValueError):  # unreadable, a folder, not an image: not ours
+        return False
+
+
+def check_targets(paths, out: Path, viz: bool) -> None:
+    """Refuses, before predicting anything, to replace a file in ``out`` that this
+    command did not write: ``<name>_mask.png`` is also how many datasets name their
+    ground truth, which an --output of the data folder would overwrite."""
+    names = [f"{path.stem}_{kind}.png" for path in paths
+             for kind in (("mask", "viz") if viz else ("mask",))]
+    foreign = [out / name for name in names
+               if (out / name).exists() and not written_by_predict(out / name)]
+    if foreign:
+        more = f" ({len(foreign)} such files)" if len(foreign) > 1 else ""
+        raise common.UserError(
+            f"--output {out}: {foreign[0]} is there and was not written by predict (a "
+            f"ground-truth mask?){more}; give another --output folder, or move them")
+
+
+def save_png(picture, path: Path) -> None:
+    """Writes beside, then renames: an interrupted run leaves no half-written mask."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", SOFTWARE)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        Image.fromarray(picture).save(tmp, format="PNG")
+        Image.fromarray(picture).save(tmp, format="PNG", pnginfo=info)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -146,7 +180,7 @@ def save_viz(image, mask, path, num_classes: int = 1) -> None:
         axes[2].legend(handles=[Patch(color=colours[c - 1], label=f"class {c}")
                                 for c in present], loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, format="png", metadata={"Software": SOFTWARE})
     plt.close(fig)
 
 

@@ -499,6 +499,25 @@ def test_predict_into_its_input_folder_twice_predicts_the_images_alone(trained_r
     assert {p.name: p.read_bytes() for p in inputs.iterdir()} == first
 
 
+@pytest.mark.parametrize("theirs", ["b_mask.png", "a_viz.png"])
+def test_predict_never_replaces_a_file_it_did_not_write(trained_run, tmp_path, capsys,
+                                                        theirs):
+    """<name>_mask.png is how many datasets name their ground truth: predicting into
+    such a folder replaced it without a word."""
+    inputs = random_images(tmp_path / "in", {"a.png": (40, 60, 3), "b.jpg": (40, 60, 3)})
+    Image.fromarray(np.full((40, 60), 255, np.uint8)).save(inputs / theirs)
+    before = {p.name: p.read_bytes() for p in inputs.iterdir()}
+    argv = ["--checkpoint", str(trained_run), "--input", str(inputs), "--output",
+            str(inputs), "--viz"]
+    assert call(predict.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"test: error: --output {inputs}: {inputs / theirs} is there and was not "
+                   "written by predict (a ground-truth mask?); give another --output "
+                   "folder, or move them"]
+    assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before
+    assert call(predict.main, argv[:-1]) == (0 if theirs == "a_viz.png" else 2)
+
+
 def test_evaluate_prints_its_scores_when_it_cannot_write_them(trained_run, tmp_path, capsys):
     blocked = tmp_path / "file"
     blocked.write_text("")
