@@ -13,6 +13,7 @@ run, side by side.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -132,6 +133,21 @@ def ways_to_compare(config, tile_given: bool, overlap, tta_given: str | None) ->
             for how in hows for tta in ("none", flips)]
 
 
+def scores_file(run_dir: Path, name: str, data_dir: str | None) -> Path:
+    """``RUN/<name>.json``; for another folder's scores (``data_dir``), the first of
+    ``<name>.json``, ``<name>-2.json``, ... that is free or holds that folder's: two
+    folders of one name (site_a/test, site_b/test) each keep their own file."""
+    for n in itertools.count(1):
+        path = run_dir / (f"{name}.json" if n == 1 else f"{name}-{n}.json")
+        if data_dir is None or not path.exists():
+            return path
+        try:
+            if json.loads(path.read_text()).get("data_dir") == data_dir:
+                return path
+        except (OSError, ValueError, AttributeError):  # not our file: leave it be
+            pass
+
+
 def main(argv=None):
     args = parse_args(argv)
     common.start_platform(args.platform, args)
@@ -170,7 +186,8 @@ def main(argv=None):
     own = predictor.config.data_dir or str(data_pipeline.sample_dataset_dir())
     other = args.split == "all" and data_dir != str(Path(own).expanduser().resolve())
     name = f"evaluation-{args.split}" + (f"-{Path(data_dir).name}" if other else "")
-    out = Path(args.output or Path(args.checkpoint) / f"{name}.json")
+    out = Path(args.output) if args.output else scores_file(
+        Path(args.checkpoint), name, data_dir if other else None)
     try:
         rundir.write_text_atomic(out, json.dumps(result, indent=2))
     except OSError as e:

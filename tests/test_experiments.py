@@ -423,6 +423,17 @@ def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, tmp_path, caps
     result = json.loads((trained_run / "evaluation-all-other.json").read_text())
     assert result["data_dir"] == str(other.resolve())
     assert json.loads((trained_run / "evaluation-all.json").read_text())["images"] == 80
+    # So does another folder of the same name elsewhere; a folder scored again keeps its.
+    namesake = tmp_path / "site_b" / "other"
+    shutil.copytree(data_dir, namesake)
+    for folder in (namesake, other):
+        assert call(evaluate.main, ["--checkpoint", str(trained_run), "--data-dir",
+                                    str(folder), "--split", "all"]) == 0
+    assert {f: json.loads((trained_run / f).read_text())["data_dir"] for f in (
+        "evaluation-all-other.json", "evaluation-all-other-2.json")} == {
+        "evaluation-all-other.json": str(other.resolve()),
+        "evaluation-all-other-2.json": str(namesake.resolve())}
+    assert not (trained_run / "evaluation-all-other-3.json").exists()
     # The validation split is the run's own images wherever they were moved to.
     (trained_run / "evaluation-validation.json").unlink()
     assert call(evaluate.main, ["--checkpoint", str(trained_run), "--data-dir", str(other)]) == 0
