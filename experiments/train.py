@@ -66,12 +66,15 @@ def build_config(args):
         # A setting the preset brings, not a flag the user typed: say so.
         for name in saved.differences(config):
             if name not in given and name != "data_dir":
+                # The run's value came from its own preset or from a flag typed with it.
+                add = config_lib.as_flag(name, getattr(saved, name))
+                fix = (f"add {add}, or resume with no --preset at all" if add else
+                       "resume with the run's own --preset, or with no --preset at all")
                 raise common.UserError(
                     f"--preset {args.preset} sets {config_lib.flag(name)} "
                     f"{config_lib.shown(getattr(config, name), name)}, but the run in "
                     f"{args.workdir} has {config_lib.shown(getattr(saved, name), name)}; "
-                    "resume with the run's own --preset, or with no --preset at all (the "
-                    "run's settings come from its config.json)")
+                    f"{fix} (the run's settings come from its config.json)")
         return config
     config = configs.get(args.preset or "default", **given)
     if "image_size" in given and config.crop is not None:

@@ -918,6 +918,18 @@ def test_resume_names_the_preset_that_brings_a_different_setting(tmp_path, capsy
                              "--epochs", "9"]) == 2
     err = capsys.readouterr().err
     assert "--preset default sets --base-features 8, but the run" in err and "has 4" in err
+    # A flag the first command gave with its preset: resuming with that preset alone
+    # told the user to resume with the run's own preset, which it already was.
+    (workdir / "config.json").write_text(configs.get("tiny", num_classes=3,
+                                                     skip_connections=False).to_json())
+    assert call(train.main, ["--workdir", str(workdir), "--resume", "--preset", "tiny",
+                             "--no-skip-connections"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "has 3; add --num-classes 3, or resume with no --preset at all (the run's "
+        "settings come from its config.json)\n")
+    assert call(train.main, ["--workdir", str(workdir), "--resume", "--preset", "tiny",
+                             "--num-classes", "3"]) == 2
+    assert "add --no-skip-connections, or resume" in capsys.readouterr().err
 
 
 def test_predict_refuses_an_image_file_name_as_its_output_folder(trained_run, tmp_path,

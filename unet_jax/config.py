@@ -331,6 +331,17 @@ def flag(name: str) -> str:
     return field.metadata.get("flag", "--" + name.replace("_", "-"))
 
 
+def as_flag(name: str, value) -> str | None:
+    """The flag that sets field ``name`` to ``value``, as a user types it
+    (``--num-classes 3``, ``--no-skip-connections``); None where no flag says it (a
+    setting left unset, such as no ``--crop``)."""
+    if isinstance(value, bool):
+        return flag(name) if value else "--no-" + flag(name)[2:]
+    if value is None:
+        return None
+    return f"{flag(name)} {shown(value, name)}"
+
+
 def normalize_image_size(value, depth, flag_name: str = "--image-size") -> tuple[int, int]:
     """(height, width) from one number or two, checked against the U-Net's depth."""
     from unet_jax.models import check_input_size
