@@ -168,9 +168,16 @@ def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
     images, problems = _by_stem(_images_in(image_dir))
     masks, more = _by_stem(_images_in(mask_dir), strip="_mask")
     problems += more
-    pairs = []
+    pairs, claimed = [], set()
     for stem, image in images.items():
         mask = masks.get(stem)
+        base = stem.removesuffix("_mask")
+        if mask is None and base != stem and base not in images:
+            # An image whose own name ends in _mask (x_mask.tif) and its mask of the
+            # same stem (masks/x_mask.png), which the suffix rule filed under x.
+            if masks.get(base, Path()).stem == stem:
+                mask = masks[base]
+                claimed.add(base)
         if mask is None:
             expected = "_mask.gif" if layout == "kaggle" else ".png"
             problems.append(f"{image} has no mask (expected {mask_dir / (stem + expected)})")
@@ -179,7 +186,7 @@ def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
         car = stem.rsplit("_", 1)[0] if layout == "kaggle" else stem
         pairs.append(Pair(image, mask, car))
     problems += [f"{mask} has no image (expected {image_dir / stem}.jpg or similar)"
-                 for stem, mask in masks.items() if stem not in images]
+                 for stem, mask in masks.items() if stem not in images and stem not in claimed]
     return sorted(pairs, key=lambda p: p.image), problems
 
 

@@ -123,15 +123,18 @@ def test_several_classes_keep_their_ids(tmp_path):
 def test_own_folders_match_by_stem_in_any_format(tmp_path):
     for name, mask_name in [("a.png", "a.png"), ("b.bmp", "b_mask.png"), ("c.tif", "c.tiff"),
                             ("d.jpg", "d_mask.gif"), ("e.gif", "e.bmp"),
-                            ("f.webp", "f_mask.png")]:
+                            ("f.webp", "f_mask.png"), ("g_mask.tif", "g_mask.png"),
+                            ("h_mask.png", "h_mask_mask.png")]:
         write_image(tmp_path / "images" / name) if not name.endswith(".gif") else \
             write_mask(tmp_path / "images" / name, box_mask())
         write_mask(tmp_path / "masks" / mask_name, box_mask())
     pairs = dp.find_pairs(tmp_path)
     assert [(p.image.name, p.mask.name) for p in pairs] == [
         ("a.png", "a.png"), ("b.bmp", "b_mask.png"), ("c.tif", "c.tiff"),
-        ("d.jpg", "d_mask.gif"), ("e.gif", "e.bmp"), ("f.webp", "f_mask.png")]
-    assert [p.car for p in pairs] == ["a", "b", "c", "d", "e", "f"]  # each image its own group
+        ("d.jpg", "d_mask.gif"), ("e.gif", "e.bmp"), ("f.webp", "f_mask.png"),
+        ("g_mask.tif", "g_mask.png"), ("h_mask.png", "h_mask_mask.png")]
+    # each image its own group
+    assert [p.car for p in pairs] == ["a", "b", "c", "d", "e", "f", "g_mask", "h_mask"]
     for pair in pairs:
         image, mask = dp.load_example(pair, (H, W))
         assert image.shape == (H, W, 3)
