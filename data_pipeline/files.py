@@ -70,6 +70,19 @@ def _images_in(folder: Path) -> list[Path]:
                   and p.is_file())
 
 
+def _nested(folder: Path) -> str:
+    """"b1/, b2/": the sub-folders of ``folder`` that hold image files, which are not
+    read (a dataset's files sit in its folders themselves); '' if there are none."""
+    try:
+        subs = sorted(p for p in folder.iterdir()
+                      if p.is_dir() and not p.name.startswith((".", "__MACOSX")))
+        with_images = [f"{p.name}/" for p in subs if _images_in(p)]
+    except OSError:  # unreadable: nothing to add
+        return ""
+    more = f" and {len(with_images) - 4} more" if len(with_images) > 4 else ""
+    return ", ".join(with_images[:4]) + more
+
+
 def unnested(folder: Path) -> Path:
     """``folder``, or the one folder inside it where ``folder`` holds no image files
     but that folder does: ``unzip train.zip -d train`` and Windows' "Extract All"
@@ -187,6 +200,10 @@ def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
         pairs.append(Pair(image, mask, car))
     problems += [f"{mask} has no image (expected {image_dir / stem}.jpg or similar)"
                  for stem, mask in masks.items() if stem not in images and stem not in claimed]
+    for folder in (image_dir, mask_dir) if pairs else ():  # without pairs: in the error
+        if nested := _nested(folder):
+            log.warning("%s: the images in its sub-folders (%s) are not read; move them "
+                        "into %s/ itself to use them", folder, nested, folder.name)
     return sorted(pairs, key=lambda p: p.image), problems
 
 
@@ -304,11 +321,19 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
                     "\n  ".join(shown), rest)
     if not pairs:
         image_dir, mask_dir, _ = detect_layout(data_dir)
-        empty = [f"{d.name}/" for d in (image_dir, mask_dir) if not _images_in(d)]
-        why = (f" ({' and '.join(empty)} {'hold' if len(empty) > 1 else 'holds'} no image "
-               "files)" if empty else "")
+        empty = [d for d in (image_dir, mask_dir) if not _images_in(d)]
+        names = " and ".join(f"{d.name}/" for d in empty)
+        why = (f" ({names} {'hold' if len(empty) > 1 else 'holds'} no image files"
+               f"{_nested_hint(empty)})" if empty else "")
         raise DataError(f"--data-dir {data_dir}: no usable image/mask pairs in it{why}")
     return pairs
+
+
+def _nested_hint(folders: list[Path]) -> str:
+    """"; sub-folders are not read: images/ has b1/, b2/" for folders whose images are
+    one level down, else ''."""
+    found = [f"{d.name}/ has {nested}" for d in folders if (nested := _nested(d))]
+    return f"; sub-folders are not read: {'; '.join(found)}" if found else ""
 
 
 def check_crop_fits(pairs, crop: tuple[int, int], scale: float) -> None:
@@ -353,7 +378,11 @@ def find_images(path, *, skip_bad: bool = False) -> list[Path]:
         log.warning("skipping images whose names clash:\n  %s", "\n  ".join(problems))
     if not images:
         raise DataError(f"--input {path}: the folder holds no images "
-                        f"({', '.join(IMAGE_SUFFIXES)}){_unzip_hint(path)}")
+                        f"({', '.join(IMAGE_SUFFIXES)}){_nested_hint([path])}"
+                        f"{_unzip_hint(path)}")
+    if nested := _nested(path):
+        log.warning("--input %s: the images in its sub-folders (%s) are not read; give "
+                    "each folder as --input", path, nested)
     return sorted(images.values())
 
 

@@ -1,6 +1,7 @@
 """data_pipeline.files and the decoders: layouts, pairing, every bad-data error, skip_bad."""
 
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -392,6 +393,36 @@ def test_empty_folders_are_named_as_empty(tmp_path):
     (tmp_path / "masks").mkdir()
     assert error_of(tmp_path).endswith(
         "no usable image/mask pairs in it (images/ and masks/ hold no image files)")
+
+
+def test_images_in_sub_folders_are_named_not_dropped_without_a_word(tmp_path, caplog):
+    """Files one level down (per-batch or per-patient folders) are not read: where they
+    are all there is, the error names the folders; beside files that are read, a
+    warning says how many folders were left out."""
+    for batch in ("b1", "b2"):
+        own_dir(tmp_path / "nested" / batch, n=1)
+        for kind in ("images", "masks"):
+            shutil.move(tmp_path / "nested" / batch / kind,
+                        tmp_path / "nested" / kind / batch)
+    assert error_of(tmp_path / "nested").endswith(
+        "(images/ and masks/ hold no image files; sub-folders are not read: images/ has "
+        "b1/, b2/; masks/ has b1/, b2/)")
+    mixed = own_dir(tmp_path / "mixed", n=2)
+    own_dir(tmp_path / "sub", n=1)
+    shutil.move(tmp_path / "sub" / "images", mixed / "images" / "later")
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.files"):
+        assert len(dp.find_pairs(mixed)) == 2
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning == (f"{mixed / 'images'}: the images in its sub-folders (later/) are "
+                       "not read; move them into images/ itself to use them")
+    with pytest.raises(dp.DataError, match=r"holds no images .*; sub-folders are not "
+                       r"read: images/ has b1/, b2/$"):
+        dp.find_images(tmp_path / "nested" / "images")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.files"):
+        assert len(dp.find_images(mixed / "images")) == 2
+    assert "its sub-folders (later/) are not read; give each folder as --input" in (
+        caplog.records[0].getMessage())
 
 
 def test_hidden_files_beside_the_images_are_not_images(tmp_path):
