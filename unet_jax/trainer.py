@@ -361,7 +361,9 @@ def check_labels(config: Config, train_data, low: float, high: float) -> None:
         raise TrainingError(
             f"every training mask read as foreground at every pixel in epoch 1: the masks "
             f"in {folder} have no 0 (background) pixels; store background as 0 (a "
-            "trimap's 1/2/3 need remapping), or class ids 0..C-1 with --num-classes C")
+            "trimap's 1/2/3 need remapping; alpha is not read: a mask white everywhere "
+            "with its shape in the alpha channel needs the alpha saved as the mask), or "
+            "class ids 0..C-1 with --num-classes C")
 
 
 def set_plateau_rate(config: Config, state, history: list, log):
