@@ -336,20 +336,23 @@ def _nested_hint(folders: list[Path]) -> str:
     return f"; sub-folders are not read: {'; '.join(found)}" if found else ""
 
 
-def check_crop_fits(pairs, crop: tuple[int, int], scale: float) -> None:
+def check_crop_fits(pairs, crop: tuple[int, int], scale: float, multiple: int = 1) -> None:
     """Raises DataError unless every image, resized by ``scale``, is at least a crop
     in each direction: a scale that shrinks a photo to a few pixels would train on
     mirrored copies of them and score near-empty validation images. Only the file
-    headers are read."""
+    headers are read. The crop the message offers is a multiple of ``multiple`` (the
+    U-Net's ``2**depth``), as a crop must be."""
     from data_pipeline.preprocess import image_size_of, scaled_size
 
     sizes = [(scaled_size(image_size_of(p.image), scale), p.image) for p in pairs]
     (height, width), image = min(sizes, key=lambda s: (min(s[0][0] / crop[0],
                                                            s[0][1] / crop[1]), str(s[1])))
     if height < crop[0] or width < crop[1]:
+        fits = [min(size, side) // multiple * multiple for size, side in zip((height, width), crop)]
+        lower = (f" or lower --crop to at most {fits[0]} {fits[1]}" if min(fits) > 0 else
+                 "")
         raise DataError(f"{image} is {width}x{height} at --scale {scale}, smaller than "
-                        f"--crop {crop[0]} {crop[1]}; raise --scale or lower --crop to at "
-                        f"most {min(height, crop[0])} {min(width, crop[1])}")
+                        f"--crop {crop[0]} {crop[1]}; raise --scale{lower}")
 
 
 def find_images(path, *, skip_bad: bool = False) -> list[Path]:

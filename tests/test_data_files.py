@@ -441,3 +441,9 @@ def test_a_crop_is_checked_against_each_side_of_the_smallest_image(tmp_path):
         with pytest.raises(dp.DataError, match=f"is {W}x{H} at --scale 1.0, smaller than "
                                                f"--crop {crop[0]} {crop[1]}"):
             dp.check_crop_fits(pairs, crop, 1.0)
+    # The crop offered is one the U-Net takes: a multiple of 2**depth.
+    with pytest.raises(dp.DataError, match=f"or lower --crop to at most {H} 16$"):
+        dp.check_crop_fits(pairs, (H + 8, 16), 1.0, 16)
+    with pytest.raises(dp.DataError, match=f"smaller than --crop {H + 8} 16; raise "
+                                           r"--scale$"):  # no multiple of 64 fits
+        dp.check_crop_fits(pairs, (H + 8, 16), 1.0, 64)

@@ -196,7 +196,8 @@ def build_data(config: Config, workdir: Path, resume: bool):
             pairs, method=config.split, val_fraction=config.val_fraction, seed=config.seed,
             subset=config.subset, group_by=config.group_by)
     if config.crop is not None:
-        data_pipeline.check_crop_fits(train_pairs + val_pairs, config.crop, config.scale)
+        data_pipeline.check_crop_fits(train_pairs + val_pairs, config.crop, config.scale,
+                                      2 ** config.depth)
     processes = jax.process_count()
     pipeline_kw = dict(image_size=config.image_size, batch_size=config.batch_size // processes,
                        in_channels=config.in_channels, num_classes=config.num_classes,
