@@ -64,10 +64,11 @@ class Pair:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    """Image files of a folder in name order; hidden files (macOS ``._x.jpg``) skipped."""
+    """Image files of a folder in name order; hidden files (macOS ``._x.jpg``) skipped.
+    A link to a file that is gone counts, so that the check names it."""
     return sorted(p for p in folder.iterdir()
                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-                  and p.is_file())
+                  and (p.is_file() or p.is_symlink() and not p.exists()))
 
 
 def _nested(folder: Path) -> str:
@@ -215,6 +216,8 @@ def image_problem(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     file's end does not prove it complete, which keeps checking thousands of files
     fast and still catches a truncated JPEG.
     """
+    if path.is_symlink() and not path.exists():
+        return None, f"is a link to {os.readlink(path)}, which does not exist"
     fmt = None  # unknown until Pillow opens the file
     try:
         with open_within_limit(path) as img:

@@ -425,6 +425,17 @@ def test_images_in_sub_folders_are_named_not_dropped_without_a_word(tmp_path, ca
         caplog.records[0].getMessage())
 
 
+def test_a_link_to_a_file_that_is_gone_is_named(tmp_path):
+    root = own_dir(tmp_path / "own", n=2)
+    (root / "images" / "img1.png").unlink()
+    (root / "images" / "img1.png").symlink_to(tmp_path / "moved" / "img1.png")
+    assert error_of(root).startswith(f"{root / 'images' / 'img1.png'} is a link to "
+                                     f"{tmp_path / 'moved' / 'img1.png'}, which does not exist")
+    assert [p.image.name for p in dp.find_pairs(root, skip_bad=True)] == ["img0.png"]
+    every = dp.find_images(root / "images")
+    assert [p.name for p in dp.check_images(every, skip_bad=True)] == ["img0.png"]
+
+
 def test_hidden_files_beside_the_images_are_not_images(tmp_path):
     """macOS writes ``._<name>`` beside every file it copies to a foreign disk: they
     end in .png or .jpg but hold no image."""
