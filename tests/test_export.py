@@ -384,3 +384,19 @@ def test_a_savedmodel_replaces_an_older_one_and_nothing_else(exported, reference
     with pytest.raises(ExportError, match=r"unet\.pb is a file; a SavedModel is a directory"):
         export.export_params(run_dir[1], CONFIG, "savedmodel", a_file)
     assert (other / "notes.txt").read_text() == a_file.read_text() == "keep"
+
+
+def test_the_command_prints_no_tensorflow_start_up_notes(run_dir, tmp_path):
+    """TensorFlow's libraries log "oneDNN custom operations are on" from C++ as they
+    load; tf2onnx imported TensorFlow before unet-jax could quiet it (and hide the GPUs
+    from it)."""
+    needs("onnx")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    p = subprocess.run([sys.executable, "-m", "experiments.export", "--checkpoint",
+                        str(run_dir[0]), "--format", "onnx", "--output",
+                        str(tmp_path / "unet.onnx")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    # (A compilation of a second or more is logged; on a busy machine there may be one.)
+    assert "oneDNN" not in p.stderr and "absl::InitializeLog" not in p.stderr, p.stderr
+    assert p.stdout.startswith("wrote ")

@@ -46,7 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.tf_setup import native_logs_held
+# TensorFlow through data_pipeline's door: its GPUs hidden (JAX needs them), its
+# libraries' start-up notes held back.
+from data_pipeline.tf_setup import native_logs_held, tensorflow
 
 FORMATS = ("onnx", "savedmodel", "tflite", "stablehlo")
 ONNX_OPSET = 17
@@ -157,7 +159,7 @@ def _to_stablehlo(fn, config) -> bytes:
 
 def _tf_function(fn, config, platforms):
     """``fn`` as a TF function of one float32 ``image`` batch returning ``logits``."""
-    import tensorflow as tf
+    tf = tensorflow()
     from jax.experimental import jax2tf
 
     converted = jax2tf.convert(fn, polymorphic_shapes=[f"({_polymorphic_shape(config)})"],
@@ -168,7 +170,7 @@ def _tf_function(fn, config, platforms):
 
 
 def _write_savedmodel(fn, config, path: Path) -> None:
-    import tensorflow as tf
+    tf = tensorflow()
 
     module = tf.Module()
     module.serve = _tf_function(fn, config, ("cpu", "cuda"))
@@ -176,7 +178,7 @@ def _write_savedmodel(fn, config, path: Path) -> None:
 
 
 def _to_tflite(fn, config) -> bytes:
-    import tensorflow as tf
+    tf = tensorflow()
 
     concrete = _tf_function(fn, config, ("cpu",)).get_concrete_function()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
@@ -283,7 +285,7 @@ def load(path, fmt: str | None = None):
         session = onnx_session(path)
         return lambda images: session.run(None, {"image": np.asarray(images, np.float32)})[0]
     if fmt == "savedmodel":
-        import tensorflow as tf
+        tf = tensorflow()
 
         serve = tf.saved_model.load(str(path)).signatures["serving_default"]
         return lambda images: serve(image=tf.constant(images, tf.float32))["logits"].numpy()
@@ -315,7 +317,7 @@ def onnx_session(path, threads: int | None = None):
 
 
 def _tflite_runner(path: Path):
-    import tensorflow as tf
+    tf = tensorflow()
 
     with warnings.catch_warnings():  # tf.lite.Interpreter's notice of ai_edge_litert
         warnings.simplefilter("ignore")
@@ -368,6 +370,7 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32") -> d
         raise ExportError(f"--dtype {dtype}: {fmt} exports compute in float32 only (its "
                           "CPU runtimes have no bfloat16 convolutions); drop --dtype")
     if fmt == "onnx":
+        tensorflow()  # before tf2onnx imports it: quietly, without the GPUs
         for module in ("tf2onnx", "onnx", "onnxruntime"):
             require(module, fmt)
     output = _check_output(Path(output), fmt)
