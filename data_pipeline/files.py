@@ -200,7 +200,8 @@ def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
         car = stem.rsplit("_", 1)[0] if layout == "kaggle" else stem
         pairs.append(Pair(image, mask, car))
     problems += [f"{mask} has no image (expected {image_dir / stem}.jpg or similar)"
-                 for stem, mask in masks.items() if stem not in images and stem not in claimed]
+                 for stem, mask in masks.items()
+                 if stem not in images and stem not in claimed]
     for folder in (image_dir, mask_dir) if pairs else ():  # without pairs: in the error
         if nested := _nested(folder):
             log.warning("%s: the images in its sub-folders (%s) are not read; move them "
@@ -351,7 +352,8 @@ def check_crop_fits(pairs, crop: tuple[int, int], scale: float, multiple: int = 
     (height, width), image = min(sizes, key=lambda s: (min(s[0][0] / crop[0],
                                                            s[0][1] / crop[1]), str(s[1])))
     if height < crop[0] or width < crop[1]:
-        fits = [min(size, side) // multiple * multiple for size, side in zip((height, width), crop)]
+        fits = [min(size, side) // multiple * multiple
+                for size, side in zip((height, width), crop)]
         lower = (f" or lower --crop to at most {fits[0]} {fits[1]}" if min(fits) > 0 else
                  "")
         raise DataError(f"{image} is {width}x{height} at --scale {scale}, smaller than "
