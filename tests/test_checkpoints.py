@@ -462,6 +462,20 @@ def test_save_params_writes_a_run_that_restores(tmp_path, saved):
         checkpoints.save_params(out, params, CONFIG)
 
 
+def test_resume_of_weights_alone_says_so_not_damaged(tmp_path, saved):
+    """A run of imported weights has no optimizer state to continue: --resume called
+    its intact checkpoint damaged."""
+    out = checkpoints.save_params(tmp_path / "imported", saved[1][1].params, CONFIG)
+    manager = checkpoints.checkpoint_manager(out)
+    try:
+        with pytest.raises(CheckpointError) as e:
+            checkpoints.restore_latest_intact(manager, random_state(CONFIG, 0))
+    finally:
+        manager.close()
+    assert one_line(e.value).startswith(f"--resume: {out} holds weights alone")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["0"]  # nothing aside
+
+
 @pytest.mark.parametrize("failing", ["save", "config"])
 def test_save_params_leaves_nothing_when_it_fails(tmp_path, saved, monkeypatch, failing):
     params = saved[1][1].params

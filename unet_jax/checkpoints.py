@@ -393,6 +393,13 @@ def restore_latest_intact(manager: ocp.CheckpointManager, state: TrainState,
     if not damaged:
         raise CheckpointError(f"--resume: {manager.directory} holds no checkpoint; drop "
                               "--resume to start a new run")
+    if not any((Path(manager.directory) / str(epoch) / "opt_state").exists()
+               for epoch in damaged):  # save_params' weights, not a damaged run
+        raise CheckpointError(
+            f"--resume: {Path(manager.directory).parent} holds weights alone (imported, "
+            "or saved by save_params), without the optimizer state a training run "
+            "continues from; predict, evaluate and export use them as they are, and "
+            "training starts a new run in another --workdir")
     raise CheckpointError(f"--resume: every checkpoint in {manager.directory} is damaged "
                           f"(epochs {', '.join(map(str, sorted(damaged)))}); start a new "
                           "run in another --workdir")
