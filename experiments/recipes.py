@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -153,6 +155,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     from unet_jax import configs
 
@@ -170,19 +173,20 @@ def main(argv=None):
     from experiments.benchmark import machine_info
 
     info = machine_info()
+    command = shlex.join(["python", "-m", "experiments.recipes", *argv])  # to run it again
     machine = f"{info['cpu']} ({info['cores']} cores), JAX on {backend}"
     text = (f"# Training recipes on {'the sample set' if base.data_dir is None else base.data_dir}"
-            f"\n\n`python -m experiments.recipes --preset {args.preset} --seeds {args.seeds}"
-            f"{f' --epochs {args.epochs}' if args.epochs else ''}`: {base.epochs} epochs, "
+            f"\n\n`{command}`: {base.epochs} epochs, "
             f"batch {base.batch_size}, lr {base.learning_rate:g}, width "
             f"{base.base_features}, {base.image_size[0]}x{base.image_size[1]}; EMA decay "
             f"{EMA}; {machine}; {time.perf_counter() - start:.0f} s in all.\n\n"
             + table(rows, seeds) + f"\n\n![{out.name}]({out.name}.png)\n")
-    (out.with_suffix(".md")).write_text(text)
-    (out.with_suffix(".json")).write_text(json.dumps(
-        {"preset": args.preset, "epochs": base.epochs, "seeds": seeds, "machine": machine,
-         "rows": rows, "histories": results}, indent=1))
-    plot(results, out.with_suffix(".png"))
+    # Appended, not with_suffix: a prefix such as lr0.003 keeps its last part.
+    Path(f"{out}.md").write_text(text)
+    Path(f"{out}.json").write_text(json.dumps(
+        {"command": command, "preset": args.preset, "epochs": base.epochs, "seeds": seeds,
+         "machine": machine, "rows": rows, "histories": results}, indent=1))
+    plot(results, Path(f"{out}.png"))
     print(text)
     return 0
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shlex
 
 import pytest
 
@@ -50,18 +51,24 @@ def test_the_command_trains_each_recipe_and_seed_and_writes_its_files(tmp_path, 
         return {"history": history, "best": max(history, key=lambda r: r["val_dice"])}
 
     monkeypatch.setattr(unet_jax, "train_and_evaluate", train_and_evaluate)
-    out = tmp_path / "r"
-    code = recipes.main(["--preset", "tiny", "--epochs", "2", "--seeds", "2", "--recipes",
-                         "constant", "cosine+ema", "--out", str(out), "--platform", "cpu",
-                         "--group-by", "^(case\\d+)_"])
+    out = tmp_path / "lr0.003"  # a prefix with a dot keeps it
+    argv = ["--preset", "tiny", "--epochs", "2", "--seeds", "2", "--recipes", "constant",
+            "cosine+ema", "--out", str(out), "--platform", "cpu", "--group-by",
+            "^(case\\d+)_"]
+    code = recipes.main(argv)
     assert code == 0
     assert [name for _, name in trained] == ["constant-seed0", "cosine+ema-seed0",
                                              "constant-seed1", "cosine+ema-seed1"]
     assert [(c.seed, c.schedule, c.ema, c.epochs) for c, _ in trained][:2] == [
         (0, "constant", 0.0, 2), (0, "cosine", recipes.EMA, 2)]
     assert {c.group_by for c, _ in trained} == {"^(case\\d+)_"}
-    saved = json.loads(out.with_suffix(".json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "lr0.003.json", "lr0.003.md", "lr0.003.png"]
+    saved = json.loads((tmp_path / "lr0.003.json").read_text())
     assert list(saved["histories"]) == ["constant", "cosine+ema"]
     assert saved["rows"][1]["gain"] == pytest.approx(recipes.EMA / 10)
-    assert "| cosine+ema | 0.6990 / 0.6990 |" in out.with_suffix(".md").read_text()
-    assert out.with_suffix(".png").stat().st_size > 0
+    # The command that made it, every flag (the recipes, the grouping) included.
+    assert shlex.split(saved["command"]) == ["python", "-m", "experiments.recipes", *argv]
+    text = (tmp_path / "lr0.003.md").read_text()
+    assert "| cosine+ema | 0.6990 / 0.6990 |" in text and f"`{saved['command']}`" in text
+    assert "![lr0.003](lr0.003.png)" in text
