@@ -143,12 +143,16 @@ def test_a_damaged_best_falls_back_to_the_next_best_with_a_warning(run, saved, k
     assert warning.endswith("using the next best, epoch 3")
 
 
-@pytest.mark.parametrize("scores", ['{"val_di', "{}", '{"val_dice": NaN}', "[0.9]"])
+@pytest.mark.parametrize("scores", ['{"val_di', "{}", '{"val_dice": NaN}', "[0.9]", None])
 def test_damaged_scores_rank_their_checkpoint_last_and_stop_nothing(run, saved, scores,
                                                                      caplog):
     """Orbax reads every checkpoint's scores as a manager opens: one file it could not
-    parse stopped predict, evaluate and --resume with a JSON traceback."""
-    (run / "checkpoints" / "2" / "metrics" / "metrics").write_text(scores)
+    parse stopped predict, evaluate and --resume with a JSON traceback. A missing one
+    (None) made 'best' another epoch without a word."""
+    if scores is None:
+        shutil.rmtree(run / "checkpoints" / "2" / "metrics")
+    else:
+        (run / "checkpoints" / "2" / "metrics" / "metrics").write_text(scores)
     with caplog.at_level(logging.WARNING, logger="unet_jax.checkpoints"):
         params, _, epoch = checkpoints.restore_params(run, "best")
     assert epoch == 3 and same(params, saved[1][3].params)  # 2 ranks last, params intact

@@ -69,21 +69,21 @@ class _Manager(ocp.CheckpointManager):
 
     def metrics(self, step: int) -> dict | None:
         """The validation scores saved with checkpoint ``step``; None, with a warning,
-        when their file is damaged or holds no usable ``val_dice``.
+        when their file is missing, damaged or holds no usable ``val_dice``.
 
         Orbax reads every checkpoint's scores as a manager opens, and a file it cannot
         parse (a run copied while it wrote, a full disk) stopped every command that
         opened the run with a JSON traceback, the intact checkpoints with it. None is
         what orbax gives a checkpoint saved without scores: it is kept, and ranks after
-        the scored ones for 'best'.
+        the scored ones for 'best' (the warning says why another epoch is used).
         """
         try:
             metrics = super().metrics(step)
         except Exception as e:  # noqa: BLE001 - any unreadable file: rank it last
             problem = (str(e).splitlines() or [type(e).__name__])[0]
             return self._unscored(step, f"its scores are unreadable ({problem})")
-        if metrics is None:  # saved without scores, as orbax allows
-            return None
+        if metrics is None:  # every checkpoint unet-jax writes has them: a damaged one
+            return self._unscored(step, "its scores are missing")
         score = metrics.get(BEST_METRIC) if isinstance(metrics, dict) else None
         if (isinstance(score, bool) or not isinstance(score, (int, float))
                 or not math.isfinite(score)):
