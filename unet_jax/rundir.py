@@ -66,7 +66,8 @@ def check_start(directory, resume: bool, what: str = "--workdir", *,
         raise RunDirError(f"--resume: {directory} holds no checkpoint (its run stopped "
                           "before finishing an epoch); drop --resume to start it again")
     if not resume and (checkpoint or finished):
-        hint = "pass --resume to continue it, or " if resumable else ""
+        # Without a checkpoint there is nothing --resume could continue.
+        hint = "pass --resume to continue it, or " if resumable and checkpoint else ""
         raise RunDirError(f"{what} {directory} already holds a run; {hint}choose another "
                           f"{what}")
     if resume or not directory.is_dir():
