@@ -106,6 +106,9 @@ def test_resume_extends_a_run_and_refuses_other_settings(run, tmp_path):
     with pytest.raises(ConfigError, match=r"^--lr 0\.5 differs from the run's 0\.003"):
         unet_jax.train_and_evaluate(dataclasses.replace(config, learning_rate=0.5), workdir,
                                     resume=True, log=lambda *a: None)
+    with pytest.raises(ConfigError, match=r"^--skip-bad differs from the run's --no-skip-bad"):
+        unet_jax.train_and_evaluate(dataclasses.replace(config, skip_bad=True), workdir,
+                                    resume=True, log=lambda *a: None)
     with pytest.raises(rundir.RunDirError, match="already holds a run; pass --resume"):
         unet_jax.train_and_evaluate(config, workdir, log=lambda *a: None)
     with pytest.raises(rundir.RunDirError, match="holds no run"):

@@ -44,7 +44,7 @@ import numpy as np
 
 import data_pipeline
 from unet_jax import checkpoints, compile_cache, optim, parallel, report, rundir
-from unet_jax.config import Config, ConfigError, flag, shown
+from unet_jax.config import Config, ConfigError, as_flag, flag, shown
 from unet_jax.prediction import PredictionMode, predict_batch
 from unet_jax.train import (create_train_state, eval_step, loss_spec, merge_sums,
                             predict_step, score_logits, train_step)
@@ -168,9 +168,13 @@ def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
             "new --workdir")
     if changed:
         name = changed[0]
+        new, old = getattr(config, name), getattr(saved, name)
+        if isinstance(new, bool):  # --skip-bad against the run's --no-skip-bad
+            what = f"{as_flag(name, new)} differs from the run's {as_flag(name, old)}"
+        else:
+            what = f"{flag(name)} {shown(new, name)} differs from the run's {shown(old, name)}"
         raise ConfigError(
-            f"{flag(name)} {shown(getattr(config, name), name)} differs from the run's "
-            f"{shown(getattr(saved, name), name)} in {config_file}; --resume continues a "
+            f"{what} in {config_file}; --resume continues a "
             "run with its own settings (only --epochs, and --data-dir for data that moved, "
             "may change): drop the flag or start a new --workdir")
 
