@@ -296,7 +296,8 @@ def test_a_plateau_run_logs_the_lowered_rate(data_dir, tmp_path):
     assert len(set(dices)) == 1  # no new best after the first epoch
     assert [r["learning_rate"] for r in history] == pytest.approx(
         [1e-12, 1e-12, 5e-13, 2.5e-13], rel=1e-6, abs=0)
-    assert sum("learning rate lowered to" in line for line in lines) == 2
+    assert sum(line.startswith("validation Dice has not improved for an epoch: learning "
+                               "rate lowered to ") for line in lines) == 2
     # The factor reached the optimizer, not only the log: the state each checkpoint
     # saved (after its epoch's updates) holds the factor those updates were scaled by,
     # in the last link of the chain, optax.inject_hyperparams(optax.scale)'s step_size.

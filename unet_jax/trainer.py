@@ -381,7 +381,9 @@ def set_plateau_rate(config: Config, state, history: list, log):
     scale = optim.plateau_scale(dices, config.plateau_patience, config.plateau_factor)
     if history and scale < optim.plateau_scale(dices[:-1], config.plateau_patience,
                                                config.plateau_factor):
-        log(f"validation Dice has not improved for {config.plateau_patience} epochs: "
+        patience = config.plateau_patience
+        epochs = "an epoch" if patience == 1 else f"{patience} epochs"
+        log(f"validation Dice has not improved for {epochs}: "
             f"learning rate lowered to {config.learning_rate * scale:.2g}")
     return state.replace(opt_state=optim.set_plateau_scale(state.opt_state, scale)), scale
 
