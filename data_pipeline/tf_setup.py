@@ -79,8 +79,9 @@ def native_logs_held(min_severity: int | None = None, quiet_on=()):
     straight to the descriptor, past Python's logging. Afterwards the held text is
     written out less the log records below ``min_severity`` (an index into
     ``SEVERITIES``), or not at all when it is None. An exception of a type in
-    ``quiet_on`` is treated the same (it says what went wrong itself); any other
-    exception writes out everything, whose cause the notes may tell.
+    ``quiet_on`` is treated the same (it says what went wrong itself), as is a stop
+    (Ctrl-C, SIGTERM, ``sys.exit``); any other exception writes out everything, whose
+    cause the notes may tell.
     """
     def flush():
         if sys.stderr is not None:  # None under pythonw and some embedders
@@ -105,9 +106,11 @@ def native_logs_held(min_severity: int | None = None, quiet_on=()):
             yield
         except quiet_on:
             raise
-        except BaseException:
+        except Exception:
             keep_all = True
             raise
+        # KeyboardInterrupt, SystemExit and SIGTERM's exception pass as if nothing was
+        # raised: a stop, not a failure whose cause the notes might tell.
         finally:
             flush()
             os.dup2(saved, 2)
