@@ -1,7 +1,8 @@
 """The tf.data pipeline: files on disk to numpy batches for the jitted train step.
 
 Per example: decode the image and its mask, resize the image (bilinear or area) and
-the mask (nearest, so it stays binary) to the model's size, and keep the result as
+the mask (by the label covering most of each pixel, so it stays binary and on the
+image) to the model's size, and keep the result as
 uint8 in a cache, so that only the first epoch pays for decoding. Per epoch: a seeded
 order, optional paired augmentation, scaling to [0, 1], batching, and prefetching in
 background threads while the accelerator works on the previous batch.
@@ -82,7 +83,7 @@ class InputPipeline:
         examples then live in memory-mapped files, reused by later runs with the same
         files and settings (``<prefix>-<hash>.images.npy`` and so on).
       in_channels: 3 (RGB) or 1 (grayscale).
-      resize: 'bilinear' or 'area' for images; masks are always resized nearest.
+      resize: 'bilinear' or 'area' for images (masks: ``preprocess.resize_labels``).
       shard: (index, count): in a run of ``count`` processes, this process reads every
         ``count``-th example of each global batch, from ``index`` on, after the
         epoch's shuffle; the processes' batches together are the global batch a

@@ -112,6 +112,45 @@ def test_a_resized_image_is_pillows_resize_of_the_file(tmp_path):
     np.testing.assert_array_equal(preprocess.load_image(tmp_path / "x.png", (32, 48)), expected)
 
 
+@pytest.mark.parametrize("scale,size", [(0.5, None), (0.25, None), (None, (32, 48)),
+                                        (None, (250, 330))])
+def test_a_resized_mask_stays_on_its_image(tmp_path, scale, size):
+    """Disks drawn as an image and as its mask, both read smaller (or larger): the
+    mask's centre is where the image's is. Nearest picked the pixel after the middle
+    of each block at even factors, half a source pixel down and right: a model
+    trained on such pairs draws its masks half a pixel up and left."""
+    yy, xx = np.mgrid[:96, :128]
+    offsets = []
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        disk = ((yy - rng.uniform(30, 66)) ** 2 + (xx - rng.uniform(30, 98)) ** 2
+                < rng.uniform(8, 24) ** 2)
+        Image.fromarray(disk.astype(np.uint8) * 255).save(tmp_path / "d.png")
+        mask = preprocess.load_mask(tmp_path / "d.png", size, scale=scale or 1.0)[..., 0]
+        image = preprocess.load_image(tmp_path / "d.png", size, 1, scale=scale or 1.0)
+        seen = image[..., 0] >= 128
+        assert set(np.unique(mask)) == {0, 1} and mask.shape == seen.shape
+        y, x = np.mgrid[:mask.shape[0], :mask.shape[1]]
+        offsets.append([y[mask == 1].mean() - y[seen].mean(),
+                        x[mask == 1].mean() - x[seen].mean()])
+        assert (mask != seen).mean() < 0.01
+    factor = 96 / mask.shape[0]  # in the file's pixels
+    assert np.abs(np.mean(offsets, axis=0) * factor).max() < 0.1, np.mean(offsets, axis=0)
+
+
+def test_class_ids_resize_to_the_class_covering_most_of_each_pixel():
+    labels = np.array([[0, 0, 2, 2], [0, 1, 2, 2], [1, 1, 1, 2], [1, 1, 0, 0]], np.uint8)
+    big = np.kron(labels, np.ones((4, 4), np.uint8))  # each label a 4x4 block
+    np.testing.assert_array_equal(preprocess.resize_labels(big, (4, 4)), labels)
+    assert preprocess.resize_labels(big, (16, 16)) is big  # its own size: as it is
+    assert set(np.unique(preprocess.resize_labels(big, (3, 5)))) <= {0, 1, 2}
+    half = np.array([[0, 1]] * 2, np.uint8)  # half and half: the higher label
+    assert preprocess.resize_labels(half, (1, 1)).tolist() == [[1]]
+    assert preprocess.resize_labels(half * 2 + 1, (1, 1)).tolist() == [[3]]
+    assert preprocess.resize_labels(np.full((5, 7), 3, np.uint8), (2, 2)).tolist() == [
+        [3, 3], [3, 3]]
+
+
 def test_scaled_sizes_are_rounded_to_whole_pixels():
     assert preprocess.scaled_size((333, 517), 0.3) == (100, 155)  # 99.9 and 155.1
     assert preprocess.scaled_size((1280, 1918), 0.5) == (640, 959)
