@@ -360,13 +360,15 @@ def check_crop_fits(pairs, crop: tuple[int, int], scale: float, multiple: int = 
                         f"--crop {crop[0]} {crop[1]}; raise --scale{lower}")
 
 
-def find_images(path, *, skip_bad: bool = False) -> list[Path]:
+def find_images(path, *, skip_bad: bool = False, by_stem: bool = True) -> list[Path]:
     """The images to predict: one image file, or a folder's images in name order.
 
-    Two images of one stem (``e0.png``, ``e0.jpg``) would write the same
-    ``e0_mask.png``: a DataError naming both, or with ``skip_bad`` both are left out
-    with a warning. The files are not opened: ``check_images`` checks them, before
-    any is predicted, so that a truncated photo is named now, not an hour into a run.
+    With ``by_stem`` (predict: its outputs are named by stem), two images of one stem
+    (``e0.png``, ``e0.jpg``) would write the same ``e0_mask.png``: a DataError naming
+    both, or with ``skip_bad`` both are left out with a warning. Without it (submit,
+    whose rows are keyed by the whole file name) both are kept. The files are not
+    opened: ``check_images`` checks them, before any is predicted, so that a
+    truncated photo is named now, not an hour into a run.
     """
     path = Path(path).expanduser()
     if path.is_file():
@@ -378,7 +380,8 @@ def find_images(path, *, skip_bad: bool = False) -> list[Path]:
     if not path.is_dir():
         raise DataError(f"--input {path}: no such file or directory")
     path = unnested(path)
-    images, problems = _by_stem(_images_in(path))
+    found = _images_in(path)
+    images, problems = _by_stem(found) if by_stem else ({p.name: p for p in found}, [])
     if problems and not skip_bad:
         raise DataError(f"{problems[0]}: their masks would share one output file; "
                         "or pass --skip-bad to leave them out")

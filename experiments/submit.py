@@ -61,7 +61,8 @@ def main(argv=None):
         raise common.UserError(f"--checkpoint {args.checkpoint}: a Carvana submission needs a "
                                "binary model (num_classes 1); Kaggle's run-length encoding "
                                "holds one mask per image")
-    every = data_pipeline.find_images(args.input, skip_bad=args.skip_bad)
+    # Rows are keyed by the whole file name: e0.jpg and e0.png are two rows.
+    every = data_pipeline.find_images(args.input, skip_bad=args.skip_bad, by_stem=False)
     paths = data_pipeline.check_images(every, skip_bad=args.skip_bad)
     tmp = out.with_name(out.name + ".tmp")  # a crash never leaves a truncated CSV
     written = set()

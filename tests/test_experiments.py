@@ -487,6 +487,18 @@ def test_submit_leaves_no_temporary_file_on_failure(trained_run, tmp_path, capsy
     assert list(tmp_path.glob("submission*")) == [out]
 
 
+def test_submit_writes_a_row_for_each_of_two_files_of_one_stem(trained_run, tmp_path):
+    """Kaggle's rows are keyed by the whole file name, and submit writes no mask files:
+    e0.jpg and e0.png are two rows. They were refused (or with --skip-bad, both left
+    out, a file Kaggle rejects) as if they shared an output file."""
+    inputs = random_images(tmp_path / "in", {"e0.jpg": (40, 60, 3), "e0.png": (40, 60, 3),
+                                             "e1.png": (40, 60, 3)})
+    out = tmp_path / "submission.csv"
+    assert call(submit.main, ["--checkpoint", str(trained_run), "--input", str(inputs),
+                              "--output", str(out)]) == 0
+    assert [row[0] for row in csv.reader(out.open())] == ["img", "e0.jpg", "e0.png", "e1.png"]
+
+
 def test_submit_refuses_a_folder_as_output_before_predicting(tmp_path, capsys):
     """predict's --output is a folder; submit's is a file: the mix-up is found before
     the checkpoint is even read, not when the finished CSV is moved into place."""
