@@ -92,7 +92,9 @@ def score(predictor, pairs, skip_bad: bool) -> dict:
                                 "fix or remove the pair, or pass --skip-bad")
         except DataError as e:
             if not skip_bad:
-                raise
+                if "--skip-bad" in str(e):
+                    raise
+                raise DataError(f"{e}, or pass --skip-bad to skip such pairs") from None
             logging.getLogger(__name__).warning("skipping %s", e)
             continue
         scores.append({k: np.asarray(v[0]) for k, v in segmentation_scores(

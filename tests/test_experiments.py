@@ -745,6 +745,7 @@ def test_submit_removes_its_partial_file_when_a_later_image_fails(trained_run, t
                               "--output", str(out), "--batch-size", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()  # the progress bar's, then the error
     assert err[-1].startswith("test: error: ") and "c.png" in err[-1]
+    assert err[-1].endswith("or pass --skip-bad to skip such images")
     assert list(tmp_path.glob("submission*")) == []
 
 
@@ -780,6 +781,7 @@ def test_evaluate_skips_a_bad_pair_when_asked_and_names_it_otherwise(trained_run
     assert call(evaluate.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()  # the progress bar's, then the error
     assert err[-1].startswith("test: error: ") and str(bad) in err[-1]
+    assert "or pass --skip-bad" in err[-1]
     assert call(evaluate.main, argv + ["--skip-bad"]) == 0
     result = json.loads(out.read_text())
     assert result["images"] == 2 and result["skipped"] == 1

@@ -189,7 +189,8 @@ class Predictor:
                                                   max_value=self.config.max_value)))
                 except DataError as e:
                     if not skip_bad:
-                        raise
+                        raise DataError(f"{e}, or pass --skip-bad to skip such "
+                                        "images") from None
                     log.warning("skipping %s", e)
                     del inputs[len(chunk):], sizes[len(chunk):], pictures[len(chunk):]
                     continue
