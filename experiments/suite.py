@@ -52,14 +52,22 @@ from experiments import benchmark, common
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One measurement: which child runs it, what it changes, its estimated seconds on
-    an H100/H200-class GPU (start-up and compiling included)."""
+    """One measurement: which child runs it, what it changes (``what``, its sizes as
+    fields of ``describe``), its estimated seconds on an H100/H200-class GPU
+    (start-up and compiling included)."""
     id: str
     what: str
     child: str
     settings: dict
     estimate_s: float
     needs: str | None = None  # a module the row cannot run without
+
+    def describe(self, sizes: dict) -> str:
+        """``what`` with the sizes this run uses (the full check's, or --quick's)."""
+        (h, w), (ph, pw) = sizes["image_size"], sizes["photo_size"]
+        return self.what.format(size=f"{h}x{w}", photo=f"{pw}x{ph}",
+                                batch=sizes["batch_size"], double=2 * sizes["batch_size"],
+                                tile_batch=sizes["tile_batch"])
 
 
 ROWS = (
@@ -71,11 +79,12 @@ ROWS = (
         "torch-compile", {"mode": "train", "dtype": "bfloat16"}, 45, "torch"),
     Row("jax-infer-bf16", "inference (forward pass), bf16", "jax",
         {"mode": "infer", "dtype": "bfloat16"}, 20),
-    Row("jax-tile-hflip", "tiled 1918x1280 photos, 512x512 tiles, overlap 0.25, tta "
-        "hflip, bf16; img/s = photos/s", "jax",
+    Row("jax-tile-hflip", "tiled {photo} photos, {size} tiles, overlap 0.25, tta "
+        "hflip, bf16, {tile_batch} photos per call; img/s = photos/s", "jax",
         {"mode": "tile", "dtype": "bfloat16", "tta": "hflip", "batch_size": "tile"}, 25),
-    Row("jax-whole-hflip", "whole 1918x1280 photos, one pass each (how crop-trained runs "
-        "predict by default), tta hflip, bf16; img/s = photos/s", "jax",
+    Row("jax-whole-hflip", "whole {photo} photos, one pass each (how crop-trained runs "
+        "predict by default), tta hflip, bf16, {tile_batch} photos per call; img/s = "
+        "photos/s", "jax",
         {"mode": "whole", "dtype": "bfloat16", "tta": "hflip", "batch_size": "tile"}, 25),
     Row("jax-train-bf16-remat-full", "--remat full: each block recomputed from its input",
         "jax", {"mode": "train", "dtype": "bfloat16", "remat": "full"}, 50),
@@ -85,7 +94,8 @@ ROWS = (
         "torch-compile", {"mode": "infer", "dtype": "bfloat16"}, 35, "torch"),
     Row("torch-channels_last-train-bf16", "torch eager, channels_last, bf16 autocast",
         "torch-channels_last", {"mode": "train", "dtype": "bfloat16"}, 15, "torch"),
-    Row("jax-train-f32", "train step, float32 (TF32 convolutions, XLA's default)", "jax",
+    Row("jax-train-f32", "train step, float32 (on a GPU: TF32 convolutions, XLA's "
+        "default)", "jax",
         {"mode": "train", "dtype": "float32"}, 100),
     Row("torch-channels_last-train-f32", "torch eager, channels_last, float32",
         "torch-channels_last", {"mode": "train", "dtype": "float32"}, 15, "torch"),
@@ -95,7 +105,7 @@ ROWS = (
         "torch-channels_last", {"mode": "infer", "dtype": "bfloat16"}, 12, "torch"),
     Row("torch-nchw-infer-bf16", "torch eager inference, NCHW, bf16", "torch-nchw",
         {"mode": "infer", "dtype": "bfloat16"}, 12, "torch"),
-    Row("jax-train-bf16-b64", "batch 64 instead of 32", "jax",
+    Row("jax-train-bf16-b64", "batch {double} instead of {batch}", "jax",
         {"mode": "train", "dtype": "bfloat16", "batch_size": "double"}, 90),
     Row("jax-train-bf16-no-metrics", "--metrics none: the step without the batch's Dice, "
         "IoU and accuracy", "jax", {"mode": "train", "dtype": "bfloat16", "metrics": "none"},
@@ -142,7 +152,8 @@ def run(args) -> int:
             if why_not is None and estimate > left:
                 why_not = f"not enough time left (about {estimate:.0f} s needed, {left:.0f} s left)"
             if why_not:
-                report["left_out"].append({"id": row.id, "what": row.what, "why": why_not})
+                report["left_out"].append({"id": row.id, "what": row.describe(sizes),
+                                           "why": why_not})
                 print(f"{row.id}: left out, {why_not}", flush=True)
             else:
                 result = _measure(row, args, sizes, cache, timeout=min(left, 3 * estimate + 60))
@@ -197,7 +208,7 @@ def _measure(row: Row, args, sizes: dict, cache: str, timeout: float) -> dict:
         "overlap": 0.25, "tta": settings.get("tta", "none"),
         "remat": settings.get("remat", "none"), "metrics": settings.get("metrics", "step"),
         "compile_cache": cache})
-    result = {"id": row.id, "what": row.what, "estimate_s": row.estimate_s,
+    result = {"id": row.id, "what": row.describe(sizes), "estimate_s": row.estimate_s,
               "mode": settings["mode"], "dtype": child_args.dtype, "batch_size": batch,
               "image_size": list(sizes["image_size"])}
     start = time.perf_counter()
@@ -268,8 +279,8 @@ def markdown(report: dict) -> str:
         f"# unet-jax GPU check{' (quick: tiny sizes, code paths only)' if report['quick'] else ''}",
         "",
         f"{report['started']}; {_versions(report)}; host {report['machine']['cpu']} "
-        f"({report['machine']['cores']} cores). {h}x{w}, batch {s['batch_size']} unless "
-        f"a row says otherwise; median of {s['steps']} steps after {s['warmup']} warm-up. "
+        f"({report['machine']['cores']} cores). {h}x{w}, batch {s['batch_size']}, U-Net "
+        f"width {report['base_features']}, unless a row says otherwise; median of {s['steps']} steps after {s['warmup']} warm-up. "
         "TFLOP/s: the network's FLOPs counted from its shapes (unet_jax/flops.py); MFU: "
         "their share of the GPU's dense peak; memory: the device's peak (JAX "
         "memory_stats, torch max_memory_allocated), or the process's peak RSS (marked) "

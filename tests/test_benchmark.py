@@ -241,3 +241,20 @@ def test_a_lever_that_is_an_xla_flag_reaches_its_own_row_process_alone(monkeypat
     assert flags("jax-train-bf16-runtime-fusion") == (
         "--xla_force_host_platform_device_count=1 --xla_gpu_use_runtime_fusion=true")
     assert flags("jax-train-bf16") == "--xla_force_host_platform_device_count=1"
+
+
+def test_each_suite_row_names_the_sizes_it_runs():
+    """--quick runs the rows at 32x32 on 70x100 photos: its report said 1918x1280
+    photos, 512x512 tiles and batch 64, what the full check runs."""
+    from experiments import suite
+
+    rows = {row.id: row for row in suite.ROWS}
+    assert rows["jax-tile-hflip"].describe(suite.FULL).startswith(
+        "tiled 1918x1280 photos, 512x512 tiles")
+    assert rows["jax-train-bf16-b64"].describe(suite.FULL) == "batch 64 instead of 32"
+    assert rows["jax-tile-hflip"].describe(suite.QUICK).startswith(
+        "tiled 100x70 photos, 32x32 tiles")
+    assert rows["jax-train-bf16-b64"].describe(suite.QUICK) == "batch 4 instead of 2"
+    for row in suite.ROWS:
+        quick = row.describe(suite.QUICK)
+        assert not any(size in quick for size in ("1918", "512", "64", "{")), quick
