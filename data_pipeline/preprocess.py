@@ -4,8 +4,7 @@ An image file becomes uint8 ``(h, w, C)``: any common format and mode (RGB, gray
 palette, RGBA, 16-bit, float TIFF), RGB or luminance as the model's ``in_channels``
 asks, resized bilinearly (antialiased) to the model's size. A mask file becomes uint8
 ``(h, w, 1)`` by one rule for binary masks and one for class ids (``load_mask``),
-resized by area as the image is (``resize_labels``), so that mask and image stay
-aligned. ``to_float`` scales an image to the [0, 1] the model sees.
+resized by the area each label covers (``resize_labels``), centred as the image is. ``to_float`` scales an image to the [0, 1] the model sees.
 
 Every file is read the way photo viewers and annotation tools show it: a camera's
 EXIF orientation tag (a phone photo stored sideways with "turn 90 degrees" in its
@@ -373,38 +372,39 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
         values = values >= _half(values) if lossy or graded else values > 0
     else:
         check_class_ids(values, num_classes, path)
-    return resize_labels(values.astype(np.uint8), size)[..., None]
+    return resize_labels(values, size)[..., None]
 
 
 def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 labels (h, w) at ``size`` (height, width): each pixel takes the label that
-    covers most of it, by the image's own filter (bilinear, antialiased when
-    shrinking), and no new value appears.
+    covers most of its area, so no new value appears. ``labels``: class ids, or a
+    boolean mask.
 
     Nearest picks one source pixel per output pixel, and at an even factor (--scale
     0.5, 1024 -> 512) always the one after the middle of its block, where the image's
     filter samples the middle itself: every training mask lay half a source pixel down
     and right of its image, and the model learned to draw its masks half a pixel up
     and left of the object (about a sixth more boundary error after upsampling, on
-    ellipses at scale 0.5). A pixel covered half and half takes the higher label (the
-    object), as nnU-Net resamples its segmentations.
+    ellipses at scale 0.5). The area a label covers is centred where the image is. A
+    pixel covered half and half takes the higher label (the object), as nnU-Net
+    resamples its segmentations.
     """
     if labels.shape == tuple(size):
-        return labels
+        return labels.astype(np.uint8, copy=False)
 
-    def cover(label):  # the share of each pixel the label covers, 0..255 (8 bits: 3x
-        # faster than float)
-        plane = np.where(labels == label, np.uint8(255), np.uint8(0))
+    def cover(plane):  # bool or 0/1: the share of each pixel where it is 1, in 0..255
+        ones = plane.view(np.uint8) if plane.dtype == bool else plane.astype(np.uint8)
+        plane = ones * np.uint8(255)  # 8 bits: 3x faster than float
         return np.asarray(Image.fromarray(plane).resize(tuple(size)[::-1],
-                                                        Image.Resampling.BILINEAR))
+                                                        Image.Resampling.BOX))
 
-    if labels.max() <= 1:  # a binary mask: one plane (the other is its complement)
-        return (cover(1) >= 128).astype(np.uint8)  # 127.5, half, rounds up
+    if labels.dtype == bool or labels.max() <= 1:  # binary: one plane
+        return (cover(labels) >= 128).astype(np.uint8)  # 127.5, half, rounds up
     present = np.flatnonzero(np.bincount(labels.ravel()))  # np.unique sorts: 4x slower
     if len(present) == 1:
         return np.full(size, present[0], np.uint8)
     # argmax takes the first of equals: planes from the highest label down.
-    planes = [cover(label) for label in present[::-1]]
+    planes = [cover(labels == label) for label in present[::-1]]
     return present[::-1][np.argmax(planes, axis=0)].astype(np.uint8)
 
 

@@ -523,9 +523,8 @@ for key, value in batch.items():
 # choice for masks, nearest, keeps them binary by copying one large pixel, and when
 # the factor is even (1024 to 512) the middle of a 2x2 block lies between pixels, so it
 # always copies the one after it: every mask sits half a pixel down and right of its
-# image, and the model learns to draw its masks half a pixel up and left. Here the
-# share of each small pixel that the object covers is resized with the image's own
-# filter, and a pixel belongs to the object where that share is at least half
+# image, and the model learns to draw its masks half a pixel up and left. Here each
+# small pixel belongs to the object where the object covers at least half of its area
 # (`preprocess.resize_labels`): still binary, and centred where the image is. A disk
 # centred on a 64x64 grid, halved:
 
