@@ -4,7 +4,8 @@ An image file becomes uint8 ``(h, w, C)``: any common format and mode (RGB, gray
 palette, RGBA, 16-bit, float TIFF), RGB or luminance as the model's ``in_channels``
 asks, resized bilinearly (antialiased) to the model's size. A mask file becomes uint8
 ``(h, w, 1)`` by one rule for binary masks and one for class ids (``load_mask``),
-resized by the area each label covers (``resize_labels``), centred as the image is. ``to_float`` scales an image to the [0, 1] the model sees.
+resized by the area each label covers (``resize_labels``), centred as the image is.
+``to_float`` scales an image to the [0, 1] the model sees.
 
 Every file is read the way photo viewers and annotation tools show it: a camera's
 EXIF orientation tag (a phone photo stored sideways with "turn 90 degrees" in its

@@ -89,11 +89,9 @@ def score(predictor, pairs, skip_bad: bool) -> dict:
             if truth.shape != predicted.shape:
                 raise DataError(f"{masks[image]}: mask is {truth.shape[1]}x{truth.shape[0]} "
                                 f"but its image is {predicted.shape[1]}x{predicted.shape[0]}; "
-                                "fix or remove the pair, or pass --skip-bad")
+                                "fix or remove the pair")
         except DataError as e:
             if not skip_bad:
-                if "--skip-bad" in str(e):
-                    raise
                 raise DataError(f"{e}, or pass --skip-bad to skip such pairs") from None
             logging.getLogger(__name__).warning("skipping %s", e)
             continue

@@ -280,7 +280,8 @@ def markdown(report: dict) -> str:
         "",
         f"{report['started']}; {_versions(report)}; host {report['machine']['cpu']} "
         f"({report['machine']['cores']} cores). {h}x{w}, batch {s['batch_size']}, U-Net "
-        f"width {report['base_features']}, unless a row says otherwise; median of {s['steps']} steps after {s['warmup']} warm-up. "
+        f"width {report['base_features']}, unless a row says otherwise; median of "
+        f"{s['steps']} steps after {s['warmup']} warm-up. "
         "TFLOP/s: the network's FLOPs counted from its shapes (unet_jax/flops.py); MFU: "
         "their share of the GPU's dense peak; memory: the device's peak (JAX "
         "memory_stats, torch max_memory_allocated), or the process's peak RSS (marked) "

@@ -67,6 +67,10 @@ class _Manager(ocp.CheckpointManager):
 
     deletes = False  # a read-only manager never removes anything
 
+    def __init__(self, *args, **kwargs):
+        self._warned = set()  # steps named by _unscored: orbax asks more than once
+        super().__init__(*args, **kwargs)  # which reads every checkpoint's scores
+
     def metrics(self, step: int) -> dict | None:
         """The validation scores saved with checkpoint ``step``; None, with a warning,
         when their file is missing, damaged or holds no usable ``val_dice``.
@@ -91,9 +95,8 @@ class _Manager(ocp.CheckpointManager):
         return metrics
 
     def _unscored(self, step: int, problem: str) -> None:
-        warned = self.__dict__.setdefault("_warned", set())  # orbax asks more than once
-        if step not in warned:
-            warned.add(step)
+        if step not in self._warned:
+            self._warned.add(step)
             log.warning("%s: %s; it ranks last for 'best'",
                         Path(self.directory) / str(step) / "metrics", problem)
 
