@@ -23,6 +23,7 @@ python -m experiments.train --platform cpu --preset full      # the guide's full
 python -m experiments.train --platform gpu --data-dir ~/carvana --preset seed-gpu
 python -m experiments.train --data-dir ~/carvana --preset seed-cpu --epochs 3
 python -m experiments.train --workdir runs/my-run --resume --epochs 20   # continue a run
+python -m experiments.train --data-dir ~/my-data --preset full --init-from runs/carvana --lr 1e-4
 python -m experiments.train --data-dir ~/carvana --preset full --schedule cosine --warmup-epochs 1 --ema 0.999
 """
 

@@ -4,12 +4,13 @@ Read the modules in this order to learn the architecture and its training:
 ``models`` (DoubleConv, DownSample, UpSample, UNet, and the options' AttentionGate
 and SeparableConv), ``losses``, ``metrics``, ``train`` (state and jit-compiled
 steps), ``trainer`` (``train_and_evaluate``: the whole training loop),
-``checkpoints``, ``config`` and ``configs`` (a run's settings and the named presets),
-``tiling`` (overlap-tile prediction at full resolution, test-time flips),
-``prediction`` (how a run predicts, as one jitted program per image size),
-``inference`` (masks for image files), ``export`` (ONNX, SavedModel, TFLite and
-StableHLO files), ``torch_import``. ``cpu_kernels`` holds the faster CPU backward
-passes that ``train.create_model`` swaps in on a CPU.
+``checkpoints``, ``finetune`` (a run started from another's weights), ``config`` and
+``configs`` (a run's settings and the named presets), ``tiling`` (overlap-tile
+prediction at full resolution, test-time flips), ``prediction`` (how a run predicts,
+as one jitted program per image size), ``inference`` (masks for image files),
+``export`` (ONNX, SavedModel, TFLite and StableHLO files), ``torch_import``.
+``cpu_kernels`` holds the faster CPU backward passes that ``train.create_model``
+swaps in on a CPU.
 
 Importing the package changes nothing in the process; call ``setup_platform`` first
 to choose the platform and the CPU's XLA settings.

@@ -402,7 +402,8 @@ def restore_latest_intact(manager: ocp.CheckpointManager, state: TrainState,
             f"--resume: {Path(manager.directory).parent} holds weights alone (imported, "
             "or saved by save_params), without the optimizer state a training run "
             "continues from; predict, evaluate and export use them as they are, and "
-            "training starts a new run in another --workdir")
+            f"a new run in another --workdir trains on from them with --init-from "
+            f"{Path(manager.directory).parent}")
     raise CheckpointError(f"--resume: every checkpoint in {manager.directory} is damaged "
                           f"(epochs {', '.join(map(str, sorted(damaged)))}); start a new "
                           "run in another --workdir")

@@ -139,6 +139,13 @@ class Config:
     batch_size: int = _field(8, "global batch size, split over all devices")
     epochs: int = _field(12, "total epochs; with --resume a larger value extends the run")
     seed: int = _field(42, "seed for initialisation, split, order and augmentation")
+    init_from: Optional[str] = _field(
+        None, "fine-tune: start from the weights another run is used by (its best "
+        "checkpoint; an --ema run's averaged weights), e.g. a Carvana run for your own "
+        "data or the guide's weights from experiments.import_torch, instead of a random "
+        "start; the U-Net's width, depth and variant must match; a different "
+        "--num-classes starts a new head, and --in-channels 1 from an RGB run sums the "
+        "first layer's colour weights", metavar="RUN")
 
     # Prediction: how validation during training and, by default, predict, evaluate
     # and submit predict this run's masks (their --tile, --overlap, --tta override it).
@@ -167,8 +174,9 @@ class Config:
             self.augment = parse_augment(self.augment)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.data_dir is not None:
-            self.data_dir = str(Path(self.data_dir).expanduser().resolve())
+        for name in ("data_dir", "init_from"):  # absolute: config.json must still find it
+            if getattr(self, name) is not None:
+                setattr(self, name, str(Path(getattr(self, name)).expanduser().resolve()))
         for name in ("batch_size", "epochs", "base_features", "depth", "num_classes",
                      "keep_checkpoints"):
             value = getattr(self, name)

@@ -43,7 +43,7 @@ import jax
 import numpy as np
 
 import data_pipeline
-from unet_jax import checkpoints, compile_cache, optim, parallel, report, rundir
+from unet_jax import checkpoints, compile_cache, finetune, optim, parallel, report, rundir
 from unet_jax.config import Config, ConfigError, as_flag, flag, shown
 from unet_jax.prediction import PredictionMode, predict_batch
 from unet_jax.train import (create_train_state, eval_step, loss_spec, merge_sums,
@@ -156,6 +156,8 @@ def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
     refused, naming the flag."""
     rundir.check_start(workdir, resume)
     if not resume:
+        if config.init_from:  # a wrong source stops the run before its data is read
+            finetune.check_source(config, workdir)
         return
     config_file = workdir / "config.json"
     saved = Config.load(config_file)
@@ -218,11 +220,15 @@ def build_data(config: Config, workdir: Path, resume: bool):
 
 def restore_or_init(config: Config, workdir: Path, resume: bool, mesh, log,
                     steps_per_epoch: int):
-    """(state, checkpoint manager, history): a new state from ``config.seed``, or on
-    resume the newest intact checkpoint's state and the metrics of its epochs. The
+    """(state, checkpoint manager, history): a new state from ``config.seed`` (with
+    ``config.init_from``, another run's weights: ``finetune``), or on resume the
+    newest intact checkpoint's state and the metrics of its epochs. The
     learning-rate schedule is laid out over ``steps_per_epoch`` updates per epoch."""
-    state = parallel.replicate(create_train_state(jax.random.key(config.seed), config,
-                                                  steps_per_epoch=steps_per_epoch), mesh)
+    state = create_train_state(jax.random.key(config.seed), config,
+                               steps_per_epoch=steps_per_epoch)
+    if config.init_from and not resume:
+        state = finetune.start_from(state, config, log)
+    state = parallel.replicate(state, mesh)
     manager = checkpoints.checkpoint_manager(workdir, keep=config.keep_checkpoints)
     if not resume:
         return state, manager, []
