@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from unet_jax import config as config_lib, configs
@@ -26,6 +27,17 @@ def test_values_are_normalised_so_equal_runs_compare_equal(tmp_path):
     c = Config(data_dir=str(tmp_path / "x" / ".." / "d"))
     assert a == b == c and Path(a.data_dir).is_absolute()
     assert Config.from_dict({**a.to_dict(), "device_count": 8}) == a
+    # numpy's integers are whole numbers: an array, or a value from np.arange.
+    assert Config(image_size=np.array([32, 48])).image_size == (32, 48)
+    assert Config(image_size=(np.int64(32), 48), crop=np.int64(16)).crop == (16, 16)
+    assert type(Config(image_size=np.int64(32)).image_size[0]) is int  # JSON writes it
+
+
+def test_a_misspelt_setting_is_refused_not_dropped():
+    """from_dict dropped keys it did not know: base_feature=8 trained the default 64."""
+    with pytest.raises(ConfigError, match=r"^unknown setting\(s\) base_feature, epoch: not "
+                       r"fields of unet_jax.Config \(misspelt"):
+        Config.from_dict({"base_feature": 8, "epoch": 3, "backend": "cpu"})
 
 
 def test_round_trip_through_json(tmp_path):

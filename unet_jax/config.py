@@ -19,7 +19,9 @@ import argparse
 import dataclasses
 import json
 import math
+import numbers
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +37,10 @@ MAX_OVERLAP = 0.75  # tiled prediction: at most 16 model calls per pixel
 KERNELS = ("auto", "stock")
 PLATEAU_PATIENCE = 3
 PLATEAU_FACTOR = 0.5
+
+
+# What config.json records beside the settings (trainer.write_run_files).
+RECORDED = frozenset({"device_count", "process_count", "backend"})
 
 
 class ConfigError(ValueError):
@@ -323,9 +329,16 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        """Builds a Config from a dict, ignoring keys this version does not know
-        (``config.json`` also records the devices a run used)."""
+        """Builds a Config from a dict: its settings, and what ``config.json`` records
+        beside them (the devices a run used). Any other key is refused rather than
+        dropped: a misspelt setting would leave its default without a word, and a
+        setting of a newer unet-jax might change what the run's weights mean."""
         names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names - RECORDED)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(map(str, unknown))}: not "
+                              "fields of unet_jax.Config (misspelt, or from a newer "
+                              "unet-jax: upgrade it)")
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
@@ -354,11 +367,14 @@ def normalize_image_size(value, depth, flag_name: str = "--image-size") -> tuple
     """(height, width) from one number or two, checked against the U-Net's depth."""
     from unet_jax.models import check_input_size
 
-    sizes = [value] if isinstance(value, int) else list(value)
-    if len(sizes) not in (1, 2) or not all(isinstance(s, int) for s in sizes):
+    # numpy's integers (from an array, a loop over np.arange) are whole numbers too.
+    many = isinstance(value, Iterable) and not isinstance(value, str)
+    sizes = list(value) if many else [value]
+    if len(sizes) not in (1, 2) or not all(isinstance(s, numbers.Integral)
+                                           and not isinstance(s, bool) for s in sizes):
         raise ConfigError(f"{flag_name} {' '.join(map(str, sizes))}: give one or two whole "
                           "numbers, H [W]")
-    height, width = sizes * 2 if len(sizes) == 1 else sizes
+    height, width = (int(s) for s in (sizes * 2 if len(sizes) == 1 else sizes))
     if height <= 0 or width <= 0:
         raise ConfigError(f"{flag_name} {height} {width}: sizes must be positive")
     if isinstance(depth, int) and depth >= 1:
