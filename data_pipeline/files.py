@@ -356,8 +356,9 @@ def check_crop_fits(pairs, crop: tuple[int, int], scale: float, multiple: int = 
                 for size, side in zip((height, width), crop)]
         lower = (f" or lower --crop to at most {fits[0]} {fits[1]}" if min(fits) > 0 else
                  "")
-        raise DataError(f"{image} is {width}x{height} at --scale {scale}, smaller than "
-                        f"--crop {crop[0]} {crop[1]}; raise --scale{lower}")
+        # Height x width, as --crop H W takes them (a photo's own size reads W x H).
+        raise DataError(f"{image} is {height}x{width} (height x width) at --scale {scale}, "
+                        f"smaller than --crop {crop[0]} {crop[1]}; raise --scale{lower}")
 
 
 def find_images(path, *, skip_bad: bool = False, by_stem: bool = True) -> list[Path]:

@@ -91,7 +91,7 @@ class InputPipeline:
       num_classes: 1 for binary masks (foreground by ``preprocess.load_mask``'s rule);
         more keeps the masks' integer class ids.
       max_value: the value of 16-bit and float images that becomes 255 (4095 for 12-bit
-        data); 0 for the rule of the file's type (``preprocess._to_8_bits``).
+        data); 0 for the rule of the file's type (``preprocess.eight_bits``).
 
     Batches are dicts of numpy arrays: ``image`` (B, h, w, C) float32 in [0, 1] and
     ``mask`` (B, h, w, 1) float32, and for evaluation ``valid`` (B,) bool.

@@ -165,8 +165,47 @@ def open_image(path):
         raise DataError(f"{path} cannot be decoded (not an image, or a format Pillow does "
                         "not read); fix or remove the file") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's decode errors
+        if os.path.isdir(path):
+            raise DataError(f"{path} is a folder, not an image: pass the image files in "
+                            "it (data_pipeline.find_images lists them)") from None
         what = " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{path} cannot be decoded ({what}); fix or remove the file") from None
+
+
+IN_MEMORY = "the in-memory image"  # what messages call an array or a Pillow image
+
+
+@contextlib.contextmanager
+def opened(source, max_value: float = 0.0):
+    """A Pillow image of ``source``: an image file (``open_image``), a Pillow image, or
+    a numpy array (``from_array``), so that images a program holds in memory are read
+    by the very rules files are."""
+    if isinstance(source, Image.Image):
+        yield source
+    elif isinstance(source, np.ndarray):
+        yield from_array(source, max_value)
+    else:
+        with open_image(source) as img:
+            yield img
+
+
+def from_array(array: np.ndarray, max_value: float = 0.0) -> Image.Image:
+    """A Pillow image of a numpy array (height, width), (height, width, 1), 3 (RGB) or
+    4 (RGBA) channels: uint8 as it is; 16-bit, 32-bit and float values brought to 8
+    bits by the rule for such files (``eight_bits``)."""
+    values = array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
+    if not (values.ndim == 2 or (values.ndim == 3 and values.shape[-1] in (3, 4))) or (
+            0 in values.shape):
+        raise DataError(f"{IN_MEMORY} has shape {array.shape}: give (height, width) or "
+                        "(height, width, channels) with 1, 3 or 4 channels")
+    if values.dtype == bool or not (np.issubdtype(values.dtype, np.integer)
+                                    or np.issubdtype(values.dtype, np.floating)):
+        raise DataError(f"{IN_MEMORY} is {values.dtype}: give uint8, 16-bit or float values")
+    if values.dtype != np.uint8:
+        kind = ("float" if np.issubdtype(values.dtype, np.floating) else
+                "16-bit" if values.dtype.itemsize == 2 else "int")
+        values = eight_bits(values.astype(np.float32), kind, IN_MEMORY, max_value)
+    return Image.fromarray(np.ascontiguousarray(values))
 
 
 # EXIF orientation (tag 274) -> the transpose that shows the image upright; 5 to 8
@@ -229,8 +268,10 @@ def upright(img: Image.Image) -> Image.Image:
 
 def image_size_of(path) -> tuple[int, int]:
     """(height, width) of an image file as shown (its EXIF orientation applied), from
-    its header alone (nothing is decoded)."""
-    with open_image(path) as img:
+    its header alone (nothing is decoded); of an in-memory image (``opened``), too."""
+    if isinstance(path, np.ndarray):
+        return tuple(path.shape[:2])
+    with opened(path) as img:
         return shown_size(img)
 
 
@@ -259,10 +300,17 @@ narrow_warned = False  # set once the first dark 16-bit or float image was named
 
 
 def _to_8_bits(img: Image.Image, path, max_value: float = 0.0) -> Image.Image:
-    """A 16-bit, 32-bit or float grayscale image as 8-bit ('L').
+    """A 16-bit, 32-bit or float grayscale image as 8-bit ('L') (``eight_bits``)."""
+    kind = "float" if img.mode == "F" else "16-bit" if img.mode.startswith("I;16") else "int"
+    return Image.fromarray(eight_bits(np.asarray(img, np.float32), kind, path, max_value))
+
+
+def eight_bits(values: np.ndarray, kind: str, path, max_value: float = 0.0) -> np.ndarray:
+    """uint8 of the values of a 16-bit, 32-bit integer or float image (``kind``
+    '16-bit', 'int' or 'float'), ``path`` naming it in the warning below.
 
     With ``max_value`` (``--max-value``), that value becomes 255 in every such file:
-    4095 for a 12-bit camera or scanner. Without it, 16-bit modes are scaled by their
+    4095 for a 12-bit camera or scanner. Without it, 16-bit images are scaled by their
     range (65535 -> 255), whatever the image holds, so that every image of a dataset
     is scaled alike; 32-bit integer and float images say nothing of their range:
     float values up to 1 are taken as [0, 1], integers over 255 as 16-bit, anything
@@ -271,24 +319,23 @@ def _to_8_bits(img: Image.Image, path, max_value: float = 0.0) -> Image.Image:
     a dark 16-bit image, so the first such file is named, with the flag that fixes it.
     """
     global narrow_warned
-    values = np.asarray(img, np.float32)
     top = float(values.max()) if values.size else 0.0
     if max_value:
         values = values * np.float32(255 / max_value)
-    elif img.mode == "F" and top <= 1:
+    elif kind == "float" and top <= 1:
         values = values * 255
-    elif img.mode.startswith("I;16") or top > 255:
+    elif kind == "16-bit" or top > 255:
         if top < 4096 and not narrow_warned:
             narrow_warned = True
-            kind = "float" if img.mode == "F" else "16-bit"
             bits = max(int(top).bit_length(), 9)
             log.warning("%s is a %s image whose values stay below %d: scaled from 65535 "
                         "to 255 it keeps %d grey levels, nearly black; if your data has "
                         "%d bits, pass --max-value %d to train (predict reads it from the "
-                        "run), or window the images to 8 bits first", path, kind,
+                        "run), or window the images to 8 bits first", path,
+                        "float" if kind == "float" else "16-bit",
                         int(top) + 1, int(np.rint(top / 257)) + 1, bits, 2 ** bits - 1)
         values = values / 257
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
 def load_image(path, image_size=None, in_channels: int = 3,
@@ -296,6 +343,8 @@ def load_image(path, image_size=None, in_channels: int = 3,
                max_value: float = 0.0) -> np.ndarray:
     """uint8 (h, w, in_channels) of an image file of any common format and mode, at
     ``image_size`` (height, width), or at its own size times ``scale`` if None.
+    ``path`` may also be an image in memory, a Pillow image or a numpy array
+    (``opened``), read by the same rules.
 
     Grayscale, palette, CMYK and RGBA images become RGB (alpha is dropped) for 3
     channels; anything becomes luminance for 1. 16-bit and float images are scaled to
@@ -315,14 +364,15 @@ def load_image(path, image_size=None, in_channels: int = 3,
         raise ValueError(f"image_size {image_size!r}: give (height, width), two whole "
                          "numbers over 0")
     mode = "RGB" if in_channels == 3 else "L"
-    with open_image(path) as img:
+    with opened(path, max_value) as img:
         height, width = image_size or scaled_size(shown_size(img), scale)
         if image_size or scale != 1:
             # Never below the target size; the decoder scales the image as stored.
             img.draft(mode, (height, width) if orientation(img) >= 5 else (width, height))
         img = upright(img)
         if img.mode in _WIDE_MODES:
-            img = _to_8_bits(img, path, max_value)
+            img = _to_8_bits(img, path if isinstance(path, (str, os.PathLike)) else
+                             IN_MEMORY, max_value)
         elif img.mode == "P":
             img = img.convert("RGBA")  # applies the palette, transparency included
         img = img.convert(mode)

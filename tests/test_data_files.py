@@ -449,8 +449,8 @@ def test_a_crop_is_checked_against_each_side_of_the_smallest_image(tmp_path):
     pairs = dp.find_pairs(own_dir(tmp_path / "own", n=2))  # W x H images
     dp.check_crop_fits(pairs, (H, W), 1.0)
     for crop in ((H + 8, 16), (16, W + 8)):  # too tall alone, too wide alone
-        with pytest.raises(dp.DataError, match=f"is {W}x{H} at --scale 1.0, smaller than "
-                                               f"--crop {crop[0]} {crop[1]}"):
+        with pytest.raises(dp.DataError, match=rf"is {H}x{W} \(height x width\) at --scale "
+                                               f"1.0, smaller than --crop {crop[0]} {crop[1]}"):
             dp.check_crop_fits(pairs, crop, 1.0)
     # The crop offered is one the U-Net takes: a multiple of 2**depth.
     with pytest.raises(dp.DataError, match=f"or lower --crop to at most {H} 16$"):

@@ -78,8 +78,10 @@ class Predictor:
         return self.mode.describe()
 
     def decode(self, path) -> np.ndarray:
-        """uint8 (h, w, C) of an image file as the model sees it: resized to the
-        training size, or at its own size times the training scale."""
+        """uint8 (h, w, C) of an image as the model sees it: resized to the training
+        size, or at its own size times the training scale. ``path`` is an image file,
+        or an image in memory: a Pillow image or a numpy array (H, W), (H, W, 1), 3 or
+        4 channels, uint8, 16-bit or floats in [0, 1] (``preprocess.opened``)."""
         c = self.config
         if self.mode.how == "resize":
             return preprocess.load_image(path, c.image_size, c.in_channels,
@@ -98,6 +100,12 @@ class Predictor:
                         "without --tile, or train with --crop (and --scale) for tiles",
                         *c.image_size, path, *image.shape[:2], *c.image_size)
         return image
+
+    def predict(self, image) -> np.ndarray:
+        """The mask of one image (a file, a Pillow image or a numpy array, as
+        ``decode`` takes) at its own size: bool (H, W) for one class, else uint8 class
+        ids. ``predict_files`` does the same for many files, a batch at a time."""
+        return self.masks([self.decode(image)], [preprocess.image_size_of(image)])[0]
 
     def model_input(self, path) -> np.ndarray:
         """What the model sees for an image file: (h, w, C) float32 in [0, 1], the very
@@ -134,12 +142,23 @@ class Predictor:
         if len(sizes) != len(inputs):
             raise ValueError(f"{len(inputs)} images but {len(sizes)} sizes: give each "
                              "image the (height, width) to predict its mask at")
+        for i, size in enumerate(sizes):
+            if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(
+                    isinstance(n, numbers.Integral) and n > 0 for n in size)):
+                raise ValueError(f"size {i} is {size!r}: give the (height, width) to "
+                                 "predict the mask at, two whole numbers over 0")
         channels = self.config.in_channels
         for i, x in enumerate(inputs):
             x = np.asarray(x)
             if x.ndim != 3 or x.shape[-1] != channels:
                 raise ValueError(f"image {i} has shape {x.shape}; the run takes (height, "
                                  f"width, {channels}) arrays, as decode() makes of a file")
+            if self.mode.how == "resize" and x.shape[:2] != tuple(self.config.image_size):
+                # The model would run at the wrong scale, and answer worse without a word.
+                raise ValueError(
+                    f"image {i} is {x.shape[0]}x{x.shape[1]}, but this run predicts images "
+                    f"resized to {self.config.image_size[0]}x{self.config.image_size[1]}: "
+                    "pass decode(image), which resizes, or use predict(image)")
             if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
                 raise ValueError(f"image {i} is {x.dtype}: give uint8 (0..255, as decode() "
                                  "makes) or floats in [0, 1] (as model_input() makes)")

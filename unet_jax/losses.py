@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from unet_jax.metrics import checked_masks
+
 LOSSES = ("bce", "dice", "bce_dice", "focal", "tversky")
 
 # Smoothing for the soft Dice: keeps the ratio defined for an empty mask and an empty
@@ -174,6 +176,7 @@ def tversky_loss(logits, masks, alpha: float = TVERSKY_ALPHA, beta: float | None
 def per_image_loss(loss: str | LossSpec, logits, masks):
     """The loss ``loss`` (one of LOSSES, or a LossSpec) for each image, shape (N,)."""
     spec = LossSpec(loss) if isinstance(loss, str) else loss
+    masks = checked_masks(logits, masks)
     if spec.name == "bce":
         return cross_entropy(logits, masks)
     if spec.name == "dice":

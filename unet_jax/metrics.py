@@ -39,6 +39,19 @@ def predicted_classes(logits):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
+def checked_masks(logits, masks):
+    """``masks`` once they fit ``logits`` (N, H, W, C): (N, H, W, 1), bool made float.
+    The slips of a hand-made batch (no channel axis, another size) are named in one
+    line, not left to a broadcasting error deep inside JAX; checked as the step is
+    traced, so they cost nothing per step."""
+    want = (*logits.shape[:-1], 1)
+    if tuple(masks.shape) != want:
+        raise ValueError(f"masks have shape {tuple(masks.shape)}; logits of shape "
+                         f"{tuple(logits.shape)} need masks of shape {want}: (N, H, W, 1) "
+                         "at the images' size (mask[..., None] adds the channel axis)")
+    return masks.astype(jnp.float32) if masks.dtype == bool else masks
+
+
 def true_classes(masks):
     """Class ids (N, H, W) int32 of masks (N, H, W, 1) holding {0, 1} or class ids."""
     return jnp.round(masks[..., 0]).astype(jnp.int32)
@@ -55,6 +68,9 @@ def segmentation_scores(pred, true, num_classes: int) -> dict:
     {0, 1}.
     """
     pred, true = jnp.asarray(pred), jnp.asarray(true)
+    if pred.ndim != 3 or pred.shape != true.shape:
+        raise ValueError(f"class maps of shapes {pred.shape} and {true.shape}: give two "
+                         "(N, H, W) maps of one shape (a single image as image[None])")
     classes = jnp.arange(1, max(num_classes, 2))
     p = pred[..., None] == classes  # (N, H, W, K)
     t = true[..., None] == classes
@@ -99,5 +115,6 @@ def means(sums: dict) -> dict:
 
 def segmentation_metrics(logits, masks) -> dict:
     """``segmentation_scores`` of the model's logits (N, H, W, C) against masks (N, H, W, 1)."""
+    masks = checked_masks(logits, masks)
     return segmentation_scores(predicted_classes(logits), true_classes(masks),
                                logits.shape[-1])

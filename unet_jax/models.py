@@ -370,6 +370,9 @@ class UNet(nn.Module):
     def __call__(self, x):
         if x.ndim != 4:
             raise ValueError(f"expected an NHWC batch of rank 4, got shape {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):  # 0..255 would saturate every ReLU
+            raise TypeError(f"images are {x.dtype}: the U-Net takes floats in [0, 1]; "
+                            "divide 0..255 values by 255 (data_pipeline.to_float)")
         if self.attention and not self.skip_connections:
             raise ValueError("attention gates weigh the skip connections: they need "
                              "skip_connections=True")
