@@ -174,7 +174,7 @@ def test_a_bfloat16_run_exports_in_float32_or_on_request_in_bfloat16(run_dir, tm
     # export_params compares the bfloat16 export with JAX's bfloat16 model itself
     # (bfloat16 convolutions compile slowly on a CPU: no more of them here).
     check = export.export_params(params, trained_in_bf16, "stablehlo", tmp_path / "bf16",
-                                 dtype="bfloat16")
+                                 dtype="bfloat16")["parity"]
     assert check["max_abs_diff"] <= check["tolerance"]
     bf16 = export.load(tmp_path / "bf16", "stablehlo")(images)
     assert bf16.dtype == np.float32  # logits in float32, computed in bfloat16:
@@ -201,9 +201,12 @@ def test_the_sidecar_holds_the_runs_prediction_settings(exported, run_dir):
     assert (tiles["mode"], tiles["tile"], tiles["scale"], tiles["tta"]) == (
         "whole", [32, 32], 0.5, "hflip")
     for step in ("EXIF orientation", "resized by scale 0.5", "tiles of 32x32",
-                 "with tta hflip", "turned into probabilities"):
+                 "mode 'symmetric'", "on the image mirrored left to right too",
+                 "turned into probabilities"):
         assert step in tiles["how"], step
-    assert "EXIF" in settings["how"] and "tta" not in settings["how"]  # the run's own: none
+    # The views are averaged at the model's size, before the logits are resized back.
+    assert tiles["how"].index("averaged") < tiles["how"].index("resized to the image's")
+    assert "EXIF" in settings["how"] and "mirrored" not in settings["how"]  # no tta
 
 
 def readme_example() -> str:
@@ -260,14 +263,18 @@ def test_the_readme_onnx_example_gives_predicts_mask(request, run_dir, tmp_path,
         assert np.array_equal(mask, expected)
 
 
-def test_the_readme_onnx_example_refuses_a_crop_runs_export(exported, tmp_path):
-    """Resizing is how a run trained on whole images predicts; a crop run's export
-    says so instead of giving other masks than predict."""
+@pytest.mark.parametrize("change", [{"mode": "whole"}, {"tta": "hflip"},
+                                    {"num_classes": 3}])
+def test_the_readme_onnx_example_refuses_what_it_does_not_do(exported, tmp_path, change):
+    """The example resizes, runs one view and thresholds one class: a crop run's
+    export (whole images), a run with test-time flips, or one of several classes
+    (where it failed comparing with the null threshold) is refused, not given other
+    masks than predict."""
     needs("onnx")
     for name in ("unet.onnx", "unet.onnx.json"):
         (tmp_path / name).write_bytes((exported["onnx"].parent / name).read_bytes())
     sidecar = json.loads((tmp_path / "unet.onnx.json").read_text())
-    sidecar["prediction"]["mode"] = "whole"
+    sidecar["prediction"].update(change)
     (tmp_path / "unet.onnx.json").write_text(json.dumps(sidecar))
     result = subprocess.run([sys.executable, "-c", readme_example()], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
@@ -363,27 +370,74 @@ def test_an_output_that_is_a_directory_is_one_line(run_dir, tmp_path):
 
 def test_a_savedmodel_replaces_an_older_one_and_nothing_else(exported, reference, run_dir,
                                                              tmp_path):
-    """A SavedModel is a directory: exporting again over one replaces it whole, but a
-    directory of other files, or a file, is never removed to make room."""
+    """A SavedModel is a directory: exporting again over an earlier export replaces it
+    whole, but a directory of other files, an export with files of the user's added,
+    or a file, is never removed to make room."""
     import shutil
 
     old = tmp_path / "unet_savedmodel"
-    shutil.copytree(exported["savedmodel"], old)
-    (old / "stale.txt").write_text("from the older export")
     export.export_params(run_dir[1], CONFIG, "savedmodel", old)
-    assert (old / "saved_model.pb").is_file() and not (old / "stale.txt").exists()
+    export.export_params(run_dir[1], CONFIG, "savedmodel", old)  # its own: replaced
     assert_matches(export.load(old, "savedmodel"), *reference)
-    assert [p.name for p in tmp_path.iterdir()] == ["unet_savedmodel"]  # no staging left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet_savedmodel",
+                                                          "unet_savedmodel.json"]
+    (old / "NOTES.txt").write_text("keep")
+    with pytest.raises(ExportError, match=r"unet_savedmodel holds NOTES\.txt, which an "
+                       r"export does not write and replacing it would delete; move them"):
+        export.export_params(run_dir[1], CONFIG, "savedmodel", old)
+    copied = tmp_path / "copied"  # an export without its settings file: not known as one
+    shutil.copytree(exported["savedmodel"], copied)
     other = tmp_path / "results"
     other.mkdir()
     (other / "notes.txt").write_text("keep")
-    with pytest.raises(ExportError, match=r"results holds other files; give a new directory"):
-        export.export_params(run_dir[1], CONFIG, "savedmodel", other)
+    for path in (copied, other):
+        with pytest.raises(ExportError, match=rf"{path.name} exists and is not an earlier "
+                           rf"export \(no {path.name}\.json beside it says so\)"):
+            export.export_params(run_dir[1], CONFIG, "savedmodel", path)
     a_file = tmp_path / "unet.pb"
     a_file.write_text("keep")
     with pytest.raises(ExportError, match=r"unet\.pb is a file; a SavedModel is a directory"):
         export.export_params(run_dir[1], CONFIG, "savedmodel", a_file)
     assert (other / "notes.txt").read_text() == a_file.read_text() == "keep"
+    assert (old / "NOTES.txt").read_text() == "keep" and (copied / "saved_model.pb").is_file()
+
+
+def test_an_export_never_replaces_a_file_it_did_not_write(run_dir, tmp_path, monkeypatch):
+    """--output RUN/config.json wrote the model over the run's settings (and
+    --output RUN/config the settings file over it); --output . emptied the folder the
+    command ran in; a link to a SavedModel failed after the whole conversion."""
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(run_dir[0], run)
+    settings = (run / "config.json").read_text()
+    with pytest.raises(ExportError, match=r"config\.json exists and is not an earlier export"):
+        export.export_params(run_dir[1], CONFIG, "stablehlo", run / "config.json")
+    with pytest.raises(ExportError, match=r"config\.json exists and is not the settings "
+                       r"file of an export of that name"):
+        export.export_params(run_dir[1], CONFIG, "savedmodel", run / "config")
+    assert (run / "config.json").read_text() == settings and not (run / "config").exists()
+    monkeypatch.chdir(run)
+    with pytest.raises(ExportError, match=r"^--output \. is the folder this command runs in"):
+        export.export_params(run_dir[1], CONFIG, "savedmodel", ".")
+    (tmp_path / "link").symlink_to(run)
+    with pytest.raises(ExportError, match=r"link is a symbolic link \(to .*run\); give the "
+                       r"path itself"):
+        export.export_params(run_dir[1], CONFIG, "savedmodel", tmp_path / "link")
+    with pytest.raises(ExportError, match=r"x\.onnx ends in \.onnx, the onnx format's name, "
+                       r"for a tflite export: pass --format onnx, or name it x\.tflite$"):
+        export.export_params(run_dir[1], CONFIG, "tflite", tmp_path / "x.onnx")
+    with pytest.raises(ExportError, match=r"run/config\.json is a file, not a folder"):
+        export.export_params(run_dir[1], CONFIG, "tflite", run / "config.json" / "x.tflite")
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in run_dir[0].iterdir())
+    # A name as long as its settings file's allows leaves room for the staging files.
+    long = tmp_path / ("u" * 240 + ".jaxexport")
+    export.export_params(run_dir[1], CONFIG, "stablehlo", long)
+    assert long.is_file() and export.read_sidecar(long)["file"] == long.name
+    with pytest.raises(ExportError, match=r"its settings file's name, u+\.\.\. \(256 "
+                       r"bytes\), is longer than a file name may be \(255\)"):
+        export.export_params(run_dir[1], CONFIG, "stablehlo", tmp_path / ("u" * 241 + ".jaxexport"))
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
 def test_the_command_prints_no_tensorflow_start_up_notes(run_dir, tmp_path):

@@ -72,7 +72,7 @@ def prediction_settings(config) -> dict:
 
     ``resize`` (runs trained on whole images): resize the image to ``image_size``,
     one call, resize the logits back. ``whole`` (runs trained on crops): the whole
-    image at its own size times ``scale``, mirror-padded to a multiple of
+    image at its own size times ``scale``, mirror-padded (symmetric) to a multiple of
     ``size_multiple``, in one call; where that pass would not fit in memory, tiles of
     ``tile`` with ``overlap``, blended. A binary model's mask is ``logits >
     threshold`` (0: probability 0.5); with several classes, the argmax.
@@ -89,21 +89,24 @@ def prediction_settings(config) -> dict:
              "(a JPEG decoded with its own downscaling by 1/2, 1/4 or 1/8 where the "
              f"result stays at least the target size), {values} / 255 ({wide}, rounded "
              "and clipped to 0..255)")
-    if mode.how == "resize":
-        how = (f"{first}; resized to {c.image_size[0]}x{c.image_size[1]} (bilinear); "
-               "logits resized back to the image's size (bilinear)")
-    else:
-        how = (f"{first}; resized by scale {c.scale} (bilinear); the whole image, its "
-               f"bottom and right mirror-padded to a multiple of {mode.multiple}, or, "
-               f"where that does not fit in memory, tiles of {c.tile[0]}x{c.tile[1]} "
-               f"overlapping by {c.overlap}, blended with Gaussian weights; logits cut "
-               "back and resized to the image's size (bilinear)")
     views = {"hflip": "the image mirrored left to right",
              "flips": "the image mirrored left to right, upside down, and both"}
-    if c.tta in views:
-        how += (f"; with tta {c.tta}, the same for {views[c.tta]}, each view's logits "
-                "mirrored back, turned into probabilities (sigmoid, or softmax for "
-                "several classes) and averaged")
+    call = "the model"
+    if c.tta in views:  # every model call averages its views, before any resizing back
+        call = (f"the model, on {views[c.tta]} too (each view's logits mirrored back, "
+                "turned into probabilities, sigmoid or softmax for several classes, "
+                "averaged, and turned back into logits: log(p / (1 - p)), or log p)")
+    if mode.how == "resize":
+        how = (f"{first}; resized to {c.image_size[0]}x{c.image_size[1]} (bilinear); "
+               f"{call}; logits resized back to the image's size (bilinear)")
+    else:
+        how = (f"{first}; resized by scale {c.scale} (bilinear); the whole image, its "
+               f"bottom and right padded to a multiple of {mode.multiple} by mirroring "
+               "with the edge pixel repeated (numpy's pad mode 'symmetric'), through "
+               f"{call}; or, where that does not fit in memory, tiles of "
+               f"{c.tile[0]}x{c.tile[1]} overlapping by {c.overlap}, each through the "
+               "same, blended with Gaussian weights; logits cut back and resized to the "
+               "image's size (bilinear)")
     return {"mode": mode.how, "how": how,
             "image_size": list(c.image_size), "crop": list(c.crop) if c.crop else None,
             "tile": list(c.tile), "scale": c.scale, "overlap": c.overlap, "tta": c.tta,
@@ -180,8 +183,10 @@ def _write_savedmodel(fn, config, path: Path) -> None:
 def _to_tflite(fn, config) -> bytes:
     tf = tensorflow()
 
-    concrete = _tf_function(fn, config, ("cpu",)).get_concrete_function()
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
+    module = tf.Module()  # with it, the model keeps its signature: image -> logits
+    module.serve = _tf_function(fn, config, ("cpu",))
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [module.serve.get_concrete_function()], module)
     try:
         return converter.convert()
     except Exception as e:  # noqa: BLE001 (the converter raises its own ConverterError)
@@ -322,18 +327,9 @@ def _tflite_runner(path: Path):
     with warnings.catch_warnings():  # tf.lite.Interpreter's notice of ai_edge_litert
         warnings.simplefilter("ignore")
         interpreter = tf.lite.Interpreter(model_path=str(path))
-    index_in = interpreter.get_input_details()[0]["index"]
-    index_out = interpreter.get_output_details()[0]["index"]
-
-    def run(images):
-        images = np.asarray(images, np.float32)
-        interpreter.resize_tensor_input(index_in, images.shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(index_in, images)
-        interpreter.invoke()
-        return interpreter.get_tensor(index_out).copy()
-
-    return run
+    # LiteRT's own API: the signature resizes the input to each batch's shape.
+    runner = interpreter.get_signature_runner("serving_default")
+    return lambda images: runner(image=np.asarray(images, np.float32))["logits"]
 
 
 def parity(run, fn, images) -> tuple[float, float]:
@@ -359,9 +355,12 @@ def check_images(config) -> list[np.ndarray]:
 
 # --- Export -------------------------------------------------------------------------------
 
-def export_params(params, config, fmt: str, output, dtype: str = "float32") -> dict:
+def export_params(params, config, fmt: str, output, dtype: str = "float32",
+                  checkpoint: dict | None = None) -> dict:
     """Writes ``params`` of a run with ``config`` as ``fmt`` to ``output``, checked
-    against JAX; returns the check: {"max_abs_diff", "input_shapes", "tolerance"}."""
+    against JAX, and its settings file ``<output>.json`` (``checkpoint`` says where the
+    weights came from); returns the settings, the check under "parity":
+    {"max_abs_diff", "input_shapes", "tolerance"}."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if dtype not in TOLERANCE:
@@ -375,7 +374,9 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32") -> d
             require(module, fmt)
     output = _check_output(Path(output), fmt)
     fn = model_function(params, config, dtype)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    # A name of at most 255 bytes stays one with the staging folder's 14 more.
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name[:64]}.",
+                                    suffix=".tmp"))
     try:
         artifact = staging / output.name
         # The converter and interpreter log from C++ (absl notes about ignored options,
@@ -398,25 +399,38 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32") -> d
             raise ExportError(f"--format {fmt}: the exported model computes other logits "
                               f"than JAX for a batch of shape {shape} (largest difference "
                               f"{diff:.3g}, allowed {limit:.3g}); nothing was written")
+        check = {"max_abs_diff": diff, "input_shapes": [list(s) for s, _, _ in checks],
+                 "tolerance": limit}
+        info = _settings(config, fmt, output, dtype, check, checkpoint)
         _replace(artifact, output)
+        _write_text(sidecar_path(output), json.dumps(info, indent=2) + "\n")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"max_abs_diff": diff, "input_shapes": [list(s) for s, _, _ in checks],
-            "tolerance": limit}
+    return info
 
 
 def export_run(run_dir, fmt: str, output, which="best", dtype: str = "float32") -> dict:
     """Exports a run's checkpoint (``which``: 'best', 'latest' or an epoch) as ``fmt``
-    to ``output`` and writes its sidecar; returns the sidecar's contents. A run trained
-    with ``--ema`` exports its averaged weights, as predict uses them."""
+    to ``output`` with its settings file; returns the settings. A run trained with
+    ``--ema`` exports its averaged weights, as predict uses them."""
     from unet_jax import checkpoints
     from unet_jax.optim import weights_name
 
     params, config, epoch = checkpoints.restore_params(run_dir, which)
-    check = export_params(params, config, fmt, output, dtype)
+    return export_params(params, config, fmt, output, dtype, checkpoint={
+        "run_dir": str(Path(run_dir).resolve()), "epoch": epoch, "which": str(which),
+        "weights": weights_name(config)})
+
+
+def _settings(config, fmt: str, output: Path, dtype: str, check: dict,
+              checkpoint: dict | None) -> dict:
+    """The settings file's contents: what a caller needs to use the export."""
     k = 2 ** config.depth
-    info = {
-        "format": fmt, "file": Path(output).name,
+    return {
+        "format": fmt, "file": output.name,
+        # Names by signature (SavedModel, TFLite), graph (ONNX), or none (StableHLO:
+        # one positional argument and result).
+        "signature": "serving_default" if fmt in ("savedmodel", "tflite") else None,
         "input": {"name": "image", "shape": [None, None, None, config.in_channels],
                   "dtype": "float32", "layout": "NHWC", "range": [0.0, 1.0],
                   "dynamic": f"batch; height and width any multiple of {k}"},
@@ -424,12 +438,9 @@ def export_run(run_dir, fmt: str, output, which="best", dtype: str = "float32") 
                    "dtype": "float32"},
         "compute_dtype": dtype, "trained_dtype": config.dtype,
         "prediction": prediction_settings(config),
-        "checkpoint": {"run_dir": str(Path(run_dir).resolve()), "epoch": epoch,
-                       "which": str(which), "weights": weights_name(config)},
+        "checkpoint": checkpoint,
         "parity": check,
     }
-    _write_text(sidecar_path(output), json.dumps(info, indent=2) + "\n")
-    return info
 
 
 def size_of(path) -> int:
@@ -441,29 +452,91 @@ def size_of(path) -> int:
 
 
 def _check_output(output: Path, fmt: str) -> Path:
-    """``output``'s parent created; refuses a path that holds something else."""
+    """``output`` made absolute, its parent created; refuses a path whose file or
+    directory, or settings file, is anything but an earlier export (``_is_export``):
+    an export replaces what it wrote before, never a user's file (a run's config.json,
+    notes in a SavedModel directory, the folder the command runs in)."""
+    given, output = output, Path(os.path.abspath(output))
+    if output.is_symlink():
+        raise ExportError(f"--output {given} is a symbolic link (to {os.readlink(output)}); "
+                          "give the path itself, or a new name")
+    if output == Path.cwd() or output in Path.cwd().parents:
+        raise ExportError(f"--output {given} is the folder this command runs in (or holds "
+                          "it); give the export a name of its own, e.g. unet_savedmodel")
+    kind = {"." + FILE_SUFFIX.get(f, f): f for f in FORMATS if f != "savedmodel"}.get(
+        output.suffix)
+    if kind is not None and kind != fmt:
+        raise ExportError(f"--output {given} ends in {output.suffix}, the {kind} format's "
+                          f"name, for a {fmt} export: pass --format {kind}, or name it "
+                          f"{output.with_suffix(_suffix(fmt)).name}")
     if fmt == "savedmodel":
         if output.is_file():
-            raise ExportError(f"--output {output} is a file; a SavedModel is a directory, "
+            raise ExportError(f"--output {given} is a file; a SavedModel is a directory, "
                               "give a new directory name")
-        if output.is_dir() and any(output.iterdir()) and not (output / "saved_model.pb").exists():
-            raise ExportError(f"--output {output} holds other files; give a new directory")
+        if output.is_dir() and any(output.iterdir()):
+            _check_replaceable(output, given)
+            others = sorted(p.name for p in output.iterdir() if p.name not in SAVEDMODEL_FILES)
+            if others:
+                raise ExportError(f"--output {given} holds {', '.join(others)}, which an "
+                                  "export does not write and replacing it would delete; "
+                                  "move them, or give another --output")
     elif output.is_dir():
-        raise ExportError(f"--output {output} is a directory; give a file name, e.g. "
-                          f"{output / ('unet.' + FILE_SUFFIX.get(fmt, fmt))}")
-    if sidecar_path(output).is_dir():  # found now, not after the export is in place
-        raise ExportError(f"--output {output}: its settings file {sidecar_path(output)} "
-                          "would replace a directory of that name; move it, or give "
-                          "another --output")
+        raise ExportError(f"--output {given} is a directory; give a file name, e.g. "
+                          f"{output / ('unet' + _suffix(fmt))}")
+    elif output.exists():
+        _check_replaceable(output, given)
+    sidecar = sidecar_path(output)
+    if len(os.fsencode(sidecar.name)) > NAME_MAX:
+        raise ExportError(f"--output {given}: its settings file's name, {sidecar.name[:24]}"
+                          f"... ({len(os.fsencode(sidecar.name))} bytes), is longer than a "
+                          f"file name may be ({NAME_MAX}); give a shorter name")
+    if sidecar.is_dir():  # found now, not after the export is in place
+        raise ExportError(f"--output {given}: its settings file {sidecar} would replace a "
+                          "directory of that name; move it, or give another --output")
+    if sidecar.exists() and not _is_export(output):
+        raise ExportError(f"--output {given}: {sidecar} exists and is not the settings file "
+                          "of an export of that name; move it, or give another --output")
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"--output {given}: {parent} is a file, not a folder; "
+                                  "choose another path")
+            break
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=output.parent, prefix=".write-test-")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ExportError(f"--output {output}: {output.parent} is not writable "
+        raise ExportError(f"--output {given}: {output.parent} is not writable "
                           f"({e.strerror or e}); choose another path") from None
     return output
+
+
+NAME_MAX = 255  # bytes in a file name: Linux, macOS and Windows alike
+# What tf.saved_model.save writes into a SavedModel directory.
+SAVEDMODEL_FILES = frozenset({"saved_model.pb", "variables", "assets", "fingerprint.pb"})
+
+
+def _suffix(fmt: str) -> str:
+    return "." + FILE_SUFFIX.get(fmt, fmt) if fmt != "savedmodel" else ""
+
+
+def _is_export(output: Path) -> bool:
+    """Whether ``output`` is an earlier export: its settings file says it wrote it."""
+    try:
+        info = json.loads(sidecar_path(output).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return (isinstance(info, dict) and info.get("file") == output.name
+            and info.get("format") in FORMATS)
+
+
+def _check_replaceable(output: Path, given) -> None:
+    if not _is_export(output):
+        raise ExportError(f"--output {given} exists and is not an earlier export (no "
+                          f"{sidecar_path(output).name} beside it says so); export "
+                          "replaces only what it wrote: give a new name, or move it")
 
 
 def _replace(artifact: Path, output: Path) -> None:
@@ -474,6 +547,12 @@ def _replace(artifact: Path, output: Path) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
