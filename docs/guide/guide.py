@@ -1233,7 +1233,13 @@ print("nearest valid widths for 1918 at depth 4 and 5:", models.valid_sizes(1918
 # The runs in this guide are cars, not cells: the network needs no change for them,
 # only the data. What does not transfer is the data: a model trained on the sample set's
 # drawings has never seen a photograph, and should be trained on Kaggle's photos
-# (`data_dir`) before it is used on them.
+# (`data_dir`) before it is used on them. What a trained model has learnt does carry
+# part of the way: `init_from` starts a new run from another run's weights
+# (fine-tuning), so a few dozen images of your own start from the edges and shapes a
+# Carvana model already knows rather than from random numbers. Only the same network
+# takes them; another number of classes gets a new 1x1 head, and a grayscale run can
+# start from an RGB one, its first layer's kernels summed over colour
+# (`unet_jax/finetune.py` explains both).
 #
 # ### 6. Class imbalance: small objects
 #
