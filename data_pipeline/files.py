@@ -106,6 +106,9 @@ def detect_layout(data_dir) -> tuple[Path, Path, str]:
     """(image folder, mask folder, ``'kaggle'`` or ``'folders'``) of a dataset; each
     folder may hold its files one folder down (``unnested``)."""
     root = Path(data_dir).expanduser().absolute()
+    if root.is_file():
+        raise DataError(f"--data-dir {root} is a file: pass the folder that holds images/ "
+                        "and masks/ (or Kaggle's train/ and train_masks/)")
     if not root.is_dir():
         raise DataError(f"--data-dir {root}: no such directory")
     masks = root / "train_masks"

@@ -273,6 +273,10 @@ def test_neither_layout_and_no_directory(tmp_path):
     message = error_of(tmp_path)
     assert str(tmp_path) in message and "train_masks/" in message and "images/ + masks/" in message
     assert "no such directory" in error_of(tmp_path / "nope")
+    (tmp_path / "b00.png").write_bytes(b"")
+    assert error_of(tmp_path / "b00.png").endswith("b00.png is a file: pass the folder that "
+                                                   "holds images/ and masks/ (or Kaggle's "
+                                                   "train/ and train_masks/)")
 
 
 def test_first_of_several_problems_is_named_with_the_count(kaggle):
