@@ -339,6 +339,10 @@ def test_library_arguments_that_would_misfire_are_named(run, tmp_path):
         Predictor(run, tile="no")
     with pytest.raises(TypeError, match=r"rng 0 is a number; give a key: jax\.random\.key\(0\)"):
         unet_jax.create_train_state(0, configs.tiny())
+    for config in (None, configs.tiny().to_dict()):  # not "has no attribute 'kernels'"
+        with pytest.raises(TypeError, match=r"^config is a (NoneType|dict); give a "
+                           r"unet_jax\.Config"):
+            unet_jax.init_params(jax.random.key(0), config)
     with pytest.raises(TypeError, match=r"config is a dict; give a unet_jax.Config"):
         trainer.train_and_evaluate(configs.tiny().to_dict(), tmp_path / "w")
     assert not (tmp_path / "w").exists()

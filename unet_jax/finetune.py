@@ -8,8 +8,9 @@ weights carry over as far as the two U-Nets agree:
 - the convolutions of the contracting path, the bottleneck and the expanding path fit
   only a U-Net of the same width, depth and variant (attention gates, separable
   convolutions, skip connections): those must match, or the run is refused;
-- the 1x1 head maps the last 64 features to the classes: with another
-  ``--num-classes`` it cannot carry over, and starts from the new run's random head;
+- the 1x1 head maps the decoder's last features (64 in the guide's U-Net) to the
+  classes: with another ``--num-classes`` it cannot carry over, and starts from the
+  new run's random head;
 - the first convolution reads the input channels: an RGB run's 3x3 kernels summed
   over colour answer a grayscale image exactly as the RGB model answers that image
   in grey (R = G = B), so ``--in-channels 1`` from an RGB run starts from their sum;

@@ -73,6 +73,10 @@ def init_params(rng, config: Config, model: UNet | None = None):
     """
     if isinstance(rng, (int, np.integer)):  # JAX's own error names neither rng nor the fix
         raise TypeError(f"rng {rng!r} is a number; give a key: jax.random.key({rng})")
+    if not isinstance(config, Config):  # swapped arguments, a dict: not "no attribute 'kernels'"
+        raise TypeError(f"config is a {type(config).__name__}; give a unet_jax.Config "
+                        "(the input channels and depth come from it): "
+                        "init_params(jax.random.key(0), unet_jax.Config(...))")
     model = model or create_model(config)
     side = 2 ** config.depth
     dummy = jnp.zeros((1, side, side, config.in_channels), jnp.float32)
