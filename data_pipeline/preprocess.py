@@ -181,7 +181,10 @@ def opened(source, max_value: float = 0.0):
     a numpy array (``from_array``), so that images a program holds in memory are read
     by the very rules files are."""
     if isinstance(source, Image.Image):
-        yield source
+        # A copy: draft() would shrink the caller's own (unloaded JPEG) image in place.
+        copy = source.copy()
+        copy.format = source.format  # the orientation rule reads a PNG's header alone
+        yield copy
     elif isinstance(source, np.ndarray):
         yield from_array(source, max_value)
     else:

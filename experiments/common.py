@@ -108,8 +108,8 @@ def add_platform_flag(parser) -> None:
     parser.add_argument("--compile-cache", metavar="DIR|off",
                         help="folder of JAX's persistent compilation cache, so a second run "
                         "loads its compiled programs instead of compiling them again; 'off' "
-                        "turns it off (default: $UNET_JAX_COMPILE_CACHE, else "
-                        "~/.cache/unet-jax/jax-cache)")
+                        "turns it off (default: $UNET_JAX_COMPILE_CACHE, else JAX's own "
+                        "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/unet-jax/jax-cache)")
 
 
 def positive_int(text: str) -> int:

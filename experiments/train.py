@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", help="run directory (default: runs/unet-<date>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --workdir from its newest intact checkpoint; "
-                   "flags must equal its settings, except --epochs")
+                   "flags must equal its settings, except --epochs (and --data-dir, for "
+                   "data that moved)")
     config_lib.add_arguments(p, configs.default())
     common.add_distributed_flags(p)
     return p.parse_args(argv)
@@ -63,6 +64,7 @@ def build_config(args):
         # of 6 epochs resumed with its --preset alone would otherwise stop at the
         # preset's 2.
         given.setdefault("epochs", saved.epochs)
+        given.setdefault("init_from", saved.init_from)  # no preset sets it
         config = configs.get(args.preset, **given)
         # A setting the preset brings, not a flag the user typed: say so.
         for name in saved.differences(config):

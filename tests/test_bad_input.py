@@ -365,6 +365,16 @@ def test_an_image_in_memory_is_predicted_as_its_file_is(run, tmp_path):
         np.testing.assert_array_equal(predictor.predict(image), expected)
     [(_, _, mask)] = predictor.predict_files([path])
     np.testing.assert_array_equal(mask, expected)
+    # A JPEG Pillow has opened but not loaded: decoding shrank the caller's own image
+    # (Pillow's draft) and the mask came at that size, 40x60 for 160x240.
+    write_image(tmp_path / "big.jpg", (240, 160), seed=6)
+    with Image.open(tmp_path / "big.jpg") as opened:
+        mask = predictor.predict(opened)
+        assert mask.shape == (160, 240) and opened.size == (240, 160)
+        np.testing.assert_array_equal(mask, predictor.predict(np.asarray(opened)))
+    # The file itself is decoded at a JPEG's own reduced scale, which a loaded image
+    # no longer allows: a few edge pixels may differ.
+    assert (mask != predictor.predict(tmp_path / "big.jpg")).mean() < 0.005
     for image, message in [
             (pixels[..., :2], r"has shape \(40, 60, 2\): give \(height, width\) or"),
             (pixels > 0, r"is bool: give uint8, 16-bit or float values")]:

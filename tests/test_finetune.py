@@ -71,16 +71,18 @@ def test_other_classes_start_a_new_head_and_keep_the_rest(source):
     assert logged[0].endswith("; a new head for --num-classes 3")
 
 
-@pytest.mark.parametrize("channels", [(3, 1), (1, 3)])
-def test_the_first_layer_converted_answers_a_grey_image_as_before(tmp_path, channels):
+@pytest.mark.parametrize("channels, separable", [((3, 1), False), ((1, 3), False),
+                                                ((1, 3), True)])
+def test_the_first_layer_converted_answers_a_grey_image_as_before(tmp_path, channels,
+                                                                  separable):
     """An RGB model's kernels summed over colour see a grayscale image as the RGB model
     sees it in grey; a grayscale model's kernel in thirds sees a grey RGB image as the
-    grayscale model sees it."""
+    grayscale model sees it (separable: its filter thrice, its mixing in thirds)."""
     theirs, ours = channels
-    config = dataclasses.replace(SOURCE, in_channels=theirs)
+    config = dataclasses.replace(SOURCE, in_channels=theirs, separable=separable)
     params = create_train_state(jax.random.key(3), config).params
     run = checkpoints.save_params(tmp_path / "run", params, config)
-    _, state = started(dataclasses.replace(SOURCE, in_channels=ours, init_from=str(run)))
+    _, state = started(dataclasses.replace(config, in_channels=ours, init_from=str(run)))
     grey = np.random.default_rng(0).random((2, 32, 48, 1), np.float32)
     before = state.apply_fn({"params": params}, np.repeat(grey, theirs, axis=-1))
     after = state.apply_fn({"params": state.params}, np.repeat(grey, ours, axis=-1))
@@ -103,6 +105,9 @@ def test_another_network_is_refused_naming_the_flag(source, change, message):
 
 
 def test_a_source_that_is_no_finished_run_is_one_line(source, tmp_path):
+    for name in ("init_from", "data_dir"):  # an unset variable in a script, not "here"
+        with pytest.raises(ConfigError, match=r"^--(init-from|data-dir) '': give a folder"):
+            dataclasses.replace(SOURCE, **{name: ""})
     missing = dataclasses.replace(SOURCE, init_from=str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match=r"^--init-from: .*nope: no such directory"):
         finetune.check_source(missing)
@@ -118,7 +123,7 @@ def test_a_source_that_is_no_finished_run_is_one_line(source, tmp_path):
     config = dataclasses.replace(SOURCE, separable=True)
     checkpoints.save_params(separable, create_train_state(jax.random.key(0), config).params,
                             config)
-    with pytest.raises(ConfigError, match="cannot be converted to --in-channels 1: pass "
+    with pytest.raises(ConfigError, match="cannot be reduced to --in-channels 1: pass "
                        "--in-channels 3"):
         finetune.check_source(dataclasses.replace(config, in_channels=1,
                                                   init_from=str(separable)))
@@ -144,6 +149,13 @@ def test_a_fine_tuned_run_validates_as_its_source_and_resumes_without_it(tmp_pat
         assert tuned["history"][0][name] == pytest.approx(first["best"][name], abs=1e-5)
     assert f"starting from the weights of {tmp_path / 'a'} (epoch " in "\n".join(logged)
     assert Config.load(tmp_path / "b" / "config.json").init_from == str(tmp_path / "a")
+    # Resumed with its first command's --preset, the run's source is its own: no preset
+    # sets one (it said "--preset tiny sets --init-from none").
+    from experiments import train
+
+    argv = ["--workdir", str(tmp_path / "b"), "--resume", "--preset", "tiny", "--lr", "1e-9",
+            "--epochs", "2", "--data-dir", str(data)]
+    assert train.build_config(train.parse_args(argv)) == dataclasses.replace(config, epochs=2)
     shutil.rmtree(tmp_path / "a")
     resumed = unet_jax.train_and_evaluate(dataclasses.replace(config, epochs=2),
                                           tmp_path / "b", resume=True, log=lambda *a: None)

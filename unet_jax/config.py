@@ -85,7 +85,8 @@ class Config:
                                          nargs="+", metavar=("H", "W"))
     crop: Optional[tuple[int, int]] = _field(
         None, "train on random crops of H W (or one number) taken from each image at its "
-        "own resolution times --scale, never squashed; prediction then tiles whole images",
+        "own resolution times --scale, never squashed; prediction then takes whole images "
+        "at that scale in one pass (tiles where a pass would not fit in memory)",
         nargs="+", metavar=("H", "W"))
     scale: float = _field(1.0, "with --crop: resize every image by this factor first "
                           "(0.5 makes a 1918x1280 photo 959x640)")
@@ -181,6 +182,8 @@ class Config:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         for name in ("data_dir", "init_from"):  # absolute: config.json must still find it
+            if getattr(self, name) == "":  # an unset variable in a script: not "here"
+                raise ConfigError(f"{flag(name)} '': give a folder, or leave the flag out")
             if getattr(self, name) is not None:
                 setattr(self, name, str(Path(getattr(self, name)).expanduser().resolve()))
         for name in ("batch_size", "epochs", "base_features", "depth", "num_classes",

@@ -15,7 +15,9 @@ weights carry over as far as the two U-Nets agree:
   over colour answer a grayscale image exactly as the RGB model answers that image
   in grey (R = G = B), so ``--in-channels 1`` from an RGB run starts from their sum;
   the other way, a grayscale kernel split into three thirds answers a colour image as
-  the grayscale model answers its mean over R, G and B.
+  the grayscale model answers its mean over R, G and B. (Separable convolutions filter
+  each channel on its own: one grey filter can serve three colours, but three colour
+  filters cannot be merged into one, so they convert from grayscale only.)
 
 Only the weights carry over: the optimizer state, the step count and the learning-rate
 schedule start afresh, as the new run's settings say. ``--resume`` of a fine-tuned run
@@ -63,11 +65,11 @@ def check_source(config: Config, workdir=None) -> Config:
                 f"asks for {as_flag(name, ours)}: weights carry over to the same network "
                 f"only; pass {as_flag(name, theirs)} (or start from scratch without "
                 "--init-from)")
-    if saved.in_channels != config.in_channels and config.separable:
-        # A depthwise kernel per channel: no sum of them computes what the layer did.
+    if saved.in_channels > config.in_channels and config.separable:
+        # A depthwise kernel per channel: no one kernel computes what their sum did.
         raise ConfigError(
-            f"--init-from {source} reads {saved.in_channels} input channel(s) with separable "
-            f"convolutions, whose first layer cannot be converted to --in-channels "
+            f"--init-from {source} reads {saved.in_channels} input channels with separable "
+            f"convolutions, whose first layer cannot be reduced to --in-channels "
             f"{config.in_channels}: pass --in-channels {saved.in_channels}")
     return saved
 
@@ -86,7 +88,13 @@ def start_from(state, config: Config, log=print):
         flat.update(traverse_util.flatten_dict({"head": state.params["head"]}))
         notes.append(f"a new head for --num-classes {config.num_classes}")
     if saved.in_channels != config.in_channels:
-        flat[FIRST_KERNEL] = first_kernel_for(flat[FIRST_KERNEL], config.in_channels)
+        if config.separable:  # 1 -> 3: the depthwise kernel thrice, the pointwise in thirds
+            conv = FIRST_KERNEL[:-1]
+            depthwise, pointwise = conv + ("depthwise", "kernel"), conv + ("pointwise", "kernel")
+            flat[depthwise] = jnp.repeat(flat[depthwise], config.in_channels, axis=3)
+            flat[pointwise] = first_kernel_for(flat[pointwise], config.in_channels)
+        else:
+            flat[FIRST_KERNEL] = first_kernel_for(flat[FIRST_KERNEL], config.in_channels)
         notes.append(f"the first layer converted to {config.in_channels} channel(s)")
     params = traverse_util.unflatten_dict(flat)
     ema = {}
@@ -98,8 +106,8 @@ def start_from(state, config: Config, log=print):
 
 
 def first_kernel_for(kernel, in_channels: int):
-    """The first convolution's kernel (3, 3, C, F) for ``in_channels`` inputs: summed
-    over C for 1; for 3, a 1-channel kernel split into equal thirds."""
+    """The first convolution's kernel (kh, kw, C, F) for ``in_channels`` inputs:
+    summed over C for 1; for 3, a 1-channel kernel split into equal thirds."""
     if in_channels == 1:
         return kernel.sum(axis=2, keepdims=True)
     return jnp.repeat(kernel / in_channels, in_channels, axis=2)

@@ -104,8 +104,12 @@ class Predictor:
     def predict(self, image) -> np.ndarray:
         """The mask of one image (a file, a Pillow image or a numpy array, as
         ``decode`` takes) at its own size: bool (H, W) for one class, else uint8 class
-        ids. ``predict_files`` does the same for many files, a batch at a time."""
-        return self.masks([self.decode(image)], [preprocess.image_size_of(image)])[0]
+        ids. ``predict_files`` does the same for many files, a batch at a time. (A
+        large JPEG file is decoded at its own reduced scale, as training read it; an
+        image already in memory is resized from its full pixels, so a few edge pixels
+        of its mask may differ from the file's.)"""
+        size = preprocess.image_size_of(image)
+        return self.masks([self.decode(image)], [size])[0]
 
     def model_input(self, path) -> np.ndarray:
         """What the model sees for an image file: (h, w, C) float32 in [0, 1], the very
