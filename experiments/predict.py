@@ -6,7 +6,9 @@ training size, or for a run trained on crops, the whole image at the training sc
 ``--tile``/``--no-tile``, ``--overlap`` and ``--tta`` choose otherwise), and writes,
 for each input image, a PNG mask at the image's own size: 0/255 for a binary model, the
 class ids (0..C-1) for several classes. ``--viz`` adds the guide's side-by-side figure
-(input, predicted mask) and an overlay, one colour per class.
+(input, predicted mask) and an overlay, one colour per class; ``--probabilities``, for a
+one-class run, the foreground probability as an 8-bit PNG (0..255 for 0..1), for
+choosing another threshold or averaging several runs' predictions.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, help="folder for <name>_mask.png files")
     p.add_argument("--viz", action="store_true", help="also write <name>_viz.png: input, "
                    "predicted mask, overlay")
+    p.add_argument("--probabilities", action="store_true", help="also write "
+                   "<name>_prob.png, a one-class run's foreground probability as 0..255 "
+                   "(the mask is where it is over 0.5)")
     return p.parse_args(argv)
 
 
@@ -44,21 +49,32 @@ def main(argv=None):
         raise common.UserError(f"--output {args.output}: give a folder; predict writes "
                                "<name>_mask.png there for each input image")
     predictor = common.make_predictor(args)
+    if args.probabilities and predictor.config.num_classes > 1:
+        raise common.UserError(
+            f"--probabilities writes a one-class run's foreground probability; "
+            f"{args.checkpoint} has {predictor.config.num_classes} classes, whose masks "
+            "are the class of highest probability: drop --probabilities")
     out = rundir.check_writable(Path(args.output), "--output")
     # A second run into the input folder would predict masks of the first run's masks.
     every = [path for path in data_pipeline.find_images(args.input, skip_bad=args.skip_bad)
              if not is_output(path, out)]
     if not every:
         raise common.UserError(f"--input {args.input} holds only this command's own outputs "
-                               "(<name>_mask.png, <name>_viz.png); give the folder of images")
+                               "(<name>_mask.png, <name>_viz.png, <name>_prob.png); give the "
+                               "folder of images")
     paths = data_pipeline.check_images(every, skip_bad=args.skip_bad)
-    check_targets(paths, out, args.viz)
+    kinds = ("mask", *(("viz",) if args.viz else ()), *(("prob",) if args.probabilities else ()))
+    check_targets(paths, out, kinds)
     written = 0
-    results = predictor.predict_files(paths, skip_bad=args.skip_bad, images=args.viz)
+    results = predictor.predict_files(paths, skip_bad=args.skip_bad, images=args.viz,
+                                      logits=args.probabilities)
     # A progress bar on terminals only (None: off when stderr is a file or a pipe), so
     # that logs and captured output hold the messages alone.
     for path, image, mask in tqdm(results, total=len(paths), unit="image",
                                   disable=True if len(paths) < 2 else None):
+        if args.probabilities:  # logits: the mask is thresholded from them, as predict does
+            save_png(probability_png(mask), out / f"{path.stem}_prob.png")
+            mask = predictor.to_mask(mask)
         # Binary: 0/255, visible in any viewer. Several classes: the class ids
         # themselves, which is what tools that read label maps expect.
         picture = mask.astype(np.uint8) * 255 if mask.dtype == bool else mask.astype(np.uint8)
@@ -68,6 +84,8 @@ def main(argv=None):
         written += 1
     skipped = f"; skipped {len(every) - written} unreadable" if written < len(every) else ""
     figures = f" and {written} figure(s) (<name>_viz.png)" if args.viz else ""
+    if args.probabilities:
+        figures += f" and {written} probability map(s) (<name>_prob.png)"
     print(f"wrote {written} mask(s){figures} to {out}/{skipped} (checkpoint epoch "
           f"{predictor.epoch} "
           f"of {args.checkpoint}; {predictor.describe()})")
@@ -75,10 +93,19 @@ def main(argv=None):
 
 
 def is_output(path: Path, out: Path) -> bool:
-    """Whether ``path`` is a file this command writes: ``<name>_mask.png`` or
-    ``<name>_viz.png`` in the output folder."""
-    return (path.suffix == ".png" and path.stem.endswith(("_mask", "_viz"))
+    """Whether ``path`` is a file this command writes: ``<name>_mask.png``,
+    ``<name>_viz.png`` or ``<name>_prob.png`` in the output folder."""
+    return (path.suffix == ".png" and path.stem.endswith(("_mask", "_viz", "_prob"))
             and path.parent.resolve() == out.resolve())
+
+
+def probability_png(logits):
+    """uint8 (H, W) of a one-class run's logits (H, W, 1): the sigmoid probability times
+    255, rounded; over 0.5 (128 and up) where the mask is foreground."""
+    import numpy as np
+
+    probability = 1 / (1 + np.exp(-np.clip(logits[..., 0], -88, 88)))
+    return np.rint(probability * 255).astype(np.uint8)
 
 
 # Every PNG this command writes says so in its "Software" text chunk: a second run
@@ -97,12 +124,12 @@ def written_by_predict(path: Path) -> bool:
         return False
 
 
-def check_targets(paths, out: Path, viz: bool) -> None:
+def check_targets(paths, out: Path, kinds) -> None:
     """Refuses, before predicting anything, to replace a file in ``out`` that this
-    command did not write: ``<name>_mask.png`` is also how many datasets name their
-    ground truth, which an --output of the data folder would overwrite."""
-    names = [f"{path.stem}_{kind}.png" for path in paths
-             for kind in (("mask", "viz") if viz else ("mask",))]
+    command did not write (``kinds``: 'mask', 'viz', 'prob'): ``<name>_mask.png`` is
+    also how many datasets name their ground truth, which an --output of the data
+    folder would overwrite."""
+    names = [f"{path.stem}_{kind}.png" for path in paths for kind in kinds]
     foreign = [out / name for name in names
                if (out / name).exists() and not written_by_predict(out / name)]
     if foreign:

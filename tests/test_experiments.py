@@ -347,6 +347,35 @@ def test_predict_writes_the_models_mask_as_0_and_255(tmp_path, foreground):
             else set(np.unique(written)) == {0, 255})
 
 
+def test_predict_writes_probabilities_the_masks_are_thresholded_from(tmp_path, capsys):
+    """--probabilities: a one-class run's sigmoid as 0..255, beside the very mask that
+    predict writes without it (over 0.5 where it is foreground); refused, in one line,
+    for a run of several classes."""
+    inputs = random_images(tmp_path / "in", {"x.png": (20, 30, 3), "y.jpg": (33, 17, 3)})
+    run = varied_run(tmp_path / "run", [inputs / "x.png"])
+    argv = ["--checkpoint", str(run), "--input", str(inputs), "--output"]
+    assert call(predict.main, [*argv, str(tmp_path / "plain")]) == 0
+    assert call(predict.main, [*argv, str(tmp_path / "out"), "--probabilities"]) == 0
+    assert "and 2 probability map(s) (<name>_prob.png)" in capsys.readouterr().out
+    from unet_jax.inference import Predictor
+    predictor = Predictor(run)
+    for name, size in (("x", (20, 30)), ("y", (33, 17))):
+        prob = np.asarray(Image.open(tmp_path / "out" / f"{name}_prob.png"))
+        mask = np.asarray(Image.open(tmp_path / "out" / f"{name}_mask.png"))
+        assert np.array_equal(mask, np.asarray(Image.open(tmp_path / "plain" / f"{name}_mask.png")))
+        [logits] = predictor.logits([predictor.decode(inputs / f"{name}.png" if name == "x"
+                                                      else inputs / "y.jpg")], [size])
+        expected = np.rint(255 / (1 + np.exp(-logits[..., 0].astype(np.float64))))
+        assert prob.shape == size and np.abs(prob - expected).max() <= 1
+        assert np.array_equal(mask == 255, logits[..., 0] > 0) and 0 < mask.mean() < 255
+    several = multi_class_run(tmp_path / "run3", num_classes=3, winner=1)
+    assert call(predict.main, ["--checkpoint", str(several), "--input", str(inputs),
+                               "--output", str(tmp_path / "out3"), "--probabilities"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "has 3 classes, whose masks are the class of highest probability: drop "
+        "--probabilities")
+
+
 def test_predict_names_a_missing_checkpoint(tmp_path, capsys):
     code = call(predict.main, ["--checkpoint", str(tmp_path), "--input", str(tmp_path),
                                "--output", str(tmp_path / "o")])

@@ -187,11 +187,13 @@ class Predictor:
         """Bool (H, W) for one class, else class ids, of host logits (H, W, classes)."""
         return logits[..., 0] > 0 if logits.shape[-1] == 1 else logits.argmax(-1)
 
-    def predict_files(self, paths, skip_bad: bool = False, images: bool = False):
+    def predict_files(self, paths, skip_bad: bool = False, images: bool = False,
+                      logits: bool = False):
         """Yields (path, image, mask) for each readable file, in order, ``mask`` at the
-        file's own size; ``image`` is the file at its own size (float32 in [0, 1], for
-        figures) when ``images``, else None. ``batch_size`` files are read at a time,
-        so a folder of any size fits in memory.
+        file's own size (with ``logits``, the float32 logits (H, W, classes) it is
+        thresholded from, ``to_mask``); ``image`` is the file at its own size (float32
+        in [0, 1], for figures) when ``images``, else None. ``batch_size`` files are
+        read at a time, so a folder of any size fits in memory.
 
         An unreadable file raises its one-line DataError, or with ``skip_bad`` is
         skipped with a warning while the other images of its batch go on. ``paths``
@@ -218,5 +220,6 @@ class Predictor:
                     del inputs[len(chunk):], sizes[len(chunk):], pictures[len(chunk):]
                     continue
                 chunk.append(path)
-            for i, (path, mask) in enumerate(zip(chunk, self.masks(inputs, sizes))):
-                yield path, pictures[i] if images else None, mask
+            results = (self.logits if logits else self.masks)(inputs, sizes)
+            for i, (path, result) in enumerate(zip(chunk, results)):
+                yield path, pictures[i] if images else None, result
