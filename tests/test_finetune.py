@@ -4,6 +4,7 @@ differ in anything else."""
 
 import dataclasses
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -127,6 +128,16 @@ def test_a_source_that_is_no_finished_run_is_one_line(source, tmp_path):
                        "--in-channels 3"):
         finetune.check_source(dataclasses.replace(config, in_channels=1,
                                                   init_from=str(separable)))
+
+
+def test_a_damaged_source_is_one_line_naming_the_flag(source, tmp_path):
+    run = Path(shutil.copytree(source[0], tmp_path / "run"))
+    for data in (run / "checkpoints" / "0" / "params").rglob("*"):
+        if data.is_file() and data.parent.name == "d":
+            data.unlink()
+    with pytest.raises(checkpoints.CheckpointError, match=r"^--init-from: .*no intact "
+                       r"checkpoint is left$"):
+        started(dataclasses.replace(SOURCE, init_from=str(run)))
 
 
 def test_a_fine_tuned_run_validates_as_its_source_and_resumes_without_it(tmp_path):
