@@ -122,7 +122,7 @@ def positive_int(text: str) -> int:
 
 def add_checkpoint_flags(parser) -> None:
     """--checkpoint, --epoch, --batch-size, --skip-bad, how to predict (--tile, --overlap,
-    --tta) and --platform: the flags of the tools that use a run."""
+    --tta, --threshold) and --platform: the flags of the tools that use a run."""
     parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
                         help="run directory written by experiments.train or experiments.import_torch")
     parser.add_argument("--epoch", default="best",
@@ -145,16 +145,19 @@ def add_checkpoint_flags(parser) -> None:
     g.add_argument("--tta", choices=TTA,
                    help="test-time augmentation: average with the left-right mirror "
                    "(hflip) or every flip (flips) (default: the run's, none unless set)")
+    g.add_argument("--threshold", type=float, metavar="P",
+                   help="one-class runs: a pixel is foreground where its probability is "
+                   "over P (default: 0.5); score a few with evaluate --threshold to choose")
     add_platform_flag(parser)
 
 
 def make_predictor(args):
     """The ``Predictor`` of a tool's --checkpoint, --epoch, --batch-size, --tile,
-    --overlap and --tta."""
+    --overlap, --tta and --threshold."""
     from unet_jax.inference import Predictor
 
     return Predictor(args.checkpoint, args.epoch, args.batch_size, tile=args.tile,
-                     overlap=args.overlap, tta=args.tta)
+                     overlap=args.overlap, tta=args.tta, threshold=args.threshold)
 
 
 def add_distributed_flags(parser) -> None:

@@ -109,7 +109,7 @@ def score(predictor, pairs, skip_bad: bool) -> dict:
             result[f"{name}_per_class"] = {str(c): None if np.isnan(v) else float(v)
                                            for c, v in enumerate(averaged[f"{name}_per_class"], 1)}
     mode = predictor.mode
-    result.update(mode=mode.how, tta=mode.tta, overlap=mode.overlap,
+    result.update(mode=mode.how, tta=mode.tta, overlap=mode.overlap, threshold=mode.threshold,
                   seconds_per_image=seconds / len(scores), images=len(scores),
                   skipped=len(pairs) - len(scores))
     result["per_image"] = [{"image": image, **{k: float(s[k]) for k in
@@ -118,7 +118,8 @@ def score(predictor, pairs, skip_bad: bool) -> dict:
     return result
 
 
-def ways_to_compare(config, tile_given: bool, overlap, tta_given: str | None) -> list:
+def ways_to_compare(config, tile_given: bool, overlap, tta_given: str | None,
+                    threshold: float | None = None) -> list:
     """The ``PredictionMode``s --compare scores: each way of predicting that fits the
     run (a run trained on crops: whole images and tiles; one trained on resized
     images: resized, and tiles only if --tile asks), each without and with
@@ -129,7 +130,7 @@ def ways_to_compare(config, tile_given: bool, overlap, tta_given: str | None) ->
     if config.crop is not None or tile_given:
         hows.append("tile")
     flips = tta_given if tta_given not in (None, "none") else "hflip"
-    return [PredictionMode.from_config(config, how, overlap, tta)
+    return [PredictionMode.from_config(config, how, overlap, tta, threshold=threshold)
             for how in hows for tta in ("none", flips)]
 
 
@@ -163,7 +164,7 @@ def main(argv=None):
     if args.compare:
         result["compare"] = []
         for mode in ways_to_compare(predictor.config, bool(args.tile), args.overlap,
-                                    args.tta):
+                                    args.tta, args.threshold):
             predictor.mode = mode
             row = score(predictor, pairs, args.skip_bad)
             del row["per_image"]  # the run's own way's are above

@@ -33,7 +33,7 @@ def parse_args(argv=None):
                    "predicted mask, overlay")
     p.add_argument("--probabilities", action="store_true", help="also write "
                    "<name>_prob.png, a one-class run's foreground probability as 0..255 "
-                   "(the mask is where it is over 0.5)")
+                   "(the mask is where it is over --threshold)")
     return p.parse_args(argv)
 
 
@@ -101,7 +101,7 @@ def is_output(path: Path, out: Path) -> bool:
 
 def probability_png(logits):
     """uint8 (H, W) of a one-class run's logits (H, W, 1): the sigmoid probability times
-    255, rounded; over 0.5 (128 and up) where the mask is foreground."""
+    255, rounded (128 and up where the mask at the default threshold 0.5 is foreground)."""
     import numpy as np
 
     probability = 1 / (1 + np.exp(-np.clip(logits[..., 0], -88, 88)))

@@ -406,9 +406,9 @@ def test_a_hand_made_batch_that_does_not_fit_is_one_line():
     for masks in (np.zeros((2, 32, 48)), np.zeros((2, 16, 48, 1))):
         for score in (lambda m: per_image_loss("bce", logits, m),
                       lambda m: segmentation_metrics(logits, m)):
-            with pytest.raises(ValueError, match=rf"^masks have shape {re.escape(str(masks.shape))}; "
-                               r"logits of shape \(2, 32, 48, 1\) need masks of shape "
-                               r"\(2, 32, 48, 1\)"):
+            shape = re.escape(str(masks.shape))
+            with pytest.raises(ValueError, match=rf"^masks have shape {shape}; logits of "
+                               r"shape \(2, 32, 48, 1\) need masks of shape \(2, 32, 48, 1\)"):
                 score(masks)
     mask = np.random.default_rng(0).random((2, 32, 48, 1)) > 0.5
     np.testing.assert_allclose(per_image_loss("dice", logits + 1, mask),

@@ -368,7 +368,24 @@ def test_predict_writes_probabilities_the_masks_are_thresholded_from(tmp_path, c
         expected = np.rint(255 / (1 + np.exp(-logits[..., 0].astype(np.float64))))
         assert prob.shape == size and np.abs(prob - expected).max() <= 1
         assert np.array_equal(mask == 255, logits[..., 0] > 0) and 0 < mask.mean() < 255
+    # Another threshold: the same probabilities, the mask where they are over it; and
+    # evaluate scores it, saying so.
+    logits = predictor.logits([predictor.decode(inputs / "x.png")], [(20, 30)])[0][..., 0]
+    threshold = round(float(1 / (1 + np.exp(-np.median(logits[logits > 0])))), 4)
+    assert call(predict.main, [*argv, str(tmp_path / "high"), "--threshold",
+                               str(threshold)]) == 0
+    high = np.asarray(Image.open(tmp_path / "high" / "x_mask.png")) == 255
+    assert np.array_equal(high, logits > np.log(threshold / (1 - threshold)))
+    assert 0 < high.sum() < (logits > 0).sum()
     several = multi_class_run(tmp_path / "run3", num_classes=3, winner=1)
+    assert call(predict.main, ["--checkpoint", str(several), "--input", str(inputs),
+                               "--output", str(tmp_path / "out3"), "--threshold", "0.7"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "--threshold 0.7: a run of 3 classes takes the most probable class at each pixel, "
+        "with no threshold; drop --threshold")
+    for bad in ("0.0", "1.5", "nan"):
+        assert call(predict.main, [*argv, str(tmp_path / "bad"), "--threshold", bad]) == 2
+        assert f"--threshold {bad}: give a probability in (0, 1)" in capsys.readouterr().err
     assert call(predict.main, ["--checkpoint", str(several), "--input", str(inputs),
                                "--output", str(tmp_path / "out3"), "--probabilities"]) == 2
     assert capsys.readouterr().err.strip().endswith(
@@ -437,6 +454,18 @@ def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, tmp_path, caps
         total = predicted.sum() + truth.sum()
         dice.append(1.0 if total == 0 else 2 * (predicted & truth).sum() / total)
     assert result["dice"] == pytest.approx(np.mean(dice), abs=1e-6)
+    assert result["threshold"] == 0.5
+    # Another threshold is scored as predict thresholds it, and recorded.
+    out = tmp_path / "high.json"
+    assert call(evaluate.main, ["--checkpoint", str(trained_run), "--threshold", "0.8",
+                                "--output", str(out)]) == 0
+    high = json.loads(out.read_text())
+    assert high["threshold"] == 0.8 and "threshold 0.8" in capsys.readouterr().out
+    assert high["dice"] == pytest.approx(np.mean([
+        1.0 if m.sum() + t.sum() == 0 else 2 * (m & t).sum() / (m.sum() + t.sum())
+        for m, t in ((Predictor(trained_run, threshold=0.8).predict(image),
+                      np.asarray(Image.open(mask_file)) == 1) for image, mask_file in pairs)]),
+        abs=1e-6)
     assert call(evaluate.main, ["--checkpoint", str(trained_run), "--data-dir", str(data_dir),
                                 "--split", "all"]) == 0
     result = json.loads((trained_run / "evaluation-all.json").read_text())

@@ -52,13 +52,13 @@ class Predictor:
     """Restores a run's parameters once and turns image files into full-size masks.
 
     ``mode`` is the run's ``PredictionMode`` unless ``tile`` (the tools' --tile and
-    --no-tile), ``overlap`` or ``tta`` say otherwise; it is a plain attribute, so
+    --no-tile), ``overlap``, ``tta`` or ``threshold`` say otherwise; it is a plain attribute, so
     one Predictor can score several ways of predicting. ``batch_size`` images (or
     tiles) go through the model per call.
     """
 
     def __init__(self, run_dir, which="best", batch_size: int = 8, *, tile=None,
-                 overlap=None, tta=None, memory_budget=None):
+                 overlap=None, tta=None, memory_budget=None, threshold=None):
         from unet_jax import checkpoints
         from unet_jax.train import create_model
 
@@ -70,7 +70,8 @@ class Predictor:
         self.apply_fn = create_model(self.config).apply
         self.batch_size = batch_size
         self.mode = PredictionMode.from_config(
-            self.config, how_of_tile_flag(self.config, tile), overlap, tta, memory_budget)
+            self.config, how_of_tile_flag(self.config, tile), overlap, tta, memory_budget,
+            threshold)
         self._warned = False  # the warning of tiles on a run of resized images, once
 
     def describe(self) -> str:
@@ -182,10 +183,12 @@ class Predictor:
         binary = self.config.num_classes == 1
         return [m.astype(bool) if binary else m for m in self._predict(inputs, sizes, True)]
 
-    @staticmethod
-    def to_mask(logits: np.ndarray) -> np.ndarray:
-        """Bool (H, W) for one class, else class ids, of host logits (H, W, classes)."""
-        return logits[..., 0] > 0 if logits.shape[-1] == 1 else logits.argmax(-1)
+    def to_mask(self, logits: np.ndarray) -> np.ndarray:
+        """Bool (H, W) for one class (over the mode's threshold), else class ids, of
+        host logits (H, W, classes), as the device program thresholds them."""
+        if logits.shape[-1] == 1:
+            return logits[..., 0] > np.float32(self.mode.logit_threshold)
+        return logits.argmax(-1)
 
     def predict_files(self, paths, skip_bad: bool = False, images: bool = False,
                       logits: bool = False):

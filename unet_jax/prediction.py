@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 
 import jax
@@ -85,6 +86,9 @@ class PredictionMode:
     U-Net's, which sizes must divide by ``2**depth``; ``base_features``: its width,
     for the memory estimate. With ``auto`` (the default for crop-trained runs), a
     'whole' image whose pass would take more than ``memory_budget`` bytes is tiled.
+    ``threshold``: the probability over which a one-class run's pixel is foreground
+    (0.5, where its logit is over 0; a threshold chosen on validation images, say from
+    predict's ``--probabilities``, can trade false positives for misses).
     Frozen and hashable, so that a jitted program can take it as a static argument.
     """
 
@@ -98,16 +102,29 @@ class PredictionMode:
     base_features: int
     memory_budget: int
     auto: bool = False
+    threshold: float = 0.5
 
     @classmethod
     def from_config(cls, config, how: str | None = None, overlap: float | None = None,
-                    tta: str | None = None, memory_budget: int | None = None):
-        """The mode a run of ``config`` predicts with, unless ``how``, ``overlap`` or
-        ``tta`` say otherwise. ``Config`` checks the overrides (a bad one raises its
-        ``ConfigError``, naming the flag); ``memory_budget`` defaults to
+                    tta: str | None = None, memory_budget: int | None = None,
+                    threshold: float | None = None):
+        """The mode a run of ``config`` predicts with, unless ``how``, ``overlap``,
+        ``tta`` or ``threshold`` say otherwise. ``Config`` checks the overrides of its
+        fields (a bad one raises its ``ConfigError``, naming the flag); ``threshold``
+        must lie in (0, 1), for a one-class run. ``memory_budget`` defaults to
         ``default_memory_budget()``."""
+        from unet_jax.config import ConfigError
+
         if how is not None and how not in HOWS:
             raise ValueError(f"how {how!r}: choose one of {', '.join(HOWS)}")
+        if threshold is not None:
+            if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
+                raise ConfigError(f"--threshold {threshold}: give a probability in (0, 1), "
+                                  "e.g. 0.5")
+            if config.num_classes > 1 and threshold != 0.5:
+                raise ConfigError(f"--threshold {threshold}: a run of {config.num_classes} "
+                                  "classes takes the most probable class at each pixel, "
+                                  "with no threshold; drop --threshold")
         given = {k: v for k, v in (("overlap", overlap), ("tta", tta)) if v is not None}
         if given:
             config = dataclasses.replace(config, **given)  # runs Config's own checks
@@ -117,7 +134,8 @@ class PredictionMode:
         return cls(how=how, image_size=tuple(config.image_size), scale=config.scale,
                    tile=tuple(config.tile), overlap=config.overlap, tta=config.tta,
                    depth=config.depth, base_features=config.base_features,
-                   memory_budget=int(memory_budget or default_memory_budget()), auto=auto)
+                   memory_budget=int(memory_budget or default_memory_budget()), auto=auto,
+                   threshold=0.5 if threshold is None else float(threshold))
 
     @property
     def multiple(self) -> int:
@@ -165,7 +183,14 @@ class PredictionMode:
             how = f"whole at scale {self.scale}"
             if self.auto:
                 how += f" ({tiles} where a pass needs over {self.memory_budget / 2**30:.1f} GiB)"
-        return how + (f", test-time {self.tta}" if self.tta != "none" else "")
+        how += f", test-time {self.tta}" if self.tta != "none" else ""
+        return how + (f", threshold {self.threshold:g}" if self.threshold != 0.5 else "")
+
+    @property
+    def logit_threshold(self) -> float:
+        """The logit over which a one-class run's pixel is foreground: log(t / (1 - t)),
+        0 for the usual 0.5."""
+        return math.log(self.threshold / (1 - self.threshold))
 
 
 def _logits(params, images, count, apply_fn, mode: PredictionMode, tiles_per_call: int):
@@ -182,11 +207,11 @@ def _logits(params, images, count, apply_fn, mode: PredictionMode, tiles_per_cal
     return views(images)
 
 
-def to_mask(logits):
-    """uint8 masks (..., H, W) of logits (..., H, W, K): 1 where the one logit is
-    positive (probability over 0.5), else the arg-max class id."""
+def to_mask(logits, logit_threshold: float = 0.0):
+    """uint8 masks (..., H, W) of logits (..., H, W, K): 1 where the one logit is over
+    ``logit_threshold`` (0: probability over 0.5), else the arg-max class id."""
     if logits.shape[-1] == 1:
-        return (logits[..., 0] > 0).astype(jnp.uint8)
+        return (logits[..., 0] > logit_threshold).astype(jnp.uint8)
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
 
@@ -211,4 +236,4 @@ def predict_batch(params, images, count, apply_fn, mode: PredictionMode,
         # antialiased when shrinking, as Pillow's bilinear filter (to within 1e-4)
         logits = jax.image.resize(logits, (logits.shape[0], *out_size, logits.shape[-1]),
                                   "linear", antialias=True)
-    return to_mask(logits) if masks else logits
+    return to_mask(logits, mode.logit_threshold) if masks else logits
