@@ -147,7 +147,7 @@ def add_checkpoint_flags(parser) -> None:
                    "(hflip) or every flip (flips) (default: the run's, none unless set)")
     g.add_argument("--threshold", type=float, metavar="P",
                    help="one-class runs: a pixel is foreground where its probability is "
-                   "over P (default: 0.5); score a few with evaluate --threshold to choose")
+                   "over P (default: 0.5); evaluate --thresholds scores several, to choose")
     add_platform_flag(parser)
 
 

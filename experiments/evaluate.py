@@ -25,6 +25,7 @@ EXAMPLES = """
 python -m experiments.evaluate --checkpoint RUN_DIR                      # its validation split
 python -m experiments.evaluate --checkpoint RUN_DIR --data-dir ~/carvana --split all
 python -m experiments.evaluate --checkpoint RUN_DIR --compare   # whole/tile x TTA, timed
+python -m experiments.evaluate --checkpoint RUN_DIR --thresholds 0.3 0.4 0.5 0.6 0.7
 """
 
 
@@ -39,6 +40,10 @@ def parse_args(argv=None):
                    help="also score every way of predicting that fits the run (resized, "
                    "or whole and tiled, each with and without test-time flips), with the "
                    "time per image, under 'compare' in the JSON")
+    p.add_argument("--thresholds", type=float, nargs="+", metavar="P",
+                   help="one-class runs: also score these thresholds (a prediction pass "
+                   "each), under 'thresholds' in the JSON, to choose predict's "
+                   "--threshold on validation images")
     return p.parse_args(argv)
 
 
@@ -134,6 +139,24 @@ def ways_to_compare(config, tile_given: bool, overlap, tta_given: str | None,
             for how in hows for tta in ("none", flips)]
 
 
+def threshold_modes(config, args) -> list:
+    """The ``PredictionMode`` of each of ``--thresholds``, predicting as the others
+    flags say."""
+    from unet_jax.prediction import PredictionMode, how_of_tile_flag
+
+    if args.thresholds and config.num_classes > 1:
+        raise common.UserError(f"--thresholds: a run of {config.num_classes} classes takes "
+                               "the most probable class at each pixel, with no threshold; "
+                               "drop --thresholds")
+    for threshold in args.thresholds or ():
+        if not 0 < threshold < 1:  # nan too
+            raise common.UserError(f"--thresholds {threshold:g}: give probabilities in "
+                                   "(0, 1), e.g. 0.3 0.4 0.5 0.6 0.7")
+    return [PredictionMode.from_config(config, how_of_tile_flag(config, args.tile),
+                                       args.overlap, args.tta, threshold=threshold)
+            for threshold in args.thresholds or ()]
+
+
 def scores_file(run_dir: Path, name: str, data_dir: str | None) -> Path:
     """``RUN/<name>.json``; for another folder's scores (``data_dir``), the first of
     ``<name>.json``, ``<name>-2.json``, ... that is free or holds that folder's: two
@@ -156,6 +179,7 @@ def main(argv=None):
     from unet_jax.optim import weights_name
 
     predictor = common.make_predictor(args)
+    sweep = threshold_modes(predictor.config, args)  # each checked before any scoring
     pairs, data_dir = select_pairs(args, predictor.config)
     result = score(predictor, pairs, args.skip_bad)
     print(f"{result['images']} images ({args.split}, {predictor.describe()}): Dice "
@@ -171,6 +195,16 @@ def main(argv=None):
             result["compare"].append(row)
             print(f"  {row['mode']:>6}, tta {row['tta']:<5}: Dice {row['dice']:.4f}, IoU "
                   f"{row['iou']:.4f}, {row['seconds_per_image']:.3f} s/image")
+    if sweep:
+        result["thresholds"] = []
+        for mode in sweep:
+            predictor.mode = mode
+            row = score(predictor, pairs, args.skip_bad)
+            result["thresholds"].append({k: row[k] for k in ("threshold", "dice", "iou")})
+            print(f"  threshold {mode.threshold:g}: Dice {row['dice']:.4f}, IoU "
+                  f"{row['iou']:.4f}")
+        best = max(result["thresholds"], key=lambda row: row["dice"])
+        print(f"  best of these by Dice: --threshold {best['threshold']:g}")
     data_dir = str(Path(data_dir).expanduser().resolve())
     result.update(split=args.split, data_dir=data_dir, checkpoint=str(args.checkpoint),
                   epoch=predictor.epoch,

@@ -461,6 +461,16 @@ def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, tmp_path, caps
                                 "--output", str(out)]) == 0
     high = json.loads(out.read_text())
     assert high["threshold"] == 0.8 and "threshold 0.8" in capsys.readouterr().out
+    assert call(evaluate.main, ["--checkpoint", str(trained_run), "--thresholds", "0.5",
+                                "0.8", "--output", str(out)]) == 0
+    swept = json.loads(out.read_text())["thresholds"]
+    assert [row["threshold"] for row in swept] == [0.5, 0.8]
+    assert [row["dice"] for row in swept] == [result["dice"], high["dice"]]
+    best = max(swept, key=lambda row: row["dice"])["threshold"]
+    assert f"best of these by Dice: --threshold {best:g}" in capsys.readouterr().out
+    assert call(evaluate.main, ["--checkpoint", str(trained_run), "--thresholds", "0.5",
+                                "2", "--output", str(out)]) == 2
+    assert "--thresholds 2: give probabilities in (0, 1)" in capsys.readouterr().err
     assert high["dice"] == pytest.approx(np.mean([
         1.0 if m.sum() + t.sum() == 0 else 2 * (m & t).sum() / (m.sum() + t.sum())
         for m, t in ((Predictor(trained_run, threshold=0.8).predict(image),
