@@ -142,16 +142,10 @@ def ways_to_compare(config, tile_given: bool, overlap, tta_given: str | None,
 def threshold_modes(config, args) -> list:
     """The ``PredictionMode`` of each of ``--thresholds``, predicting as the others
     flags say."""
-    from unet_jax.prediction import PredictionMode, how_of_tile_flag
+    from unet_jax.prediction import PredictionMode, check_threshold, how_of_tile_flag
 
-    if args.thresholds and config.num_classes > 1:
-        raise common.UserError(f"--thresholds: a run of {config.num_classes} classes takes "
-                               "the most probable class at each pixel, with no threshold; "
-                               "drop --thresholds")
     for threshold in args.thresholds or ():
-        if not 0 < threshold < 1:  # nan too
-            raise common.UserError(f"--thresholds {threshold:g}: give probabilities in "
-                                   "(0, 1), e.g. 0.3 0.4 0.5 0.6 0.7")
+        check_threshold(threshold, config.num_classes, "--thresholds")
     return [PredictionMode.from_config(config, how_of_tile_flag(config, args.tile),
                                        args.overlap, args.tta, threshold=threshold)
             for threshold in args.thresholds or ()]

@@ -383,7 +383,7 @@ def test_predict_writes_probabilities_the_masks_are_thresholded_from(tmp_path, c
     assert capsys.readouterr().err.strip().endswith(
         "--threshold 0.7: a run of 3 classes takes the most probable class at each pixel, "
         "with no threshold; drop --threshold")
-    for bad in ("0.0", "1.5", "nan"):
+    for bad in ("0", "1.5", "nan"):
         assert call(predict.main, [*argv, str(tmp_path / "bad"), "--threshold", bad]) == 2
         assert f"--threshold {bad}: give a probability in (0, 1)" in capsys.readouterr().err
     assert call(predict.main, ["--checkpoint", str(several), "--input", str(inputs),
@@ -470,7 +470,7 @@ def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, tmp_path, caps
     assert f"best of these by Dice: --threshold {best:g}" in capsys.readouterr().out
     assert call(evaluate.main, ["--checkpoint", str(trained_run), "--thresholds", "0.5",
                                 "2", "--output", str(out)]) == 2
-    assert "--thresholds 2: give probabilities in (0, 1)" in capsys.readouterr().err
+    assert "--thresholds 2: give a probability in (0, 1)" in capsys.readouterr().err
     assert high["dice"] == pytest.approx(np.mean([
         1.0 if m.sum() + t.sum() == 0 else 2 * (m & t).sum() / (m.sum() + t.sum())
         for m, t in ((Predictor(trained_run, threshold=0.8).predict(image),

@@ -64,6 +64,18 @@ def default_memory_budget() -> int:
         return 4 << 30
 
 
+def check_threshold(threshold, num_classes: int, flag: str = "--threshold") -> None:
+    """ConfigError, naming ``flag``, unless ``threshold`` is a probability in (0, 1)
+    that a run of ``num_classes`` can use: one class, or 0.5 (several take the arg-max)."""
+    from unet_jax.config import ConfigError
+
+    if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):  # nan too
+        raise ConfigError(f"{flag} {threshold:g}: give a probability in (0, 1), e.g. 0.5")
+    if num_classes > 1 and threshold != 0.5:
+        raise ConfigError(f"{flag} {threshold:g}: a run of {num_classes} classes takes the "
+                          f"most probable class at each pixel, with no threshold; drop {flag}")
+
+
 def how_of_tile_flag(config, tile: bool | None) -> str | None:
     """The ``how`` the tools' ``--tile`` (True) and ``--no-tile`` (False) ask for: tiles,
     or without tiles what the run's training allows (whole for a crop-trained run,
@@ -113,18 +125,10 @@ class PredictionMode:
         fields (a bad one raises its ``ConfigError``, naming the flag); ``threshold``
         must lie in (0, 1), for a one-class run. ``memory_budget`` defaults to
         ``default_memory_budget()``."""
-        from unet_jax.config import ConfigError
-
         if how is not None and how not in HOWS:
             raise ValueError(f"how {how!r}: choose one of {', '.join(HOWS)}")
         if threshold is not None:
-            if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
-                raise ConfigError(f"--threshold {threshold}: give a probability in (0, 1), "
-                                  "e.g. 0.5")
-            if config.num_classes > 1 and threshold != 0.5:
-                raise ConfigError(f"--threshold {threshold}: a run of {config.num_classes} "
-                                  "classes takes the most probable class at each pixel, "
-                                  "with no threshold; drop --threshold")
+            check_threshold(threshold, config.num_classes)
         given = {k: v for k, v in (("overlap", overlap), ("tta", tta)) if v is not None}
         if given:
             config = dataclasses.replace(config, **given)  # runs Config's own checks
