@@ -55,6 +55,10 @@ def test_a_run_starts_from_the_sources_weights(source):
     assert all(np.array_equal(a, b) for a, b in zip(leaves(state.ema_params), leaves(params)))
     assert all(a is not b for a, b in zip(jax.tree.leaves(state.ema_params),
                                           jax.tree.leaves(state.params)))
+    # Host arrays, which a run over several processes can spread over all their
+    # devices (restored ones sat on this process's first device, and did not spread).
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves((state.params,
+                                                                   state.ema_params)))
     assert logged == [f"starting from the weights of {run} (epoch 0)"]
 
 

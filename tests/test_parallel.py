@@ -107,26 +107,32 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_with_jax_distributed(data_dir, single_device_run, tmp_path):
-    """Two processes on localhost, one CPU device each, as on two machines (JAX's CPU
-    backend runs the cross-process all-reduce with gloo)."""
-    run = tmp_path / "multi"
+def train_in_two_processes(argv) -> list[str]:
+    """experiments.train ``argv`` as two processes on localhost, one CPU device each, as
+    on two machines (JAX's CPU backend runs the cross-process all-reduce with gloo);
+    the stdout of each."""
     port = free_port()
     # No shared compilation cache: two processes of one run compile their programs
     # side by side, as on two hosts.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "UNET_JAX_COMPILE_CACHE": "off"}
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "experiments.train", "--data-dir", str(data_dir),
-         "--workdir", str(run), *TINY, "--coordinator", f"127.0.0.1:{port}",
-         "--num-processes", "2", "--process-id", str(i)],
+        [sys.executable, "-m", "experiments.train", *argv, "--coordinator",
+         f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     outputs = [p.communicate(timeout=400) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    assert "2 device(s), 2 process(es)" in outputs[0][0]
+    return [out for out, _ in outputs]
+
+
+def test_two_processes_with_jax_distributed(data_dir, single_device_run, tmp_path):
+    run = tmp_path / "multi"
+    outputs = train_in_two_processes(["--data-dir", str(data_dir), "--workdir", str(run),
+                                      *TINY])
+    assert "2 device(s), 2 process(es)" in outputs[0]
     # only process 0 prints and writes (gloo itself may say it connected)
-    assert "epoch" not in outputs[1][0] and "unet-jax" not in outputs[1][0]
+    assert "epoch" not in outputs[1] and "unet-jax" not in outputs[1]
     rows = metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
@@ -137,6 +143,15 @@ def test_two_processes_with_jax_distributed(data_dir, single_device_run, tmp_pat
         for key in ("train_loss", "val_loss", "val_dice"):
             assert row[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-4), key
     assert (run / "checkpoints" / "2" / "params").is_dir()
+    # Fine-tuned over two processes from a run's weights (restored onto one device,
+    # they could not be spread over the other process's): at a rate too small to
+    # move them, the first epoch scores as the source's best did.
+    tuned = tmp_path / "tuned"
+    train_in_two_processes(["--data-dir", str(data_dir), "--workdir", str(tuned), *TINY,
+                            "--init-from", str(single_device_run), "--lr", "1e-9",
+                            "--epochs", "1"])
+    best = max(reference, key=lambda r: (r["val_dice"], r["epoch"]))
+    assert metrics(tuned)[0]["val_loss"] == pytest.approx(best["val_loss"], rel=1e-3)
 
 
 def test_sigterm_still_unwinds_after_joining_a_multi_process_run():

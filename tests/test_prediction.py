@@ -185,6 +185,16 @@ def test_overrides_config_refuses_are_refused_with_its_message(override, message
     assert str(from_mode.value).startswith(message)
 
 
+def test_a_threshold_is_any_real_number_in_0_1_and_named_otherwise():
+    """np.float32(0.3) was refused as "--threshold 0.3: give a probability in (0, 1)",
+    and a string crashed formatting its own message."""
+    assert PredictionMode.from_config(crop_config(), threshold=np.float32(0.3)).threshold == (
+        pytest.approx(0.3))
+    for bad, shown in ((1.0, "1"), ("0.3", "'0.3'"), (True, "True")):
+        with pytest.raises(ConfigError, match=rf"^--threshold {shown}: give a probability"):
+            PredictionMode.from_config(crop_config(), threshold=bad)
+
+
 def test_the_memory_estimate_covers_what_xla_reports(narrow):
     params, apply_fn = narrow
     shape = jax.ShapeDtypeStruct((1, 96, 160, 3), jnp.float32)

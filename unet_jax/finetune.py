@@ -30,6 +30,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from unet_jax import checkpoints, rundir
@@ -77,7 +78,9 @@ def check_source(config: Config, workdir=None) -> Config:
 def start_from(state, config: Config, log=print):
     """``state`` (a new run's) with the weights of the run ``config.init_from`` in
     place of its random ones, converted as the module docstring says; its moving
-    average (``--ema``) starts from them too."""
+    average (``--ema``) starts from them too. The weights are host (numpy) arrays,
+    placed by the caller as a new state's are: restored ones sit on this process's
+    first device, and a run over several processes cannot spread such arrays."""
     saved = check_source(config)
     try:
         params, _, epoch = checkpoints.restore_params(config.init_from, "best")
@@ -96,10 +99,10 @@ def start_from(state, config: Config, log=print):
         else:
             flat[FIRST_KERNEL] = first_kernel_for(flat[FIRST_KERNEL], config.in_channels)
         notes.append(f"the first layer converted to {config.in_channels} channel(s)")
-    params = traverse_util.unflatten_dict(flat)
+    params = jax.device_get(traverse_util.unflatten_dict(flat))
     ema = {}
     if state.ema_params is not None:  # a copy: the state is donated, a buffer only once
-        ema = {"ema_params": jax.tree.map(jnp.copy, params)}
+        ema = {"ema_params": jax.tree.map(np.copy, params)}
     changed = f"; {', '.join(notes)}" if notes else ""
     log(f"starting from the weights of {config.init_from} (epoch {epoch}){changed}")
     return state.replace(params=params, **ema)

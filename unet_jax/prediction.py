@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import os
 
 import jax
@@ -69,8 +70,10 @@ def check_threshold(threshold, num_classes: int, flag: str = "--threshold") -> N
     that a run of ``num_classes`` can use: one class, or 0.5 (several take the arg-max)."""
     from unet_jax.config import ConfigError
 
-    if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):  # nan too
-        raise ConfigError(f"{flag} {threshold:g}: give a probability in (0, 1), e.g. 0.5")
+    number = isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
+    if not (number and 0 < threshold < 1):  # nan too
+        shown = f"{threshold:g}" if number else repr(threshold)
+        raise ConfigError(f"{flag} {shown}: give a probability in (0, 1), e.g. 0.5")
     if num_classes > 1 and threshold != 0.5:
         raise ConfigError(f"{flag} {threshold:g}: a run of {num_classes} classes takes the "
                           f"most probable class at each pixel, with no threshold; drop {flag}")
