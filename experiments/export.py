@@ -36,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of the exported model, whatever the run trained in "
                    "(bfloat16: savedmodel and stablehlo only) (default: float32)")
+    p.add_argument("--threshold", type=float, metavar="P",
+                   help="one-class runs: the probability the settings file says masks are "
+                   "cut at, as chosen with evaluate --thresholds (default: 0.5)")
     return p.parse_args(argv)
 
 
@@ -45,7 +48,8 @@ def main(argv=None):
     common.start_platform("cpu")
     from unet_jax import export
 
-    info = export.export_run(args.checkpoint, args.format, args.output, args.epoch, args.dtype)
+    info = export.export_run(args.checkpoint, args.format, args.output, args.epoch, args.dtype,
+                             args.threshold)
     size = export.size_of(args.output) / 1e6
     check = info["parity"]
     print(f"wrote {args.output} ({size:.1f} MB, {args.format}, {info['compute_dtype']}; "

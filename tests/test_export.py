@@ -23,7 +23,7 @@ from experiments import export as export_cli
 from tests.test_experiments import call
 from unet_jax import checkpoints, export
 from unet_jax.checkpoints import CheckpointError
-from unet_jax.config import Config
+from unet_jax.config import Config, ConfigError
 from unet_jax.export import ExportError
 from unet_jax.inference import Predictor
 from unet_jax.train import init_params
@@ -207,6 +207,13 @@ def test_the_sidecar_holds_the_runs_prediction_settings(exported, run_dir):
     # The views are averaged at the model's size, before the logits are resized back.
     assert tiles["how"].index("averaged") < tiles["how"].index("resized to the image's")
     assert "EXIF" in settings["how"] and "mirrored" not in settings["how"]  # no tta
+    # A threshold chosen with evaluate reaches the settings file, as a logit and as
+    # the probability evaluate and predict speak of.
+    chosen = export.prediction_settings(CONFIG, threshold=0.8)
+    assert chosen["threshold"] == pytest.approx(np.log(0.8 / 0.2))
+    assert chosen["probability_threshold"] == 0.8 and settings["threshold"] == 0.0
+    with pytest.raises(ConfigError, match=r"^--threshold 2: give a probability"):
+        export.export_params(run_dir[1], CONFIG, "stablehlo", "unused.jaxexport", threshold=2)
 
 
 def readme_example() -> str:

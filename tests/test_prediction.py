@@ -185,6 +185,25 @@ def test_overrides_config_refuses_are_refused_with_its_message(override, message
     assert str(from_mode.value).startswith(message)
 
 
+def test_another_threshold_compiles_nothing(narrow):
+    """The threshold is a value the program takes, not part of it: evaluate
+    --thresholds compiled the U-Net again for each one."""
+    params, apply_fn = narrow
+    image = np.random.default_rng(0).random((1, 32, 48, 3), np.float32)
+    config = Config(base_features=4, depth=2, image_size=(32, 48))
+    masks = []
+    for threshold in (0.5, 0.3, 0.7):
+        mode = PredictionMode.from_config(config, threshold=threshold)
+        masks.append(np.asarray(predict_batch(params, image, 1, apply_fn, mode, 4, None,
+                                              True, np.float32(mode.logit_threshold))))
+        if threshold == 0.5:
+            compiled = predict_batch._cache_size()
+    assert predict_batch._cache_size() == compiled
+    logits = np.asarray(predict_batch(params, image, 1, apply_fn, mode, 4, masks=False))
+    for mask, threshold in zip(masks, (0.5, 0.3, 0.7)):
+        np.testing.assert_array_equal(mask, logits[..., 0] > np.log(threshold / (1 - threshold)))
+
+
 def test_a_threshold_is_any_real_number_in_0_1_and_named_otherwise():
     """np.float32(0.3) was refused as "--threshold 0.3: give a probability in (0, 1)",
     and a string crashed formatting its own message."""

@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -66,7 +67,7 @@ class ExportError(RuntimeError):
 
 # --- What a caller needs: the sidecar JSON ----------------------------------------------
 
-def prediction_settings(config) -> dict:
+def prediction_settings(config, threshold: float | None = None) -> dict:
     """How the run predicts a mask, as plain data: the run's ``PredictionMode``, what
     ``inference.Predictor`` does with it by default, for callers of an exported model.
 
@@ -75,11 +76,13 @@ def prediction_settings(config) -> dict:
     image at its own size times ``scale``, mirror-padded (symmetric) to a multiple of
     ``size_multiple``, in one call; where that pass would not fit in memory, tiles of
     ``tile`` with ``overlap``, blended. A binary model's mask is ``logits >
-    threshold`` (0: probability 0.5); with several classes, the argmax.
+    threshold``: the logit of ``probability_threshold`` (``threshold``, as predict's
+    --threshold; 0.5 by default, a logit of 0); with several classes, the argmax.
     """
     from unet_jax.prediction import PredictionMode
 
-    c, mode = config, PredictionMode.from_config(config, memory_budget=1 << 62)
+    c, mode = config, PredictionMode.from_config(config, memory_budget=1 << 62,
+                                                 threshold=threshold)
     # Every step predict takes, in order: a caller who follows them gets its masks.
     values = "RGB values" if c.in_channels == 3 else "grayscale (luminance) values"
     wide = (f"16-bit and float images first scaled by 255 / {c.max_value:g}" if c.max_value
@@ -113,9 +116,10 @@ def prediction_settings(config) -> dict:
             "in_channels": c.in_channels, "num_classes": c.num_classes, "depth": c.depth,
             "max_value": c.max_value,
             "size_multiple": mode.multiple,
-            "threshold": 0.0 if c.num_classes == 1 else None,
-            "decision": ("logits > threshold (sigmoid probability 0.5)" if c.num_classes == 1
-                         else "argmax over the classes")}
+            "threshold": mode.logit_threshold if c.num_classes == 1 else None,
+            "probability_threshold": mode.threshold if c.num_classes == 1 else None,
+            "decision": (f"logits > threshold (sigmoid probability over {mode.threshold:g})"
+                         if c.num_classes == 1 else "argmax over the classes")}
 
 
 def sidecar_path(output) -> Path:
@@ -356,10 +360,11 @@ def check_images(config) -> list[np.ndarray]:
 # --- Export -------------------------------------------------------------------------------
 
 def export_params(params, config, fmt: str, output, dtype: str = "float32",
-                  checkpoint: dict | None = None) -> dict:
+                  checkpoint: dict | None = None, threshold: float | None = None) -> dict:
     """Writes ``params`` of a run with ``config`` as ``fmt`` to ``output``, checked
     against JAX, and its settings file ``<output>.json`` (``checkpoint`` says where the
-    weights came from); returns the settings, the check under "parity":
+    weights came from; ``threshold``, the probability its masks are cut at, 0.5 by
+    default); returns the settings, the check under "parity":
     {"max_abs_diff", "input_shapes", "tolerance"}."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -372,6 +377,7 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32",
         tensorflow()  # before tf2onnx imports it: quietly, without the GPUs
         for module in ("tf2onnx", "onnx", "onnxruntime"):
             require(module, fmt)
+    prediction = prediction_settings(config, threshold)  # a bad threshold stops here
     output = _check_output(Path(output), fmt)
     fn = model_function(params, config, dtype)
     # A name of at most 255 bytes stays one with the staging folder's 14 more.
@@ -401,7 +407,7 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32",
                               f"{diff:.3g}, allowed {limit:.3g}); nothing was written")
         check = {"max_abs_diff": diff, "input_shapes": [list(s) for s, _, _ in checks],
                  "tolerance": limit}
-        info = _settings(config, fmt, output, dtype, check, checkpoint)
+        info = _settings(config, fmt, output, dtype, check, checkpoint, prediction)
         _replace(artifact, output)
         _write_text(sidecar_path(output), json.dumps(info, indent=2) + "\n")
     finally:
@@ -409,7 +415,8 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32",
     return info
 
 
-def export_run(run_dir, fmt: str, output, which="best", dtype: str = "float32") -> dict:
+def export_run(run_dir, fmt: str, output, which="best", dtype: str = "float32",
+               threshold: float | None = None) -> dict:
     """Exports a run's checkpoint (``which``: 'best', 'latest' or an epoch) as ``fmt``
     to ``output`` with its settings file; returns the settings. A run trained with
     ``--ema`` exports its averaged weights, as predict uses them."""
@@ -419,11 +426,11 @@ def export_run(run_dir, fmt: str, output, which="best", dtype: str = "float32") 
     params, config, epoch = checkpoints.restore_params(run_dir, which)
     return export_params(params, config, fmt, output, dtype, checkpoint={
         "run_dir": str(Path(run_dir).resolve()), "epoch": epoch, "which": str(which),
-        "weights": weights_name(config)})
+        "weights": weights_name(config)}, threshold=threshold)
 
 
 def _settings(config, fmt: str, output: Path, dtype: str, check: dict,
-              checkpoint: dict | None) -> dict:
+              checkpoint: dict | None, prediction: dict) -> dict:
     """The settings file's contents: what a caller needs to use the export."""
     k = 2 ** config.depth
     return {
@@ -437,7 +444,7 @@ def _settings(config, fmt: str, output: Path, dtype: str, check: dict,
         "output": {"name": "logits", "shape": [None, None, None, config.num_classes],
                    "dtype": "float32"},
         "compute_dtype": dtype, "trained_dtype": config.dtype,
-        "prediction": prediction_settings(config),
+        "prediction": prediction,
         "checkpoint": checkpoint,
         "parity": check,
     }
@@ -547,12 +554,13 @@ def _replace(artifact: Path, output: Path) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=".tmp")
+    # Opened exclusively under a name of its own: the user's umask sets its mode, as
+    # for any file they write (mkstemp's would be 0600).
+    tmp = path.with_name(f".{path.name[:64]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

@@ -99,7 +99,8 @@ class Predictor:
                         "x width): %s is tiled at its own %dx%d, which matches training "
                         "only if the training images were %dx%d too; otherwise predict "
                         "without --tile, or train with --crop (and --scale) for tiles",
-                        *c.image_size, path, *image.shape[:2], *c.image_size)
+                        *c.image_size, path if isinstance(path, (str, os.PathLike)) else
+                        preprocess.IN_MEMORY, *image.shape[:2], *c.image_size)
         return image
 
     def predict(self, image) -> np.ndarray:
@@ -135,7 +136,7 @@ class Predictor:
                 batch[:len(chunk)] = [inputs[i] for i in chunk]
                 result = np.asarray(predict_batch(
                     self.params, batch, np.int32(len(chunk)), self.apply_fn, mode,
-                    self.batch_size, tuple(size), masks))
+                    self.batch_size, tuple(size), masks, np.float32(mode.logit_threshold)))
                 for row, i in enumerate(chunk):
                     out[i] = result[row]
         return out

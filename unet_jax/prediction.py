@@ -117,7 +117,9 @@ class PredictionMode:
     base_features: int
     memory_budget: int
     auto: bool = False
-    threshold: float = 0.5
+    # Not part of the compiled program (predict_batch takes it as a traced value): modes
+    # that differ in it alone compare equal and share their programs.
+    threshold: float = dataclasses.field(default=0.5, compare=False)
 
     @classmethod
     def from_config(cls, config, how: str | None = None, overlap: float | None = None,
@@ -226,7 +228,7 @@ def to_mask(logits, logit_threshold: float = 0.0):
                                              "out_size", "masks"))
 def predict_batch(params, images, count, apply_fn, mode: PredictionMode,
                   tiles_per_call: int = 8, out_size: tuple[int, int] | None = None,
-                  masks: bool = True):
+                  masks: bool = True, logit_threshold=0.0):
     """Masks (or logits) of a batch of images of one size, in one program.
 
     ``images``: (N, h, w, C) uint8 (or float32 in [0, 1]) at the model's scale, the
@@ -234,8 +236,9 @@ def predict_batch(params, images, count, apply_fn, mode: PredictionMode,
     folder compiles once per size); ``mode``: ``PredictionMode.resolved`` for that
     size. The logits are resized bilinearly to ``out_size`` (the files' own size;
     None keeps the model's scale) before the threshold, never the mask after it, for
-    smooth edges. Returns uint8 masks (N, H, W) with ``masks``, else float32 logits
-    (N, H, W, K).
+    smooth edges. Returns uint8 masks (N, H, W) with ``masks`` (a one-class run's
+    over ``logit_threshold``, the mode's ``logit_threshold``: a traced value, so that
+    another threshold compiles nothing), else float32 logits (N, H, W, K).
     """
     logits = _logits(params, images, count, apply_fn, mode, tiles_per_call)
     logits = logits.astype(jnp.float32)
@@ -243,4 +246,4 @@ def predict_batch(params, images, count, apply_fn, mode: PredictionMode,
         # antialiased when shrinking, as Pillow's bilinear filter (to within 1e-4)
         logits = jax.image.resize(logits, (logits.shape[0], *out_size, logits.shape[-1]),
                                   "linear", antialias=True)
-    return to_mask(logits, mode.logit_threshold) if masks else logits
+    return to_mask(logits, logit_threshold) if masks else logits
