@@ -194,8 +194,10 @@ def opened(source, max_value: float = 0.0):
 
 def from_array(array: np.ndarray, max_value: float = 0.0) -> Image.Image:
     """A Pillow image of a numpy array (height, width), (height, width, 1), 3 (RGB) or
-    4 (RGBA) channels: uint8 as it is; 16-bit, 32-bit and float values brought to 8
-    bits by the rule for such files (``eight_bits``)."""
+    4 (RGBA) channels, read as the same pixels in a file would be: uint8 as it is;
+    16-bit colour by its high byte, as Pillow reads such files; 16-bit grayscale,
+    32-bit and float values brought to 8 bits by the rule for such files
+    (``eight_bits``)."""
     values = array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
     if not (values.ndim == 2 or (values.ndim == 3 and values.shape[-1] in (3, 4))) or (
             0 in values.shape):
@@ -204,7 +206,11 @@ def from_array(array: np.ndarray, max_value: float = 0.0) -> Image.Image:
     if values.dtype == bool or not (np.issubdtype(values.dtype, np.integer)
                                     or np.issubdtype(values.dtype, np.floating)):
         raise DataError(f"{IN_MEMORY} is {values.dtype}: give uint8, 16-bit or float values")
-    if values.dtype != np.uint8:
+    if values.ndim == 3 and values.dtype in (np.uint16, np.int16):
+        # As Pillow reads a 16-bit colour file: its high byte (it has no 16-bit colour
+        # mode, so --max-value reaches grayscale images alone).
+        values = (np.clip(values, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+    elif values.dtype != np.uint8:
         kind = ("float" if np.issubdtype(values.dtype, np.floating) else
                 "16-bit" if values.dtype.itemsize == 2 else "int")
         values = eight_bits(values.astype(np.float32), kind, IN_MEMORY, max_value)
