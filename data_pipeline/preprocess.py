@@ -175,6 +175,11 @@ def open_image(path):
 IN_MEMORY = "the in-memory image"  # what messages call an array or a Pillow image
 
 
+def name_of(source) -> str:
+    """How messages name an image: its path, or ``IN_MEMORY`` (not its pixels)."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else IN_MEMORY
+
+
 @contextlib.contextmanager
 def opened(source, max_value: float = 0.0):
     """A Pillow image of ``source``: an image file (``open_image``), a Pillow image, or
@@ -380,8 +385,7 @@ def load_image(path, image_size=None, in_channels: int = 3,
             img.draft(mode, (height, width) if orientation(img) >= 5 else (width, height))
         img = upright(img)
         if img.mode in _WIDE_MODES:
-            img = _to_8_bits(img, path if isinstance(path, (str, os.PathLike)) else
-                             IN_MEMORY, max_value)
+            img = _to_8_bits(img, name_of(path), max_value)
         elif img.mode == "P":
             img = img.convert("RGBA")  # applies the palette, transparency included
         img = img.convert(mode)

@@ -139,16 +139,16 @@ def ways_to_compare(config, tile_given: bool, overlap, tta_given: str | None,
             for how in hows for tta in ("none", flips)]
 
 
-def threshold_modes(config, args) -> list:
-    """The ``PredictionMode`` of each of ``--thresholds``, predicting as the others
-    flags say."""
-    from unet_jax.prediction import PredictionMode, check_threshold, how_of_tile_flag
+def threshold_modes(predictor, thresholds) -> list:
+    """The predictor's ``PredictionMode`` with each of ``thresholds`` (--thresholds)."""
+    import dataclasses
 
-    for threshold in args.thresholds or ():
-        check_threshold(threshold, config.num_classes, "--thresholds")
-    return [PredictionMode.from_config(config, how_of_tile_flag(config, args.tile),
-                                       args.overlap, args.tta, threshold=threshold)
-            for threshold in args.thresholds or ()]
+    from unet_jax.prediction import check_threshold
+
+    for threshold in thresholds or ():
+        check_threshold(threshold, predictor.config.num_classes, "--thresholds")
+    return [dataclasses.replace(predictor.mode, threshold=float(threshold))
+            for threshold in thresholds or ()]
 
 
 def scores_file(run_dir: Path, name: str, data_dir: str | None) -> Path:
@@ -173,7 +173,7 @@ def main(argv=None):
     from unet_jax.optim import weights_name
 
     predictor = common.make_predictor(args)
-    sweep = threshold_modes(predictor.config, args)  # each checked before any scoring
+    sweep = threshold_modes(predictor, args.thresholds)  # each checked before any scoring
     pairs, data_dir = select_pairs(args, predictor.config)
     result = score(predictor, pairs, args.skip_bad)
     print(f"{result['images']} images ({args.split}, {predictor.describe()}): Dice "

@@ -41,7 +41,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 import warnings
 from pathlib import Path
 
@@ -50,6 +49,7 @@ import numpy as np
 # TensorFlow through data_pipeline's door: its GPUs hidden (JAX needs them), its
 # libraries' start-up notes held back.
 from data_pipeline.tf_setup import native_logs_held, tensorflow
+from unet_jax import rundir
 
 FORMATS = ("onnx", "savedmodel", "tflite", "stablehlo")
 ONNX_OPSET = 17
@@ -409,7 +409,7 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32",
                  "tolerance": limit}
         info = _settings(config, fmt, output, dtype, check, checkpoint, prediction)
         _replace(artifact, output)
-        _write_text(sidecar_path(output), json.dumps(info, indent=2) + "\n")
+        rundir.write_text_atomic(sidecar_path(output), json.dumps(info, indent=2) + "\n")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return info
@@ -470,18 +470,28 @@ def _check_output(output: Path, fmt: str) -> Path:
     if output == Path.cwd() or output in Path.cwd().parents:
         raise ExportError(f"--output {given} is the folder this command runs in (or holds "
                           "it); give the export a name of its own, e.g. unet_savedmodel")
-    kind = {"." + FILE_SUFFIX.get(f, f): f for f in FORMATS if f != "savedmodel"}.get(
-        output.suffix)
+    kind = {_suffix(f): f for f in FORMATS if f != "savedmodel"}.get(output.suffix)
     if kind is not None and kind != fmt:
         raise ExportError(f"--output {given} ends in {output.suffix}, the {kind} format's "
                           f"name, for a {fmt} export: pass --format {kind}, or name it "
                           f"{output.with_suffix(_suffix(fmt)).name}")
+    ours = _is_export(output)
+    _check_target(output, given, fmt, ours)
+    _check_sidecar(output, given, ours)
+    _check_parent(output, given)
+    return output
+
+
+def _check_target(output: Path, given, fmt: str, ours: bool) -> None:
+    """Refuses a file or folder at ``output`` that the export may not replace: one it
+    did not write (not ``ours``), the wrong kind for ``fmt``, or a SavedModel folder
+    holding files of the user's."""
     if fmt == "savedmodel":
         if output.is_file():
             raise ExportError(f"--output {given} is a file; a SavedModel is a directory, "
                               "give a new directory name")
         if output.is_dir() and any(output.iterdir()):
-            _check_replaceable(output, given)
+            _check_replaceable(output, given, ours)
             others = sorted(p.name for p in output.iterdir() if p.name not in SAVEDMODEL_FILES)
             if others:
                 raise ExportError(f"--output {given} holds {', '.join(others)}, which an "
@@ -491,7 +501,11 @@ def _check_output(output: Path, fmt: str) -> Path:
         raise ExportError(f"--output {given} is a directory; give a file name, e.g. "
                           f"{output / ('unet' + _suffix(fmt))}")
     elif output.exists():
-        _check_replaceable(output, given)
+        _check_replaceable(output, given, ours)
+
+
+def _check_sidecar(output: Path, given, ours: bool) -> None:
+    """Refuses a settings file that cannot be written, or is not an export's."""
     sidecar = sidecar_path(output)
     if len(os.fsencode(sidecar.name)) > NAME_MAX:
         raise ExportError(f"--output {given}: its settings file's name, {sidecar.name[:24]}"
@@ -500,9 +514,13 @@ def _check_output(output: Path, fmt: str) -> Path:
     if sidecar.is_dir():  # found now, not after the export is in place
         raise ExportError(f"--output {given}: its settings file {sidecar} would replace a "
                           "directory of that name; move it, or give another --output")
-    if sidecar.exists() and not _is_export(output):
+    if sidecar.exists() and not ours:
         raise ExportError(f"--output {given}: {sidecar} exists and is not the settings file "
                           "of an export of that name; move it, or give another --output")
+
+
+def _check_parent(output: Path, given) -> None:
+    """Creates ``output``'s folder; refuses one that is a file or cannot be written."""
     for parent in output.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -517,7 +535,6 @@ def _check_output(output: Path, fmt: str) -> Path:
     except OSError as e:
         raise ExportError(f"--output {given}: {output.parent} is not writable "
                           f"({e.strerror or e}); choose another path") from None
-    return output
 
 
 NAME_MAX = 255  # bytes in a file name: Linux, macOS and Windows alike
@@ -539,8 +556,8 @@ def _is_export(output: Path) -> bool:
             and info.get("format") in FORMATS)
 
 
-def _check_replaceable(output: Path, given) -> None:
-    if not _is_export(output):
+def _check_replaceable(output: Path, given, ours: bool) -> None:
+    if not ours:
         raise ExportError(f"--output {given} exists and is not an earlier export (no "
                           f"{sidecar_path(output).name} beside it says so); export "
                           "replaces only what it wrote: give a new name, or move it")
@@ -551,16 +568,3 @@ def _replace(artifact: Path, output: Path) -> None:
     if output.is_dir():
         shutil.rmtree(output)
     os.replace(artifact, output)
-
-
-def _write_text(path: Path, text: str) -> None:
-    # Opened exclusively under a name of its own: the user's umask sets its mode, as
-    # for any file they write (mkstemp's would be 0600).
-    tmp = path.with_name(f".{path.name[:64]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

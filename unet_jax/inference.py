@@ -99,8 +99,8 @@ class Predictor:
                         "x width): %s is tiled at its own %dx%d, which matches training "
                         "only if the training images were %dx%d too; otherwise predict "
                         "without --tile, or train with --crop (and --scale) for tiles",
-                        *c.image_size, path if isinstance(path, (str, os.PathLike)) else
-                        preprocess.IN_MEMORY, *image.shape[:2], *c.image_size)
+                        *c.image_size, preprocess.name_of(path), *image.shape[:2],
+                        *c.image_size)
         return image
 
     def predict(self, image) -> np.ndarray:

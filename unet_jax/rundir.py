@@ -131,7 +131,8 @@ def write_text_atomic(path, text: str) -> None:
     """Writes ``text`` to ``path`` so that a reader (or a crash) sees the old file or
     the new one, never half of one, and no temporary file is left behind."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A name as long as a file system allows leaves room for the temporary one's.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide it from other users
