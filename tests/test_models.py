@@ -63,6 +63,15 @@ def test_indivisible_size_raises_with_nearest_valid_sizes():
     check_input_size(64, 48, depth=4)  # valid: no error
 
 
+@pytest.mark.parametrize("field,value", [("base_features", 0), ("depth", 0),
+                                         ("num_classes", 0), ("base_features", 2.5)])
+def test_widths_depth_and_classes_must_be_positive_whole_numbers(field, value):
+    with pytest.raises(ValueError, match=rf"^UNet\({field}={value!r}\): needs a whole number"):
+        UNet(**{field: value}).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    assert UNet(base_features=np.int64(2), depth=1).init(  # numpy whole numbers are fine
+        jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     model = UNet(base_features=4, depth=2, dtype=jnp.bfloat16)
     x = jax.random.uniform(jax.random.key(1, impl="rbg"), (2, 16, 16, 3))

@@ -34,6 +34,7 @@ convolutions, ``SeparableConv``: the lightweight variant).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -300,6 +301,14 @@ def valid_sizes(size: int, depth: int) -> tuple[int, int]:
     return lower, upper if upper != lower else lower + step
 
 
+def check_counts(**counts):
+    """Refuses a width, depth or class count that is not a whole number >= 1, which
+    would otherwise fail deep inside an initializer (a fan-in of zero)."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"UNet({name}={value!r}): needs a whole number >= 1")
+
+
 def check_input_size(height: int, width: int, depth: int) -> None:
     """Raises ValueError unless 2**depth divides both height and width.
 
@@ -373,6 +382,8 @@ class UNet(nn.Module):
         if not jnp.issubdtype(x.dtype, jnp.floating):  # 0..255 would saturate every ReLU
             raise TypeError(f"images are {x.dtype}: the U-Net takes floats in [0, 1]; "
                             "divide 0..255 values by 255 (data_pipeline.to_float)")
+        check_counts(base_features=self.base_features, depth=self.depth,
+                     num_classes=self.num_classes)
         if self.attention and not self.skip_connections:
             raise ValueError("attention gates weigh the skip connections: they need "
                              "skip_connections=True")
