@@ -41,9 +41,9 @@ def parse_args(argv=None):
                    "or whole and tiled, each with and without test-time flips), with the "
                    "time per image, under 'compare' in the JSON")
     p.add_argument("--thresholds", type=float, nargs="+", metavar="P",
-                   help="one-class runs: also score these thresholds (a prediction pass "
-                   "each), under 'thresholds' in the JSON, to choose predict's "
-                   "--threshold on validation images")
+                   help="one-class runs: also score these thresholds (from the same "
+                   "prediction pass), under 'thresholds' in the JSON, to choose "
+                   "predict's --threshold on validation images")
     return p.parse_args(argv)
 
 
@@ -68,10 +68,13 @@ def select_pairs(args, config):
         otherwise="score every pair of a folder instead (--data-dir DIR --split all)")[1], data_dir
 
 
-def score(predictor, pairs, skip_bad: bool) -> dict:
+def score(predictor, pairs, skip_bad: bool, sweep=()) -> dict:
     """Mean Dice, IoU and pixel accuracy of ``predictor``'s masks for ``pairs`` at each
     image's full size, the seconds per image (decoding included), and each image's
-    own scores (``per_image``: which images, or which patient, the mean hides)."""
+    own scores (``per_image``: which images, or which patient, the mean hides).
+    With ``sweep`` (the predictor's mode at other thresholds: ``threshold_modes``),
+    also the Dice and IoU of each under "thresholds", from the same pass: its logits
+    are thresholded on the host, as the device program thresholds them."""
     import numpy as np
     from tqdm import tqdm
 
@@ -82,12 +85,16 @@ def score(predictor, pairs, skip_bad: bool) -> dict:
     num_classes = predictor.config.num_classes
     masks = {p.image: p.mask for p in pairs}
     scores, scored = [], []
+    swept = [(mode.threshold, np.float32(mode.logit_threshold), []) for mode in sweep]
     start = time.perf_counter()
     paths = [p.image for p in pairs]
-    results = predictor.predict_files(paths, skip_bad=skip_bad)
+    results = predictor.predict_files(paths, skip_bad=skip_bad, logits=bool(swept))
     # disable=None: a progress bar on terminals only, not in logs or pipes.
     for image, _, predicted in tqdm(results, total=len(pairs), unit="image", disable=None,
                                     desc=predictor.describe()):
+        logits = predicted if swept else None
+        if swept:
+            predicted = predictor.to_mask(logits)
         try:
             # The true mask by the same rule training reads it with, at its own size.
             truth = preprocess.load_mask(masks[image], None, num_classes)[..., 0]
@@ -100,14 +107,18 @@ def score(predictor, pairs, skip_bad: bool) -> dict:
                 raise DataError(f"{e}, or pass --skip-bad to skip such pairs") from None
             logging.getLogger(__name__).warning("skipping %s", e)
             continue
-        scores.append({k: np.asarray(v[0]) for k, v in segmentation_scores(
-            predicted[None].astype(np.int32), truth[None].astype(np.int32), num_classes).items()})
+        scores_of = lambda mask: {k: np.asarray(v[0]) for k, v in segmentation_scores(  # noqa: E731
+            mask[None].astype(np.int32), truth[None].astype(np.int32), num_classes).items()}
+        scores.append(scores_of(predicted))
         scored.append(str(image))
+        for _, logit, rows in swept:
+            rows.append(scores_of(logits[..., 0] > logit))
     seconds = time.perf_counter() - start
     if not scores:
         raise common.UserError("no image could be scored (all were skipped as unreadable)")
-    averaged = means({"count": len(scores), **{k: np.sum([s[k] for s in scores], axis=0)
-                                                for k in scores[0]}})
+    mean_of = lambda rows: means({"count": len(rows), **{  # noqa: E731
+        k: np.sum([s[k] for s in rows], axis=0) for k in rows[0]}})
+    averaged = mean_of(scores)
     result = {name: float(averaged[name]) for name in ("dice", "iou", "pixel_accuracy")}
     if num_classes > 1:  # per class 1..C-1, over the images holding it; "dice" and
         for name in ("dice", "iou"):  # "iou" are their means; null: in no image
@@ -117,6 +128,10 @@ def score(predictor, pairs, skip_bad: bool) -> dict:
     result.update(mode=mode.how, tta=mode.tta, overlap=mode.overlap, threshold=mode.threshold,
                   seconds_per_image=seconds / len(scores), images=len(scores),
                   skipped=len(pairs) - len(scores))
+    if swept:
+        result["thresholds"] = [{"threshold": threshold, **{
+            k: float(v) for k, v in mean_of(rows).items() if k in ("dice", "iou")}}
+            for threshold, _, rows in swept]
     result["per_image"] = [{"image": image, **{k: float(s[k]) for k in
                                                ("dice", "iou", "pixel_accuracy")}}
                            for image, s in zip(scored, scores)]
@@ -175,10 +190,16 @@ def main(argv=None):
     predictor = common.make_predictor(args)
     sweep = threshold_modes(predictor, args.thresholds)  # each checked before any scoring
     pairs, data_dir = select_pairs(args, predictor.config)
-    result = score(predictor, pairs, args.skip_bad)
+    result = score(predictor, pairs, args.skip_bad, sweep)
     print(f"{result['images']} images ({args.split}, {predictor.describe()}): Dice "
           f"{result['dice']:.4f}, IoU {result['iou']:.4f}, pixel accuracy "
           f"{result['pixel_accuracy']:.4f}, {result['seconds_per_image']:.3f} s/image")
+    if sweep:
+        for row in result["thresholds"]:
+            print(f"  threshold {row['threshold']:g}: Dice {row['dice']:.4f}, IoU "
+                  f"{row['iou']:.4f}")
+        best = max(result["thresholds"], key=lambda row: row["dice"])
+        print(f"  best of these by Dice: --threshold {best['threshold']:g}")
     if args.compare:
         result["compare"] = []
         for mode in ways_to_compare(predictor.config, bool(args.tile), args.overlap,
@@ -189,16 +210,6 @@ def main(argv=None):
             result["compare"].append(row)
             print(f"  {row['mode']:>6}, tta {row['tta']:<5}: Dice {row['dice']:.4f}, IoU "
                   f"{row['iou']:.4f}, {row['seconds_per_image']:.3f} s/image")
-    if sweep:
-        result["thresholds"] = []
-        for mode in sweep:
-            predictor.mode = mode
-            row = score(predictor, pairs, args.skip_bad)
-            result["thresholds"].append({k: row[k] for k in ("threshold", "dice", "iou")})
-            print(f"  threshold {mode.threshold:g}: Dice {row['dice']:.4f}, IoU "
-                  f"{row['iou']:.4f}")
-        best = max(result["thresholds"], key=lambda row: row["dice"])
-        print(f"  best of these by Dice: --threshold {best['threshold']:g}")
     data_dir = str(Path(data_dir).expanduser().resolve())
     result.update(split=args.split, data_dir=data_dir, checkpoint=str(args.checkpoint),
                   epoch=predictor.epoch,

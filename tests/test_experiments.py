@@ -436,7 +436,8 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path, monkeypatch, capsys):
         f"--workdir {run} --resume", "test: interrupted"]
 
 
-def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, tmp_path, capsys):
+def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, tmp_path, capsys,
+                                          monkeypatch):
     assert call(evaluate.main, ["--checkpoint", str(trained_run)]) == 0
     result = json.loads((trained_run / "evaluation-validation.json").read_text())
     split = json.loads((trained_run / "split.json").read_text())
@@ -461,8 +462,13 @@ def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, tmp_path, caps
                                 "--output", str(out)]) == 0
     high = json.loads(out.read_text())
     assert high["threshold"] == 0.8 and "threshold 0.8" in capsys.readouterr().out
+    passes = []
+    monkeypatch.setattr(Predictor, "predict_files", lambda self, *a, _f=Predictor.predict_files,
+                        **k: passes.append(1) or _f(self, *a, **k))
     assert call(evaluate.main, ["--checkpoint", str(trained_run), "--thresholds", "0.5",
                                 "0.8", "--output", str(out)]) == 0
+    assert len(passes) == 1  # every threshold from the same logits
+    monkeypatch.undo()
     swept = json.loads(out.read_text())["thresholds"]
     assert [row["threshold"] for row in swept] == [0.5, 0.8]
     assert [row["dice"] for row in swept] == [result["dice"], high["dice"]]
