@@ -197,6 +197,17 @@ def opened(source, max_value: float = 0.0):
             yield img
 
 
+def check_no_max_value(name: str, max_value: float) -> None:
+    """Refuses ``--max-value`` for a 16-bit colour image, which Pillow reads by its
+    high byte alone: the raw values it would scale are gone (12-bit colour would
+    stay nearly black without a word)."""
+    if max_value:
+        raise DataError(f"{name} is a 16-bit colour image, which is read by its high byte "
+                        "(Pillow has no 16-bit colour mode), so --max-value cannot scale "
+                        "it: train without --max-value, or save the images as 8-bit "
+                        "colour (or 16-bit grayscale, for --in-channels 1)")
+
+
 def from_array(array: np.ndarray, max_value: float = 0.0) -> Image.Image:
     """A Pillow image of a numpy array (height, width), (height, width, 1), 3 (RGB) or
     4 (RGBA) channels, read as the same pixels in a file would be: uint8 as it is;
@@ -214,6 +225,7 @@ def from_array(array: np.ndarray, max_value: float = 0.0) -> Image.Image:
     if values.ndim == 3 and values.dtype in (np.uint16, np.int16):
         # As Pillow reads a 16-bit colour file: its high byte (it has no 16-bit colour
         # mode, so --max-value reaches grayscale images alone).
+        check_no_max_value(IN_MEMORY, max_value)
         values = (np.clip(values, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
     elif values.dtype != np.uint8:
         kind = ("float" if np.issubdtype(values.dtype, np.floating) else
@@ -324,7 +336,8 @@ def eight_bits(values: np.ndarray, kind: str, path, max_value: float = 0.0) -> n
     '16-bit', 'int' or 'float'), ``path`` naming it in the warning below.
 
     With ``max_value`` (``--max-value``), that value becomes 255 in every such file:
-    4095 for a 12-bit camera or scanner. Without it, 16-bit images are scaled by their
+    4095 for a 12-bit camera or scanner (float images within 1 are [0, 1] unless
+    ``max_value`` is 1 or less). Without it, 16-bit images are scaled by their
     range (65535 -> 255), whatever the image holds, so that every image of a dataset
     is scaled alike; 32-bit integer and float images say nothing of their range:
     float values up to 1 are taken as [0, 1], integers over 255 as 16-bit, anything
@@ -334,10 +347,12 @@ def eight_bits(values: np.ndarray, kind: str, path, max_value: float = 0.0) -> n
     """
     global narrow_warned
     top = float(values.max()) if values.size else 0.0
-    if max_value:
-        values = values * np.float32(255 / max_value)
-    elif kind == "float" and top <= 1:
+    if kind == "float" and top <= 1 and not 0 < max_value <= 1:
+        # Already [0, 1]: a --max-value over 1 speaks of raw counts (4095 for 12 bits),
+        # which such an image no longer holds; scaled by it, it would read black.
         values = values * 255
+    elif max_value:
+        values = values * np.float32(255 / max_value)
     elif kind == "16-bit" or top > 255:
         if top < 4096 and not narrow_warned:
             narrow_warned = True
@@ -379,6 +394,9 @@ def load_image(path, image_size=None, in_channels: int = 3,
                          "numbers over 0")
     mode = "RGB" if in_channels == 3 else "L"
     with opened(path, max_value) as img:
+        if img.mode in ("RGB", "RGBA") and any(";16" in str(t.args)
+                                               for t in getattr(img, "tile", ())):
+            check_no_max_value(name_of(path), max_value)  # 16-bit samples, unloaded
         height, width = image_size or scaled_size(shown_size(img), scale)
         if image_size or scale != 1:
             # Never below the target size; the decoder scales the image as stored.

@@ -3,6 +3,8 @@ GIF masks, and users' own folders in several formats."""
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,18 @@ def write_mask(path: Path, mask: np.ndarray, value: int = 255) -> None:
         gif.save(path)
     else:
         Image.fromarray(mask.astype(np.uint8) * value).save(path)
+
+
+def write_png16_rgb(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit colour PNG of uint16 ``pixels`` (h, w, 3), written by hand: Pillow
+    reads such files (by their high byte) but cannot write them."""
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + data)))
+    header = struct.pack(">IIBBBBB", pixels.shape[1], pixels.shape[0], 16, 2, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
 def kaggle_dir(root: Path, cars=CARS, angles: int = 4, size=(W, H), images="train",

@@ -3,8 +3,6 @@ naming the right file or flag (or, for a valid command, works), decided in one p
 
 import json
 import re
-import struct
-import zlib
 
 import jax
 import numpy as np
@@ -15,7 +13,7 @@ import data_pipeline
 from data_pipeline import DataError
 from experiments import evaluate, predict, train
 from experiments.common import UserError
-from tests.data_fixtures import box_mask, write_image, write_mask
+from tests.data_fixtures import box_mask, write_image, write_mask, write_png16_rgb
 from tests.test_experiments import TINY, call, read_metrics
 import unet_jax
 from unet_jax import checkpoints, configs, rundir, trainer
@@ -379,12 +377,7 @@ def test_an_image_in_memory_is_predicted_as_its_file_is(run, tmp_path):
     assert (mask != predictor.predict(tmp_path / "big.jpg")).mean() < 0.005
     # 16-bit colour, any values: as Pillow reads the same pixels from a 16-bit PNG.
     wide = np.random.default_rng(1).integers(0, 65536, (40, 60, 3)).astype(np.uint16)
-    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in wide)
-    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
-                                + struct.pack(">I", zlib.crc32(kind + data)))
-    (tmp_path / "wide.png").write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60, 40, 16, 2, 0, 0, 0))
-        + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    write_png16_rgb(tmp_path / "wide.png", wide)
     np.testing.assert_array_equal(predictor.decode(wide), predictor.decode(tmp_path / "wide.png"))
     for image, message in [
             (pixels[..., :2], r"has shape \(40, 60, 2\): give \(height, width\) or"),

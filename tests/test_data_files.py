@@ -1,6 +1,7 @@
 """data_pipeline.files and the decoders: layouts, pairing, every bad-data error, skip_bad."""
 
 import logging
+import re
 import shutil
 
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 from PIL import Image
 
 import data_pipeline as dp
-from tests.data_fixtures import CARS, H, W, box_mask, kaggle_dir, own_dir, write_image, write_mask
+from tests.data_fixtures import (CARS, H, W, box_mask, kaggle_dir, own_dir, write_image,
+                                 write_mask, write_png16_rgb)
 
 
 @pytest.fixture
@@ -214,6 +216,33 @@ def test_max_value_scales_12_bit_and_float_images_to_the_full_range(tmp_path, ca
                     for v in (0, 4095))
     assert dark.max() <= 16 and bright.max() >= 254
     assert len(list(tmp_path.glob("cache-*.images.npy"))) == 2  # one cache per scaling
+
+
+def test_max_value_leaves_float_images_within_1_as_they_are(tmp_path):
+    """A float image in [0, 1] under a 12-bit run's --max-value 4095 read nearly black
+    (255/4095 of its values), as a file and as an array given to a Predictor."""
+    ramp = np.linspace(0, 1, H * W, dtype=np.float32).reshape(H, W)
+    Image.fromarray(ramp).save(tmp_path / "unit.tif")
+    for source in (tmp_path / "unit.tif", ramp):
+        np.testing.assert_allclose(
+            dp.load_image(source, None, in_channels=1, max_value=4095)[..., 0],
+            np.rint(ramp * 255), atol=1)
+    # A --max-value within 1 is about such images, and still applies.
+    half = dp.load_image(ramp / 2, None, in_channels=1, max_value=0.5)[..., 0]
+    np.testing.assert_allclose(half, np.rint(ramp * 255), atol=1)
+
+
+def test_max_value_refuses_16_bit_colour_which_it_cannot_scale(tmp_path):
+    """Pillow reads a 16-bit colour file by its high byte: --max-value 4095 on 12-bit
+    colour images trained on values up to 15 of 255, without a word."""
+    wide = np.random.default_rng(0).integers(0, 4096, (H, W, 3)).astype(np.uint16)
+    write_png16_rgb(tmp_path / "colour12.png", wide)
+    assert dp.load_image(tmp_path / "colour12.png").max() <= 15  # as Pillow reads it
+    for source, name in ((tmp_path / "colour12.png", str(tmp_path / "colour12.png")),
+                         (wide, "the in-memory image")):
+        with pytest.raises(dp.DataError, match=rf"^{re.escape(name)} is a 16-bit colour "
+                           r"image.*train without --max-value"):
+            dp.load_image(source, max_value=4095)
 
 
 # --- every bad-data error names the file -------------------------------------------------
