@@ -545,10 +545,10 @@ def _colour_coded(path, values: np.ndarray, num_classes: int) -> DataError:
     colours = np.unique(values.reshape(-1, values.shape[-1]), axis=0)
     shown = ", ".join(str(tuple(int(v) for v in c)) for c in colours[:4])
     more = f" and {len(colours) - 4} more" if len(colours) > 4 else ""
-    return DataError(f"{path} codes classes as colours ({shown}{more}) but --num-classes "
-                     f"{num_classes} needs class ids, one value per pixel; map each colour "
-                     f"to its id (0..{num_classes - 1}) and save the ids as a grayscale or "
-                     "palette PNG")
+    return DataError(f"{path} codes classes as colours ({shown}{more}) but a model of "
+                     f"{num_classes} classes needs class ids, one value per pixel; map each "
+                     f"colour to its id (0..{num_classes - 1}) and save the ids as a "
+                     "grayscale or palette PNG")
 
 
 def check_class_ids(values: np.ndarray, num_classes: int, path) -> None:
@@ -564,11 +564,14 @@ def check_class_ids(values: np.ndarray, num_classes: int, path) -> None:
     found = np.unique(values)
     if len(found) <= 2 and found.max() in (255, 65535) and found.min() == 0:
         raise DataError(f"{path} holds only 0 and {int(found.max())}, a binary mask, but "
-                        f"--num-classes is {num_classes}; pass --num-classes 1 for binary "
-                        "masks, or store class ids 0..C-1")
+                        f"the model has {num_classes} classes (--num-classes {num_classes}); "
+                        "train with --num-classes 1 for binary masks, or store class ids "
+                        f"0..{num_classes - 1}")
     bad = int(found.max() if found.max() >= num_classes else found.min())
+    # Read by train and evaluate alike: the fix is named as a training flag.
     raise DataError(f"{path} holds class {bad} but the model has {num_classes} classes "
-                    f"(0..{num_classes - 1}); raise --num-classes or fix the mask")
+                    f"(0..{num_classes - 1}); train with a larger --num-classes, or fix "
+                    "the mask")
 
 
 def load_example(pair, image_size, in_channels: int = 3, resize: str = "bilinear",

@@ -94,7 +94,8 @@ def test_a_class_id_beyond_num_classes_is_found_in_the_source_mask(tmp_path):
 
 def test_binary_masks_with_several_classes_advise_num_classes_1(data):
     with pytest.raises(DataError, match=r"holds only 0 and 255, a binary mask, but "
-                       r"--num-classes is 2; pass --num-classes 1"):
+                       r"the model has 2 classes \(--num-classes 2\); train with "
+                       r"--num-classes 1"):
         data_pipeline.find_pairs(data, num_classes=2)
 
 

@@ -366,7 +366,7 @@ def test_colour_coded_class_masks_are_named_not_read_as_their_brightest_channel(
     colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)
     Image.fromarray(colours[ids]).save(tmp_path / "m.png")
     with pytest.raises(dp.DataError, match=r"m\.png codes classes as colours \(\(0, 0, 0\), "
-                       r"\(0, 255, 0\), \(255, 0, 0\)\) but --num-classes 3 needs class ids"):
+                       r"\(0, 255, 0\), \(255, 0, 0\)\) but a model of 3 classes needs class ids"):
         dp.load_mask(tmp_path / "m.png", (H, W), num_classes=3)
     grey = np.repeat(ids[..., None].astype(np.uint8), 3, axis=-1)  # ids stored as RGB greys
     Image.fromarray(grey).save(tmp_path / "g.png")

@@ -83,7 +83,7 @@ def test_class_ids_are_kept_and_checked(tmp_path):
     np.testing.assert_array_equal(preprocess.load_mask(tmp_path / "ids.png", None, 3)[..., 0], ids)
     with pytest.raises(data_pipeline.DataError, match=r"ids\.png holds class 2 .* 2 classes") as e:
         preprocess.load_mask(tmp_path / "ids.png", None, 2)
-    assert "raise --num-classes or fix the mask" in str(e.value)
+    assert "train with a larger --num-classes, or fix the mask" in str(e.value)
     # Binary: the ids are all foreground, whatever their value.
     np.testing.assert_array_equal(preprocess.load_mask(tmp_path / "ids.png")[..., 0], ids > 0)
     # 16-bit class ids keep their values (a 16-bit mask is not rescaled).
