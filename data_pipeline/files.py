@@ -365,7 +365,8 @@ def check_crop_fits(pairs, crop: tuple[int, int], scale: float, multiple: int = 
 
 
 def find_images(path, *, skip_bad: bool = False, by_stem: bool = True) -> list[Path]:
-    """The images to predict: one image file, or a folder's images in name order.
+    """The images to predict: one image file, or a folder's images in name order,
+    less the masks kept beside them (``x_mask.png`` beside ``x.png``), with a warning.
 
     With ``by_stem`` (predict: its outputs are named by stem), two images of one stem
     (``e0.png``, ``e0.jpg``) would write the same ``e0_mask.png``: a DataError naming
@@ -385,6 +386,13 @@ def find_images(path, *, skip_bad: bool = False, by_stem: bool = True) -> list[P
         raise DataError(f"--input {path}: no such file or directory")
     path = unnested(path)
     found = _images_in(path)
+    stems = {p.stem for p in found}
+    # Masks kept beside their images (x.tif, x_mask.tif) are not images to segment.
+    if beside := [p for p in found if p.stem.endswith("_mask") and p.stem[:-5] in stems]:
+        log.warning("--input %s: leaving out %d file(s) named as the masks of images beside "
+                    "them (%s for %s); give a folder of images alone to predict them too",
+                    path, len(beside), beside[0].name, beside[0].stem[:-5])
+        found = [p for p in found if p not in beside]
     images, problems = _by_stem(found) if by_stem else ({p.name: p for p in found}, [])
     if problems and not skip_bad:
         raise DataError(f"{problems[0]}: their masks would share one output file; "

@@ -359,6 +359,20 @@ def test_find_images(kaggle, tmp_path):
         dp.find_images(tmp_path / "nope")
 
 
+def test_find_images_leaves_out_masks_kept_beside_their_images(tmp_path, caplog):
+    """A folder of x.tif and x_mask.tif (as some biomedical datasets ship) had its
+    ground-truth masks segmented as images, and x_mask_mask.png written for each."""
+    for stem in ("a", "b"):
+        write_image(tmp_path / f"{stem}.png")
+        write_mask(tmp_path / f"{stem}_mask.png", box_mask())
+    write_image(tmp_path / "lone_mask.png")  # no lone.png beside it: an image
+    with caplog.at_level("WARNING"):
+        found = dp.find_images(tmp_path)
+    assert [p.name for p in found] == ["a.png", "b.png", "lone_mask.png"]
+    assert "leaving out 2 file(s) named as the masks of images beside them (a_mask.png " \
+        "for a)" in caplog.text
+
+
 def test_colour_coded_class_masks_are_named_not_read_as_their_brightest_channel(tmp_path):
     """Red for class 1, green for class 2: the largest channel would read both as 255,
     and the message would then suggest a binary model, merging the classes."""
