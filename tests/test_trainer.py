@@ -211,6 +211,9 @@ def test_a_dice_near_0_at_the_end_gets_a_hint_naming_the_likely_cause(monkeypatc
     assert trainer._near_zero_hint(rows(0.3, 0.6), {"epoch": 2, "val_dice": 0.6}) is None
     stayed = trainer._near_zero_hint(rows(0.0, 0.01), {"epoch": 2, "val_dice": 0.01})
     assert stayed.startswith("the validation Dice stayed near 0") and "--epochs" in stayed
+    assert "random crops" in stayed
+    assert "random crops" not in trainer._near_zero_hint(  # a run on crops already
+        rows(0.0, 0.01), {"epoch": 2, "val_dice": 0.01}, cropped=True)
     ended = trainer._near_zero_hint(rows(0.11, 0.0, 0.0), {"epoch": 1, "val_dice": 0.11})
     assert "ended near 0 (the best, 0.1100 at epoch 1, may be a guess" in ended
     monkeypatch.setattr(preprocess, "narrow_warned", True)

@@ -118,16 +118,17 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
         f"outputs in {workdir}/ (metrics.csv, loss.png, predictions.png, checkpoints/); "
         f"predict with: python -m experiments.predict --checkpoint {workdir} --input IMAGE "
         "--output DIR")
-    hint = _near_zero_hint(history, best)
+    hint = _near_zero_hint(history, best, cropped=config.crop is not None)
     if hint:
         log(hint)
     return {"workdir": workdir, "history": history, "best": best}
 
 
-def _near_zero_hint(history: list[dict], best: dict) -> str | None:
+def _near_zero_hint(history: list[dict], best: dict, cropped: bool = False) -> str | None:
     """What to do when the last validation Dice is near 0, or None. A best epoch
     before that may be an untrained model's guess (a little foreground everywhere),
-    which predict would use: said too."""
+    which predict would use: said too. A run that ``cropped`` already trains on
+    random crops, so only more epochs are offered."""
     if not history or history[-1]["val_dice"] >= 0.05:
         return None
     if best["val_dice"] < 0.05:
@@ -140,10 +141,10 @@ def _near_zero_hint(history: list[dict], best: dict) -> str | None:
         return (f"{what}: a warning above named 16-bit or float images that reach the "
                 "model nearly black; pass --max-value (e.g. 4095 for 12-bit data) in a "
                 "new run")
+    crops = ("" if cropped else ", or, with a few dozen images, on many random crops of "
+             "each (README: 'A few dozen images')")
     return (f"{what}: the model predicts next to no foreground yet (it starts by "
-            "learning the background, most of every image); train for more --epochs, "
-            "or, with a few dozen images, on many random crops of each (README: 'A few "
-            "dozen images')")
+            f"learning the background, most of every image); train for more --epochs{crops}")
 
 
 # --- The phases of a run, in the order train_and_evaluate calls them ------------------
