@@ -323,6 +323,7 @@ _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 narrow_warned = False  # set once the first dark 16-bit or float image was named
+clipped_warned = False  # set once the first image brighter than --max-value was named
 
 
 def _to_8_bits(img: Image.Image, path, max_value: float = 0.0) -> Image.Image:
@@ -345,13 +346,18 @@ def eight_bits(values: np.ndarray, kind: str, path, max_value: float = 0.0) -> n
     the model can barely learn from; no rule read from one file can tell 12 bits from
     a dark 16-bit image, so the first such file is named, with the flag that fixes it.
     """
-    global narrow_warned
+    global narrow_warned, clipped_warned
     top = float(values.max()) if values.size else 0.0
     if kind == "float" and top <= 1 and not 0 < max_value <= 1:
         # Already [0, 1]: a --max-value over 1 speaks of raw counts (4095 for 12 bits),
         # which such an image no longer holds; scaled by it, it would read black.
         values = values * 255
     elif max_value:
+        if top > max_value and not clipped_warned:
+            clipped_warned = True
+            log.warning("%s has values up to %g, over --max-value %g: %.0f%% of its pixels "
+                        "turn white; pass the brightest value the data holds (65535 for "
+                        "16-bit)", path, top, max_value, 100 * np.mean(values > max_value))
         values = values * np.float32(255 / max_value)
     elif kind == "16-bit" or top > 255:
         if top < 4096 and not narrow_warned:

@@ -218,6 +218,24 @@ def test_max_value_scales_12_bit_and_float_images_to_the_full_range(tmp_path, ca
     assert len(list(tmp_path.glob("cache-*.images.npy"))) == 2  # one cache per scaling
 
 
+def test_an_image_over_max_value_is_named_once(tmp_path, caplog, monkeypatch):
+    """--max-value 4095 on 16-bit data turned most pixels white without a word."""
+    from data_pipeline import preprocess
+
+    monkeypatch.setattr(preprocess, "clipped_warned", False)
+    ramp = np.linspace(0, 65535, H * W).reshape(H, W).astype(np.uint16)
+    for name in ("wide1.png", "wide2.png"):
+        Image.fromarray(ramp).save(tmp_path / name)
+    with caplog.at_level("WARNING"):
+        dp.load_image(tmp_path / "wide1.png", max_value=65535)
+        assert not caplog.records  # within it: nothing to say
+        dp.load_image(tmp_path / "wide1.png", max_value=4095)
+        dp.load_image(tmp_path / "wide2.png", max_value=4095)
+    [record] = caplog.records
+    assert "wide1.png has values up to 65535, over --max-value 4095: 94% of its pixels " \
+        "turn white" in record.getMessage()
+
+
 def test_max_value_leaves_float_images_within_1_as_they_are(tmp_path):
     """A float image in [0, 1] under a 12-bit run's --max-value 4095 read nearly black
     (255/4095 of its values), as a file and as an array given to a Predictor."""
