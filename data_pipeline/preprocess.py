@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 MAX_PIXELS_VARIABLE = "UNET_JAX_MAX_IMAGE_PIXELS"
 # Raised whenever the same file comes to decode to other pixels (2: EXIF orientation
 # applied, graded mask edges cut at half scale; 3: masks resized by area, aligned with
-# their images), so that caches of decoded examples kept on disk are made anew.
-DECODE_VERSION = 3
+# their images; 4: float images within 1 stay [0, 1] under a --max-value over 1), so
+# that caches of decoded examples kept on disk are made anew.
+DECODE_VERSION = 4
 _PILLOW_LIMIT = Image.MAX_IMAGE_PIXELS  # Pillow's own limit, read (not changed) at import
 
 
