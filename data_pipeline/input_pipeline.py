@@ -11,7 +11,8 @@ Patch training (``crop``): the U-Net paper's way. Each example is cached once at
 own resolution times ``scale`` (never squashed to a square), and every epoch draws
 ``crops_per_image`` random crops of ``crop`` from each image, so that the model sees
 fine detail at full resolution and a few large images give many steps. Validation
-then scores whole images (``examples``) by tiled prediction. The cache holds every
+then scores whole images (``examples``) at that scale, in one pass each (tiles only
+where a pass would not fit in memory: ``unet_jax.prediction``). The cache holds every
 image at that size: Kaggle's 5,088 Carvana photos (1918x1280 RGB plus a one-byte
 mask per pixel, 9.8 MB each) take 50 GB at scale 1.0 and 12.5 GB at scale 0.5, so
 for data larger than memory give ``cache`` a file prefix (memory-mapped; the pages
@@ -283,7 +284,7 @@ class InputPipeline:
 
     def examples(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every example whole, in order, as uint8 (image, mask) at its cached size:
-        what validation of a crop-trained run predicts tile by tile."""
+        what validation of a crop-trained run predicts, whole."""
         for index in range(len(self.pairs)):
             yield self._example(index)
         self._flush()

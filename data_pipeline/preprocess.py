@@ -471,10 +471,11 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     Nearest picks one source pixel per output pixel, and at an even factor (--scale
     0.5, 1024 -> 512) always the one after the middle of its block, where the image's
-    filter samples the middle itself: every training mask lay half a source pixel down
-    and right of its image, and the model learned to draw its masks half a pixel up
-    and left of the object (about a sixth more boundary error after upsampling, on
-    ellipses at scale 0.5). The area a label covers is centred where the image is. A
+    filter samples the middle itself: sampled half a source pixel down and right,
+    every training mask's content lay that far (a quarter of an output pixel) up and
+    left of its image, and the model learned to draw its masks up and left of the
+    object (about a sixth more boundary error after upsampling, on ellipses at scale
+    0.5). The area a label covers is centred where the image is. A
     pixel covered half and half takes the higher label (the object), as nnU-Net
     resamples its segmentations.
     """

@@ -308,12 +308,6 @@ class Config:
         return DTYPES[self.dtype]
 
     @property
-    def tiled(self) -> bool:
-        """Whether the run predicts whole images tile by tile (it trained on crops)
-        rather than resized to ``image_size``."""
-        return self.crop is not None
-
-    @property
     def tile(self) -> tuple[int, int]:
         """The size of the tiles tiled prediction cuts: the training crop, or
         ``image_size`` for a run trained on whole resized images."""

@@ -21,7 +21,9 @@ setting here (``Config``):
   ==========  ===================================================  ======================
 
   A decaying rate takes large steps while the loss is far from a minimum and small
-  ones near it, where a constant rate keeps bouncing around.
+  ones near it, where a constant rate keeps bouncing around. (torch's
+  ReduceLROnPlateau cuts after ``patience`` + 1 epochs without a new best, and
+  milesial's calls it with factor 0.1 and patience 5; here 0.5 and 3 are the defaults.)
 * **Gradient clipping** (``--clip-norm``): a batch whose gradients have a global L2
   norm above the limit is scaled down to it, so one odd batch cannot wreck the weights.
 * **Weight averaging** (``--ema``): besides the weights AdamW trains, the state keeps

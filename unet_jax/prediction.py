@@ -7,7 +7,8 @@ A run predicts a mask in one of three ways (``PredictionMode.how``):
 * ``whole``: the whole image at the training scale in one pass, mirror-padded at the
   bottom and right to a multiple of ``2**depth``; the default for runs trained on
   crops. A fully convolutional network sees the most context this way (a
-  crop-trained run scored a higher Dice on held-out Carvana photos whole than tiled).
+  crop-trained run scored Dice 0.9609 whole against 0.9597 tiled on the sample set's
+  validation images: README, "Full resolution").
 * ``tile``: overlap-tile prediction at the training scale (``tiling``), for images
   whose whole pass would not fit in memory; the default beyond ``memory_budget``.
 
