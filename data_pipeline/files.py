@@ -14,6 +14,10 @@ Three layouts are understood:
   WebP.
   Each image is its own group, unless ``--group-by`` reads groups from the names
   (``splits.grouped``).
+* Masks beside their images: ``<stem>.<ext>`` and ``<stem>_mask.<ext>`` in one folder,
+  or in each sub-folder of it, one per patient or specimen, as the LGG brain MRI set
+  (``kaggle_3m/<patient>/``) ships. A sub-folder is its images' group, so that a split
+  keeps a patient's slices on one side.
 
 Every pair is checked up front: that it has its partner, that both files open and are
 complete, and that they have the same size. A problem found after an hour of training
@@ -38,7 +42,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 LAYOUTS = ("Kaggle's layout (train/ or train_hq/, with train_masks/), Kaggle's train.zip "
-           "and train_masks.zip as downloaded, or images/ + masks/")
+           "and train_masks.zip as downloaded, images/ + masks/, or <stem>_mask files "
+           "beside their images")
 FIX = "fix or remove the file, or pass --skip-bad to skip such pairs"
 
 # What a complete file of each format ends with: a file cut short by an interrupted
@@ -102,9 +107,28 @@ def _unzip_hint(folder: Path) -> str:
     return f"; unzip {zips[0]} first" if zips else ""
 
 
+def _beside_folders(root: Path) -> list[Path]:
+    """The folders of a dataset whose masks sit beside their images: ``root`` if it
+    holds an image and its ``<stem>_mask`` file, else its sub-folders that do; [] for
+    neither."""
+    def holds_pairs(folder: Path) -> bool:
+        stems = {p.stem for p in _images_in(folder)}
+        return any(stem.endswith("_mask") and stem[:-5] in stems for stem in stems)
+
+    if holds_pairs(root):
+        return [root]
+    try:
+        subs = sorted(p for p in root.iterdir()
+                      if p.is_dir() and not p.name.startswith((".", "__MACOSX")))
+    except OSError:
+        return []
+    return [sub for sub in subs if holds_pairs(sub)]
+
+
 def detect_layout(data_dir) -> tuple[Path, Path, str]:
-    """(image folder, mask folder, ``'kaggle'`` or ``'folders'``) of a dataset; each
-    folder may hold its files one folder down (``unnested``)."""
+    """(image folder, mask folder, ``'kaggle'``, ``'folders'`` or ``'beside'``) of a
+    dataset; each folder may hold its files one folder down (``unnested``). Beside:
+    both are the dataset's root (``_beside_folders`` finds the pairs' folders)."""
     root = Path(data_dir).expanduser().absolute()
     if root.is_file():
         raise DataError(f"--data-dir {root} is a file: pass the folder that holds images/ "
@@ -122,6 +146,8 @@ def detect_layout(data_dir) -> tuple[Path, Path, str]:
 
         if tfds_carvana.holds_kaggle_zips(root):
             return detect_layout(tfds_carvana.prepare_zip_folder(root))
+    if _beside_folders(root):
+        return root, root, "beside"
     raise DataError(f"--data-dir {root} matches no known layout: expected "
                     f"{LAYOUTS}{_unzip_hint(root) or _layout_hint(root)}")
 
@@ -158,7 +184,7 @@ def _layout_hint(root: Path) -> str:
         return f"; {root.name}/ is one of its folders: pass its parent, {root.parent}"
     if _images_in(root):
         return ("; it holds images itself: put them in images/ and their masks in masks/ "
-                "beside it")
+                "beside it, or save each mask beside its image as <stem>_mask.png")
     shown = ", ".join(f"{name}/" for name in folders[:6]) or "no folders"
     return f"; it holds {shown}"
 
@@ -179,9 +205,31 @@ def _by_stem(files: list[Path], strip: str = "") -> tuple[dict[str, Path], list[
     return found, problems
 
 
+def _pairs_beside(root: Path) -> tuple[list[Pair], list[str]]:
+    """The pairs of a dataset whose masks sit beside their images (``<stem>_mask``
+    files are the masks), each sub-folder its pairs' group; and the problems."""
+    pairs, problems = [], []
+    for folder in _beside_folders(root):
+        found = _images_in(folder)
+        images, clashes = _by_stem([p for p in found if not p.stem.endswith("_mask")])
+        masks, more = _by_stem([p for p in found if p.stem.endswith("_mask")], strip="_mask")
+        problems += clashes + more
+        for stem, image in images.items():
+            if stem not in masks:
+                problems.append(f"{image} has no mask (expected {folder / stem}_mask.png "
+                                "or another image format beside it)")
+            else:
+                pairs.append(Pair(image, masks[stem], stem if folder == root else folder.name))
+        problems += [f"{mask} has no image (expected {folder / stem}.png or similar beside "
+                     "it)" for stem, mask in masks.items() if stem not in images]
+    return sorted(pairs, key=lambda p: p.image), problems
+
+
 def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
     """Pairs by name (not yet checked), and the problems of files without a partner."""
     image_dir, mask_dir, layout = detect_layout(data_dir)
+    if layout == "beside":
+        return _pairs_beside(image_dir)
     images, problems = _by_stem(_images_in(image_dir))
     masks, more = _by_stem(_images_in(mask_dir), strip="_mask")
     problems += more
@@ -327,8 +375,8 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
         log.warning("skipping %d bad image/mask pair(s):\n  %s%s", len(problems),
                     "\n  ".join(shown), rest)
     if not pairs:
-        image_dir, mask_dir, _ = detect_layout(data_dir)
-        empty = [d for d in (image_dir, mask_dir) if not _images_in(d)]
+        image_dir, mask_dir, layout = detect_layout(data_dir)
+        empty = [d for d in (image_dir, mask_dir) if layout != "beside" and not _images_in(d)]
         names = " and ".join(f"{d.name}/" for d in empty)
         why = (f" ({names} {'hold' if len(empty) > 1 else 'holds'} no image files"
                f"{_nested_hint(empty)})" if empty else "")

@@ -164,11 +164,16 @@ def read_split(path, data_dir=None, otherwise: str = "start a new run",
         key = lambda image: image.name  # noqa: E731
     else:
         by_name = {}
-        for root in sorted({i.parent.parent for side in images.values() for i in side}):
-            try:
-                by_name.update((p.image, p) for p in match_pairs(root)[0])
-            except DataError:  # the folder is gone: its images are reported below
-                pass
+        # The dataset's root: above images/ (or train/), or above a patient's folder of
+        # images with their masks beside them; else the images' folder itself.
+        every = [i for side in images.values() for i in side]
+        for roots in ({i.parent.parent for i in every}, {i.parent for i in every}):
+            for root in sorted(roots):
+                try:
+                    for p in match_pairs(root)[0]:
+                        by_name.setdefault(p.image, p)
+                except DataError:  # the folder is gone: its images are reported below
+                    pass
         key = lambda image: image  # noqa: E731
     missing = [i for side in images.values() for i in side if key(i) not in by_name]
     if missing:

@@ -315,6 +315,36 @@ def test_two_masks_for_one_image(tmp_path):
     assert "img0" in message and "both claim the name" in message
 
 
+def test_masks_beside_their_images_in_one_folder_or_one_per_patient(tmp_path):
+    """x.tif and x_mask.tif side by side (the LGG brain MRI set's kaggle_3m/<patient>/):
+    each patient's folder is its slices' group, so a split keeps a patient whole."""
+    flat = tmp_path / "flat"
+    for stem in ("a", "b"):
+        write_image(flat / f"{stem}.png")
+        write_mask(flat / f"{stem}_mask.png", box_mask())
+    assert [(p.image.name, p.mask.name, p.car) for p in dp.find_pairs(flat)] == [
+        ("a.png", "a_mask.png", "a"), ("b.png", "b_mask.png", "b")]
+    nested = tmp_path / "kaggle_3m"
+    for patient in ("TCGA_1", "TCGA_2", "TCGA_3"):
+        for i in (1, 2):
+            write_image(nested / patient / f"{patient}_{i}.tif", seed=i)
+            write_mask(nested / patient / f"{patient}_{i}_mask.tif", box_mask(seed=i))
+    (nested / "data.csv").write_text("patient,grade\n")  # what the set ships beside them
+    pairs = dp.find_pairs(nested)
+    assert len(pairs) == 6 and {p.car for p in pairs} == {"TCGA_1", "TCGA_2", "TCGA_3"}
+    assert all(p.mask.name == p.image.stem + "_mask.tif" for p in pairs)
+    train, val = dp.split_pairs(pairs, val_fraction=0.34, seed=0)
+    assert len(val) == 2 and len({p.car for p in val}) == 1  # one patient, whole
+    # The run's split file reads back, from where the files are or after a move.
+    dp.write_split(tmp_path / "split.json", train, val)
+    assert dp.read_split(tmp_path / "split.json") == (train, val)
+    for data_dir in (flat, nested):  # a mask or an image alone is named
+        (data_dir / "lone.png").write_bytes((flat / "a.png").read_bytes())
+    assert "flat/lone.png has no mask (expected " in error_of(flat)
+    (nested / "TCGA_2" / "TCGA_2_1.tif").unlink()
+    assert "TCGA_2_1_mask.tif has no image" in error_of(nested)
+
+
 def test_neither_layout_and_no_directory(tmp_path):
     (tmp_path / "train").mkdir()  # images but no train_masks/
     message = error_of(tmp_path)

@@ -455,7 +455,8 @@ def _groups(config, train_pairs, val_pairs) -> str:
     counts = [len({p.car for p in pairs}) for pairs in (train_pairs, val_pairs)]
     if config.split != "car" or counts == [len(train_pairs), len(val_pairs)]:
         return ""
-    what = "groups" if config.group_by else "cars"
+    kaggle = all(p.image.parent.name in ("train", "train_hq") for p in train_pairs)
+    what = "cars" if kaggle and not config.group_by else "groups"
     return f" ({counts[0]} / {counts[1]} {what})"
 
 
