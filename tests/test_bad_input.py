@@ -3,6 +3,7 @@ naming the right file or flag (or, for a valid command, works), decided in one p
 
 import json
 import re
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -150,6 +151,24 @@ def test_a_run_that_failed_before_its_first_checkpoint_leaves_its_workdir_free(d
         in last_line(capsys)
     assert call(train.main, argv + ["--lr", "1e-3"]) == 0
     assert [r["epoch"] for r in read_metrics(tmp_path / "w")] == ["1"]
+
+
+def test_metrics_csv_comes_after_the_first_checkpoint(data, tmp_path, monkeypatch):
+    """metrics.csv marks finished work a new run may not overwrite. Written while the
+    first checkpoint was still being saved, a run killed then left a directory that
+    could neither resume (no checkpoint) nor start again (metrics.csv)."""
+    real_write, committed = rundir.write_text_atomic, []
+
+    def write(path, text):
+        if Path(path).name == "metrics.csv":
+            committed.append(rundir.has_checkpoint(Path(path).parent))
+        real_write(path, text)
+
+    monkeypatch.setattr(rundir, "write_text_atomic", write)
+    argv = ["--data-dir", str(data), "--workdir", str(tmp_path / "w"), "--epochs", "2",
+            *TINY[:-2]]
+    assert call(train.main, argv) == 0
+    assert committed[0] is True and len(committed) == 2
 
 
 def test_resume_without_checkpoints_never_overwrites_finished_metrics(run, tmp_path, capsys):

@@ -325,6 +325,11 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
             checkpoints.save(manager, epoch, state,
                              {"epoch": epoch, "step": int(state.step), "history": history},
                              {"val_dice": row["val_dice"]})
+            if not history[:-1]:
+                # metrics.csv marks finished work that a new run may not overwrite: it
+                # comes after the first checkpoint, so that a run killed while saving
+                # that leaves its directory free to start again (later saves overlap).
+                manager.wait_until_finished()
             averaged = " (averaged weights)" if config.ema else ""
             log(f"epoch {epoch}: train loss {row['train_loss']:.4f}, validation loss "
                 f"{row['val_loss']:.4f}, Dice {row['val_dice']:.4f}, IoU {row['val_iou']:.4f}"
