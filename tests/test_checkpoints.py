@@ -111,6 +111,36 @@ def test_restore_params_picks_best_latest_or_an_epoch(run, saved):
         checkpoints.restore_params(run, "newest")
 
 
+def test_a_failed_background_write_is_one_line(run, monkeypatch, caplog):
+    """A full disk during a save ended a run with about 1,200 lines of orbax and
+    TensorStore traceback and exit 1."""
+    import orbax.checkpoint as ocp
+
+    def full(self):
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x\"\n"
+                         "[source locations='tensorstore/...']\n")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", full)
+    manager = checkpoints.checkpoint_manager(run, keep=3)
+    with pytest.raises(CheckpointError) as e:
+        manager.wait_until_finished()
+    assert one_line(e.value) == (
+        f"a checkpoint could not be written in {run / 'checkpoints'} (RESOURCE_EXHAUSTED: "
+        'Error writing local file "x"); free space or fix the disk, then continue with '
+        "--resume: the checkpoints before it are intact")
+    monkeypatch.undo()
+    manager.close()
+    # orbax's background threads log their failures with tracebacks: the messages stay.
+    with caplog.at_level("ERROR"):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            logging.getLogger("absl").exception("[process=0] Failed to run 6 Handler "
+                                                "Commit operations (orbax)")
+    [record] = caplog.records
+    assert record.exc_info is None and "Failed to run 6 Handler" in record.getMessage()
+
+
 def test_a_damaged_config_is_one_line(run):
     (run / "config.json").write_text('{"base_features": 4, "dep')
     with pytest.raises(CheckpointError, match=r"config.json is damaged") as e:

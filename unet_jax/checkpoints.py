@@ -101,7 +101,19 @@ class _Manager(ocp.CheckpointManager):
                         Path(self.directory) / str(step) / "metrics", problem)
 
     def wait_until_finished(self):
-        super().wait_until_finished()
+        try:
+            super().wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - a background write failed: a full disk, say
+            # Orbax reports it here, at the next save or at the end, as a ValueError of
+            # TensorStore's status with pages of context; the run stops with one line.
+            problem = next((line.strip() for line in str(e).splitlines() if line.strip()),
+                           type(e).__name__)
+            then = ("continue with --resume: the checkpoints before it are intact"
+                    if rundir.has_checkpoint(Path(self.directory).parent) else
+                    "start the run again")
+            raise CheckpointError(f"a checkpoint could not be written in {self.directory} "
+                                  f"({problem[:300]}); free space or fix the disk, then "
+                                  f"{then}") from None
         if self.deletes:
             _empty_deleting(Path(self.directory))
 
@@ -113,6 +125,20 @@ def _empty_deleting(directory: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
     with contextlib.suppress(OSError):
         (directory / DELETING).rmdir()
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    """Keeps the message of orbax's errors from its background save threads, not
+    their pages of traceback: the failure itself reaches the run as one line
+    (``_Manager.wait_until_finished``)."""
+    if record.exc_info and ("orbax" in (record.pathname or "")
+                            or "orbax" in record.getMessage()):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+for _name in ("absl", "asyncio"):  # asyncio: its writes' futures nobody awaited
+    logging.getLogger(_name).addFilter(_one_line)
 
 
 def checkpoint_manager(run_dir, keep: int = 2, read_only: bool = False,
