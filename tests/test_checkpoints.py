@@ -141,6 +141,24 @@ def test_a_failed_background_write_is_one_line(run, monkeypatch, caplog):
     assert record.exc_info is None and "Failed to run 6 Handler" in record.getMessage()
 
 
+def test_a_checkpoint_removed_while_it_is_read_is_not_called_damaged(run, monkeypatch,
+                                                                      caplog):
+    """predict on a run still training: the run removed its oldest checkpoint between
+    predict's listing and its reading, and predict called it damaged (exit 2)."""
+    real = checkpoints._restore
+
+    def rotated(manager, epoch, items, config=None):
+        if epoch == 3 and (run / "checkpoints" / "3").exists():
+            shutil.rmtree(run / "checkpoints" / "3")
+            raise checkpoints.DamagedCheckpoint(f"{run}/checkpoints/3 is damaged (not found)")
+        return real(manager, epoch, items, config)
+
+    monkeypatch.setattr(checkpoints, "_restore", rotated)
+    with caplog.at_level("WARNING"):
+        _, _, epoch = checkpoints.restore_params(run, "latest")
+    assert epoch == 2 and "damaged" not in caplog.text
+
+
 def test_a_damaged_config_is_one_line(run):
     (run / "config.json").write_text('{"base_features": 4, "dep')
     with pytest.raises(CheckpointError, match=r"config.json is damaged") as e:

@@ -518,6 +518,24 @@ def restore_params(run_dir, which: str | int = "best"):
     config = load_config(run_dir)
     if not (Path(run_dir) / "checkpoints").is_dir():
         raise CheckpointError(f"{run_dir} holds no checkpoint (no checkpoints/ directory)")
+    # A run still training removes its older checkpoints as it saves new ones: one
+    # gone between the listing and the reading is looked for again, never called damaged.
+    for _ in range(3):
+        try:
+            return _restore_params(run_dir, config, which)
+        except _Removed:
+            pass
+    raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: its checkpoints were removed "
+                          "as they were read (by a run still training there?); try again")
+
+
+class _Removed(Exception):
+    """A checkpoint was removed as it was read (by the run that wrote it, keeping its
+    newest): the listing it came from is out of date."""
+
+
+def _restore_params(run_dir, config: Config, which):
+    """``restore_params`` from one listing of the run's checkpoints."""
     manager = checkpoint_manager(run_dir, read_only=True)
     try:
         if not manager.all_steps():
@@ -536,6 +554,8 @@ def restore_params(run_dir, which: str | int = "best"):
             try:
                 restored = _restore(manager, epoch, items, config)
             except DamagedCheckpoint as e:
+                if not (Path(manager.directory) / str(epoch)).exists():
+                    raise _Removed from None  # rotated out meanwhile: list them again
                 errors.append(str(e))
                 continue
             if errors:
