@@ -132,8 +132,13 @@ def test_resume_accepts_the_same_command_repeated(data_dir, tmp_path, capsys):
     args = ["--data-dir", str(data_dir), "--workdir", str(run_dir), *TINY[:-2]]
     assert call(train.main, args + ["--epochs", "1"]) == 0
     again = ["--data-dir", str(data_dir) + "/", "--workdir", str(run_dir), *TINY[:-2]]
+    from unet_jax.train import train_step
+
+    compiled = train_step._cache_size()
     assert call(train.main, again + ["--epochs", "2", "--resume"]) == 0
     assert [r["epoch"] for r in read_metrics(run_dir)] == ["1", "2"]
+    # The restored step is placed as a new run's: resuming traced the step twice more.
+    assert train_step._cache_size() == compiled
     square = tmp_path / "square"
     base = ["--data-dir", str(data_dir), "--workdir", str(square), "--base-features", "4",
             "--depth", "2", "--batch-size", "4", "--image-size", "32"]

@@ -391,8 +391,13 @@ def restore_state(manager: ocp.CheckpointManager, state: TrainState, epoch: int 
     items = _state_items(state)
     restored = _restore(manager, epoch, items, config)
     progress = dict(restored["progress"])
+    step = progress["step"]
+    if isinstance(state.step, jax.Array):
+        # The step as the caller placed it (replicated, weakly typed), not a Python int:
+        # that traced the train step anew, and its first result once more.
+        step = state.step * 0 + step
     state = state.replace(params=restored["params"], opt_state=restored["opt_state"],
-                          step=progress["step"],
+                          step=step,
                           ema_params=restored["ema_params"] if "ema_params" in items else None)
     return state, progress
 
