@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import shlex
 from pathlib import Path
 
 from experiments import common
@@ -82,7 +83,7 @@ def main(argv=None):
     print(f"wrote {out} ({sum(v.size for v in _leaves(params)):,} parameters, "
           f"{config.in_channels} in / {config.num_classes} out channels, input "
           f"{config.image_size[0]}x{config.image_size[1]}); use it with "
-          f"python -m experiments.predict --checkpoint {out} --input IMAGE --output DIR")
+          f"python -m experiments.predict --checkpoint {shlex.quote(str(out))} --input IMAGE --output DIR")
     return 0
 
 

@@ -11,9 +11,9 @@ Carvana download (``train/`` and ``train_masks/``) or at a folder with ``images/
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import sys
 import time
-from pathlib import Path
 
 from experiments import common
 
@@ -113,15 +113,16 @@ def main(argv=None):
         print(note)
 
     import unet_jax
+    from unet_jax import rundir
 
     workdir = args.workdir or time.strftime("runs/unet-%Y%m%d-%H%M%S")
     try:
         unet_jax.train_and_evaluate(config, workdir, resume=args.resume)
     except (KeyboardInterrupt, common.Terminated):
-        saved = Path(workdir) / "checkpoints"
-        if saved.is_dir() and any(p.name.isdigit() for p in saved.iterdir()):
+        if rundir.has_checkpoint(workdir):  # a path with spaces pastes back as one
             sys.stderr.write(f"every finished epoch is kept; continue with: python -m "
-                             f"experiments.train --workdir {workdir} --resume\n")
+                             f"experiments.train --workdir {shlex.quote(str(workdir))} "
+                             "--resume\n")
         raise
     return 0
 

@@ -434,11 +434,11 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(unet_jax, "train_and_evaluate", interrupted)
-    run = tmp_path / "run"
+    run = tmp_path / "my run"  # quoted, so that the line pastes back as one path
     assert call(train.main, [*TINY, "--workdir", str(run)]) == 130
     assert capsys.readouterr().err.splitlines() == [
         f"every finished epoch is kept; continue with: python -m experiments.train "
-        f"--workdir {run} --resume", "test: interrupted"]
+        f"--workdir '{run}' --resume", "test: interrupted"]
 
 
 def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, tmp_path, capsys,

@@ -204,8 +204,8 @@ def test_a_dice_near_0_at_the_end_gets_a_hint_naming_the_likely_cause(monkeypatc
     from data_pipeline import preprocess
     from unet_jax import trainer
 
-    def rows(*dice):
-        return [{"epoch": i + 1, "val_dice": d} for i, d in enumerate(dice)]
+    def rows(*dice, loss=0.5):
+        return [{"epoch": i + 1, "val_dice": d, "train_loss": loss} for i, d in enumerate(dice)]
 
     monkeypatch.setattr(preprocess, "narrow_warned", False)
     assert trainer._near_zero_hint(rows(0.3, 0.6), {"epoch": 2, "val_dice": 0.6}) is None
@@ -219,6 +219,9 @@ def test_a_dice_near_0_at_the_end_gets_a_hint_naming_the_likely_cause(monkeypatc
     monkeypatch.setattr(preprocess, "narrow_warned", True)
     dark = trainer._near_zero_hint(rows(0.0), {"epoch": 1, "val_dice": 0.0})
     assert "--max-value" in dark and "--epochs" not in dark
+    # --lr 10: a loss of 7e21 without a NaN was advised more epochs.
+    overshot = trainer._near_zero_hint(rows(0.0, 0.0, loss=7e21), {"epoch": 1, "val_dice": 0.0})
+    assert "training loss reached 7e+21 (epoch 1)" in overshot and "lower --lr" in overshot
 
 
 def test_a_mask_value_beyond_the_classes_is_one_line_naming_the_file(tmp_path):

@@ -35,6 +35,7 @@ import csv
 import io
 import json
 import math
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -116,12 +117,18 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
     best = _best(history)
     log(f"done: best validation Dice {best['val_dice']:.4f} (epoch {best['epoch']}); "
         f"outputs in {workdir}/ (metrics.csv, loss.png, predictions.png, checkpoints/); "
-        f"predict with: python -m experiments.predict --checkpoint {workdir} --input IMAGE "
+        f"predict with: python -m experiments.predict --checkpoint {shlex.quote(str(workdir))} "
+        "--input IMAGE "
         "--output DIR")
     hint = _near_zero_hint(history, best, cropped=config.crop is not None)
     if hint:
         log(hint)
     return {"workdir": workdir, "history": history, "best": best}
+
+
+# A training loss no segmentation loss here reaches while it learns (BCE of a constant
+# guess: 0.69; cross-entropy over C classes: ln C; Dice and Tversky: at most 1).
+DIVERGED = 10.0
 
 
 def _near_zero_hint(history: list[dict], best: dict, cropped: bool = False) -> str | None:
@@ -137,6 +144,11 @@ def _near_zero_hint(history: list[dict], best: dict, cropped: bool = False) -> s
         what = (f"the validation Dice ended near 0 (the best, {best['val_dice']:.4f} at "
                 f"epoch {best['epoch']}, may be a guess made before learning, and predict "
                 "uses it)")
+    worst = max(history, key=lambda row: row.get("train_loss", 0.0))
+    if worst.get("train_loss", 0.0) > DIVERGED:
+        return (f"{what}: the training loss reached {worst['train_loss']:.3g} (epoch "
+                f"{worst['epoch']}), so the updates overshoot; start again with a lower "
+                "--lr (a tenth, say)")
     if data_pipeline.preprocess.narrow_warned:
         return (f"{what}: a warning above named 16-bit or float images that reach the "
                 "model nearly black; pass --max-value (e.g. 4095 for 12-bit data) in a "
