@@ -260,8 +260,18 @@ def run(main, argv=None, prog: str = "") -> None:
         sys.stderr.write(f"{prog or 'error'}: error: {e}\n")
         sys.exit(USER_ERROR)
     except (KeyboardInterrupt, Terminated) as e:
-        atexit.register(_second_ctrl_c_exits_at_once)
-        sys.exit(_stopped(prog, e))
+        code = _stopped(prog, e)
+        if argv is None:
+            # The command's own cleanups have run. Stopped in the middle of its first
+            # compile, JAX's shutdown frees the compiler's threads while they still
+            # work, and the process died of SIGSEGV (139) instead of 130 or 143: a
+            # process that is the command ends here, its output flushed.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        atexit.register(_second_ctrl_c_exits_at_once)  # a caller's process goes on
+        sys.exit(code)
     finally:
         sys.unraisablehook = previous_hook
         if previous is not None:  # None: the handler was set outside Python

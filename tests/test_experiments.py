@@ -274,6 +274,28 @@ def test_ctrl_c_again_while_python_shuts_down_adds_no_traceback():
     assert (result.returncode, result.stderr) == (130, "cmd: interrupted\n")
 
 
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_command_stopped_mid_compile_exits_with_its_signal_status(signum, code):
+    """Stopped during its first compile, a command died of SIGSEGV (139) as Python
+    shut down: JAX's exit freed the compiler's threads while they worked. Here an
+    exit callback crashes as that one did; the command itself exits 130 or 143."""
+    script = textwrap.dedent(f"""
+        import atexit, os, signal, sys
+        from experiments import common
+        atexit.register(lambda: os.kill(os.getpid(), signal.SIGSEGV))
+        def main(argv):
+            print("training")
+            os.kill(os.getpid(), {int(signum)})
+        sys.argv = ["train"]
+        common.run(main, prog="cmd")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    said = "interrupted" if signum == signal.SIGINT else "terminated"
+    assert (result.returncode, result.stdout, result.stderr) == (
+        code, "training\n", f"cmd: {said}\n"), result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("lands_in", ["the import", "a finalizer"])
 def test_ctrl_c_while_jax_first_imports_is_one_line(lands_in):
     """A Ctrl-C in a command's first second or two, while JAX imports, printed the
