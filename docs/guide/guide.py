@@ -4,7 +4,7 @@
 # of markdown written as comment lines, "# %%" a code cell. Rebuild the page, its notebook
 # and its figures after any change, here or in the library:
 #
-#     python -m experiments.guide                  # full size, 15-20 minutes on 2 cores
+#     python -m experiments.guide                  # full size, 5-20 minutes on 2 cores
 #     python -m experiments.guide --size tiny --out /tmp/guide   # every cell, ~2 minutes
 #
 # The code cells read SIZE ("tiny" or "full"), FIGURES, RUNS and PLATFORM; the builder
@@ -25,7 +25,7 @@
 # The training runs use the project's built-in sample set, a synthetic stand-in for
 # Carvana drawn in Kaggle's exact layout (cars on a turntable, 16 angles, palette-GIF
 # masks), at 64x96 pixels and on a 2-core CPU, so that the whole guide rebuilds in
-# about a quarter of an hour. Point `data_dir` at Kaggle's `train/` and `train_masks/`
+# 5 to 20 minutes. Point `data_dir` at Kaggle's `train/` and `train_masks/`
 # to train on the real photographs.
 
 # %%
@@ -46,7 +46,7 @@ import textwrap
 import time
 from pathlib import Path
 
-SIZE = globals().get("SIZE", "full")  # "tiny": tiny images and models, about a minute
+SIZE = globals().get("SIZE", "full")  # "tiny": tiny images and models, about 2 minutes
 FIGURES = Path(globals().get("FIGURES", "figures"))
 RUNS = Path(globals().get("RUNS") or tempfile.mkdtemp(prefix="unet-jax-guide-"))
 PLATFORM = globals().get("PLATFORM", "auto")
@@ -265,7 +265,7 @@ def input_interval(lo, hi, depth=4, level=None, decoder=True):
     # decoder: the upsampled map (each position comes from position // 2 one level
     # down) and the skip of the same level, concatenated
     deep = input_interval(lo // 2, hi // 2, depth, level + 1, decoder=level + 1 < depth)
-    skip = input_interval(lo + 2, hi - 2, depth, level, decoder=False)
+    skip = input_interval(lo, hi, depth, level, decoder=False)
     return min(deep[0], skip[0]), max(deep[1], skip[1])
 
 
@@ -522,8 +522,9 @@ for key, value in batch.items():
 # pixel is a weighted mean around the middle of its block of large ones. The usual
 # choice for masks, nearest, keeps them binary by copying one large pixel, and when
 # the factor is even (1024 to 512) the middle of a 2x2 block lies between pixels, so it
-# always copies the one after it: every mask sits half a pixel down and right of its
-# image, and the model learns to draw its masks half a pixel up and left. Here each
+# always copies the one after it: sampled half a large pixel down and right of the
+# image's sample, every mask's content sits that far (a quarter of a small pixel) up
+# and left of its image, and the model learns to draw its masks up and left. Here each
 # small pixel belongs to the object where the object covers at least half of its area
 # (`preprocess.resize_labels`): still binary, and centred where the image is. A disk
 # centred on a 64x64 grid, halved:
