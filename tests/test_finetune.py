@@ -3,6 +3,7 @@ where the two U-Nets differ in classes or input channels, and refused where they
 differ in anything else."""
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def source(tmp_path_factory):
 def started(config: Config, logged=None):
     state = create_train_state(jax.random.key(config.seed), config)
     logged = [] if logged is None else logged
-    return state, finetune.start_from(state, config, logged.append)
+    return state, finetune.start_from(state, config, logged.append)[0]
 
 
 def test_a_run_starts_from_the_sources_weights(source):
@@ -164,6 +165,9 @@ def test_a_fine_tuned_run_validates_as_its_source_and_resumes_without_it(tmp_pat
         assert tuned["history"][0][name] == pytest.approx(first["best"][name], abs=1e-5)
     assert f"starting from the weights of {tmp_path / 'a'} (epoch " in "\n".join(logged)
     assert Config.load(tmp_path / "b" / "config.json").init_from == str(tmp_path / "a")
+    recorded = lambda: json.loads((tmp_path / "b" / "config.json").read_text())  # noqa: E731
+    assert recorded()["init_from_epoch"] == first["best"]["epoch"]  # which weights, if
+    # the source trains on and its best changes
     # Resumed with its first command's --preset, the run's source is its own: no preset
     # sets one (it said "--preset tiny sets --init-from none").
     from experiments import train
@@ -175,3 +179,4 @@ def test_a_fine_tuned_run_validates_as_its_source_and_resumes_without_it(tmp_pat
     resumed = unet_jax.train_and_evaluate(dataclasses.replace(config, epochs=2),
                                           tmp_path / "b", resume=True, log=lambda *a: None)
     assert [r["epoch"] for r in resumed["history"]] == [1, 2]
+    assert recorded()["init_from_epoch"] == first["best"]["epoch"]  # kept by a resume

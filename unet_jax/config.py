@@ -39,8 +39,9 @@ PLATEAU_PATIENCE = 3
 PLATEAU_FACTOR = 0.5
 
 
-# What config.json records beside the settings (trainer.write_run_files).
-RECORDED = frozenset({"device_count", "process_count", "backend"})
+# What config.json records beside the settings (trainer.write_run_files): the devices,
+# and the epoch of the --init-from run whose weights the run started from.
+RECORDED = frozenset({"device_count", "process_count", "backend", "init_from_epoch"})
 
 
 class ConfigError(ValueError):

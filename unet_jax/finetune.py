@@ -76,9 +76,9 @@ def check_source(config: Config, workdir=None) -> Config:
 
 
 def start_from(state, config: Config, log=print):
-    """``state`` (a new run's) with the weights of the run ``config.init_from`` in
-    place of its random ones, converted as the module docstring says; its moving
-    average (``--ema``) starts from them too. The weights are host (numpy) arrays,
+    """(``state`` (a new run's) with the weights of the run ``config.init_from`` in
+    place of its random ones, converted as the module docstring says, and the epoch
+    of the source they come from); its moving average (``--ema``) starts from them too. The weights are host (numpy) arrays,
     placed by the caller as a new state's are: restored ones sit on this process's
     first device, and a run over several processes cannot spread such arrays."""
     saved = check_source(config)
@@ -105,7 +105,7 @@ def start_from(state, config: Config, log=print):
         ema = {"ema_params": jax.tree.map(np.copy, params)}
     changed = f"; {', '.join(notes)}" if notes else ""
     log(f"starting from the weights of {config.init_from} (epoch {epoch}){changed}")
-    return state.replace(params=params, **ema)
+    return state.replace(params=params, **ema), epoch
 
 
 def first_kernel_for(kernel, in_channels: int):

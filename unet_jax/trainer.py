@@ -98,8 +98,8 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
             check_run_dir(config, workdir, resume)
             mesh = parallel.make_mesh()  # one mesh over every device; batches split on axis 0
             train_data, val_data, data_dir = build_data(config, workdir, resume)
-            state, manager, history = restore_or_init(config, workdir, resume, mesh, log,
-                                                      steps_per_epoch=len(train_data))
+            state, manager, history, source_epoch = restore_or_init(
+                config, workdir, resume, mesh, log, steps_per_epoch=len(train_data))
             try:
                 start_epoch = history[-1]["epoch"] if history else 0
                 if start_epoch >= config.epochs:
@@ -107,7 +107,8 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
                         "--epochs to extend it")
                     return {"workdir": workdir, "history": history, "best": _best(history)}
                 if is_main:  # only now that the run starts (or resumes) does the directory change
-                    write_run_files(config, workdir, train_data.pairs, val_data.pairs)
+                    write_run_files(config, workdir, train_data.pairs, val_data.pairs,
+                                    source_epoch)
                 log(_summary(config, state, train_data, val_data, data_dir, workdir))
                 train_epochs(config, workdir, state, manager, history, train_data, val_data,
                              mesh, log, is_main)
@@ -233,18 +234,20 @@ def build_data(config: Config, workdir: Path, resume: bool):
 
 def restore_or_init(config: Config, workdir: Path, resume: bool, mesh, log,
                     steps_per_epoch: int):
-    """(state, checkpoint manager, history): a new state from ``config.seed`` (with
-    ``config.init_from``, another run's weights: ``finetune``), or on resume the
-    newest intact checkpoint's state and the metrics of its epochs. The
-    learning-rate schedule is laid out over ``steps_per_epoch`` updates per epoch."""
+    """(state, checkpoint manager, history, source epoch): a new state from
+    ``config.seed`` (with ``config.init_from``, another run's weights, and the epoch
+    of that run they are: ``finetune``; else None), or on resume the newest intact
+    checkpoint's state and the metrics of its epochs. The learning-rate schedule is
+    laid out over ``steps_per_epoch`` updates per epoch."""
     state = create_train_state(jax.random.key(config.seed), config,
                                steps_per_epoch=steps_per_epoch)
+    source_epoch = None
     if config.init_from and not resume:
-        state = finetune.start_from(state, config, log)
+        state, source_epoch = finetune.start_from(state, config, log)
     state = parallel.replicate(state, mesh)
     manager = checkpoints.checkpoint_manager(workdir, keep=config.keep_checkpoints)
     if not resume:
-        return state, manager, []
+        return state, manager, [], source_epoch
     try:
         state, progress, epoch, damaged = checkpoints.restore_latest_intact(manager, state, config)
     except BaseException:
@@ -252,17 +255,26 @@ def restore_or_init(config: Config, workdir: Path, resume: bool, mesh, log,
         raise
     skipped = f" (damaged, not used: {', '.join(map(str, damaged))})" if damaged else ""
     log(f"resuming {workdir} from epoch {epoch}{skipped}")
-    return state, manager, progress["history"]
+    return state, manager, progress["history"], None
 
 
-def write_run_files(config: Config, workdir: Path, train_pairs, val_pairs) -> None:
-    """config.json (with the devices the run uses) and split.json, the images this
-    run trains and validates on. Both are written whenever a run starts or resumes:
-    a new run replaces the files of one that stopped before its first checkpoint in
-    the same directory (a resume must read this run's split, not that one's), and a
-    resume from data that moved records where the images are now."""
+def write_run_files(config: Config, workdir: Path, train_pairs, val_pairs,
+                    source_epoch: int | None = None) -> None:
+    """config.json (with the devices the run uses, and the epoch of the
+    ``--init-from`` run it started from: ``source_epoch``, kept from the file itself
+    on a resume) and split.json, the images this run trains and validates on. Both
+    are written whenever a run starts or resumes: a new run replaces the files of one
+    that stopped before its first checkpoint in the same directory (a resume must read
+    this run's split, not that one's), and a resume from data that moved records
+    where the images are now."""
     settings = {**config.to_dict(), "device_count": jax.device_count(),
                 "process_count": jax.process_count(), "backend": jax.default_backend()}
+    if config.init_from and source_epoch is None:  # a resume: as its start recorded it
+        with contextlib.suppress(OSError, ValueError):
+            source_epoch = json.loads((workdir / "config.json").read_text()).get(
+                "init_from_epoch")
+    if config.init_from and source_epoch is not None:
+        settings["init_from_epoch"] = source_epoch
     rundir.write_text_atomic(workdir / "config.json",
                              json.dumps(settings, indent=2, sort_keys=True))
     data_pipeline.write_split(workdir / "split.json", train_pairs, val_pairs)
