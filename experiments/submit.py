@@ -102,8 +102,23 @@ def check_output(out: Path) -> Path:
     if out.is_dir():
         raise common.UserError(f"--output {out} is a folder; give a file name, such as "
                                f"{out / 'submission.csv'}")
+    if out.exists() or out.is_symlink():
+        # Only an earlier submission is replaced: --output RUN/config.json (or a test
+        # photo's name) replaced that file with CSV text.
+        try:
+            with out.open("rb") as f:
+                ours = f.read(len(HEADER)) == HEADER
+        except OSError:
+            ours = False
+        if not ours or out.is_symlink():
+            raise common.UserError(f"--output {out} is a file that is not a submission (its "
+                                   f"first line is not img,rle_mask): give a new file name, "
+                                   "or remove it first")
     rundir.check_writable(out.parent, "--output's folder")
     return out
+
+
+HEADER = b"img,rle_mask\r\n"  # what csv.writer writes first
 
 
 if __name__ == "__main__":

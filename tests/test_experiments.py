@@ -611,6 +611,26 @@ def test_submit_refuses_a_folder_as_output_before_predicting(tmp_path, capsys):
     assert "subs is a folder" in err[0] and "subs/submission.csv" in err[0]
 
 
+def test_submit_replaces_an_earlier_submission_alone(trained_run, tmp_path, capsys):
+    """--output RUN/config.json (or a photo's name) was replaced with the CSV."""
+    from tests.data_fixtures import write_image
+
+    images = tmp_path / "test"
+    images.mkdir()
+    write_image(images / "a.jpg")
+    out = tmp_path / "submission.csv"
+    argv = ["--checkpoint", str(trained_run), "--input", str(images)]
+    assert call(submit.main, argv + ["--output", str(out)]) == 0
+    assert call(submit.main, argv + ["--output", str(out)]) == 0  # its own: replaced
+    for victim in (trained_run / "config.json", images / "a.jpg"):
+        before = victim.read_bytes()
+        capsys.readouterr()
+        assert call(submit.main, argv + ["--output", str(victim)]) == 2
+        assert f"--output {victim} is a file that is not a submission" in (
+            capsys.readouterr().err)
+        assert victim.read_bytes() == before
+
+
 def test_predict_into_its_input_folder_twice_predicts_the_images_alone(trained_run,
                                                                       tmp_path, capsys):
     inputs = random_images(tmp_path / "in", {"a.png": (40, 60, 3), "b.jpg": (40, 60, 3)})
