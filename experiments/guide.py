@@ -351,6 +351,7 @@ def main(argv=None):
     if not guide.code_cells():
         raise common.UserError(f"--source {source}: no '# %%' code cells found")
     out_dir = Path(args.out)
+    check_out(out_dir)
 
     if args.size == "tiny" and "xla_backend_optimization_level" not in os.environ.get(
             "XLA_FLAGS", ""):
@@ -374,6 +375,31 @@ def main(argv=None):
     return 0
 
 
+FIGURE_NAME = re.compile(r"cell-\d{3}-\d+\.png")  # name_figures' names
+BUILT_BY = "*Built by `python -m experiments.guide"  # the footer of what it writes
+
+
+def check_out(out_dir: Path) -> None:
+    """``--out`` checked before the build: a file, or a folder holding a README.md or
+    guide.ipynb the guide did not write (it replaced them, and removed the folder's
+    figures), is refused in one line; its own earlier build is replaced."""
+    from unet_jax import rundir
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise common.UserError(f"--out {out_dir} is a file; give a folder for README.md, "
+                               "guide.ipynb and figures/")
+    for name in ("README.md", "guide.ipynb"):
+        path = out_dir / name
+        try:
+            ours = not path.exists() or BUILT_BY in path.read_text(errors="replace")
+        except OSError:
+            ours = False
+        if not ours:
+            raise common.UserError(f"--out {out_dir} holds a {name} the guide did not write; "
+                                   "give a new or empty folder")
+    rundir.check_writable(out_dir, "--out")
+
+
 def publish(notebook, figures: Path, out_dir: Path, size: str, source: Path,
             seconds: float, load: float) -> None:
     """Writes README.md and guide.ipynb, and replaces OUT/figures with this build's."""
@@ -384,7 +410,7 @@ def publish(notebook, figures: Path, out_dir: Path, size: str, source: Path,
     cpu_seconds = times.user + times.system + times.children_user + times.children_system
 
     minutes, secs = divmod(round(seconds), 60)
-    footer = (f"---\n\n*Built by `python -m experiments.guide --size {size}` in "
+    footer = (f"---\n\n{BUILT_BY} --size {size}` in "
               f"{minutes} min {secs:02d} s ({cpu_seconds / 60:.1f} CPU-minutes) on "
               f"{cpu_name()} ({os.cpu_count()} cores, load average {load:.1f} at the start), "
               f"Python {platform.python_version()}, JAX {_version('jax')}, Flax "
@@ -402,8 +428,9 @@ def publish(notebook, figures: Path, out_dir: Path, size: str, source: Path,
 
     out_figures = out_dir / "figures"
     out_figures.mkdir(parents=True, exist_ok=True)
-    for stale in out_figures.glob("*.png"):  # a figure the guide no longer makes must go
-        stale.unlink()
+    for stale in out_figures.glob("cell-*.png"):  # a figure the guide no longer makes must go
+        if FIGURE_NAME.fullmatch(stale.name):
+            stale.unlink()
     for png in figures.glob("*.png"):
         shutil.copyfile(png, out_figures / png.name)
     _write_atomic(out_dir / "README.md", readme)

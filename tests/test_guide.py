@@ -73,6 +73,27 @@ def test_a_failing_cell_stops_the_build_with_one_line(tmp_path):
     assert sorted(p.name for p in out.rglob("*")) == ["README.md", "figures", "old.png"]
 
 
+def test_out_replaces_an_earlier_build_alone(tmp_path):
+    """--out of a folder with a README of its own replaced it and deleted every PNG in
+    figures/; --out naming a file failed with a traceback after the whole build."""
+    from experiments.common import UserError
+
+    guide.check_out(tmp_path / "new")  # a new folder: made
+    guide.check_out(ROOT / "docs" / "guide")  # its own earlier build
+    (tmp_path / "notes.txt").write_text("x")
+    for out, message in [(tmp_path / "notes.txt", "is a file"),
+                         (tmp_path, "holds a README.md the guide did not write")]:
+        (tmp_path / "README.md").write_text("# my project\n")
+        with pytest.raises(UserError, match=f"^--out {out} {message}"):
+            guide.check_out(out)
+    (tmp_path / "README.md").unlink()
+    (tmp_path / "guide.ipynb").write_text("{}")
+    with pytest.raises(UserError, match="holds a guide.ipynb the guide did not write"):
+        guide.check_out(tmp_path)
+    assert guide.FIGURE_NAME.fullmatch("cell-012-0.png")
+    assert not guide.FIGURE_NAME.fullmatch("cell-plot.png")  # a user's: kept
+
+
 def test_the_committed_guide_has_the_cells_of_its_source():
     """docs/guide/guide.ipynb is rebuilt whenever guide.py changes (the outputs may
     differ between machines; the cells may not)."""
