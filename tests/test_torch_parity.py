@@ -64,3 +64,17 @@ def test_rejects_a_foreign_state_dict():
     sd.pop("out.weight")
     with pytest.raises(ValueError, match=r"no key 'out\.weight': not the guide's UNet"):
         config_from_torch(sd)
+
+
+def test_a_tensor_of_another_shape_is_named_at_import():
+    """A width-8 state_dict with one layer of another width imported without a word;
+    the run then failed later, as a checkpoint that does not fit its own config."""
+    sd = {k: v.numpy() for k, v in torch_model(3, 1).state_dict().items()}
+    sd["bottle_neck.conv_op.0.weight"] = np.zeros((1024, 500, 3, 3), np.float32)
+    with pytest.raises(ValueError, match=r"^state_dict's bottle_neck.conv_op.0.weight has "
+                       r"shape \(1024, 500, 3, 3\), but the U-Net its first layer and head "
+                       r"describe \(width 64, depth 4\) needs \(1024, 512, 3, 3\)"):
+        params_from_torch(sd)
+    sd["bottle_neck.conv_op.0.weight"] = np.zeros(7, np.float32)  # not even a kernel
+    with pytest.raises(ValueError, match=r"has shape \(7,\)"):
+        params_from_torch(sd)

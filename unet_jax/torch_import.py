@@ -58,44 +58,62 @@ def _depth(state_dict: Mapping[str, Any]) -> int:
     return max(levels)
 
 
-def _double_conv(sd, prefix: str) -> dict:
-    return {
-        f"conv{j + 1}": {
-            "kernel": _to_numpy(sd[f"{prefix}.conv_op.{i}.weight"]).transpose(2, 3, 1, 0),
-            "bias": _to_numpy(sd[f"{prefix}.conv_op.{i}.bias"]),
-        }
-        for j, i in enumerate((0, 2))
-    }
+CONV = (2, 3, 1, 0)  # Conv2d (out, in, kh, kw) -> Flax (kh, kw, in, out)
+UPCONV = (2, 3, 0, 1)  # ConvTranspose2d (in, out, kh, kw) -> Flax (kh, kw, in, out)
 
 
 def params_from_torch(state_dict: Mapping[str, Any]) -> dict:
     """Flax ``params`` for ``UNet`` from the guide's PyTorch ``UNet.state_dict()``.
 
-    Raises ValueError naming the keys that are missing or not understood.
+    Raises ValueError naming the keys that are missing or not understood, or a
+    tensor whose shape does not fit the U-Net that the first layer and the head
+    describe (``config_from_torch``): its layers must double in width at each level.
     """
+    import jax
+    from flax import traverse_util
+
+    from unet_jax.train import init_params
+
     sd = _strip_prefix(state_dict)
-    depth = _depth(sd)
-    params: dict = {}
+    config = config_from_torch(sd)
+    expected = traverse_util.flatten_dict(
+        jax.eval_shape(lambda: init_params(jax.random.key(0), config)))
     used: set[str] = set()
 
-    class Tracking(dict):
-        def __getitem__(self, key):
-            if key not in sd:
-                raise _missing(key)
-            used.add(key)
-            return sd[key]
+    def take(path: tuple, key: str, axes: tuple | None = None) -> np.ndarray:
+        if key not in sd:
+            raise _missing(key)
+        used.add(key)
+        value = _to_numpy(sd[key])
+        shape = expected[path].shape
+        wanted = shape if axes is None else tuple(shape[axes.index(i)] for i in range(4))
+        if value.shape != wanted:
+            raise ValueError(f"state_dict's {key} has shape {tuple(value.shape)}, but the "
+                             f"U-Net its first layer and head describe (width "
+                             f"{config.base_features}, depth {config.depth}) needs {wanted}: "
+                             "not the guide's UNet, or a damaged file")
+        return value if axes is None else value.transpose(axes)
 
-    tsd = Tracking()
-    for i in range(1, depth + 1):
-        params[f"down_{i}"] = {"conv": _double_conv(tsd, f"down_convolution_{i}.conv")}
+    def double_conv(path: tuple, prefix: str) -> dict:
+        return {f"conv{j + 1}": {
+            "kernel": take((*path, f"conv{j + 1}", "kernel"), f"{prefix}.conv_op.{i}.weight",
+                           CONV),
+            "bias": take((*path, f"conv{j + 1}", "bias"), f"{prefix}.conv_op.{i}.bias")}
+            for j, i in enumerate((0, 2))}
+
+    params: dict = {}
+    for i in range(1, config.depth + 1):
+        params[f"down_{i}"] = {"conv": double_conv((f"down_{i}", "conv"),
+                                                   f"down_convolution_{i}.conv")}
         params[f"up_{i}"] = {
-            "up": {"kernel": _to_numpy(tsd[f"up_convolution_{i}.up.weight"]).transpose(2, 3, 0, 1),
-                   "bias": _to_numpy(tsd[f"up_convolution_{i}.up.bias"])},
-            "conv": _double_conv(tsd, f"up_convolution_{i}.conv"),
+            "up": {"kernel": take((f"up_{i}", "up", "kernel"),
+                                  f"up_convolution_{i}.up.weight", UPCONV),
+                   "bias": take((f"up_{i}", "up", "bias"), f"up_convolution_{i}.up.bias")},
+            "conv": double_conv((f"up_{i}", "conv"), f"up_convolution_{i}.conv"),
         }
-    params["bottleneck"] = _double_conv(tsd, "bottle_neck")
-    params["head"] = {"kernel": _to_numpy(tsd["out.weight"]).transpose(2, 3, 1, 0),
-                      "bias": _to_numpy(tsd["out.bias"])}
+    params["bottleneck"] = double_conv(("bottleneck",), "bottle_neck")
+    params["head"] = {"kernel": take(("head", "kernel"), "out.weight", CONV),
+                      "bias": take(("head", "bias"), "out.bias")}
     unknown = sorted(set(sd) - used)
     if unknown:
         raise ValueError(f"state_dict has keys the guide's UNet does not: {', '.join(unknown[:5])}"
