@@ -42,6 +42,7 @@ import os
 import platform as host_platform
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -128,7 +129,12 @@ QUICK = {"image_size": (32, 32), "batch_size": 2, "steps": 2, "warmup": 1,
 
 
 def run(args) -> int:
-    """Runs the suite that ``args`` asks for; returns the exit status."""
+    """Runs the suite that ``args`` asks for; returns the exit status: 1 when no row
+    could be measured."""
+    if not args.quick and (args.platform == "cpu" or _backend() != "gpu"):
+        # Its full sizes (512x512, batch 32) ask a CPU for tens of GB and hours.
+        raise common.UserError("--suite gpu measures a GPU, and JAX finds none here; add "
+                               "--quick --platform cpu to try every row at tiny sizes")
     sizes = QUICK if args.quick else FULL
     budget = args.budget or (1800.0 if args.quick else 330.0)
     out = Path(args.out or "gpu-suite")
@@ -169,7 +175,22 @@ def run(args) -> int:
     report["total_s"] = time.perf_counter() - start
     _write(out, report)
     print(f"wrote {out}.md and {out}.json ({report['total_s']:.0f} s)")
+    if not any("error" not in row for row in report["rows"]):
+        print("no row could be measured (each failure is above and in the files)",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _backend() -> str:
+    """The backend JAX starts with here ('gpu', 'cpu', ...), asked of a child process:
+    this one would otherwise hold GPU memory that the rows' processes need."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; print(jax.default_backend())"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+    lines = probe.stdout.split()
+    return lines[-1] if probe.returncode == 0 and lines else "none"
 
 
 def _chosen_rows(names: str | None) -> tuple[Row, ...]:

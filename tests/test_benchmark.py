@@ -221,6 +221,33 @@ def test_the_gpu_suite_runs_where_tensorflow_and_matplotlib_are_missing(tmp_path
     assert "| jax-infer-bf16 |" in table and reason in table
 
 
+def test_the_full_gpu_suite_needs_a_gpu_and_fails_when_no_row_ran(tmp_path, monkeypatch,
+                                                                  capsys):
+    """On a CPU, --suite gpu tried its 512x512 batch-32 rows (34.5 GB) or, with
+    --platform gpu, wrote a table of failures, and exited 0 either way."""
+    from experiments import suite
+    from tests.test_experiments import call
+
+    out = tmp_path / "suite"
+    for platform in ("cpu", "auto"):  # auto: JAX, asked in a child, finds no GPU here
+        assert call(benchmark_main, ["--suite", "gpu", "--platform", platform,
+                                     "--out", str(out)]) == 2
+        assert "--suite gpu measures a GPU, and JAX finds none here; add --quick " \
+            "--platform cpu" in capsys.readouterr().err
+    assert not out.with_name("suite.json").exists()
+    monkeypatch.setattr(suite, "_measure", lambda row, args, sizes, *a, **k: {
+        "id": row.id, "what": row.describe(sizes), "error": "x"})
+    assert call(benchmark_main, ["--suite", "gpu", "--quick", "--platform", "cpu", "--rows",
+                                 "jax-infer-bf16", "--out", str(out)]) == 1
+    assert "no row could be measured" in capsys.readouterr().err
+
+
+def benchmark_main(argv):
+    from experiments import benchmark
+
+    return benchmark.main(argv)
+
+
 def test_a_lever_that_is_an_xla_flag_reaches_its_own_row_process_alone(monkeypatch):
     """XLA reads its flags once per process: the runtime-fusion row must start its
     child with the flag added to XLA_FLAGS, and the other rows without it."""
