@@ -172,6 +172,19 @@ def parse_args(argv=None):
             raise common.UserError(str(e)) from None
     if args.compare_onnx and args.mode != "infer":
         raise common.UserError("--compare-onnx times inference: use it with --mode infer")
+    if args.compare_torch and args.mode not in ("train", "infer"):
+        # The guide's model has no tiling or pipeline of its own: the peer failed after
+        # the JAX row was measured, and threw it away.
+        raise common.UserError("--compare-torch times the guide's model training or "
+                               "inferring: use it with --mode train or --mode infer")
+    if args.compare_kernels and args.mode == "pipeline":
+        raise common.UserError("--compare-kernels times the model: use it with --mode "
+                               "train, infer, tile or whole")
+    if not args.suite:
+        given = [f"--{name}" for name in ("quick", "rows", "out", "budget")
+                 if getattr(args, name) not in (None, False)]
+        if given:
+            raise common.UserError(f"{given[0]} belongs to the GPU check: add --suite gpu")
     if args.compare_torch and args.base_features != 64:
         raise common.UserError("--compare-torch runs the guide's model, which has 64 base "
                                "features; leave --base-features at 64")
@@ -602,15 +615,17 @@ def print_table(args, rows: list[dict]) -> None:
     h, w = args.image_size
     what = f"{args.mode} {h}x{w}"
     if args.mode == "tile":
-        what = (f"tiled prediction of {args.photo_size[1]}x{args.photo_size[0]} photos at "
+        what = (f"tiled prediction of {args.photo_size[1]}x{args.photo_size[0]} (WxH) photos at "
                 f"scale {args.scale} in {jax_row['model_calls_per_step']} calls of {h}x{w} "
                 f"tiles (overlap {args.overlap}, tta {args.tta}); img/s = photos/s")
     elif args.mode == "whole":
-        what = (f"whole-image prediction of {args.photo_size[1]}x{args.photo_size[0]} photos "
+        what = (f"whole-image prediction of {args.photo_size[1]}x{args.photo_size[0]} (WxH) photos "
                 f"at scale {args.scale} (tta {args.tta}); img/s = photos/s")
+    machine = machine_info()  # CPUs differ 2.5x between machines: name the one measured
     print(f"{what}, batch {args.batch_size}, {args.dtype}, on "
           f"{jax_row['backend']} ({jax_row['device']}); median of {args.steps} steps "
-          f"after {args.warmup} warm-up:")
+          f"after {args.warmup} warm-up; host CPU {machine['cpu']} ({machine['cores']} "
+          f"cores{''.join(', ' + isa for isa in machine['isa'])}):")
     print(f"  {'':20} {'img/s':>9} {'GFLOP/s':>8} {'MFU':>5} {'cpu s/step':>10} "
           f"{'peak MB':>8} {'device MB':>9} {'compile s':>9} {'load':>5} {'jax/this':>8}")
     for row in rows:

@@ -301,14 +301,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def cpu_name() -> str:
     """The CPU's model name as ``lscpu`` shows it (Linux), else what Python knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from experiments.benchmark import machine_info
+
+    return machine_info()["cpu"]
 
 
 # --- The command ----------------------------------------------------------------------
