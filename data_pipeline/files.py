@@ -109,20 +109,30 @@ def _unzip_hint(folder: Path) -> str:
 
 def _beside_folders(root: Path) -> list[Path]:
     """The folders of a dataset whose masks sit beside their images: ``root`` if it
-    holds an image and its ``<stem>_mask`` file, else its sub-folders that do; [] for
-    neither."""
-    def holds_pairs(folder: Path) -> bool:
-        stems = {p.stem for p in _images_in(folder)}
+    holds an image and its ``<stem>_mask`` file; else, where one of its sub-folders
+    does, every sub-folder holding images (one whose masks are missing is named by
+    the pairing, not left out); [] for neither."""
+    def images_of(folder: Path) -> list[Path]:
+        try:
+            return _images_in(folder)
+        except OSError:  # unreadable (lost+found): holds nothing this can use
+            return []
+
+    def holds_pairs(files: list[Path]) -> bool:
+        stems = {p.stem for p in files}
         return any(stem.endswith("_mask") and stem[:-5] in stems for stem in stems)
 
-    if holds_pairs(root):
+    if holds_pairs(images_of(root)):
         return [root]
     try:
         subs = sorted(p for p in root.iterdir()
                       if p.is_dir() and not p.name.startswith((".", "__MACOSX")))
     except OSError:
         return []
-    return [sub for sub in subs if holds_pairs(sub)]
+    found = {sub: images_of(sub) for sub in subs}
+    if not any(holds_pairs(files) for files in found.values()):
+        return []
+    return [sub for sub, files in found.items() if files]
 
 
 def detect_layout(data_dir) -> tuple[Path, Path, str]:
@@ -222,6 +232,9 @@ def _pairs_beside(root: Path) -> tuple[list[Pair], list[str]]:
                 pairs.append(Pair(image, masks[stem], stem if folder == root else folder.name))
         problems += [f"{mask} has no image (expected {folder / stem}.png or similar beside "
                      "it)" for stem, mask in masks.items() if stem not in images]
+    if (nested := _nested(root)) and _beside_folders(root) == [root]:
+        log.warning("%s: the images in its sub-folders (%s) are not read; move them into "
+                    "%s/ itself to use them", root, nested, root.name)
     return sorted(pairs, key=lambda p: p.image), problems
 
 

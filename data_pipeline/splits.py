@@ -126,8 +126,9 @@ def split_pairs(pairs: list[Pair], *, method: str = "car", val_fraction: float =
     return train, val
 
 
-def write_split(path, train: list[Pair], val: list[Pair]) -> None:
-    """Writes ``{"train": [...], "validation": [...]}``, the image files of each side.
+def write_split(path, train: list[Pair], val: list[Pair], data_dir=None) -> None:
+    """Writes ``{"train": [...], "validation": [...], "data_dir": ...}``, the image
+    files of each side and the dataset they come from.
 
     The masks and cars are found again from the images by the pairing rules, so the
     file stays readable by any tool. Written atomically: an interrupted run never
@@ -135,10 +136,16 @@ def write_split(path, train: list[Pair], val: list[Pair]) -> None:
     """
     record = {"train": [str(p.image) for p in train],
               "validation": [str(p.image) for p in val]}
+    if data_dir is not None:
+        record["data_dir"] = str(_root(data_dir))
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(path)
+
+
+def _root(data_dir) -> Path:
+    return Path(data_dir).expanduser().absolute()  # as files.detect_layout reads it
 
 
 def read_split(path, data_dir=None, otherwise: str = "start a new run",
@@ -146,9 +153,11 @@ def read_split(path, data_dir=None, otherwise: str = "start a new run",
     """The (train, validation) pairs of a split file, each image with its mask and car.
 
     The files are not re-checked (they were when the split was made). If the data has
-    moved, ``data_dir`` is where to look for the same images, by file name. Where the
-    images are missing, the error offers to restore them, to give the folder they moved
-    to, or ``otherwise``: the caller's own way out.
+    moved, ``data_dir`` is where to look for the same images: by their path within
+    the dataset the file records (one patient's ``slice_1.png`` is not another's), or
+    by file name in a file written before it recorded its dataset. Where the images
+    are missing, the error offers to restore them, to give the folder they moved to,
+    or ``otherwise``: the caller's own way out.
     """
     from data_pipeline.files import match_pairs
 
@@ -156,25 +165,32 @@ def read_split(path, data_dir=None, otherwise: str = "start a new run",
         record = json.loads(Path(path).read_text())
         images = {side: [Path(i).expanduser().absolute() for i in record[side]]
                   for side in ("train", "validation")}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        recorded = record.get("data_dir")
+        recorded = _root(recorded) if isinstance(recorded, str) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path} is not a split file written by unet-jax ({e}); "
                         "remove it to make a new split") from None
     if data_dir is not None:
-        by_name = {p.image.name: p for p in match_pairs(data_dir)[0]}
-        key = lambda image: image.name  # noqa: E731
+        root = _root(data_dir)
+
+        def key(image: Path, base: Path | None = recorded):
+            try:
+                return image.relative_to(base) if base is not None else image.name
+            except ValueError:
+                return image.name
+        by_name = {key(p.image, root if recorded is not None else None): p
+                   for p in match_pairs(data_dir)[0]}
     else:
-        by_name = {}
-        # The dataset's root: above images/ (or train/), or above a patient's folder of
-        # images with their masks beside them; else the images' folder itself.
-        every = [i for side in images.values() for i in side]
-        for roots in ({i.parent.parent for i in every}, {i.parent for i in every}):
-            for root in sorted(roots):
-                try:
-                    for p in match_pairs(root)[0]:
-                        by_name.setdefault(p.image, p)
-                except DataError:  # the folder is gone: its images are reported below
-                    pass
         key = lambda image: image  # noqa: E731
+        by_name = {}
+        # Files before the dataset was recorded: images/ (or train/) sits in its root.
+        roots = [recorded] if recorded is not None else sorted(
+            {i.parent.parent for side in images.values() for i in side})
+        for root in roots:
+            try:
+                by_name.update((p.image, p) for p in match_pairs(root)[0])
+            except DataError:  # the folder is gone: its images are reported below
+                pass
     missing = [i for side in images.values() for i in side if key(i) not in by_name]
     if missing:
         where = f" in {data_dir}" if data_dir is not None else ""

@@ -335,9 +335,32 @@ def test_masks_beside_their_images_in_one_folder_or_one_per_patient(tmp_path):
     assert all(p.mask.name == p.image.stem + "_mask.tif" for p in pairs)
     train, val = dp.split_pairs(pairs, val_fraction=0.34, seed=0)
     assert len(val) == 2 and len({p.car for p in val}) == 1  # one patient, whole
-    # The run's split file reads back, from where the files are or after a move.
-    dp.write_split(tmp_path / "split.json", train, val)
-    assert dp.read_split(tmp_path / "split.json") == (train, val)
+    # The run's split file reads back, from where the files are or after a move, by
+    # each image's path in the dataset: by name alone, every patient's slice_1.png
+    # was one and the same, and validation became training images.
+    for pairs_of, data_dir in ((lambda: dp.find_pairs(nested), nested),
+                               (lambda: dp.find_pairs(flat), flat)):
+        pairs = pairs_of()
+        dp.write_split(tmp_path / "split.json", pairs[:-1], pairs[-1:], data_dir)
+        assert dp.read_split(tmp_path / "split.json") == (pairs[:-1], pairs[-1:])
+    same_names = tmp_path / "same_names"
+    for patient in ("P1", "P2"):
+        for i in (1, 2):
+            write_image(same_names / patient / f"slice_{i}.png", seed=i)
+            write_mask(same_names / patient / f"slice_{i}_mask.png", box_mask(seed=i))
+    pairs = dp.find_pairs(same_names)
+    dp.write_split(tmp_path / "split.json", pairs[:2], pairs[2:], same_names)
+    moved = tmp_path / "moved"
+    shutil.move(same_names, moved)
+    train, val = dp.read_split(tmp_path / "split.json", moved)
+    assert [(p.image.parent.name, p.image.name, p.car) for p in train + val] == [
+        ("P1", "slice_1.png", "P1"), ("P1", "slice_2.png", "P1"),
+        ("P2", "slice_1.png", "P2"), ("P2", "slice_2.png", "P2")]
+    # A patient whose masks are named otherwise is named, not left out.
+    (moved / "P3").mkdir()
+    write_image(moved / "P3" / "slice_1.png")
+    write_mask(moved / "P3" / "slice_1_seg.png", box_mask())
+    assert "P3/slice_1.png has no mask" in error_of(moved)
     for data_dir in (flat, nested):  # a mask or an image alone is named
         (data_dir / "lone.png").write_bytes((flat / "a.png").read_bytes())
     assert "flat/lone.png has no mask (expected " in error_of(flat)

@@ -944,7 +944,8 @@ def test_a_new_run_replaces_the_split_of_a_run_that_stopped_before_its_first_che
                              *TINY[:-2], "--epochs", "1"]) == 0
     split = json.loads((run_dir / "split.json").read_text())
     assert "elsewhere" not in json.dumps(split) and split["train"] and split["validation"]
-    assert all(p.startswith(str(data_dir)) for side in split.values() for p in side)
+    assert all(p.startswith(str(data_dir)) for side in ("train", "validation")
+               for p in split[side])
 
 
 @pytest.mark.parametrize("argv, noted", [
@@ -987,8 +988,9 @@ def test_resume_finds_the_same_images_where_the_data_moved(data_dir, tmp_path, c
     assert call(train.main, ["--workdir", str(run_dir), "--resume", "--epochs", "2",
                              "--data-dir", str(moved)]) == 0
     after = json.loads((run_dir / "split.json").read_text())
-    assert after == {side: [p.replace(str(first), str(moved)) for p in paths]
-                     for side, paths in before.items()}  # the same images, where they are
+    assert after == {side: [p.replace(str(first), str(moved)) for p in before[side]]
+                     for side in ("train", "validation")} | {  # the same images, where
+                         "data_dir": str(moved)}                # they are now
     # The next resume needs no flag: the run now records the new folder.
     assert call(train.main, ["--workdir", str(run_dir), "--resume", "--epochs", "3"]) == 0
     assert [r["epoch"] for r in read_metrics(run_dir)] == ["1", "2", "3"]

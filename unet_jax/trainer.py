@@ -108,7 +108,7 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
                     return {"workdir": workdir, "history": history, "best": _best(history)}
                 if is_main:  # only now that the run starts (or resumes) does the directory change
                     write_run_files(config, workdir, train_data.pairs, val_data.pairs,
-                                    source_epoch)
+                                    source_epoch, data_dir)
                 log(_summary(config, state, train_data, val_data, data_dir, workdir))
                 train_epochs(config, workdir, state, manager, history, train_data, val_data,
                              mesh, log, is_main)
@@ -259,10 +259,11 @@ def restore_or_init(config: Config, workdir: Path, resume: bool, mesh, log,
 
 
 def write_run_files(config: Config, workdir: Path, train_pairs, val_pairs,
-                    source_epoch: int | None = None) -> None:
+                    source_epoch: int | None = None, data_dir=None) -> None:
     """config.json (with the devices the run uses, and the epoch of the
     ``--init-from`` run it started from: ``source_epoch``, kept from the file itself
-    on a resume) and split.json, the images this run trains and validates on. Both
+    on a resume) and split.json, the images this run trains and validates on and the
+    dataset they are in (``data_dir``). Both
     are written whenever a run starts or resumes: a new run replaces the files of one
     that stopped before its first checkpoint in the same directory (a resume must read
     this run's split, not that one's), and a resume from data that moved records
@@ -277,7 +278,7 @@ def write_run_files(config: Config, workdir: Path, train_pairs, val_pairs,
         settings["init_from_epoch"] = source_epoch
     rundir.write_text_atomic(workdir / "config.json",
                              json.dumps(settings, indent=2, sort_keys=True))
-    data_pipeline.write_split(workdir / "split.json", train_pairs, val_pairs)
+    data_pipeline.write_split(workdir / "split.json", train_pairs, val_pairs, data_dir)
 
 
 def train_epochs(config: Config, workdir: Path, state, manager, history: list, train_data,
