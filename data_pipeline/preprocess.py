@@ -46,9 +46,8 @@ log = logging.getLogger(__name__)
 MAX_PIXELS_VARIABLE = "UNET_JAX_MAX_IMAGE_PIXELS"
 # Raised whenever the same file comes to decode to other pixels (2: EXIF orientation
 # applied, graded mask edges cut at half scale; 3: masks resized by area, aligned with
-# their images; 4: float images within 1 stay [0, 1] under a --max-value over 1), so
-# that caches of decoded examples kept on disk are made anew.
-DECODE_VERSION = 4
+# their images), so that caches of decoded examples kept on disk are made anew.
+DECODE_VERSION = 3
 _PILLOW_LIMIT = Image.MAX_IMAGE_PIXELS  # Pillow's own limit, read (not changed) at import
 
 
@@ -187,6 +186,8 @@ def opened(source, max_value: float = 0.0):
     a numpy array (``from_array``), so that images a program holds in memory are read
     by the very rules files are."""
     if isinstance(source, Image.Image):
+        if _wide_samples(source):  # read from the source: a copy has no tile left
+            check_no_max_value(IN_MEMORY, max_value)
         # A copy: draft() would shrink the caller's own (unloaded JPEG) image in place.
         copy = source.copy()
         copy.format = source.format  # the orientation rule reads a PNG's header alone
@@ -198,15 +199,23 @@ def opened(source, max_value: float = 0.0):
             yield img
 
 
+def _wide_samples(img: Image.Image) -> bool:
+    """Whether an unloaded image file holds 16-bit samples that Pillow reads as 8-bit
+    colour or alpha (its decoder's raw mode, e.g. 'RGB;16B')."""
+    return img.mode in ("RGB", "RGBA", "LA") and any(
+        ";16" in str(t.args) for t in getattr(img, "tile", ()))
+
+
 def check_no_max_value(name: str, max_value: float) -> None:
     """Refuses ``--max-value`` for a 16-bit colour image, which Pillow reads by its
     high byte alone: the raw values it would scale are gone (12-bit colour would
     stay nearly black without a word)."""
     if max_value:
-        raise DataError(f"{name} is a 16-bit colour image, which is read by its high byte "
-                        "(Pillow has no 16-bit colour mode), so --max-value cannot scale "
-                        "it: train without --max-value, or save the images as 8-bit "
-                        "colour (or 16-bit grayscale, for --in-channels 1)")
+        raise DataError(f"{name} is a 16-bit image with colour or alpha channels, which is "
+                        "read by its high byte (Pillow has no such 16-bit mode), so "
+                        "--max-value cannot scale it: train without --max-value, or save "
+                        "the images as 8-bit colour (or 16-bit grayscale without alpha, "
+                        "for --in-channels 1)")
 
 
 def from_array(array: np.ndarray, max_value: float = 0.0) -> Image.Image:
@@ -225,7 +234,7 @@ def from_array(array: np.ndarray, max_value: float = 0.0) -> Image.Image:
         raise DataError(f"{IN_MEMORY} is {values.dtype}: give uint8, 16-bit or float values")
     if values.ndim == 3 and values.dtype in (np.uint16, np.int16):
         # As Pillow reads a 16-bit colour file: its high byte (it has no 16-bit colour
-        # mode, so --max-value reaches grayscale images alone).
+        # mode), which --max-value cannot scale: refused, as for such a file.
         check_no_max_value(IN_MEMORY, max_value)
         values = (np.clip(values, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
     elif values.dtype != np.uint8:
@@ -324,7 +333,7 @@ _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 narrow_warned = False  # set once the first dark 16-bit or float image was named
-clipped_warned = False  # set once the first image brighter than --max-value was named
+clipped_warned = False  # set once the first image --max-value does not fit was named
 
 
 def _to_8_bits(img: Image.Image, path, max_value: float = 0.0) -> Image.Image:
@@ -338,8 +347,8 @@ def eight_bits(values: np.ndarray, kind: str, path, max_value: float = 0.0) -> n
     '16-bit', 'int' or 'float'), ``path`` naming it in the warning below.
 
     With ``max_value`` (``--max-value``), that value becomes 255 in every such file:
-    4095 for a 12-bit camera or scanner (float images within 1 are [0, 1] unless
-    ``max_value`` is 1 or less). Without it, 16-bit images are scaled by their
+    4095 for a 12-bit camera or scanner (the first file it does not fit, brighter
+    than it or a float image within 1, is named). Without it, 16-bit images are scaled by their
     range (65535 -> 255), whatever the image holds, so that every image of a dataset
     is scaled alike; 32-bit integer and float images say nothing of their range:
     float values up to 1 are taken as [0, 1], integers over 255 as 16-bit, anything
@@ -349,17 +358,23 @@ def eight_bits(values: np.ndarray, kind: str, path, max_value: float = 0.0) -> n
     """
     global narrow_warned, clipped_warned
     top = float(values.max()) if values.size else 0.0
-    if kind == "float" and top <= 1 and not 0 < max_value <= 1:
-        # Already [0, 1]: a --max-value over 1 speaks of raw counts (4095 for 12 bits),
-        # which such an image no longer holds; scaled by it, it would read black.
-        values = values * 255
-    elif max_value:
-        if top > max_value and not clipped_warned:
+    if max_value:
+        # One scale for every file, whatever each holds (a dark frame of raw counts may
+        # stay within 1); files it does not fit are named once.
+        if not clipped_warned and (top > max_value or kind == "float" and 0 < top <= 1 < max_value):
             clipped_warned = True
-            log.warning("%s has values up to %g, over --max-value %g: %.0f%% of its pixels "
-                        "turn white; pass the brightest value the data holds (65535 for "
-                        "16-bit)", path, top, max_value, 100 * np.mean(values > max_value))
+            if top > max_value:
+                log.warning("%s has values up to %g, over --max-value %g: %.0f%% of its "
+                            "pixels turn white; pass the brightest value the data holds "
+                            "(65535 for 16-bit)", path, top, max_value,
+                            100 * np.mean(values > max_value))
+            else:
+                log.warning("%s is a float image within [0, 1], and --max-value %g scales "
+                            "it nearly black; floats in [0, 1] need no --max-value (train "
+                            "without it)", path, max_value)
         values = values * np.float32(255 / max_value)
+    elif kind == "float" and top <= 1:
+        values = values * 255
     elif kind == "16-bit" or top > 255:
         if top < 4096 and not narrow_warned:
             narrow_warned = True
@@ -383,8 +398,9 @@ def load_image(path, image_size=None, in_channels: int = 3,
     (``opened``), read by the same rules.
 
     Grayscale, palette, CMYK and RGBA images become RGB (alpha is dropped) for 3
-    channels; anything becomes luminance for 1. 16-bit and float images are scaled to
-    8 bits, their ``max_value`` (if given) to 255 (``_to_8_bits``).
+    channels; anything becomes luminance for 1. 16-bit grayscale and float images are
+    scaled to 8 bits, their ``max_value`` (if given) to 255 (``_to_8_bits``); 16-bit
+    colour, which Pillow reads by its high byte, refuses a ``max_value``.
     The EXIF orientation is applied (``upright``). A JPEG at least twice
     ``image_size`` is decoded at 1/2, 1/4 or 1/8 scale (``draft``: the JPEG decoder's
     own scaling, far cheaper than a full decode), never below ``image_size``, then
@@ -401,9 +417,8 @@ def load_image(path, image_size=None, in_channels: int = 3,
                          "numbers over 0")
     mode = "RGB" if in_channels == 3 else "L"
     with opened(path, max_value) as img:
-        if img.mode in ("RGB", "RGBA") and any(";16" in str(t.args)
-                                               for t in getattr(img, "tile", ())):
-            check_no_max_value(name_of(path), max_value)  # 16-bit samples, unloaded
+        if _wide_samples(img):
+            check_no_max_value(name_of(path), max_value)
         height, width = image_size or scaled_size(shown_size(img), scale)
         if image_size or scale != 1:
             # Never below the target size; the decoder scales the image as stored.

@@ -236,18 +236,27 @@ def test_an_image_over_max_value_is_named_once(tmp_path, caplog, monkeypatch):
         "turn white" in record.getMessage()
 
 
-def test_max_value_leaves_float_images_within_1_as_they_are(tmp_path):
-    """A float image in [0, 1] under a 12-bit run's --max-value 4095 read nearly black
-    (255/4095 of its values), as a file and as an array given to a Predictor."""
+def test_max_value_scales_every_float_file_alike_and_names_one_within_1(
+        tmp_path, caplog, monkeypatch):
+    """One scale for the dataset: a float image within [0, 1] under --max-value 4095
+    is read by it (nearly black), as a dark frame of raw counts must be, and named."""
+    from data_pipeline import preprocess
+
+    monkeypatch.setattr(preprocess, "clipped_warned", False)
     ramp = np.linspace(0, 1, H * W, dtype=np.float32).reshape(H, W)
     Image.fromarray(ramp).save(tmp_path / "unit.tif")
-    for source in (tmp_path / "unit.tif", ramp):
-        np.testing.assert_allclose(
-            dp.load_image(source, None, in_channels=1, max_value=4095)[..., 0],
-            np.rint(ramp * 255), atol=1)
-    # A --max-value within 1 is about such images, and still applies.
-    half = dp.load_image(ramp / 2, None, in_channels=1, max_value=0.5)[..., 0]
+    with caplog.at_level("WARNING"):
+        for source in (tmp_path / "unit.tif", ramp):
+            assert dp.load_image(source, None, in_channels=1, max_value=4095).max() == 0
+    [record] = caplog.records
+    assert "unit.tif is a float image within [0, 1], and --max-value 4095 scales it " \
+        "nearly black" in record.getMessage()
+    # A --max-value within 1 is about such images, and applies without a word.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        half = dp.load_image(ramp / 2, None, in_channels=1, max_value=0.5)[..., 0]
     np.testing.assert_allclose(half, np.rint(ramp * 255), atol=1)
+    assert not caplog.records
 
 
 def test_max_value_refuses_16_bit_colour_which_it_cannot_scale(tmp_path):
@@ -256,11 +265,12 @@ def test_max_value_refuses_16_bit_colour_which_it_cannot_scale(tmp_path):
     wide = np.random.default_rng(0).integers(0, 4096, (H, W, 3)).astype(np.uint16)
     write_png16_rgb(tmp_path / "colour12.png", wide)
     assert dp.load_image(tmp_path / "colour12.png").max() <= 15  # as Pillow reads it
-    for source, name in ((tmp_path / "colour12.png", str(tmp_path / "colour12.png")),
-                         (wide, "the in-memory image")):
-        with pytest.raises(dp.DataError, match=rf"^{re.escape(name)} is a 16-bit colour "
-                           r"image.*train without --max-value"):
-            dp.load_image(source, max_value=4095)
+    with Image.open(tmp_path / "colour12.png") as opened:  # a copy would lose its tile
+        for source, name in ((tmp_path / "colour12.png", str(tmp_path / "colour12.png")),
+                             (wide, "the in-memory image"), (opened, "the in-memory image")):
+            with pytest.raises(dp.DataError, match=rf"^{re.escape(name)} is a 16-bit image "
+                               r"with colour or alpha channels.*train without --max-value"):
+                dp.load_image(source, max_value=4095)
 
 
 # --- every bad-data error names the file -------------------------------------------------

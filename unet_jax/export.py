@@ -85,12 +85,10 @@ def prediction_settings(config, threshold: float | None = None) -> dict:
                                                  threshold=threshold)
     # Every step predict takes, in order: a caller who follows them gets its masks.
     values = "RGB values" if c.in_channels == 3 else "grayscale (luminance) values"
-    within = "float images whose values stay within 1 times 255"
-    wide = (f"16-bit grayscale and float images first scaled by 255 / {c.max_value:g}"
-            + (f", but {within}" if c.max_value > 1 else "") + "; 16-bit colour refused"
-            if c.max_value
+    wide = (f"16-bit grayscale and float images first scaled by 255 / {c.max_value:g}; "
+            "16-bit colour refused" if c.max_value
             else "16-bit images, and 32-bit or float images with values over 255, first "
-            f"divided by 257; {within}")
+            "divided by 257; float images whose values stay within 1 times 255")
     first = ("the image turned upright by its EXIF orientation tag, as viewers show it "
              "(a JPEG decoded with its own downscaling by 1/2, 1/4 or 1/8 where the "
              f"result stays at least the target size), {values} / 255 ({wide}, rounded "
