@@ -453,7 +453,8 @@ def find_images(path, *, skip_bad: bool = False, by_stem: bool = True) -> list[P
         log.warning("--input %s: leaving out %d file(s) named as the masks of images beside "
                     "them (%s for %s); give a folder of images alone to predict them too",
                     path, len(beside), beside[0].name, beside[0].stem[:-5])
-        found = [p for p in found if p not in beside]
+        left_out = set(beside)
+        found = [p for p in found if p not in left_out]
     images, problems = _by_stem(found) if by_stem else ({p.name: p for p in found}, [])
     if problems and not skip_bad:
         raise DataError(f"{problems[0]}: their masks would share one output file; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import logging
 import os
 import signal
@@ -231,6 +232,15 @@ def _stopped(prog: str, signal_error: BaseException) -> int:
     return 130 if ctrl_c else 128 + signal.SIGTERM
 
 
+def _distributed() -> bool:
+    """Whether this process is one of several of a JAX run (jax.distributed)."""
+    jax = sys.modules.get("jax")
+    try:
+        return jax is not None and jax.process_count() > 1
+    except Exception:  # noqa: BLE001 - a backend that failed to start: one process
+        return False
+
+
 def run(main, argv=None, prog: str = "") -> None:
     """Runs ``main(argv)``; user errors become one line on stderr and exit status 2,
     Ctrl-C exits 130 and SIGTERM 143, each after the command's cleanups ran."""
@@ -261,14 +271,16 @@ def run(main, argv=None, prog: str = "") -> None:
         sys.exit(USER_ERROR)
     except (KeyboardInterrupt, Terminated) as e:
         code = _stopped(prog, e)
-        if argv is None:
+        if argv is None and not _distributed():
             # The command's own cleanups have run. Stopped in the middle of its first
             # compile, JAX's shutdown frees the compiler's threads while they still
             # work, and the process died of SIGSEGV (139) instead of 130 or 143: a
-            # process that is the command ends here, its output flushed.
+            # process that is the command ends here, its output flushed. (One of
+            # several processes shuts down as usual, so that the others are released.)
             logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):  # a closed pipe (| head)
+                    stream.flush()
             os._exit(code)
         atexit.register(_second_ctrl_c_exits_at_once)  # a caller's process goes on
         sys.exit(code)

@@ -85,7 +85,8 @@ def score(predictor, pairs, skip_bad: bool, sweep=()) -> dict:
     num_classes = predictor.config.num_classes
     masks = {p.image: p.mask for p in pairs}
     scores, scored = [], []
-    swept = [(mode.threshold, np.float32(mode.logit_threshold), []) for mode in sweep]
+    swept = [(mode.threshold, mode.logit_threshold, []) for mode in sweep]
+    sweeping = 0.0  # seconds spent on the other thresholds: not the mode's own time
     start = time.perf_counter()
     paths = [p.image for p in pairs]
     results = predictor.predict_files(paths, skip_bad=skip_bad, logits=bool(swept))
@@ -111,9 +112,11 @@ def score(predictor, pairs, skip_bad: bool, sweep=()) -> dict:
             mask[None].astype(np.int32), truth[None].astype(np.int32), num_classes).items()}
         scores.append(scores_of(predicted))
         scored.append(str(image))
+        began = time.perf_counter()
         for _, logit, rows in swept:
-            rows.append(scores_of(logits[..., 0] > logit))
-    seconds = time.perf_counter() - start
+            rows.append(scores_of(predictor.to_mask(logits, logit)))
+        sweeping += time.perf_counter() - began
+    seconds = time.perf_counter() - start - sweeping
     if not scores:
         raise common.UserError("no image could be scored (all were skipped as unreadable)")
     mean_of = lambda rows: means({"count": len(rows), **{  # noqa: E731

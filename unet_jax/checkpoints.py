@@ -95,6 +95,8 @@ class _Manager(ocp.CheckpointManager):
         return metrics
 
     def _unscored(self, step: int, problem: str) -> None:
+        if not (Path(self.directory) / str(step)).exists():
+            return None  # removed meanwhile by the run that wrote it: no damage to name
         if step not in self._warned:
             self._warned.add(step)
             log.warning("%s: %s; it ranks last for 'best'",
@@ -107,12 +109,15 @@ class _Manager(ocp.CheckpointManager):
             # Orbax reports it here, at the next save or at the end, as a ValueError of
             # TensorStore's status with pages of context; the run stops with one line.
             problem = next((line.strip() for line in str(e).splitlines() if line.strip()),
-                           type(e).__name__)
+                           "")
+            disk = isinstance(e, OSError) or any(
+                word in problem for word in ("RESOURCE_EXHAUSTED", "No space", "Errno"))
             then = ("continue with --resume: the checkpoints before it are intact"
                     if rundir.has_checkpoint(Path(self.directory).parent) else
                     "start the run again")
+            fix = "free space or fix the disk" if disk else "fix what it names"
             raise CheckpointError(f"a checkpoint could not be written in {self.directory} "
-                                  f"({problem[:300]}); free space or fix the disk, then "
+                                  f"({type(e).__name__}: {problem[:300]}); {fix}, then "
                                   f"{then}") from None
         if self.deletes:
             _empty_deleting(Path(self.directory))

@@ -184,11 +184,14 @@ class Predictor:
         binary = self.config.num_classes == 1
         return [m.astype(bool) if binary else m for m in self._predict(inputs, sizes, True)]
 
-    def to_mask(self, logits: np.ndarray) -> np.ndarray:
-        """Bool (H, W) for one class (over the mode's threshold), else class ids, of
-        host logits (H, W, classes), as the device program thresholds them."""
+    def to_mask(self, logits: np.ndarray, logit_threshold: float | None = None) -> np.ndarray:
+        """Bool (H, W) for one class (over the mode's threshold, or ``logit_threshold``),
+        else class ids, of host logits (H, W, classes), as the device program
+        thresholds them."""
         if logits.shape[-1] == 1:
-            return logits[..., 0] > np.float32(self.mode.logit_threshold)
+            if logit_threshold is None:
+                logit_threshold = self.mode.logit_threshold
+            return logits[..., 0] > np.float32(logit_threshold)
         return logits.argmax(-1)
 
     def predict_files(self, paths, skip_bad: bool = False, images: bool = False,

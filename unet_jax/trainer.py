@@ -271,7 +271,7 @@ def write_run_files(config: Config, workdir: Path, train_pairs, val_pairs,
     settings = {**config.to_dict(), "device_count": jax.device_count(),
                 "process_count": jax.process_count(), "backend": jax.default_backend()}
     if config.init_from and source_epoch is None:  # a resume: as its start recorded it
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             source_epoch = json.loads((workdir / "config.json").read_text()).get(
                 "init_from_epoch")
     if config.init_from and source_epoch is not None:
