@@ -162,8 +162,22 @@ def main(argv=None):
     overrides = {k: v for k, v in (("epochs", args.epochs), ("data_dir", args.data_dir),
                                    ("group_by", args.group_by)) if v}
     base = configs.get(args.preset, **overrides)
+    if len(set(args.recipes)) < len(args.recipes):
+        raise common.UserError("--recipes names a recipe twice: give each once")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # Checked before hours of training, which an unwritable --out would otherwise lose.
+    from unet_jax import rundir
+
+    if out.is_dir():
+        raise common.UserError(f"--out {out} is a folder; give a prefix such as {out / 'recipes'}")
+    rundir.check_writable(out.parent, "--out's folder")
+    if args.runs:
+        taken = [run for run in (f"{name}-seed{seed}" for name in args.recipes
+                                 for seed in range(args.seeds))
+                 if (Path(args.runs) / run).exists()]
+        if taken:
+            raise common.UserError(f"--runs {args.runs} already holds {taken[0]}/: give a new "
+                                   "folder (each recipe trains from scratch)")
     backend = common.start_platform(args.platform, args)
     seeds = list(range(args.seeds))
     start = time.perf_counter()

@@ -72,3 +72,27 @@ def test_the_command_trains_each_recipe_and_seed_and_writes_its_files(tmp_path, 
     text = (tmp_path / "lr0.003.md").read_text()
     assert "| cosine+ema | 0.6990 / 0.6990 |" in text and f"`{saved['command']}`" in text
     assert "![lr0.003](lr0.003.png)" in text
+
+
+def test_bad_outputs_and_repeats_are_refused_before_any_training(tmp_path, monkeypatch):
+    """An unwritable --out failed with a traceback after every recipe had trained; a
+    used --runs folder, or a recipe named twice, stopped it after the first recipe
+    with train's advice (--workdir, --resume), flags recipes does not have."""
+    import unet_jax
+
+    from experiments.common import UserError
+    from unet_jax.rundir import RunDirError
+
+    monkeypatch.setattr(unet_jax, "train_and_evaluate", lambda *a, **k: pytest.fail("trained"))
+    (tmp_path / "runs" / "constant-seed0").mkdir(parents=True)
+    (tmp_path / "file").write_text("x")
+    base = ["--preset", "tiny", "--seeds", "1", "--platform", "cpu"]
+    for extra, message in [
+            (["--out", str(tmp_path / "file" / "r")], "--out's folder"),
+            (["--out", str(tmp_path)], "is a folder"),
+            (["--out", str(tmp_path / "r"), "--recipes", "constant", "constant"],
+             "names a recipe twice"),
+            (["--out", str(tmp_path / "r"), "--runs", str(tmp_path / "runs")],
+             "already holds constant-seed0/")]:
+        with pytest.raises((UserError, RunDirError), match=message):  # each one line
+            recipes.main(base + extra)
