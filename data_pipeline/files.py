@@ -36,7 +36,8 @@ from pathlib import Path
 from PIL import UnidentifiedImageError
 
 from data_pipeline.errors import DataError
-from data_pipeline.preprocess import load_mask, open_within_limit, orientation, shown_size
+from data_pipeline.preprocess import (check_no_max_value, load_mask, open_within_limit,
+                                      orientation, shown_size, wide_samples)
 
 log = logging.getLogger(__name__)
 
@@ -333,12 +334,13 @@ def _looks_complete(path: Path, fmt: str | None) -> bool:
     return False  # TIFF and others: decode to be sure
 
 
-def check_pair(pair: Pair, num_classes: int = 1) -> str | None:
+def check_pair(pair: Pair, num_classes: int = 1, max_value: float = 0.0) -> str | None:
     """None if the pair is usable, else one line saying which file is wrong and how.
 
     With several classes the mask is decoded too and its class ids checked at the
     file's own size (``preprocess.check_class_ids``): an id on a few pixels that
-    resizing drops would otherwise pass unseen.
+    resizing drops would otherwise pass unseen. With ``max_value``, a 16-bit colour
+    image, which it cannot scale, is named now rather than while the epoch decodes.
     """
     image_size, problem = image_problem(pair.image)
     if problem:
@@ -354,16 +356,21 @@ def check_pair(pair: Pair, num_classes: int = 1) -> str | None:
                         "read as viewers show them): rotate the mask to match the "
                         "photo as shown, or save the photo upright without the tag")
         return problem
-    if num_classes > 1:
-        try:
+    try:
+        if num_classes > 1:
             load_mask(pair.mask, None, num_classes)
-        except DataError as e:
-            return str(e)
+        if max_value:
+            with open_within_limit(pair.image) as img:
+                if wide_samples(img):
+                    check_no_max_value(str(pair.image), max_value)
+    except DataError as e:
+        return str(e)
     return None
 
 
 def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
-               num_classes: int = 1, workers: int = 16) -> list[Pair]:
+               num_classes: int = 1, workers: int = 16,
+               max_value: float = 0.0) -> list[Pair]:
     """Every usable image/mask pair under ``data_dir``, in name order.
 
     The layout is detected (Kaggle's or ``images/`` + ``masks/``). With ``check``,
@@ -375,7 +382,8 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
     pairs, problems = match_pairs(data_dir)
     if check and pairs:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            found = list(pool.map(lambda pair: check_pair(pair, num_classes), pairs))
+            found = list(pool.map(lambda pair: check_pair(pair, num_classes, max_value),
+                                  pairs))
         problems += [p for p in found if p]
         pairs = [pair for pair, p in zip(pairs, found) if not p]
     if problems and not skip_bad:

@@ -186,7 +186,7 @@ def opened(source, max_value: float = 0.0):
     a numpy array (``from_array``), so that images a program holds in memory are read
     by the very rules files are."""
     if isinstance(source, Image.Image):
-        if _wide_samples(source):  # read from the source: a copy has no tile left
+        if wide_samples(source):  # read from the source: a copy has no tile left
             check_no_max_value(IN_MEMORY, max_value)
         # A copy: draft() would shrink the caller's own (unloaded JPEG) image in place.
         copy = source.copy()
@@ -199,7 +199,7 @@ def opened(source, max_value: float = 0.0):
             yield img
 
 
-def _wide_samples(img: Image.Image) -> bool:
+def wide_samples(img: Image.Image) -> bool:
     """Whether an unloaded image file holds 16-bit samples that Pillow reads as 8-bit
     colour or alpha (its decoder's raw mode, e.g. 'RGB;16B')."""
     return img.mode in ("RGB", "RGBA", "LA") and any(
@@ -417,7 +417,7 @@ def load_image(path, image_size=None, in_channels: int = 3,
                          "numbers over 0")
     mode = "RGB" if in_channels == 3 else "L"
     with opened(path, max_value) as img:
-        if _wide_samples(img):
+        if wide_samples(img):
             check_no_max_value(name_of(path), max_value)
         height, width = image_size or scaled_size(shown_size(img), scale)
         if image_size or scale != 1:

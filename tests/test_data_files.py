@@ -271,6 +271,13 @@ def test_max_value_refuses_16_bit_colour_which_it_cannot_scale(tmp_path):
             with pytest.raises(dp.DataError, match=rf"^{re.escape(name)} is a 16-bit image "
                                r"with colour or alpha channels.*train without --max-value"):
                 dp.load_image(source, max_value=4095)
+    # Named by the check of every pair before training, not while the first epoch decodes.
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "colour12.png").rename(tmp_path / "data" / "images" / "a.png")
+    write_mask(tmp_path / "data" / "masks" / "a.png", box_mask((W, H)))
+    assert len(dp.find_pairs(tmp_path / "data")) == 1  # without --max-value: read as 8-bit
+    with pytest.raises(dp.DataError, match=r"images/a\.png is a 16-bit image with colour"):
+        dp.find_pairs(tmp_path / "data", max_value=4095)
 
 
 # --- every bad-data error names the file -------------------------------------------------

@@ -211,7 +211,8 @@ def build_data(config: Config, workdir: Path, resume: bool):
                                       for pairs in (train_pairs, val_pairs))
     else:
         pairs = data_pipeline.find_pairs(data_dir, skip_bad=config.skip_bad,
-                                         num_classes=config.num_classes)
+                                         num_classes=config.num_classes,
+                                         max_value=config.max_value)
         train_pairs, val_pairs = data_pipeline.split_pairs(
             pairs, method=config.split, val_fraction=config.val_fraction, seed=config.seed,
             subset=config.subset, group_by=config.group_by)
