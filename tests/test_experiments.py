@@ -73,7 +73,7 @@ def test_train_writes_everything_a_run_promises(trained_run):
     settings = json.loads((trained_run / "config.json").read_text())
     assert settings["device_count"] >= 1 and settings["image_size"] == [32, 48]
     split = json.loads((trained_run / "split.json").read_text())
-    assert set(split) == {"train", "validation"} and split["train"] and split["validation"]
+    assert set(split) == {"data_dir", "train", "validation"} and split["train"] and split["validation"]
     assert not set(split["train"]) & set(split["validation"])
     rows = read_metrics(trained_run)
     assert [r["epoch"] for r in rows] == ["1", "2"]

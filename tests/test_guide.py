@@ -58,7 +58,8 @@ def test_a_failing_cell_stops_the_build_with_one_line(tmp_path):
     source.write_text("# %%\nprint('fine')\n\n# %%\nvalues = [1, 2]\nvalues[5]\n")
     out = tmp_path / "out"
     (out / "figures").mkdir(parents=True)
-    (out / "README.md").write_text("the last good build")
+    last_build = f"the last good build\n\n{guide.BUILT_BY} --size tiny`*\n"
+    (out / "README.md").write_text(last_build)
     (out / "figures" / "old.png").write_bytes(b"png")
     result = subprocess.run(
         [sys.executable, "-m", "experiments.guide", "--source", str(source), "--out", str(out),
@@ -69,7 +70,7 @@ def test_a_failing_cell_stops_the_build_with_one_line(tmp_path):
     assert len(err) == 1, result.stderr
     assert "cell 2 (line 5: 'values = [1, 2]')" in err[0]
     assert "IndexError" in err[0] and "line 6" in err[0]
-    assert (out / "README.md").read_text() == "the last good build"
+    assert (out / "README.md").read_text() == last_build
     assert sorted(p.name for p in out.rglob("*")) == ["README.md", "figures", "old.png"]
 
 
