@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +156,8 @@ def read_split(path, data_dir=None, otherwise: str = "start a new run",
     The files are not re-checked (they were when the split was made). If the data has
     moved, ``data_dir`` is where to look for the same images: by their path within
     the dataset the file records (one patient's ``slice_1.png`` is not another's), or
-    by file name in a file written before it recorded its dataset. Where the images
+    else by file name, where the name is one image's alone on each side (the data
+    unzipped into another nesting, or a file written before it recorded its dataset). Where the images
     are missing, the error offers to restore them, to give the folder they moved to,
     or ``otherwise``: the caller's own way out.
     """
@@ -172,30 +174,44 @@ def read_split(path, data_dir=None, otherwise: str = "start a new run",
                         "remove it to make a new split") from None
     if data_dir is not None:
         root = _root(data_dir)
+        pairs = match_pairs(data_dir)[0]
+        by_path = {_within(p.image, root): p for p in pairs}
+        # A name found once on each side identifies its image in another nesting too
+        # (images/images/ unzipped, train/ instead of the prepared zips); a name that
+        # several folders share (one patient's slice_1.png, another's) only by path.
+        here = Counter(p.image.name for p in pairs)
+        there = Counter(i.name for side in images.values() for i in side)
+        by_name = {p.image.name: p for p in pairs if here[p.image.name] == 1}
 
-        def key(image: Path, base: Path | None = recorded):
-            try:
-                return image.relative_to(base) if base is not None else image.name
-            except ValueError:
-                return image.name
-        by_name = {key(p.image, root if recorded is not None else None): p
-                   for p in match_pairs(data_dir)[0]}
+        def find(image: Path) -> Pair | None:
+            if recorded is not None and (inside := _within(image, recorded)) in by_path:
+                return by_path[inside]
+            return by_name.get(image.name) if there[image.name] == 1 else None
     else:
-        key = lambda image: image  # noqa: E731
-        by_name = {}
+        found = {}
         # Files before the dataset was recorded: images/ (or train/) sits in its root.
         roots = [recorded] if recorded is not None else sorted(
             {i.parent.parent for side in images.values() for i in side})
         for root in roots:
             try:
-                by_name.update((p.image, p) for p in match_pairs(root)[0])
+                found.update((p.image, p) for p in match_pairs(root)[0])
             except DataError:  # the folder is gone: its images are reported below
                 pass
-    missing = [i for side in images.values() for i in side if key(i) not in by_name]
+        find = found.get
+    resolved = {side: [find(i) for i in side_images] for side, side_images in images.items()}
+    missing = [i for side in images for i, pair in zip(images[side], resolved[side])
+               if pair is None]
     if missing:
         where = f" in {data_dir}" if data_dir is not None else ""
         raise DataError(f"{path}: {missing[0]} (or its mask) is not found{where} "
                         f"({len(missing)} missing); restore the data, give the folder "
                         f"it moved to (--data-dir), or {otherwise}")
-    return ([by_name[key(i)] for i in images["train"]],
-            [by_name[key(i)] for i in images["validation"]])
+    return resolved["train"], resolved["validation"]
+
+
+def _within(image: Path, root: Path) -> Path | None:
+    """``image``'s path inside ``root``, None where it lies elsewhere."""
+    try:
+        return image.relative_to(root)
+    except ValueError:
+        return None

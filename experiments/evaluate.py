@@ -61,7 +61,7 @@ def select_pairs(args, config):
     if not split_file.is_file():
         raise common.UserError(f"{run_dir} has no split.json, so its validation images are "
                                "unknown; pass --data-dir DIR --split all")
-    # Moved data is found by file name in --data-dir; a file that is there but
+    # Moved data is found in --data-dir (data_pipeline.read_split); a file that is there but
     # unreadable is named when it is scored, not taken for missing.
     return data_pipeline.read_split(
         split_file, args.data_dir,

@@ -593,3 +593,37 @@ def test_a_crop_is_checked_against_each_side_of_the_smallest_image(tmp_path):
     with pytest.raises(dp.DataError, match=f"smaller than --crop {H + 8} 16; raise "
                                            r"--scale$"):  # no multiple of 64 fits
         dp.check_crop_fits(pairs, (H + 8, 16), 1.0, 64)
+
+
+def test_a_split_finds_moved_images_in_another_nesting_by_a_name_they_alone_bear(tmp_path):
+    """Data unzipped into another nesting (images/images/ by Windows' Extract All, then
+    images/ after a clean unzip) was reported missing: only the path inside the
+    recorded dataset was tried. A name one image alone bears finds it; names that
+    several patients share are still matched by path alone."""
+    first = tmp_path / "first"
+    for stem in ("a", "b", "c"):
+        write_image(first / "images" / "images" / f"{stem}.png")
+        write_mask(first / "masks" / f"{stem}.png", box_mask())
+    pairs = dp.find_pairs(first)
+    dp.write_split(tmp_path / "split.json", pairs[:2], pairs[2:], first)
+    flat = tmp_path / "flat"
+    (flat / "images").mkdir(parents=True)
+    shutil.move(first / "masks", flat / "masks")
+    for image in (first / "images" / "images").iterdir():
+        shutil.move(image, flat / "images" / image.name)
+    train, val = dp.read_split(tmp_path / "split.json", flat)
+    assert [p.image for p in train + val] == [flat / "images" / f"{s}.png" for s in "abc"]
+    assert [p.mask for p in train + val] == [flat / "masks" / f"{s}.png" for s in "abc"]
+    # Two patients' slice_1.png, moved into a new nesting: which is which is unknown.
+    same = tmp_path / "same"
+    for patient in ("P1", "P2"):
+        write_image(same / patient / "slice_1.png")
+        write_mask(same / patient / "slice_1_mask.png", box_mask())
+    pairs = dp.find_pairs(same)
+    dp.write_split(tmp_path / "split.json", pairs[:1], pairs[1:], same)
+    deeper = tmp_path / "deeper" / "set"
+    deeper.parent.mkdir()
+    shutil.move(same, deeper)
+    (deeper / "P1").rename(deeper / "Q1")
+    with pytest.raises(dp.DataError, match=r"P1/slice_1.png \(or its mask\) is not found"):
+        dp.read_split(tmp_path / "split.json", deeper)

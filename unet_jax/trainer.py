@@ -166,7 +166,7 @@ def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
     """Stops before anything is written unless the run may start (or resume) in
     ``workdir`` (``rundir.check_start``); a resumed run keeps its own settings, so
     a ``config`` that differs from its ``config.json`` in more than ``epochs`` and
-    ``data_dir`` (the same images, moved: ``build_data`` finds them by name) is
+    ``data_dir`` (the same images, moved: ``build_data`` finds them there) is
     refused, naming the flag."""
     rundir.check_start(workdir, resume)
     if not resume:
@@ -198,8 +198,9 @@ def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
 def build_data(config: Config, workdir: Path, resume: bool):
     """(train pipeline, validation pipeline, data folder). Every file is checked
     before any training (``data_pipeline.find_pairs``); the split is kept in
-    split.json, so a resumed run trains and validates on the same images, found by
-    file name in ``data_dir`` when it is not the folder the run started from."""
+    split.json, so a resumed run trains and validates on the same images, found in
+    ``data_dir`` when it is not the folder the run started from (by path within the
+    dataset, or by a file name one image alone bears: ``read_split``)."""
     data_dir = config.data_dir or str(data_pipeline.sample_dataset_dir())
     split_file = workdir / "split.json"
     if resume and split_file.is_file():
