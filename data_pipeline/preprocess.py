@@ -201,9 +201,10 @@ def opened(source, max_value: float = 0.0):
 
 def wide_samples(img: Image.Image) -> bool:
     """Whether an unloaded image file holds 16-bit samples that Pillow reads as 8-bit
-    colour or alpha (its decoder's raw mode, e.g. 'RGB;16B')."""
+    colour or alpha (its decoder's raw mode, e.g. 'RGB;16B'; a 16-bit-per-pixel BMP's
+    packed 5-6-5 colour, 'BGR;16', is 8-bit colour already)."""
     return img.mode in ("RGB", "RGBA", "LA") and any(
-        ";16" in str(t.args) for t in getattr(img, "tile", ()))
+        re.search(r";16[BLN]", str(t.args)) for t in getattr(img, "tile", ()))
 
 
 def check_no_max_value(name: str, max_value: float) -> None:

@@ -3,6 +3,7 @@
 import logging
 import re
 import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -278,6 +279,24 @@ def test_max_value_refuses_16_bit_colour_which_it_cannot_scale(tmp_path):
     assert len(dp.find_pairs(tmp_path / "data")) == 1  # without --max-value: read as 8-bit
     with pytest.raises(dp.DataError, match=r"images/a\.png is a 16-bit image with colour"):
         dp.find_pairs(tmp_path / "data", max_value=4095)
+    # A BMP of 16 bits per pixel (5-6-5 colour, as screenshots and embedded cameras
+    # write) is 8-bit colour: scaled like any, not refused.
+    write_bmp565(tmp_path / "screen.bmp", np.full((3, 4), 0x07E0, np.uint16))  # green
+    assert dp.load_image(tmp_path / "screen.bmp", max_value=255).tolist() == [
+        [[0, 255, 0]] * 4] * 3
+
+
+def write_bmp565(path, pixels: np.ndarray) -> None:
+    """A BMP of 16-bit 5-6-5 pixels (BI_BITFIELDS), written by hand: Pillow reads such
+    files but writes none."""
+    height, width = pixels.shape
+    stride = (width * 2 + 3) // 4 * 4
+    rows = b"".join(row.astype("<u2").tobytes().ljust(stride, b"\0") for row in pixels[::-1])
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 16, 3, len(rows), 2835, 2835, 0, 0)
+    masks = struct.pack("<III", 0xF800, 0x07E0, 0x001F)
+    offset = 14 + len(info) + len(masks)
+    path.write_bytes(b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset)
+                     + info + masks + rows)
 
 
 # --- every bad-data error names the file -------------------------------------------------
