@@ -218,9 +218,11 @@ def _by_stem(files: list[Path], strip: str = "") -> tuple[dict[str, Path], list[
 
 def _pairs_beside(root: Path) -> tuple[list[Pair], list[str]]:
     """The pairs of a dataset whose masks sit beside their images (``<stem>_mask``
-    files are the masks), each sub-folder its pairs' group; and the problems."""
+    files are the masks), each sub-folder its pairs' group (where there are several:
+    a lone one is the dataset unzipped one level down); and the problems."""
     pairs, problems = [], []
-    for folder in _beside_folders(root):
+    folders = _beside_folders(root)
+    for folder in folders:
         found = _images_in(folder)
         images, clashes = _by_stem([p for p in found if not p.stem.endswith("_mask")])
         masks, more = _by_stem([p for p in found if p.stem.endswith("_mask")], strip="_mask")
@@ -230,7 +232,10 @@ def _pairs_beside(root: Path) -> tuple[list[Pair], list[str]]:
                 problems.append(f"{image} has no mask (expected {folder / stem}_mask.png "
                                 "or another image format beside it)")
             else:
-                pairs.append(Pair(image, masks[stem], stem if folder == root else folder.name))
+                # One folder alone is the dataset one level down, not one patient:
+                # each image its own group, as in the root.
+                group = stem if len(folders) == 1 else folder.name
+                pairs.append(Pair(image, masks[stem], group))
         problems += [f"{mask} has no image (expected {folder / stem}.png or similar beside "
                      "it)" for stem, mask in masks.items() if stem not in images]
     if (nested := _nested(root)) and _beside_folders(root) == [root]:

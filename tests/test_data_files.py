@@ -371,6 +371,12 @@ def test_masks_beside_their_images_in_one_folder_or_one_per_patient(tmp_path):
     assert all(p.mask.name == p.image.stem + "_mask.tif" for p in pairs)
     train, val = dp.split_pairs(pairs, val_fraction=0.34, seed=0)
     assert len(val) == 2 and len({p.car for p in val}) == 1  # one patient, whole
+    # One sub-folder alone is the dataset a level down, not one patient whom no split
+    # could divide: each image is its own group, as in a flat folder.
+    lone = tmp_path / "lone"
+    shutil.copytree(flat, lone / "images")
+    assert [p.car for p in dp.find_pairs(lone)] == ["a", "b"]
+    assert len(dp.split_pairs(dp.find_pairs(lone), val_fraction=0.5)[1]) == 1
     # The run's split file reads back, from where the files are or after a move, by
     # each image's path in the dataset: by name alone, every patient's slice_1.png
     # was one and the same, and validation became training images.
