@@ -11,6 +11,7 @@ An empty mask is an empty string.
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -102,15 +103,21 @@ def check_output(out: Path) -> Path:
     if out.is_dir():
         raise common.UserError(f"--output {out} is a folder; give a file name, such as "
                                f"{out / 'submission.csv'}")
-    if out.exists() or out.is_symlink():
+    if out.is_symlink():
+        # Replacing it would put the CSV in place of the link, not in the file it names.
+        raise common.UserError(f"--output {out} is a link (to {os.readlink(out)}); give "
+                               "the file it points to, or a new file name")
+    if out.exists():
         # Only an earlier submission is replaced: --output RUN/config.json (or a test
-        # photo's name) replaced that file with CSV text.
+        # photo's name) replaced that file with CSV text. A submission saved again by
+        # pandas, a spreadsheet or an editor may end its lines with LF or start with a
+        # byte-order mark: still a submission.
         try:
             with out.open("rb") as f:
-                ours = f.read(len(HEADER)) == HEADER
+                first = f.readline(64).removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n")
         except OSError:
-            ours = False
-        if not ours or out.is_symlink():
+            first = b""
+        if first != HEADER:
             raise common.UserError(f"--output {out} is a file that is not a submission (its "
                                    f"first line is not img,rle_mask): give a new file name, "
                                    "or remove it first")
@@ -118,7 +125,7 @@ def check_output(out: Path) -> Path:
     return out
 
 
-HEADER = b"img,rle_mask\r\n"  # what csv.writer writes first
+HEADER = b"img,rle_mask"  # the first line of every submission
 
 
 if __name__ == "__main__":

@@ -631,6 +631,25 @@ def test_submit_replaces_an_earlier_submission_alone(trained_run, tmp_path, caps
         assert victim.read_bytes() == before
 
 
+def test_submit_takes_an_earlier_submission_saved_again_and_names_a_link(tmp_path):
+    """A submission saved again by pandas (LF line ends) or a spreadsheet (a byte-order
+    mark) was refused as "not a submission"; so was a link to one, for that reason."""
+    from experiments.common import UserError
+
+    for text in (b"img,rle_mask\r\na.jpg,1 2\r\n", b"img,rle_mask\na.jpg,1 2\n",
+                 b"\xef\xbb\xbfimg,rle_mask\r\n"):
+        (tmp_path / "sub.csv").write_bytes(text)
+        assert submit.check_output(tmp_path / "sub.csv") == tmp_path / "sub.csv"
+    for text in (b"img,rle_mask_v2\n", b"image,mask\n", b""):
+        (tmp_path / "sub.csv").write_bytes(text)
+        with pytest.raises(UserError, match="is a file that is not a submission"):
+            submit.check_output(tmp_path / "sub.csv")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "sub.csv")
+    with pytest.raises(UserError, match=rf"link.csv is a link \(to {tmp_path / 'sub.csv'}\); "
+                       "give the file it points to"):
+        submit.check_output(tmp_path / "link.csv")
+
+
 def test_predict_into_its_input_folder_twice_predicts_the_images_alone(trained_run,
                                                                       tmp_path, capsys):
     inputs = random_images(tmp_path / "in", {"a.png": (40, 60, 3), "b.jpg": (40, 60, 3)})
