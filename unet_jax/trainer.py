@@ -150,6 +150,10 @@ def _near_zero_hint(history: list[dict], best: dict, cropped: bool = False) -> s
         return (f"{what}: the training loss reached {worst['train_loss']:.3g} (epoch "
                 f"{worst['epoch']}), so the updates overshoot; start again with a lower "
                 "--lr (a tenth, say)")
+    if data_pipeline.preprocess.clipped_warned:
+        return (f"{what}: a warning above named images that --max-value does not fit "
+                "(brighter than it, or floats within [0, 1] that it scales nearly black); "
+                "start a new run with the value it advises, or without --max-value")
     if data_pipeline.preprocess.narrow_warned:
         return (f"{what}: a warning above named 16-bit or float images that reach the "
                 "model nearly black; pass --max-value (e.g. 4095 for 12-bit data) in a "
