@@ -181,8 +181,9 @@ def parse_args(argv=None):
         raise common.UserError("--compare-kernels times the model: use it with --mode "
                                "train, infer, tile or whole")
     if not args.suite:
+        # By identity: --budget 0 equals False, and was let through.
         given = [f"--{name}" for name in ("quick", "rows", "out", "budget")
-                 if getattr(args, name) not in (None, False)]
+                 if getattr(args, name) is not None and getattr(args, name) is not False]
         if given:
             raise common.UserError(f"{given[0]} belongs to the GPU check: add --suite gpu")
     if args.compare_torch and args.base_features != 64:

@@ -171,6 +171,7 @@ def test_kaggle_size_sample_writes_carvana_sized_pairs(tmp_path):
     (["--compare-torch", "--mode", "tile"], "use it with --mode train or --mode infer"),
     (["--compare-kernels", "--mode", "pipeline"], "--compare-kernels times the model"),
     (["--quick"], "--quick belongs to the GPU check: add --suite gpu"),
+    (["--budget", "0"], "--budget belongs to the GPU check: add --suite gpu"),
 ])
 def test_bad_flags_fail_with_one_line(args, message):
     result = subprocess.run([sys.executable, "-m", "experiments.benchmark", *args],
