@@ -1,6 +1,6 @@
 """Finding image/mask pairs on disk, and checking them before any training starts.
 
-Three layouts are understood:
+Four layouts are understood:
 
 * Kaggle's Carvana download: ``train/<car>_<NN>.jpg`` (or ``train_hq/``) with
   ``train_masks/<car>_<NN>_mask.gif`` (or ``.png``). ``<car>`` is the car's id and
@@ -17,7 +17,8 @@ Three layouts are understood:
 * Masks beside their images: ``<stem>.<ext>`` and ``<stem>_mask.<ext>`` in one folder,
   or in each sub-folder of it, one per patient or specimen, as the LGG brain MRI set
   (``kaggle_3m/<patient>/``) ships. A sub-folder is its images' group, so that a split
-  keeps a patient's slices on one side.
+  keeps a patient's slices on one side (a lone sub-folder is the dataset one level
+  down: each image its own group).
 
 Every pair is checked up front: that it has its partner, that both files open and are
 complete, and that they have the same size. A problem found after an hour of training
@@ -378,11 +379,13 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
                max_value: float = 0.0) -> list[Pair]:
     """Every usable image/mask pair under ``data_dir``, in name order.
 
-    The layout is detected (Kaggle's or ``images/`` + ``masks/``). With ``check``,
+    The layout is detected (``detect_layout``: Kaggle's, ``images/`` + ``masks/``, or
+    masks beside their images). With ``check``,
     every file is opened in a pool of ``workers`` threads (the work is file reads and
     Pillow's C decoders, which release the GIL). A bad pair raises a DataError naming
     the first bad file, unless ``skip_bad``, which drops the bad pairs and logs a
-    warning listing them. ``num_classes`` > 1 checks each mask's class ids as well.
+    warning listing them. ``num_classes`` > 1 checks each mask's class ids as well,
+    and ``max_value`` (--max-value) refuses 16-bit colour images, which it cannot scale.
     """
     pairs, problems = match_pairs(data_dir)
     if check and pairs:
