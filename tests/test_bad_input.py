@@ -165,10 +165,42 @@ def test_metrics_csv_comes_after_the_first_checkpoint(data, tmp_path, monkeypatc
         real_write(path, text)
 
     monkeypatch.setattr(rundir, "write_text_atomic", write)
+    # A tiny model's background write ends before metrics.csv is written anyway; a
+    # large one's does not: each save here commits a second after it returns.
+    import threading
+    import time
+
+    import jax
+    import numpy as np
+
+    from unet_jax import checkpoints
+
+    real_save, pending = checkpoints.save, []
+
+    def slow_save(manager, epoch, state, progress, metrics):
+        if not pending:
+            real_wait = manager.wait_until_finished
+
+            def wait():  # orbax's save waits too, from the thread that saves
+                for thread in pending:
+                    if thread is not threading.current_thread():
+                        thread.join()
+                real_wait()
+            manager.wait_until_finished = wait
+        for thread in pending:
+            thread.join()
+        copied = jax.tree.map(np.asarray, state)  # the next step donates the state
+        thread = threading.Thread(target=lambda: (
+            time.sleep(1), real_save(manager, epoch, copied, progress, metrics)))
+        thread.start()
+        pending.append(thread)
+
+    monkeypatch.setattr(checkpoints, "save", slow_save)
     argv = ["--data-dir", str(data), "--workdir", str(tmp_path / "w"), "--epochs", "2",
             *TINY[:-2]]
     assert call(train.main, argv) == 0
     assert committed[0] is True and len(committed) == 2
+    assert rundir.has_checkpoint(tmp_path / "w") and len(pending) == 2
 
 
 def test_resume_without_checkpoints_never_overwrites_finished_metrics(run, tmp_path, capsys):
