@@ -14,6 +14,7 @@ import dataclasses
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from experiments import common
 
@@ -103,6 +104,24 @@ def sample_sized_note(args) -> str | None:
             "data choose --preset full or seed-gpu, or --base-features and --image-size")
 
 
+def kept(workdir) -> str:
+    """What a stopped run keeps: every finished epoch, unless a second Ctrl-C cut the
+    last one's checkpoint short (metrics.csv lists an epoch no checkpoint holds)."""
+    import csv
+
+    saved = max(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir()
+                if p.name.isdigit())
+    try:
+        with open(Path(workdir) / "metrics.csv", newline="") as f:
+            finished = max((int(row["epoch"]) for row in csv.DictReader(f)), default=0)
+    except (OSError, KeyError, ValueError):
+        finished = 0
+    if finished > saved:
+        return (f"epochs up to {saved} are kept (the checkpoint of epoch {finished} was "
+                "stopped while it was written; resuming trains it again)")
+    return "every finished epoch is kept"
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.resume and not args.workdir:
@@ -120,9 +139,8 @@ def main(argv=None):
         unet_jax.train_and_evaluate(config, workdir, resume=args.resume)
     except (KeyboardInterrupt, common.Terminated):
         if rundir.has_checkpoint(workdir):  # a path with spaces pastes back as one
-            sys.stderr.write(f"every finished epoch is kept; continue with: python -m "
-                             f"experiments.train --workdir {shlex.quote(str(workdir))} "
-                             "--resume\n")
+            sys.stderr.write(f"{kept(workdir)}; continue with: python -m experiments.train "
+                             f"--workdir {shlex.quote(str(workdir))} --resume\n")
         raise
     return 0
 

@@ -462,6 +462,18 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path, monkeypatch, capsys):
         f"every finished epoch is kept; continue with: python -m experiments.train "
         f"--workdir '{run}' --resume", "test: interrupted"]
 
+    # A second Ctrl-C while the last epoch's checkpoint was written: that epoch is lost.
+    def cut_short(config, workdir, resume=False):
+        (Path(workdir) / "checkpoints" / "2.orbax-checkpoint-tmp-5").mkdir()
+        (Path(workdir) / "metrics.csv").write_text("epoch,train_loss\n1,0.5\n2,0.4\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(unet_jax, "train_and_evaluate", cut_short)
+    assert call(train.main, [*TINY, "--workdir", str(run)]) == 130
+    assert capsys.readouterr().err.splitlines()[0].startswith(
+        "epochs up to 1 are kept (the checkpoint of epoch 2 was stopped while it was "
+        "written; resuming trains it again); continue with: ")
+
 
 def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, tmp_path, capsys,
                                           monkeypatch):
