@@ -78,8 +78,9 @@ class Config:
                         "same checkpoints", choices=REMAT)
 
     # Data.
-    data_dir: Optional[str] = _field(None, "Kaggle Carvana layout (train/, train_masks/) or "
-                                     "images/ + masks/ folders (default: the built-in "
+    data_dir: Optional[str] = _field(None, "Kaggle Carvana layout (train/, train_masks/), "
+                                     "images/ + masks/ folders, or x.png beside x_mask.png "
+                                     "(per patient in sub-folders) (default: the built-in "
                                      "synthetic sample set)")
     image_size: tuple[int, int] = _field((64, 96), "size (H W, or one number for a square) "
                                          "whole images are resized to (without --crop)",
