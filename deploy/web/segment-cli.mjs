@@ -1,0 +1,78 @@
+#!/usr/bin/env node
+// segment-cli.mjs: segment.mjs from the command line, under Node.js with onnxruntime-web's
+// WebAssembly backend: the page's own code, run where a test (tests/test_web.py) can
+// compare its masks with `python -m experiments.predict`'s.
+//
+//   node segment-cli.mjs segment unet.onnx unet.onnx.json photo.raw mask.raw [more.raw more_mask.raw ...]
+//   node segment-cli.mjs resize in.raw WIDTH HEIGHT out.raw      (Pillow's bilinear resize, uint8)
+//   node segment-cli.mjs resize-float in.raw WIDTH HEIGHT out.raw (the same on float32: mode "F")
+//   node segment-cli.mjs gray in.raw out.raw                     (Pillow's convert("L"))
+//
+// Node has no image decoder, so pictures travel as raw files: a 12-byte header of three
+// unsigned 32-bit little-endian integers, width, height and channels (1 grayscale, 3 RGB,
+// 4 RGBA), then height * width * channels samples, row by row from the top, channels
+// interleaved: uint8 bytes, or float32 little-endian for resize-float. Masks are written
+// in the same format with 1 channel (0/255 for one class, class ids for several);
+// `segment` also prints one JSON line per picture. Errors (a sidecar this code does not
+// implement: its `how` text) go to stderr, exit status 2.
+
+import { readFileSync, writeFileSync } from "node:fs";
+import * as ort from "onnxruntime-web";
+import { createSession, predictionSettings, resize, segment, toChannels } from "./segment.mjs";
+
+/** A raw file as {data, width, height, channels} (Float32Array samples with `float`). */
+function readRaw(path, float = false) {
+  const bytes = readFileSync(path);
+  const [width, height, channels] = [0, 4, 8].map((at) => bytes.readUInt32LE(at));
+  const body = bytes.subarray(12);
+  const count = width * height * channels;
+  if (body.length !== count * (float ? 4 : 1)) {
+    throw new Error(`${path}: a ${width}x${height}x${channels} picture needs ${count} `
+      + "samples after its 12-byte header");
+  }
+  const data = float ? new Float32Array(count) : new Uint8Array(body);
+  if (float) for (let i = 0; i < count; i++) data[i] = body.readFloatLE(i * 4);
+  return { data, width, height, channels };
+}
+
+/** Writes {data, width, height, channels} as a raw file (float32 for a Float32Array). */
+function writeRaw(path, { data, width, height, channels }) {
+  const header = Buffer.alloc(12);
+  [width, height, channels].forEach((n, i) => header.writeUInt32LE(n, i * 4));
+  const body = data instanceof Float32Array ? Buffer.alloc(data.length * 4) : Buffer.from(data);
+  if (data instanceof Float32Array) data.forEach((v, i) => body.writeFloatLE(v, i * 4));
+  writeFileSync(path, Buffer.concat([header, body]));
+}
+
+/** The command: segment, resize, resize-float or gray, as the header says. */
+async function main([command, ...args]) {
+  if (command === "segment" && args.length >= 4 && args.length % 2 === 0) {
+    const [model, sidecarPath, ...pairs] = args;
+    const sidecar = JSON.parse(readFileSync(sidecarPath, "utf8"));
+    predictionSettings(sidecar);  // a run this code does not implement stops here
+    ort.env.wasm.numThreads = 1;  // one thread: quiet on small machines, and the same sums
+    const session = await createSession(ort, readFileSync(model));
+    for (let i = 0; i < pairs.length; i += 2) {
+      const { mask, width, height } = await segment(ort, session, sidecar, readRaw(pairs[i]));
+      writeRaw(pairs[i + 1], { data: mask, width, height, channels: 1 });
+      const foreground = mask.reduce((n, v) => n + (v > 0), 0) / mask.length;
+      console.log(JSON.stringify({ input: pairs[i], mask: pairs[i + 1], width, height, foreground }));
+    }
+  } else if ((command === "resize" || command === "resize-float") && args.length === 4) {
+    const picture = readRaw(args[0], command === "resize-float");
+    const [width, height] = [Number(args[1]), Number(args[2])];
+    const data = resize(picture.data, picture.width, picture.height, picture.channels, width, height);
+    writeRaw(args[3], { data, width, height, channels: picture.channels });
+  } else if (command === "gray" && args.length === 2) {
+    writeRaw(args[1], toChannels(readRaw(args[0]), 1));
+  } else {
+    throw new Error("usage: segment-cli.mjs segment MODEL.onnx SIDECAR.json IN.raw OUT.raw [IN OUT ...] "
+      + "| resize IN.raw WIDTH HEIGHT OUT.raw | resize-float IN.raw WIDTH HEIGHT OUT.raw "
+      + "| gray IN.raw OUT.raw");
+  }
+}
+
+main(process.argv.slice(2)).catch((error) => {
+  console.error(error.message);
+  process.exit(2);
+});

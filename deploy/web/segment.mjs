@@ -1,0 +1,202 @@
+// segment.mjs: an exported unet-jax run (ONNX) segmenting a photo in a browser or in
+// Node.js, step for step as `python -m experiments.predict` does it.
+//
+// The steps are those of the README's onnxruntime + Pillow example: the picture
+// converted to the run's colours (RGB, or Pillow's grayscale), resized to the run's
+// image_size with Pillow's bilinear filter, divided by 255, run through the model,
+// its logits resized back to the picture's size with the same filter on floats (predict
+// itself uses jax.image.resize, equal to it within 1e-4), then cut at the sidecar's
+// threshold (one class) or the arg-max taken (several classes). Not done here: JPEG's
+// own downscaling of large photos as predict decodes them, and 16-bit files, which a
+// browser decodes to 8 bits its own way (the sidecar's `how` says what predict does).
+//
+// The module imports nothing: the caller passes in onnxruntime-web (`ort`), which the
+// page loads from a pinned file and Node imports from node_modules. Pictures are plain
+// objects {data, width, height, channels}: `data` a Uint8Array of height * width *
+// channels samples, row by row, channels interleaved (1: grayscale, 3: RGB, 4: RGBA,
+// as a canvas's getImageData gives them).
+
+/** The sidecar's prediction settings, checked: this module implements runs trained on
+ * whole images (mode "resize") without test-time flips; anything else would give other
+ * masks than predict, so it is refused with the sidecar's own `how` text, which says
+ * what predict does instead (as the README's Python example asserts). */
+export function predictionSettings(sidecar) {
+  const settings = sidecar.prediction ?? sidecar;
+  if (settings.mode !== "resize" || settings.tta !== "none"
+      || ![1, 3].includes(settings.in_channels) || !(settings.num_classes >= 1)) {
+    throw new Error(settings.how);
+  }
+  return settings;
+}
+
+/** The picture in the run's colours, 3 (RGB) or 1 (grayscale) channels, as Pillow's
+ * convert("RGB") or convert("L") gives them: alpha dropped, grey replicated, and
+ * luminance L = (R * 19595 + G * 38470 + B * 7471 + 32768) >> 16, Pillow's fixed-point
+ * form of R * 299/1000 + G * 587/1000 + B * 114/1000 (equal to it, to the bit). */
+export function toChannels(picture, channels) {
+  const { data, width, height, channels: from } = picture;
+  if (![1, 3, 4].includes(from)) throw new Error(`pictures have 1, 3 or 4 channels, not ${from}`);
+  if (data.length !== width * height * from) {
+    throw new Error(`${width}x${height}x${from} pixels need ${width * height * from} `
+      + `samples, not ${data.length}`);
+  }
+  if (from === channels) return picture;
+  const out = new Uint8Array(width * height * channels);
+  for (let i = 0; i < width * height; i++) {
+    const s = i * from;
+    if (channels === 3) {  // from grey (replicated) or RGBA (alpha dropped)
+      out[i * 3] = data[s];
+      out[i * 3 + 1] = data[from === 1 ? s : s + 1];
+      out[i * 3 + 2] = data[from === 1 ? s : s + 2];
+    } else {
+      out[i] = from === 1 ? data[s]
+        : (data[s] * 19595 + data[s + 1] * 38470 + data[s + 2] * 7471 + 32768) >> 16;
+    }
+  }
+  return { data: out, width, height, channels };
+}
+
+/** Pillow's bilinear weights for resizing one axis of `inSize` pixels to `outSize`:
+ * for each output pixel, the first input pixel it reads and the weights of the pixels
+ * from there. A triangle filter, centred on the output pixel's centre ((i + 0.5) *
+ * scale, pixel centres at +0.5), whose support widens by the scale factor when
+ * shrinking (so it averages every input pixel it covers: antialiasing), the weights
+ * normalised to sum to 1 per output pixel; bounds rounded as Resample.c's
+ * precompute_coeffs rounds them. */
+function bilinearWeights(inSize, outSize) {
+  const scale = inSize / outSize;
+  const filterScale = Math.max(scale, 1);
+  const support = filterScale;  // the triangle's support, 1, widened when shrinking
+  const step = 1 / filterScale;  // multiplied, as Pillow does, for the same last bits
+  const taps = [];
+  for (let i = 0; i < outSize; i++) {
+    const centre = (i + 0.5) * scale;
+    const first = Math.max(Math.trunc(centre - support + 0.5), 0);
+    const end = Math.min(Math.trunc(centre + support + 0.5), inSize);
+    const weights = new Float64Array(Math.max(end - first, 0));
+    let sum = 0;
+    for (let x = first; x < end; x++) {
+      const d = Math.abs((x - centre + 0.5) * step);
+      sum += weights[x - first] = d < 1 ? 1 - d : 0;
+    }
+    if (sum !== 0) for (let k = 0; k < weights.length; k++) weights[k] /= sum;
+    taps.push({ first, weights });
+  }
+  return taps;
+}
+
+/** One pass of Pillow's resize along one axis, for every channel: each of `lines`
+ * lines (rows or columns) is resampled with `taps` (bilinearWeights), reading sample i
+ * of a line at index at(line, i) of `src` and writing output sample i at put(line, i)
+ * of `dst`. With `fixedPoint` (uint8 images), Pillow's integer arithmetic: weights with
+ * 22 fractional bits, the sum rounded and clipped to 0..255 after each pass; otherwise
+ * (float32 images) sums in double precision, stored as float32 after each pass. */
+function resamplePass(src, dst, taps, lines, channels, at, put, fixedPoint) {
+  const ONE = 1 << 22;
+  const fixed = fixedPoint && taps.map(({ first, weights }) => ({
+    first, weights: Int32Array.from(weights, (w) => Math.trunc(w < 0 ? w * ONE - 0.5 : w * ONE + 0.5)),
+  }));
+  for (let line = 0; line < lines; line++) {
+    for (let i = 0; i < taps.length; i++) {
+      const { first, weights } = fixedPoint ? fixed[i] : taps[i];
+      for (let c = 0; c < channels; c++) {
+        let sum = fixedPoint ? ONE >> 1 : 0;
+        for (let k = 0; k < weights.length; k++) sum += src[at(line, first + k) * channels + c] * weights[k];
+        dst[put(line, i) * channels + c] = fixedPoint
+          ? Math.min(Math.max(Math.floor(sum / ONE), 0), 255) : sum;
+      }
+    }
+  }
+}
+
+/** Pillow's Image.resize((outWidth, outHeight), Image.BILINEAR) of interleaved samples
+ * (uint8 for modes "L" and "RGB", each channel alone; a Float32Array for mode "F"): one
+ * pass along the rows and one along the columns, each skipped where that side stays,
+ * each pass's result stored in the input's type (so uint8 rounds twice). Pillow 13
+ * resizes the columns first when the height shrinks by more than twice as many pixels
+ * as the width does (the cheaper order; python-pillow/Pillow#9549, the rule found by
+ * comparing with Pillow 13.0.0), the rows first otherwise, as older versions do in
+ * every case; the two orders differ by at most 1 grey level (and float32 rounding). */
+export function resize(data, width, height, channels, outWidth, outHeight) {
+  const fixedPoint = data instanceof Uint8Array || data instanceof Uint8ClampedArray;
+  const Type = fixedPoint ? Uint8Array : Float32Array;
+  let current = data, w = width, h = height;
+  const alongRows = () => {  // each row from w samples to outWidth
+    const out = new Type(outWidth * h * channels);
+    const from = w;
+    resamplePass(current, out, bilinearWeights(w, outWidth), h, channels,
+      (y, x) => y * from + x, (y, x) => y * outWidth + x, fixedPoint);
+    current = out; w = outWidth;
+  };
+  const alongColumns = () => {  // each column from h samples to outHeight
+    const out = new Type(w * outHeight * channels);
+    resamplePass(current, out, bilinearWeights(h, outHeight), w, channels,
+      (x, y) => y * w + x, (x, y) => y * w + x, fixedPoint);
+    current = out; h = outHeight;
+  };
+  const columnsFirst = outHeight < height && height - outHeight > 2 * (width - outWidth);
+  for (const pass of columnsFirst ? [alongColumns, alongRows] : [alongRows, alongColumns]) {
+    if (pass === alongRows ? outWidth !== width : outHeight !== height) pass();
+  }
+  return current === data ? Type.from(data) : current;
+}
+
+/** The model's input: the picture in the run's colours, resized to its image_size
+ * (height, width), as float32 (1, H, W, C) values in [0, 1] (uint8 / 255, the very
+ * float32 numbers numpy and JAX compute). */
+export function modelInput(picture, settings) {
+  const [height, width] = settings.image_size;
+  const { data, width: w, height: h, channels } = toChannels(picture, settings.in_channels);
+  const resized = resize(data, w, h, channels, width, height);
+  const x = new Float32Array(resized.length);
+  for (let i = 0; i < resized.length; i++) x[i] = resized[i] / 255;
+  return { data: x, dims: [1, height, width, channels] };
+}
+
+/** The mask at the picture's own size from the model's logits (1, h, w, K): each
+ * class's logits resized back bilinearly as float32 (Pillow's mode "F", as predict
+ * resizes logits before deciding, for smooth edges), then 255 where the one class's
+ * logit is over the threshold (compared in float32, as JAX and numpy compare), or the
+ * class id of the largest logit (the first, on ties) for several classes: the values
+ * predict writes to its PNG masks. */
+export function maskFromLogits(logits, dims, settings, width, height) {
+  const [, h, w, classes] = dims;
+  const planes = [];
+  for (let k = 0; k < classes; k++) {
+    const plane = new Float32Array(h * w);
+    for (let i = 0; i < h * w; i++) plane[i] = logits[i * classes + k];
+    planes.push(resize(plane, w, h, 1, width, height));
+  }
+  const mask = new Uint8Array(width * height);
+  if (classes === 1) {
+    const threshold = Math.fround(settings.threshold);
+    for (let i = 0; i < mask.length; i++) mask[i] = planes[0][i] > threshold ? 255 : 0;
+  } else {
+    for (let i = 0; i < mask.length; i++) {
+      let best = 0;
+      for (let k = 1; k < classes; k++) if (planes[k][i] > planes[best][i]) best = k;
+      mask[i] = best;
+    }
+  }
+  return mask;
+}
+
+/** An onnxruntime-web session of the exported model (an ArrayBuffer/Uint8Array of the
+ * .onnx file, or its URL), on the WebAssembly CPU backend: the one that runs alike in
+ * every browser and in Node. */
+export function createSession(ort, model) {
+  return ort.InferenceSession.create(model, { executionProviders: ["wasm"] });
+}
+
+/** The mask of one picture: {mask, width, height}, a Uint8Array of height * width at the
+ * picture's own size (0/255 for one class, class ids for several), computed as
+ * `experiments.predict` computes it. `sidecar` is the export's <model>.onnx.json. */
+export async function segment(ort, session, sidecar, picture) {
+  const settings = predictionSettings(sidecar);
+  const x = modelInput(picture, settings);
+  const input = sidecar.input?.name ?? "image";
+  const outputs = await session.run({ [input]: new ort.Tensor("float32", x.data, x.dims) });
+  const logits = outputs[sidecar.output?.name ?? session.outputNames[0]];
+  const mask = maskFromLogits(logits.data, logits.dims, settings, picture.width, picture.height);
+  return { mask, width: picture.width, height: picture.height };
+}

@@ -1,0 +1,194 @@
+"""deploy/web: the browser page's code (segment.mjs), run by Node.js with onnxruntime-web's
+WebAssembly backend (segment-cli.mjs), gives `python -m experiments.predict`'s masks
+for photos larger and smaller than the run's size, in colour and grayscale, one class
+and several; its resize is Pillow's bilinear filter and its grayscale Pillow's
+convert("L"); a sidecar of a run it does not implement is refused with its `how` text.
+
+Skipped only without node and npm, or where npm cannot reach its registry."""
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline import sample_data
+# The export tests' run (random weights, its logits centred on a car photo) and helpers.
+from tests.test_export import (CONFIG, _quick_compiles, needs, random_params,  # noqa: F401
+                               real_looking_image, run_dir)
+from unet_jax import checkpoints, export
+
+ROOT = Path(__file__).resolve().parents[1]
+WEB = ROOT / "deploy" / "web"
+# What npm prints when it cannot reach the registry: the one failure that skips.
+OFFLINE = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT",
+           "ENETUNREACH", "EHOSTUNREACH", "network request", "fetch failed")
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """segment-cli.mjs in a copy of deploy/web with its pinned onnxruntime-web
+    installed (``npm ci``: the versions of package-lock.json), once for this file."""
+    missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not on PATH: deploy/web runs under Node.js")
+    web = tmp_path_factory.mktemp("web") / "web"
+    shutil.copytree(WEB, web, ignore=shutil.ignore_patterns("node_modules"))
+    p = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=web,
+                       capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        offline = [line for line in (p.stdout + p.stderr).splitlines()
+                   if any(code in line for code in OFFLINE)]
+        if offline:
+            pytest.skip(f"npm cannot install onnxruntime-web (no network?): {offline[0]}")
+        pytest.fail(f"npm ci in deploy/web failed:\n{p.stderr[-3000:]}")
+    return web / "segment-cli.mjs"
+
+
+def node(cli, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(["node", str(cli), *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def write_raw(path, array) -> Path:
+    """segment-cli.mjs's raw format: width, height, channels (uint32 little-endian),
+    then the samples row by row, channels interleaved (uint8, or float32 LE)."""
+    array = np.ascontiguousarray(array if array.ndim == 3 else array[..., None])
+    h, w, c = array.shape
+    kind = "<f4" if array.dtype.kind == "f" else np.uint8
+    Path(path).write_bytes(np.array([w, h, c], "<u4").tobytes() + array.astype(kind).tobytes())
+    return Path(path)
+
+
+def read_raw(path, float32=False) -> np.ndarray:
+    data = Path(path).read_bytes()
+    w, h, c = np.frombuffer(data[:12], "<u4")
+    return np.frombuffer(data[12:], "<f4" if float32 else np.uint8).reshape(h, w, c)
+
+
+# --- The masks: the page's code against experiments.predict -------------------------------
+
+@pytest.fixture(scope="module")
+def rgb_onnx(run_dir, tmp_path_factory):
+    """The export tests' colour, one-class run, exported as ONNX: (run, file)."""
+    needs("onnx")
+    onnx_file = tmp_path_factory.mktemp("rgb") / "unet.onnx"
+    export.export_run(run_dir[0], "onnx", onnx_file)
+    return run_dir[0], onnx_file
+
+
+@pytest.fixture(scope="module")
+def gray_classes_onnx(tmp_path_factory):
+    """A grayscale run with 3 classes, each class's logits centred on a car photo so
+    that masks hold all three: (run, file)."""
+    needs("onnx")
+    config = dataclasses.replace(CONFIG, in_channels=1, num_classes=3)
+    params = random_params(config, seed=2)
+    logits = export.model_function(params, config, "float32")(
+        real_looking_image().mean(-1, keepdims=True))
+    params["head"]["bias"] = params["head"]["bias"] - np.median(logits, axis=(0, 1, 2))
+    run = tmp_path_factory.mktemp("gray3") / "run"
+    checkpoints.save_params(run, params, config, epoch=1)
+    export.export_run(run, "onnx", run.parent / "unet.onnx")
+    return run, run.parent / "unet.onnx"
+
+
+# (width, height): larger than the run's 48x32, much larger (6x: the filter's
+# antialiasing), smaller, and taller than wide; odd sides throughout.
+PHOTO_SIZES = [(137, 91), (301, 203), (29, 21), (41, 77)]
+
+
+@pytest.mark.parametrize("which", ["rgb_onnx", "gray_classes_onnx"],
+                         ids=["rgb-one-class", "gray-3-classes"])
+def test_the_page_gives_predicts_masks(request, cli, tmp_path, which):
+    run, onnx_file = request.getfixturevalue(which)
+    photos, pairs = tmp_path / "photos", []
+    photos.mkdir()
+    rng = np.random.default_rng(4)
+    for i, size in enumerate(PHOTO_SIZES):
+        photo, _ = sample_data.render(sample_data.random_car(rng), 1 + 3 * i, size, rng)
+        photo.save(photos / f"car{i}.png")
+        # What a canvas gives the page (RGBA, opaque), and plain RGB.
+        pixels = np.asarray(photo.convert("RGBA" if i % 2 == 0 else "RGB"))
+        pairs += [write_raw(tmp_path / f"car{i}.raw", pixels), tmp_path / f"car{i}.mask"]
+    p = subprocess.run([sys.executable, "-m", "experiments.predict", "--checkpoint",
+                        str(run), "--input", str(photos), "--output", str(tmp_path / "out")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = node(cli, "segment", onnx_file, f"{onnx_file}.json", *pairs)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(p.stdout.strip().splitlines()) == len(PHOTO_SIZES)
+    classes = export.read_sidecar(onnx_file)["prediction"]["num_classes"]
+    agree = total = 0
+    for i, (width, height) in enumerate(PHOTO_SIZES):
+        ours = read_raw(tmp_path / f"car{i}.mask")[..., 0]
+        theirs = np.asarray(Image.open(tmp_path / "out" / f"car{i}_mask.png"))
+        assert ours.shape == theirs.shape == (height, width)
+        # 0/255 for one class, the class ids for several, as predict writes them.
+        assert set(np.unique(theirs)) == ({0, 255} if classes == 1 else set(range(classes)))
+        agree, total = agree + int(np.sum(ours == theirs)), total + ours.size
+    # Measured: every pixel, 77,336 of 77,336 for each run (Pillow 13.0.0, onnxruntime-web
+    # 1.31.1); predict resizes the logits with jax.image.resize, which equals Pillow's
+    # filter to within 1e-4, so a logit that close to the threshold may tip.
+    assert agree / total >= 0.999, f"{agree} of {total} pixels agree"
+
+
+# --- The steps alone, against Pillow ---------------------------------------------------------
+
+def test_the_resize_is_pillows_bilinear(cli, tmp_path):
+    """Down (antialiased), up, and one side each way (where Pillow 13 resizes the
+    columns first), for RGB, grayscale and float32 (Pillow's mode "F", the logits)."""
+    rng = np.random.default_rng(0)
+    sizes = [(23, 17), (101, 88), (30, 70), (200, 3), (67, 20), (5, 45)]
+    for shape in [(45, 67, 3), (45, 67)]:
+        pixels = rng.integers(0, 256, shape, np.uint8)
+        source = write_raw(tmp_path / "in.raw", pixels)
+        for width, height in sizes:
+            p = node(cli, "resize", source, width, height, tmp_path / "out.raw")
+            assert p.returncode == 0, p.stderr
+            ours = read_raw(tmp_path / "out.raw").astype(int)
+            theirs = np.asarray(Image.fromarray(pixels).resize((width, height), Image.BILINEAR))
+            # Measured: 0, every sample equal; the target is 1 grey level.
+            assert np.abs(ours - theirs.reshape(ours.shape)).max() <= 1, (shape, width, height)
+    logits = (rng.normal(size=(19, 31)) * 10).astype(np.float32)
+    source = write_raw(tmp_path / "in.raw", logits)
+    for width, height in sizes:
+        p = node(cli, "resize-float", source, width, height, tmp_path / "out.raw")
+        assert p.returncode == 0, p.stderr
+        ours = read_raw(tmp_path / "out.raw", float32=True)[..., 0]
+        theirs = np.asarray(Image.fromarray(logits, mode="F").resize((width, height),
+                                                                      Image.BILINEAR))
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)  # measured: 0
+
+
+def test_the_grayscale_is_pillows(cli, tmp_path):
+    pixels = np.random.default_rng(1).integers(0, 256, (50, 61, 4), np.uint8)
+    for colour in ("RGBA", "RGB"):
+        picture = pixels if colour == "RGBA" else pixels[..., :3]
+        p = node(cli, "gray", write_raw(tmp_path / "in.raw", picture), tmp_path / "out.raw")
+        assert p.returncode == 0, p.stderr
+        assert np.array_equal(read_raw(tmp_path / "out.raw")[..., 0],
+                              np.asarray(Image.fromarray(picture).convert("L")))
+
+
+@pytest.mark.parametrize("change", [dict(crop=(32, 32), scale=0.5), dict(tta="hflip")],
+                         ids=["crop-run", "tta"])
+def test_a_run_it_does_not_implement_is_refused_with_the_sidecars_how(cli, tmp_path,
+                                                                      change):
+    """A run trained on crops (whole images, padded by mirroring, or tiles) or one
+    predicting with flipped views: the page would give other masks than predict, so it
+    stops with the sidecar's own words for what predict does."""
+    settings = export.prediction_settings(dataclasses.replace(CONFIG, **change))
+    assert settings["mode"] == ("whole" if "crop" in change else "resize")
+    (tmp_path / "unet.onnx.json").write_text(json.dumps({"prediction": settings}))
+    (tmp_path / "unet.onnx").write_bytes(b"")  # refused before the model is read
+    photo = write_raw(tmp_path / "car.raw", np.zeros((21, 29, 3), np.uint8))
+    p = node(cli, "segment", tmp_path / "unet.onnx", tmp_path / "unet.onnx.json", photo,
+             tmp_path / "car.mask")
+    assert p.returncode == 2 and p.stderr.strip() == settings["how"], p.stderr
+    assert not (tmp_path / "car.mask").exists()
