@@ -2,7 +2,8 @@
 WebAssembly backend (segment-cli.mjs), gives `python -m experiments.predict`'s masks
 for photos larger and smaller than the run's size, in colour and grayscale, one class
 and several; its resize is Pillow's bilinear filter and its grayscale Pillow's
-convert("L"); a sidecar of a run it does not implement is refused with its `how` text.
+convert("L"); a sidecar of a run it does not implement is refused, naming the setting,
+with its `how` text; files it cannot read are named.
 
 Skipped only without node and npm, or where npm cannot reach its registry."""
 
@@ -182,7 +183,7 @@ def test_a_run_it_does_not_implement_is_refused_with_the_sidecars_how(cli, tmp_p
                                                                       change):
     """A run trained on crops (whole images, padded by mirroring, or tiles) or one
     predicting with flipped views: the page would give other masks than predict, so it
-    stops with the sidecar's own words for what predict does."""
+    stops, saying why, with the sidecar's own words for what predict does."""
     settings = export.prediction_settings(dataclasses.replace(CONFIG, **change))
     assert settings["mode"] == ("whole" if "crop" in change else "resize")
     (tmp_path / "unet.onnx.json").write_text(json.dumps({"prediction": settings}))
@@ -190,5 +191,25 @@ def test_a_run_it_does_not_implement_is_refused_with_the_sidecars_how(cli, tmp_p
     photo = write_raw(tmp_path / "car.raw", np.zeros((21, 29, 3), np.uint8))
     p = node(cli, "segment", tmp_path / "unet.onnx", tmp_path / "unet.onnx.json", photo,
              tmp_path / "car.mask")
-    assert p.returncode == 2 and p.stderr.strip() == settings["how"], p.stderr
+    assert p.returncode == 2 and p.stderr.strip().endswith(
+        f"How predict segments with it: {settings['how']}"), p.stderr
+    why = "was trained on crops" if "crop" in change else "with test-time flips"
+    assert p.stderr.startswith("this code predicts runs trained on whole (resized) images") \
+        and why in p.stderr
     assert not (tmp_path / "car.mask").exists()
+
+
+def test_files_it_cannot_read_are_named(cli, tmp_path):
+    """A PNG given for a raw picture read as a picture of 10^25 samples; the model and
+    its sidecar swapped, as a JSON error naming no file."""
+    Image.new("RGB", (8, 6)).save(tmp_path / "car.png")
+    p = node(cli, "gray", tmp_path / "car.png", tmp_path / "out.raw")
+    assert p.returncode == 2 and p.stderr.startswith(
+        f"{tmp_path / 'car.png'} is not a raw picture of this format"), p.stderr
+    (tmp_path / "unet.onnx").write_bytes(b"\x08\x07tf2onnx")
+    (tmp_path / "unet.onnx.json").write_text("{}")
+    photo = write_raw(tmp_path / "car.raw", np.zeros((6, 8, 3), np.uint8))
+    p = node(cli, "segment", tmp_path / "unet.onnx.json", tmp_path / "unet.onnx", photo,
+             tmp_path / "car.mask")
+    assert p.returncode == 2 and p.stderr.startswith(
+        f"{tmp_path / 'unet.onnx'} is not the export's JSON settings file"), p.stderr

@@ -26,9 +26,10 @@ function readRaw(path, float = false) {
   const [width, height, channels] = [0, 4, 8].map((at) => bytes.readUInt32LE(at));
   const body = bytes.subarray(12);
   const count = width * height * channels;
-  if (body.length !== count * (float ? 4 : 1)) {
-    throw new Error(`${path}: a ${width}x${height}x${channels} picture needs ${count} `
-      + "samples after its 12-byte header");
+  if (![1, 3, 4].includes(channels) || body.length !== count * (float ? 4 : 1)) {
+    throw new Error(`${path} is not a raw picture of this format (a 12-byte header of `
+      + "width, height and 1, 3 or 4 channels, then the samples; see this file's top): "
+      + "convert the image first, e.g. with Pillow as tests/test_web.py's write_raw does");
   }
   const data = float ? new Float32Array(count) : new Uint8Array(body);
   if (float) for (let i = 0; i < count; i++) data[i] = body.readFloatLE(i * 4);
@@ -48,7 +49,13 @@ function writeRaw(path, { data, width, height, channels }) {
 async function main([command, ...args]) {
   if (command === "segment" && args.length >= 4 && args.length % 2 === 0) {
     const [model, sidecarPath, ...pairs] = args;
-    const sidecar = JSON.parse(readFileSync(sidecarPath, "utf8"));
+    let sidecar;
+    try {
+      sidecar = JSON.parse(readFileSync(sidecarPath, "utf8"));
+    } catch (error) {
+      throw new Error(`${sidecarPath} is not the export's JSON settings file (${error.message}); `
+        + "give MODEL.onnx first, then the MODEL.onnx.json export wrote beside it");
+    }
     predictionSettings(sidecar);  // a run this code does not implement stops here
     ort.env.wasm.numThreads = 1;  // one thread: quiet on small machines, and the same sums
     const session = await createSession(ort, readFileSync(model));

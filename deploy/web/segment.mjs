@@ -18,13 +18,20 @@
 
 /** The sidecar's prediction settings, checked: this module implements runs trained on
  * whole images (mode "resize") without test-time flips; anything else would give other
- * masks than predict, so it is refused with the sidecar's own `how` text, which says
- * what predict does instead (as the README's Python example asserts). */
+ * masks than predict, so it is refused, naming the setting, with the sidecar's own
+ * `how` text, which says what predict does instead (as the README's Python example
+ * asserts). */
 export function predictionSettings(sidecar) {
   const settings = sidecar.prediction ?? sidecar;
   if (settings.mode !== "resize" || settings.tta !== "none"
       || ![1, 3].includes(settings.in_channels) || !(settings.num_classes >= 1)) {
-    throw new Error(settings.how);
+    const why = settings.mode !== "resize"
+      ? `was trained on crops (it predicts with mode "${settings.mode}")`
+      : settings.tta !== "none" ? `predicts with test-time flips (tta "${settings.tta}")`
+        : `has ${settings.in_channels} input channel(s) and ${settings.num_classes} class(es)`;
+    throw new Error("this code predicts runs trained on whole (resized) images, without "
+      + `test-time flips; this run ${why}, which would give other masks than predict's. `
+      + `How predict segments with it: ${settings.how}`);
   }
   return settings;
 }
