@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -72,11 +73,13 @@ def grouped(pairs: list[Pair], pattern: str) -> list[Pair]:
             unmatched.append(pair.image)
     if unmatched:
         names = ", ".join(p.name for p in unmatched[:3]) + (", ..." if len(unmatched) > 3 else "")
+        # The folder that holds them all: one patient's, or the dataset's.
+        where = Path(os.path.commonpath([p.parent for p in unmatched]))
         anycase = re.compile(pattern, re.I)
         case = ("; (?i) at its start ignores case" if any(
             group_of(p.stem, anycase) for p in unmatched) else "")
         raise DataError(f"--group-by '{pattern}' finds no group in the names of "
-                        f"{len(unmatched)} of {len(pairs)} images in {unmatched[0].parent} "
+                        f"{len(unmatched)} of {len(pairs)} images in {where} "
                         f"({names}); give a pattern that every image name matches, its "
                         f"first (...) the group{case}")
     return named

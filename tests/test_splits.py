@@ -149,6 +149,11 @@ def test_group_by_names_an_image_it_finds_no_group_in():
     with pytest.raises(dp.DataError) as e:
         dp.split_pairs(patient_pairs(), group_by=r"^(X?)case")
     assert "finds no group" in str(e.value) and "(?i)" not in str(e.value)
+    # Images of several folders (a patient's each): the folder holding them all is named.
+    patients = [dp.Pair(Path(f"/d/pat{i}/pat{i}_{j}.tif"), Path(f"/d/pat{i}/pat{i}_{j}_mask.tif"),
+                        f"pat{i}") for i in range(2) for j in range(2)]
+    with pytest.raises(dp.DataError, match=r"4 of 4 images in /d \(pat0_0.tif, "):
+        dp.split_pairs(patients, group_by=r"^(patient\d+)_")
     with pytest.raises(dp.DataError, match="at least 2 groups, the data has 1; .*--group-by "
                                            "a pattern that finds more groups"):
         dp.split_pairs(patient_pairs(), group_by="slice")
