@@ -32,6 +32,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 from PIL import UnidentifiedImageError
@@ -245,6 +246,19 @@ def _pairs_beside(root: Path) -> tuple[list[Pair], list[str]]:
     return sorted(pairs, key=lambda p: p.image), problems
 
 
+def _expected_mask(mask_dir: Path, stem: str, layout: str, masks: dict) -> str:
+    """The names a missing mask may have, the one the dataset's other masks use first
+    (``masks/x_mask.png or masks/x.png``): the name the user will look for."""
+    if layout == "kaggle":
+        return str(mask_dir / f"{stem}_mask.gif")
+    named = list(masks.values())
+    ext = Counter(p.suffix for p in named).most_common(1)[0][0] if named else ".png"
+    names = [f"{stem}{ext}", f"{stem}_mask{ext}"]
+    if sum(p.stem.endswith("_mask") for p in named) * 2 > len(named):
+        names.reverse()
+    return f"{mask_dir / names[0]} or {mask_dir / names[1]}, in any image format"
+
+
 def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
     """Pairs by name (not yet checked), and the problems of files without a partner."""
     image_dir, mask_dir, layout = detect_layout(data_dir)
@@ -264,8 +278,8 @@ def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
                 mask = masks[base]
                 claimed.add(base)
         if mask is None:
-            expected = "_mask.gif" if layout == "kaggle" else ".png"
-            problems.append(f"{image} has no mask (expected {mask_dir / (stem + expected)})")
+            problems.append(f"{image} has no mask (expected "
+                            f"{_expected_mask(mask_dir, stem, layout, masks)})")
             continue
         # Kaggle names photos <car>_<NN>: the car is all before the last underscore.
         car = stem.rsplit("_", 1)[0] if layout == "kaggle" else stem

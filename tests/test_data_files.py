@@ -308,6 +308,19 @@ def test_missing_mask(kaggle):
     assert "--skip-bad" in message
 
 
+def test_a_missing_mask_is_expected_under_the_name_the_other_masks_use(tmp_path):
+    """Masks named p03_mask.tif were told "expected masks/p03.png": a name the user's
+    masks do not have, in a format they are not in."""
+    own = own_dir(tmp_path / "own", n=3)
+    (own / "masks" / "img1.png").unlink()
+    assert f"img1.png has no mask (expected {own / 'masks' / 'img1.png'} or " \
+        f"{own / 'masks' / 'img1_mask.png'}, in any image format)" in error_of(own)
+    for i in (0, 2):
+        (own / "masks" / f"img{i}.png").rename(own / "masks" / f"img{i}_mask.tif")
+    assert f"(expected {own / 'masks' / 'img1_mask.tif'} or {own / 'masks' / 'img1.tif'}," \
+        in error_of(own)
+
+
 def test_extra_mask(kaggle):
     write_mask(kaggle / "train_masks" / "zzz999_01_mask.gif", box_mask())
     message = error_of(kaggle)
