@@ -96,7 +96,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def make_parser(prog: str, doc: str, examples: str) -> Parser:
-    return Parser(prog=f"python -m {prog}", description=doc,
+    # No abbreviations: train's --epoch was read as --epochs without a word, while
+    # predict, evaluate and export take --epoch for the checkpoint to use.
+    return Parser(prog=f"python -m {prog}", description=doc, allow_abbrev=False,
                   epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
                   formatter_class=argparse.RawDescriptionHelpFormatter)
 

@@ -446,6 +446,11 @@ def test_a_mistyped_flag_gets_the_flag_it_resembles(capsys):
     assert call(train.main, ["--crops-per-imge", "4"]) == 2
     assert "unrecognized arguments: --crops-per-imge 4; did you mean --crops-per-image?" in (
         capsys.readouterr().err)
+    # A flag's beginning is not the flag: --epoch (the checkpoint, in predict) was
+    # train's --epochs without a word.
+    assert call(train.main, ["--epoch", "2"]) == 2
+    assert "unrecognized arguments: --epoch 2; did you mean --epochs?" in (
+        capsys.readouterr().err)
 
 
 def test_an_interrupted_run_says_how_to_continue(tmp_path, monkeypatch, capsys):
