@@ -48,6 +48,7 @@ LAYOUTS = ("Kaggle's layout (train/ or train_hq/, with train_masks/), Kaggle's t
            "and train_masks.zip as downloaded, images/ + masks/, or <stem>_mask files "
            "beside their images")
 FIX = "fix or remove the file, or pass --skip-bad to skip such pairs"
+RENAME = "rename or remove all but one"  # of files that claim one name
 
 # What a complete file of each format ends with: a file cut short by an interrupted
 # download or copy lacks it. Reading the last bytes is instant, where decoding 5000
@@ -213,7 +214,7 @@ def _by_stem(files: list[Path], strip: str = "") -> tuple[dict[str, Path], list[
         claims.setdefault(stem, []).append(f)
     found = {stem: paths[0] for stem, paths in claims.items() if len(paths) == 1}
     problems = [f"{paths[0]} and {', '.join(p.name for p in paths[1:])} both claim the "
-                f"name {stem!r}; rename or remove all but one"
+                f"name {stem!r}; {RENAME}"
                 for stem, paths in claims.items() if len(paths) > 1]
     return found, problems
 
@@ -411,7 +412,9 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
     if problems and not skip_bad:
         more = (f" ({len(problems)} problems in all; --skip-bad skips them and lists each)"
                 if len(problems) > 1 else "")
-        raise DataError(f"{problems[0]}; {FIX}{more}")
+        # A problem that says its own fix (two files of one name) gets --skip-bad alone.
+        fix = (f", {FIX.split(', ', 1)[1]}" if problems[0].endswith(RENAME) else f"; {FIX}")
+        raise DataError(f"{problems[0]}{fix}{more}")
     if problems:
         shown = problems[:50]
         rest = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
