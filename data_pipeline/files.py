@@ -409,6 +409,11 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
                                   pairs))
         problems += [p for p in found if p]
         pairs = [pair for pair, p in zip(pairs, found) if not p]
+    if problems and not skip_bad and not pairs:
+        # Every file wrong alike (binary masks for --num-classes 3, say): skipping the
+        # bad pairs is no way out.
+        more = f" ({len(problems)} problems in all)" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more}; --skip-bad would leave no pair")
     if problems and not skip_bad:
         more = (f" ({len(problems)} problems in all; --skip-bad skips them and lists each)"
                 if len(problems) > 1 else "")

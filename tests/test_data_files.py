@@ -321,6 +321,18 @@ def test_a_missing_mask_is_expected_under_the_name_the_other_masks_use(tmp_path)
         in error_of(own)
 
 
+def test_every_pair_wrong_alike_is_not_offered_skip_bad(tmp_path):
+    """Binary masks under --num-classes 3: "--skip-bad skips them" offered to skip all 3."""
+    own = own_dir(tmp_path / "own", n=3)
+    with pytest.raises(dp.DataError) as e:
+        dp.find_pairs(own, num_classes=3)
+    assert "a binary mask" in str(e.value) and "pass --skip-bad" not in str(e.value)
+    assert str(e.value).endswith("(3 problems in all); --skip-bad would leave no pair")
+    write_image(own / "images" / "img3.png")
+    write_mask(own / "masks" / "img3.png", box_mask(), value=1)  # class ids: fine
+    assert "pass --skip-bad to skip such pairs" in error_of(own, num_classes=3)
+
+
 def test_extra_mask(kaggle):
     write_mask(kaggle / "train_masks" / "zzz999_01_mask.gif", box_mask())
     message = error_of(kaggle)
