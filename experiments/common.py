@@ -87,6 +87,17 @@ class Parser(argparse.ArgumentParser):
 
         flags = [f for action in self._actions for f in action.option_strings
                  if f.startswith("--")]
+        if "--checkpoint" in flags:  # predict, evaluate, submit, export: a run's reader
+            import dataclasses
+
+            from unet_jax.config import Config, flag
+
+            settings = {flag(f.name) for f in dataclasses.fields(Config)}
+            settings |= {"--no-" + name[2:] for name in settings}
+            for word in words:
+                if word.split("=")[0] in settings - set(flags):
+                    return (f"; {word.split('=')[0]} is a training setting: the run keeps "
+                            "it in its config.json, and this command reads it from there")
         for word in words:
             if word.startswith("--"):
                 close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.7)

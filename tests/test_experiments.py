@@ -451,6 +451,11 @@ def test_a_mistyped_flag_gets_the_flag_it_resembles(capsys):
     assert call(train.main, ["--epoch", "2"]) == 2
     assert "unrecognized arguments: --epoch 2; did you mean --epochs?" in (
         capsys.readouterr().err)
+    # A training setting given to a command that reads the run's own.
+    assert call(predict.main, ["--checkpoint", "r", "--input", "i", "--output", "o",
+                               "--max-value", "4095"]) == 2
+    assert ("unrecognized arguments: --max-value 4095; --max-value is a training setting: "
+            "the run keeps it in its config.json") in capsys.readouterr().err
 
 
 def test_an_interrupted_run_says_how_to_continue(tmp_path, monkeypatch, capsys):
