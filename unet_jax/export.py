@@ -474,7 +474,7 @@ def _check_output(output: Path, fmt: str) -> Path:
     kind = {_suffix(f): f for f in FORMATS if f != "savedmodel"}.get(output.suffix)
     if kind is not None and kind != fmt:
         raise ExportError(f"--output {given} ends in {output.suffix}, the {kind} format's "
-                          f"name, for a {fmt} export: pass --format {kind}, or name it "
+                          f"name, for an export to {fmt}: pass --format {kind}, or name it "
                           f"{output.with_suffix(_suffix(fmt)).name}")
     ours = _is_export(output)
     _check_target(output, given, fmt, ours)
