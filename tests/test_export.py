@@ -432,7 +432,7 @@ def test_an_export_never_replaces_a_file_it_did_not_write(run_dir, tmp_path, mon
                        r"path itself"):
         export.export_params(run_dir[1], CONFIG, "savedmodel", tmp_path / "link")
     with pytest.raises(ExportError, match=r"x\.onnx ends in \.onnx, the onnx format's name, "
-                       r"for a tflite export: pass --format onnx, or name it x\.tflite$"):
+                       r"for an export to tflite: pass --format onnx, or name it x\.tflite$"):
         export.export_params(run_dir[1], CONFIG, "tflite", tmp_path / "x.onnx")
     with pytest.raises(ExportError, match=r"run/config\.json is a file, not a folder"):
         export.export_params(run_dir[1], CONFIG, "tflite", run / "config.json" / "x.tflite")
