@@ -461,3 +461,14 @@ def test_the_command_prints_no_tensorflow_start_up_notes(run_dir, tmp_path):
     # (A compilation of a second or more is logged; on a busy machine there may be one.)
     assert "oneDNN" not in p.stderr and "absl::InitializeLog" not in p.stderr, p.stderr
     assert p.stdout.startswith("wrote ")
+
+
+def test_a_runtime_result_of_another_shape_or_not_finite_is_named():
+    """"largest difference inf" said nothing of why: a shape or values that are not finite."""
+    images = np.zeros((2, 4, 4, 3), np.float32)
+    fn = lambda x: np.ones((len(x), 4, 4, 1), np.float32)  # noqa: E731
+    assert export.parity(fn, fn, images) == (0.0, 1.0, "")
+    diff, _, wrong = export.parity(lambda x: fn(x)[None], fn, images)
+    assert diff == np.inf and wrong == "; its logits have shape (1, 2, 4, 4, 1), not (2, 4, 4, 1)"
+    diff, _, wrong = export.parity(lambda x: fn(x) * np.inf, fn, images)
+    assert diff == np.inf and wrong == "; 32 of its logits are not finite"

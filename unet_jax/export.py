@@ -337,15 +337,18 @@ def _tflite_runner(path: Path):
     return lambda images: runner(image=np.asarray(images, np.float32))["logits"]
 
 
-def parity(run, fn, images) -> tuple[float, float]:
+def parity(run, fn, images) -> tuple[float, float, str]:
     """(largest difference between ``run``'s logits and JAX's (``fn``) for ``images``,
-    largest absolute JAX logit); logits of another shape differ by infinity."""
+    largest absolute JAX logit, what else is wrong: '' or the runtime's shape, or its
+    count of values that are not finite); logits of another shape differ by infinity."""
     expected = np.asarray(fn(images), np.float32)
     got = np.asarray(run(images))
     largest = float(np.max(np.abs(expected)))
     if got.shape != expected.shape:
-        return float("inf"), largest
-    return float(np.max(np.abs(got - expected))), largest
+        return float("inf"), largest, f"; its logits have shape {got.shape}, not {expected.shape}"
+    if not np.all(np.isfinite(got)):
+        return float("inf"), largest, f"; {int(np.sum(~np.isfinite(got)))} of its logits are not finite"
+    return float(np.max(np.abs(got - expected))), largest, ""
 
 
 def check_images(config) -> list[np.ndarray]:
@@ -400,13 +403,13 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32",
             run = load(artifact, fmt)
             checks = [(images.shape, *parity(run, fn, images))
                       for images in check_images(config)]
-        shape, diff, _ = max(checks, key=lambda check: check[1])
-        limit = TOLERANCE[dtype] * max(1.0, max(largest for _, _, largest in checks))
+        shape, diff, _, wrong = max(checks, key=lambda check: check[1])
+        limit = TOLERANCE[dtype] * max(1.0, max(largest for _, _, largest, _ in checks))
         if not diff <= limit:
             raise ExportError(f"--format {fmt}: the exported model computes other logits "
                               f"than JAX for a batch of shape {shape} (largest difference "
-                              f"{diff:.3g}, allowed {limit:.3g}); nothing was written")
-        check = {"max_abs_diff": diff, "input_shapes": [list(s) for s, _, _ in checks],
+                              f"{diff:.3g}, allowed {limit:.3g}{wrong}); nothing was written")
+        check = {"max_abs_diff": diff, "input_shapes": [list(s) for s, _, _, _ in checks],
                  "tolerance": limit}
         info = _settings(config, fmt, output, dtype, check, checkpoint, prediction)
         _replace(artifact, output)
