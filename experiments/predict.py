@@ -6,9 +6,10 @@ training size, or for a run trained on crops, the whole image at the training sc
 ``--tile``/``--no-tile``, ``--overlap`` and ``--tta`` choose otherwise), and writes,
 for each input image, a PNG mask at the image's own size: 0/255 for a binary model, the
 class ids (0..C-1) for several classes. ``--viz`` adds the guide's side-by-side figure
-(input, predicted mask) and an overlay, one colour per class; ``--probabilities``, for a
-one-class run, the foreground probability as an 8-bit PNG (0..255 for 0..1), for
-choosing another threshold or averaging several runs' predictions.
+(input, predicted mask) and an overlay, one colour per class; ``--probabilities`` the
+foreground probability of a one-class run as an 8-bit PNG (0..255 for 0..1), or of a
+run of several classes each class's but the background's (its softmax), for choosing
+another threshold or averaging several runs' predictions.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def parse_args(argv=None):
                    "predicted mask, overlay")
     p.add_argument("--probabilities", action="store_true", help="also write "
                    "<name>_prob.png, a one-class run's foreground probability as 0..255 "
-                   "(the mask is where it is over --threshold)")
+                   "(the mask is where it is over --threshold); for several classes, "
+                   "<name>_prob<c>.png for each class c from 1 (the mask is the most "
+                   "probable class)")
     return p.parse_args(argv)
 
 
@@ -49,11 +52,6 @@ def main(argv=None):
         raise common.UserError(f"--output {args.output}: give a folder; predict writes "
                                "<name>_mask.png there for each input image")
     predictor = common.make_predictor(args)
-    if args.probabilities and predictor.config.num_classes > 1:
-        raise common.UserError(
-            f"--probabilities writes a one-class run's foreground probability; "
-            f"{args.checkpoint} has {predictor.config.num_classes} classes, whose masks "
-            "are the class of highest probability: drop --probabilities")
     out = rundir.check_writable(Path(args.output), "--output")
     # A second run into the input folder would predict masks of the first run's masks.
     every = [path for path in data_pipeline.find_images(args.input, skip_bad=args.skip_bad)
@@ -63,7 +61,8 @@ def main(argv=None):
                                "(<name>_mask.png, <name>_viz.png, <name>_prob.png); give the "
                                "folder of images")
     paths = data_pipeline.check_images(every, skip_bad=args.skip_bad)
-    kinds = ("mask", *(("viz",) if args.viz else ()), *(("prob",) if args.probabilities else ()))
+    probs = probability_names(predictor.config.num_classes) if args.probabilities else ()
+    kinds = ("mask", *(("viz",) if args.viz else ()), *probs)
     check_targets(paths, out, kinds)
     written = 0
     results = predictor.predict_files(paths, skip_bad=args.skip_bad, images=args.viz,
@@ -72,8 +71,9 @@ def main(argv=None):
     # that logs and captured output hold the messages alone.
     for path, image, mask in tqdm(results, total=len(paths), unit="image",
                                   disable=True if len(paths) < 2 else None):
-        if args.probabilities:  # logits: the mask is thresholded from them, as predict does
-            save_png(probability_png(mask), out / f"{path.stem}_prob.png")
+        if args.probabilities:  # logits: the mask is decided from them, as predict does
+            for kind, picture in zip(probs, probability_pngs(mask)):
+                save_png(picture, out / f"{path.stem}_{kind}.png")
             mask = predictor.to_mask(mask)
         # Binary: 0/255, visible in any viewer. Several classes: the class ids
         # themselves, which is what tools that read label maps expect.
@@ -85,7 +85,8 @@ def main(argv=None):
     skipped = f"; skipped {len(every) - written} unreadable" if written < len(every) else ""
     figures = f" and {written} figure(s) (<name>_viz.png)" if args.viz else ""
     if args.probabilities:
-        figures += f" and {written} probability map(s) (<name>_prob.png)"
+        names = " to ".join(f"<name>_{kind}.png" for kind in dict.fromkeys(probs[:1] + probs[-1:]))
+        figures += f" and {written * len(probs)} probability map(s) ({names})"
     print(f"wrote {written} mask(s){figures} to {out}/{skipped} (checkpoint epoch "
           f"{predictor.epoch} "
           f"of {args.checkpoint}; {predictor.describe()})")
@@ -94,18 +95,34 @@ def main(argv=None):
 
 def is_output(path: Path, out: Path) -> bool:
     """Whether ``path`` is a file this command writes: ``<name>_mask.png``,
-    ``<name>_viz.png`` or ``<name>_prob.png`` in the output folder."""
-    return (path.suffix == ".png" and path.stem.endswith(("_mask", "_viz", "_prob"))
+    ``<name>_viz.png``, ``<name>_prob.png`` or ``<name>_prob<c>.png`` in the output
+    folder."""
+    import re
+
+    return (path.suffix == ".png" and re.search(r"_(mask|viz|prob\d*)$", path.stem) is not None
             and path.parent.resolve() == out.resolve())
 
 
-def probability_png(logits):
-    """uint8 (H, W) of a one-class run's logits (H, W, 1): the sigmoid probability times
-    255, rounded (128 and up where the mask at the default threshold 0.5 is foreground)."""
+def probability_names(num_classes: int) -> tuple[str, ...]:
+    """The kinds of probability map --probabilities writes: 'prob' for one class;
+    'prob1' ... for several (the background's is one minus their sum)."""
+    return ("prob",) if num_classes == 1 else tuple(f"prob{c}" for c in range(1, num_classes))
+
+
+def probability_pngs(logits) -> list:
+    """uint8 (H, W) maps of logits (H, W, C), probability times 255, rounded: a one-class
+    run's sigmoid (128 and up where the mask at the default threshold 0.5 is
+    foreground); several classes' softmax, each class but the background."""
     import numpy as np
 
-    probability = 1 / (1 + np.exp(-np.clip(logits[..., 0], -88, 88)))
-    return np.rint(probability * 255).astype(np.uint8)
+    logits = np.asarray(logits, np.float64)
+    if logits.shape[-1] == 1:
+        probabilities = 1 / (1 + np.exp(-np.clip(logits, -88, 88)))
+    else:
+        exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probabilities = (exp / exp.sum(axis=-1, keepdims=True))[..., 1:]
+    return [np.rint(probabilities[..., c] * 255).astype(np.uint8)
+            for c in range(probabilities.shape[-1])]
 
 
 # Every PNG this command writes says so in its "Software" text chunk: a second run

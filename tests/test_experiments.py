@@ -376,8 +376,8 @@ def test_predict_writes_the_models_mask_as_0_and_255(tmp_path, foreground):
 
 def test_predict_writes_probabilities_the_masks_are_thresholded_from(tmp_path, capsys):
     """--probabilities: a one-class run's sigmoid as 0..255, beside the very mask that
-    predict writes without it (over 0.5 where it is foreground); refused, in one line,
-    for a run of several classes."""
+    predict writes without it (over 0.5 where it is foreground); for several classes,
+    each class's softmax (it was refused)."""
     inputs = random_images(tmp_path / "in", {"x.png": (20, 30, 3), "y.jpg": (33, 17, 3)})
     run = varied_run(tmp_path / "run", [inputs / "x.png"])
     argv = ["--checkpoint", str(run), "--input", str(inputs), "--output"]
@@ -413,11 +413,21 @@ def test_predict_writes_probabilities_the_masks_are_thresholded_from(tmp_path, c
     for bad in ("0", "1.5", "nan"):
         assert call(predict.main, [*argv, str(tmp_path / "bad"), "--threshold", bad]) == 2
         assert f"--threshold {bad}: give a probability in (0, 1)" in capsys.readouterr().err
+    # Several classes: each class's softmax but the background's, whose most probable
+    # class is the mask (the background where neither reaches one minus their sum).
     assert call(predict.main, ["--checkpoint", str(several), "--input", str(inputs),
-                               "--output", str(tmp_path / "out3"), "--probabilities"]) == 2
-    assert capsys.readouterr().err.strip().endswith(
-        "has 3 classes, whose masks are the class of highest probability: drop "
-        "--probabilities")
+                               "--output", str(tmp_path / "out3"), "--probabilities"]) == 0
+    assert ("and 4 probability map(s) (<name>_prob1.png to <name>_prob2.png)"
+            in capsys.readouterr().out)
+    for name in ("x", "y"):
+        probs = np.stack([np.asarray(Image.open(tmp_path / "out3" / f"{name}_prob{c}.png"),
+                                     np.int32) for c in (1, 2)], -1)
+        probs = np.concatenate([255 - probs.sum(-1, keepdims=True), probs], -1)
+        mask = np.asarray(Image.open(tmp_path / "out3" / f"{name}_mask.png"))
+        chosen = np.take_along_axis(probs, mask[..., None].astype(np.int64), -1)[..., 0]
+        assert np.all(chosen >= probs.max(-1) - 2)  # within the rounding of 0..255
+        assert not (tmp_path / "out3" / f"{name}_prob.png").exists()
+    assert predict.is_output(tmp_path / "out3" / "x_prob2.png", tmp_path / "out3")
 
 
 def test_predict_names_a_missing_checkpoint(tmp_path, capsys):
