@@ -38,8 +38,9 @@ from pathlib import Path
 from PIL import UnidentifiedImageError
 
 from data_pipeline.errors import DataError
-from data_pipeline.preprocess import (check_no_max_value, load_mask, open_within_limit,
-                                      orientation, shown_size, wide_samples)
+from data_pipeline.preprocess import (WIDE_MODES, check_no_max_value, load_mask,
+                                      open_within_limit, orientation, shown_size,
+                                      wide_samples)
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +324,12 @@ def image_problem(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     return size, None
 
 
+def _wide(path: Path) -> bool:
+    """Whether an image file holds more than 8 bits a sample (what --max-value scales)."""
+    with open_within_limit(path) as img:
+        return img.mode in WIDE_MODES or wide_samples(img)
+
+
 def _turned(path: Path) -> bool:
     """True when an image's EXIF orientation turns it a quarter (5 to 8)."""
     with open_within_limit(path) as img:
@@ -409,6 +416,10 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
                                   pairs))
         problems += [p for p in found if p]
         pairs = [pair for pair, p in zip(pairs, found) if not p]
+    if max_value and check and pairs and not any(map(_wide, (p.image for p in pairs))):
+        log.warning("--max-value %g: every image of %s is 8-bit, which --max-value leaves "
+                    "as it is (it scales 16-bit, 32-bit and float images); drop it",
+                    max_value, data_dir)
     if problems and not skip_bad and not pairs:
         # Every file wrong alike (binary masks for --num-classes 3, say): skipping the
         # bad pairs is no way out.

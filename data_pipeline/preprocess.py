@@ -330,7 +330,7 @@ def to_float(image: np.ndarray) -> np.ndarray:
 # 1918x1280 photo shrunk to 96x64 keeps thin details instead of aliasing. BOX is the
 # exact area average.
 RESIZE = {"bilinear": Image.Resampling.BILINEAR, "area": Image.Resampling.BOX}
-_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 narrow_warned = False  # set once the first dark 16-bit or float image was named
@@ -425,7 +425,7 @@ def load_image(path, image_size=None, in_channels: int = 3,
             # Never below the target size; the decoder scales the image as stored.
             img.draft(mode, (height, width) if orientation(img) >= 5 else (width, height))
         img = upright(img)
-        if img.mode in _WIDE_MODES:
+        if img.mode in WIDE_MODES:
             img = _to_8_bits(img, name_of(path), max_value)
         elif img.mode == "P":
             img = img.convert("RGBA")  # applies the palette, transparency included

@@ -321,6 +321,19 @@ def test_a_missing_mask_is_expected_under_the_name_the_other_masks_use(tmp_path)
         in error_of(own)
 
 
+def test_max_value_on_8_bit_images_alone_is_named_as_doing_nothing(tmp_path, caplog):
+    """--max-value 4095 on 8-bit PNGs was taken without a word, and did nothing."""
+    own = own_dir(tmp_path / "own", n=2)
+    with caplog.at_level(logging.WARNING):
+        dp.find_pairs(own, max_value=4095)
+    assert f"--max-value 4095: every image of {own} is 8-bit" in caplog.text
+    caplog.clear()
+    Image.fromarray(np.full((H, W), 3000, np.uint16)).save(own / "images" / "img1.png")
+    with caplog.at_level(logging.WARNING):
+        assert len(dp.find_pairs(own, max_value=4095)) == 2
+    assert "every image" not in caplog.text
+
+
 def test_every_pair_wrong_alike_is_not_offered_skip_bad(tmp_path):
     """Binary masks under --num-classes 3: "--skip-bad skips them" offered to skip all 3."""
     own = own_dir(tmp_path / "own", n=3)
