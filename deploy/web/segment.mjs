@@ -1,14 +1,18 @@
 // segment.mjs: an exported unet-jax run (ONNX) segmenting a photo in a browser or in
 // Node.js, step for step as `python -m experiments.predict` does it.
 //
-// The steps are those of the README's onnxruntime + Pillow example: the picture
-// converted to the run's colours (RGB, or Pillow's grayscale), resized to the run's
-// image_size with Pillow's bilinear filter, divided by 255, run through the model,
-// its logits resized back to the picture's size with the same filter on floats (predict
-// itself uses jax.image.resize, equal to it within 1e-4), then cut at the sidecar's
-// threshold (one class) or the arg-max taken (several classes). Not done here: JPEG's
-// own downscaling of large photos as predict decodes them, and 16-bit files, which a
-// browser decodes to 8 bits its own way (the sidecar's `how` says what predict does).
+// The steps are those the export's sidecar (<model>.onnx.json) lists under
+// `prediction.how`: the picture converted to the run's colours (RGB, or Pillow's
+// grayscale); for a run trained on whole images, resized to its image_size, for one
+// trained on crops, resized by its scale and mirror-padded at the bottom and right to a
+// multiple of 2**depth; Pillow's bilinear filter throughout; divided by 255, run through
+// the model (with --tta, also on mirrored views, their probabilities averaged), the
+// padding cut away, the logits resized back to the picture's size with the same filter
+// on floats (predict itself uses jax.image.resize, equal to it within 1e-4), then cut at
+// the sidecar's threshold (one class) or the arg-max taken (several classes). Not done
+// here: JPEG's own downscaling of large photos as predict decodes them; 16-bit files,
+// which a browser decodes to 8 bits its own way; and predict's tiles, which it takes
+// instead of one pass where a photo would not fit its memory budget.
 //
 // The module imports nothing: the caller passes in onnxruntime-web (`ort`), which the
 // page loads from a pinned file and Node imports from node_modules. Pictures are plain
@@ -16,25 +20,32 @@
 // channels samples, row by row, channels interleaved (1: grayscale, 3: RGB, 4: RGBA,
 // as a canvas's getImageData gives them).
 
-/** The sidecar's prediction settings, checked: this module implements runs trained on
- * whole images (mode "resize") without test-time flips; anything else would give other
- * masks than predict, so it is refused, naming the setting, with the sidecar's own
- * `how` text, which says what predict does instead (as the README's Python example
- * asserts). */
+/** The sidecar's prediction settings, checked: this module implements the modes an
+ * export records ("resize": runs trained on whole images; "whole": runs trained on
+ * crops) and the test-time flips ("none", "hflip", "flips"); anything else would give
+ * other masks than predict, so it is refused, naming the setting, with the sidecar's
+ * own `how` text, which says what predict does. */
 export function predictionSettings(sidecar) {
   const settings = sidecar.prediction ?? sidecar;
-  if (settings.mode !== "resize" || settings.tta !== "none"
+  if (!["resize", "whole"].includes(settings.mode) || !(settings.tta in VIEWS)
       || ![1, 3].includes(settings.in_channels) || !(settings.num_classes >= 1)) {
-    const why = settings.mode !== "resize"
-      ? `was trained on crops (it predicts with mode "${settings.mode}")`
-      : settings.tta !== "none" ? `predicts with test-time flips (tta "${settings.tta}")`
+    const why = !["resize", "whole"].includes(settings.mode)
+      ? `predicts with mode "${settings.mode}"`
+      : !(settings.tta in VIEWS) ? `predicts with test-time flips "${settings.tta}"`
         : `has ${settings.in_channels} input channel(s) and ${settings.num_classes} class(es)`;
-    throw new Error("this code predicts runs trained on whole (resized) images, without "
-      + `test-time flips; this run ${why}, which would give other masks than predict's. `
-      + `How predict segments with it: ${settings.how}`);
+    throw new Error("this code predicts with modes \"resize\" and \"whole\" and flips "
+      + `"none", "hflip" and "flips"; this run ${why}, which would give other masks than `
+      + `predict's. How predict segments with it: ${settings.how}`);
   }
   return settings;
 }
+
+// The views --tta averages, each [mirror left-right, mirror upside down].
+const VIEWS = {
+  none: [[false, false]],
+  hflip: [[false, false], [true, false]],
+  flips: [[false, false], [true, false], [false, true], [true, true]],
+};
 
 /** The picture in the run's colours, 3 (RGB) or 1 (grayscale) channels, as Pillow's
  * convert("RGB") or convert("L") gives them: alpha dropped, grey replicated, and
@@ -148,16 +159,88 @@ export function resize(data, width, height, channels, outWidth, outHeight) {
   return current === data ? Type.from(data) : current;
 }
 
-/** The model's input: the picture in the run's colours, resized to its image_size
- * (height, width), as float32 (1, H, W, C) values in [0, 1] (uint8 / 255, the very
- * float32 numbers numpy and JAX compute). */
+/** Python's round(): halves to the even neighbour (round(2.5) is 2), as the package
+ * rounds a picture's size times --scale (data_pipeline.preprocess.scaled_size). */
+function roundHalfEven(x) {
+  const floor = Math.floor(x);
+  const diff = x - floor;
+  return diff > 0.5 || (diff === 0.5 && floor % 2 !== 0) ? floor + 1 : floor;
+}
+
+/** numpy's pad mode "symmetric" for one index: mirrored about the border with the edge
+ * sample repeated (n, n+1, ... read n-1, n-2, ...), periodic for pads beyond the size. */
+function mirrored(i, n) {
+  const j = i % (2 * n);
+  return j < n ? j : 2 * n - 1 - j;
+}
+
+/** The model's input: the picture in the run's colours at the size the run predicts
+ * at (its image_size; or, trained on crops, its own size times the run's scale, padded
+ * at the bottom and right by mirroring to a multiple of size_multiple), as float32
+ * (1, H, W, C) values in [0, 1] (uint8 / 255, the very float32 numbers numpy and JAX
+ * compute), with {height, width}: the part of it that is the picture. */
 export function modelInput(picture, settings) {
-  const [height, width] = settings.image_size;
   const { data, width: w, height: h, channels } = toChannels(picture, settings.in_channels);
-  const resized = resize(data, w, h, channels, width, height);
-  const x = new Float32Array(resized.length);
-  for (let i = 0; i < resized.length; i++) x[i] = resized[i] / 255;
-  return { data: x, dims: [1, height, width, channels] };
+  const [height, width] = settings.mode === "resize" ? settings.image_size
+    : [h, w].map((side) => Math.max(1, roundHalfEven(side * settings.scale)));
+  const resized = height === h && width === w ? data
+    : resize(data, w, h, channels, width, height);
+  const multiple = settings.mode === "resize" ? 1 : settings.size_multiple;
+  const [padH, padW] = [height, width].map((side) => Math.ceil(side / multiple) * multiple);
+  const x = new Float32Array(padH * padW * channels);
+  for (let y = 0; y < padH; y++) {
+    const row = mirrored(y, height) * width;
+    for (let xx = 0; xx < padW; xx++) {
+      const from = (row + mirrored(xx, width)) * channels;
+      const to = (y * padW + xx) * channels;
+      for (let c = 0; c < channels; c++) x[to + c] = resized[from + c] / 255;
+    }
+  }
+  return { data: x, dims: [1, padH, padW, channels], height, width };
+}
+
+/** Mirrors (1, H, W, C) float32 values left-right and/or upside down: a view for --tta,
+ * and the way back for its logits. */
+function flipped(data, [, h, w, c], [leftRight, upsideDown]) {
+  if (!leftRight && !upsideDown) return data;
+  const out = new Float32Array(data.length);
+  for (let y = 0; y < h; y++) {
+    const fy = upsideDown ? h - 1 - y : y;
+    for (let x = 0; x < w; x++) {
+      const fx = leftRight ? w - 1 - x : x;
+      out.set(data.subarray((fy * w + fx) * c, (fy * w + fx + 1) * c), (y * w + x) * c);
+    }
+  }
+  return out;
+}
+
+/** The logits of each view averaged as predict averages them (unet_jax.tiling's
+ * flip_average): each view's logits turned into probabilities (sigmoid of one logit,
+ * softmax of several), averaged, clipped to [1e-7, 1 - 1e-7] and turned back into
+ * logits, log(p / (1 - p)) for one class or log p for several. */
+function averagedLogits(viewLogits, classes) {
+  if (viewLogits.length === 1) return viewLogits[0];
+  const pixels = viewLogits[0].length / classes;
+  const out = new Float32Array(viewLogits[0].length);
+  const probs = new Float64Array(classes);
+  for (let i = 0; i < pixels; i++) {
+    probs.fill(0);
+    for (const logits of viewLogits) {
+      if (classes === 1) {
+        probs[0] += 1 / (1 + Math.exp(-logits[i]));
+      } else {
+        let top = -Infinity, sum = 0;
+        for (let k = 0; k < classes; k++) top = Math.max(top, logits[i * classes + k]);
+        for (let k = 0; k < classes; k++) sum += Math.exp(logits[i * classes + k] - top);
+        for (let k = 0; k < classes; k++) probs[k] += Math.exp(logits[i * classes + k] - top) / sum;
+      }
+    }
+    for (let k = 0; k < classes; k++) {
+      const p = Math.min(Math.max(probs[k] / viewLogits.length, 1e-7), 1 - 1e-7);
+      out[i * classes + k] = classes === 1 ? Math.log(p) - Math.log1p(-p) : Math.log(p);
+    }
+  }
+  return out;
 }
 
 /** The mask at the picture's own size from the model's logits (1, h, w, K): each
@@ -202,8 +285,26 @@ export async function segment(ort, session, sidecar, picture) {
   const settings = predictionSettings(sidecar);
   const x = modelInput(picture, settings);
   const input = sidecar.input?.name ?? "image";
-  const outputs = await session.run({ [input]: new ort.Tensor("float32", x.data, x.dims) });
-  const logits = outputs[sidecar.output?.name ?? session.outputNames[0]];
-  const mask = maskFromLogits(logits.data, logits.dims, settings, picture.width, picture.height);
+  const viewLogits = [];
+  let dims;
+  for (const view of VIEWS[settings.tta]) {
+    const outputs = await session.run({
+      [input]: new ort.Tensor("float32", flipped(x.data, x.dims, view), x.dims) });
+    const logits = outputs[sidecar.output?.name ?? session.outputNames[0]];
+    dims = logits.dims;
+    viewLogits.push(flipped(logits.data, dims, view));
+  }
+  const classes = dims[3];
+  let logits = averagedLogits(viewLogits, classes);
+  if (dims[1] !== x.height || dims[2] !== x.width) {  // the padding cut away
+    const cut = new Float32Array(x.height * x.width * classes);
+    for (let y = 0; y < x.height; y++) {
+      cut.set(logits.subarray(y * dims[2] * classes, (y * dims[2] + x.width) * classes),
+        y * x.width * classes);
+    }
+    logits = cut;
+  }
+  const mask = maskFromLogits(logits, [1, x.height, x.width, classes], settings,
+    picture.width, picture.height);
   return { mask, width: picture.width, height: picture.height };
 }
