@@ -183,6 +183,28 @@ def test_the_resize_is_pillows_bilinear(cli, tmp_path):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)  # measured: 0
 
 
+def test_the_model_input_of_a_run_on_crops_is_predicts(cli, tmp_path):
+    """The photo at its size times the run's scale (Python's rounding: 150.5 is 150),
+    mirror-padded at the bottom and right as numpy's 'symmetric' pads, values / 255."""
+    from data_pipeline import preprocess
+
+    config = dataclasses.replace(CONFIG, crop=(32, 32), scale=0.5)
+    sidecar = tmp_path / "unet.onnx.json"
+    sidecar.write_text(json.dumps({"prediction": export.prediction_settings(config)}))
+    rng = np.random.default_rng(5)
+    for width, height in [(301, 203), (29, 21), (3, 1)]:
+        pixels = rng.integers(0, 256, (height, width, 3), np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "photo.png")
+        p = node(cli, "model-input", sidecar, write_raw(tmp_path / "photo.raw", pixels),
+                 tmp_path / "x.raw")
+        assert p.returncode == 0, p.stderr
+        image = preprocess.to_float(preprocess.load_image(tmp_path / "photo.png", scale=0.5))
+        h, w = image.shape[:2]
+        expected = np.pad(image, ((0, -h % 4), (0, -w % 4), (0, 0)), mode="symmetric")
+        ours = read_raw(tmp_path / "x.raw", float32=True)
+        assert ours.shape == expected.shape and np.abs(ours - expected).max() <= 1 / 255
+
+
 def test_the_grayscale_is_pillows(cli, tmp_path):
     pixels = np.random.default_rng(1).integers(0, 256, (50, 61, 4), np.uint8)
     for colour in ("RGBA", "RGB"):

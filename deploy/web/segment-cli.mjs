@@ -7,6 +7,7 @@
 //   node segment-cli.mjs resize in.raw WIDTH HEIGHT out.raw      (Pillow's bilinear resize, uint8)
 //   node segment-cli.mjs resize-float in.raw WIDTH HEIGHT out.raw (the same on float32: mode "F")
 //   node segment-cli.mjs gray in.raw out.raw                     (Pillow's convert("L"))
+//   node segment-cli.mjs model-input unet.onnx.json photo.raw x.raw (the model's input, float32)
 //
 // Node has no image decoder, so pictures travel as raw files: a 12-byte header of three
 // unsigned 32-bit little-endian integers, width, height and channels (1 grayscale, 3 RGB,
@@ -18,7 +19,9 @@
 
 import { readFileSync, writeFileSync } from "node:fs";
 import * as ort from "onnxruntime-web";
-import { createSession, predictionSettings, resize, segment, toChannels } from "./segment.mjs";
+import {
+  createSession, modelInput, predictionSettings, resize, segment, toChannels,
+} from "./segment.mjs";
 
 /** A raw file as {data, width, height, channels} (Float32Array samples with `float`). */
 function readRaw(path, float = false) {
@@ -65,6 +68,10 @@ async function main([command, ...args]) {
       const foreground = mask.reduce((n, v) => n + (v > 0), 0) / mask.length;
       console.log(JSON.stringify({ input: pairs[i], mask: pairs[i + 1], width, height, foreground }));
     }
+  } else if (command === "model-input" && args.length === 3) {
+    const settings = predictionSettings(JSON.parse(readFileSync(args[0], "utf8")));
+    const x = modelInput(readRaw(args[1]), settings);
+    writeRaw(args[2], { data: x.data, width: x.dims[2], height: x.dims[1], channels: x.dims[3] });
   } else if ((command === "resize" || command === "resize-float") && args.length === 4) {
     const picture = readRaw(args[0], command === "resize-float");
     const [width, height] = [Number(args[1]), Number(args[2])];
@@ -75,7 +82,7 @@ async function main([command, ...args]) {
   } else {
     throw new Error("usage: segment-cli.mjs segment MODEL.onnx SIDECAR.json IN.raw OUT.raw [IN OUT ...] "
       + "| resize IN.raw WIDTH HEIGHT OUT.raw | resize-float IN.raw WIDTH HEIGHT OUT.raw "
-      + "| gray IN.raw OUT.raw");
+      + "| gray IN.raw OUT.raw | model-input SIDECAR.json IN.raw OUT.raw");
   }
 }
 
