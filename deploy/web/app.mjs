@@ -29,8 +29,11 @@ async function load(modelBytes, sidecar, name) {
   const session = await createSession(ort, modelBytes);
   model = { session, sidecar, name };
   const [height, width] = settings.image_size;
-  say(`${name}: resizes photos to ${width}x${height}, ${settings.in_channels === 3 ? "RGB" : "grayscale"}, `
-    + `${settings.num_classes} class(es). Pick a photo.`);
+  const how = settings.mode === "resize" ? `resizes photos to ${width}x${height}`
+    : `takes whole photos at scale ${settings.scale}`;
+  const flips = settings.tta === "none" ? "" : `, test-time flips "${settings.tta}"`;
+  say(`${name}: ${how}, ${settings.in_channels === 3 ? "RGB" : "grayscale"}, `
+    + `${settings.num_classes} class(es)${flips}. Pick a photo.`);
 }
 
 /** The photo's pixels, RGBA: decoded by the browser, turned upright by its EXIF
