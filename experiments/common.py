@@ -82,12 +82,18 @@ class Parser(argparse.ArgumentParser):
         sys.exit(USER_ERROR)
 
     def _did_you_mean(self, words: list[str]) -> str:
-        """"; did you mean --crops-per-image?" for the first mistyped flag."""
+        """"; did you mean --crops-per-image?" for the first mistyped flag; for a
+        command that reads a run, a training setting given to it is named as one."""
         import difflib
 
         flags = [f for action in self._actions for f in action.option_strings
                  if f.startswith("--")]
-        if "--checkpoint" in flags:  # predict, evaluate, submit, export: a run's reader
+        for word in words:
+            if word.startswith("--"):
+                close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.7)
+                if close:
+                    return f"; did you mean {close[0]}?"
+        if "--checkpoint" in flags:  # predict, evaluate, submit, export: a run's readers
             import dataclasses
 
             from unet_jax.config import Config, flag
@@ -95,14 +101,9 @@ class Parser(argparse.ArgumentParser):
             settings = {flag(f.name) for f in dataclasses.fields(Config)}
             settings |= {"--no-" + name[2:] for name in settings}
             for word in words:
-                if word.split("=")[0] in settings - set(flags):
-                    return (f"; {word.split('=')[0]} is a training setting: the run keeps "
-                            "it in its config.json, and this command reads it from there")
-        for word in words:
-            if word.startswith("--"):
-                close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.7)
-                if close:
-                    return f"; did you mean {close[0]}?"
+                if word.split("=")[0] in settings:
+                    return (f"; {word.split('=')[0]} is a setting of training, which this "
+                            "command does not take (the run's own are in its config.json)")
         return ""
 
 

@@ -464,8 +464,13 @@ def test_a_mistyped_flag_gets_the_flag_it_resembles(capsys):
     # A training setting given to a command that reads the run's own.
     assert call(predict.main, ["--checkpoint", "r", "--input", "i", "--output", "o",
                                "--max-value", "4095"]) == 2
-    assert ("unrecognized arguments: --max-value 4095; --max-value is a training setting: "
-            "the run keeps it in its config.json") in capsys.readouterr().err
+    assert ("unrecognized arguments: --max-value 4095; --max-value is a setting of "
+            "training, which this command does not take (the run's own are in its "
+            "config.json)") in capsys.readouterr().err
+    # predict's --epoch, typed as train's --epochs: the flag it resembles comes first.
+    assert call(predict.main, ["--checkpoint", "r", "--input", "i", "--output", "o",
+                               "--epochs", "3"]) == 2
+    assert "did you mean --epoch?" in capsys.readouterr().err
 
 
 def test_an_interrupted_run_says_how_to_continue(tmp_path, monkeypatch, capsys):

@@ -27,11 +27,11 @@
  * own `how` text, which says what predict does. */
 export function predictionSettings(sidecar) {
   const settings = sidecar.prediction ?? sidecar;
-  if (!["resize", "whole"].includes(settings.mode) || !(settings.tta in VIEWS)
+  if (!["resize", "whole"].includes(settings.mode) || !Object.hasOwn(VIEWS, settings.tta)
       || ![1, 3].includes(settings.in_channels) || !(settings.num_classes >= 1)) {
     const why = !["resize", "whole"].includes(settings.mode)
       ? `predicts with mode "${settings.mode}"`
-      : !(settings.tta in VIEWS) ? `predicts with test-time flips "${settings.tta}"`
+      : !Object.hasOwn(VIEWS, settings.tta) ? `predicts with test-time flips "${settings.tta}"`
         : `has ${settings.in_channels} input channel(s) and ${settings.num_classes} class(es)`;
     throw new Error("this code predicts with modes \"resize\" and \"whole\" and flips "
       + `"none", "hflip" and "flips"; this run ${why}, which would give other masks than `
@@ -215,29 +215,36 @@ function flipped(data, [, h, w, c], [leftRight, upsideDown]) {
 }
 
 /** The logits of each view averaged as predict averages them (unet_jax.tiling's
- * flip_average): each view's logits turned into probabilities (sigmoid of one logit,
- * softmax of several), averaged, clipped to [1e-7, 1 - 1e-7] and turned back into
- * logits, log(p / (1 - p)) for one class or log p for several. */
+ * flip_average), in float32 as JAX computes them (Math.fround after each step): each
+ * view's logits turned into probabilities (sigmoid of one logit, softmax of several),
+ * averaged, clipped to [1e-7, 1 - 1e-7] as float32 numbers and turned back into
+ * logits, log(p / (1 - p)) for one class or log p for several. In float64 a confident
+ * pixel's logit came back as 16.12 where JAX's is 15.94, which moves the edge between
+ * sure foreground and sure background once the logits are resized. */
 function averagedLogits(viewLogits, classes) {
   if (viewLogits.length === 1) return viewLogits[0];
+  const f = Math.fround;
+  const [low, high] = [f(1e-7), f(1 - 1e-7)];
   const pixels = viewLogits[0].length / classes;
   const out = new Float32Array(viewLogits[0].length);
-  const probs = new Float64Array(classes);
+  const probs = new Float32Array(classes);
   for (let i = 0; i < pixels; i++) {
     probs.fill(0);
     for (const logits of viewLogits) {
       if (classes === 1) {
-        probs[0] += 1 / (1 + Math.exp(-logits[i]));
+        probs[0] += f(1 / (1 + Math.exp(-logits[i])));
       } else {
         let top = -Infinity, sum = 0;
         for (let k = 0; k < classes; k++) top = Math.max(top, logits[i * classes + k]);
-        for (let k = 0; k < classes; k++) sum += Math.exp(logits[i * classes + k] - top);
-        for (let k = 0; k < classes; k++) probs[k] += Math.exp(logits[i * classes + k] - top) / sum;
+        for (let k = 0; k < classes; k++) sum = f(sum + f(Math.exp(logits[i * classes + k] - top)));
+        for (let k = 0; k < classes; k++) {
+          probs[k] += f(f(Math.exp(logits[i * classes + k] - top)) / sum);
+        }
       }
     }
     for (let k = 0; k < classes; k++) {
-      const p = Math.min(Math.max(probs[k] / viewLogits.length, 1e-7), 1 - 1e-7);
-      out[i * classes + k] = classes === 1 ? Math.log(p) - Math.log1p(-p) : Math.log(p);
+      const p = Math.min(Math.max(f(probs[k] / viewLogits.length), low), high);
+      out[i * classes + k] = classes === 1 ? f(f(Math.log(p)) - f(Math.log1p(-p))) : Math.log(p);
     }
   }
   return out;
