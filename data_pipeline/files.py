@@ -324,6 +324,36 @@ def image_problem(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     return size, None
 
 
+def _turned_alone(pair: Pair) -> int:
+    """The EXIF orientation (2 to 8) that turns or mirrors an image but not its mask;
+    0 where the image is stored upright, or its mask carries the same tag."""
+    with open_within_limit(pair.image) as img:
+        turn = orientation(img)
+    if turn == 1:
+        return 0
+    with open_within_limit(pair.mask) as mask:
+        return 0 if orientation(mask) == turn else turn
+
+
+def _name_turned_images(pairs: list[Pair], turns: list[int]) -> None:
+    """Warns once of images whose EXIF orientation their masks lack. Both are read as
+    viewers show them, which is right for masks drawn on the photo as shown (as most
+    annotation tools draw them); a mask drawn on the stored pixels is turned against
+    its photo, and where the turn keeps the size (a half turn, a mirror, a square
+    photo) nothing else can tell."""
+    turned = [(pair, turn) for pair, turn in zip(pairs, turns) if turn]
+    if turned:
+        (first, turn), more = turned[0], len(turned) - 1
+        log.warning("%s carr%s an EXIF orientation tag (%d) that turns or mirrors %s as "
+                    "viewers show %s, and %s not: every file is read as shown, so the "
+                    "masks must be drawn on the photos as shown (most annotation tools do); "
+                    "one drawn on the stored pixels is misaligned: check the run's "
+                    "predictions.png",
+                    f"{first.image} and {more} other image(s)" if more else first.image,
+                    "y" if more else "ies", turn, *(("them", "them", "their masks do")
+                                                   if more else ("it", "it", "its mask does")))
+
+
 def _wide(path: Path) -> bool:
     """Whether an image file holds more than 8 bits a sample (what --max-value scales)."""
     with open_within_limit(path) as img:
@@ -414,8 +444,9 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             found = list(pool.map(lambda pair: check_pair(pair, num_classes, max_value),
                                   pairs))
-        problems += [p for p in found if p]
-        pairs = [pair for pair, p in zip(pairs, found) if not p]
+            problems += [p for p in found if p]
+            pairs = [pair for pair, p in zip(pairs, found) if not p]
+            _name_turned_images(pairs, list(pool.map(_turned_alone, pairs)))
     if max_value and check and pairs and not any(map(_wide, (p.image for p in pairs))):
         log.warning("--max-value %g: every image of %s is 8-bit, which --max-value leaves "
                     "as it is (it scales 16-bit, 32-bit and float images); drop it",

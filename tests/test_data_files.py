@@ -334,6 +334,24 @@ def test_max_value_on_8_bit_images_alone_is_named_as_doing_nothing(tmp_path, cap
     assert "every image" not in caplog.text
 
 
+def test_images_turned_by_an_exif_tag_their_masks_lack_are_named(tmp_path, caplog):
+    """A photo stored upside down with the tag that turns it (3) and a mask drawn on its
+    stored pixels: read as shown, the pair is misaligned, and nothing failed or said so."""
+    own = own_dir(tmp_path / "own", n=3)
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    Image.open(own / "images" / "img1.png").save(own / "images" / "img1.png", exif=exif)
+    with caplog.at_level(logging.WARNING):
+        assert len(dp.find_pairs(own)) == 3
+    assert (f"{own / 'images' / 'img1.png'} carries an EXIF orientation tag (3) that turns "
+            "or mirrors it as viewers show it, and its mask does not") in caplog.text
+    caplog.clear()
+    Image.open(own / "masks" / "img1.png").save(own / "masks" / "img1.png", exif=exif)
+    with caplog.at_level(logging.WARNING):  # turned alike: aligned either way
+        dp.find_pairs(own)
+    assert "EXIF" not in caplog.text
+
+
 def test_every_pair_wrong_alike_is_not_offered_skip_bad(tmp_path):
     """Binary masks under --num-classes 3: "--skip-bad skips them" offered to skip all 3."""
     own = own_dir(tmp_path / "own", n=3)
