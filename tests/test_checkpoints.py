@@ -128,6 +128,16 @@ def test_a_failed_background_write_is_one_line(run, monkeypatch):
         f"a checkpoint could not be written in {run / 'checkpoints'} (ValueError: "
         'RESOURCE_EXHAUSTED: Error writing local file "x"); free space or fix the disk, '
         "then continue with --resume: the checkpoints before it are intact")
+    # Orbax names a failed save at the next one, an epoch later: it is named by its own.
+    failing = []
+    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished",
+                        lambda self: full(self) if failing else None)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", lambda self, step, **kw: True)
+    manager.save(4, args=None)
+    failing.append(True)  # epoch 4's background write fails
+    with pytest.raises(CheckpointError, match="^the checkpoint of epoch 4 could not be "
+                                              "written in "):
+        manager.save(5, args=None)
     monkeypatch.undo()
     manager.close()
     # orbax's background threads log their failures with tracebacks: the messages stay;
@@ -143,6 +153,16 @@ def test_a_failed_background_write_is_one_line(run, monkeypatch):
         assert checkpoints._one_line(record)  # the message is kept
         assert (record.exc_info is not None) is kept
     assert checkpoints._one_line in logging.getLogger("absl").filters
+    # asyncio's note of each failed write's future, which nobody awaited: dropped.
+    note = logging.LogRecord("asyncio", logging.ERROR, "asyncio/base_events.py", 1,
+                             "Task exception was never retrieved\nfuture: <Task "
+                             "exception=ValueError('RESOURCE_EXHAUSTED: Error writing "
+                             "\"x\" in OCDBT database')>", (), None)
+    assert not checkpoints._one_line(note)
+    other = logging.LogRecord("asyncio", logging.ERROR, "asyncio/base_events.py", 1,
+                              "Task exception was never retrieved\nfuture: <Task "
+                              "exception=KeyError('mine')>", (), None)
+    assert checkpoints._one_line(other)  # another library's: kept
 
 
 def test_a_checkpoint_removed_while_it_is_read_is_not_called_damaged(run, monkeypatch,

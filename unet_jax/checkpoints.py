@@ -69,7 +69,15 @@ class _Manager(ocp.CheckpointManager):
 
     def __init__(self, *args, **kwargs):
         self._warned = set()  # steps named by _unscored: orbax asks more than once
+        self._writing = None  # the step of the last save begun: the one a failure names
         super().__init__(*args, **kwargs)  # which reads every checkpoint's scores
+
+    def save(self, step, *args, **kwargs):
+        # The previous save's failure surfaces here, an epoch later: named by its step
+        # before this one's is recorded.
+        self.wait_until_finished()
+        self._writing = step
+        return super().save(step, *args, **kwargs)
 
     def metrics(self, step: int) -> dict | None:
         """The validation scores saved with checkpoint ``step``; None, with a warning,
@@ -116,7 +124,9 @@ class _Manager(ocp.CheckpointManager):
                     if rundir.has_checkpoint(Path(self.directory).parent) else
                     "start the run again")
             fix = "free space or fix the disk" if disk else "fix what it names"
-            raise CheckpointError(f"a checkpoint could not be written in {self.directory} "
+            which = ("a checkpoint" if self._writing is None
+                     else f"the checkpoint of epoch {self._writing}")
+            raise CheckpointError(f"{which} could not be written in {self.directory} "
                                   f"({type(e).__name__}: {problem[:300]}); {fix}, then "
                                   f"{then}") from None
         if self.deletes:
@@ -134,10 +144,14 @@ def _empty_deleting(directory: Path) -> None:
 
 def _one_line(record: logging.LogRecord) -> bool:
     """Keeps the message of orbax's errors from its background save threads, not
-    their pages of traceback: the failure itself reaches the run as one line
-    (``_Manager.wait_until_finished``)."""
-    if record.exc_info and ("orbax" in (record.pathname or "")
-                            or "orbax" in record.getMessage()):
+    their pages of traceback, and drops asyncio's notes of the futures of its failed
+    writes that nobody awaited (a full disk left one per array, two lines each): the
+    failure itself reaches the run as one line (``_Manager.wait_until_finished``)."""
+    message = record.getMessage()
+    if record.name == "asyncio" and "exception was never retrieved" in message and any(
+            word in message for word in ("orbax", "OCDBT", "tensorstore")):
+        return False
+    if record.exc_info and ("orbax" in (record.pathname or "") or "orbax" in message):
         record.exc_info, record.exc_text = None, None
     return True
 
