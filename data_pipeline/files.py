@@ -324,15 +324,16 @@ def image_problem(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     return size, None
 
 
-def _turned_alone(pair: Pair) -> int:
-    """The EXIF orientation (2 to 8) that turns or mirrors an image but not its mask;
-    0 where the image is stored upright, or its mask carries the same tag."""
+def _header(pair: Pair) -> tuple[int, bool]:
+    """From the image's header, read once: the EXIF orientation (2 to 8) that turns or
+    mirrors it but not its mask (0 where it is stored upright, or its mask carries the
+    same tag), and whether it holds more than 8 bits a sample (what --max-value scales)."""
     with open_within_limit(pair.image) as img:
-        turn = orientation(img)
-    if turn == 1:
-        return 0
-    with open_within_limit(pair.mask) as mask:
-        return 0 if orientation(mask) == turn else turn
+        turn, wide = orientation(img), img.mode in WIDE_MODES or wide_samples(img)
+    if turn != 1:
+        with open_within_limit(pair.mask) as mask:
+            turn = 0 if orientation(mask) == turn else turn
+    return (0 if turn == 1 else turn), wide
 
 
 def _name_turned_images(pairs: list[Pair], turns: list[int]) -> None:
@@ -352,12 +353,6 @@ def _name_turned_images(pairs: list[Pair], turns: list[int]) -> None:
                     f"{first.image} and {more} other image(s)" if more else first.image,
                     "y" if more else "ies", turn, *(("them", "them", "their masks do")
                                                    if more else ("it", "it", "its mask does")))
-
-
-def _wide(path: Path) -> bool:
-    """Whether an image file holds more than 8 bits a sample (what --max-value scales)."""
-    with open_within_limit(path) as img:
-        return img.mode in WIDE_MODES or wide_samples(img)
 
 
 def _turned(path: Path) -> bool:
@@ -446,11 +441,12 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
                                   pairs))
             problems += [p for p in found if p]
             pairs = [pair for pair, p in zip(pairs, found) if not p]
-            _name_turned_images(pairs, list(pool.map(_turned_alone, pairs)))
-    if max_value and check and pairs and not any(map(_wide, (p.image for p in pairs))):
-        log.warning("--max-value %g: every image of %s is 8-bit, which --max-value leaves "
-                    "as it is (it scales 16-bit, 32-bit and float images); drop it",
-                    max_value, data_dir)
+            headers = list(pool.map(_header, pairs))  # (turn its mask lacks, wide)
+        _name_turned_images(pairs, [turn for turn, _ in headers])
+        if max_value and pairs and not any(wide for _, wide in headers):
+            log.warning("--max-value %g: every image of %s is 8-bit, which --max-value "
+                        "leaves as it is (it scales 16-bit, 32-bit and float images); "
+                        "drop it", max_value, data_dir)
     if problems and not skip_bad and not pairs:
         # Every file wrong alike (binary masks for --num-classes 3, say): skipping the
         # bad pairs is no way out.
