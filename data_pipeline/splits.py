@@ -161,9 +161,8 @@ def read_split(path, data_dir=None, otherwise: str = "start a new run",
     the dataset the file records (one patient's ``slice_1.png`` is not another's), or
     else by file name, where the name is one image's alone on each side (the data
     unzipped into another nesting, or a file written before it recorded its dataset).
-    Where the images
-    are missing, the error offers to restore them, to give the folder they moved to,
-    or ``otherwise``: the caller's own way out.
+    Where the images are missing, the error offers to restore them, to give the folder
+    they moved to, or ``otherwise``: the caller's own way out.
     """
     from data_pipeline.files import match_pairs
 
