@@ -17,6 +17,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -163,6 +164,57 @@ def test_a_failed_background_write_is_one_line(run, monkeypatch):
                               "Task exception was never retrieved\nfuture: <Task "
                               "exception=KeyError('mine')>", (), None)
     assert checkpoints._one_line(other)  # another library's: kept
+
+
+def test_a_failed_background_write_leaves_no_other_output(run, monkeypatch, capsys):
+    """A full disk at epoch 3 of a tiny run printed, around the one-line error, 8
+    lines of orbax's background threads' errors, up to 39 six-line 'Event loop is
+    closed' tracebacks and a 'coroutine was never awaited' warning."""
+    import asyncio
+    import types
+
+    for words in ("[process=0][thread=array_type_handler][operation_id=3] "
+                  "_SignalingThread.run() raised an exception: RESOURCE_EXHAUSTED: ...",
+                  "[process=0] Failed to run 6 Handler Commit operations or the Commit "
+                  "callback in background save thread, directory: /x/checkpoints/3",
+                  "[process=0][thread=MainThread][step=3][wait_until_finished] Save "
+                  "Finalize thread (save_finalize) failed."):
+        record = logging.LogRecord("absl", logging.ERROR, "site-packages/orbax/checkpoint/"
+                                   "_src/futures/future.py", 1, words, (), None)
+        assert not checkpoints._one_line(record)
+    other = logging.LogRecord("absl", logging.ERROR, "site-packages/orbax/checkpoint/"
+                              "_src/checkpoint_manager.py", 1, "Some other failure", (), None)
+    assert checkpoints._one_line(other)
+
+    passed = []
+    previous = passed.append  # the hook before unet-jax's: what it hands on
+    monkeypatch.setattr(sys, "unraisablehook", previous)
+    checkpoints.checkpoint_manager(run, keep=3, read_only=True).close()
+    assert sys.unraisablehook is previous  # a reader changes nothing
+    checkpoints.checkpoint_manager(run, keep=3).close()
+    checkpoints.checkpoint_manager(run, keep=3).close()  # a second manager: one hook
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:  # what TensorStore's callback does once orbax gave the write up
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        closed = e
+    try:
+        raise RuntimeError("Event loop is closed")  # not asyncio's
+    except RuntimeError as e:
+        mine = e
+    unraisable = lambda error, owner=None: types.SimpleNamespace(  # noqa: E731
+        exc_type=type(error), exc_value=error, exc_traceback=error.__traceback__,
+        err_msg=None, object=owner)
+    for error, owner in ((closed, None), (mine, None), (closed, "an object")):
+        sys.unraisablehook(unraisable(error, owner))
+    assert [(u.exc_value, u.object) for u in passed] == [(mine, None),
+                                                         (closed, "an object")]
+    with warnings.catch_warnings(record=True) as seen:  # the write's, at exit
+        warnings.warn("coroutine 'async_serialize_from_host.<locals>.write_fragment' "
+                      "was never awaited", RuntimeWarning)
+        warnings.warn("coroutine 'mine' was never awaited", RuntimeWarning)
+    assert [str(w.message) for w in seen] == ["coroutine 'mine' was never awaited"]
 
 
 def test_a_checkpoint_removed_while_it_is_read_is_not_called_damaged(run, monkeypatch,

@@ -29,9 +29,11 @@ import logging
 import math
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -142,22 +144,61 @@ def _empty_deleting(directory: Path) -> None:
         (directory / DELETING).rmdir()
 
 
+# Orbax's reports, from its background threads, of a write that failed: the run gets
+# the same failure as one line at its next save or at the end (``wait_until_finished``).
+_BACKGROUND_FAILURE = ("_SignalingThread.run() raised an exception",
+                       "in background save thread", "Save Finalize thread")
+
+
 def _one_line(record: logging.LogRecord) -> bool:
-    """Keeps the message of orbax's errors from its background save threads, not
-    their pages of traceback, and drops asyncio's notes of the futures of its failed
-    writes that nobody awaited (a full disk left one per array, two lines each): the
-    failure itself reaches the run as one line (``_Manager.wait_until_finished``)."""
+    """Drops orbax's background threads' reports of a failed write, and asyncio's notes
+    of that write's futures nobody awaited (a full disk left one per array, two lines
+    each): the failure itself reaches the run as one line
+    (``_Manager.wait_until_finished``). Orbax's other errors keep their message, not
+    their pages of traceback."""
     message = record.getMessage()
     if record.name == "asyncio" and "exception was never retrieved" in message and any(
             word in message for word in ("orbax", "OCDBT", "tensorstore")):
         return False
-    if record.exc_info and ("orbax" in (record.pathname or "") or "orbax" in message):
+    from_orbax = "orbax" in (record.pathname or "") or "orbax" in message
+    if from_orbax and any(words in message for words in _BACKGROUND_FAILURE):
+        return False
+    if record.exc_info and from_orbax:
         record.exc_info, record.exc_text = None, None
     return True
 
 
 for _name in ("absl", "asyncio"):  # asyncio: its writes' futures nobody awaited
     logging.getLogger(_name).addFilter(_one_line)
+
+
+def _closed_loop(unraisable) -> bool:
+    """True for TensorStore's callbacks into the event loop of a write orbax gave up
+    on: Python prints each, a 6-line 'Event loop is closed' traceback with no owner,
+    dozens of them after a full disk."""
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback \
+        else []
+    return (unraisable.object is None and type(unraisable.exc_value) is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"
+            and any(frame.name == "call_soon_threadsafe" for frame in frames))
+
+
+def _quiet_failed_writes() -> None:
+    """Keeps a failed background write to the one line the run reports: installed by
+    the first writing manager, not at import (importing changes nothing)."""
+    if getattr(sys.unraisablehook, "unet_jax", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _closed_loop(unraisable):
+            previous(unraisable)
+
+    hook.unet_jax = True
+    sys.unraisablehook = hook
+    # The same write's coroutines, collected unawaited as the interpreter exits.
+    warnings.filterwarnings("ignore", category=RuntimeWarning,
+                            message="coroutine 'async_serialize_from_host")
 
 
 def checkpoint_manager(run_dir, keep: int = 2, read_only: bool = False,
@@ -188,6 +229,8 @@ def checkpoint_manager(run_dir, keep: int = 2, read_only: bool = False,
     finally:
         absl.removeFilter(quiet)
     manager.deletes = not read_only and jax.process_index() == 0
+    if not read_only:
+        _quiet_failed_writes()
     if manager.deletes:
         _empty_deleting(directory)  # left by a run killed while removing them
     return manager
