@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p = common.make_parser("experiments.import_torch", __doc__.split("\n\n")[0], EXAMPLES)
     p.add_argument("weights", help="the .pth file the guide's notebook saved")
     p.add_argument("out_dir", help="run directory to create")
-    p.add_argument("--image-size", type=int, nargs="+", default=[512, 512], metavar=("H", "W"),
+    p.add_argument("--image-size", type=int, nargs="+", metavar=("H", "W"),
                    help="size the weights were trained at (default: 512 512, the guide's)")
     return p.parse_args(argv)
 
@@ -43,6 +43,7 @@ def main(argv=None):
                                "pip install torch (the CPU build is enough)") from None
     from unet_jax import checkpoints, config_from_torch, params_from_torch, rundir
     from unet_jax.config import normalize_image_size
+    from unet_jax.torch_import import model_weights
 
     path, out = Path(args.weights), Path(args.out_dir)
     if not path.is_file():
@@ -62,32 +63,22 @@ def main(argv=None):
     except Exception as e:  # noqa: BLE001 (torch raises several types for files it cannot read)
         raise common.UserError(f"{path}: not a weights file that torch.save wrote "
                                f"({_first_line(e)})") from None
-    if not isinstance(state_dict, dict):
-        raise common.UserError(f"{path}: holds a {type(state_dict).__name__}, not a state_dict; "
-                               "save model.state_dict(), as the guide does")
-    # A training script's checkpoint holds the model's state_dict under a key of its
-    # own, beside the optimizer's and the epoch.
-    for key in WRAPPER_KEYS:
-        if isinstance(state_dict.get(key), dict) and not any(
-                torch.is_tensor(v) for v in state_dict.values()):
-            print(f"reading the model's weights under {key!r} of {path}")
-            state_dict = state_dict[key]
-            break
     try:
+        state_dict, key = model_weights(state_dict)
+        if key is not None:
+            print(f"reading the model's weights under {key!r} of {path}")
         params = params_from_torch(state_dict)
         config = config_from_torch(state_dict)
     except ValueError as e:
         raise common.UserError(f"{path}: {e}") from None
-    config.image_size = normalize_image_size(args.image_size, config.depth)
+    if args.image_size:  # else the guide's, config_from_torch's default
+        config.image_size = normalize_image_size(args.image_size, config.depth)
     checkpoints.save_params(out, params, config)
     print(f"wrote {out} ({sum(v.size for v in _leaves(params)):,} parameters, "
           f"{config.in_channels} in / {config.num_classes} out channels, input "
           f"{config.image_size[0]}x{config.image_size[1]}); use it with "
           f"python -m experiments.predict --checkpoint {shlex.quote(str(out))} --input IMAGE --output DIR")
     return 0
-
-
-WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
 
 
 def _first_line(error: Exception) -> str:

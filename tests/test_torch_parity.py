@@ -1,5 +1,6 @@
 """The Flax U-Net computes what the guide's PyTorch U-Net computes, weight for weight."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -44,6 +45,23 @@ def test_accepts_numpy_values_and_a_dataparallel_or_compiled_prefix(prefix):
     assert params["up_1"]["up"]["kernel"].shape == (2, 2, 1024, 512)
     config = config_from_torch(sd)
     assert (config.in_channels, config.num_classes, config.base_features, config.depth) == (3, 1, 64, 4)
+
+
+def test_the_library_reads_a_training_checkpoint_or_the_model_at_the_guides_size():
+    """config_from_torch gave the quick preset's 64x96, so predict resized photos for
+    the guide's weights to a size they never saw; a checkpoint {'model_state_dict': ...}
+    or the model itself was 'not a state_dict of the guide's UNet'."""
+    model = torch_model(1, 2)
+    plain = params_from_torch(model.state_dict())
+    for weights in ({"model_state_dict": model.state_dict(), "epoch": 3}, model):
+        params = params_from_torch(weights)
+        assert all(np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(params), jax.tree.leaves(plain)))
+        config = config_from_torch(weights)
+        assert (config.image_size, config.in_channels, config.num_classes) == ((512, 512), 1, 2)
+    assert config_from_torch(model, image_size=(256, 384)).image_size == (256, 384)
+    with pytest.raises(ValueError, match="^holds a list, not a state_dict"):
+        params_from_torch([1, 2])
 
 
 def test_rejects_a_foreign_state_dict():

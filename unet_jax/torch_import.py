@@ -33,8 +33,34 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
+# Where a training script's checkpoint keeps the model's state_dict, beside the
+# optimizer's and the epoch.
+WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
+GUIDE_IMAGE_SIZE = (512, 512)  # what the guide trains at: its weights expect it
+
+
+def model_weights(weights) -> tuple[dict, str | None]:
+    """The model's state_dict in what ``torch.load`` gave, and the key it was under.
+
+    ``weights`` is the state_dict itself (what the guide saves), a training script's
+    checkpoint holding it under one of ``WRAPPER_KEYS`` (the key is returned), or the
+    PyTorch model itself (its ``state_dict()``). Anything else raises ValueError.
+    """
+    if callable(getattr(weights, "state_dict", None)):  # the nn.Module itself
+        weights = weights.state_dict()
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"holds a {type(weights).__name__}, not a state_dict; save "
+                         "model.state_dict(), as the guide does")
+    holds_tensors = any(hasattr(v, "shape") for v in weights.values())
+    for key in WRAPPER_KEYS:
+        if isinstance(weights.get(key), Mapping) and not holds_tensors:
+            return dict(weights[key]), key
+    return dict(weights), None
+
+
 def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     # nn.DataParallel and torch.compile prefix every key; accept both.
+    state_dict, _ = model_weights(state_dict)
     out = {}
     for key, value in state_dict.items():
         for prefix in ("module.", "_orig_mod."):
@@ -63,7 +89,8 @@ UPCONV = (2, 3, 0, 1)  # ConvTranspose2d (in, out, kh, kw) -> Flax (kh, kw, in, 
 
 
 def params_from_torch(state_dict: Mapping[str, Any]) -> dict:
-    """Flax ``params`` for ``UNet`` from the guide's PyTorch ``UNet.state_dict()``.
+    """Flax ``params`` for ``UNet`` from the guide's PyTorch ``UNet.state_dict()``
+    (or a checkpoint or model holding it: ``model_weights``).
 
     Raises ValueError naming the keys that are missing or not understood, or a
     tensor whose shape does not fit the U-Net that the first layer and the head
@@ -122,12 +149,16 @@ def params_from_torch(state_dict: Mapping[str, Any]) -> dict:
 
 
 def config_from_torch(state_dict: Mapping[str, Any], **overrides) -> Config:
-    """The ``Config`` (channels, classes, width, depth) that a state_dict was made with."""
+    """The ``Config`` (channels, classes, width, depth) that a state_dict was made with,
+    at the guide's input size, 512x512: the size its weights learned the cars at, at
+    which predict resizes photos for them. Pass ``image_size=`` (or any other setting)
+    for weights trained otherwise. ``state_dict`` may be wrapped (``model_weights``)."""
     sd = _strip_prefix(state_dict)
     depth = _depth(sd)
     first, head = ("down_convolution_1.conv.conv_op.0.weight", "out.weight")
     if missing := [key for key in (first, head) if key not in sd]:
         raise _missing(missing[0])
     first, head = _to_numpy(sd[first]), _to_numpy(sd[head])
-    return Config(in_channels=first.shape[1], num_classes=head.shape[0],
-                  base_features=first.shape[0], depth=depth, **overrides)
+    return Config(**{"in_channels": first.shape[1], "num_classes": head.shape[0],
+                     "base_features": first.shape[0], "depth": depth,
+                     "image_size": GUIDE_IMAGE_SIZE, **overrides})
