@@ -10,8 +10,9 @@ Four layouts are understood:
   ``train_masks.zip`` in one folder; prepared once through the TFDS builder
   (``tfds_carvana``) into ``prepared/`` beside them, then read as above.
 * A user's own folders: ``images/`` and ``masks/``, paired by file stem (the mask may
-  be ``<stem>.<ext>`` or ``<stem>_mask.<ext>``), in any of JPEG, PNG, GIF, TIFF, BMP,
-  WebP.
+  be ``<stem>.<ext>`` or ``<stem>_mask.<ext>``, or, where the stems do not pair, the
+  stems less an ending every mask or every image shares: ISIC's ``_segmentation``),
+  in any of JPEG, PNG, GIF, TIFF, BMP, WebP.
   Each image is its own group, unless ``--group-by`` reads groups from the names
   (``splits.grouped``).
 * Masks beside their images: ``<stem>.<ext>`` and ``<stem>_mask.<ext>`` in one folder,
@@ -32,6 +33,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -95,14 +97,15 @@ def _nested(folder: Path) -> str:
 
 
 def unnested(folder: Path) -> Path:
-    """``folder``, or the one folder inside it where ``folder`` holds no image files
-    but that folder does: ``unzip train.zip -d train`` and Windows' "Extract All"
-    put Kaggle's photos in ``train/train/``."""
+    """``folder``, or the one folder inside it that holds image files where ``folder``
+    holds none: ``unzip train.zip -d train`` and Windows' "Extract All" put Kaggle's
+    photos in ``train/train/``, and the Oxford-IIIT Pet set its trimaps in
+    ``annotations/trimaps/``, beside ``xmls/``."""
     if not folder.is_dir() or _images_in(folder):
         return folder
     inside = [p for p in folder.iterdir()
-              if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
-    return inside[0] if len(inside) == 1 and _images_in(inside[0]) else folder
+              if p.is_dir() and not p.name.startswith((".", "__MACOSX")) and _images_in(p)]
+    return inside[0] if len(inside) == 1 else folder
 
 
 def _unzip_hint(folder: Path) -> str:
@@ -167,10 +170,17 @@ def detect_layout(data_dir) -> tuple[Path, Path, str]:
                     f"{LAYOUTS}{_unzip_hint(root) or _layout_hint(root)}")
 
 
-# Folder names other tools and datasets use for images and masks.
-_IMAGE_NAMES = ("image", "img", "imgs", "input", "inputs", "raw", "originals")
-_MASK_NAMES = ("mask", "label", "labels", "gt", "ground_truth", "groundtruth",
-               "annotations", "segmentations", "targets")
+# Words in the folder names other tools and datasets use for images and for masks
+# (ISIC's ISIC2018_Task1-2_Training_Input/ and ..._GroundTruth/, DRIVE's 1st_manual/).
+_IMAGE_WORDS = {"images", "image", "img", "imgs", "input", "inputs", "raw", "originals",
+                "photos", "rgb"}
+_MASK_WORDS = {"masks", "mask", "label", "labels", "gt", "truth", "groundtruth",
+               "annotations", "annotation", "segmentations", "segmentation", "targets",
+               "target", "manual", "trimaps"}
+
+
+def _words(name: str) -> set[str]:
+    return set(re.split(r"[^a-z0-9]+", name.lower()))
 
 
 # A folder of a layout and the folder beside it that makes it one.
@@ -181,25 +191,39 @@ _PARTNERS = {"images": "masks", "masks": "images", "train": "train_masks",
 def _layout_hint(root: Path) -> str:
     """What ``root`` holds and the renaming that would make it a layout: "; it holds
     image/ and label/: rename them images/ and masks/", or "; pass its parent" for a
-    folder of images given itself; else what it holds."""
+    folder of images given itself, or "; pass X" for a dataset one folder down; else
+    what it holds. Where several folders could hold the masks (DRIVE's 1st_manual/ of
+    vessels beside mask/ of its field of view), the user picks: the name alone cannot
+    tell labels from other masks."""
     try:
         folders = sorted(p.name for p in root.iterdir()
                          if p.is_dir() and not p.name.startswith("."))
     except OSError:  # unreadable: the message without a hint is still right
         return ""
-    lower = {name.lower(): name for name in folders}
-    image = next((lower[n] for n in ("images", *_IMAGE_NAMES) if n in lower), None)
-    mask = next((lower[n] for n in ("masks", *_MASK_NAMES) if n in lower), None)
-    if image and mask:
-        renames = [f"{old}/ to {new}/" for old, new in ((image, "images"), (mask, "masks"))
+    images = [name for name in folders if _words(name) & _IMAGE_WORDS]
+    masks = [name for name in folders if _words(name) & _MASK_WORDS and name not in images]
+    if len(images) == 1 and len(masks) == 1:
+        renames = [f"{old}/ to {new}/" for old, new in ((images[0], "images"),
+                                                        (masks[0], "masks"))
                    if old != new]
-        return f"; it holds {image}/ and {mask}/: rename {' and '.join(renames)}"
+        return f"; it holds {images[0]}/ and {masks[0]}/: rename {' and '.join(renames)}"
+    if len(images) == 1 and masks:
+        listed = ", ".join(f"{name}/" for name in masks)
+        also = f"{images[0]}/ to images/ and " if images[0] != "images" else ""
+        return (f"; it holds {images[0]}/ and {len(masks)} folders that could hold its "
+                f"masks ({listed}): rename {also}the one with the labels to learn (not, "
+                "say, a field-of-view mask) to masks/")
     partner = _PARTNERS.get(root.name)
     if partner and (root.parent / partner).is_dir():
         return f"; {root.name}/ is one of its folders: pass its parent, {root.parent}"
     if _images_in(root):
         return ("; it holds images itself: put them in images/ and their masks in masks/ "
                 "beside it, or save each mask beside its image as <stem>_mask.png")
+    inside = [name for name in folders
+              if any((root / name / a).is_dir() and (root / name / b).is_dir()
+                     for a, b in (("images", "masks"), ("train", "train_masks")))]
+    if len(inside) == 1:
+        return f"; {inside[0]}/ in it holds a dataset: pass {root / inside[0]}"
     shown = ", ".join(f"{name}/" for name in folders[:6]) or "no folders"
     return f"; it holds {shown}"
 
@@ -261,6 +285,44 @@ def _expected_mask(mask_dir: Path, stem: str, layout: str, masks: dict) -> str:
     return f"{mask_dir / names[0]} or {mask_dir / names[1]}, in any image format"
 
 
+def _common_ending(stems) -> str:
+    """The ending all ``stems`` share from a separator on, with something before it in
+    each ("_segmentation" of ISIC's masks, "_training" of DRIVE's images); ''."""
+    stems = list(stems)
+    if len(stems) < 2:
+        return ""
+    common = os.path.commonprefix([stem[::-1] for stem in stems])[::-1]
+    start = re.search(r"[_\-. ]", common)
+    ending = common[start.start():] if start else ""
+    return ending if ending and all(len(stem) > len(ending) for stem in stems) else ""
+
+
+def _paired_by_endings(images: dict, masks: dict, image_dir: Path, mask_dir: Path):
+    """(images, masks) keyed by their stems less the ending all of each share, where
+    that pairs most images and the names themselves do not: ISIC's
+    ``ISIC_0000000.jpg`` with ``ISIC_0000000_segmentation.png``, DRIVE's
+    ``21_training.tif`` with ``21_manual1.gif``. None otherwise. Said in a warning,
+    with an example, for the user to check."""
+    if len(images.keys() & masks.keys()) * 2 >= len(images):
+        return None
+    endings = _common_ending(images), _common_ending(masks)
+    if not any(endings):
+        return None
+    renamed = [{stem.removesuffix(ending): path for stem, path in files.items()}
+               for files, ending in zip((images, masks), endings)]
+    paired = renamed[0].keys() & renamed[1].keys()
+    if (any(len(new) < len(old) for new, old in zip(renamed, (images, masks)))
+            or len(paired) * 2 < len(images)):
+        return None
+    example = min(paired)
+    less = " and ".join(f"{folder.name}/'s {ending!r}" for folder, ending in
+                        zip((image_dir, mask_dir), endings) if ending)
+    log.warning("%s: masks paired with images by their names less %s (%s with %s); "
+                "check that these are the pairs", mask_dir, less,
+                renamed[0][example].name, renamed[1][example].name)
+    return renamed
+
+
 def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
     """Pairs by name (not yet checked), and the problems of files without a partner."""
     image_dir, mask_dir, layout = detect_layout(data_dir)
@@ -269,6 +331,9 @@ def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
     images, problems = _by_stem(_images_in(image_dir))
     masks, more = _by_stem(_images_in(mask_dir), strip="_mask")
     problems += more
+    if layout == "folders" and (renamed := _paired_by_endings(images, masks, image_dir,
+                                                              mask_dir)):
+        images, masks = renamed
     pairs, claimed = [], set()
     for stem, image in images.items():
         mask = masks.get(stem)
@@ -284,7 +349,7 @@ def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
                             f"{_expected_mask(mask_dir, stem, layout, masks)})")
             continue
         # Kaggle names photos <car>_<NN>: the car is all before the last underscore.
-        car = stem.rsplit("_", 1)[0] if layout == "kaggle" else stem
+        car = stem.rsplit("_", 1)[0] if layout == "kaggle" else image.stem
         pairs.append(Pair(image, mask, car))
     problems += [f"{mask} has no image (expected {image_dir / stem}.jpg or similar)"
                  for stem, mask in masks.items()

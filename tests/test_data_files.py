@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import data_pipeline as dp
+from data_pipeline import files
 from tests.data_fixtures import (CARS, H, W, box_mask, kaggle_dir, own_dir, write_image,
                                  write_mask, write_png16_rgb)
 
@@ -589,12 +590,67 @@ def test_a_zip_where_images_are_expected_says_to_unzip_it(tmp_path):
     (("train", "train_masks"), "train_masks", "train_masks/ is one of its folders: pass "
                                               "its parent"),
     (("photos", "notes"), "", "it holds notes/, photos/"),
+    (("ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth"), "",
+     "it holds ISIC2018_Task1-2_Training_Input/ and ISIC2018_Task1_Training_GroundTruth/: "
+     "rename ISIC2018_Task1-2_Training_Input/ to images/ and "
+     "ISIC2018_Task1_Training_GroundTruth/ to masks/"),
+    # DRIVE: mask/ holds each photo's field of view, 1st_manual/ the vessels to learn;
+    # the hint named mask/, whose <stem>_mask files then paired and trained at Dice 1.
+    (("images", "mask", "1st_manual"), "", "it holds images/ and 2 folders that could "
+     "hold its masks (1st_manual/, mask/): rename the one with the labels to learn (not, "
+     "say, a field-of-view mask) to masks/"),
 ])
 def test_a_folder_of_no_known_layout_says_what_it_holds_and_the_fix(tmp_path, folders,
                                                                     given, hint):
     for name in folders:
         (tmp_path / name).mkdir()
     assert error_of(tmp_path / given).endswith(hint + (f", {tmp_path}" if given else ""))
+
+
+def test_a_dataset_one_folder_down_is_named_and_trimaps_beside_xmls_are_found(tmp_path):
+    """Kvasir-SEG unzips into Kvasir-SEG/{images,masks}/: the error named the folder
+    but not as the one to pass. The Oxford-IIIT Pet set keeps its masks in
+    annotations/trimaps/, beside xmls/: renamed annotations/ to masks/, as the hint
+    says, it found no masks."""
+    own_dir(tmp_path / "Kvasir-SEG", n=2)
+    assert error_of(tmp_path).endswith(
+        f"Kvasir-SEG/ in it holds a dataset: pass {tmp_path / 'Kvasir-SEG'}")
+    pet = tmp_path / "Kvasir-SEG"
+    (pet / "masks").rename(pet / "trimaps")
+    (pet / "masks" / "xmls").mkdir(parents=True)
+    (pet / "masks" / "xmls" / "img0.xml").write_text("<annotation/>")
+    (pet / "trimaps").rename(pet / "masks" / "trimaps")
+    pairs = dp.find_pairs(pet)
+    assert [p.mask.parent.name for p in pairs] == ["trimaps", "trimaps"]
+
+
+@pytest.mark.parametrize("images, masks, pairs", [
+    # ISIC 2018: ISIC_0000000.jpg and ISIC_0000000_segmentation.png.
+    (["ISIC_0000000", "ISIC_0000001", "ISIC_0000010"],
+     ["ISIC_0000000_segmentation", "ISIC_0000001_segmentation", "ISIC_0000010_segmentation"],
+     3),
+    # DRIVE: 21_training.tif and 21_manual1.gif.
+    (["21_training", "22_training", "23_training"],
+     ["21_manual1", "22_manual1", "23_manual1"], 3),
+    # Names that pair as they are: no endings dropped, the odd one named.
+    (["a_x", "b_x", "c_x"], ["a_x", "b_x", "c_y"], 2),
+    # Endings that would pair too few: names as they are.
+    (["a_x", "b_x", "c_x", "d_x"], ["a_m", "e_m", "f_m", "g_m"], 0),
+])
+def test_masks_are_paired_by_names_less_the_ending_all_of_them_share(tmp_path, caplog,
+                                                                     images, masks, pairs):
+    for folder, stems in (("images", images), ("masks", masks)):
+        (tmp_path / folder).mkdir()
+        for i, stem in enumerate(stems):
+            write_image(tmp_path / folder / f"{stem}.png", (16, 16), seed=i)
+    with caplog.at_level("WARNING"):
+        found, _ = files.match_pairs(tmp_path)
+    assert [(p.image.stem, p.mask.stem) for p in found] == [
+        (image, mask) for image, mask in zip(images, masks)][:pairs]
+    assert ("paired with images by their names less" in caplog.text) == (pairs == 3)
+    if pairs == 3:
+        assert [p.car for p in found] == sorted(images)  # the split's groups: the images'
+        assert f"({images[0]}.png with {masks[0]}.png); check" in caplog.text
 
 
 def test_a_lone_images_folder_is_not_called_one_folder_of_a_layout(tmp_path):
