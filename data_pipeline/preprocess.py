@@ -476,7 +476,7 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
         graded = "P" not in bands and _soft(values)  # palette indices are not levels
         values = values >= _half(values) if lossy or graded else values > 0
     else:
-        check_class_ids(values, num_classes, path)
+        check_class_ids(values, num_classes, path, lossy)
     return resize_labels(values, size)[..., None]
 
 
@@ -575,27 +575,45 @@ def _colour_coded(path, values: np.ndarray, num_classes: int) -> DataError:
                      "grayscale or palette PNG")
 
 
-def check_class_ids(values: np.ndarray, num_classes: int, path) -> None:
+def check_class_ids(values: np.ndarray, num_classes: int, path, lossy: bool = False) -> None:
     """Raises DataError unless every value of a mask is a class id below ``num_classes``.
 
     The one rule for class ids; ``files.check_pair`` applies it to each source mask
-    before training, so an id on pixels that resizing would drop is found too. A mask
-    of only 0 and 255 (or 65535) is a binary mask, for which the fix is
-    ``--num-classes 1``, not more classes.
+    before training, so an id on pixels that resizing would drop is found too. The
+    fix it names depends on what the mask looks like, since "more classes" is the
+    wrong one for most masks that fail: a mask of only 0 and 255 (or 65535), a
+    ``lossy`` JPEG mask (compression spreads a binary mask's 0 and 255 over dozens of
+    values) and one with graded edges are binary masks, for ``--num-classes 1``;
+    values 0..N may number objects (instance labels), which are foreground alike.
     """
     if not values.size or (values.max() < num_classes and values.min() >= 0):
         return
     found = np.unique(values)
+    have = f"the model has {num_classes} classes (--num-classes {num_classes})"
     if len(found) <= 2 and found.max() in (255, 65535) and found.min() == 0:
         raise DataError(f"{path} holds only 0 and {int(found.max())}, a binary mask, but "
-                        f"the model has {num_classes} classes (--num-classes {num_classes}); "
-                        "train with --num-classes 1 for binary masks, or store class ids "
-                        f"0..{num_classes - 1}")
-    bad = int(found.max() if found.max() >= num_classes else found.min())
+                        f"{have}; train with --num-classes 1 for binary masks, or store "
+                        f"class ids 0..{num_classes - 1}")
+    if lossy:
+        raise DataError(f"{path} is a JPEG mask: lossy compression spreads its values "
+                        f"({len(found)} of them, up to {int(found.max())}), so it cannot "
+                        f"hold class ids, but {have}; train with --num-classes 1 for "
+                        "binary masks (read as foreground from 128 up), or store class ids "
+                        "in PNG masks")
+    if found.max() in (255, 65535) and _soft(values):
+        raise DataError(f"{path} holds values from 0 to {int(found.max())} with graded "
+                        f"edges, a binary mask drawn anti-aliased or resized smoothly, but "
+                        f"{have}; train with --num-classes 1 for binary masks, or store "
+                        f"class ids 0..{num_classes - 1}")
+    if found.min() < 0:
+        raise DataError(f"{path} holds {int(found.min())}, which is no class id; fix the "
+                        "mask: class ids are 0 (background) to C-1")
     # Read by train and evaluate alike: the fix is named as a training flag.
-    raise DataError(f"{path} holds class {bad} but the model has {num_classes} classes "
-                    f"(0..{num_classes - 1}); train with a larger --num-classes, or fix "
-                    "the mask")
+    raise DataError(f"{path} holds class {int(found.max())} but the model has "
+                    f"{num_classes} classes (0..{num_classes - 1}); train with "
+                    f"--num-classes {int(found.max()) + 1} if its values are class ids, "
+                    "with --num-classes 1 if they number objects (instance labels: all "
+                    "foreground), or fix the mask")
 
 
 def load_example(pair, image_size, in_channels: int = 3, resize: str = "bilinear",

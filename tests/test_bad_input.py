@@ -500,6 +500,29 @@ def test_masks_of_one_value_everywhere_stop_the_run_after_its_first_epoch(
     assert not (tmp_path / "w" / "metrics.csv").exists()
 
 
+def test_class_id_masks_without_background_stop_the_run_after_its_first_epoch(
+        tmp_path, capsys):
+    """Oxford-IIIT Pet trimaps (1 pet, 2 background, 3 border) with --num-classes 4,
+    after 3 was refused: trained without a word, its background scored as an object
+    (Dice 0.99) in the mean."""
+    for i in range(6):
+        write_image(tmp_path / "images" / f"img{i}.png", (48, 32), seed=i)
+        trimap = 2 - box_mask((48, 32), seed=i).astype(np.uint8)  # 1 pet, 2 background
+        trimap[0] = 3
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        Image.fromarray(trimap).save(tmp_path / "masks" / f"img{i}.png")
+    argv = ["--data-dir", str(tmp_path), "--workdir", str(tmp_path / "w"), "--epochs", "2",
+            "--num-classes", "4", *TINY]
+    assert call(train.main, argv) == 2
+    line = last_line(capsys)
+    assert line.endswith("no training mask held class 0 (background) at any pixel in "
+                         f"epoch 1: the masks in {tmp_path / 'masks'} hold class ids from "
+                         "1 up, and unet-jax learns and scores classes 1..C-1 as the "
+                         "objects, 0 as the background; store the background as 0 (a "
+                         "trimap's 1 object, 2 background, 3 border need remapping)")
+    assert not (tmp_path / "w" / "metrics.csv").exists()
+
+
 def test_a_missing_run_and_a_hand_edited_setting_are_named_as_such(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match=r"nowhere: no such directory"):
         checkpoints.load_config(tmp_path / "nowhere")

@@ -83,7 +83,26 @@ def test_class_ids_are_kept_and_checked(tmp_path):
     np.testing.assert_array_equal(preprocess.load_mask(tmp_path / "ids.png", None, 3)[..., 0], ids)
     with pytest.raises(data_pipeline.DataError, match=r"ids\.png holds class 2 .* 2 classes") as e:
         preprocess.load_mask(tmp_path / "ids.png", None, 2)
-    assert "train with a larger --num-classes, or fix the mask" in str(e.value)
+    assert str(e.value).endswith("train with --num-classes 3 if its values are class ids, "
+                                 "with --num-classes 1 if they number objects (instance "
+                                 "labels: all foreground), or fix the mask")
+    # "More classes" is the wrong advice for binary masks spread over many values: a
+    # JPEG's (Kvasir-SEG's) or graded edges'; it trained 256 classes on JPEG noise.
+    rng = np.random.default_rng(0)
+    binary = np.where(rng.random((32, 32)) < 0.5, 255, 0).astype(np.uint8)
+    Image.fromarray(binary).save(tmp_path / "m.jpg", quality=75)
+    with pytest.raises(data_pipeline.DataError, match=r"m\.jpg is a JPEG mask: lossy "
+                       r"compression spreads its values \(\d+ of them, up to \d+\), so it "
+                       r"cannot hold class ids, but the model has 2 classes \(--num-classes "
+                       r"2\); train with --num-classes 1 for binary masks"):
+        preprocess.load_mask(tmp_path / "m.jpg", None, 2)
+    soft = np.zeros((32, 32), np.uint8)
+    soft[8:24, 8:24] = 255
+    soft[7, 8:24] = soft[24, 8:24] = 128  # an anti-aliased edge
+    Image.fromarray(soft).save(tmp_path / "soft.png")
+    with pytest.raises(data_pipeline.DataError, match=r"soft\.png holds values from 0 to "
+                       r"255 with graded edges, .* train with --num-classes 1"):
+        preprocess.load_mask(tmp_path / "soft.png", None, 2)
     # Binary: the ids are all foreground, whatever their value.
     np.testing.assert_array_equal(preprocess.load_mask(tmp_path / "ids.png")[..., 0], ids > 0)
     # 16-bit class ids keep their values (a 16-bit mask is not rescaled).

@@ -390,8 +390,9 @@ def check_labels(config: Config, train_data, low: float, high: float) -> None:
     ``InputPipeline.mask_range``); all processes compare the same totals.
 
     Masks that read as empty are most often 0/1 masks saved as JPEG (cut at 128) or
-    masks of the wrong folder; masks that read as all foreground, masks whose
-    background is not 0, such as the 1/2/3 trimaps of the Oxford-IIIT Pet dataset.
+    masks of the wrong folder; masks that read as all foreground, and class-id masks
+    without class 0, masks whose background is not 0, such as the 1/2/3 trimaps of
+    the Oxford-IIIT Pet dataset.
     """
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -412,6 +413,15 @@ def check_labels(config: Config, train_data, low: float, high: float) -> None:
             "trimap's 1/2/3 need remapping; alpha is not read: a mask white everywhere "
             "with its shape in the alpha channel needs the alpha saved as the mask), or "
             "class ids 0..C-1 with --num-classes C")
+    if config.num_classes > 1 and low >= 1:
+        # Class 0 is the background, left out of the mean Dice and IoU: a background
+        # stored as another id would be scored as an object, and class 0 never learned.
+        raise TrainingError(
+            f"no training mask held class 0 (background) at any pixel in epoch 1: the "
+            f"masks in {folder} hold class ids from {low:g} up, and unet-jax learns "
+            "and scores classes 1..C-1 as the objects, 0 as the background; store the "
+            "background as 0 (a trimap's 1 object, 2 background, 3 border need "
+            "remapping)")
 
 
 def set_plateau_rate(config: Config, state, history: list, log):
