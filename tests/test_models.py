@@ -63,6 +63,20 @@ def test_indivisible_size_raises_with_nearest_valid_sizes():
     check_input_size(64, 48, depth=4)  # valid: no error
 
 
+def test_pytorch_order_and_the_wrong_channel_count_are_named():
+    """An NCHW batch was called an indivisible size ('nearest valid sizes: height 3 ->
+    4'), and grayscale images given RGB parameters failed in Flax's parameter check."""
+    model = UNet(base_features=4, depth=2)
+    params = model.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match=r"^got shape \(2, 3, 32, 48\), PyTorch's NCHW order "
+                       r".*pass x\.transpose\(0, 2, 3, 1\)"):
+        model.apply(params, jnp.zeros((2, 3, 32, 48)))
+    with pytest.raises(ValueError, match=r"^the images have 1 channel\(s\) but these "
+                       r"parameters were made for 3 \(in_channels\): give RGB images"):
+        model.apply(params, jnp.zeros((1, 32, 32, 1)))
+    assert model.apply(params, jnp.zeros((1, 32, 32, 3))).shape == (1, 32, 32, 1)
+
+
 @pytest.mark.parametrize("field,value", [("base_features", 0), ("depth", 0),
                                          ("num_classes", 0), ("base_features", 2.5)])
 def test_widths_depth_and_classes_must_be_positive_whole_numbers(field, value):

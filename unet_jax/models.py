@@ -379,6 +379,18 @@ class UNet(nn.Module):
     def __call__(self, x):
         if x.ndim != 4:
             raise ValueError(f"expected an NHWC batch of rank 4, got shape {x.shape}")
+        if x.shape[1] in (1, 3, 4) and x.shape[3] > 4:
+            raise ValueError(f"got shape {x.shape}, PyTorch's NCHW order (batch, channels, "
+                             "height, width); Flax takes NHWC (batch, height, width, "
+                             "channels): pass x.transpose(0, 2, 3, 1)")
+        first = self.variables.get("params", {}).get("down_1", {}).get("conv", {})
+        kernel = first.get("conv1", {}).get("kernel")
+        if kernel is not None and kernel.ndim == 4 and kernel.shape[2] != x.shape[3]:
+            # Flax would stop inside the first convolution with a shape mismatch.
+            raise ValueError(f"the images have {x.shape[3]} channel(s) but these parameters "
+                             f"were made for {kernel.shape[2]} (in_channels): give "
+                             f"{'RGB' if kernel.shape[2] == 3 else 'grayscale'} images, or "
+                             f"parameters made with in_channels={x.shape[3]}")
         if not jnp.issubdtype(x.dtype, jnp.floating):  # 0..255 would saturate every ReLU
             raise TypeError(f"images are {x.dtype}: the U-Net takes floats in [0, 1]; "
                             "divide 0..255 values by 255 (data_pipeline.to_float)")
