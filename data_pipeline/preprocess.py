@@ -180,11 +180,29 @@ def name_of(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else IN_MEMORY
 
 
+def image_source(source):
+    """``source`` as ``opened`` takes it: a path (str or os.PathLike), a Pillow image,
+    or a numpy array (a JAX array or another array-like becomes one); anything else
+    raises a one-line error saying what to give, rather than failing deep in Pillow."""
+    if isinstance(source, (str, os.PathLike, Image.Image, np.ndarray)):
+        return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        raise DataError(f"an image given as {len(source)} bytes: give a file path, a Pillow "
+                        "image or a numpy array (a file's bytes open with "
+                        "PIL.Image.open(io.BytesIO(data)))")
+    if hasattr(source, "__array__"):
+        return np.asarray(source)
+    raise TypeError(f"an image is a file path, a Pillow image or a numpy array, not a "
+                    f"{type(source).__name__}" + (": pass the images one at a time"
+                                                  if isinstance(source, (list, tuple)) else ""))
+
+
 @contextlib.contextmanager
 def opened(source, max_value: float = 0.0):
     """A Pillow image of ``source``: an image file (``open_image``), a Pillow image, or
     a numpy array (``from_array``), so that images a program holds in memory are read
     by the very rules files are."""
+    source = image_source(source)
     if isinstance(source, Image.Image):
         if wide_samples(source):  # read from the source: a copy has no tile left
             check_no_max_value(IN_MEMORY, max_value)
@@ -233,10 +251,21 @@ def from_array(array: np.ndarray, max_value: float = 0.0) -> Image.Image:
     if values.dtype == bool or not (np.issubdtype(values.dtype, np.integer)
                                     or np.issubdtype(values.dtype, np.floating)):
         raise DataError(f"{IN_MEMORY} is {values.dtype}: give uint8, 16-bit or float values")
+    floats = np.issubdtype(values.dtype, np.floating)
+    if floats and not max_value and values.size and float(values.min()) < 0:
+        # Clipped to 0, as a file's would be: a normalised tensor (mean 0) would lose
+        # half its pixels without a word.
+        raise DataError(f"{IN_MEMORY} holds values from {float(values.min()):g} to "
+                        f"{float(values.max()):g}, normalised: give the image itself, "
+                        "floats in [0, 1] or 0..255 values")
     if values.ndim == 3 and values.dtype in (np.uint16, np.int16):
         # As Pillow reads a 16-bit colour file: its high byte (it has no 16-bit colour
         # mode), which --max-value cannot scale: refused, as for such a file.
         check_no_max_value(IN_MEMORY, max_value)
+        if values.size and int(values.max()) <= 255:
+            raise DataError(f"{IN_MEMORY} is {values.dtype} colour with values up to "
+                            f"{int(values.max())}: read by its high byte, as 16-bit colour "
+                            "is, it would be black; give .astype(np.uint8) for 8-bit values")
         values = (np.clip(values, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
     elif values.dtype != np.uint8:
         kind = ("float" if np.issubdtype(values.dtype, np.floating) else
@@ -306,6 +335,7 @@ def upright(img: Image.Image) -> Image.Image:
 def image_size_of(path) -> tuple[int, int]:
     """(height, width) of an image file as shown (its EXIF orientation applied), from
     its header alone (nothing is decoded); of an in-memory image (``opened``), too."""
+    path = image_source(path)
     if isinstance(path, np.ndarray):
         return tuple(path.shape[:2])
     with opened(path) as img:

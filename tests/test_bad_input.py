@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -394,11 +395,23 @@ def test_library_arguments_that_would_misfire_are_named(run, tmp_path):
     with pytest.raises(TypeError, match=r"rng 0 is a number; give a key: jax\.random\.key\(0\)"):
         unet_jax.create_train_state(0, configs.tiny())
     for config in (None, configs.tiny().to_dict()):  # not "has no attribute 'kernels'"
-        with pytest.raises(TypeError, match=r"^config is a (NoneType|dict); give a "
-                           r"unet_jax\.Config"):
-            unet_jax.init_params(jax.random.key(0), config)
+        for make in (unet_jax.init_params, unet_jax.create_train_state):
+            with pytest.raises(TypeError, match=r"^config is a (NoneType|dict); give a "
+                               r"unet_jax\.Config"):
+                make(jax.random.key(0), config)
     with pytest.raises(TypeError, match=r"config is a dict; give a unet_jax.Config"):
         trainer.train_and_evaluate(configs.tiny().to_dict(), tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+    # A setting changed after the Config was made is checked as one given to it: a
+    # notebook's config.epochs = 0 returned best None; image_size = 32 failed in tf.data.
+    config = configs.tiny()
+    config.epochs = 0
+    with pytest.raises(ConfigError, match=r"^--epochs 0: give a whole number of at least 1"):
+        trainer.train_and_evaluate(config, tmp_path / "w")
+    config = configs.tiny()
+    config.image_size = 30
+    with pytest.raises(ConfigError, match=r"^--image-size: input size 30x30 \(HxW\) is not"):
+        trainer.train_and_evaluate(config, tmp_path / "w")
     assert not (tmp_path / "w").exists()
 
 
@@ -435,9 +448,25 @@ def test_an_image_in_memory_is_predicted_as_its_file_is(run, tmp_path):
     np.testing.assert_array_equal(predictor.decode(wide), predictor.decode(tmp_path / "wide.png"))
     for image, message in [
             (pixels[..., :2], r"has shape \(40, 60, 2\): give \(height, width\) or"),
-            (pixels > 0, r"is bool: give uint8, 16-bit or float values")]:
+            (pixels > 0, r"is bool: give uint8, 16-bit or float values"),
+            # 8-bit values in a wider type: read by its high byte, black (92% of a car's
+            # mask called foreground); a normalised tensor: half its pixels clipped.
+            (pixels.astype(np.uint16), r"is uint16 colour with values up to \d+: read by "
+                                       r"its high byte, as 16-bit colour is, it would be "
+                                       r"black; give \.astype\(np\.uint8\)"),
+            (pixels / 127.5 - 1, r"holds values from -1 to [\d.]+, normalised: give the "
+                                 r"image itself")]:
         with pytest.raises(DataError, match=f"^the in-memory image {message}"):
             predictor.predict(image)
+    # What is no image: one line, not an AttributeError eleven frames into Pillow, nor
+    # a message holding the file's 17,000 bytes.
+    with pytest.raises(DataError, match=r"^an image given as \d+ bytes: give a file path"):
+        predictor.predict((tmp_path / "big.jpg").read_bytes())
+    with pytest.raises(TypeError, match=r"^an image is a file path, a Pillow image or a "
+                       r"numpy array, not a list: pass the images one at a time$"):
+        predictor.predict([tmp_path / "big.jpg"])
+    np.testing.assert_array_equal(predictor.predict(jnp.asarray(pixels)),
+                                  predictor.predict(pixels))  # a JAX array: as numpy's
     with pytest.raises(ValueError, match=r"^image 0 is 40x60, but this run predicts images "
                        r"resized to 32x48: pass decode\(image\), which resizes, or use "
                        r"predict\(image\)$"):

@@ -121,3 +121,24 @@ def test_checkpoint_round_trip_restores_state_and_params(tmp_path):
 def test_restore_params_names_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match="no config.json"):
         checkpoints.restore_params(tmp_path)
+
+
+def test_train_step_reports_each_class_over_the_images_that_hold_it():
+    """dice_per_class was the mean of every number, one scalar despite its name."""
+    from unet_jax.metrics import segmentation_scores
+
+    config = Config(base_features=4, depth=2, num_classes=3)
+    state = create_train_state(jax.random.key(0), config)
+    batch = blob_batch(n=2)
+    masks = np.array(batch["mask"]).astype(np.int32)
+    masks[1] = 0  # class 1 in the first image's truth alone; class 2 in neither
+    batch = {"image": batch["image"], "mask": jnp.asarray(masks)}
+    logits = state.apply_fn({"params": state.params}, batch["image"])  # before donation
+    per_image = segmentation_scores(jnp.argmax(logits, -1), masks[..., 0], 3)
+    present = np.asarray(per_image["present_per_class"])
+    with np.errstate(invalid="ignore"):
+        expected = np.asarray(per_image["dice_per_class"]).sum(0) / present.sum(0)
+    _, metrics = train_step(state, batch)
+    assert metrics["dice_per_class"].shape == metrics["iou_per_class"].shape == (2,)
+    assert present[0, 0] == 1  # class 1 has a figure
+    np.testing.assert_allclose(metrics["dice_per_class"], expected, rtol=1e-6)

@@ -34,10 +34,18 @@ def create_model(config: Config, backend: str | None = None) -> UNet:
     way, so a checkpoint trained on one backend serves the other. The model options
     (skip connections, attention gates, separable convolutions) work with both.
     """
+    _require_config(config)
     cpu = config.kernels == "auto" and (backend or jax.default_backend()) == "cpu"
     return _unet(config.num_classes, config.base_features, config.depth, config.dtype,
                  config.skip_connections, config.attention, config.separable, config.remat,
                  cpu)
+
+
+def _require_config(config) -> None:
+    if not isinstance(config, Config):  # swapped arguments, a dict: not "no attribute 'kernels'"
+        raise TypeError(f"config is a {type(config).__name__}; give a unet_jax.Config "
+                        "(the model's channels, width and depth come from it; from a "
+                        "dict: Config.from_dict(settings))")
 
 
 # The same settings give the very same model and optimizer objects: jit keys its
@@ -73,10 +81,7 @@ def init_params(rng, config: Config, model: UNet | None = None):
     """
     if isinstance(rng, (int, np.integer)):  # JAX's own error names neither rng nor the fix
         raise TypeError(f"rng {rng!r} is a number; give a key: jax.random.key({rng})")
-    if not isinstance(config, Config):  # swapped arguments, a dict: not "no attribute 'kernels'"
-        raise TypeError(f"config is a {type(config).__name__}; give a unet_jax.Config "
-                        "(the input channels and depth come from it): "
-                        "init_params(jax.random.key(0), unet_jax.Config(...))")
+    _require_config(config)
     model = model or create_model(config)
     side = 2 ** config.depth
     dummy = jnp.zeros((1, side, side, config.in_channels), jnp.float32)
@@ -114,8 +119,15 @@ def train_step(state: TrainState, batch, loss: str | losses.LossSpec = "bce"):
     """One AdamW update on ``batch`` = {"image": (N,H,W,C), "mask": (N,H,W,1)}, and
     of the weights' moving average where the state keeps one (``optim``).
 
+    ``image`` holds floats in [0, 1]; ``mask`` {0, 1} for one class, else class ids
+    0..C-1 (what ``data_pipeline`` makes of mask files: a 0/255 mask read as it is
+    would give a negative BCE and a Dice of 1). They are not checked inside the
+    compiled step.
+
     Returns the new state and the batch means of loss, dice, iou and pixel_accuracy
-    (computed from the logits of the forward pass that produced the gradients).
+    (computed from the logits of the forward pass that produced the gradients); with
+    several classes also ``dice_per_class`` and ``iou_per_class`` (C-1,), each class's
+    mean over the images where it is present (NaN where it is in none).
     ``loss`` is a name from ``losses.LOSSES`` or a ``losses.LossSpec`` (``loss_spec``
     makes the one a Config asks for); it is static, so each loss compiles once.
     ``state`` is donated (its buffers become the new state's, so memory holds one
@@ -133,7 +145,19 @@ def train_step(state: TrainState, batch, loss: str | losses.LossSpec = "bce"):
         new_state = new_state.replace(ema_params=optim.update_ema(
             state.ema_params, new_state.params, state.step, state.ema_decay))
     batch_metrics = _batch_metrics(jax.lax.stop_gradient(logits), batch, per_image)
-    return new_state, jax.tree.map(jnp.mean, batch_metrics)
+    return new_state, _batch_means(batch_metrics)
+
+
+def _batch_means(per_image: dict) -> dict:
+    """Means over the batch of per-image scores, a class's over the images where it is
+    present (as ``metrics.means`` averages a whole validation set)."""
+    out = {k: jnp.mean(v) for k, v in per_image.items() if not k.endswith("_per_class")}
+    if "present_per_class" in per_image:
+        present = per_image["present_per_class"].sum(axis=0)
+        for k in ("dice_per_class", "iou_per_class"):
+            out[k] = jnp.where(present > 0, per_image[k].sum(axis=0) / jnp.maximum(present, 1),
+                               jnp.nan)
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("loss",))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -68,13 +69,22 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
 
     Raises ``ConfigError``, ``data_pipeline.DataError``, ``checkpoints.CheckpointError``,
     ``rundir.RunDirError`` or ``TrainingError`` with one line naming what to fix.
+    ``log`` takes each progress line (None: none are shown).
+
+    For the process, as every command does: JAX's persistent compilation cache is
+    turned on (``compile_cache``; ``UNET_JAX_COMPILE_CACHE=off`` keeps it off), and
+    every compilation of a second or more, the caller's own included, is reported on
+    stderr with its time.
     """
     if not isinstance(config, Config):
         raise TypeError(f"config is a {type(config).__name__}; give a unet_jax.Config (from "
                         "a dict: Config.from_dict(settings))")
+    # Checked again, as built: a setting changed after the Config was made (a notebook's
+    # config.epochs = 0) was never checked, and failed late or not at all.
+    config = dataclasses.replace(config)
     workdir = Path(workdir).expanduser()
     is_main = jax.process_index() == 0
-    log = log if is_main else (lambda *a, **k: None)
+    log = log if is_main and log is not None else (lambda *a, **k: None)
     # Settings that cannot work stop here, before anything is written.
     try:
         parallel.check_batch_size(config.batch_size, parallel.make_mesh())
