@@ -155,6 +155,19 @@ def test_setup_platform_adds_cpu_flags_on_the_cpu_and_keeps_the_users():
     assert flags.count("concurrency_optimized_scheduler") == 1 and "=true" in flags
 
 
+def test_setup_platform_after_jax_started_says_its_cpu_flags_come_too_late():
+    """It returned 'cpu' and did nothing else: XLA had read XLA_FLAGS as it started."""
+    code = ("import jax.numpy as jnp, unet_jax; jnp.ones(1); unet_jax.setup_platform('cpu'); "
+            "unet_jax.setup_platform('cpu'); print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.stdout.strip() == "ok", result.stderr
+    assert result.stderr.count("setup_platform('cpu') after JAX started computing: its "
+                               "CPU settings (XLA_FLAGS) apply from the next process on; "
+                               "call it before any JAX computation") == 1, result.stderr
+
+
 def test_setup_platform_rejects_an_unknown_platform():
     from unet_jax.platform import PlatformError, configure_platform
 

@@ -9,8 +9,11 @@ list cannot change afterwards.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
+
+log = logging.getLogger(__name__)
 
 # XLA's CPU backend (jaxlib 0.10) sends each convolution through YNNPACK by default,
 # which runs the U-Net's weight-gradient convolutions at a fraction of the machine's
@@ -44,6 +47,18 @@ def _has_cuda_plugin() -> bool:
         except ModuleNotFoundError:  # the parent package of a dotted name is missing
             continue
     return False
+
+
+def _backend_started() -> bool:
+    """Whether JAX has started its backends in this process (False where this jax
+    cannot tell)."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return False
 
 
 def add_cpu_xla_flags() -> None:
@@ -86,9 +101,15 @@ def setup_platform(platform: str = "auto") -> str:
     Raises PlatformError with a one-line explanation when 'gpu' is asked for and JAX
     has no working GPU backend, rather than silently training on the CPU.
     """
+    started, flags = _backend_started(), os.environ.get("XLA_FLAGS")
     configure_platform(platform)
     import jax
 
+    if started and os.environ.get("XLA_FLAGS") != flags:
+        # XLA read XLA_FLAGS as it started: the CPU settings come too late to apply.
+        log.warning("setup_platform(%r) after JAX started computing: its CPU settings "
+                    "(XLA_FLAGS) apply from the next process on; call it before any JAX "
+                    "computation", platform)
     try:
         backend = jax.default_backend()
     except Exception as e:  # jax raises RuntimeError or AssertionError here
