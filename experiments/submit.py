@@ -1,11 +1,9 @@
 """Write a Kaggle Carvana submission: one run-length-encoded mask per test image.
 
 The CSV has the header ``img,rle_mask`` and one row per image, its mask predicted at
-the image's original size (1918x1280 for Carvana). Run-length encoding, as Kaggle's
-Carvana evaluation defines it: number the pixels 1, 2, 3, ... in row-major order (left
-to right along the first row, then the next row: numpy's ``mask.flatten()``), and
-list ``start length`` pairs, separated by spaces, for each run of foreground pixels.
-An empty mask is an empty string.
+the image's original size (1918x1280 for Carvana), encoded by ``unet_jax.rle`` as
+Kaggle's Carvana evaluation defines it (``start length`` pairs of the foreground's
+runs in row-major order, pixels numbered from 1; an empty mask is an empty string).
 """
 
 from __future__ import annotations
@@ -14,32 +12,11 @@ import csv
 import os
 from pathlib import Path
 
-import numpy as np
-
 from experiments import common
 
 EXAMPLES = """
 python -m experiments.submit --checkpoint RUN_DIR --input ~/carvana/test --output submission.csv
 """
-
-
-def rle_encode(mask) -> str:
-    """Row-major, 1-indexed ``start length`` pairs of the mask's foreground runs."""
-    pixels = np.concatenate([[0], np.asarray(mask, bool).ravel().astype(np.int8), [0]])
-    edges = np.flatnonzero(pixels[1:] != pixels[:-1]) + 1  # 1-indexed run starts and ends
-    starts, ends = edges[::2], edges[1::2]
-    return " ".join(f"{s} {e - s}" for s, e in zip(starts, ends))
-
-
-def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
-    """The boolean (height, width) mask of an ``rle_encode`` string."""
-    flat = np.zeros(shape[0] * shape[1], bool)
-    numbers = np.asarray(rle.split(), dtype=np.int64)
-    if numbers.size % 2:
-        raise ValueError("a run-length encoding needs start/length pairs")
-    for start, length in zip(numbers[::2], numbers[1::2]):
-        flat[start - 1:start - 1 + length] = True
-    return flat.reshape(shape)
 
 
 def parse_args(argv=None):
@@ -57,6 +34,8 @@ def main(argv=None):
     from tqdm import tqdm
 
     import data_pipeline
+    from unet_jax.rle import rle_encode
+
     predictor = common.make_predictor(args)
     if predictor.config.num_classes != 1:
         raise common.UserError(f"--checkpoint {args.checkpoint}: a Carvana submission needs a "

@@ -17,6 +17,7 @@ from PIL import Image
 
 import data_pipeline
 from experiments import evaluate, import_torch, predict, submit, train
+from unet_jax import rle
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--base-features", "4", "--depth", "2", "--image-size", "32", "48",
@@ -734,14 +735,14 @@ def test_evaluate_prints_its_scores_when_it_cannot_write_them(trained_run, tmp_p
     np.array([[0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]], bool),
 ])
 def test_rle_round_trip(mask):
-    assert np.array_equal(submit.rle_decode(submit.rle_encode(mask), mask.shape), mask)
+    assert np.array_equal(rle.rle_decode(rle.rle_encode(mask), mask.shape), mask)
 
 
 def test_rle_is_row_major_and_one_indexed():
     mask = np.array([[0, 1, 1, 0], [1, 1, 0, 0]], bool)
-    assert submit.rle_encode(mask) == "2 2 5 2"
-    assert submit.rle_encode(np.zeros((2, 2), bool)) == ""
-    assert submit.rle_encode(np.ones((2, 2), bool)) == "1 4"
+    assert rle.rle_encode(mask) == "2 2 5 2"
+    assert rle.rle_encode(np.zeros((2, 2), bool)) == ""
+    assert rle.rle_encode(np.ones((2, 2), bool)) == "1 4"
 
 
 def test_submit_writes_kaggle_csv(tmp_path):
@@ -757,7 +758,7 @@ def test_submit_writes_kaggle_csv(tmp_path):
     assert [r[0] for r in rows[1:]] == ["car_00.jpg", "car_01.jpg", "car_02.jpg"]
     from unet_jax.inference import Predictor
     predictor = Predictor(run)
-    decoded = [submit.rle_decode(r[1], (64, 96)) for r in rows[1:]]
+    decoded = [rle.rle_decode(r[1], (64, 96)) for r in rows[1:]]
     for i, mask in enumerate(decoded):
         logits = predictor.logits([predictor.model_input(test_dir / f"car_{i:02d}.jpg")],
                                   [(64, 96)])

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from experiments import evaluate, predict, submit, train
+from unet_jax import rle
 from tests.data_fixtures import own_dir
 from tests.test_experiments import call, varied_run
 
@@ -112,7 +113,7 @@ def test_submit_tile_flag_reaches_the_predictor(crop_run, tmp_path):
     size = (SIZE[1], SIZE[0])
     tiled, whole = (Predictor(run, tile=tile) for tile in (True, False))
     assert tiled.mode.how == "tile" and whole.mode.how == "whole"
-    decoded = [submit.rle_decode(r[1], size) for r in rows]
+    decoded = [rle.rle_decode(r[1], size) for r in rows]
     for predictor, same in ((tiled, True), (whole, False)):
         masks = predictor.masks([predictor.decode(i) for i in images], [size] * len(images))
         assert all(np.array_equal(a, b) for a, b in zip(decoded, masks)) == same
@@ -139,7 +140,7 @@ def test_crops_reach_the_dice_of_resized_images_at_the_same_pixels_seen(tmp_path
 
     import data_pipeline
     import unet_jax
-    from experiments.evaluate import score
+    from unet_jax.evaluation import score
     from unet_jax.inference import Predictor
 
     data = data_pipeline.sample_dataset_dir(tmp_path / "sample", num_cars=8, size=(96, 64),

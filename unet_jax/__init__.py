@@ -8,6 +8,7 @@ steps), ``trainer`` (``train_and_evaluate``: the whole training loop),
 ``configs`` (a run's settings and the named presets), ``tiling`` (overlap-tile
 prediction at full resolution, test-time flips), ``prediction`` (how a run predicts,
 as one jitted program per image size), ``inference`` (masks for image files),
+``evaluation`` (scores at full resolution), ``rle`` (Kaggle's run-length encoding),
 ``export`` (ONNX, SavedModel, TFLite and StableHLO files), ``torch_import``.
 ``cpu_kernels`` holds the faster CPU backward passes that ``train.create_model``
 swaps in on a CPU.
