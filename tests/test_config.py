@@ -173,3 +173,14 @@ def test_setup_platform_rejects_an_unknown_platform():
 
     with pytest.raises(PlatformError, match="--platform 'tpu'"):
         configure_platform("tpu")
+
+
+def test_a_list_of_augmentations_and_the_warmup_example_are_valid():
+    """augment=["flip", "shift"] was read as the text of the list ("unknown
+    augmentation \"['flip'\""), and warm-up's example for a 1-epoch run was 1, which it
+    had just refused."""
+    assert Config(augment=["shift", "flip"]).augment == "flip,shift"
+    with pytest.raises(ConfigError) as e:
+        Config(warmup_epochs=1, epochs=1)
+    example = float(str(e.value).rsplit("e.g. ", 1)[1])
+    assert Config(warmup_epochs=example, epochs=1).warmup_epochs == example

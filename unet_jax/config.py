@@ -265,8 +265,9 @@ class Config:
             raise ConfigError(f"--schedule {self.schedule!r}: choose one of "
                               f"{', '.join(SCHEDULES)}")
         if not (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs):
+            example = f", e.g. {min(1, self.epochs / 2):g}" if self.warmup_epochs else ""
             raise ConfigError(f"--warmup-epochs {self.warmup_epochs}: give 0 or more and "
-                              f"fewer than --epochs {self.epochs}, e.g. 1")
+                              f"fewer than --epochs {self.epochs}{example}")
         if not isinstance(self.plateau_patience, int) or self.plateau_patience < 1:
             raise ConfigError(f"--plateau-patience {self.plateau_patience}: give a whole "
                               "number of epochs, at least 1")
@@ -293,8 +294,8 @@ class Config:
         for field in dataclasses.fields(self):
             value, kind = getattr(self, field.name), _base_type(field.type)
             if value is None or "tuple" in str(field.type) or (kind is str and
-                                                                isinstance(value, bool)):
-                continue  # sizes are checked below; augment=True means the defaults
+                                                                isinstance(value, (bool, list, tuple))):
+                continue  # sizes are checked below; augment=True or a list of names
             if kind is bool:
                 if not isinstance(value, bool):
                     raise ConfigError(f"{flag(field.name)} {value!r}: give true or false")

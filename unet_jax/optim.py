@@ -85,7 +85,8 @@ def _steps(config, steps_per_epoch: int | None) -> tuple[int, int]:
         return 0, 0
     if not steps_per_epoch:
         raise ValueError(f"--schedule {config.schedule} with --warmup-epochs "
-                         f"{config.warmup_epochs} needs the number of steps per epoch")
+                         f"{config.warmup_epochs} needs the number of steps per epoch: "
+                         "pass steps_per_epoch (batches in an epoch)")
     warmup = max(round(config.warmup_epochs * steps_per_epoch), 1) if config.warmup_epochs else 0
     return warmup, config.epochs * steps_per_epoch if decays else 0
 
