@@ -30,7 +30,8 @@ place. An operation a converter lacks, or a conversion that computes something e
 is a one-line ``ExportError`` naming the format (and the operation), and no file.
 
 Beside each export, ``<output>.json`` says what a caller needs to use it: the input
-and output, how the run predicts (``prediction_settings``), and the checkpoint.
+and output, how the run predicts (``prediction_settings``), the memory a whole pass
+takes per pixel (where predict tiles instead), and the checkpoint.
 """
 
 from __future__ import annotations
@@ -436,6 +437,8 @@ def export_run(run_dir, fmt: str, output, which="best", dtype: str = "float32",
 def _settings(config, fmt: str, output: Path, dtype: str, check: dict,
               checkpoint: dict | None, prediction: dict) -> dict:
     """The settings file's contents: what a caller needs to use the export."""
+    from unet_jax.prediction import pass_bytes
+
     k = 2 ** config.depth
     return {
         "format": fmt, "file": output.name,
@@ -449,6 +452,10 @@ def _settings(config, fmt: str, output: Path, dtype: str, check: dict,
                    "dtype": "float32"},
         "compute_dtype": dtype, "trained_dtype": config.dtype,
         "prediction": prediction,
+        # What predict weighs when it chooses between one whole pass and tiles
+        # (prediction.pass_bytes, linear in the pixels): bytes per pixel of the padded
+        # image, so that a caller with its own memory budget can choose alike.
+        "pass_bytes_per_pixel": pass_bytes((1, 1), config.base_features),
         "checkpoint": checkpoint,
         "parity": check,
     }
