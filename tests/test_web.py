@@ -2,9 +2,10 @@
 WebAssembly backend (segment-cli.mjs), gives `python -m experiments.predict`'s masks
 for photos larger and smaller than the run's size, in colour and grayscale, one class
 and several, runs trained on whole images and on crops, with and without test-time
-flips; its resize is Pillow's bilinear filter and its grayscale Pillow's
-convert("L"); a way of predicting it does not implement is refused, naming the
-setting, with the sidecar's `how` text; files it cannot read are named.
+flips, in one pass and in tiles (predict --tile, and where a pass would take more
+than the memory budget); its resize is Pillow's bilinear filter and its grayscale
+Pillow's convert("L"); a way of predicting it does not implement is refused, naming
+the setting, with the sidecar's `how` text; files it cannot read are named.
 
 Skipped only without node and npm, or where npm cannot reach its registry."""
 
@@ -67,6 +68,11 @@ def write_raw(path, array) -> Path:
     return Path(path)
 
 
+def write_json(path, value) -> Path:
+    Path(path).write_text(json.dumps(value))
+    return Path(path)
+
+
 def read_raw(path, float32=False) -> np.ndarray:
     data = Path(path).read_bytes()
     w, h, c = np.frombuffer(data[:12], "<u4")
@@ -123,41 +129,129 @@ def crop_onnx(tmp_path_factory):
 # antialiasing), smaller, and taller than wide; odd sides throughout (at scale 0.5,
 # each side a half that Python rounds to even: 150.5 to 150, 101.5 to 102).
 PHOTO_SIZES = [(137, 91), (301, 203), (29, 21), (41, 77)]
+# Tiled: several tiles each way (at scale 0.5, 61x83 is 30x42: 2x2 tiles of 32; at scale
+# 1, 2 across and 4 down of 48x32), one with tile starts Python rounds half to even
+# (149x197: 18.5 to 18 at scale 0.5, 86.5 to 86 at scale 1), and one smaller than a tile
+# (one tile, padded, unblended).
+TILED_SIZES = [(61, 83), (149, 197), (29, 21)]
 
 
-@pytest.mark.parametrize("which", ["rgb_onnx", "gray_classes_onnx", "crop_onnx"],
-                         ids=["rgb-one-class", "gray-3-classes-flips", "crop-scale-hflip"])
-def test_the_page_gives_predicts_masks(request, cli, tmp_path, which):
-    run, onnx_file = request.getfixturevalue(which)
-    photos, pairs = tmp_path / "photos", []
-    photos.mkdir()
+def write_photos(folder: Path, sizes) -> list[Path]:
+    """Car photos of ``sizes`` (width, height) as PNGs for predict in ``folder``/photos,
+    and as raw files for the page's code: the (photo, mask) paths segment-cli.mjs takes."""
+    (folder / "photos").mkdir()
     rng = np.random.default_rng(4)
-    for i, size in enumerate(PHOTO_SIZES):
+    pairs = []
+    for i, size in enumerate(sizes):
         photo, _ = sample_data.render(sample_data.random_car(rng), 1 + 3 * i, size, rng)
-        photo.save(photos / f"car{i}.png")
+        photo.save(folder / "photos" / f"car{i}.png")
         # What a canvas gives the page (RGBA, opaque), and plain RGB.
         pixels = np.asarray(photo.convert("RGBA" if i % 2 == 0 else "RGB"))
-        pairs += [write_raw(tmp_path / f"car{i}.raw", pixels), tmp_path / f"car{i}.mask"]
+        pairs += [write_raw(folder / f"car{i}.raw", pixels), folder / f"car{i}.mask"]
+    return pairs
+
+
+def predict(run, folder: Path, *flags) -> None:
+    """experiments.predict's masks of ``folder``/photos in ``folder``/out."""
     p = subprocess.run([sys.executable, "-m", "experiments.predict", "--checkpoint",
-                        str(run), "--input", str(photos), "--output", str(tmp_path / "out")],
+                        str(run), "--input", str(folder / "photos"), "--output",
+                        str(folder / "out"), *flags],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    p = node(cli, "segment", onnx_file, f"{onnx_file}.json", *pairs)
+
+
+def segmented(cli, onnx_file, sidecar, pairs, *flags) -> list[str]:
+    """segment-cli.mjs's masks of the pairs' photos; how it took each."""
+    p = node(cli, "segment", *flags, onnx_file, sidecar, *pairs)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert len(p.stdout.strip().splitlines()) == len(PHOTO_SIZES)
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == len(pairs) // 2
+    return [json.loads(line)["how"] for line in lines]
+
+
+def disagreeing(folder: Path, sizes, classes: int, theirs=None) -> tuple[int, int]:
+    """(pixels where the page's masks differ from predict's, pixels), over the photos;
+    ``theirs``: predict's masks, else read from ``folder``/out."""
+    differ = total = 0
+    values = set()
+    for i, (width, height) in enumerate(sizes):
+        ours = read_raw(folder / f"car{i}.mask")[..., 0]
+        mask = (np.asarray(Image.open(folder / "out" / f"car{i}_mask.png")) if theirs is None
+                else theirs[i])
+        assert ours.shape == mask.shape == (height, width)
+        values |= set(np.unique(mask).tolist())
+        differ, total = differ + int(np.sum(ours != mask)), total + ours.size
+    # 0/255 for one class, the class ids for several, as predict writes them.
+    assert values == ({0, 255} if classes == 1 else set(range(classes)))
+    return differ, total
+
+
+RUNS = dict(argnames="which", argvalues=["rgb_onnx", "gray_classes_onnx", "crop_onnx"],
+            ids=["rgb-one-class", "gray-3-classes-flips", "crop-scale-hflip"])
+
+
+@pytest.mark.parametrize(**RUNS)
+def test_the_page_gives_predicts_masks(request, cli, tmp_path, which):
+    run, onnx_file = request.getfixturevalue(which)
+    pairs = write_photos(tmp_path, PHOTO_SIZES)
+    predict(run, tmp_path)
+    assert set(segmented(cli, onnx_file, f"{onnx_file}.json", pairs)) == {
+        export.read_sidecar(onnx_file)["prediction"]["mode"]}
     classes = export.read_sidecar(onnx_file)["prediction"]["num_classes"]
-    agree = total = 0
-    for i, (width, height) in enumerate(PHOTO_SIZES):
-        ours = read_raw(tmp_path / f"car{i}.mask")[..., 0]
-        theirs = np.asarray(Image.open(tmp_path / "out" / f"car{i}_mask.png"))
-        assert ours.shape == theirs.shape == (height, width)
-        # 0/255 for one class, the class ids for several, as predict writes them.
-        assert set(np.unique(theirs)) == ({0, 255} if classes == 1 else set(range(classes)))
-        agree, total = agree + int(np.sum(ours == theirs)), total + ours.size
+    differ, total = disagreeing(tmp_path, PHOTO_SIZES, classes)
     # Measured: every pixel of 77,336 agrees for each run (Pillow 13.0.0, onnxruntime-web
     # 1.31.1); predict resizes the logits with jax.image.resize, which equals Pillow's
     # filter to within 1e-4, so a logit that close to the threshold may tip.
-    assert total - agree <= 2, f"{agree} of {total} pixels agree"
+    assert differ <= 2, f"{total - differ} of {total} pixels agree"
+
+
+@pytest.mark.parametrize(**RUNS)
+def test_tiles_are_predict_tiles(request, cli, tmp_path, which):
+    """predict --tile's masks: the same tiles, mirrored borders, Gaussian blend and
+    flipped views per tile. The page's --tile for two runs; for the third, a sidecar
+    whose mode is "tile"."""
+    run, onnx_file = request.getfixturevalue(which)
+    pairs = write_photos(tmp_path, TILED_SIZES)
+    predict(run, tmp_path, "--tile")
+    sidecar = json.loads(Path(f"{onnx_file}.json").read_text())
+    if which == "gray_classes_onnx":
+        sidecar["prediction"]["mode"] = "tile"
+        hows = segmented(cli, onnx_file, write_json(tmp_path / "tile.json", sidecar), pairs)
+    else:
+        hows = segmented(cli, onnx_file, f"{onnx_file}.json", pairs, "--tile")
+    assert hows == ["tile"] * len(TILED_SIZES)
+    differ, total = disagreeing(tmp_path, TILED_SIZES, sidecar["prediction"]["num_classes"])
+    # Measured: every pixel of 35,025 agrees for each run. Tile starts rounded half up
+    # (JavaScript's Math.round), sigma 1/4, no margin, the edge pixel repeated instead of
+    # mirrored, or no division by the summed weights each failed this for some run.
+    assert differ <= 2, f"{total - differ} of {total} pixels agree"
+
+
+def test_a_pass_over_the_memory_budget_is_tiled_as_predict_decides(cli, crop_onnx, tmp_path):
+    """A run trained on crops takes one pass unless it would need more than the memory
+    budget (prediction.pass_bytes over the padded size: 128 bytes a pixel for this run):
+    of 200,000, 61x83 at scale 0.5, 44x32 padded, needs 180,224 bytes; 149x197 (100x76)
+    972,800; 29x21 (12x16) 24,576. A sidecar from before exports recorded a pass's bytes
+    takes one pass."""
+    from unet_jax.inference import Predictor
+
+    run, onnx_file = crop_onnx
+    pairs = write_photos(tmp_path, TILED_SIZES)
+    budget = 200_000
+    predictor = Predictor(run, memory_budget=budget)
+    photos = [tmp_path / "photos" / f"car{i}.png" for i in range(len(TILED_SIZES))]
+    hows = segmented(cli, onnx_file, f"{onnx_file}.json", pairs, "--memory-budget", budget)
+    assert hows == [predictor.mode.how_for(predictor.decode(photo).shape[:2])
+                    for photo in photos] == ["whole", "tile", "whole"]
+    masks = [mask.astype(np.uint8) * 255 for _, _, mask in predictor.predict_files(photos)]
+    differ, total = disagreeing(tmp_path, TILED_SIZES, 1, masks)
+    assert differ <= 2, f"{total - differ} of {total} pixels agree"  # measured: all
+    older = json.loads(Path(f"{onnx_file}.json").read_text())
+    del older["pass_bytes_per_pixel"]
+    assert segmented(cli, onnx_file, write_json(tmp_path / "older.json", older), pairs,
+                     "--memory-budget", budget) == ["whole"] * len(TILED_SIZES)
+    p = node(cli, "segment", "--memory-budget", "lots", onnx_file, f"{onnx_file}.json", *pairs)
+    assert p.returncode == 2 and p.stderr.startswith("--memory-budget lots: give bytes"), p.stderr
 
 
 # --- The steps alone, against Pillow ---------------------------------------------------------
@@ -263,8 +357,10 @@ def test_the_grayscale_is_pillows(cli, tmp_path):
 
 
 @pytest.mark.parametrize("change,why", [
-    (dict(mode="tile"), 'predicts with mode "tile"'),
-    (dict(tta="rot90"), 'predicts with test-time flips "rot90"')], ids=["mode", "tta"])
+    (dict(mode="slices"), 'predicts with mode "slices"'),
+    (dict(tta="rot90"), 'predicts with test-time flips "rot90"'),
+    (dict(mode="tile", tile=[30, 30]), "predicts in tiles of 30x30 overlapping by 0.25")],
+    ids=["mode", "tta", "tiles"])
 def test_a_run_it_does_not_implement_is_refused_with_the_sidecars_how(cli, tmp_path,
                                                                       change, why):
     """A way of predicting this code does not know (a later version's, say) would give
@@ -278,7 +374,7 @@ def test_a_run_it_does_not_implement_is_refused_with_the_sidecars_how(cli, tmp_p
              tmp_path / "car.mask")
     assert p.returncode == 2 and p.stderr.strip().endswith(
         f"How predict segments with it: {settings['how']}"), p.stderr
-    assert p.stderr.startswith('this code predicts with modes "resize" and "whole"') \
+    assert p.stderr.startswith('this code predicts with modes "resize", "whole", "tile"') \
         and why in p.stderr
     assert not (tmp_path / "car.mask").exists()
 

@@ -3,7 +3,8 @@
 // WebAssembly backend: the page's own code, run where a test (tests/test_web.py) can
 // compare its masks with `python -m experiments.predict`'s.
 //
-//   node segment-cli.mjs segment unet.onnx unet.onnx.json photo.raw mask.raw [more.raw more_mask.raw ...]
+//   node segment-cli.mjs segment [--tile | --no-tile] [--memory-budget SIZE]
+//        unet.onnx unet.onnx.json photo.raw mask.raw [more.raw more_mask.raw ...]
 //   node segment-cli.mjs resize in.raw WIDTH HEIGHT out.raw      (Pillow's bilinear resize, uint8)
 //   node segment-cli.mjs resize-float in.raw WIDTH HEIGHT out.raw (the same on float32: mode "F")
 //   node segment-cli.mjs gray in.raw out.raw                     (Pillow's convert("L"))
@@ -14,8 +15,12 @@
 // 4 RGBA), then height * width * channels samples, row by row from the top, channels
 // interleaved: uint8 bytes, or float32 little-endian for resize-float. Masks are written
 // in the same format with 1 channel (0/255 for one class, class ids for several);
-// `segment` also prints one JSON line per picture. Errors (a sidecar this code does not
-// implement: its `how` text) go to stderr, exit status 2.
+// `segment` also prints one JSON line per picture, with how it was predicted ("resize",
+// "whole" or "tile"). Its --tile and --no-tile are predict's: tiles, or one pass (whole,
+// or resized for a run trained on whole images); without them, the run's own way, where
+// a run trained on crops is tiled if one pass would take more than --memory-budget
+// (bytes, or with KiB, MiB or GiB; default 2GiB, WebAssembly's 4 GiB halved). Errors
+// (a sidecar this code does not implement: its `how` text) go to stderr, exit status 2.
 
 import { readFileSync, writeFileSync } from "node:fs";
 import * as ort from "onnxruntime-web";
@@ -48,8 +53,31 @@ function writeRaw(path, { data, width, height, channels }) {
   writeFileSync(path, Buffer.concat([header, body]));
 }
 
+/** --memory-budget's value in bytes: a number, or one with KiB, MiB or GiB after it. */
+function bytes(text) {
+  const [, number, unit] = /^(\d+(?:\.\d+)?)\s*(KiB|MiB|GiB)?$/.exec(text ?? "") ?? [];
+  if (number === undefined || !(Number(number) > 0)) {
+    throw new Error(`--memory-budget ${text ?? "(nothing)"}: give bytes, e.g. 2GiB, 512MiB `
+      + "or 1000000");
+  }
+  return Number(number) * 2 ** (10 * ["", "KiB", "MiB", "GiB"].indexOf(unit ?? ""));
+}
+
+/** segment's options (--tile, --no-tile, --memory-budget SIZE) taken out of its
+ * arguments: [options for segment(), the rest]. */
+function segmentOptions(args) {
+  const options = {}, rest = [];
+  for (let i = 0; i < args.length; i++) {
+    if (args[i] === "--tile" || args[i] === "--no-tile") options.tile = args[i] === "--tile";
+    else if (args[i] === "--memory-budget") options.memoryBudget = bytes(args[++i]);
+    else rest.push(args[i]);
+  }
+  return [options, rest];
+}
+
 /** The command: segment, resize, resize-float or gray, as the header says. */
-async function main([command, ...args]) {
+async function main([command, ...given]) {
+  const [options, args] = command === "segment" ? segmentOptions(given) : [{}, given];
   if (command === "segment" && args.length >= 4 && args.length % 2 === 0) {
     const [model, sidecarPath, ...pairs] = args;
     let sidecar;
@@ -59,14 +87,16 @@ async function main([command, ...args]) {
       throw new Error(`${sidecarPath} is not the export's JSON settings file (${error.message}); `
         + "give MODEL.onnx first, then the MODEL.onnx.json export wrote beside it");
     }
-    predictionSettings(sidecar);  // a run this code does not implement stops here
+    predictionSettings(sidecar, options);  // a run this code does not implement stops here
     ort.env.wasm.numThreads = 1;  // one thread: quiet on small machines, and the same sums
     const session = await createSession(ort, readFileSync(model));
     for (let i = 0; i < pairs.length; i += 2) {
-      const { mask, width, height } = await segment(ort, session, sidecar, readRaw(pairs[i]));
+      const { mask, width, height, how } = await segment(ort, session, sidecar, readRaw(pairs[i]),
+        options);
       writeRaw(pairs[i + 1], { data: mask, width, height, channels: 1 });
       const foreground = mask.reduce((n, v) => n + (v > 0), 0) / mask.length;
-      console.log(JSON.stringify({ input: pairs[i], mask: pairs[i + 1], width, height, foreground }));
+      console.log(JSON.stringify({ input: pairs[i], mask: pairs[i + 1], width, height, how,
+        foreground }));
     }
   } else if (command === "model-input" && args.length === 3) {
     const settings = predictionSettings(JSON.parse(readFileSync(args[0], "utf8")));
@@ -80,7 +110,8 @@ async function main([command, ...args]) {
   } else if (command === "gray" && args.length === 2) {
     writeRaw(args[1], toChannels(readRaw(args[0]), 1));
   } else {
-    throw new Error("usage: segment-cli.mjs segment MODEL.onnx SIDECAR.json IN.raw OUT.raw [IN OUT ...] "
+    throw new Error("usage: segment-cli.mjs segment [--tile | --no-tile] [--memory-budget SIZE] "
+      + "MODEL.onnx SIDECAR.json IN.raw OUT.raw [IN OUT ...] "
       + "| resize IN.raw WIDTH HEIGHT OUT.raw | resize-float IN.raw WIDTH HEIGHT OUT.raw "
       + "| gray IN.raw OUT.raw | model-input SIDECAR.json IN.raw OUT.raw");
   }

@@ -4,15 +4,19 @@
 // The steps are those the export's sidecar (<model>.onnx.json) lists under
 // `prediction.how`: the picture converted to the run's colours (RGB, or Pillow's
 // grayscale); for a run trained on whole images, resized to its image_size, for one
-// trained on crops, resized by its scale and mirror-padded at the bottom and right to a
-// multiple of 2**depth; Pillow's bilinear filter throughout; divided by 255, run through
-// the model (with --tta, also on mirrored views, their probabilities averaged), the
-// padding cut away, the logits resized back to the picture's size with the same filter
-// on floats (predict itself uses jax.image.resize, equal to it within 1e-4), then cut at
-// the sidecar's threshold (one class) or the arg-max taken (several classes). Not done
-// here: JPEG's own downscaling of large photos as predict decodes them; 16-bit files,
-// which a browser decodes to 8 bits its own way; and predict's tiles, which it takes
-// instead of one pass where a photo would not fit its memory budget.
+// trained on crops, resized by its scale; Pillow's bilinear filter throughout; divided
+// by 255; then through the model (with --tta, also on mirrored views, their
+// probabilities averaged) in one pass, mirror-padded at the bottom and right to a
+// multiple of 2**depth, or, as predict --tile (and predict by itself where that pass
+// would take more than a memory budget), in overlapping tiles the size of the run's
+// crop (or image_size), mirror-padded all round and blended with Gaussian weights
+// (unet_jax/tiling.py's tiled_logits, in float32 as JAX computes it), each tile's views
+// averaged alone; the padding cut away, the logits
+// resized back to the picture's size with the same filter on floats (predict itself
+// uses jax.image.resize, equal to it within 1e-4), then cut at the sidecar's threshold
+// (one class) or the arg-max taken (several classes). Not done here: JPEG's own
+// downscaling of large photos as predict decodes them; and 16-bit files, which a
+// browser decodes to 8 bits its own way.
 //
 // The module imports nothing: the caller passes in onnxruntime-web (`ort`), which the
 // page loads from a pinned file and Node imports from node_modules. Pictures are plain
@@ -20,24 +24,55 @@
 // channels samples, row by row, channels interleaved (1: grayscale, 3: RGB, 4: RGBA,
 // as a canvas's getImageData gives them).
 
-/** The sidecar's prediction settings, checked: this module implements the modes an
- * export records ("resize": runs trained on whole images; "whole": runs trained on
- * crops) and the test-time flips ("none", "hflip", "flips"); anything else would give
- * other masks than predict, so it is refused, naming the setting, with the sidecar's
- * own `how` text, which says what predict does. */
-export function predictionSettings(sidecar) {
-  const settings = sidecar.prediction ?? sidecar;
-  if (!["resize", "whole"].includes(settings.mode) || !Object.hasOwn(VIEWS, settings.tta)
-      || ![1, 3].includes(settings.in_channels) || !(settings.num_classes >= 1)) {
-    const why = !["resize", "whole"].includes(settings.mode)
-      ? `predicts with mode "${settings.mode}"`
-      : !Object.hasOwn(VIEWS, settings.tta) ? `predicts with test-time flips "${settings.tta}"`
-        : `has ${settings.in_channels} input channel(s) and ${settings.num_classes} class(es)`;
-    throw new Error("this code predicts with modes \"resize\" and \"whole\" and flips "
-      + `"none", "hflip" and "flips"; this run ${why}, which would give other masks than `
-      + `predict's. How predict segments with it: ${settings.how}`);
+// The bytes a whole pass may take where the run leaves one pass or tiles to memory:
+// half of the 4 GiB a WebAssembly module can address, as predict allows a pass half of
+// an accelerator's memory (browsers on small devices may give less: pass a lower one).
+export const MEMORY_BUDGET = 2 * 2 ** 30;
+
+const MODES = ["resize", "whole", "tile"];
+
+/** The sidecar's prediction settings, checked, and how to predict with them: the
+ * sidecar's mode ("resize": runs trained on whole images; "whole": runs trained on
+ * crops, tiled where one pass would take more than `memoryBudget` bytes; "tile"),
+ * unless `tile` says otherwise as predict's --tile (true: tiles) and --no-tile (false:
+ * one pass, whole or resized as the run was trained). Modes, test-time flips or tiles
+ * this code does not implement would give other masks than predict, so they are
+ * refused, naming the setting, with the sidecar's own `how` text, which says what
+ * predict does. */
+export function predictionSettings(sidecar, { tile, memoryBudget = MEMORY_BUDGET } = {}) {
+  if (![undefined, true, false].includes(tile)) {
+    throw new Error(`tile ${tile}: give true (tiles), false (one pass) or nothing (the `
+      + "run's own way)");
   }
-  return settings;
+  if (!(memoryBudget > 0 && Number.isFinite(memoryBudget))) {
+    throw new Error(`memory budget ${memoryBudget}: give a number of bytes over 0, e.g. `
+      + `${MEMORY_BUDGET}`);
+  }
+  const given = sidecar.prediction ?? sidecar;
+  const mode = tile === undefined ? given.mode : tile ? "tile" : given.crop ? "whole" : "resize";
+  // Tiles where a pass would not fit, as predict decides for runs trained on crops; a
+  // sidecar written before exports recorded the bytes a pass takes leaves no way to
+  // weigh it: one pass, as this code took before.
+  const auto = tile === undefined && mode === "whole" && sidecar.pass_bytes_per_pixel > 0;
+  const tilesFit = given.tile?.length === 2 && given.overlap >= 0 && given.overlap < 1
+    && given.tile.every((side) => Number.isInteger(side) && side > 0
+      && side % given.size_multiple === 0);
+  const problem = [
+    [!MODES.includes(mode), `predicts with mode "${mode}"`],
+    [!Object.hasOwn(VIEWS, given.tta), `predicts with test-time flips "${given.tta}"`],
+    [![1, 3].includes(given.in_channels) || !(given.num_classes >= 1),
+      `has ${given.in_channels} input channel(s) and ${given.num_classes} class(es)`],
+    [(mode === "tile" || auto) && !tilesFit, `predicts in tiles of ${given.tile?.join("x")} `
+      + `overlapping by ${given.overlap}, where the model takes sides that are multiples of `
+      + `${given.size_multiple} and tiles overlap by a fraction in [0, 1)`],
+  ].find(([wrong]) => wrong);
+  if (problem) {
+    throw new Error(`this code predicts with modes ${MODES.map((m) => `"${m}"`).join(", ")} and `
+      + `flips "none", "hflip" and "flips"; this run ${problem[1]}, which would give other `
+      + `masks than predict's. How predict segments with it: ${given.how}`);
+  }
+  return { ...given, mode, auto, memoryBudget,
+    pass_bytes_per_pixel: sidecar.pass_bytes_per_pixel };
 }
 
 // The views --tta averages, each [mirror left-right, mirror upside down].
@@ -167,36 +202,59 @@ function roundHalfEven(x) {
   return diff > 0.5 || (diff === 0.5 && floor % 2 !== 0) ? floor + 1 : floor;
 }
 
-/** numpy's pad mode "symmetric" for one index: mirrored about the border with the edge
- * sample repeated (n, n+1, ... read n-1, n-2, ...), periodic for pads beyond the size. */
+/** numpy's pad mode "symmetric" for one index i of a line of n samples, i < 0 or i >= n
+ * in the padding: mirrored about the border with the edge sample repeated (n, n+1, ...
+ * read n-1, n-2, ...; -1, -2, ... read 0, 1, ...), periodic for pads beyond the size. */
 function mirrored(i, n) {
-  const j = i % (2 * n);
+  const j = ((i % (2 * n)) + 2 * n) % (2 * n);
   return j < n ? j : 2 * n - 1 - j;
 }
 
-/** The model's input: the picture in the run's colours at the size the run predicts
- * at (its image_size; or, trained on crops, its own size times the run's scale, padded
- * at the bottom and right by mirroring to a multiple of size_multiple), as float32
- * (1, H, W, C) values in [0, 1] (uint8 / 255, the very float32 numbers numpy and JAX
- * compute), with {height, width}: the part of it that is the picture. */
-export function modelInput(picture, settings) {
+/** The picture in the run's colours at the size the model sees it (the run's
+ * image_size; or, for mode "whole" and "tile", its own size times the run's scale) as
+ * {data, height, width, channels}: float32 values in [0, 1], uint8 / 255, the very
+ * float32 numbers numpy and JAX compute. */
+export function scaledImage(picture, settings) {
   const { data, width: w, height: h, channels } = toChannels(picture, settings.in_channels);
   const [height, width] = settings.mode === "resize" ? settings.image_size
     : [h, w].map((side) => Math.max(1, roundHalfEven(side * settings.scale)));
   const resized = height === h && width === w ? data
     : resize(data, w, h, channels, width, height);
-  const multiple = settings.mode === "resize" ? 1 : settings.size_multiple;
-  const [padH, padW] = [height, width].map((side) => Math.ceil(side / multiple) * multiple);
-  const x = new Float32Array(padH * padW * channels);
-  for (let y = 0; y < padH; y++) {
-    const row = mirrored(y, height) * width;
-    for (let xx = 0; xx < padW; xx++) {
-      const from = (row + mirrored(xx, width)) * channels;
-      const to = (y * padW + xx) * channels;
-      for (let c = 0; c < channels; c++) x[to + c] = resized[from + c] / 255;
+  return { data: Float32Array.from(resized, (v) => v / 255), height, width, channels };
+}
+
+/** Rows top..top + height and columns left..left + width of an image {data, height,
+ * width, channels} as a Float32Array, mirrored (mirrored()) where they reach beyond it:
+ * a whole pass's input padded at the bottom and right, one tile of the image padded
+ * all round, or (within the image) logits with the padding cut away. */
+function cut(image, top, left, height, width) {
+  const { data, channels } = image;
+  const out = new Float32Array(height * width * channels);
+  for (let y = 0; y < height; y++) {
+    const row = mirrored(top + y, image.height) * image.width;
+    for (let x = 0; x < width; x++) {
+      const from = (row + mirrored(left + x, image.width)) * channels;
+      out.set(data.subarray(from, from + channels), (y * width + x) * channels);
     }
   }
-  return { data: x, dims: [1, padH, padW, channels], height, width };
+  return out;
+}
+
+/** The size one pass over a scaledImage runs at: its own, for a run trained on crops
+ * rounded up to a multiple of size_multiple (2**depth), the rest mirrored at the bottom
+ * and right. */
+function passSize(image, settings) {
+  const multiple = settings.mode === "resize" ? 1 : settings.size_multiple;
+  return [image.height, image.width].map((side) => Math.ceil(side / multiple) * multiple);
+}
+
+/** The model's input for one pass over the picture, (1, H, W, C) {data, dims}, with
+ * {height, width}: the part of it that is the picture. */
+export function modelInput(picture, settings) {
+  const image = scaledImage(picture, settings);
+  const [h, w] = passSize(image, settings);
+  return { data: cut(image, 0, 0, h, w), dims: [1, h, w, image.channels], height: image.height,
+    width: image.width };
 }
 
 /** Mirrors (1, H, W, C) float32 values left-right and/or upside down: a view for --tta,
@@ -285,33 +343,137 @@ export function createSession(ort, model) {
   return ort.InferenceSession.create(model, { executionProviders: ["wasm"] });
 }
 
-/** The mask of one picture: {mask, width, height}, a Uint8Array of height * width at the
- * picture's own size (0/255 for one class, class ids for several), computed as
- * `experiments.predict` computes it. `sidecar` is the export's <model>.onnx.json. */
-export async function segment(ort, session, sidecar, picture) {
-  const settings = predictionSettings(sidecar);
-  const x = modelInput(picture, settings);
-  const input = sidecar.input?.name ?? "image";
-  const viewLogits = [];
-  let dims;
-  for (const view of VIEWS[settings.tta]) {
-    const outputs = await session.run({
-      [input]: new ort.Tensor("float32", flipped(x.data, x.dims, view), x.dims) });
-    const logits = outputs[sidecar.output?.name ?? session.outputNames[0]];
-    dims = logits.dims;
-    viewLogits.push(flipped(logits.data, dims, view));
+// --- Tiles: unet_jax/tiling.py's tiled_logits, which predict runs ---------------------
+
+/** tiling.tile_starts: where tiles of `tile` start along `length` (at least `tile`),
+ * neighbours sharing at least a fraction `overlap`, spread evenly from 0 to the end
+ * (Python's rounding of each start). */
+function tileStarts(length, tile, overlap) {
+  if (length === tile) return [0];
+  const stride = Math.max(1, Math.floor(tile * (1 - overlap)));
+  const count = Math.ceil((length - tile) / stride) + 1;
+  return Array.from({ length: count },
+    (_, i) => roundHalfEven(i * (length - tile) / (count - 1)));
+}
+
+/** tiling.padding along one side: [before, after], a margin of half the overlap (none
+ * where one tile fits exactly), more after where the side is shorter than a tile. */
+function tilePadding(length, tile, overlap) {
+  const margin = length === tile ? 0 : roundHalfEven(tile * overlap / 2);
+  return [margin, margin + Math.max(0, tile - (length + 2 * margin))];
+}
+
+/** One axis of tiling.gaussian_weights, in float64: a Gaussian centred on a tile's
+ * side of `size`, sigma size / 8, 1 at the centre. */
+function gaussian(size) {
+  return Float64Array.from({ length: size }, (_, i) => {
+    const r = (i - (size - 1) / 2) / (size * (1 / 8));
+    return Math.exp(-0.5 * (r * r));
+  });
+}
+
+/** Logits (h, w, K) of a scaledImage in tiles, as predict computes them: the image
+ * mirror-padded all round (tilePadding), tiles of settings.tile at tileStarts, each
+ * through `model` (its views averaged), added tile after tile (rows first) into float32
+ * sums weighted by the Gaussian (the outer product of both axes' in float64, stored as
+ * float32), divided by the weights' sums (each axis's in float64, stored as float32,
+ * their product in float32) and the padding cut away. A padded image that is one tile
+ * gives that tile's logits, unweighted. */
+async function tiledLogits(model, image, { tile, overlap }) {
+  const f = Math.fround;
+  const [th, tw] = tile;
+  const sides = [image.height, image.width];
+  const pads = sides.map((side, a) => tilePadding(side, tile[a], overlap));
+  const [top, left] = [pads[0][0], pads[1][0]];
+  const [height, width] = sides.map((side, a) => side + pads[a][0] + pads[a][1]);
+  const [ys, xs] = [height, width].map((side, a) => tileStarts(side, tile[a], overlap));
+  const logitsAt = (y, x) => model(cut(image, y - top, x - left, th, tw),
+    [1, th, tw, image.channels]);
+  if (ys.length === 1 && xs.length === 1) {
+    const { logits, classes } = await logitsAt(0, 0);
+    return { logits: cut({ data: logits, height: th, width: tw, channels: classes }, top, left,
+      image.height, image.width), classes };
   }
-  const classes = dims[3];
-  let logits = averagedLogits(viewLogits, classes);
-  if (dims[1] !== x.height || dims[2] !== x.width) {  // the padding cut away
-    const cut = new Float32Array(x.height * x.width * classes);
-    for (let y = 0; y < x.height; y++) {
-      cut.set(logits.subarray(y * dims[2] * classes, (y * dims[2] + x.width) * classes),
-        y * x.width * classes);
+  const [rowWeights, columnWeights] = tile.map(gaussian);
+  let total, classes;
+  for (const y of ys) {
+    for (const x of xs) {
+      const tileLogits = await logitsAt(y, x);
+      classes = tileLogits.classes;
+      total ??= new Float32Array(height * width * classes);
+      for (let i = 0; i < th; i++) {
+        for (let j = 0; j < tw; j++) {
+          const weight = f(rowWeights[i] * columnWeights[j]);
+          const from = (i * tw + j) * classes, to = ((y + i) * width + x + j) * classes;
+          for (let k = 0; k < classes; k++) {
+            total[to + k] += f(tileLogits.logits[from + k] * weight);  // stored as float32
+          }
+        }
+      }
     }
-    logits = cut;
   }
-  const mask = maskFromLogits(logits, [1, x.height, x.width, classes], settings,
+  const [rowSums, columnSums] = [[height, ys, rowWeights], [width, xs, columnWeights]].map(
+    ([side, starts, weights]) => {
+      const sums = new Float64Array(side);
+      for (const start of starts) weights.forEach((w, i) => { sums[start + i] += f(w); });
+      return Float32Array.from(sums);
+    });
+  const logits = new Float32Array(image.height * image.width * classes);
+  for (let y = 0; y < image.height; y++) {
+    for (let x = 0; x < image.width; x++) {
+      const sum = f(rowSums[y + top] * columnSums[x + left]);
+      const from = ((y + top) * width + x + left) * classes, to = (y * image.width + x) * classes;
+      for (let k = 0; k < classes; k++) logits[to + k] = total[from + k] / sum;
+    }
+  }
+  return { logits, classes };
+}
+
+/** How predict takes an image (a scaledImage): in tiles where the settings leave it to
+ * memory and one pass would take more than their memory budget, a pass taking
+ * pass_bytes_per_pixel bytes per pixel of its padded size (unet_jax/prediction.py's
+ * PredictionMode.how_for and pass_bytes); otherwise the settings' mode. */
+function howFor(settings, image) {
+  if (!settings.auto) return settings.mode;
+  const [h, w] = passSize(image, settings);
+  return h * w * settings.pass_bytes_per_pixel > settings.memoryBudget ? "tile" : "whole";
+}
+
+/** Logits (h, w, K) of a scaledImage in one pass (passSize), the padding cut away. */
+async function passLogits(model, image, settings) {
+  const [h, w] = passSize(image, settings);
+  const { logits, classes } = await model(cut(image, 0, 0, h, w), [1, h, w, image.channels]);
+  return { logits: cut({ data: logits, height: h, width: w, channels: classes }, 0, 0,
+    image.height, image.width), classes };
+}
+
+/** The mask of one picture: {mask, width, height, how}, a Uint8Array of height * width
+ * at the picture's own size (0/255 for one class, class ids for several), computed as
+ * `experiments.predict` computes it, and how: "resize", "whole" or "tile". `sidecar` is
+ * the export's <model>.onnx.json; `options` {tile, memoryBudget} as predictionSettings
+ * takes them. */
+export async function segment(ort, session, sidecar, picture, options = {}) {
+  const settings = predictionSettings(sidecar, options);
+  const input = sidecar.input?.name ?? "image";
+  const output = sidecar.output?.name ?? session.outputNames[0];
+  /** The logits (h, w, K) of one input (1, h, w, C), averaged over the run's views. */
+  const model = async (data, dims) => {
+    const viewLogits = [];
+    let classes;
+    for (const view of VIEWS[settings.tta]) {
+      const outputs = await session.run({
+        [input]: new ort.Tensor("float32", flipped(data, dims, view), dims) });
+      const logits = outputs[output];
+      classes = logits.dims[3];
+      viewLogits.push(flipped(logits.data, logits.dims, view));
+    }
+    return { logits: averagedLogits(viewLogits, classes), classes };
+  };
+  const image = scaledImage(picture, settings);
+  const how = howFor(settings, image);
+  const { logits, classes } = await (how === "tile" ? tiledLogits : passLogits)(
+    model, image, settings);
+  const mask = maskFromLogits(logits, [1, image.height, image.width, classes], settings,
     picture.width, picture.height);
-  return { mask, width: picture.width, height: picture.height };
+  return { mask, width: picture.width, height: picture.height, how };
 }
