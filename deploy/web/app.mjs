@@ -6,7 +6,7 @@
 // npm, the same file from a CDN, pinned by its URL:
 //   import * as ort from "https://cdn.jsdelivr.net/npm/onnxruntime-web@1.31.1/dist/ort.wasm.min.mjs";
 import * as ort from "./node_modules/onnxruntime-web/dist/ort.wasm.min.mjs";
-import { createSession, predictionSettings, segment } from "./segment.mjs";
+import { createSession, MEMORY_BUDGET, predictionSettings, segment } from "./segment.mjs";
 
 const $ = (id) => document.getElementById(id);
 // predict's colours for classes 1, 2, ... in its --viz overlay (class 0 stays uncoloured).
@@ -20,20 +20,44 @@ function say(text, error = false) {
   $("status").className = error ? "error" : "";
 }
 
+/** segment()'s options from the page: tiles as predict --tile ("tile") or --no-tile
+ * ("pass") would take them, or the run's own way ("auto"); the memory budget in MiB. */
+function options() {
+  const [tiles, mebibytes] = [$("tiles").value, Number($("budget").value)];
+  if (!(mebibytes > 0)) throw new Error("Give the memory budget in MiB, e.g. 2048.");
+  return { tile: tiles === "auto" ? undefined : tiles === "tile",
+    memoryBudget: mebibytes * 2 ** 20 };
+}
+
+/** Says how the loaded model segments photos with the page's options. */
+function describe() {
+  const settings = predictionSettings(model.sidecar, options());
+  const [height, width] = settings.image_size;
+  const [tileHeight, tileWidth] = settings.tile;
+  const tiles = `in tiles of ${tileWidth}x${tileHeight} overlapping by ${settings.overlap}`;
+  let how = settings.mode === "resize" ? `resizes photos to ${width}x${height}`
+    : settings.mode === "tile" ? `takes photos at scale ${settings.scale} ${tiles}`
+      : `takes whole photos at scale ${settings.scale}`;
+  if (settings.auto) {
+    how += `, ${tiles} where one pass would need over ${settings.memoryBudget / 2 ** 20} MiB`;
+  } else if (settings.mode === "whole" && $("tiles").value === "auto") {
+    how += " in one pass (its settings file predates the memory a pass takes: export the "
+      + "run again for tiles where a pass would not fit)";
+  }
+  const flips = settings.tta === "none" ? "" : `, test-time flips "${settings.tta}"`;
+  say(`${model.name}: ${how}, ${settings.in_channels === 3 ? "RGB" : "grayscale"}, `
+    + `${settings.num_classes} class(es)${flips}. Pick a photo.`);
+}
+
 /** The model and its settings as the session to run: the settings are checked first, so
  * that a run this page does not implement is refused (with the settings file's own
  * words for what predict does) before the model is loaded. */
 async function load(modelBytes, sidecar, name) {
   model = null;
-  const settings = predictionSettings(sidecar);
+  predictionSettings(sidecar);
   const session = await createSession(ort, modelBytes);
   model = { session, sidecar, name };
-  const [height, width] = settings.image_size;
-  const how = settings.mode === "resize" ? `resizes photos to ${width}x${height}`
-    : `takes whole photos at scale ${settings.scale}`;
-  const flips = settings.tta === "none" ? "" : `, test-time flips "${settings.tta}"`;
-  say(`${name}: ${how}, ${settings.in_channels === 3 ? "RGB" : "grayscale"}, `
-    + `${settings.num_classes} class(es)${flips}. Pick a photo.`);
+  describe();
 }
 
 /** The photo's pixels, RGBA: decoded by the browser, turned upright by its EXIF
@@ -107,12 +131,22 @@ async function photoPicked() {
   say(`segmenting ${file.name}...`);
   const started = performance.now();
   const picture = await decode(file);
-  const { mask, width, height } = await segment(ort, model.session, model.sidecar, picture);
+  const { mask, width, height, how } = await segment(ort, model.session, model.sidecar, picture,
+    options());
   showOverlay(picture, mask);
   offerDownload(mask, width, height, file.name);
   const foreground = mask.reduce((n, v) => n + (v > 0), 0) / mask.length;
-  say(`${file.name}: ${width}x${height}, ${(100 * foreground).toFixed(1)}% not background, `
+  say(`${file.name}: ${width}x${height}, ${how === "tile" ? "in tiles" : "in one pass"}, `
+    + `${(100 * foreground).toFixed(1)}% not background, `
     + `${Math.round(performance.now() - started)} ms.`);
+}
+
+/** The tiles or the memory budget changed: says how the model now segments, and
+ * segments the photo picked again. */
+async function optionsChanged() {
+  if (!model) return;
+  describe();
+  await photoPicked();
 }
 
 /** A unet.onnx and unet.onnx.json served beside the page, if there are. */
@@ -127,4 +161,7 @@ const reportErrors = (step) => () => step().catch((error) => say(error.message, 
 $("model").addEventListener("change", reportErrors(modelPicked));
 $("sidecar").addEventListener("change", reportErrors(modelPicked));
 $("photo").addEventListener("change", reportErrors(photoPicked));
+$("tiles").addEventListener("change", reportErrors(optionsChanged));
+$("budget").addEventListener("change", reportErrors(optionsChanged));
+$("budget").value = MEMORY_BUDGET / 2 ** 20;
 reportErrors(servedModel)();
