@@ -127,6 +127,24 @@ def exported(run_dir, tmp_path_factory):
     return paths
 
 
+def test_a_loaded_export_names_images_it_would_misread(exported, reference):
+    """uint8 photos were cast to floats as they are (logits in the thousands, no
+    error), and an NCHW batch failed as a shape mismatch inside the runtime."""
+    run = export.load(exported["stablehlo"])
+    images = reference[0][0]
+    for given, message in [
+            ((images * 255).astype(np.uint8), r"^images are uint8: the model takes floats "
+                                              r"in \[0, 1\]; divide 0\.\.255 values by 255$"),
+            (images.transpose(0, 3, 1, 2), r"^images of shape \(\d+, 3, \d+, \d+\): the "
+                                           r"model takes 3 channel\(s\) last, .*NCHW"),
+            (images[0], r"^images of shape \(\d+, \d+, 3\): give a batch"),
+            (images * 2 - 1, r"^images hold values in \[-[\d.]+, [\d.]+\]: the model "
+                             r"takes floats in \[0, 1\]$")]:
+        with pytest.raises(ValueError, match=message):
+            run(given)
+    np.testing.assert_array_equal(run(images.astype(np.float64)), run(images))
+
+
 @pytest.mark.parametrize("fmt", export.FORMATS)
 def test_every_format_gives_jax_logits_for_any_batch_and_size(exported, reference, fmt):
     needs(fmt)

@@ -288,10 +288,43 @@ def require(module: str, fmt: str):
 # --- Running an export -------------------------------------------------------------------
 
 def load(path, fmt: str | None = None):
-    """A function images (N, H, W, C) float32 -> logits (numpy) of an exported model,
-    run by the runtime of its format (the format from the sidecar if not given)."""
+    """A function images (N, H, W, C) float32 in [0, 1] -> logits (numpy) of an
+    exported model, run by the runtime of its format (the format from the sidecar if
+    not given). Images it would misread (uint8 0..255, PyTorch's NCHW order, another
+    channel count) raise a one-line ValueError."""
     path = Path(path)
-    fmt = fmt or read_sidecar(path)["format"]
+    sidecar = read_sidecar(path) if fmt is None or sidecar_path(path).is_file() else {}
+    fmt = fmt or sidecar["format"]
+    run = _runner(path, fmt)
+    channels = sidecar.get("prediction", {}).get("in_channels")
+    return lambda images: run(_checked_images(images, channels))
+
+
+def _checked_images(images, channels: int | None) -> np.ndarray:
+    """``images`` as float32, refused where the model would misread them: the runtimes
+    cast uint8 0..255 to floats as they are (logits in the thousands, no error), and
+    name an NCHW batch only as a shape mismatch deep inside."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images of shape {images.shape}: give a batch (N, height, width, "
+                         "channels); one image as image[None]")
+    if channels and images.shape[-1] != channels:
+        nchw = images.shape[1] == channels
+        raise ValueError(f"images of shape {images.shape}: the model takes {channels} "
+                         "channel(s) last, (N, height, width, channels)"
+                         + (": transpose PyTorch's NCHW with x.transpose(0, 2, 3, 1)"
+                            if nchw else ""))
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images are {images.dtype}: the model takes floats in [0, 1]; "
+                         "divide 0..255 values by 255")
+    if images.size and not 0 <= float(images.min()) <= float(images.max()) <= 1:
+        raise ValueError(f"images hold values in [{float(images.min()):g}, "
+                         f"{float(images.max()):g}]: the model takes floats in [0, 1]")
+    return images.astype(np.float32, copy=False)
+
+
+def _runner(path: Path, fmt: str):
+    """The runtime's own images -> logits function of an export in format ``fmt``."""
     if fmt == "onnx":
         session = onnx_session(path)
         return lambda images: session.run(None, {"image": np.asarray(images, np.float32)})[0]
