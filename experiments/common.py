@@ -72,22 +72,75 @@ def _signals_redelivered(previous_hook):
     return hook
 
 
+# milesial/Pytorch-UNet's flags, which many users bring along: for each, what it is
+# here, as (the flag the command must have for this answer, or None; the answer), the
+# first that fits the command.
+_RUN = "--checkpoint RUN_DIR (the folder a training run wrote)"
+_LOAD = ("--resume --workdir RUN (to continue a run) or --init-from RUN (to fine-tune "
+         "from its weights)")
+FOREIGN_FLAGS = {
+    "--learning-rate": [("--lr", "is --lr")], "-l": [("--lr", "is --lr")],
+    "--load": [("--init-from", f"is {_LOAD}"), ("--checkpoint", f"is {_RUN}")],
+    "-f": [("--init-from", f"is {_LOAD}")],
+    "--amp": [("--dtype", "is --dtype bfloat16")],
+    "--bilinear": [(None, "has no counterpart: the U-Net upsamples with transposed "
+                          "convolutions, as the guide's does")],
+    "--validation": [("--val-fraction", "is --val-fraction, a fraction (10% is 0.1)")],
+    "-v": [("--val-fraction", "is --val-fraction, a fraction (10% is 0.1)"),
+           ("--viz", "is --viz")],
+    "--classes": [("--num-classes", "is --num-classes (1 for binary masks)"),
+                  ("--checkpoint", "has no counterpart: the class count is the run's")],
+    "-c": [("--num-classes", "is --num-classes (1 for binary masks)")],
+    "--model": [("--checkpoint", f"is {_RUN}")], "-m": [("--checkpoint", f"is {_RUN}")],
+    "--mask-threshold": [("--threshold", "is --threshold")],
+    "-t": [("--threshold", "is --threshold")],
+    "--no-save": [("--viz", "has no counterpart: masks are always written (--viz adds "
+                            "the figure)")],
+    "-i": [("--input", "is --input")], "-o": [("--output", "is --output")],
+    "-e": [("--epochs", "is --epochs")], "-b": [("--batch-size", "is --batch-size")],
+    "-s": [("--crop", "is --scale, with --crop (see --help)"),
+           ("--checkpoint", "has no counterpart: the scale is the run's")],
+}
+
+
 class Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are one line (argparse prints the usage too)."""
+    """ArgumentParser whose errors are one line (argparse prints the usage too), with
+    the flag meant where a mistyped one or another tool's is given."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
-        if message.startswith("unrecognized arguments:"):
-            message += self._did_you_mean(message.split(":", 1)[1].split())
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        hint = self._foreign(getattr(self, "_given", []))
+        if not hint and message.startswith("unrecognized arguments:"):
+            hint = self._did_you_mean(message.split(":", 1)[1].split())
+        sys.stderr.write(f"{self.prog}: error: {message}{hint} (see --help)\n")
         sys.exit(USER_ERROR)
+
+    def _flags(self) -> set[str]:
+        return {f for action in self._actions for f in action.option_strings}
+
+    def _foreign(self, words: list[str]) -> str:
+        """"; from milesial/Pytorch-UNet: -i is --input; ..." for milesial's flags
+        that this command does not take (where the one meant is this command's, or
+        there is none), all at once: a pasted command line holds several."""
+        flags, found = self._flags(), {}
+        for word in words:
+            name = word.split("=")[0]
+            if name in FOREIGN_FLAGS and name not in flags:
+                found[name] = next((advice for needs, advice in FOREIGN_FLAGS[name]
+                                    if needs is None or needs in flags), None)
+        found = {name: advice for name, advice in found.items() if advice}
+        return ("; from milesial/Pytorch-UNet: " + "; ".join(
+            f"{name} {advice}" for name, advice in found.items())) if found else ""
 
     def _did_you_mean(self, words: list[str]) -> str:
         """"; did you mean --crops-per-image?" for the first mistyped flag; for a
         command that reads a run, a training setting given to it is named as one."""
         import difflib
 
-        flags = [f for action in self._actions for f in action.option_strings
-                 if f.startswith("--")]
+        flags = sorted(f for f in self._flags() if f.startswith("--"))
         for word in words:
             if word.startswith("--"):
                 close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.7)

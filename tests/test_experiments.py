@@ -442,7 +442,42 @@ def test_a_path_inside_a_run_names_the_run(trained_run, tmp_path, capsys, inside
     code = call(predict.main, ["--checkpoint", str(trained_run / inside), "--input",
                                str(tmp_path), "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert code == 2 and err.strip().endswith(f"it is inside the run {trained_run}; pass that")
+    assert code == 2
+    if inside == "checkpoints/2":  # one checkpoint: the run, and the epoch it is
+        assert err.strip().endswith(f"it is checkpoint 2 of the run {trained_run}; pass "
+                                    "that, with --epoch 2")
+    else:
+        assert err.strip().endswith(f"it is inside the run {trained_run}; pass that")
+
+
+def test_a_pytorch_weights_file_as_a_run_names_import_torch(tmp_path, capsys):
+    """milesial/Pytorch-UNet users pass their .pth: 'it is a file' said nothing more."""
+    (tmp_path / "checkpoint_epoch5.pth").write_bytes(b"PK")
+    code = call(predict.main, ["--checkpoint", str(tmp_path / "checkpoint_epoch5.pth"),
+                               "--input", str(tmp_path), "--output", str(tmp_path / "o")])
+    assert code == 2 and capsys.readouterr().err.strip().endswith(
+        "it is a PyTorch weights file; weights the guide's notebook saved become a run "
+        "directory with python -m experiments.import_torch")
+
+
+def test_flags_of_milesial_pytorch_unet_are_answered_with_these(capsys):
+    """A pasted milesial command line got 'required: --checkpoint, --input, --output'
+    with -m, -i and -o given, or 'unrecognized arguments' with no hint."""
+    assert call(predict.main, ["-m", "MODEL.pth", "-i", "a.jpg", "-o", "out.jpg", "-v",
+                               "--classes", "2"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "from milesial/Pytorch-UNet: -m is --checkpoint RUN_DIR (the folder a training run "
+        "wrote); -i is --input; -o is --output; -v is --viz; --classes has no counterpart: "
+        "the class count is the run's (see --help)")
+    assert call(train.main, ["--epochs", "5", "--learning-rate", "1e-5", "--validation",
+                             "10", "--amp", "--load", "x.pth"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "from milesial/Pytorch-UNet: --learning-rate is --lr; --validation is "
+        "--val-fraction, a fraction (10% is 0.1); --amp is --dtype bfloat16; --load is "
+        "--resume --workdir RUN (to continue a run) or --init-from RUN (to fine-tune from "
+        "its weights) (see --help)")
+    assert call(train.main, ["--epoch", "3"]) == 2  # a typo of its own: did you mean
+    assert "did you mean --epochs?" in capsys.readouterr().err
 
 
 def test_image_size_with_crop_is_refused_as_having_no_effect(capsys):

@@ -75,6 +75,11 @@ def test_rejects_a_foreign_state_dict():
     sd["extra.weight"] = np.zeros(3)
     with pytest.raises(ValueError, match="extra.weight"):
         params_from_torch(sd)
+    # milesial/Pytorch-UNet's network is named as the other network it is.
+    with pytest.raises(ValueError, match=r"^a state_dict of milesial/Pytorch-UNet's UNet, "
+                       "another network"):
+        params_from_torch({"inc.double_conv.0.weight": np.zeros((64, 3, 3, 3)),
+                           "outc.conv.weight": np.zeros((2, 64, 1, 1))})
     # config_from_torch says the same, where it raised a bare KeyError.
     with pytest.raises(ValueError, match="down_convolution_1"):
         config_from_torch({})

@@ -522,7 +522,13 @@ def _run_dir_hint(given) -> str:
     given = Path(given)
     for above in list(given.parents)[:3]:
         if (above / "config.json").is_file():
+            if given.parent == above / "checkpoints" and given.name.isdigit():
+                return (f"it is checkpoint {given.name} of the run {above}; pass that, "
+                        f"with --epoch {given.name}")
             return f"it is inside the run {above}; pass that"
+    if given.is_file() and given.suffix in (".pth", ".pt"):
+        return ("it is a PyTorch weights file; weights the guide's notebook saved become a "
+                "run directory with python -m experiments.import_torch")
     if given.is_file():
         return "it is a file; pass the directory that experiments.train wrote"
     return "it has no config.json (pass the directory that experiments.train wrote)"

@@ -78,6 +78,10 @@ def _missing(key: str) -> ValueError:
 def _depth(state_dict: Mapping[str, Any]) -> int:
     levels = {int(m.group(1)) for k in state_dict
               if (m := re.match(r"down_convolution_(\d+)\.", k))}
+    if not levels and "inc.double_conv.0.weight" in state_dict:
+        raise ValueError("a state_dict of milesial/Pytorch-UNet's UNet, another network "
+                         "(batch normalisation, its own layer names), which does not "
+                         "convert to this one; train unet-jax on the data instead")
     if not levels or levels != set(range(1, max(levels) + 1)):
         raise ValueError("not a state_dict of the guide's UNet: expected keys like "
                          "'down_convolution_1.conv.conv_op.0.weight'")
