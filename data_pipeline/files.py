@@ -13,8 +13,8 @@ Four layouts are understood:
   be ``<stem>.<ext>`` or ``<stem>_mask.<ext>``, or, where the stems do not pair, the
   stems less an ending every mask or every image shares: ISIC's ``_segmentation``),
   in any of JPEG, PNG, GIF, TIFF, BMP, WebP.
-  Each image is its own group, unless ``--group-by`` reads groups from the names
-  (``splits.grouped``).
+  Each image is its own group (Kaggle's ``<car>_<NN>`` photos there keep their car),
+  unless ``--group-by`` reads groups from the names (``splits.grouped``).
 * Masks beside their images: ``<stem>.<ext>`` and ``<stem>_mask.<ext>`` in one folder,
   or in each sub-folder of it, one per patient or specimen, as the LGG brain MRI set
   (``kaggle_3m/<patient>/``) ships. A sub-folder is its images' group, so that a split
@@ -41,8 +41,8 @@ from PIL import UnidentifiedImageError
 
 from data_pipeline.errors import DataError
 from data_pipeline.preprocess import (WIDE_MODES, check_no_max_value, load_mask,
-                                      open_within_limit, orientation, shown_size,
-                                      wide_samples)
+                                      open_within_limit, orientation, several_values,
+                                      shown_size, wide_samples)
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +285,9 @@ def _expected_mask(mask_dir: Path, stem: str, layout: str, masks: dict) -> str:
     return f"{mask_dir / names[0]} or {mask_dir / names[1]}, in any image format"
 
 
+_CARVANA_NAME = re.compile(r"[0-9a-f]{12}_\d{2}")  # 00087a6bd4dc_01: car, view
+
+
 def _common_ending(stems) -> str:
     """The ending all ``stems`` share from a separator on, with something before it in
     each ("_segmentation" of ISIC's masks, "_training" of DRIVE's images); ''."""
@@ -335,6 +338,11 @@ def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
                                                               mask_dir)):
         images, masks = renamed
     pairs, claimed = [], set()
+    # Kaggle names photos <car>_<NN>: the car is all before the last underscore. Its
+    # photos in images/ (milesial/Pytorch-UNet's data/imgs, renamed) keep their cars
+    # together too: 16 views of one car on both sides of a split flatter validation.
+    by_car = layout == "kaggle" or bool(images) and all(
+        _CARVANA_NAME.fullmatch(image.stem) for image in images.values())
     for stem, image in images.items():
         mask = masks.get(stem)
         base = stem.removesuffix("_mask")
@@ -348,8 +356,7 @@ def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
             problems.append(f"{image} has no mask (expected "
                             f"{_expected_mask(mask_dir, stem, layout, masks)})")
             continue
-        # Kaggle names photos <car>_<NN>: the car is all before the last underscore.
-        car = stem.rsplit("_", 1)[0] if layout == "kaggle" else image.stem
+        car = image.stem.rsplit("_", 1)[0] if by_car else image.stem
         pairs.append(Pair(image, mask, car))
     problems += [f"{mask} has no image (expected {image_dir / stem}.jpg or similar)"
                  for stem, mask in masks.items()
@@ -418,6 +425,27 @@ def _name_turned_images(pairs: list[Pair], turns: list[int]) -> None:
                     f"{first.image} and {more} other image(s)" if more else first.image,
                     "y" if more else "ies", turn, *(("them", "them", "their masks do")
                                                    if more else ("it", "it", "its mask does")))
+
+
+def _name_class_masks(pairs: list[Pair], sample: int = 8) -> None:
+    """Warns where masks look like several classes to a run that reads them as one
+    (milesial/Pytorch-UNet maps each value to a class; here that takes
+    --num-classes): a few masks spread over the dataset are read, enough for a
+    dataset whose masks hold classes, which most of its masks show."""
+    for pair in pairs[::max(1, len(pairs) // sample)][:sample]:
+        try:
+            found = several_values(pair.mask)
+        except DataError:  # named where it is read
+            continue
+        if found:
+            ids = found.startswith("values ") and "..." not in found and [
+                int(v) for v in found[7:].split(", ")] == list(range(found.count(",") + 1))
+            fix = (f"pass --num-classes {found.count(',') + 1}" if ids else
+                   "store class ids 0..C-1 and pass --num-classes C")
+            log.warning("%s holds %s: read as a binary mask, every non-zero pixel "
+                        "foreground; if they are classes, %s (instance labels, one value "
+                        "per object, are right as they are)", pair.mask, found, fix)
+            return
 
 
 def _turned(path: Path) -> bool:
@@ -508,6 +536,8 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
             pairs = [pair for pair, p in zip(pairs, found) if not p]
             headers = list(pool.map(_header, pairs))  # (turn its mask lacks, wide)
         _name_turned_images(pairs, [turn for turn, _ in headers])
+        if num_classes == 1:
+            _name_class_masks(pairs)
         if max_value and pairs and not any(wide for _, wide in headers):
             log.warning("--max-value %g: every image of %s is 8-bit, which --max-value "
                         "leaves as it is (it scales 16-bit, 32-bit and float images); "

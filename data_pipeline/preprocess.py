@@ -510,6 +510,29 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
     return resize_labels(values, size)[..., None]
 
 
+def several_values(path) -> str | None:
+    """What makes a mask file look like several classes, not one object ("values 0, 1,
+    2", "4 colours"), to a run that reads it as binary (any non-zero pixel
+    foreground, ``load_mask``); None for what is a binary mask: two values, a lossy
+    JPEG's noise around them, graded edges."""
+    with open_image(path) as m:
+        if m.format in ("JPEG", "MPO") or (m.format == "WEBP" and _lossy_webp(path)):
+            return None
+        if m.mode in _OTHER_COLOUR_MODES:
+            m = m.convert("RGB")
+        bands, values = m.getbands(), np.asarray(m)
+    if values.ndim == 3:
+        values = values[..., [i for i, band in enumerate(bands) if band not in ("A", "a", "X")]]
+        colours = np.unique(values.reshape(-1, values.shape[-1]), axis=0)
+        if len(colours) > 2 and (colours != colours[:, :1]).any():
+            return f"{len(colours)} colours"
+        values = values.max(axis=-1)
+    found = np.unique(values)
+    if len(found) <= 2 or ("P" not in bands and _soft(values)):
+        return None
+    return "values " + ", ".join(map(str, found[:6])) + (", ..." if len(found) > 6 else "")
+
+
 def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 labels (h, w) at ``size`` (height, width): each pixel takes the label that
     covers most of its area, so no new value appears. ``labels``: class ids, or a
@@ -638,6 +661,12 @@ def check_class_ids(values: np.ndarray, num_classes: int, path, lossy: bool = Fa
     if found.min() < 0:
         raise DataError(f"{path} holds {int(found.min())}, which is no class id; fix the "
                         "mask: class ids are 0 (background) to C-1")
+    if len(found) <= num_classes and found.max() > 2 * num_classes:
+        # Classes stored as grey levels (0, 127, 255), which other tools map to ids.
+        raise DataError(f"{path} holds the values {', '.join(map(str, found))}, classes "
+                        f"as grey levels, but {have}, which take the class ids "
+                        f"0..{num_classes - 1}; store each class as its id (0 the "
+                        "background, then 1, 2, ...)")
     # Read by train and evaluate alike: the fix is named as a training flag.
     raise DataError(f"{path} holds class {int(found.max())} but the model has "
                     f"{num_classes} classes (0..{num_classes - 1}); train with "

@@ -653,6 +653,53 @@ def test_masks_are_paired_by_names_less_the_ending_all_of_them_share(tmp_path, c
         assert f"({images[0]}.png with {masks[0]}.png); check" in caplog.text
 
 
+@pytest.mark.parametrize("values, found, fix", [
+    ((0, 1, 2), "values 0, 1, 2", "pass --num-classes 3"),
+    ((0, 127, 255), "values 0, 127, 255", "store class ids 0..C-1 and pass --num-classes C"),
+    ("colours", "3 colours", "store class ids 0..C-1 and pass --num-classes C"),
+    ((0, 255), None, None),  # binary
+])
+def test_masks_that_look_like_classes_to_a_binary_run_are_named(tmp_path, caplog, values,
+                                                                found, fix):
+    """milesial/Pytorch-UNet maps each mask value to a class: its users' masks of
+    several values trained here as one object, without a word."""
+    own_dir(tmp_path, n=4)
+    for i, mask in enumerate(sorted((tmp_path / "masks").iterdir())):
+        box = box_mask((W, H), seed=i)
+        if values == "colours":
+            pixels = np.zeros((H, W, 3), np.uint8)
+            pixels[box] = (255, 0, 0)
+            pixels[: H // 4] = (0, 255, 0)
+        else:
+            pixels = np.where(box, values[-1], values[0]).astype(np.uint8)
+            pixels[: H // 4] = values[1]
+        Image.fromarray(pixels).save(mask)
+    with caplog.at_level("WARNING"):
+        assert len(dp.find_pairs(tmp_path)) == 4
+    if found is None:
+        assert "read as a binary mask" not in caplog.text
+    else:
+        assert (f"img0.png holds {found}: read as a binary mask, every non-zero pixel "
+                f"foreground; if they are classes, {fix} (instance labels") in caplog.text
+        assert caplog.text.count("read as a binary mask") == 1
+
+
+def test_carvana_photos_in_images_keep_their_cars(tmp_path):
+    """milesial/Pytorch-UNet's data/imgs of Carvana, renamed images/: each photo was
+    its own group, the 16 views of a car on both sides of the split."""
+    for car in ("00087a6bd4dc", "02159e548029"):
+        for view in ("01", "02"):
+            write_image(tmp_path / "images" / f"{car}_{view}.jpg", (16, 16))
+            write_mask(tmp_path / "masks" / f"{car}_{view}_mask.gif",
+                       box_mask((16, 16)))
+    assert [p.car for p in dp.find_pairs(tmp_path)] == ["00087a6bd4dc"] * 2 + [
+        "02159e548029"] * 2
+    (tmp_path / "images" / "00087a6bd4dc_01.jpg").rename(tmp_path / "images" / "other.jpg")
+    (tmp_path / "masks" / "00087a6bd4dc_01_mask.gif").rename(tmp_path / "masks" / "other.gif")
+    assert [p.car for p in dp.find_pairs(tmp_path)][:2] == ["00087a6bd4dc_02",
+                                                             "02159e548029_01"]
+
+
 def test_a_lone_images_folder_is_not_called_one_folder_of_a_layout(tmp_path):
     """Without masks/ beside it, images/ is not one half of a layout to pass the
     parent of; the message says what it holds instead."""

@@ -103,6 +103,14 @@ def test_class_ids_are_kept_and_checked(tmp_path):
     with pytest.raises(data_pipeline.DataError, match=r"soft\.png holds values from 0 to "
                        r"255 with graded edges, .* train with --num-classes 1"):
         preprocess.load_mask(tmp_path / "soft.png", None, 2)
+    levels = np.zeros((8, 8), np.uint8)
+    levels[:3], levels[5:] = 127, 255  # classes as grey levels: 'try 256 classes' before
+    Image.fromarray(levels).save(tmp_path / "levels.png")
+    with pytest.raises(data_pipeline.DataError, match=r"levels\.png holds the values 0, 127, "
+                       r"255, classes as grey levels, but the model has 3 classes "
+                       r"\(--num-classes 3\), which take the class ids 0\.\.2; store each "
+                       r"class as its id"):
+        preprocess.load_mask(tmp_path / "levels.png", None, 3)
     # Binary: the ids are all foreground, whatever their value.
     np.testing.assert_array_equal(preprocess.load_mask(tmp_path / "ids.png")[..., 0], ids > 0)
     # 16-bit class ids keep their values (a 16-bit mask is not rescaled).
