@@ -598,7 +598,9 @@ def check_crop_fits(pairs, crop: tuple[int, int], scale: float, multiple: int = 
 
 def find_images(path, *, skip_bad: bool = False, by_stem: bool = True) -> list[Path]:
     """The images to predict: one image file, or a folder's images in name order,
-    less the masks kept beside them (``x_mask.png`` beside ``x.png``), with a warning.
+    less the masks kept beside them (``x_mask.png`` beside ``x.png``), with a warning;
+    or, for a list of such paths (a shell pattern's files), the images of each, in
+    the order given.
 
     With ``by_stem`` (predict: its outputs are named by stem), two images of one stem
     (``e0.png``, ``e0.jpg``) would write the same ``e0_mask.png``: a DataError naming
@@ -607,6 +609,22 @@ def find_images(path, *, skip_bad: bool = False, by_stem: bool = True) -> list[P
     opened: ``check_images`` checks them, before any is predicted, so that a
     truncated photo is named now, not an hour into a run.
     """
+    given = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    found = list(dict.fromkeys(image for one in given for image in _images_of(one)))
+    images, problems = _by_stem(found) if by_stem else ({p.name: p for p in found}, [])
+    if problems and not skip_bad:
+        raise DataError(f"{problems[0]}: their masks would share one output file; "
+                        "or pass --skip-bad to leave them out")
+    if problems:
+        log.warning("skipping images whose names clash:\n  %s", "\n  ".join(problems))
+    if not images:  # every file of the folder clashed with another
+        raise DataError(f"--input {' '.join(map(str, given))}: no images left to predict")
+    kept = set(images.values())
+    return [image for image in found if image in kept]
+
+
+def _images_of(path) -> list[Path]:
+    """``find_images`` of one file or folder, before the names are compared."""
     path = Path(path).expanduser()
     if path.is_file():
         if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -626,20 +644,14 @@ def find_images(path, *, skip_bad: bool = False, by_stem: bool = True) -> list[P
                     path, len(beside), beside[0].name, beside[0].stem[:-5])
         left_out = set(beside)
         found = [p for p in found if p not in left_out]
-    images, problems = _by_stem(found) if by_stem else ({p.name: p for p in found}, [])
-    if problems and not skip_bad:
-        raise DataError(f"{problems[0]}: their masks would share one output file; "
-                        "or pass --skip-bad to leave them out")
-    if problems:
-        log.warning("skipping images whose names clash:\n  %s", "\n  ".join(problems))
-    if not images:
+    if not found:
         raise DataError(f"--input {path}: the folder holds no images "
                         f"({', '.join(IMAGE_SUFFIXES)}){_nested_hint([path])}"
                         f"{_unzip_hint(path)}")
     if nested := _nested(path):
         log.warning("--input %s: the images in its sub-folders (%s) are not read; give "
                     "each folder as --input", path, nested)
-    return sorted(images.values())
+    return found
 
 
 def check_images(paths, *, skip_bad: bool = False, workers: int = 16) -> list[Path]:

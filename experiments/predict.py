@@ -28,7 +28,9 @@ python -m experiments.predict --checkpoint RUN_DIR --input big.tif --output out/
 def parse_args(argv=None):
     p = common.make_parser("experiments.predict", __doc__.split("\n\n")[0], EXAMPLES)
     common.add_checkpoint_flags(p)
-    p.add_argument("--input", required=True, help="an image file or a folder of images")
+    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
+                   help="image files or folders of images (a shell pattern such as "
+                        "photos/*.jpg gives several)")
     p.add_argument("--output", required=True, help="folder for <name>_mask.png files")
     p.add_argument("--viz", action="store_true", help="also write <name>_viz.png: input, "
                    "predicted mask, overlay")
@@ -57,9 +59,9 @@ def main(argv=None):
     every = [path for path in data_pipeline.find_images(args.input, skip_bad=args.skip_bad)
              if not is_output(path, out)]
     if not every:
-        raise common.UserError(f"--input {args.input} holds only this command's own outputs "
-                               "(<name>_mask.png, <name>_viz.png, <name>_prob.png); give the "
-                               "folder of images")
+        raise common.UserError(f"--input {' '.join(args.input)} holds only this command's "
+                               "own outputs (<name>_mask.png, <name>_viz.png, "
+                               "<name>_prob.png); give the folder of images")
     paths = data_pipeline.check_images(every, skip_bad=args.skip_bad)
     probs = probability_names(predictor.config.num_classes) if args.probabilities else ()
     kinds = ("mask", *(("viz",) if args.viz else ()), *probs)

@@ -123,7 +123,12 @@ def test_a_new_run_refuses_to_overwrite_an_old_one(trained_run, capsys):
 
 def test_resume_refuses_changed_settings(trained_run, capsys):
     assert call(train.main, ["--workdir", str(trained_run), "--resume", "--lr", "1"]) == 2
-    assert "--lr 1.0 differs from the run's 0.003" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--lr 1.0 differs from the run's 0.003" in err
+    # Going on with another rate is fine-tuning: the way there is named.
+    assert err.strip().endswith(f"drop the flag, or start a new --workdir (with --init-from "
+                                f"{trained_run} to go on from its weights with other "
+                                "settings)")
 
 
 def test_resume_accepts_the_same_command_repeated(data_dir, tmp_path, capsys):
@@ -448,6 +453,28 @@ def test_a_path_inside_a_run_names_the_run(trained_run, tmp_path, capsys, inside
                                     "that, with --epoch 2")
     else:
         assert err.strip().endswith(f"it is inside the run {trained_run}; pass that")
+
+
+def test_predict_takes_several_inputs_as_a_shell_pattern_gives_them(trained_run, tmp_path,
+                                                                    capsys):
+    """milesial's `-i a.jpg b.jpg`, or photos/*.jpg, got 'unrecognized arguments' with
+    every file name after the first."""
+    from tests.data_fixtures import write_image
+
+    for folder in ("a", "b"):
+        for name in ("x.png", "y.png"):
+            write_image(tmp_path / folder / f"{folder}{name}", (40, 30))
+    given = [str(tmp_path / "a" / "ax.png"), str(tmp_path / "a" / "ay.png"),
+             str(tmp_path / "b")]
+    assert call(predict.main, ["--checkpoint", str(trained_run), "--input", *given,
+                               "--output", str(tmp_path / "o")]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "ax_mask.png", "ay_mask.png", "bx_mask.png", "by_mask.png"]
+    capsys.readouterr()
+    write_image(tmp_path / "b" / "ax.jpg", (40, 30))  # one output name for two images
+    assert call(predict.main, ["--checkpoint", str(trained_run), "--input", *given,
+                               "--output", str(tmp_path / "o2")]) == 2
+    assert "both claim the name 'ax'" in capsys.readouterr().err
 
 
 def test_a_pytorch_weights_file_as_a_run_names_import_torch(tmp_path, capsys):
