@@ -184,3 +184,10 @@ def test_a_list_of_augmentations_and_the_warmup_example_are_valid():
         Config(warmup_epochs=1, epochs=1)
     example = float(str(e.value).rsplit("e.g. ", 1)[1])
     assert Config(warmup_epochs=example, epochs=1).warmup_epochs == example
+
+
+def test_a_validation_percentage_is_named_as_a_fraction():
+    """milesial/Pytorch-UNet's --validation 10 is a percentage."""
+    with pytest.raises(ConfigError, match=r"^--val-fraction 10\.0: give a fraction in \(0, "
+                       r"1\) \(10% is 0\.1\)$"):
+        Config(val_fraction=10)

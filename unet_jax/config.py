@@ -220,7 +220,10 @@ class Config:
         if not 0 < self.subset <= 1:
             raise ConfigError(f"--subset {self.subset}: give a fraction in (0, 1]")
         if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"--val-fraction {self.val_fraction}: give a fraction in (0, 1)")
+            percent = (f" ({self.val_fraction:g}% is {self.val_fraction / 100:g})"
+                       if 1 < self.val_fraction < 100 else "")
+            raise ConfigError(f"--val-fraction {self.val_fraction}: give a fraction in "
+                              f"(0, 1){percent}")
         if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise ConfigError(f"--lr {self.learning_rate}: give a positive learning rate")
         if not math.isfinite(self.weight_decay) or self.weight_decay < 0:

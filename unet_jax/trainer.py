@@ -206,7 +206,8 @@ def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
         raise ConfigError(
             f"{what} in {config_file}; --resume continues a "
             "run with its own settings (only --epochs, and --data-dir for data that moved, "
-            "may change): drop the flag or start a new --workdir")
+            "may change): drop the flag, or start a new --workdir (with --init-from "
+            f"{workdir} to go on from its weights with other settings)")
 
 
 def build_data(config: Config, workdir: Path, resume: bool):
