@@ -127,9 +127,16 @@ def test_every_field_is_a_flag_with_help():
     assert config_lib.overrides(parser.parse_args([])) == {}
 
 
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    """``python -c code`` in the repository, without the caller's XLA_FLAGS unless
+    ``env`` gives some."""
+    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, env={**base, **env}, timeout=120)
+
+
 def _python(code: str, **env) -> str:
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, env={**os.environ, **env}, timeout=120)
+    result = _run(code, **env)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -137,10 +144,7 @@ def _python(code: str, **env) -> str:
 def test_import_changes_nothing_in_the_environment():
     code = ("import os; before = dict(os.environ); import unet_jax, data_pipeline, "
             "experiments.train; print(before == dict(os.environ))")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, env=env, timeout=120)
-    assert result.stdout.strip() == "True", result.stderr
+    assert _python(code) == "True"
 
 
 def test_setup_platform_adds_cpu_flags_on_the_cpu_and_keeps_the_users():
@@ -159,9 +163,7 @@ def test_setup_platform_after_jax_started_says_its_cpu_flags_come_too_late():
     """It returned 'cpu' and did nothing else: XLA had read XLA_FLAGS as it started."""
     code = ("import jax.numpy as jnp, unet_jax; jnp.ones(1); unet_jax.setup_platform('cpu'); "
             "unet_jax.setup_platform('cpu'); print('ok')")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, env=env, timeout=120)
+    result = _run(code)
     assert result.stdout.strip() == "ok", result.stderr
     assert result.stderr.count("setup_platform('cpu') after JAX started computing: its "
                                "CPU settings (XLA_FLAGS) apply from the next process on; "
