@@ -327,6 +327,36 @@ def check_input_size(height: int, width: int, depth: int) -> None:
             f"nearest valid sizes: {hints}")
 
 
+def check_batch(model: "UNet", x) -> None:
+    """Raises a one-line error for a batch the U-Net would misread or fail on deep
+    inside Flax: not NHWC (PyTorch's NCHW is named as such), not floats, another
+    channel count than its parameters were made for, a size the pooling cannot halve
+    ``depth`` times, or settings that do not fit together."""
+    if x.ndim != 4:
+        raise ValueError(f"expected an NHWC batch of rank 4, got shape {x.shape}")
+    if x.shape[1] in (1, 3, 4) and x.shape[3] > 4:
+        raise ValueError(f"got shape {x.shape}, PyTorch's NCHW order (batch, channels, "
+                         "height, width); Flax takes NHWC (batch, height, width, "
+                         "channels): pass x.transpose(0, 2, 3, 1)")
+    first = model.variables.get("params", {}).get("down_1", {}).get("conv", {})
+    kernel = first.get("conv1", {}).get("kernel")
+    if kernel is not None and kernel.ndim == 4 and kernel.shape[2] != x.shape[3]:
+        # Flax would stop inside the first convolution with a shape mismatch.
+        raise ValueError(f"the images have {x.shape[3]} channel(s) but these parameters "
+                         f"were made for {kernel.shape[2]} (in_channels): give "
+                         f"{'RGB' if kernel.shape[2] == 3 else 'grayscale'} images, or "
+                         f"parameters made with in_channels={x.shape[3]}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):  # 0..255 would saturate every ReLU
+        raise TypeError(f"images are {x.dtype}: the U-Net takes floats in [0, 1]; "
+                        "divide 0..255 values by 255 (data_pipeline.to_float)")
+    check_counts(base_features=model.base_features, depth=model.depth,
+                 num_classes=model.num_classes)
+    if model.attention and not model.skip_connections:
+        raise ValueError("attention gates weigh the skip connections: they need "
+                         "skip_connections=True")
+    check_input_size(x.shape[1], x.shape[2], model.depth)
+
+
 class UNet(nn.Module):
     """The full U-Net: ``depth`` DownSamples, a bottleneck, ``depth`` UpSamples, a 1x1 head.
 
@@ -377,29 +407,7 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        if x.ndim != 4:
-            raise ValueError(f"expected an NHWC batch of rank 4, got shape {x.shape}")
-        if x.shape[1] in (1, 3, 4) and x.shape[3] > 4:
-            raise ValueError(f"got shape {x.shape}, PyTorch's NCHW order (batch, channels, "
-                             "height, width); Flax takes NHWC (batch, height, width, "
-                             "channels): pass x.transpose(0, 2, 3, 1)")
-        first = self.variables.get("params", {}).get("down_1", {}).get("conv", {})
-        kernel = first.get("conv1", {}).get("kernel")
-        if kernel is not None and kernel.ndim == 4 and kernel.shape[2] != x.shape[3]:
-            # Flax would stop inside the first convolution with a shape mismatch.
-            raise ValueError(f"the images have {x.shape[3]} channel(s) but these parameters "
-                             f"were made for {kernel.shape[2]} (in_channels): give "
-                             f"{'RGB' if kernel.shape[2] == 3 else 'grayscale'} images, or "
-                             f"parameters made with in_channels={x.shape[3]}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):  # 0..255 would saturate every ReLU
-            raise TypeError(f"images are {x.dtype}: the U-Net takes floats in [0, 1]; "
-                            "divide 0..255 values by 255 (data_pipeline.to_float)")
-        check_counts(base_features=self.base_features, depth=self.depth,
-                     num_classes=self.num_classes)
-        if self.attention and not self.skip_connections:
-            raise ValueError("attention gates weigh the skip connections: they need "
-                             "skip_connections=True")
-        check_input_size(x.shape[1], x.shape[2], self.depth)
+        check_batch(self, x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv=self.conv,
                   separable=self.separable)
         down_block, double_conv, up_block = DownSample, DoubleConv, UpSample

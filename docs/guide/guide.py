@@ -214,7 +214,9 @@ for name, layer in up_vars["params"].items():
 # %% [markdown]
 # ### Skip connections, bottleneck and final layer: the whole `UNet`
 #
-# `UNet.__call__` is the PyTorch guide's `forward` as a loop: each `DownSample` appends
+# `UNet.__call__` is the PyTorch guide's `forward` as a loop, after `check_batch` has
+# named any batch it would misread (PyTorch's NCHW order, 0..255 integers, a size the
+# pools cannot halve four times): each `DownSample` appends
 # its full-resolution map to `skips`; the bottleneck, a `DoubleConv` at 1024 channels,
 # works on the smallest map (32x32 for a 512x512 input); the decoder takes the skips
 # in reverse, the deepest first; a 1x1 convolution, the head, turns the 64 features
