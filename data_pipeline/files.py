@@ -200,8 +200,9 @@ def _layout_hint(root: Path) -> str:
                          if p.is_dir() and not p.name.startswith("."))
     except OSError:  # unreadable: the message without a hint is still right
         return ""
-    images = [name for name in folders if _words(name) & _IMAGE_WORDS]
-    masks = [name for name in folders if _words(name) & _MASK_WORDS and name not in images]
+    # A mask word wins: image_masks/ and label_images/ hold masks.
+    masks = [name for name in folders if _words(name) & _MASK_WORDS]
+    images = [name for name in folders if _words(name) & _IMAGE_WORDS and name not in masks]
     if len(images) == 1 and len(masks) == 1:
         renames = [f"{old}/ to {new}/" for old, new in ((images[0], "images"),
                                                         (masks[0], "masks"))
@@ -297,6 +298,9 @@ def _common_ending(stems) -> str:
     common = os.path.commonprefix([stem[::-1] for stem in stems])[::-1]
     start = re.search(r"[_\-. ]", common)
     ending = common[start.start():] if start else ""
+    # A number in it ("_slice_05") may be what tells the files apart in another folder.
+    if any(part.isdigit() for part in re.split(r"[_\-. ]", ending)):
+        return ""
     return ending if ending and all(len(stem) > len(ending) for stem in stems) else ""
 
 
@@ -438,13 +442,12 @@ def _name_class_masks(pairs: list[Pair], sample: int = 8) -> None:
         except DataError:  # named where it is read
             continue
         if found:
-            ids = found.startswith("values ") and "..." not in found and [
-                int(v) for v in found[7:].split(", ")] == list(range(found.count(",") + 1))
-            fix = (f"pass --num-classes {found.count(',') + 1}" if ids else
+            what, ids = found
+            fix = (f"pass --num-classes {ids}" if ids else
                    "store class ids 0..C-1 and pass --num-classes C")
             log.warning("%s holds %s: read as a binary mask, every non-zero pixel "
                         "foreground; if they are classes, %s (instance labels, one value "
-                        "per object, are right as they are)", pair.mask, found, fix)
+                        "per object, are right as they are)", pair.mask, what, fix)
             return
 
 
@@ -611,7 +614,7 @@ def find_images(path, *, skip_bad: bool = False, by_stem: bool = True) -> list[P
     """
     given = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     found = list(dict.fromkeys(image for one in given for image in _images_of(one)))
-    images, problems = _by_stem(found) if by_stem else ({p.name: p for p in found}, [])
+    images, problems = _by_stem(found) if by_stem else ({str(p): p for p in found}, [])
     if problems and not skip_bad:
         raise DataError(f"{problems[0]}: their masks would share one output file; "
                         "or pass --skip-bad to leave them out")

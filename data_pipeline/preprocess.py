@@ -252,9 +252,10 @@ def from_array(array: np.ndarray, max_value: float = 0.0) -> Image.Image:
                                     or np.issubdtype(values.dtype, np.floating)):
         raise DataError(f"{IN_MEMORY} is {values.dtype}: give uint8, 16-bit or float values")
     floats = np.issubdtype(values.dtype, np.floating)
-    if floats and not max_value and values.size and float(values.min()) < 0:
+    if floats and not max_value and values.size and np.mean(values < 0) > 0.05:
         # Clipped to 0, as a file's would be: a normalised tensor (mean 0) would lose
-        # half its pixels without a word.
+        # half its pixels without a word. A cubic resize's overshoot (a few pixels
+        # just below 0) is clipped as before.
         raise DataError(f"{IN_MEMORY} holds values from {float(values.min()):g} to "
                         f"{float(values.max()):g}, normalised: give the image itself, "
                         "floats in [0, 1] or 0..255 values")
@@ -510,27 +511,38 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
     return resize_labels(values, size)[..., None]
 
 
-def several_values(path) -> str | None:
-    """What makes a mask file look like several classes, not one object ("values 0, 1,
-    2", "4 colours"), to a run that reads it as binary (any non-zero pixel
-    foreground, ``load_mask``); None for what is a binary mask: two values, a lossy
-    JPEG's noise around them, graded edges."""
+def several_values(path) -> tuple[str, int | None] | None:
+    """What makes a mask file look like several classes, not one object, to a run that
+    reads it as binary (any non-zero pixel foreground, ``load_mask``): ("values 0, 1,
+    2", 3), the count C where the values are the class ids 0..C-1 (else None), or
+    ("2 colours", None); None for what is a binary mask: two values, a lossy JPEG's
+    noise around them, graded edges (in grey or in one colour), float levels."""
     with open_image(path) as m:
         if m.format in ("JPEG", "MPO") or (m.format == "WEBP" and _lossy_webp(path)):
             return None
         if m.mode in _OTHER_COLOUR_MODES:
             m = m.convert("RGB")
         bands, values = m.getbands(), np.asarray(m)
+    if values.dtype.kind not in "ub" and "P" not in bands:
+        return None  # float or signed levels: not class ids either way
+    colours = None
     if values.ndim == 3:
         values = values[..., [i for i, band in enumerate(bands) if band not in ("A", "a", "X")]]
-        colours = np.unique(values.reshape(-1, values.shape[-1]), axis=0)
-        if len(colours) > 2 and (colours != colours[:, :1]).any():
-            return f"{len(colours)} colours"
+        lit = values.reshape(-1, values.shape[-1])
+        lit = lit[lit.max(axis=1) > 0].astype(np.float32)
+        # One colour at several brightnesses (an anti-aliased red object) is one object.
+        colours = len(np.unique(np.round(lit / lit.max(axis=1, keepdims=True), 1), axis=0))
         values = values.max(axis=-1)
-    found = np.unique(values)
-    if len(found) <= 2 or ("P" not in bands and _soft(values)):
+    if "P" not in bands and _soft(values):
         return None
-    return "values " + ", ".join(map(str, found[:6])) + (", ..." if len(found) > 6 else "")
+    if colours is not None and colours > 1:
+        return f"{colours} colours", None
+    found = np.unique(values)
+    if len(found) <= 2:
+        return None
+    shown = ", ".join(map(str, found[:6])) + (", ..." if len(found) > 6 else "")
+    ids = len(found) if np.array_equal(found, np.arange(len(found))) else None
+    return f"values {shown}", ids
 
 
 def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -576,26 +588,29 @@ def _half(values: np.ndarray) -> int:
 def _soft(values: np.ndarray) -> bool:
     """Whether a binary mask has graded edges: it reaches its type's full scale (255
     for 8 bits) and its values between 0 and that lie on a thin ring around the
-    full-scale pixels (at least 90% of them within 2 pixels of one). Masks drawn with
-    anti-aliasing, or resized with a smooth filter, have such a ring at every edge,
-    which "any non-zero" would count as foreground, growing each object by a pixel
-    or more. Objects of a level of their own (a grey one beside a white one) are not
-    a ring, and 0/1 and class-id masks never reach full scale: both keep "any
-    non-zero"."""
+    full-scale pixels (at least 90% of them within 2 pixels of one, diagonals
+    included; values under 1/32 of full scale, a Lanczos filter's ringing, are not
+    counted). Masks drawn with anti-aliasing, or resized with a smooth filter, have
+    such a ring at every edge, which "any non-zero" would count as foreground, growing
+    each object by a pixel or more. Objects of a level of their own (a grey one beside
+    a white one) are not a ring, and 0/1 and class-id masks never reach full scale:
+    both keep "any non-zero"."""
     if values.dtype.kind != "u" or not values.size:
         return False
-    top = values == np.iinfo(values.dtype).max
-    between = (values > 0) & ~top
+    full = np.iinfo(values.dtype).max
+    top = values == full
+    between = (values > full // 32) & ~top
     if not top.any() or not between.any():
         return False
     near = top
-    for _ in range(2):  # grow the full-scale pixels by one pixel, twice
+    for _ in range(2):  # grow the full-scale pixels by one pixel, diagonals too, twice
         grown = near.copy()
         grown[1:] |= near[:-1]
         grown[:-1] |= near[1:]
-        grown[:, 1:] |= near[:, :-1]
-        grown[:, :-1] |= near[:, 1:]
-        near = grown
+        wide = grown.copy()
+        wide[:, 1:] |= grown[:, :-1]
+        wide[:, :-1] |= grown[:, 1:]
+        near = wide
     return (between & near).sum() >= 0.9 * between.sum()
 
 

@@ -467,6 +467,10 @@ def test_an_image_in_memory_is_predicted_as_its_file_is(run, tmp_path):
         predictor.predict([tmp_path / "big.jpg"])
     np.testing.assert_array_equal(predictor.predict(jnp.asarray(pixels)),
                                   predictor.predict(pixels))  # a JAX array: as numpy's
+    # A cubic resize's overshoot, a few values just below 0, is the photo still.
+    overshoot = pixels / 255.0
+    overshoot[0, :3] = -0.05
+    assert predictor.predict(overshoot).shape == pixels.shape[:2]
     with pytest.raises(ValueError, match=r"^image 0 is 40x60, but this run predicts images "
                        r"resized to 32x48: pass decode\(image\), which resizes, or use "
                        r"predict\(image\)$"):

@@ -599,12 +599,26 @@ def test_a_zip_where_images_are_expected_says_to_unzip_it(tmp_path):
     (("images", "mask", "1st_manual"), "", "it holds images/ and 2 folders that could "
      "hold its masks (1st_manual/, mask/): rename the one with the labels to learn (not, "
      "say, a field-of-view mask) to masks/"),
+    (("images", "image_masks"), "", "it holds images/ and image_masks/: rename "
+     "image_masks/ to masks/"),  # a mask word wins
 ])
 def test_a_folder_of_no_known_layout_says_what_it_holds_and_the_fix(tmp_path, folders,
                                                                     given, hint):
     for name in folders:
         (tmp_path / name).mkdir()
     assert error_of(tmp_path / given).endswith(hint + (f", {tmp_path}" if given else ""))
+
+
+def test_several_inputs_keep_files_of_one_name_where_names_do_not_matter(tmp_path):
+    """submit's rows are keyed by the whole path's name within one folder; over two
+    folders a.png and a.png are two images, not one dropped."""
+    for folder in ("a", "b"):
+        write_image(tmp_path / folder / "x.png", (8, 8))
+    both = [tmp_path / "a", tmp_path / "b"]
+    assert dp.find_images(both, by_stem=False) == [tmp_path / "a" / "x.png",
+                                                   tmp_path / "b" / "x.png"]
+    with pytest.raises(dp.DataError, match="both claim the name 'x'"):
+        dp.find_images(both)
 
 
 def test_a_dataset_one_folder_down_is_named_and_trimaps_beside_xmls_are_found(tmp_path):
@@ -636,6 +650,9 @@ def test_a_dataset_one_folder_down_is_named_and_trimaps_beside_xmls_are_found(tm
     (["a_x", "b_x", "c_x"], ["a_x", "b_x", "c_y"], 2),
     # Endings that would pair too few: names as they are.
     (["a_x", "b_x", "c_x", "d_x"], ["a_m", "e_m", "f_m", "g_m"], 0),
+    # A number in the ending tells the files apart: slice 05 is not slice 06.
+    (["pA_slice_05", "pB_slice_05", "pC_slice_05"],
+     ["pA_slice_06_seg", "pB_slice_06_seg", "pC_slice_06_seg"], 0),
 ])
 def test_masks_are_paired_by_names_less_the_ending_all_of_them_share(tmp_path, caplog,
                                                                      images, masks, pairs):
@@ -648,6 +665,8 @@ def test_masks_are_paired_by_names_less_the_ending_all_of_them_share(tmp_path, c
     assert [(p.image.stem, p.mask.stem) for p in found] == [
         (image, mask) for image, mask in zip(images, masks)][:pairs]
     assert ("paired with images by their names less" in caplog.text) == (pairs == 3)
+    if pairs == 0:
+        assert len(found) == 0
     if pairs == 3:
         assert [p.car for p in found] == sorted(images)  # the split's groups: the images'
         assert f"({images[0]}.png with {masks[0]}.png); check" in caplog.text
@@ -656,8 +675,11 @@ def test_masks_are_paired_by_names_less_the_ending_all_of_them_share(tmp_path, c
 @pytest.mark.parametrize("values, found, fix", [
     ((0, 1, 2), "values 0, 1, 2", "pass --num-classes 3"),
     ((0, 127, 255), "values 0, 127, 255", "store class ids 0..C-1 and pass --num-classes C"),
-    ("colours", "3 colours", "store class ids 0..C-1 and pass --num-classes C"),
+    ("colours", "2 colours", "store class ids 0..C-1 and pass --num-classes C"),
     ((0, 255), None, None),  # binary
+    ("red, anti-aliased", None, None),  # one colour at several brightnesses
+    ("lanczos", None, None),  # a smooth resize's graded edges and ringing
+    ("float", None, None),  # float levels (a soft edge): not class ids; it crashed
 ])
 def test_masks_that_look_like_classes_to_a_binary_run_are_named(tmp_path, caplog, values,
                                                                 found, fix):
@@ -666,6 +688,21 @@ def test_masks_that_look_like_classes_to_a_binary_run_are_named(tmp_path, caplog
     own_dir(tmp_path, n=4)
     for i, mask in enumerate(sorted((tmp_path / "masks").iterdir())):
         box = box_mask((W, H), seed=i)
+        if values in ("red, anti-aliased", "lanczos"):
+            big = Image.fromarray(np.kron(box, np.ones((4, 4))).astype(np.uint8) * 255)
+            grey = np.asarray(big.rotate(17).resize((W, H), Image.Resampling.LANCZOS
+                                                    if values == "lanczos" else
+                                                    Image.Resampling.BOX))
+            pixels = grey if values == "lanczos" else np.stack(
+                [grey, np.zeros_like(grey), np.zeros_like(grey)], -1)
+            Image.fromarray(pixels).save(mask)
+            continue
+        if values == "float":
+            mask.unlink()
+            pixels = box.astype(np.float32)
+            pixels[: H // 4] = 0.5
+            Image.fromarray(pixels, mode="F").save(mask.with_suffix(".tif"))
+            continue
         if values == "colours":
             pixels = np.zeros((H, W, 3), np.uint8)
             pixels[box] = (255, 0, 0)
