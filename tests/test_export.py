@@ -127,7 +127,7 @@ def exported(run_dir, tmp_path_factory):
     return paths
 
 
-def test_a_loaded_export_names_images_it_would_misread(exported, reference):
+def test_a_loaded_export_names_images_it_would_misread(exported, reference, tmp_path):
     """uint8 photos were cast to floats as they are (logits in the thousands, no
     error), and an NCHW batch failed as a shape mismatch inside the runtime."""
     run = export.load(exported["stablehlo"])
@@ -143,6 +143,16 @@ def test_a_loaded_export_names_images_it_would_misread(exported, reference):
         with pytest.raises(ValueError, match=message):
             run(given)
     np.testing.assert_array_equal(run(images.astype(np.float64)), run(images))
+    with pytest.raises(ValueError, match=r"^images hold NaN values"):
+        run(np.full_like(images, np.nan))
+    overshoot = images.copy()
+    overshoot[0, 0, :2] = -0.01  # a cubic resize's: a few values just outside
+    assert run(overshoot).shape == run(images).shape
+    # A damaged sidecar beside a file whose format is given: the model still loads.
+    copy = tmp_path / "unet.stablehlo"
+    copy.write_bytes(exported["stablehlo"].read_bytes())
+    export.sidecar_path(copy).write_text("{")
+    assert export.load(copy, "stablehlo")(images).shape == run(images).shape
 
 
 @pytest.mark.parametrize("fmt", export.FORMATS)

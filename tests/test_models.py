@@ -75,6 +75,13 @@ def test_pytorch_order_and_the_wrong_channel_count_are_named():
                        r"parameters were made for 3 \(in_channels\): give RGB images"):
         model.apply(params, jnp.zeros((1, 32, 32, 1)))
     assert model.apply(params, jnp.zeros((1, 32, 32, 3))).shape == (1, 32, 32, 1)
+    separable = UNet(base_features=4, depth=2, separable=True)
+    params = separable.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match=r"^the images have 1 channel\(s\) but these "
+                       r"parameters were made for 3"):
+        separable.apply(params, jnp.zeros((1, 32, 32, 1)))
+    # NHWC whose height fits the depth is not taken for NCHW, whatever its channels.
+    assert model.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 4, 8, 6)))
 
 
 @pytest.mark.parametrize("field,value", [("base_features", 0), ("depth", 0),

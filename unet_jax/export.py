@@ -36,6 +36,7 @@ takes per pixel (where predict tiles instead), and the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -293,7 +294,12 @@ def load(path, fmt: str | None = None):
     not given). Images it would misread (uint8 0..255, PyTorch's NCHW order, another
     channel count) raise a one-line ValueError."""
     path = Path(path)
-    sidecar = read_sidecar(path) if fmt is None or sidecar_path(path).is_file() else {}
+    sidecar = {}
+    if fmt is None:
+        sidecar = read_sidecar(path)
+    elif sidecar_path(path).is_file():  # for the channel check alone: not needed
+        with contextlib.suppress(ExportError):
+            sidecar = read_sidecar(path)
     fmt = fmt or sidecar["format"]
     run = _runner(path, fmt)
     channels = sidecar.get("prediction", {}).get("in_channels")
@@ -317,7 +323,11 @@ def _checked_images(images, channels: int | None) -> np.ndarray:
     if not np.issubdtype(images.dtype, np.floating):
         raise ValueError(f"images are {images.dtype}: the model takes floats in [0, 1]; "
                          "divide 0..255 values by 255")
-    if images.size and not 0 <= float(images.min()) <= float(images.max()) <= 1:
+    if np.isnan(images).any():
+        raise ValueError("images hold NaN values: the model takes floats in [0, 1]")
+    # Most values outside: 0..255 or a normalised tensor; a cubic resize's overshoot
+    # (a few values just outside) is the photo still.
+    if images.size and np.mean((images < 0) | (images > 1)) > 0.05:
         raise ValueError(f"images hold values in [{float(images.min()):g}, "
                          f"{float(images.max()):g}]: the model takes floats in [0, 1]")
     return images.astype(np.float32, copy=False)

@@ -334,17 +334,20 @@ def check_batch(model: "UNet", x) -> None:
     ``depth`` times, or settings that do not fit together."""
     if x.ndim != 4:
         raise ValueError(f"expected an NHWC batch of rank 4, got shape {x.shape}")
-    if x.shape[1] in (1, 3, 4) and x.shape[3] > 4:
+    if x.shape[1] in (1, 3, 4) and x.shape[3] > 4 and x.shape[1] % 2 ** model.depth:
         raise ValueError(f"got shape {x.shape}, PyTorch's NCHW order (batch, channels, "
                          "height, width); Flax takes NHWC (batch, height, width, "
                          "channels): pass x.transpose(0, 2, 3, 1)")
-    first = model.variables.get("params", {}).get("down_1", {}).get("conv", {})
-    kernel = first.get("conv1", {}).get("kernel")
-    if kernel is not None and kernel.ndim == 4 and kernel.shape[2] != x.shape[3]:
+    first = model.variables.get("params", {}).get("down_1", {}).get("conv", {}).get("conv1", {})
+    # A plain convolution's kernel is (3, 3, in, out); a separable one's depthwise
+    # kernel (3, 3, 1, in).
+    kernel = first.get("kernel", first.get("depthwise", {}).get("kernel"))
+    channels = None if kernel is None else kernel.shape[-1 if "depthwise" in first else 2]
+    if channels is not None and channels != x.shape[3]:
         # Flax would stop inside the first convolution with a shape mismatch.
         raise ValueError(f"the images have {x.shape[3]} channel(s) but these parameters "
-                         f"were made for {kernel.shape[2]} (in_channels): give "
-                         f"{'RGB' if kernel.shape[2] == 3 else 'grayscale'} images, or "
+                         f"were made for {channels} (in_channels): give "
+                         f"{'RGB' if channels == 3 else 'grayscale'} images, or "
                          f"parameters made with in_channels={x.shape[3]}")
     if not jnp.issubdtype(x.dtype, jnp.floating):  # 0..255 would saturate every ReLU
         raise TypeError(f"images are {x.dtype}: the U-Net takes floats in [0, 1]; "
