@@ -162,8 +162,11 @@ def open_image(path):
     except DataError:
         raise
     except UnidentifiedImageError:
+        tiff = (", such as a TIFF of more than 4 bands or of 16-bit bands beyond grayscale, "
+                "which satellite tools write: save 3 bands, or one, as 8-bit or as 16-bit "
+                "grayscale" if str(path).lower().endswith((".tif", ".tiff")) else "")
         raise DataError(f"{path} cannot be decoded (not an image, or a format Pillow does "
-                        "not read); fix or remove the file") from None
+                        f"not read{tiff}); fix or remove the file") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's decode errors
         if os.path.isdir(path):
             raise DataError(f"{path} is a folder, not an image: pass the image files in "
@@ -232,9 +235,9 @@ def check_no_max_value(name: str, max_value: float) -> None:
     if max_value:
         raise DataError(f"{name} is a 16-bit image with colour or alpha channels, which is "
                         "read by its high byte (Pillow has no such 16-bit mode), so "
-                        "--max-value cannot scale it: train without --max-value, or save "
-                        "the images as 8-bit colour (or 16-bit grayscale without alpha, "
-                        "for --in-channels 1)")
+                        f"--max-value cannot scale it: {EIGHT_BIT_COLOUR} and train "
+                        "without --max-value (or save them as 16-bit grayscale without "
+                        "alpha, for --in-channels 1)")
 
 
 def from_array(array: np.ndarray, max_value: float = 0.0) -> Image.Image:
@@ -365,6 +368,8 @@ WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 narrow_warned = False  # set once the first dark 16-bit or float image was named
+dark_colour_warned = False  # set once the first dark 16-bit colour image was named
+extra_band_warned = False  # set once the first image whose 4th band is dropped was named
 clipped_warned = False  # set once the first image --max-value does not fit was named
 
 
@@ -447,10 +452,18 @@ def load_image(path, image_size=None, in_channels: int = 3,
             and all(isinstance(n, numbers.Integral) and n > 0 for n in image_size)):
         raise ValueError(f"image_size {image_size!r}: give (height, width), two whole "
                          "numbers over 0")
+    global dark_colour_warned, extra_band_warned
     mode = "RGB" if in_channels == 3 else "L"
     with opened(path, max_value) as img:
-        if wide_samples(img):
+        wide = wide_samples(img)
+        if wide:
             check_no_max_value(name_of(path), max_value)
+        if not extra_band_warned and _extra_band(img):
+            extra_band_warned = True
+            log.warning("%s has a 4th band beside RGB (an extra one, such as "
+                        "near-infrared), which is not read: the U-Net takes 1 or 3 "
+                        "channels; save the 3 bands to learn from as the images",
+                        name_of(path))
         height, width = image_size or scaled_size(shown_size(img), scale)
         if image_size or scale != 1:
             # Never below the target size; the decoder scales the image as stored.
@@ -463,7 +476,26 @@ def load_image(path, image_size=None, in_channels: int = 3,
         img = img.convert(mode)
         if img.size != (width, height):
             img = img.resize((width, height), RESIZE[resize])
-        return np.asarray(img, np.uint8).reshape(height, width, in_channels)
+        pixels = np.asarray(img, np.uint8).reshape(height, width, in_channels)
+    if wide and not dark_colour_warned and pixels.size and pixels.max() < 32:
+        # 11- and 12-bit colour (satellite, pathology scanners): its high byte is 0..15.
+        dark_colour_warned = narrow_warned = True
+        log.warning("%s is 16-bit colour, read by its high byte (Pillow has no 16-bit "
+                    "colour mode): its values reach only %d of 255, nearly black; %s",
+                    name_of(path), int(pixels.max()), EIGHT_BIT_COLOUR)
+    return pixels
+
+
+# How 16-bit colour of fewer bits reaches the model at its range.
+EIGHT_BIT_COLOUR = ("save the images as 8-bit colour scaled by their range first (values "
+                    "* 255 / 4095 for 12-bit data)")
+
+
+def _extra_band(img: Image.Image) -> bool:
+    """Whether a TIFF holds a 4th band that is not alpha (its ExtraSamples unspecified:
+    near-infrared, say), which Pillow reads as RGB without a word."""
+    return img.format == "TIFF" and any(
+        str(t.args[0] if t.args else "").startswith("RGBX") for t in getattr(img, "tile", ()))
 
 
 # Colour spaces whose black is not all zeros: converted to RGB before a mask is read.

@@ -521,3 +521,51 @@ def test_a_lossy_webp_of_one_animated_frame_is_cut_at_128(tmp_path):
         assert img.n_frames == 1 and img.size == (48, 32)
     assert preprocess._lossy_webp(path)
     np.testing.assert_array_equal(preprocess.load_mask(path)[..., 0], mask)
+
+
+def test_satellite_tiffs_are_named_where_they_would_reach_the_model_wrongly(tmp_path, caplog,
+                                                                           monkeypatch):
+    """11-bit colour (SpaceNet) reached the model at values 0..7 without a word, and the
+    --max-value it would take was refused with advice back to the black images; an
+    RGB TIFF's 4th, near-infrared band was dropped silently; a GDAL 4-band 16-bit TIFF
+    was 'not an image'."""
+    import struct
+
+    from tests.data_fixtures import write_png16_rgb
+
+    monkeypatch.setattr(preprocess, "dark_colour_warned", False)
+    monkeypatch.setattr(preprocess, "extra_band_warned", False)
+    eleven_bit = np.random.default_rng(0).integers(0, 2048, (16, 16, 3)).astype(np.uint16)
+    write_png16_rgb(tmp_path / "pan.png", eleven_bit)
+    with caplog.at_level("WARNING"):
+        assert preprocess.load_image(tmp_path / "pan.png").max() <= 7
+    assert "pan.png is 16-bit colour, read by its high byte" in caplog.text
+    assert "save the images as 8-bit colour scaled by their range first" in caplog.text
+    with pytest.raises(data_pipeline.DataError, match=r"save the images as 8-bit colour "
+                       r"scaled by their range first .* and train without --max-value"):
+        preprocess.load_image(tmp_path / "pan.png", max_value=2047)
+    # A TIFF of 4 8-bit bands whose 4th is data, not alpha (ExtraSamples unspecified).
+    h = w = 8
+    pixels = np.random.default_rng(1).integers(0, 256, (h, w, 4)).astype(np.uint8)
+    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 4, None), (259, 3, 1, 1),
+            (262, 3, 1, 2), (273, 4, 1, None), (277, 3, 1, 4), (278, 3, 1, h),
+            (279, 4, 1, pixels.size), (338, 3, 1, 0)]
+    entries = 2 + 12 * len(tags) + 4
+    bits_at, data_at = 8 + entries, 8 + entries + 8
+    ifd = struct.pack("<H", len(tags))
+    for tag, kind, count, value in tags:
+        value = {258: bits_at, 273: data_at}.get(tag, value)
+        ifd += struct.pack("<HHI", tag, kind, count) + (
+            struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value))
+    data = (b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0)
+            + struct.pack("<4H", 8, 8, 8, 8) + pixels.tobytes())
+    (tmp_path / "rgbn.tif").write_bytes(data)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        np.testing.assert_array_equal(preprocess.load_image(tmp_path / "rgbn.tif"),
+                                      pixels[..., :3])
+    assert "rgbn.tif has a 4th band beside RGB" in caplog.text
+    (tmp_path / "gdal.tif").write_bytes(b"II*\x00" + bytes(12))
+    with pytest.raises(data_pipeline.DataError, match=r"gdal\.tif cannot be decoded .* such "
+                       r"as a TIFF of more than 4 bands"):
+        preprocess.load_image(tmp_path / "gdal.tif")

@@ -209,6 +209,7 @@ def test_a_dice_near_0_at_the_end_gets_a_hint_naming_the_likely_cause(monkeypatc
 
     monkeypatch.setattr(preprocess, "narrow_warned", False)
     monkeypatch.setattr(preprocess, "clipped_warned", False)
+    monkeypatch.setattr(preprocess, "dark_colour_warned", False)
     assert trainer._near_zero_hint(rows(0.3, 0.6), {"epoch": 2, "val_dice": 0.6}) is None
     stayed = trainer._near_zero_hint(rows(0.0, 0.01), {"epoch": 2, "val_dice": 0.01})
     assert stayed.startswith("the validation Dice stayed near 0") and "--epochs" in stayed
@@ -225,6 +226,12 @@ def test_a_dice_near_0_at_the_end_gets_a_hint_naming_the_likely_cause(monkeypatc
     unfit = trainer._near_zero_hint(rows(0.0), {"epoch": 1, "val_dice": 0.0})
     assert "--max-value does not fit" in unfit and "without --max-value" in unfit
     monkeypatch.setattr(preprocess, "clipped_warned", False)
+    # Dark 16-bit colour: --max-value, which refuses colour, is not the way.
+    monkeypatch.setattr(preprocess, "dark_colour_warned", True)
+    colour = trainer._near_zero_hint(rows(0.0), {"epoch": 1, "val_dice": 0.0})
+    assert "16-bit colour images" in colour and "8-bit colour scaled by their range" in colour
+    assert "--max-value" not in colour
+    monkeypatch.setattr(preprocess, "dark_colour_warned", False)
     # --lr 10: a loss of 7e21 without a NaN was advised more epochs.
     overshot = trainer._near_zero_hint(rows(0.0, 0.0, loss=7e21), {"epoch": 1, "val_dice": 0.0})
     assert "training loss reached 7e+21 (epoch 1)" in overshot and "lower --lr" in overshot

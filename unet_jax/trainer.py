@@ -164,6 +164,10 @@ def _near_zero_hint(history: list[dict], best: dict, cropped: bool = False) -> s
         return (f"{what}: a warning above named images that --max-value does not fit "
                 "(brighter than it, or floats within [0, 1] that it scales nearly black); "
                 "start a new run with the value it advises, or without --max-value")
+    if data_pipeline.preprocess.dark_colour_warned:
+        return (f"{what}: a warning above named 16-bit colour images that reach the model "
+                f"nearly black; {data_pipeline.preprocess.EIGHT_BIT_COLOUR}, and train a "
+                "new run on them")
     if data_pipeline.preprocess.narrow_warned:
         return (f"{what}: a warning above named 16-bit or float images that reach the "
                 "model nearly black; pass --max-value (e.g. 4095 for 12-bit data) in a "
