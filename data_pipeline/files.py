@@ -180,6 +180,8 @@ _MASK_WORDS = {"masks", "mask", "label", "labels", "gt", "truth", "groundtruth",
 
 
 def _words(name: str) -> set[str]:
+    """The words of a folder name, camel case split too (VOC's JPEGImages/)."""
+    name = re.sub(r"([a-z0-9])([A-Z])|([A-Z])([A-Z][a-z])", r"\1\3 \2\4", name)
     return set(re.split(r"[^a-z0-9]+", name.lower()))
 
 
@@ -203,6 +205,22 @@ def _layout_hint(root: Path) -> str:
     # A mask word wins: image_masks/ and label_images/ hold masks.
     masks = [name for name in folders if _words(name) & _MASK_WORDS]
     images = [name for name in folders if _words(name) & _IMAGE_WORDS and name not in masks]
+    # X/ beside X_labels/ (Massachusetts Roads' train/ and train_labels/, CamVid's).
+    beside = [(x, y) for x in folders for y in masks if y != x and y.lower().startswith(
+        x.lower()) and _words(y[len(x):]) & _MASK_WORDS]
+    if beside and not (len(images) == 1 and len(masks) == 1):
+        x, y = next((pair for pair in beside if "train" in _words(pair[0])), beside[0])
+        images, masks = [x], [y]
+    # Masks as annotation files (COCO's JSON, VOC's XML) are not mask images.
+    drawn = [name for name in masks if _images_in(unnested(root / name))]
+    notes = [p.name for name in masks if name not in drawn
+             for p in sorted((root / name).iterdir()) if p.suffix.lower() in (".json", ".xml")]
+    if masks and not drawn and notes:
+        return (f"; {masks[0]}/ holds no mask images ({', '.join(notes[:2])}): the masks "
+                "must be images, one per photo; draw them from the annotations first "
+                "(pycocotools' annToMask for COCO)")
+    masks = drawn or masks
+    images = [name for name in images if _images_in(unnested(root / name))] or images
     if len(images) == 1 and len(masks) == 1:
         renames = [f"{old}/ to {new}/" for old, new in ((images[0], "images"),
                                                         (masks[0], "masks"))
@@ -220,13 +238,31 @@ def _layout_hint(root: Path) -> str:
     if _images_in(root):
         return ("; it holds images itself: put them in images/ and their masks in masks/ "
                 "beside it, or save each mask beside its image as <stem>_mask.png")
+    if instances := _instance_folders(root, folders):
+        return instances
     inside = [name for name in folders
               if any((root / name / a).is_dir() and (root / name / b).is_dir()
-                     for a, b in (("images", "masks"), ("train", "train_masks")))]
-    if len(inside) == 1:
+                     for a, b in (("images", "masks"), ("train", "train_masks")))
+              or _beside_folders(root / name)]
+    if inside:  # the first: Kaggle's LGG download holds kaggle_3m/ twice
         return f"; {inside[0]}/ in it holds a dataset: pass {root / inside[0]}"
     shown = ", ".join(f"{name}/" for name in folders[:6]) or "no folders"
     return f"; it holds {shown}"
+
+
+def _instance_folders(root: Path, folders: list[str]) -> str:
+    """"; its folders each hold one image and a mask per object ..." for the Data
+    Science Bowl 2018's ``<id>/images/<id>.png`` with ``<id>/masks/*.png``; else ''."""
+    for name in folders[:3]:
+        masks = root / name / "masks"
+        images = root / name / "images"
+        if (images.is_dir() and masks.is_dir() and len(_images_in(images)) == 1
+                and len(_images_in(masks)) > 1):
+            return (f"; each of its folders ({name}/ ...) holds one image in images/ and "
+                    "one mask per object in masks/ (the Data Science Bowl 2018's layout): "
+                    "merge each image's masks into one (their maximum) and put the images "
+                    "in images/ and the merged masks in masks/, of the same names")
+    return ""
 
 
 def _by_stem(files: list[Path], strip: str = "") -> tuple[dict[str, Path], list[str]]:

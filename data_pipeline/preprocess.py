@@ -708,6 +708,10 @@ def check_class_ids(values: np.ndarray, num_classes: int, path, lossy: bool = Fa
     if found.min() < 0:
         raise DataError(f"{path} holds {int(found.min())}, which is no class id; fix the "
                         "mask: class ids are 0 (background) to C-1")
+    if found.max() == 255 and len(found) > 1 and found[-2] < num_classes:
+        raise DataError(f"{path} holds class ids below {num_classes} and 255, Pascal VOC's "
+                        "'void' (object borders, unlabelled pixels), which would be learned "
+                        "as one more class; set the 255 pixels to 0, the background, first")
     if len(found) <= num_classes and found.max() > 2 * num_classes:
         # Classes stored as grey levels (0, 127, 255), which other tools map to ids.
         raise DataError(f"{path} holds the values {', '.join(map(str, found))}, classes "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from collections import Counter
@@ -22,6 +23,11 @@ import numpy as np
 
 from data_pipeline.errors import DataError
 from data_pipeline.files import Pair
+
+log = logging.getLogger(__name__)
+
+# <group><number>, the number last: patient12_slice040, TCGA_CS_4941_19960909_12.
+NUMBERED = r"^(.+?)[_-]?\d+$"
 
 METHODS = ("car", "random")
 
@@ -85,6 +91,23 @@ def grouped(pairs: list[Pair], pattern: str) -> list[Pair]:
     return named
 
 
+def _name_numbered_groups(pairs: list[Pair]) -> None:
+    """Warns where each image is its own group but the names number images of a few
+    groups (per-patient slices flattened into one folder): a split by image puts
+    slices of one patient on both sides, and validation then flatters the model."""
+    if len({p.car for p in pairs}) < len(pairs):
+        return  # groups are known already (Kaggle's cars, per-patient folders)
+    prefixes = [re.match(NUMBERED, p.image.stem) for p in pairs]
+    groups = Counter(found.group(1) for found in prefixes if found)
+    if all(prefixes) and 1 < len(groups) <= len(pairs) / 2:
+        example = max(groups, key=groups.get)
+        log.warning("the image names number images of %d groups (%d named %s...), but each "
+                    "image is its own group in the split, so one group's images (one "
+                    "patient's slices, say) can fall on both sides and flatter validation: "
+                    "pass --group-by '%s' to keep each group on one side, if they belong "
+                    "together", len(groups), groups[example], example, NUMBERED)
+
+
 def _n_val(n: int, val_fraction: float, what: str) -> int:
     """How many of ``n`` units go to validation: rounded, and neither side empty."""
     if n < 2:
@@ -113,6 +136,8 @@ def split_pairs(pairs: list[Pair], *, method: str = "car", val_fraction: float =
         raise DataError(f"--val-fraction {val_fraction}: give a fraction in (0, 1)")
     if group_by:
         pairs = grouped(pairs, group_by)
+    elif method == "car":
+        _name_numbered_groups(pairs)
     # Sorted first, so that the split depends on the files alone, not the listing order.
     pairs = sorted(subset_by_car(pairs, subset, seed), key=lambda p: p.image)
     rng = _rng(seed, 1)

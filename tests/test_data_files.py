@@ -601,6 +601,10 @@ def test_a_zip_where_images_are_expected_says_to_unzip_it(tmp_path):
      "say, a field-of-view mask) to masks/"),
     (("images", "image_masks"), "", "it holds images/ and image_masks/: rename "
      "image_masks/ to masks/"),  # a mask word wins
+    # Massachusetts Roads, CamVid: train/ beside train_labels/ (and val/, test/ ...).
+    (("test", "test_labels", "train", "train_labels", "val", "val_labels"), "",
+     "it holds train/ and train_labels/: rename train/ to images/ and train_labels/ to "
+     "masks/"),
 ])
 def test_a_folder_of_no_known_layout_says_what_it_holds_and_the_fix(tmp_path, folders,
                                                                     given, hint):
@@ -619,6 +623,44 @@ def test_several_inputs_keep_files_of_one_name_where_names_do_not_matter(tmp_pat
                                                    tmp_path / "b" / "x.png"]
     with pytest.raises(dp.DataError, match="both claim the name 'x'"):
         dp.find_images(both)
+
+
+def test_downloads_that_are_no_layout_yet_say_what_to_make_of_them(tmp_path):
+    """COCO's annotations/ of JSON (renamed masks/, as the hint said: 'has no mask' for
+    every image), the Data Science Bowl 2018's mask per object, VOC's JPEGImages/ and
+    SegmentationClass/, and Kaggle's LGG download holding kaggle_3m/ got a list of
+    folders, or a hint that led nowhere."""
+    coco = tmp_path / "coco"
+    write_image(coco / "images" / "000001.jpg", (8, 8))
+    (coco / "annotations").mkdir()
+    (coco / "annotations" / "instances_train.json").write_text("{}")
+    assert error_of(coco).endswith("; annotations/ holds no mask images "
+                                   "(instances_train.json): the masks must be images, one "
+                                   "per photo; draw them from the annotations first "
+                                   "(pycocotools' annToMask for COCO)")
+    dsb = tmp_path / "stage1_train"
+    for i in range(2):
+        write_image(dsb / f"id{i}" / "images" / f"id{i}.png", (8, 8))
+        for j in range(3):
+            write_mask(dsb / f"id{i}" / "masks" / f"m{j}.png", box_mask((8, 8), seed=j))
+    assert "each of its folders (id0/ ...) holds one image in images/ and one mask per " \
+           "object in masks/ (the Data Science Bowl 2018's layout): merge" in error_of(dsb)
+    voc = tmp_path / "VOC2012"
+    write_image(voc / "JPEGImages" / "2007_000032.jpg", (8, 8))
+    for folder in ("SegmentationClass", "SegmentationObject"):
+        write_mask(voc / folder / "2007_000032.png", box_mask((8, 8)))
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (voc / "Annotations").mkdir()
+    (voc / "Annotations" / "2007_000032.xml").write_text("<annotation/>")
+    assert error_of(voc).endswith("it holds JPEGImages/ and 2 folders that could hold its "
+                                  "masks (SegmentationClass/, SegmentationObject/): rename "
+                                  "JPEGImages/ to images/ and the one with the labels to "
+                                  "learn (not, say, a field-of-view mask) to masks/")
+    lgg = tmp_path / "lgg"
+    write_image(lgg / "kaggle_3m" / "P1" / "P1_1.tif", (8, 8))
+    write_mask(lgg / "kaggle_3m" / "P1" / "P1_1_mask.tif", box_mask((8, 8)))
+    (lgg / "lgg-mri-segmentation" / "kaggle_3m").mkdir(parents=True)
+    assert error_of(lgg).endswith(f"kaggle_3m/ in it holds a dataset: pass {lgg / 'kaggle_3m'}")
 
 
 def test_a_dataset_one_folder_down_is_named_and_trimaps_beside_xmls_are_found(tmp_path):

@@ -111,6 +111,12 @@ def test_class_ids_are_kept_and_checked(tmp_path):
                        r"\(--num-classes 3\), which take the class ids 0\.\.2; store each "
                        r"class as its id"):
         preprocess.load_mask(tmp_path / "levels.png", None, 3)
+    void = ids.copy()
+    void[4] = 255  # Pascal VOC's borders: 'classes as grey levels' before
+    Image.fromarray(void).save(tmp_path / "void.png")
+    with pytest.raises(data_pipeline.DataError, match=r"void\.png holds class ids below 3 "
+                       r"and 255, Pascal VOC's 'void' .* set the 255 pixels to 0"):
+        preprocess.load_mask(tmp_path / "void.png", None, 3)
     # Binary: the ids are all foreground, whatever their value.
     np.testing.assert_array_equal(preprocess.load_mask(tmp_path / "ids.png")[..., 0], ids > 0)
     # 16-bit class ids keep their values (a 16-bit mask is not rescaled).

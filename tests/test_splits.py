@@ -134,6 +134,25 @@ def test_group_by_keeps_each_group_on_one_side_for_split_and_subset():
     assert straddling
 
 
+def test_numbered_names_of_a_few_groups_get_the_group_by_they_need(caplog):
+    """LGG's per-patient slices flattened into images/: patients straddled the split,
+    the validation Dice flattered, without a word."""
+    pairs = patient_pairs()
+    with caplog.at_level("WARNING"):
+        dp.split_pairs(pairs)
+    assert ("the image names number images of 10 groups (6 named case00_slice...), but "
+            "each image is its own group") in caplog.text
+    assert f"pass --group-by '{dp.splits.NUMBERED}'" in caplog.text
+    train, val = dp.split_pairs(pairs, group_by=dp.splits.NUMBERED)  # as advised
+    assert not cars(train) & cars(val) and len(cars(train) | cars(val)) == 10
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # names numbering one series, or known groups
+        dp.split_pairs([dp.Pair(Path(f"/d/images/img{i}.png"), Path(f"/d/masks/img{i}.png"),
+                                f"img{i}") for i in range(8)])
+        dp.split_pairs(fake_pairs())
+    assert "number images of" not in caplog.text
+
+
 def test_group_by_names_an_image_it_finds_no_group_in():
     pairs = patient_pairs() + [dp.Pair(Path("/d/images/scan7.png"),
                                        Path("/d/masks/scan7.png"), "scan7")]
