@@ -672,7 +672,7 @@ def _colour_coded(path, values: np.ndarray, num_classes: int) -> DataError:
     return DataError(f"{path} codes classes as colours ({shown}{more}) but a model of "
                      f"{num_classes} classes needs class ids, one value per pixel; map each "
                      f"colour to its id (0..{num_classes - 1}) and save the ids as a "
-                     "grayscale or palette PNG")
+                     "grayscale or palette PNG (README: 'Colour-coded masks')")
 
 
 def check_class_ids(values: np.ndarray, num_classes: int, path, lossy: bool = False) -> None:
