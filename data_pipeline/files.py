@@ -206,19 +206,24 @@ def _layout_hint(root: Path) -> str:
     masks = [name for name in folders if _words(name) & _MASK_WORDS]
     images = [name for name in folders if _words(name) & _IMAGE_WORDS and name not in masks]
     # X/ beside X_labels/ (Massachusetts Roads' train/ and train_labels/, CamVid's).
-    beside = [(x, y) for x in folders for y in masks if y != x and y.lower().startswith(
-        x.lower()) and _words(y[len(x):]) & _MASK_WORDS]
+    beside = [(x, y) for x in folders if x not in masks for y in masks if y.lower(
+        ).startswith(x.lower()) and _words(y[len(x):]) & _MASK_WORDS]
     if beside and not (len(images) == 1 and len(masks) == 1):
-        x, y = next((pair for pair in beside if "train" in _words(pair[0])), beside[0])
+        x, y = next((pair for pair in beside if pair[0] in images),
+                    next((pair for pair in beside if "train" in _words(pair[0])), beside[0]))
         images, masks = [x], [y]
     # Masks as annotation files (COCO's JSON, VOC's XML) are not mask images.
     drawn = [name for name in masks if _images_in(unnested(root / name))]
-    notes = [p.name for name in masks if name not in drawn
-             for p in sorted((root / name).iterdir()) if p.suffix.lower() in (".json", ".xml")]
+    try:
+        notes = [p.name for name in masks if name not in drawn
+                 for p in sorted((root / name).iterdir())
+                 if p.suffix.lower() in (".json", ".xml")]
+    except OSError:  # unreadable: no hint from it
+        notes = []
     if masks and not drawn and notes:
         return (f"; {masks[0]}/ holds no mask images ({', '.join(notes[:2])}): the masks "
                 "must be images, one per photo; draw them from the annotations first "
-                "(pycocotools' annToMask for COCO)")
+                "(for COCO's JSON, pycocotools' annToMask)")
     masks = drawn or masks
     images = [name for name in images if _images_in(unnested(root / name))] or images
     if len(images) == 1 and len(masks) == 1:

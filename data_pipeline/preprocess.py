@@ -477,9 +477,10 @@ def load_image(path, image_size=None, in_channels: int = 3,
         if img.size != (width, height):
             img = img.resize((width, height), RESIZE[resize])
         pixels = np.asarray(img, np.uint8).reshape(height, width, in_channels)
-    if wide and not dark_colour_warned and pixels.size and pixels.max() < 32:
+    if wide and not dark_colour_warned and pixels.size and 0 < pixels.max() < 32:
         # 11- and 12-bit colour (satellite, pathology scanners): its high byte is 0..15.
-        dark_colour_warned = narrow_warned = True
+        # (An all-black tile, a satellite image's no-data, says nothing.)
+        dark_colour_warned = True
         log.warning("%s is 16-bit colour, read by its high byte (Pillow has no 16-bit "
                     "colour mode): its values reach only %d of 255, nearly black; %s",
                     name_of(path), int(pixels.max()), EIGHT_BIT_COLOUR)
@@ -492,10 +493,19 @@ EIGHT_BIT_COLOUR = ("save the images as 8-bit colour scaled by their range first
 
 
 def _extra_band(img: Image.Image) -> bool:
-    """Whether a TIFF holds a 4th band that is not alpha (its ExtraSamples unspecified:
-    near-infrared, say), which Pillow reads as RGB without a word."""
-    return img.format == "TIFF" and any(
-        str(t.args[0] if t.args else "").startswith("RGBX") for t in getattr(img, "tile", ()))
+    """Whether an RGB TIFF holds a 4th band that is not alpha (its ExtraSamples
+    unspecified: near-infrared, say), which Pillow reads as RGB without a word."""
+    if img.format != "TIFF" or img.mode != "RGB":
+        return False
+    tags = getattr(img, "tag_v2", {})
+    return tags.get(262) == 2 and tags.get(277, 3) >= 4  # photometric RGB, samples
+
+
+def reset_warnings() -> None:
+    """Forgets which of the once-per-run warnings above were given: each training run
+    gives its own, and its end-of-run hint reads its own."""
+    global narrow_warned, clipped_warned, dark_colour_warned, extra_band_warned
+    narrow_warned = clipped_warned = dark_colour_warned = extra_band_warned = False
 
 
 # Colour spaces whose black is not all zeros: converted to RGB before a mask is read.

@@ -26,8 +26,9 @@ from data_pipeline.files import Pair
 
 log = logging.getLogger(__name__)
 
-# <group><number>, the number last: patient12_slice040, TCGA_CS_4941_19960909_12.
-NUMBERED = r"^(.+?)[_-]?\d+$"
+# <group><number>, the number last, the group with a letter: patient12_slice040,
+# TCGA_CS_4941_19960909_12 (not 0001, whose leading digits are no group).
+NUMBERED = r"^(.*?[^\W\d_].*?)[_-]?\d+$"
 
 METHODS = ("car", "random")
 
@@ -99,13 +100,17 @@ def _name_numbered_groups(pairs: list[Pair]) -> None:
         return  # groups are known already (Kaggle's cars, per-patient folders)
     prefixes = [re.match(NUMBERED, p.image.stem) for p in pairs]
     groups = Counter(found.group(1) for found in prefixes if found)
-    if all(prefixes) and 1 < len(groups) <= len(pairs) / 2:
+    # Subjects carry numbers (patient12, TCGA_CS_4941); classes (Abyssinian_1, cat_3)
+    # do not, and a split by image is right for them.
+    if (all(prefixes) and 1 < len(groups) <= len(pairs) / 2
+            and max(groups.values()) <= len(pairs) / 2
+            and all(any(ch.isdigit() for ch in group) for group in groups)):
         example = max(groups, key=groups.get)
         log.warning("the image names number images of %d groups (%d named %s...), but each "
-                    "image is its own group in the split, so one group's images (one "
-                    "patient's slices, say) can fall on both sides and flatter validation: "
-                    "pass --group-by '%s' to keep each group on one side, if they belong "
-                    "together", len(groups), groups[example], example, NUMBERED)
+                    "image is its own group in the split, so one group's images can fall "
+                    "on both sides and flatter validation: if each group is one subject's "
+                    "(a patient's slices, a scene's frames), pass --group-by '%s' to keep "
+                    "it on one side", len(groups), groups[example], example, NUMBERED)
 
 
 def _n_val(n: int, val_fraction: float, what: str) -> int:

@@ -605,6 +605,9 @@ def test_a_zip_where_images_are_expected_says_to_unzip_it(tmp_path):
     (("test", "test_labels", "train", "train_labels", "val", "val_labels"), "",
      "it holds train/ and train_labels/: rename train/ to images/ and train_labels/ to "
      "masks/"),
+    (("images", "mask", "mask_labels"), "", "it holds images/ and 2 folders that could "
+     "hold its masks (mask/, mask_labels/): rename the one with the labels to learn (not, "
+     "say, a field-of-view mask) to masks/"),  # a mask folder is no image folder
 ])
 def test_a_folder_of_no_known_layout_says_what_it_holds_and_the_fix(tmp_path, folders,
                                                                     given, hint):
@@ -637,7 +640,7 @@ def test_downloads_that_are_no_layout_yet_say_what_to_make_of_them(tmp_path):
     assert error_of(coco).endswith("; annotations/ holds no mask images "
                                    "(instances_train.json): the masks must be images, one "
                                    "per photo; draw them from the annotations first "
-                                   "(pycocotools' annToMask for COCO)")
+                                   "(for COCO's JSON, pycocotools' annToMask)")
     dsb = tmp_path / "stage1_train"
     for i in range(2):
         write_image(dsb / f"id{i}" / "images" / f"id{i}.png", (8, 8))

@@ -571,6 +571,18 @@ def test_satellite_tiffs_are_named_where_they_would_reach_the_model_wrongly(tmp_
         np.testing.assert_array_equal(preprocess.load_image(tmp_path / "rgbn.tif"),
                                       pixels[..., :3])
     assert "rgbn.tif has a 4th band beside RGB" in caplog.text
+    # A YCbCr TIFF, which Pillow decodes through an RGBX raw mode, has no 4th band; an
+    # all-black 16-bit tile (no data) is not dark data.
+    caplog.clear()
+    rgb = np.random.default_rng(2).integers(0, 256, (16, 16, 3)).astype(np.uint8)
+    Image.fromarray(rgb).convert("YCbCr").save(tmp_path / "ycc.tif", compression="tiff_lzw")
+    monkeypatch.setattr(preprocess, "extra_band_warned", False)
+    monkeypatch.setattr(preprocess, "dark_colour_warned", False)
+    write_png16_rgb(tmp_path / "nodata.png", np.zeros((16, 16, 3), np.uint16))
+    with caplog.at_level("WARNING"):
+        preprocess.load_image(tmp_path / "ycc.tif")
+        preprocess.load_image(tmp_path / "nodata.png")
+    assert caplog.text == ""
     (tmp_path / "gdal.tif").write_bytes(b"II*\x00" + bytes(12))
     with pytest.raises(data_pipeline.DataError, match=r"gdal\.tif cannot be decoded .* such "
                        r"as a TIFF of more than 4 bands"):

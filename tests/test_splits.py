@@ -147,8 +147,12 @@ def test_numbered_names_of_a_few_groups_get_the_group_by_they_need(caplog):
     assert not cars(train) & cars(val) and len(cars(train) | cars(val)) == 10
     caplog.clear()
     with caplog.at_level("WARNING"):  # names numbering one series, or known groups
-        dp.split_pairs([dp.Pair(Path(f"/d/images/img{i}.png"), Path(f"/d/masks/img{i}.png"),
-                                f"img{i}") for i in range(8)])
+        for stems in ([f"img{i}" for i in range(8)], [f"{i:03d}" for i in range(1, 101)],
+                      [f"{i}" for i in range(10, 100)],  # their leading digits: no group
+                      [f"{breed}_{i}" for breed in ("Abyssinian", "beagle") for i in
+                       range(1, 9)]):  # classes, not subjects: a split by image is right
+            dp.split_pairs([dp.Pair(Path(f"/d/images/{s}.png"), Path(f"/d/masks/{s}.png"), s)
+                            for s in stems])
         dp.split_pairs(fake_pairs())
     assert "number images of" not in caplog.text
 

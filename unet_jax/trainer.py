@@ -220,6 +220,7 @@ def build_data(config: Config, workdir: Path, resume: bool):
     split.json, so a resumed run trains and validates on the same images, found in
     ``data_dir`` when it is not the folder the run started from (by path within the
     dataset, or by a file name one image alone bears: ``read_split``)."""
+    data_pipeline.preprocess.reset_warnings()  # this run's warnings, for its own hint
     data_dir = config.data_dir or str(data_pipeline.sample_dataset_dir())
     split_file = workdir / "split.json"
     if resume and split_file.is_file():
