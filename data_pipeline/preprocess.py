@@ -531,17 +531,9 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
     Resized by ``resize_labels``, so no new values appear and the mask stays on the
     image. The EXIF orientation is applied, as for images.
     """
-    with open_image(path) as m:
-        # MPO: a camera's JPEG with extra frames.
-        lossy = m.format in ("JPEG", "MPO") or (m.format == "WEBP" and _lossy_webp(path))
-        m = upright(m)
-        if m.mode in _OTHER_COLOUR_MODES:
-            m = m.convert("RGB")
-        size = tuple(image_size or scaled_size(m.size[::-1], scale))
-        bands, values = m.getbands(), np.asarray(m)  # 'P' gives palette indices
-    if values.ndim == 3:  # several bands: the largest of those that are not alpha
-        keep = [i for i, band in enumerate(bands) if band not in ("A", "a", "X")]
-        values = values[..., keep]
+    values, bands, lossy = _mask_bands(path)
+    size = tuple(image_size or scaled_size(values.shape[:2], scale))
+    if values.ndim == 3:  # several bands: the largest of them
         if num_classes > 1 and (values != values[..., :1]).any():
             raise _colour_coded(path, values, num_classes)
         values = values.max(axis=-1)
@@ -553,23 +545,33 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
     return resize_labels(values, size)[..., None]
 
 
+def _mask_bands(path) -> tuple[np.ndarray, tuple, bool]:
+    """(values, bands, lossy) of a mask file as shown (EXIF orientation applied): (h, w)
+    or (h, w, k) without its alpha bands, palette indices for 'P' (never the colours:
+    Kaggle's GIFs hold index 1 on the car, whose colour may well be black); and whether
+    its format is lossy (JPEG, MPO, a camera's JPEG with extra frames, lossy WebP)."""
+    with open_image(path) as m:
+        lossy = m.format in ("JPEG", "MPO") or (m.format == "WEBP" and _lossy_webp(path))
+        m = upright(m)
+        if m.mode in _OTHER_COLOUR_MODES:
+            m = m.convert("RGB")
+        bands, values = m.getbands(), np.asarray(m)
+    if values.ndim == 3:
+        values = values[..., [i for i, band in enumerate(bands) if band not in ("A", "a", "X")]]
+    return values, bands, lossy
+
+
 def several_values(path) -> tuple[str, int | None] | None:
     """What makes a mask file look like several classes, not one object, to a run that
     reads it as binary (any non-zero pixel foreground, ``load_mask``): ("values 0, 1,
     2", 3), the count C where the values are the class ids 0..C-1 (else None), or
     ("2 colours", None); None for what is a binary mask: two values, a lossy JPEG's
     noise around them, graded edges (in grey or in one colour), float levels."""
-    with open_image(path) as m:
-        if m.format in ("JPEG", "MPO") or (m.format == "WEBP" and _lossy_webp(path)):
-            return None
-        if m.mode in _OTHER_COLOUR_MODES:
-            m = m.convert("RGB")
-        bands, values = m.getbands(), np.asarray(m)
-    if values.dtype.kind not in "ub" and "P" not in bands:
-        return None  # float or signed levels: not class ids either way
+    values, bands, lossy = _mask_bands(path)
+    if lossy or (values.dtype.kind not in "ub" and "P" not in bands):
+        return None  # compression noise, or float or signed levels: not class ids
     colours = None
     if values.ndim == 3:
-        values = values[..., [i for i, band in enumerate(bands) if band not in ("A", "a", "X")]]
         lit = values.reshape(-1, values.shape[-1])
         lit = lit[lit.max(axis=1) > 0].astype(np.float32)
         # One colour at several brightnesses (an anti-aliased red object) is one object.
