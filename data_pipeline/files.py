@@ -472,14 +472,15 @@ def _name_turned_images(pairs: list[Pair], turns: list[int]) -> None:
                                                    if more else ("it", "it", "its mask does")))
 
 
-def _name_class_masks(pairs: list[Pair], sample: int = 8) -> None:
+def _name_class_masks(pairs: list[Pair], sample: int = 8,
+                      ignore_index: int | None = None) -> None:
     """Warns where masks look like several classes to a run that reads them as one
     (milesial/Pytorch-UNet maps each value to a class; here that takes
     --num-classes): a few masks spread over the dataset are read, enough for a
     dataset whose masks hold classes, which most of its masks show."""
     for pair in pairs[::max(1, len(pairs) // sample)][:sample]:
         try:
-            found = several_values(pair.mask)
+            found = several_values(pair.mask, ignore_index)
         except DataError:  # named where it is read
             continue
         if found:
@@ -524,7 +525,8 @@ def _looks_complete(path: Path, fmt: str | None) -> bool:
     return False  # TIFF and others: decode to be sure
 
 
-def check_pair(pair: Pair, num_classes: int = 1, max_value: float = 0.0) -> str | None:
+def check_pair(pair: Pair, num_classes: int = 1, max_value: float = 0.0,
+               ignore_index: int | None = None) -> str | None:
     """None if the pair is usable, else one line saying which file is wrong and how.
 
     With several classes the mask is decoded too and its class ids checked at the
@@ -548,7 +550,7 @@ def check_pair(pair: Pair, num_classes: int = 1, max_value: float = 0.0) -> str 
         return problem
     try:
         if num_classes > 1:
-            load_mask(pair.mask, None, num_classes)
+            load_mask(pair.mask, None, num_classes, ignore_index=ignore_index)
         if max_value:
             with open_within_limit(pair.image) as img:
                 if wide_samples(img):
@@ -560,7 +562,7 @@ def check_pair(pair: Pair, num_classes: int = 1, max_value: float = 0.0) -> str 
 
 def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
                num_classes: int = 1, workers: int = 16,
-               max_value: float = 0.0) -> list[Pair]:
+               max_value: float = 0.0, ignore_index: int | None = None) -> list[Pair]:
     """Every usable image/mask pair under ``data_dir``, in name order.
 
     The layout is detected (``detect_layout``: Kaggle's, ``images/`` + ``masks/``, or
@@ -569,28 +571,33 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
     Pillow's C decoders, which release the GIL). A bad pair raises a DataError naming
     the first bad file, unless ``skip_bad``, which drops the bad pairs and logs a
     warning listing them. ``num_classes`` > 1 checks each mask's class ids as well,
-    and ``max_value`` (--max-value) refuses 16-bit colour images, which it cannot scale.
+    and ``max_value`` (--max-value) refuses 16-bit colour images, which it cannot scale;
+    ``ignore_index`` (--ignore-index) is a mask value allowed beside the class ids.
     """
     pairs, problems = match_pairs(data_dir)
+    checked = []  # the problems of matched pairs
     if check and pairs:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            found = list(pool.map(lambda pair: check_pair(pair, num_classes, max_value),
-                                  pairs))
-            problems += [p for p in found if p]
+            found = list(pool.map(lambda pair: check_pair(pair, num_classes, max_value,
+                                                          ignore_index), pairs))
+            checked = [p for p in found if p]
+            problems += checked
             pairs = [pair for pair, p in zip(pairs, found) if not p]
             headers = list(pool.map(_header, pairs))  # (turn its mask lacks, wide)
         _name_turned_images(pairs, [turn for turn, _ in headers])
         if num_classes == 1:
-            _name_class_masks(pairs)
+            _name_class_masks(pairs, ignore_index=ignore_index)
         if max_value and pairs and not any(wide for _, wide in headers):
             log.warning("--max-value %g: every image of %s is 8-bit, which --max-value "
                         "leaves as it is (it scales 16-bit, 32-bit and float images); "
                         "drop it", max_value, data_dir)
     if problems and not skip_bad and not pairs:
         # Every file wrong alike (binary masks for --num-classes 3, say): skipping the
-        # bad pairs is no way out.
+        # bad pairs is no way out. A matched pair's problem is named first: every pair
+        # has it, while images without masks (most of Pascal VOC's) may be left out.
         more = f" ({len(problems)} problems in all)" if len(problems) > 1 else ""
-        raise DataError(f"{problems[0]}{more}; --skip-bad would leave no pair")
+        first = checked[0] if checked else problems[0]
+        raise DataError(f"{first}{more}; --skip-bad would leave no pair")
     if problems and not skip_bad:
         more = (f" ({len(problems)} problems in all; --skip-bad skips them and lists each)"
                 if len(problems) > 1 else "")

@@ -59,6 +59,16 @@ from data_pipeline.preprocess import (DECODE_VERSION, RESIZE, image_size_of, loa
                                       scaled_size)
 from data_pipeline.tf_setup import tensorflow
 
+def label_range(mask: np.ndarray, ignore_index: int | None = None) -> tuple[float, float]:
+    """(lowest, highest) label of ``mask``, its ``ignore_index`` pixels left out;
+    (inf, -inf) where nothing is left."""
+    if ignore_index is not None:
+        mask = mask[mask != ignore_index]
+    if not mask.size:
+        return np.inf, -np.inf
+    return float(mask.min()), float(mask.max())
+
+
 class InputPipeline:
     """The batches of one side of a split, epoch by epoch.
 
@@ -93,6 +103,8 @@ class InputPipeline:
         more keeps the masks' integer class ids.
       max_value: the value of 16-bit and float images that becomes 255 (4095 for 12-bit
         data); 0 for the rule of the file's type (``preprocess.eight_bits``).
+      ignore_index: a mask value kept as it is beside the class ids (``--ignore-index``),
+        for the losses and metrics to leave out.
 
     Batches are dicts of numpy arrays: ``image`` (B, h, w, C) float32 in [0, 1] and
     ``mask`` (B, h, w, 1) float32, and for evaluation ``valid`` (B,) bool.
@@ -102,7 +114,8 @@ class InputPipeline:
                  seed: int = 0, augment=False, cache: str | None = "memory",
                  in_channels: int = 3, resize: str = "bilinear", shard=(0, 1),
                  num_classes: int = 1, crop=None, scale: float = 1.0,
-                 crops_per_image: int = 1, max_value: float = 0.0):
+                 crops_per_image: int = 1, max_value: float = 0.0,
+                 ignore_index: int | None = None):
         if not pairs:
             raise DataError("no images for this split; add data or lower --val-fraction")
         if resize not in RESIZE:
@@ -133,6 +146,7 @@ class InputPipeline:
         self.shard = (index, count)
         self.num_classes = num_classes
         self.max_value = max_value
+        self.ignore_index = ignore_index
         if train and len(self) == 0:
             more = " or raise --crops-per-image" if crop is not None else ""
             raise DataError(f"{len(self.pairs)} training images make no full batch of "
@@ -191,7 +205,7 @@ class InputPipeline:
         try:
             return load_example(self.pairs[index], None if self.crop else self.image_size,
                                 self.in_channels, self.resize, self.num_classes, self.scale,
-                                self.max_value)
+                                self.max_value, self.ignore_index)
         except DataError as e:
             self._error = str(e)  # TF wraps the exception; epoch() raises it again
             raise
@@ -206,7 +220,8 @@ class InputPipeline:
                 files.append([str(f), st.st_size, st.st_mtime_ns])
         size = ["native", self.scale] if self.crop else self.image_size
         key = json.dumps([files, size, self.in_channels, self.resize, self.num_classes,
-                          DECODE_VERSION] + ([self.max_value] if self.max_value else []))
+                          DECODE_VERSION] + ([self.max_value] if self.max_value else [])
+                         + ([self.ignore_index] if self.ignore_index is not None else []))
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def _offsets(self) -> np.ndarray:
@@ -294,12 +309,12 @@ class InputPipeline:
         (from the cache, decoded where not yet there), stopping as soon as both
         background (0) and something else were seen: the check of the masks as a
         whole that batches of random crops cannot make, as crops of a sparse object
-        may all miss it."""
+        may all miss it. Pixels of ``ignore_index`` are no value."""
         low, high = np.inf, -np.inf
         index, count = self.shard
         for i in range(index, len(self.pairs), count):
-            mask = self._cached(i)[1]
-            low, high = min(low, float(mask.min())), max(high, float(mask.max()))
+            labels = label_range(self._cached(i)[1], self.ignore_index)
+            low, high = min(low, labels[0]), max(high, labels[1])
             if low == 0 < high:
                 break
         self._flush()

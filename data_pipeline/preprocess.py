@@ -512,9 +512,12 @@ def reset_warnings() -> None:
 _OTHER_COLOUR_MODES = ("CMYK", "YCbCr", "LAB", "HSV")
 
 
-def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -> np.ndarray:
+def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0,
+              ignore_index: int | None = None) -> np.ndarray:
     """uint8 (h, w, 1) of a mask file at ``image_size`` (or its own size times
-    ``scale`` if None): {0, 1} for binary masks (``num_classes`` 1), else class ids.
+    ``scale`` if None): {0, 1} for binary masks (``num_classes`` 1), else class ids;
+    pixels of value ``ignore_index`` (``--ignore-index``) keep that value, which the
+    losses and metrics leave out.
 
     One rule for every format. Palette images are read as their indices, never their
     colours (Kaggle's GIFs hold index 1 on the car, whose colour may well be black).
@@ -537,12 +540,19 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0) -
         if num_classes > 1 and (values != values[..., :1]).any():
             raise _colour_coded(path, values, num_classes)
         values = values.max(axis=-1)
+    # A lossy mask's void is no one value: compression spreads it like the rest.
+    void = None if ignore_index is None or lossy else values == ignore_index
     if num_classes == 1:
+        if void is not None:  # read as background, so that it sets no threshold
+            values = np.where(void, 0, values)
         graded = "P" not in bands and _soft(values)  # palette indices are not levels
         values = values >= _half(values) if lossy or graded else values > 0
     else:
-        check_class_ids(values, num_classes, path, lossy)
-    return resize_labels(values, size)[..., None]
+        check_class_ids(values, num_classes, path, lossy, ignore_index)
+    if void is not None and void.any():
+        values = np.where(void, ignore_index, values)
+    return resize_labels(values.astype(np.uint8) if void is not None else values,
+                         size)[..., None]
 
 
 def _mask_bands(path) -> tuple[np.ndarray, tuple, bool]:
@@ -561,12 +571,13 @@ def _mask_bands(path) -> tuple[np.ndarray, tuple, bool]:
     return values, bands, lossy
 
 
-def several_values(path) -> tuple[str, int | None] | None:
+def several_values(path, ignore_index: int | None = None) -> tuple[str, int | None] | None:
     """What makes a mask file look like several classes, not one object, to a run that
     reads it as binary (any non-zero pixel foreground, ``load_mask``): ("values 0, 1,
     2", 3), the count C where the values are the class ids 0..C-1 (else None), or
     ("2 colours", None); None for what is a binary mask: two values, a lossy JPEG's
-    noise around them, graded edges (in grey or in one colour), float levels."""
+    noise around them, graded edges (in grey or in one colour), float levels. Pixels
+    of ``ignore_index`` are not a value."""
     values, bands, lossy = _mask_bands(path)
     if lossy or (values.dtype.kind not in "ub" and "P" not in bands):
         return None  # compression noise, or float or signed levels: not class ids
@@ -577,6 +588,8 @@ def several_values(path) -> tuple[str, int | None] | None:
         # One colour at several brightnesses (an anti-aliased red object) is one object.
         colours = len(np.unique(np.round(lit / lit.max(axis=1, keepdims=True), 1), axis=0))
         values = values.max(axis=-1)
+    if ignore_index is not None:
+        values = np.where(values == ignore_index, 0, values)
     if "P" not in bands and _soft(values):
         return None
     if colours is not None and colours > 1:
@@ -687,8 +700,10 @@ def _colour_coded(path, values: np.ndarray, num_classes: int) -> DataError:
                      "grayscale or palette PNG (README: 'Colour-coded masks')")
 
 
-def check_class_ids(values: np.ndarray, num_classes: int, path, lossy: bool = False) -> None:
-    """Raises DataError unless every value of a mask is a class id below ``num_classes``.
+def check_class_ids(values: np.ndarray, num_classes: int, path, lossy: bool = False,
+                    ignore_index: int | None = None) -> None:
+    """Raises DataError unless every value of a mask is a class id below ``num_classes``
+    or ``ignore_index``.
 
     The one rule for class ids; ``files.check_pair`` applies it to each source mask
     before training, so an id on pixels that resizing would drop is found too. The
@@ -701,6 +716,11 @@ def check_class_ids(values: np.ndarray, num_classes: int, path, lossy: bool = Fa
     if not values.size or (values.max() < num_classes and values.min() >= 0):
         return
     found = np.unique(values)
+    if ignore_index is not None and not lossy:
+        found = found[found != ignore_index]
+        if not found.size or (found.max() < num_classes and found.min() >= 0):
+            return
+        values = np.where(values == ignore_index, 0, values)  # for the checks below
     have = f"the model has {num_classes} classes (--num-classes {num_classes})"
     if len(found) <= 2 and found.max() in (255, 65535) and found.min() == 0:
         raise DataError(f"{path} holds only 0 and {int(found.max())}, a binary mask, but "
@@ -723,7 +743,8 @@ def check_class_ids(values: np.ndarray, num_classes: int, path, lossy: bool = Fa
     if found.max() == 255 and len(found) > 1 and found[-2] < num_classes:
         raise DataError(f"{path} holds class ids below {num_classes} and 255, Pascal VOC's "
                         "'void' (object borders, unlabelled pixels), which would be learned "
-                        "as one more class; set the 255 pixels to 0, the background, first")
+                        "as one more class; pass --ignore-index 255 to leave those pixels "
+                        "out of the loss and the scores")
     if len(found) <= num_classes and found.max() > 2 * num_classes:
         # Classes stored as grey levels (0, 127, 255), which other tools map to ids.
         raise DataError(f"{path} holds the values {', '.join(map(str, found))}, classes "
@@ -739,10 +760,10 @@ def check_class_ids(values: np.ndarray, num_classes: int, path, lossy: bool = Fa
 
 
 def load_example(pair, image_size, in_channels: int = 3, resize: str = "bilinear",
-                 num_classes: int = 1, scale: float = 1.0,
-                 max_value: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                 num_classes: int = 1, scale: float = 1.0, max_value: float = 0.0,
+                 ignore_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8 (h, w, C), mask uint8 (h, w, 1)) of one ``files.Pair`` at
     ``image_size``, or at the image's own size times ``scale`` if None; any decoding
     problem is a DataError naming the file."""
     return (load_image(pair.image, image_size, in_channels, resize, scale, max_value),
-            load_mask(pair.mask, image_size, num_classes, scale))
+            load_mask(pair.mask, image_size, num_classes, scale, ignore_index))

@@ -85,6 +85,9 @@ def test_round_trip_through_json(tmp_path):
     (dict(plateau_patience=5), "--plateau-patience"),
     (dict(split="patient"), "--split"),
     (dict(remat="all"), "--remat"),
+    (dict(ignore_index=1), "--ignore-index"),
+    (dict(num_classes=21, ignore_index=20), "--ignore-index"),
+    (dict(ignore_index=256), "--ignore-index"),
 ])
 def test_bad_values_give_one_line_naming_the_flag(fields, flag):
     with pytest.raises(ConfigError) as e:

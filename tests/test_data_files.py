@@ -360,6 +360,14 @@ def test_every_pair_wrong_alike_is_not_offered_skip_bad(tmp_path):
         dp.find_pairs(own, num_classes=3)
     assert "a binary mask" in str(e.value) and "pass --skip-bad" not in str(e.value)
     assert str(e.value).endswith("(3 problems in all); --skip-bad would leave no pair")
+    # Images without masks, as most of Pascal VOC's photos are, beside them: the
+    # masks' problem, which every pair has, is the one named (sorted first, the
+    # unmatched image had hidden it).
+    write_image(own / "images" / "a0.png")
+    with pytest.raises(dp.DataError, match=r"masks.img0\.png holds only 0 and 255, a "
+                       r"binary mask.* \(4 problems in all\); --skip-bad would leave no"):
+        dp.find_pairs(own, num_classes=3)
+    (own / "images" / "a0.png").unlink()
     write_image(own / "images" / "img3.png")
     write_mask(own / "masks" / "img3.png", box_mask(), value=1)  # class ids: fine
     assert "pass --skip-bad to skip such pairs" in error_of(own, num_classes=3)

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unet_jax import eval_step, per_image_loss, segmentation_metrics
-from unet_jax.losses import DICE_SMOOTH, FOCAL_GAMMA, LossSpec, focal_loss, tversky_loss
+from unet_jax import eval_step, per_image_loss, segmentation_metrics, segmentation_scores
+from unet_jax.losses import (DICE_SMOOTH, FOCAL_GAMMA, LOSSES, LossSpec, focal_loss,
+                             tversky_loss)
 
 
 def as_logits(*rows):
@@ -239,9 +240,43 @@ def test_loss_hyperparameters_reach_the_jitted_eval_step():
     assert hash(LossSpec("focal")) == hash(LossSpec("focal", focal_gamma=2.0))
 
 
+@pytest.mark.parametrize("classes", [1, 3])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_ignored_pixels_count_in_no_loss_no_gradient_and_no_score(loss, classes):
+    """Rows labelled 255 with --ignore-index 255 change nothing: every loss and every
+    score equals that of the image without those rows, whatever the model predicts
+    there, and the ignored pixels' logits get no gradient."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 6, 5, classes)), jnp.float32)
+    masks = rng.integers(0, max(classes, 2), (2, 6, 5, 1)).astype(np.float32)
+    void = masks.copy()
+    void[:, :2] = 255
+    spec = LossSpec(loss, ignore_index=255)
+    np.testing.assert_allclose(per_image_loss(spec, logits, void),
+                               per_image_loss(loss, logits[:, 2:], masks[:, 2:]), rtol=1e-5)
+    grad = jax.grad(lambda x: per_image_loss(spec, x, void).sum())(logits)
+    assert not np.asarray(grad[:, :2]).any() and np.asarray(grad[:, 2:]).any()
+    scored, kept = segmentation_metrics(logits, void, 255), segmentation_metrics(
+        logits[:, 2:], masks[:, 2:])
+    assert scored.keys() == kept.keys()
+    for name in kept:
+        np.testing.assert_allclose(scored[name], kept[name], rtol=1e-6, err_msg=name)
+    # Through the jitted step too: the spec carries the value to the metrics.
+    batch = {"image": jnp.zeros((2, 6, 5, 3)), "mask": void}
+    sums = eval_step({"logits": logits}, batch, _logits_as_params, loss=spec)
+    np.testing.assert_allclose(sums["pixel_accuracy"], kept["pixel_accuracy"].sum(), rtol=1e-6)
+
+
+def test_an_ignore_index_that_is_a_class_is_refused():
+    pred = jnp.zeros((1, 2, 2), jnp.int32)
+    with pytest.raises(ValueError, match="ignore_index 2 is a class id of a 3-class model"):
+        segmentation_scores(pred, pred, 3, ignore_index=2)
+
+
 @pytest.mark.parametrize("fields,message", [
     (dict(name="hinge"), "hinge"), (dict(focal_gamma=-1.0), "focal_gamma"),
-    (dict(tversky_alpha=1.5), "tversky_alpha")])
+    (dict(tversky_alpha=1.5), "tversky_alpha"), (dict(ignore_index=1), "ignore_index 1"),
+    (dict(ignore_index=256), "ignore_index 256")])
 def test_loss_spec_rejects_bad_values(fields, message):
     with pytest.raises(ValueError, match=message):
         LossSpec(**fields)

@@ -115,7 +115,7 @@ def test_class_ids_are_kept_and_checked(tmp_path):
     void[4] = 255  # Pascal VOC's borders: 'classes as grey levels' before
     Image.fromarray(void).save(tmp_path / "void.png")
     with pytest.raises(data_pipeline.DataError, match=r"void\.png holds class ids below 3 "
-                       r"and 255, Pascal VOC's 'void' .* set the 255 pixels to 0"):
+                       r"and 255, Pascal VOC's 'void' .* pass --ignore-index 255"):
         preprocess.load_mask(tmp_path / "void.png", None, 3)
     # Binary: the ids are all foreground, whatever their value.
     np.testing.assert_array_equal(preprocess.load_mask(tmp_path / "ids.png")[..., 0], ids > 0)
@@ -123,6 +123,39 @@ def test_class_ids_are_kept_and_checked(tmp_path):
     Image.fromarray(ids.astype(np.uint16)).save(tmp_path / "ids16.png")
     np.testing.assert_array_equal(
         preprocess.load_mask(tmp_path / "ids16.png", (4, 4), 3)[..., 0], ids[::2, ::2])
+
+
+def test_ignored_pixels_keep_their_value_beside_class_ids_and_binary_masks(tmp_path):
+    """--ignore-index: VOC's 255 passes the class-id check and reaches the losses as
+    255, through resizing too; in a binary run it is neither foreground (any non-zero
+    pixel) nor a level that moves the graded-edge cut."""
+    ids = np.zeros((8, 8), np.uint8)
+    ids[:4], ids[6:] = 1, 2
+    ids[4] = 255
+    Image.fromarray(ids).save(tmp_path / "void.png")
+    np.testing.assert_array_equal(
+        preprocess.load_mask(tmp_path / "void.png", None, 3, ignore_index=255)[..., 0], ids)
+    np.testing.assert_array_equal(
+        preprocess.load_mask(tmp_path / "void.png", (4, 4), 3, ignore_index=255)[..., 0],
+        ids[::2, ::2])
+    with pytest.raises(data_pipeline.DataError, match=r"holds class 2 but the model has 2"):
+        preprocess.load_mask(tmp_path / "void.png", None, 2, ignore_index=255)
+    binary = np.where(ids > 0, 1, 0).astype(np.uint8)
+    binary[4] = 255
+    Image.fromarray(binary).save(tmp_path / "binary.png")
+    np.testing.assert_array_equal(
+        preprocess.load_mask(tmp_path / "binary.png", None, 1, ignore_index=255)[..., 0], binary)
+    np.testing.assert_array_equal(preprocess.load_mask(tmp_path / "binary.png")[..., 0], ids > 0)
+    assert preprocess.several_values(tmp_path / "binary.png", 255) is None
+    assert preprocess.several_values(tmp_path / "binary.png") is not None
+    # A 0/255 mask with a void of 128: 128 would otherwise be foreground.
+    drawn = np.where(ids > 0, 255, 0).astype(np.uint8)
+    drawn[4] = 128
+    Image.fromarray(drawn).save(tmp_path / "drawn.png")
+    want = np.where(ids > 0, 1, 0)
+    want[4] = 128
+    np.testing.assert_array_equal(
+        preprocess.load_mask(tmp_path / "drawn.png", None, 1, ignore_index=128)[..., 0], want)
 
 
 def test_16_bit_images_are_scaled_by_their_range_not_their_content(tmp_path):

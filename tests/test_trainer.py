@@ -182,6 +182,46 @@ def test_multi_class_trains_every_class(tmp_path):
     assert "val_dice_class2" in header and "val_iou_class1" in header
 
 
+def test_void_pixels_take_no_part_in_training_validation_or_evaluation(tmp_path):
+    """Pascal VOC's layout: class ids with a 255 'void' ring around every object. The
+    run refuses it without --ignore-index (the ring would be learned as a class);
+    with it, validation during training and full-resolution evaluation both give the
+    Dice computed here by hand with the ring left out."""
+    from unet_jax import evaluation
+    from unet_jax.inference import Predictor
+
+    data = shapes_dir(tmp_path / "shapes", n=24)
+    for path in (data / "masks").iterdir():
+        ids = np.asarray(Image.open(path))
+        grown = ids > 0
+        for axis in (0, 1):
+            grown = grown | np.roll(grown, 1, axis) | np.roll(grown, -1, axis)
+        Image.fromarray(np.where(grown & (ids == 0), 255, ids).astype(np.uint8)).save(path)
+    config = dataclasses.replace(TINY, data_dir=str(data), num_classes=3, base_features=8,
+                                 epochs=3, learning_rate=1e-2, split="random")
+    with pytest.raises(data_pipeline.DataError, match="Pascal VOC's 'void' .* pass "
+                       "--ignore-index 255"):
+        unet_jax.train_and_evaluate(config, tmp_path / "refused", log=None)
+    config = dataclasses.replace(config, ignore_index=255)
+    summary = unet_jax.train_and_evaluate(config, tmp_path / "run", log=None)
+    predictor = Predictor(tmp_path / "run")
+    assert predictor.config.ignore_index == 255
+    _, pairs = data_pipeline.read_split(tmp_path / "run" / "split.json")
+    dices, accuracy = {1: [], 2: []}, []
+    for _, _, predicted in predictor.predict_files([p.image for p in pairs]):
+        truth = np.asarray(Image.open(pairs[len(accuracy)].mask))
+        accuracy.append((predicted == truth)[truth != 255].mean())
+        for c in (1, 2):
+            hit, true = (predicted == c) & (truth != 255), truth == c
+            if hit.any() or true.any():
+                dices[c].append(2 * (hit & true).sum() / (hit.sum() + true.sum()))
+    by_hand = np.mean([np.mean(dices[c]) for c in (1, 2)])
+    scores = evaluation.score(predictor, pairs)
+    assert scores["dice"] == pytest.approx(by_hand, abs=1e-6)
+    assert scores["pixel_accuracy"] == pytest.approx(np.mean(accuracy), abs=1e-6)
+    assert summary["best"]["val_dice"] == pytest.approx(by_hand, abs=1e-4)
+
+
 def test_group_by_reaches_the_runs_split_and_summary(tmp_path):
     from unet_jax import trainer
 

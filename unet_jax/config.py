@@ -117,6 +117,10 @@ class Config:
                         "(memory-mapped, for data larger than memory)")
     skip_bad: bool = _field(False, "skip unreadable or unmatched image/mask pairs (listed "
                             "as a warning) instead of stopping")
+    ignore_index: Optional[int] = _field(
+        None, "a mask value (2..255, no class id) whose pixels take no part in the loss "
+        "or the scores: Pascal VOC's and Cityscapes' 255 on borders and unlabelled areas",
+        metavar="V")
 
     # Optimisation (the guide: AdamW, lr 3e-4, BCE).
     loss: str = _field("bce", "bce (the guide's), dice, bce_dice, focal or tversky (the "
@@ -261,6 +265,12 @@ class Config:
             raise ConfigError(f"--tta {self.tta!r}: choose one of {', '.join(TTA)}")
         if not self.cache:
             raise ConfigError("--cache '': give 'memory', 'none' or a file prefix")
+        if self.ignore_index is not None:
+            low = max(self.num_classes, 2)  # binary masks read 0 and 1 as classes
+            if not low <= self.ignore_index <= 255:
+                raise ConfigError(
+                    f"--ignore-index {self.ignore_index}: give a mask value from {low} to "
+                    f"255, none of the class ids 0..{low - 1} (masks are 8-bit), e.g. 255")
 
     def _check_optimisation(self) -> None:
         """The schedule, clipping and averaging settings (see ``unet_jax.optim``)."""

@@ -31,7 +31,7 @@ def score(predictor, pairs, skip_bad: bool = False, sweep=()) -> dict:
     With ``sweep`` (the predictor's mode at other thresholds: ``threshold_modes``),
     also the Dice and IoU of each under "thresholds", from the same pass: its logits
     are thresholded on the host, as the device program thresholds them."""
-    num_classes = predictor.config.num_classes
+    num_classes, ignore = predictor.config.num_classes, predictor.config.ignore_index
     masks = {p.image: p.mask for p in pairs}
     scores, scored = [], []
     swept = [(mode.threshold, mode.logit_threshold, []) for mode in sweep]
@@ -47,7 +47,8 @@ def score(predictor, pairs, skip_bad: bool = False, sweep=()) -> dict:
             predicted = predictor.to_mask(logits)
         try:
             # The true mask by the same rule training reads it with, at its own size.
-            truth = preprocess.load_mask(masks[image], None, num_classes)[..., 0]
+            truth = preprocess.load_mask(masks[image], None, num_classes,
+                                         ignore_index=ignore)[..., 0]
             if truth.shape != predicted.shape:
                 raise DataError(f"{masks[image]}: mask is {truth.shape[1]}x{truth.shape[0]} "
                                 f"but its image is {predicted.shape[1]}x{predicted.shape[0]}; "
@@ -58,7 +59,8 @@ def score(predictor, pairs, skip_bad: bool = False, sweep=()) -> dict:
             log.warning("skipping %s", e)
             continue
         scores_of = lambda mask: {k: np.asarray(v[0]) for k, v in segmentation_scores(  # noqa: E731
-            mask[None].astype(np.int32), truth[None].astype(np.int32), num_classes).items()}
+            mask[None].astype(np.int32), truth[None].astype(np.int32), num_classes,
+            ignore).items()}
         scores.append(scores_of(predicted))
         scored.append(str(image))
         began = time.perf_counter()

@@ -31,7 +31,11 @@ tries on the object:
   the soft Dice.
 
 ``per_image_loss`` takes a loss by name, or as a ``LossSpec`` that also carries these
-hyperparameters (``--focal-gamma``, ``--tversky-alpha``).
+hyperparameters (``--focal-gamma``, ``--tversky-alpha``) and the label of the pixels
+that take no part (``--ignore-index``: Pascal VOC's and Cityscapes' 255, the borders
+and unlabelled areas their annotators left open). Each loss then counts only the
+other pixels: cross-entropy and focal average over them, the Dice and Tversky counts
+leave them out, as PyTorch's ``ignore_index`` does.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class LossSpec:
     name: str = "bce"
     focal_gamma: float = FOCAL_GAMMA
     tversky_alpha: float = TVERSKY_ALPHA
+    ignore_index: int | None = None  # the mask value of pixels left out; the metrics too
 
     def __post_init__(self):
         if self.name not in LOSSES:
@@ -75,18 +80,49 @@ class LossSpec:
             raise ValueError(f"focal_gamma {self.focal_gamma}: give 0 or more")
         if not 0 <= self.tversky_alpha <= 1:
             raise ValueError(f"tversky_alpha {self.tversky_alpha}: give a value in [0, 1]")
+        if self.ignore_index is not None and not 2 <= self.ignore_index <= 255:
+            raise ValueError(f"ignore_index {self.ignore_index}: give a mask value in "
+                             "2..255 that is no class id, e.g. 255, or None")
 
 
-def _one_hot_targets(logits, masks):
-    """Per-pixel probabilities and matching targets, both (N, H, W, K)."""
+def ignored(masks, ignore_index: int | None):
+    """(masks, weight): the masks with their ignored pixels made background, and a
+    float (N, H, W, 1) weight, 0 on those pixels and 1 elsewhere; weight None where
+    nothing is ignored. Made background so that every loss can read them as labels;
+    the weight then takes them out."""
+    if ignore_index is None:
+        return masks, None
+    keep = masks != ignore_index
+    return jnp.where(keep, masks, 0), keep.astype(jnp.float32)
+
+
+def _pixel_mean(per_pixel, weight):
+    """Each image's mean of ``per_pixel`` (N, H, W[, 1]) over the pixels of weight 1
+    (all of them for None); 0 for an image whose pixels are all ignored."""
+    per_pixel = per_pixel.reshape(per_pixel.shape[0], -1)
+    if weight is None:
+        return per_pixel.mean(axis=1)
+    weight = weight.reshape(weight.shape[0], -1)
+    return jnp.sum(per_pixel * weight, axis=1) / jnp.maximum(jnp.sum(weight, axis=1), 1.0)
+
+
+def _one_hot_targets(logits, masks, weight=None):
+    """Per-pixel probabilities and matching targets, both (N, H, W, K); both 0 where
+    ``weight`` is, so that the pixels it leaves out add nothing to a soft count."""
     if logits.shape[-1] == 1:
-        return jax.nn.sigmoid(logits), masks.astype(logits.dtype)
-    labels = masks[..., 0].astype(jnp.int32)
-    return jax.nn.softmax(logits, axis=-1), jax.nn.one_hot(labels, logits.shape[-1])
+        probs, targets = jax.nn.sigmoid(logits), masks.astype(logits.dtype)
+    else:
+        labels = masks[..., 0].astype(jnp.int32)
+        probs = jax.nn.softmax(logits, axis=-1)
+        targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if weight is not None:
+        probs, targets = probs * weight, targets * weight
+    return probs, targets
 
 
-def cross_entropy(logits, masks):
-    """Mean per-pixel cross-entropy of each image, shape (N,).
+def cross_entropy(logits, masks, weight=None):
+    """Mean per-pixel cross-entropy of each image, shape (N,), over the pixels of
+    ``weight`` 1 (every pixel without it; ``ignored`` makes it).
 
     Computed from logits (log-sum-exp form), never from probabilities: sigmoid then
     log underflows for confident pixels.
@@ -95,18 +131,18 @@ def cross_entropy(logits, masks):
         per_pixel = optax.sigmoid_binary_cross_entropy(logits, masks.astype(logits.dtype))
     else:
         per_pixel = optax.softmax_cross_entropy_with_integer_labels(
-            logits, masks[..., 0].astype(jnp.int32))
-    return per_pixel.reshape(per_pixel.shape[0], -1).mean(axis=1)
+            logits, masks[..., 0].astype(jnp.int32))[..., None]
+    return _pixel_mean(per_pixel, weight)
 
 
-def soft_dice_loss(logits, masks, smooth: float = DICE_SMOOTH):
+def soft_dice_loss(logits, masks, smooth: float = DICE_SMOOTH, weight=None):
     """1 - soft Dice of each image, shape (N,).
 
     Soft because it uses probabilities instead of thresholded predictions, so it has a
     gradient. With several classes the background channel is left out and the Dice of
-    the foreground classes averaged.
+    the foreground classes averaged. Pixels of ``weight`` 0 count in neither sum.
     """
-    probs, targets = _one_hot_targets(logits, masks)
+    probs, targets = _one_hot_targets(logits, masks, weight)
     if probs.shape[-1] > 1:
         probs, targets = probs[..., 1:], targets[..., 1:]
     inter = jnp.sum(probs * targets, axis=(1, 2))
@@ -115,7 +151,8 @@ def soft_dice_loss(logits, masks, smooth: float = DICE_SMOOTH):
     return 1.0 - dice.mean(axis=-1)
 
 
-def focal_loss(logits, masks, gamma: float = FOCAL_GAMMA, alpha: float | None = None):
+def focal_loss(logits, masks, gamma: float = FOCAL_GAMMA, alpha: float | None = None,
+               weight=None):
     """Mean per-pixel focal loss ``-(1 - p_t)**gamma * log(p_t)`` of each image, shape (N,).
 
     Both ``log(p_t)`` and ``log(1 - p_t)`` come from the logits (log-sigmoid for one
@@ -128,7 +165,8 @@ def focal_loss(logits, masks, gamma: float = FOCAL_GAMMA, alpha: float | None = 
     count ``alpha``, background pixels ``1 - alpha``. Their 0.25, tuned for object
     detection together with gamma 2, down-weights the rare class, because gamma
     already quiets the easy background; how much weighting helps segmentation depends
-    on the data, so the default is the plain focal loss.
+    on the data, so the default is the plain focal loss. The mean is over the
+    pixels of ``weight`` 1, as in ``cross_entropy``.
     """
     if logits.shape[-1] == 1:
         targets = masks.astype(logits.dtype)
@@ -147,11 +185,11 @@ def focal_loss(logits, masks, gamma: float = FOCAL_GAMMA, alpha: float | None = 
     per_pixel = -jnp.exp(gamma * log_not_p) * log_p
     if alpha is not None:
         per_pixel = per_pixel * (alpha * foreground + (1 - alpha) * (1 - foreground))
-    return per_pixel.reshape(per_pixel.shape[0], -1).mean(axis=1)
+    return _pixel_mean(per_pixel, weight)
 
 
 def tversky_loss(logits, masks, alpha: float = TVERSKY_ALPHA, beta: float | None = None,
-                 smooth: float = DICE_SMOOTH):
+                 smooth: float = DICE_SMOOTH, weight=None):
     """1 - the soft Tversky index of each image, shape (N,); ``beta`` defaults to 1 - alpha.
 
     ``TI = TP / (TP + alpha FP + beta FN)`` with the soft counts TP = sum(p t),
@@ -160,31 +198,33 @@ def tversky_loss(logits, masks, alpha: float = TVERSKY_ALPHA, beta: float | None
     2 beta FN + smooth)``: at alpha = beta = 0.5 the denominator is sum(p) + sum(t) +
     smooth and the loss is exactly the soft Dice loss, and an empty mask predicted empty
     scores 1. With several classes the background channel is left out and the index of
-    the foreground classes averaged.
+    the foreground classes averaged. Pixels of ``weight`` 0 count in none of the sums.
     """
     beta = 1.0 - alpha if beta is None else beta
-    probs, targets = _one_hot_targets(logits, masks)
+    probs, targets = _one_hot_targets(logits, masks, weight)
     if probs.shape[-1] > 1:
         probs, targets = probs[..., 1:], targets[..., 1:]
     tp = jnp.sum(probs * targets, axis=(1, 2))
-    fp = jnp.sum(probs * (1 - targets), axis=(1, 2))
-    fn = jnp.sum((1 - probs) * targets, axis=(1, 2))
+    fp = jnp.sum(probs * (1 - targets), axis=(1, 2))  # 0 where ignored: probs are
+    fn = jnp.sum((1 - probs) * targets, axis=(1, 2))  # and so are the targets
     index = (2 * tp + smooth) / (2 * tp + 2 * alpha * fp + 2 * beta * fn + smooth)
     return 1.0 - index.mean(axis=-1)
 
 
 def per_image_loss(loss: str | LossSpec, logits, masks):
-    """The loss ``loss`` (one of LOSSES, or a LossSpec) for each image, shape (N,)."""
+    """The loss ``loss`` (one of LOSSES, or a LossSpec) for each image, shape (N,);
+    a spec's ``ignore_index`` pixels take no part."""
     spec = LossSpec(loss) if isinstance(loss, str) else loss
-    masks = checked_masks(logits, masks)
+    masks, weight = ignored(checked_masks(logits, masks), spec.ignore_index)
     if spec.name == "bce":
-        return cross_entropy(logits, masks)
+        return cross_entropy(logits, masks, weight)
     if spec.name == "dice":
-        return soft_dice_loss(logits, masks)
+        return soft_dice_loss(logits, masks, weight=weight)
     if spec.name == "bce_dice":
-        return cross_entropy(logits, masks) + soft_dice_loss(logits, masks)
+        return cross_entropy(logits, masks, weight) + soft_dice_loss(logits, masks,
+                                                                     weight=weight)
     if spec.name == "focal":
-        return focal_loss(logits, masks, spec.focal_gamma)
+        return focal_loss(logits, masks, spec.focal_gamma, weight=weight)
     if spec.name == "tversky":
-        return tversky_loss(logits, masks, spec.tversky_alpha)
+        return tversky_loss(logits, masks, spec.tversky_alpha, weight=weight)
     raise ValueError(f"unknown loss {spec.name!r}; choose one of {', '.join(LOSSES)}")

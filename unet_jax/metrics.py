@@ -23,6 +23,10 @@ there, it would score 0.95), so each class's figure is averaged over the images 
 it is present, in the truth or the prediction, as nnU-Net and MONAI do; a class present
 in no image has no figure (NaN), and ``dice`` and ``iou`` are the mean of the classes
 that have one (``means``).
+
+Pixels labelled ``ignore_index`` (``--ignore-index``: Pascal VOC's 255 on object
+borders) are in no count: not in the truth, not in the prediction, not in the pixel
+accuracy, whatever the model predicts there, as VOC's and Cityscapes' own scoring does.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ def true_classes(masks):
     return jnp.round(masks[..., 0]).astype(jnp.int32)
 
 
-def segmentation_scores(pred, true, num_classes: int) -> dict:
+def segmentation_scores(pred, true, num_classes: int,
+                        ignore_index: int | None = None) -> dict:
     """Per-image scores of class-id maps ``pred`` and ``true``, each (N, H, W).
 
     Returns ``dice``, ``iou`` and ``pixel_accuracy`` of shape (N,), and for
@@ -65,23 +70,28 @@ def segmentation_scores(pred, true, num_classes: int) -> dict:
     (classes 1..C-1), 0 where the class is in neither map, and ``present_per_class``,
     1 where it is in either; an image's ``dice`` and ``iou`` are then the mean over
     its present classes (1 where none is). ``num_classes`` 1 means a binary model: ids
-    {0, 1}.
+    {0, 1}. Pixels where ``true`` is ``ignore_index`` are left out of every count.
     """
     pred, true = jnp.asarray(pred), jnp.asarray(true)
     if pred.ndim != 3 or pred.shape != true.shape:
         raise ValueError(f"class maps of shapes {pred.shape} and {true.shape}: give two "
                          "(N, H, W) maps of one shape (a single image as image[None])")
+    if ignore_index is not None and 0 <= ignore_index < max(num_classes, 2):
+        raise ValueError(f"ignore_index {ignore_index} is a class id of a {num_classes}-"
+                         "class model; give a value that is none, e.g. 255")
     classes = jnp.arange(1, max(num_classes, 2))
     p = pred[..., None] == classes  # (N, H, W, K)
     t = true[..., None] == classes
+    counted = jnp.ones(true.shape, bool) if ignore_index is None else true != ignore_index
+    p = p & counted[..., None]  # t is False there already: no class is ignore_index
     inter = jnp.sum(p & t, axis=(1, 2)).astype(jnp.float32)
     total = (jnp.sum(p, axis=(1, 2)) + jnp.sum(t, axis=(1, 2))).astype(jnp.float32)
     empty = total == 0
     dice = jnp.where(empty, 1.0, 2.0 * inter / jnp.maximum(total, 1.0))
     iou = jnp.where(empty, 1.0, inter / jnp.maximum(total - inter, 1.0))
-    correct = (pred == true).reshape(pred.shape[0], -1)
+    correct = jnp.sum((pred == true) & counted, axis=(1, 2)).astype(jnp.float32)
     scores = {"dice": dice.mean(axis=-1), "iou": iou.mean(axis=-1),
-              "pixel_accuracy": correct.mean(axis=1).astype(jnp.float32)}
+              "pixel_accuracy": correct / jnp.maximum(jnp.sum(counted, axis=(1, 2)), 1)}
     if num_classes > 1:
         present = (~empty).astype(jnp.float32)
         dice, iou = dice * present, iou * present
@@ -113,8 +123,8 @@ def means(sums: dict) -> dict:
     return result
 
 
-def segmentation_metrics(logits, masks) -> dict:
+def segmentation_metrics(logits, masks, ignore_index: int | None = None) -> dict:
     """``segmentation_scores`` of the model's logits (N, H, W, C) against masks (N, H, W, 1)."""
     masks = checked_masks(logits, masks)
     return segmentation_scores(predicted_classes(logits), true_classes(masks),
-                               logits.shape[-1])
+                               logits.shape[-1], ignore_index)

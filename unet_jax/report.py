@@ -34,12 +34,15 @@ def plot_loss(history: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_predictions(images, masks, logits, path: Path, rows: int = 4) -> None:
+def plot_predictions(images, masks, logits, path: Path, rows: int = 4,
+                     ignore_index: int | None = None) -> None:
     """A grid: one row per validation image with the image, true mask, predicted mask.
 
     ``images``, ``masks`` and ``logits`` are batches or lists of (H, W, ...) arrays
-    (whole images of a crop-trained run differ in size)."""
+    (whole images of a crop-trained run differ in size). The true mask's
+    ``ignore_index`` pixels are red: no class, and not scored."""
     plt = _pyplot()
+    labels = plt.get_cmap("gray").with_extremes(bad="tab:red")
     keep = range(min(len(images), rows))
     fig, axes = plt.subplots(len(keep), 3, figsize=(9, 2.6 * len(keep)), squeeze=False,
                              subplot_kw={"xticks": [], "yticks": []})
@@ -49,10 +52,13 @@ def plot_predictions(images, masks, logits, path: Path, rows: int = 4) -> None:
         # Fixed ranges: stretched to each picture's own, a nearly black image would look
         # normal and an all-foreground mask black.
         top = max(1, logit.shape[-1] - 1)
-        panels = [(np.squeeze(images[i]), "image", 1), (np.asarray(masks[i])[..., 0],
-                  "true mask", top), (predicted, "predicted mask", top)]
+        truth = np.asarray(masks[i])[..., 0]
+        if ignore_index is not None:
+            truth = np.ma.masked_equal(truth, ignore_index)
+        panels = [(np.squeeze(images[i]), "image", 1), (truth, "true mask", top),
+                  (predicted, "predicted mask", top)]
         for ax, (picture, title, vmax) in zip(axes[row], panels):
-            ax.imshow(picture, cmap="gray", interpolation="nearest", vmin=0, vmax=vmax)
+            ax.imshow(picture, cmap=labels, interpolation="nearest", vmin=0, vmax=vmax)
             ax.set_title(title)
             ax.axis("off")
     # Fixed margins: tight_layout measured every tick label and title of the grid, and

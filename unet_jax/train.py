@@ -64,10 +64,11 @@ def _unet(num_classes, base_features, depth, dtype, skip_connections, attention,
 
 
 def loss_spec(config: Config) -> losses.LossSpec:
-    """The loss that ``config`` trains with, with its hyperparameters, for the steps'
-    ``loss`` argument."""
+    """The loss that ``config`` trains with, with its hyperparameters and the mask
+    value it ignores, for the steps' ``loss`` argument."""
     return losses.LossSpec(config.loss, focal_gamma=config.focal_gamma,
-                           tversky_alpha=config.tversky_alpha)
+                           tversky_alpha=config.tversky_alpha,
+                           ignore_index=config.ignore_index)
 
 
 def init_params(rng, config: Config, model: UNet | None = None):
@@ -109,8 +110,9 @@ def create_train_state(rng, config: Config, model: UNet | None = None,
                              tx=create_optimizer(config, steps_per_epoch), **averaging)
 
 
-def _batch_metrics(logits, batch, per_image_loss):
-    scores = metrics.segmentation_metrics(logits, batch["mask"])
+def _batch_metrics(logits, batch, per_image_loss, loss):
+    ignore = None if isinstance(loss, str) else loss.ignore_index
+    scores = metrics.segmentation_metrics(logits, batch["mask"], ignore)
     return {"loss": per_image_loss, **scores}
 
 
@@ -129,7 +131,8 @@ def train_step(state: TrainState, batch, loss: str | losses.LossSpec = "bce"):
     several classes also ``dice_per_class`` and ``iou_per_class`` (C-1,), each class's
     mean over the images where it is present (NaN where it is in none).
     ``loss`` is a name from ``losses.LOSSES`` or a ``losses.LossSpec`` (``loss_spec``
-    makes the one a Config asks for); it is static, so each loss compiles once.
+    makes the one a Config asks for); it is static, so each loss compiles once. A
+    spec's ``ignore_index`` leaves its pixels out of the loss and the metrics alike.
     ``state`` is donated (its buffers become the new state's, so memory holds one
     copy): use the returned state, never the one passed in.
     """
@@ -144,7 +147,7 @@ def train_step(state: TrainState, batch, loss: str | losses.LossSpec = "bce"):
     if state.ema_decay is not None:
         new_state = new_state.replace(ema_params=optim.update_ema(
             state.ema_params, new_state.params, state.step, state.ema_decay))
-    batch_metrics = _batch_metrics(jax.lax.stop_gradient(logits), batch, per_image)
+    batch_metrics = _batch_metrics(jax.lax.stop_gradient(logits), batch, per_image, loss)
     return new_state, _batch_means(batch_metrics)
 
 
@@ -168,7 +171,8 @@ def score_logits(logits, batch, loss: str | losses.LossSpec = "bce"):
     the last, partial batch too); ``batch["valid"]`` (N,) marks the real images. Sums
     and a count, rather than means, let the caller merge batches exactly.
     """
-    per_image = _batch_metrics(logits, batch, losses.per_image_loss(loss, logits, batch["mask"]))
+    per_image = _batch_metrics(logits, batch, losses.per_image_loss(loss, logits, batch["mask"]),
+                               loss)
     valid = batch.get("valid", jnp.ones(logits.shape[0], bool)).astype(jnp.float32)
     sums = {k: jnp.tensordot(valid, v, axes=1) for k, v in per_image.items()}
     sums["count"] = jnp.sum(valid)

@@ -233,7 +233,8 @@ def build_data(config: Config, workdir: Path, resume: bool):
     else:
         pairs = data_pipeline.find_pairs(data_dir, skip_bad=config.skip_bad,
                                          num_classes=config.num_classes,
-                                         max_value=config.max_value)
+                                         max_value=config.max_value,
+                                         ignore_index=config.ignore_index)
         train_pairs, val_pairs = data_pipeline.split_pairs(
             pairs, method=config.split, val_fraction=config.val_fraction, seed=config.seed,
             subset=config.subset, group_by=config.group_by)
@@ -245,7 +246,8 @@ def build_data(config: Config, workdir: Path, resume: bool):
                        in_channels=config.in_channels, num_classes=config.num_classes,
                        cache=config.cache,
                        shard=(jax.process_index(), processes), crop=config.crop,
-                       scale=config.scale, max_value=config.max_value)
+                       scale=config.scale, max_value=config.max_value,
+                       ignore_index=config.ignore_index)
     train_data = data_pipeline.InputPipeline(train_pairs, train=True, seed=config.seed,
                                              augment=config.augment,
                                              crops_per_image=config.crops_per_image,
@@ -336,8 +338,8 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
             check = epoch == 1  # whether the masks hold anything to learn
             for batch in bar:
                 if check and config.crop is None:
-                    labels = [min(labels[0], batch["mask"].min()),
-                              max(labels[1], batch["mask"].max())]
+                    low, high = data_pipeline.label_range(batch["mask"], config.ignore_index)
+                    labels = [min(labels[0], low), max(labels[1], high)]
                 state, metrics = train_step(state, parallel.shard_batch(batch, mesh),
                                             loss=loss_spec(config))
                 # Read the previous step's loss, not this one's, so the host never waits
@@ -391,7 +393,8 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
                 if (epoch == config.epochs
                         or time.perf_counter() - drawn >= FIGURE_INTERVAL_S):
                     report.plot_loss(history, workdir / "loss.png")
-                    report.plot_predictions(images, masks, logits, workdir / "predictions.png")
+                    report.plot_predictions(images, masks, logits, workdir / "predictions.png",
+                                            ignore_index=config.ignore_index)
                     drawn = time.perf_counter()
     finally:
         if writer is not None:
