@@ -191,6 +191,17 @@ def test_a_list_of_augmentations_and_the_warmup_example_are_valid():
     assert Config(warmup_epochs=example, epochs=1).warmup_epochs == example
 
 
+def test_a_disk_cache_goes_to_the_users_cache_folder_and_a_prefix_is_absolute(
+        tmp_path, monkeypatch):
+    """'disk' had been a file prefix in the current folder (disk-<hash>.images.npy),
+    and a relative prefix in config.json meant another place in another folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    assert Config(cache="disk").cache == str(tmp_path / "xdg" / "unet-jax" / "data" / "decoded")
+    assert Config(cache="big/train").cache == str(tmp_path / "big" / "train")
+    assert Config(cache="memory").cache == "memory" and Config(cache="none").cache == "none"
+
+
 def test_a_validation_percentage_is_named_as_a_fraction():
     """milesial/Pytorch-UNet's --validation 10 is a percentage."""
     with pytest.raises(ConfigError, match=r"^--val-fraction 10\.0: give a fraction in \(0, "

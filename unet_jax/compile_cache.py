@@ -50,10 +50,16 @@ class CompileCacheError(ValueError):
     """The cache folder cannot be used; the message is one line naming the fix."""
 
 
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/unet-jax``, or ``~/.cache/unet-jax``: compiled programs
+    (``jax-cache/``) and, with ``--cache disk``, decoded training data (``data/``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "unet-jax"
+
+
 def default_dir() -> Path:
     """``$XDG_CACHE_HOME/unet-jax/jax-cache``, or ``~/.cache/unet-jax/jax-cache``."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "unet-jax" / "jax-cache"
+    return user_cache_dir() / "jax-cache"
 
 
 def resolve(setting: str | None = None) -> Path | None:

@@ -113,8 +113,9 @@ class Config:
                               "4095 for a 12-bit camera or scanner; 0 scales by the "
                               "file's type (65535 for 16-bit; floats as [0, 1] or 0..255)",
                               metavar="V")
-    cache: str = _field("memory", "decoded images: 'memory', 'none', or a file prefix "
-                        "(memory-mapped, for data larger than memory)")
+    cache: str = _field("memory", "decoded images: 'memory', 'none', 'disk' (memory-mapped "
+                        "files in the user's cache folder, for data larger than memory, "
+                        "reused by later runs), or a file prefix for such files elsewhere")
     skip_bad: bool = _field(False, "skip unreadable or unmatched image/mask pairs (listed "
                             "as a warning) instead of stopping")
     ignore_index: Optional[int] = _field(
@@ -264,7 +265,13 @@ class Config:
         if self.tta not in TTA:
             raise ConfigError(f"--tta {self.tta!r}: choose one of {', '.join(TTA)}")
         if not self.cache:
-            raise ConfigError("--cache '': give 'memory', 'none' or a file prefix")
+            raise ConfigError("--cache '': give 'memory', 'none', 'disk' or a file prefix")
+        if self.cache == "disk":
+            from unet_jax.compile_cache import user_cache_dir
+
+            self.cache = str(user_cache_dir() / "data" / "decoded")
+        elif self.cache not in ("memory", "none"):  # absolute, as data_dir: a prefix
+            self.cache = str(Path(self.cache).expanduser().resolve())  # of the run's files
         if self.ignore_index is not None:
             low = max(self.num_classes, 2)  # binary masks read 0 and 1 as classes
             if not low <= self.ignore_index <= 255:
