@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 LAYOUTS = ("Kaggle's layout (train/ or train_hq/, with train_masks/), Kaggle's train.zip "
-           "and train_masks.zip as downloaded, images/ + masks/, or <stem>_mask files "
-           "beside their images")
+           "and train_masks.zip as downloaded, images/ + masks/, nnU-Net's imagesTr/ + "
+           "labelsTr/, or <stem>_mask files beside their images")
 FIX = "fix or remove the file, or pass --skip-bad to skip such pairs"
 RENAME = "rename or remove all but one"  # of files that claim one name
 
@@ -159,6 +159,8 @@ def detect_layout(data_dir) -> tuple[Path, Path, str]:
             return unnested(images), unnested(masks), "kaggle"
     if (root / "images").is_dir() and (root / "masks").is_dir():
         return unnested(root / "images"), unnested(root / "masks"), "folders"
+    if (root / "imagesTr").is_dir() and (root / "labelsTr").is_dir():  # nnU-Net's raw data
+        return root / "imagesTr", root / "labelsTr", "folders"
     if (root / "train_masks.zip").is_file():  # Kaggle's zips, as downloaded
         from data_pipeline import tfds_carvana
 
@@ -371,6 +373,35 @@ def _paired_by_endings(images: dict, masks: dict, image_dir: Path, mask_dir: Pat
     return renamed
 
 
+_CHANNEL_FILE = re.compile(r"(.+)_(\d{4})")  # nnU-Net: case_0000 is channel 0 of case
+
+
+def _nnunet_cases(images: dict, masks: dict, image_dir: Path) -> dict | None:
+    """Images keyed by case where they are named as nnU-Net names them: one file per
+    channel, ``<case>_0000.png`` beside the label ``<case>.png`` (an RGB PNG is one
+    file, channel 0 alone). None where the names are not so. A case of several channel
+    files (``_0000``, ``_0001``: modalities) is a DataError: one file is one image here."""
+    if len(images.keys() & masks.keys()) * 2 >= len(images):
+        return None
+    found = {stem: _CHANNEL_FILE.fullmatch(stem) for stem in images}
+    if not all(found.values()):
+        return None
+    cases: dict[str, list[str]] = {}
+    for match in found.values():
+        cases.setdefault(match[1], []).append(match[2])
+    if len(cases.keys() & masks.keys()) * 2 < len(cases):
+        return None
+    several = sorted(case for case, channels in cases.items() if channels != ["0000"])
+    if several:
+        case = several[0]
+        names = ", ".join(f"{case}_{c}" for c in sorted(cases[case]))
+        raise DataError(
+            f"{image_dir}: nnU-Net's files of one channel each ({names}: case {case!r}); "
+            "unet-jax reads one file per image, grayscale or RGB: merge each case's "
+            "channels into one RGB file (PIL.Image.merge), or keep the _0000 files alone")
+    return {match[1]: images[stem] for stem, match in found.items()}
+
+
 def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
     """Pairs by name (not yet checked), and the problems of files without a partner."""
     image_dir, mask_dir, layout = detect_layout(data_dir)
@@ -379,8 +410,10 @@ def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
     images, problems = _by_stem(_images_in(image_dir))
     masks, more = _by_stem(_images_in(mask_dir), strip="_mask")
     problems += more
-    if layout == "folders" and (renamed := _paired_by_endings(images, masks, image_dir,
-                                                              mask_dir)):
+    if layout == "folders" and (cases := _nnunet_cases(images, masks, image_dir)):
+        images = cases
+    elif layout == "folders" and (renamed := _paired_by_endings(images, masks, image_dir,
+                                                                mask_dir)):
         images, masks = renamed
     pairs, claimed = [], set()
     # Kaggle names photos <car>_<NN>: the car is all before the last underscore. Its

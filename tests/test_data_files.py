@@ -725,6 +725,39 @@ def test_masks_are_paired_by_names_less_the_ending_all_of_them_share(tmp_path, c
         assert f"({images[0]}.png with {masks[0]}.png); check" in caplog.text
 
 
+@pytest.mark.parametrize("images, masks", [("imagesTr", "labelsTr"), ("images", "masks")])
+def test_nnunet_raw_data_pairs_each_case_s_channel_file_with_its_label(tmp_path, images,
+                                                                        masks):
+    """nnU-Net's raw layout as its 2D datasets hold it: imagesTr/<case>_0000.png (one
+    file per channel; an RGB PNG is channel 0 alone) beside labelsTr/<case>.png. It had
+    been 'rename imagesTr/ to images/', after which no image found its mask. A case
+    of several channel files (MRI modalities) is named, with the fix."""
+    root = tmp_path / "Dataset120_Roads"
+    for folder in (images, masks, "imagesTs"):
+        (root / folder).mkdir(parents=True)
+    for i, case in enumerate(["road_000", "road_001", "road_002"]):
+        write_image(root / images / f"{case}_0000.png", (16, 16), seed=i)
+        write_mask(root / masks / f"{case}.png", box_mask((16, 16), seed=i), value=1)
+    write_image(root / "imagesTs" / "road_900_0000.png", (16, 16))
+    found = dp.find_pairs(root)
+    assert [(p.image.name, p.mask.name, p.car) for p in found] == [
+        (f"road_00{i}_0000.png", f"road_00{i}.png", f"road_00{i}_0000") for i in range(3)]
+    write_image(root / images / "road_001_0001.png", (16, 16))
+    assert error_of(root) == (
+        f"{root / images}: nnU-Net's files of one channel each (road_001_0000, "
+        "road_001_0001: case 'road_001'); unet-jax reads one file per image, grayscale "
+        "or RGB: merge each case's channels into one RGB file (PIL.Image.merge), or keep "
+        "the _0000 files alone")
+    # Numbered names that pair as they are stay as they are.
+    shutil.rmtree(root)
+    own = tmp_path / "own"
+    for folder in ("images", "masks"):
+        (own / folder).mkdir(parents=True)
+        for i in range(3):
+            write_image(own / folder / f"scan_{i:04d}.png", (16, 16), seed=i)
+    assert [p.mask.name for p in dp.find_pairs(own)] == [f"scan_{i:04d}.png" for i in range(3)]
+
+
 @pytest.mark.parametrize("values, found, fix", [
     ((0, 1, 2), "values 0, 1, 2", "pass --num-classes 3"),
     ((0, 127, 255), "values 0, 127, 255", "store class ids 0..C-1 and pass --num-classes C"),
