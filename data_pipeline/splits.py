@@ -160,9 +160,30 @@ def split_pairs(pairs: list[Pair], *, method: str = "car", val_fraction: float =
     return train, val
 
 
-def write_split(path, train: list[Pair], val: list[Pair], data_dir=None) -> None:
+def given_split(train: list[Pair], val: list[Pair], *, seed: int = 42, subset: float = 1.0,
+                group_by: str = "") -> tuple[list[Pair], list[Pair]]:
+    """(train, validation) pairs of a dataset that comes with its own validation set
+    (``--val-data-dir``), each in name order: no split is drawn, ``subset`` keeps that
+    fraction of the training cars (or ``group_by`` groups) alone. A car, group or
+    image name on both sides is warned about: the same subject in both sets (or the
+    same photo, copied) flatters validation as a leaking split does."""
+    if group_by:
+        train, val = grouped(train, group_by), grouped(val, group_by)
+    train = sorted(subset_by_car(train, subset, seed), key=lambda p: p.image)
+    shared = sorted({p.car for p in train} & {p.car for p in val})
+    if shared:
+        log.warning("%d of the %d validation groups (%s...) are in the training images too "
+                    "(cars, --group-by groups, or else file names): if they are the same "
+                    "subjects or photos, validation flatters the model; remove them from "
+                    "one side", len(shared), len({p.car for p in val}), shared[0])
+    return train, sorted(val, key=lambda p: p.image)
+
+
+def write_split(path, train: list[Pair], val: list[Pair], data_dir=None,
+                val_data_dir=None) -> None:
     """Writes ``{"train": [...], "validation": [...], "data_dir": ...}``, the image
-    files of each side and the dataset they come from.
+    files of each side and the dataset they come from (with ``val_data_dir``, a
+    validation set of its own, also ``"validation_data_dir"``).
 
     The masks and cars are found again from the images by the pairing rules, so the
     file stays readable by any tool. Written atomically: an interrupted run never
@@ -172,6 +193,8 @@ def write_split(path, train: list[Pair], val: list[Pair], data_dir=None) -> None
               "validation": [str(p.image) for p in val]}
     if data_dir is not None:
         record["data_dir"] = str(_root(data_dir))
+    if val_data_dir is not None:
+        record["validation_data_dir"] = str(_root(val_data_dir))
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
@@ -183,6 +206,7 @@ def _root(data_dir) -> Path:
 
 
 def read_split(path, data_dir=None, otherwise: str = "start a new run",
+               val_data_dir=None, val_flag: str = "--val-data-dir",
                ) -> tuple[list[Pair], list[Pair]]:
     """The (train, validation) pairs of a split file, each image with its mask and car.
 
@@ -192,54 +216,70 @@ def read_split(path, data_dir=None, otherwise: str = "start a new run",
     else by file name, where the name is one image's alone on each side (the data
     unzipped into another nesting, or a file written before it recorded its dataset).
     Where the images are missing, the error offers to restore them, to give the folder
-    they moved to, or ``otherwise``: the caller's own way out.
+    they moved to, or ``otherwise``: the caller's own way out. A run with a validation
+    set of its own (``--val-data-dir``) finds its validation images in
+    ``val_data_dir`` when they moved (given by the caller's ``val_flag``), and the
+    training images in ``data_dir``.
     """
-    from data_pipeline.files import match_pairs
-
     try:
         record = json.loads(Path(path).read_text())
         images = {side: [Path(i).expanduser().absolute() for i in record[side]]
                   for side in ("train", "validation")}
-        recorded = record.get("data_dir")
-        recorded = _root(recorded) if isinstance(recorded, str) else None
+        recorded = {side: _root(record[key]) if isinstance(record.get(key), str) else None
+                    for side, key in (("train", "data_dir"),
+                                      ("validation", "validation_data_dir"))}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path} is not a split file written by unet-jax ({e}); "
                         "remove it to make a new split") from None
-    if data_dir is not None:
-        root = _root(data_dir)
-        pairs = match_pairs(data_dir)[0]
+    own = recorded["validation"] is not None  # a validation set of its own
+    if not own:
+        recorded["validation"] = recorded["train"]
+    given = {"train": data_dir, "validation": val_data_dir if own else data_dir}
+    there = Counter(i.name for side in images.values() for i in side)
+    resolved = {side: [_finder(given[side], recorded[side], images[side], there)(i)
+                       for i in images[side]] for side in images}
+    missing = [(side, i) for side in images for i, pair in zip(images[side], resolved[side])
+               if pair is None]
+    if missing:
+        side, image = missing[0]
+        flag = val_flag if own and side == "validation" else "--data-dir"
+        where = f" in {given[side]}" if given[side] is not None else ""
+        raise DataError(f"{path}: {image} (or its mask) is not found{where} "
+                        f"({len(missing)} missing); restore the data, give the folder "
+                        f"it moved to ({flag}), or {otherwise}")
+    return resolved["train"], resolved["validation"]
+
+
+def _finder(given, recorded: Path | None, images: list[Path], there: Counter):
+    """A function from a recorded image to its Pair (None where it is not found): in
+    the folder ``given`` for data that moved, else in the ``recorded`` dataset (or,
+    in a file from before datasets were recorded, beside the images' folders)."""
+    from data_pipeline.files import match_pairs
+
+    if given is not None:
+        root = _root(given)
+        pairs = match_pairs(given)[0]
         by_path = {_within(p.image, root): p for p in pairs}
         # A name found once on each side identifies its image in another nesting too
         # (images/images/ unzipped, train/ instead of the prepared zips); a name that
         # several folders share (one patient's slice_1.png, another's) only by path.
         here = Counter(p.image.name for p in pairs)
-        there = Counter(i.name for side in images.values() for i in side)
         by_name = {p.image.name: p for p in pairs if here[p.image.name] == 1}
 
         def find(image: Path) -> Pair | None:
             if recorded is not None and (inside := _within(image, recorded)) in by_path:
                 return by_path[inside]
             return by_name.get(image.name) if there[image.name] == 1 else None
-    else:
-        found = {}
-        # Files before the dataset was recorded: images/ (or train/) sits in its root.
-        roots = [recorded] if recorded is not None else sorted(
-            {i.parent.parent for side in images.values() for i in side})
-        for root in roots:
-            try:
-                found.update((p.image, p) for p in match_pairs(root)[0])
-            except DataError:  # the folder is gone: its images are reported below
-                pass
-        find = found.get
-    resolved = {side: [find(i) for i in side_images] for side, side_images in images.items()}
-    missing = [i for side in images for i, pair in zip(images[side], resolved[side])
-               if pair is None]
-    if missing:
-        where = f" in {data_dir}" if data_dir is not None else ""
-        raise DataError(f"{path}: {missing[0]} (or its mask) is not found{where} "
-                        f"({len(missing)} missing); restore the data, give the folder "
-                        f"it moved to (--data-dir), or {otherwise}")
-    return resolved["train"], resolved["validation"]
+        return find
+    found = {}
+    # Files before the dataset was recorded: images/ (or train/) sits in its root.
+    roots = [recorded] if recorded is not None else sorted({i.parent.parent for i in images})
+    for root in roots:
+        try:
+            found.update((p.image, p) for p in match_pairs(root)[0])
+        except DataError:  # the folder is gone: its images are reported below
+            pass
+    return found.get
 
 
 def _within(image: Path, root: Path) -> Path | None:

@@ -30,7 +30,8 @@ python -m experiments.evaluate --checkpoint RUN_DIR --thresholds 0.3 0.4 0.5 0.6
 def parse_args(argv=None):
     p = common.make_parser("experiments.evaluate", __doc__.split("\n\n")[0], EXAMPLES)
     common.add_checkpoint_flags(p)
-    p.add_argument("--data-dir", help="dataset folder (default: the run's own data)")
+    p.add_argument("--data-dir", help="dataset folder (default: the run's own data; for "
+                   "a run with --val-data-dir, its validation folder)")
     p.add_argument("--split", choices=("validation", "all"), default="validation",
                    help="the run's validation images (from split.json), or every pair in --data-dir")
     p.add_argument("--output", help="JSON file for the results")
@@ -60,10 +61,15 @@ def select_pairs(args, config):
         raise common.UserError(f"{run_dir} has no split.json, so its validation images are "
                                "unknown; pass --data-dir DIR --split all")
     # Moved data is found in --data-dir (data_pipeline.read_split); a file that is there but
-    # unreadable is named when it is scored, not taken for missing.
-    return data_pipeline.read_split(
-        split_file, args.data_dir,
-        otherwise="score every pair of a folder instead (--data-dir DIR --split all)")[1], data_dir
+    # unreadable is named when it is scored, not taken for missing. A run with a
+    # validation set of its own (--val-data-dir) finds it there.
+    otherwise = "score every pair of a folder instead (--data-dir DIR --split all)"
+    if config.val_data_dir is not None:
+        return data_pipeline.read_split(split_file, otherwise=otherwise,
+                                        val_data_dir=args.data_dir,
+                                        val_flag="--data-dir")[1], (
+            args.data_dir or config.val_data_dir)
+    return data_pipeline.read_split(split_file, args.data_dir, otherwise=otherwise)[1], data_dir
 
 
 def ways_to_compare(config, tile_given: bool, overlap, tta_given: str | None,

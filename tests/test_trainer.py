@@ -155,6 +155,47 @@ def test_a_failed_resume_changes_nothing(data_dir, tmp_path):
     assert after == before
 
 
+def test_a_validation_folder_of_its_own_replaces_the_split(tmp_path, caplog):
+    """--val-data-dir (ISIC's, CamVid's, Cityscapes' official validation images): every
+    --data-dir image trains, the folder validates; split.json records both folders, so
+    that a resume and evaluate find them, and where they moved."""
+    from experiments import evaluate
+    from tests.data_fixtures import own_dir
+
+    train, val = own_dir(tmp_path / "train", n=8), own_dir(tmp_path / "val", n=4)
+    for i, path in enumerate(sorted((val / "images").iterdir())):  # names of their own
+        path.rename(path.with_name(f"v{i}.png"))
+        (val / "masks" / path.name).rename(val / "masks" / f"v{i}.png")
+    workdir = tmp_path / "run"
+    config = dataclasses.replace(TINY, data_dir=str(train), val_data_dir=str(val), epochs=1)
+    unet_jax.train_and_evaluate(config, workdir, log=None)
+    trained, validated = data_pipeline.read_split(workdir / "split.json")
+    assert [p.image for p in trained] == sorted((train / "images").iterdir())
+    assert [p.image for p in validated] == sorted((val / "images").iterdir())
+    assert [p.mask.parent for p in validated] == [val / "masks"] * 4
+    moved = tmp_path / "moved"
+    val.rename(moved)
+    with pytest.raises(data_pipeline.DataError, match=r"v0\.png \(or its mask\) is not "
+                       r"found \(4 missing\); restore the data, give the folder it moved "
+                       r"to \(--val-data-dir\)"):
+        unet_jax.train_and_evaluate(dataclasses.replace(config, epochs=2), workdir,
+                                    resume=True, log=None)
+    summary = unet_jax.train_and_evaluate(
+        dataclasses.replace(config, epochs=2, val_data_dir=str(moved)), workdir,
+        resume=True, log=None)
+    assert [row["epoch"] for row in summary["history"]] == [1, 2]
+    args = evaluate.parse_args(["--checkpoint", str(workdir)])
+    pairs, folder = evaluate.select_pairs(args, unet_jax.Config.load(workdir / "config.json"))
+    assert [p.image for p in pairs] == sorted((moved / "images").iterdir())
+    assert folder == str(moved)
+    # The same images on both sides are named: validation would flatter the model.
+    with caplog.at_level("WARNING"):
+        unet_jax.train_and_evaluate(dataclasses.replace(
+            config, val_data_dir=str(own_dir(tmp_path / "copies", n=3))), tmp_path / "leak",
+            log=None)
+    assert "3 of the 3 validation groups (img0...) are in the training images too" in caplog.text
+
+
 def test_multi_class_trains_every_class(tmp_path):
     """Three classes end to end: the masks keep their ids through the pipeline (a
     pipeline that binarised them would leave class 2 unseen and its Dice at 0), and

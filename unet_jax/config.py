@@ -82,6 +82,10 @@ class Config:
                                      "images/ + masks/ folders, or x.png beside x_mask.png "
                                      "(per patient in sub-folders) (default: the built-in "
                                      "synthetic sample set)")
+    val_data_dir: Optional[str] = _field(
+        None, "a validation set of its own, in any layout --data-dir takes (a dataset's "
+        "official validation images, say): every image of --data-dir then trains, and no "
+        "split is drawn (--split, --val-fraction unused)", metavar="DIR")
     image_size: tuple[int, int] = _field((64, 96), "size (H W, or one number for a square) "
                                          "whole images are resized to (without --crop)",
                                          nargs="+", metavar=("H", "W"))
@@ -188,7 +192,8 @@ class Config:
             self.augment = parse_augment(self.augment)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        for name in ("data_dir", "init_from"):  # absolute: config.json must still find it
+        for name in ("data_dir", "val_data_dir", "init_from"):  # absolute: config.json
+            # must still find it
             if getattr(self, name) == "":  # an unset variable in a script: not "here"
                 raise ConfigError(f"{flag(name)} '': give a folder, or leave the flag out")
             if getattr(self, name) is not None:
@@ -215,6 +220,8 @@ class Config:
         except re.error as e:
             raise ConfigError(f"--group-by {self.group_by!r} is not a regular expression "
                               f"({e}); e.g. '^(patient\\d+)_'") from None
+        if self.val_data_dir is not None:
+            self._check_val_data_dir()
         if self.group_by and self.split != "car":
             raise ConfigError(f"--group-by keeps each group on one side of the split by "
                               f"group (--split car, the default), not of --split "
@@ -278,6 +285,23 @@ class Config:
                 raise ConfigError(
                     f"--ignore-index {self.ignore_index}: give a mask value from {low} to "
                     f"255, none of the class ids 0..{low - 1} (masks are 8-bit), e.g. 255")
+
+    def _check_val_data_dir(self) -> None:
+        """A validation set of its own replaces the split of --data-dir."""
+        if self.data_dir is None:
+            raise ConfigError("--val-data-dir needs --data-dir: the built-in sample set "
+                              "is split by car; give the training folder as --data-dir")
+        if self.val_data_dir == self.data_dir:
+            raise ConfigError(f"--val-data-dir {self.val_data_dir} is --data-dir: "
+                              "validation on the training images flatters every score; "
+                              "give a folder of other images, or drop --val-data-dir to "
+                              "split --data-dir")
+        default = Config.__dataclass_fields__
+        for name in ("split", "val_fraction"):
+            if getattr(self, name) != default[name].default:
+                raise ConfigError(f"{flag(name)} {shown(getattr(self, name))} splits "
+                                  f"--data-dir, which --val-data-dir leaves whole: drop "
+                                  "one of the two")
 
     def _check_optimisation(self) -> None:
         """The schedule, clipping and averaging settings (see ``unet_jax.optim``)."""

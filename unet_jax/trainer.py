@@ -193,7 +193,8 @@ def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
         return
     config_file = workdir / "config.json"
     saved = Config.load(config_file)
-    changed = [name for name in saved.differences(config) if name not in ("epochs", "data_dir")]
+    changed = [name for name in saved.differences(config)
+               if name not in ("epochs", "data_dir", "val_data_dir")]
     if not changed and saved.epochs != config.epochs and config.schedule in ("cosine", "poly"):
         raise ConfigError(
             f"--epochs {config.epochs} differs from the run's {saved.epochs} in {config_file}: "
@@ -209,8 +210,8 @@ def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
             what = f"{flag(name)} {shown(new, name)} differs from the run's {shown(old, name)}"
         raise ConfigError(
             f"{what} in {config_file}; --resume continues a "
-            "run with its own settings (only --epochs, and --data-dir for data that moved, "
-            "may change): drop the flag, or start a new --workdir (with --init-from "
+            "run with its own settings (only --epochs, and --data-dir or --val-data-dir for "
+            "data that moved, may change): drop the flag, or start a new --workdir (with --init-from "
             f"{workdir} to go on from its weights with other settings)")
 
 
@@ -224,20 +225,28 @@ def build_data(config: Config, workdir: Path, resume: bool):
     data_dir = config.data_dir or str(data_pipeline.sample_dataset_dir())
     split_file = workdir / "split.json"
     if resume and split_file.is_file():
-        moved = config.data_dir != Config.load(workdir / "config.json").data_dir
-        train_pairs, val_pairs = data_pipeline.read_split(split_file,
-                                                          data_dir if moved else None)
+        saved = Config.load(workdir / "config.json")
+        moved = config.data_dir != saved.data_dir
+        val_moved = config.val_data_dir != saved.val_data_dir
+        train_pairs, val_pairs = data_pipeline.read_split(
+            split_file, data_dir if moved else None,
+            val_data_dir=config.val_data_dir if val_moved else None)
         if config.group_by:  # for the summary: the file records images, not groups
             train_pairs, val_pairs = (data_pipeline.grouped(pairs, config.group_by)
                                       for pairs in (train_pairs, val_pairs))
     else:
-        pairs = data_pipeline.find_pairs(data_dir, skip_bad=config.skip_bad,
-                                         num_classes=config.num_classes,
-                                         max_value=config.max_value,
-                                         ignore_index=config.ignore_index)
-        train_pairs, val_pairs = data_pipeline.split_pairs(
-            pairs, method=config.split, val_fraction=config.val_fraction, seed=config.seed,
-            subset=config.subset, group_by=config.group_by)
+        found = [data_pipeline.find_pairs(folder, skip_bad=config.skip_bad,
+                                          num_classes=config.num_classes,
+                                          max_value=config.max_value,
+                                          ignore_index=config.ignore_index)
+                 for folder in (data_dir, config.val_data_dir) if folder is not None]
+        if config.val_data_dir is None:
+            train_pairs, val_pairs = data_pipeline.split_pairs(
+                found[0], method=config.split, val_fraction=config.val_fraction,
+                seed=config.seed, subset=config.subset, group_by=config.group_by)
+        else:
+            train_pairs, val_pairs = data_pipeline.given_split(
+                *found, seed=config.seed, subset=config.subset, group_by=config.group_by)
     if config.crop is not None:
         data_pipeline.check_crop_fits(train_pairs + val_pairs, config.crop, config.scale,
                                       2 ** config.depth)
@@ -302,7 +311,8 @@ def write_run_files(config: Config, workdir: Path, train_pairs, val_pairs,
         settings["init_from_epoch"] = source_epoch
     rundir.write_text_atomic(workdir / "config.json",
                              json.dumps(settings, indent=2, sort_keys=True))
-    data_pipeline.write_split(workdir / "split.json", train_pairs, val_pairs, data_dir)
+    data_pipeline.write_split(workdir / "split.json", train_pairs, val_pairs, data_dir,
+                              config.val_data_dir)
 
 
 def train_epochs(config: Config, workdir: Path, state, manager, history: list, train_data,
@@ -509,7 +519,8 @@ def _summary(config, state, train_data, val_data, data_dir, workdir) -> str:
     return (f"unet-jax: {n_params:,} parameters on {jax.default_backend()} "
             f"({jax.device_count()} device(s), {jax.process_count()} process(es)); "
             f"{len(train_data.pairs)} training / {len(val_data.pairs)} validation images"
-            f"{_groups(config, train_data.pairs, val_data.pairs)} from {data_dir}; {size}, "
+            f"{_groups(config, train_data.pairs, val_data.pairs)} from {data_dir}"
+            f"{f' and {config.val_data_dir}' if config.val_data_dir else ''}; {size}, "
             f"batch {config.batch_size}; {optim.describe(config)}; "
             f"run directory {workdir}")
 
