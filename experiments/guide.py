@@ -311,7 +311,7 @@ def cpu_name() -> str:
 def parse_args(argv=None):
     p = common.make_parser("experiments.guide", __doc__.split("\n\n")[0], EXAMPLES)
     p.add_argument("--size", choices=("tiny", "full"), default="full",
-                   help="'full': the guide's real runs (5-20 minutes on a 2-core CPU); "
+                   help="'full': the guide's real runs (4-20 minutes on a 2-core CPU); "
                    "'tiny': every cell with tiny images and models, to check that it runs "
                    "(about 2 minutes, most of it compiling) (default: full)")
     p.add_argument("--out", default=str(ROOT / "docs" / "guide"),

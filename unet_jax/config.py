@@ -11,6 +11,8 @@ evaluation and prediction rebuild the exact model without repeating flags, and a
 can be reproduced from its directory alone. The command-line flags are made from the
 fields below (``add_arguments``): each field's ``help`` is its ``--help`` line.
 Named presets (the guide's GPU and CPU runs, the quick default) are in ``configs.py``.
+The defaults below are the guide's full-width model (``configs.full()``, 31,031,745
+parameters); the commands' quick default, width 8, is ``configs.default()``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ def default() -> Config:
 
     ``python -m experiments.train --platform cpu`` (no flags: this preset). The guide's
     topology at an eighth of its width (``base_features`` 8: 485,817 parameters instead
-    of 31,031,745) at 64x96, 8 epochs at lr 2e-3, so that it trains in a few minutes on
+    of 31,031,745) at 64x96, 8 epochs at lr 2e-3, so that it trains in under a minute on
     two CPU cores; for the guide's full-width model use ``--preset full`` (or
     ``--base-features 64``). Measured from a clean clone: the README ("Two commands").
     """

@@ -34,8 +34,11 @@ tries on the object:
 hyperparameters (``--focal-gamma``, ``--tversky-alpha``) and the label of the pixels
 that take no part (``--ignore-index``: Pascal VOC's and Cityscapes' 255, the borders
 and unlabelled areas their annotators left open). Each loss then counts only the
-other pixels: cross-entropy and focal average over them, the Dice and Tversky counts
-leave them out, as PyTorch's ``ignore_index`` does.
+other pixels: cross-entropy and focal average over each image's other pixels, the
+Dice and Tversky counts leave them out. Like every loss here, that is a mean per
+image, then over the batch, so each image weighs the same; PyTorch's
+``cross_entropy(..., ignore_index=255)`` pools the kept pixels of the whole batch
+instead, weighting an image by how many of its pixels are labelled.
 """
 
 from __future__ import annotations

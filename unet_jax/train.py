@@ -123,8 +123,8 @@ def train_step(state: TrainState, batch, loss: str | losses.LossSpec = "bce"):
 
     ``image`` holds floats in [0, 1]; ``mask`` {0, 1} for one class, else class ids
     0..C-1 (what ``data_pipeline`` makes of mask files: a 0/255 mask read as it is
-    would give a negative BCE and a Dice of 1). They are not checked inside the
-    compiled step.
+    gives a BCE that turns negative and falls without end as training raises every
+    logit, and a meaningless Dice). They are not checked inside the compiled step.
 
     Returns the new state and the batch means of loss, dice, iou and pixel_accuracy
     (computed from the logits of the forward pass that produced the gradients); with
