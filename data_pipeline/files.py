@@ -210,10 +210,15 @@ def _layout_hint(root: Path) -> str:
     # X/ beside X_labels/ (Massachusetts Roads' train/ and train_labels/, CamVid's).
     beside = [(x, y) for x in folders if x not in masks for y in masks if y.lower(
         ).startswith(x.lower()) and _words(y[len(x):]) & _MASK_WORDS]
+    validation = ""
     if beside and not (len(images) == 1 and len(masks) == 1):
         x, y = next((pair for pair in beside if pair[0] in images),
                     next((pair for pair in beside if "train" in _words(pair[0])), beside[0]))
         images, masks = [x], [y]
+        val = [pair for pair in beside if _words(pair[0]) & {"val", "valid", "validation"}]
+        if val and val[0] != (x, y):
+            validation = (f"; its {val[0][0]}/ and {val[0][1]}/, renamed so in a folder of "
+                          "their own, are a validation set for --val-data-dir")
     # Masks as annotation files (COCO's JSON, VOC's XML) are not mask images.
     drawn = [name for name in masks if _images_in(unnested(root / name))]
     try:
@@ -232,7 +237,8 @@ def _layout_hint(root: Path) -> str:
         renames = [f"{old}/ to {new}/" for old, new in ((images[0], "images"),
                                                         (masks[0], "masks"))
                    if old != new]
-        return f"; it holds {images[0]}/ and {masks[0]}/: rename {' and '.join(renames)}"
+        return (f"; it holds {images[0]}/ and {masks[0]}/: rename {' and '.join(renames)}"
+                f"{validation}")
     if len(images) == 1 and masks:
         listed = ", ".join(f"{name}/" for name in masks)
         also = f"{images[0]}/ to images/ and " if images[0] != "images" else ""

@@ -610,9 +610,13 @@ def test_a_zip_where_images_are_expected_says_to_unzip_it(tmp_path):
     (("images", "image_masks"), "", "it holds images/ and image_masks/: rename "
      "image_masks/ to masks/"),  # a mask word wins
     # Massachusetts Roads, CamVid: train/ beside train_labels/ (and val/, test/ ...).
+    # Its val/ pair is the validation set it comes with: for --val-data-dir.
     (("test", "test_labels", "train", "train_labels", "val", "val_labels"), "",
      "it holds train/ and train_labels/: rename train/ to images/ and train_labels/ to "
-     "masks/"),
+     "masks/; its val/ and val_labels/, renamed so in a folder of their own, are a "
+     "validation set for --val-data-dir"),
+    (("test", "test_labels", "train", "train_labels"), "", "it holds train/ and "
+     "train_labels/: rename train/ to images/ and train_labels/ to masks/"),
     (("images", "mask", "mask_labels"), "", "it holds images/ and 2 folders that could "
      "hold its masks (mask/, mask_labels/): rename the one with the labels to learn (not, "
      "say, a field-of-view mask) to masks/"),  # a mask folder is no image folder
