@@ -40,9 +40,9 @@ from pathlib import Path
 from PIL import UnidentifiedImageError
 
 from data_pipeline.errors import DataError
-from data_pipeline.preprocess import (WIDE_MODES, check_no_max_value, load_mask,
-                                      open_within_limit, orientation, several_values,
-                                      shown_size, wide_samples)
+from data_pipeline.preprocess import (WIDE_MODES, check_no_max_value, ignored_kind,
+                                      load_mask, open_within_limit, orientation,
+                                      several_values, shown_size, wide_samples)
 
 log = logging.getLogger(__name__)
 
@@ -532,6 +532,30 @@ def _name_class_masks(pairs: list[Pair], sample: int = 8,
             return
 
 
+def _check_binary_ignore(pairs: list[Pair], ignore_index: int, sample: int = 8) -> None:
+    """Refuses --ignore-index where a binary run's masks hold that value as their
+    foreground (0/255 masks with --ignore-index 255: every object pixel would be left
+    out), and warns where lossy masks cannot have it applied; from a few masks spread
+    over the dataset, as ``_name_class_masks`` reads them."""
+    kinds = []
+    for pair in pairs[::max(1, len(pairs) // sample)][:sample]:
+        try:
+            kinds.append((pair.mask, ignored_kind(pair.mask, ignore_index)))
+        except DataError:  # named where it is read
+            continue
+    lossy = [mask for mask, kind in kinds if kind == "lossy"]
+    if lossy:
+        log.warning("%s is a lossy (JPEG) mask: compression spreads its values, so "
+                    "--ignore-index %d cannot pick its pixels out and is not applied to "
+                    "such masks; save the masks as PNG", lossy[0], ignore_index)
+    foreground = [mask for mask, kind in kinds if kind == "foreground"]
+    if foreground and not any(kind == "objects" for _, kind in kinds):
+        raise DataError(f"{foreground[0]}: {ignore_index} is its objects' own value, the "
+                        f"foreground of a binary mask, and --ignore-index {ignore_index} "
+                        "would leave every object pixel out; drop --ignore-index, or give "
+                        "the pixels to leave out a value of their own")
+
+
 def _turned(path: Path) -> bool:
     """True when an image's EXIF orientation turns it a quarter (5 to 8)."""
     with open_within_limit(path) as img:
@@ -626,6 +650,8 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
         _name_turned_images(pairs, [turn for turn, _ in headers])
         if num_classes == 1:
             _name_class_masks(pairs, ignore_index=ignore_index)
+            if ignore_index is not None:
+                _check_binary_ignore(pairs, ignore_index)
         if max_value and pairs and not any(wide for _, wide in headers):
             log.warning("--max-value %g: every image of %s is 8-bit, which --max-value "
                         "leaves as it is (it scales 16-bit, 32-bit and float images); "

@@ -551,8 +551,8 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0,
         check_class_ids(values, num_classes, path, lossy, ignore_index)
     if void is not None and void.any():
         values = np.where(void, ignore_index, values)
-    return resize_labels(values.astype(np.uint8) if void is not None else values,
-                         size)[..., None]
+    return resize_labels(values.astype(np.uint8) if void is not None else values, size,
+                         ignore_index)[..., None]
 
 
 def _mask_bands(path) -> tuple[np.ndarray, tuple, bool]:
@@ -602,7 +602,28 @@ def several_values(path, ignore_index: int | None = None) -> tuple[str, int | No
     return f"values {shown}", ids
 
 
-def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def ignored_kind(path, ignore_index: int) -> str | None:
+    """What a binary run with ``--ignore-index`` reads in a mask file: 'lossy' (a JPEG
+    mask: compression spreads its values, so none is picked out and ignored),
+    'foreground' (the value is the mask's only non-zero one, or its full scale with
+    graded edges around it: the object itself, as in a 0/255 mask with
+    ``--ignore-index 255``), 'objects' (other non-zero values: the ignored pixels beside
+    the objects) or None (no non-zero pixel)."""
+    values, bands, lossy = _mask_bands(path)
+    if lossy:
+        return "lossy"
+    if values.ndim == 3:
+        values = values.max(axis=-1)
+    other = (values != 0) & (values != ignore_index)
+    if (values == ignore_index).any() and (not other.any() or (
+            "P" not in bands and values.dtype.kind == "u"
+            and ignore_index == np.iinfo(values.dtype).max and _soft(values))):
+        return "foreground"
+    return "objects" if other.any() else None
+
+
+def resize_labels(labels: np.ndarray, size: tuple[int, int],
+                  ignore_index: int | None = None) -> np.ndarray:
     """uint8 labels (h, w) at ``size`` (height, width): each pixel takes the label that
     covers most of its area, so no new value appears. ``labels``: class ids, or a
     boolean mask.
@@ -615,7 +636,8 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     object (about a sixth more boundary error after upsampling, on ellipses at scale
     0.5). The area a label covers is centred where the image is. A
     pixel covered half and half takes the higher label (the object), as nnU-Net
-    resamples its segmentations.
+    resamples its segmentations; ``ignore_index``, no object, loses every tie (VOC's
+    void ring would otherwise take each object's boundary pixels).
     """
     if labels.shape == tuple(size):
         return labels.astype(np.uint8, copy=False)
@@ -631,9 +653,11 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     present = np.flatnonzero(np.bincount(labels.ravel()))  # np.unique sorts: 4x slower
     if len(present) == 1:
         return np.full(size, present[0], np.uint8)
-    # argmax takes the first of equals: planes from the highest label down.
-    planes = [cover(labels == label) for label in present[::-1]]
-    return present[::-1][np.argmax(planes, axis=0)].astype(np.uint8)
+    # argmax takes the first of equals: planes from the highest label down, the
+    # ignored value last.
+    order = sorted(present[::-1], key=lambda label: label == ignore_index)
+    planes = [cover(labels == label) for label in order]
+    return np.asarray(order)[np.argmax(planes, axis=0)].astype(np.uint8)
 
 
 def _half(values: np.ndarray) -> int:

@@ -207,7 +207,7 @@ def _root(data_dir) -> Path:
 
 def read_split(path, data_dir=None, otherwise: str = "start a new run",
                val_data_dir=None, val_flag: str = "--val-data-dir",
-               ) -> tuple[list[Pair], list[Pair]]:
+               sides=("train", "validation")) -> tuple[list[Pair], list[Pair]]:
     """The (train, validation) pairs of a split file, each image with its mask and car.
 
     The files are not re-checked (they were when the split was made). If the data has
@@ -219,7 +219,8 @@ def read_split(path, data_dir=None, otherwise: str = "start a new run",
     they moved to, or ``otherwise``: the caller's own way out. A run with a validation
     set of its own (``--val-data-dir``) finds its validation images in
     ``val_data_dir`` when they moved (given by the caller's ``val_flag``), and the
-    training images in ``data_dir``.
+    training images in ``data_dir``. Only the ``sides`` asked for are looked up (the
+    other is an empty list): scoring the validation images needs no training folder.
     """
     try:
         record = json.loads(Path(path).read_text())
@@ -237,8 +238,8 @@ def read_split(path, data_dir=None, otherwise: str = "start a new run",
     given = {"train": data_dir, "validation": val_data_dir if own else data_dir}
     there = Counter(i.name for side in images.values() for i in side)
     resolved = {side: [_finder(given[side], recorded[side], images[side], there)(i)
-                       for i in images[side]] for side in images}
-    missing = [(side, i) for side in images for i, pair in zip(images[side], resolved[side])
+                       for i in images[side]] if side in sides else [] for side in images}
+    missing = [(side, i) for side in sides for i, pair in zip(images[side], resolved[side])
                if pair is None]
     if missing:
         side, image = missing[0]

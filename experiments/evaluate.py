@@ -51,7 +51,8 @@ def select_pairs(args, config):
     import data_pipeline
 
     run_dir = Path(args.checkpoint)
-    data_dir = args.data_dir or config.data_dir or str(data_pipeline.sample_dataset_dir())
+    data_dir = (args.data_dir or config.val_data_dir or config.data_dir
+                or str(data_pipeline.sample_dataset_dir()))
     if args.split == "all":
         # Unchecked: scoring reads every file anyway, and names a bad one there (or with
         # --skip-bad, skips it and counts it in "skipped").
@@ -66,10 +67,10 @@ def select_pairs(args, config):
     otherwise = "score every pair of a folder instead (--data-dir DIR --split all)"
     if config.val_data_dir is not None:
         return data_pipeline.read_split(split_file, otherwise=otherwise,
-                                        val_data_dir=args.data_dir,
-                                        val_flag="--data-dir")[1], (
-            args.data_dir or config.val_data_dir)
-    return data_pipeline.read_split(split_file, args.data_dir, otherwise=otherwise)[1], data_dir
+                                        val_data_dir=args.data_dir, val_flag="--data-dir",
+                                        sides=("validation",))[1], data_dir
+    return data_pipeline.read_split(split_file, args.data_dir, otherwise=otherwise,
+                                    sides=("validation",))[1], data_dir
 
 
 def ways_to_compare(config, tile_given: bool, overlap, tta_given: str | None,

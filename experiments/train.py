@@ -65,11 +65,13 @@ def build_config(args):
         # of 6 epochs resumed with its --preset alone would otherwise stop at the
         # preset's 2.
         given.setdefault("epochs", saved.epochs)
-        given.setdefault("init_from", saved.init_from)  # no preset sets it
+        # No preset sets these: the run's own, unless given again (data that moved).
+        for name in ("init_from", "data_dir", "val_data_dir"):
+            given.setdefault(name, getattr(saved, name))
         config = configs.get(args.preset, **given)
         # A setting the preset brings, not a flag the user typed: say so.
         for name in saved.differences(config):
-            if name not in given and name != "data_dir":
+            if name not in given:
                 # The run's value came from its own preset or from a flag typed with it.
                 add = config_lib.as_flag(name, getattr(saved, name))
                 fix = (f"add {add}, or resume with no --preset at all" if add else

@@ -762,6 +762,28 @@ def test_nnunet_raw_data_pairs_each_case_s_channel_file_with_its_label(tmp_path,
     assert [p.mask.name for p in dp.find_pairs(own)] == [f"scan_{i:04d}.png" for i in range(3)]
 
 
+def test_an_ignore_index_that_is_a_binary_mask_s_foreground_is_refused(tmp_path, caplog):
+    """0/255 masks with --ignore-index 255 left every object pixel out, and the run
+    stopped after its first epoch blaming the masks ('every mask read as background').
+    0/1 masks with a 255 void are what the setting is for; JPEG masks cannot keep it."""
+    own = own_dir(tmp_path / "own", n=4)  # 0/255 masks
+    assert error_of(own, ignore_index=255).endswith(
+        "img0.png: 255 is its objects' own value, the foreground of a binary mask, and "
+        "--ignore-index 255 would leave every object pixel out; drop --ignore-index, or "
+        "give the pixels to leave out a value of their own")
+    for i, mask in enumerate(sorted((own / "masks").iterdir())):
+        ids = box_mask(seed=i)
+        ids[:2] = 255  # a void band beside 0/1 objects
+        Image.fromarray(ids).save(mask)
+    assert len(dp.find_pairs(own, ignore_index=255)) == 4
+    Image.open(own / "masks" / "img0.png").convert("L").save(own / "masks" / "img0.jpg")
+    (own / "masks" / "img0.png").unlink()
+    with caplog.at_level(logging.WARNING):
+        dp.find_pairs(own, ignore_index=255)
+    assert ("img0.jpg is a lossy (JPEG) mask: compression spreads its values, so "
+            "--ignore-index 255 cannot pick its pixels out") in caplog.text
+
+
 @pytest.mark.parametrize("values, found, fix", [
     ((0, 1, 2), "values 0, 1, 2", "pass --num-classes 3"),
     ((0, 127, 255), "values 0, 127, 255", "store class ids 0..C-1 and pass --num-classes C"),

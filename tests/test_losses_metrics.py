@@ -271,6 +271,40 @@ def test_an_ignore_index_that_is_a_class_is_refused():
     pred = jnp.zeros((1, 2, 2), jnp.int32)
     with pytest.raises(ValueError, match="ignore_index 2 is a class id of a 3-class model"):
         segmentation_scores(pred, pred, 3, ignore_index=2)
+    with pytest.raises(ValueError, match="ignore_index 2 is a class id of a 3-class model"):
+        per_image_loss(LossSpec(ignore_index=2), jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 2, 2, 1)))
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_an_image_whose_every_pixel_is_ignored_counts_in_no_mean(classes):
+    """Its loss is 0 and its pixel accuracy 0/0: counted, it diluted the batch's loss
+    and gradient and the validation means (pixel accuracy 0.69 where every scored
+    image had 0.91)."""
+    from unet_jax.optim import TrainState
+    from unet_jax.train import train_step
+
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(2, 4, 4, classes)), jnp.float32)
+    masks = rng.integers(0, max(classes, 2), (2, 4, 4, 1)).astype(np.float32)
+    masks[1] = 255
+    spec = LossSpec("bce", ignore_index=255)
+    sums = eval_step({"logits": logits}, {"image": jnp.zeros((2, 4, 4, 3)), "mask": masks},
+                     _logits_as_params, loss=spec)
+    alone = segmentation_metrics(logits[:1], masks[:1])
+    assert float(sums["count"]) == 1
+    np.testing.assert_allclose(sums["pixel_accuracy"], alone["pixel_accuracy"][0], rtol=1e-6)
+    np.testing.assert_allclose(sums["loss"], per_image_loss("bce", logits[:1], masks[:1])[0],
+                               rtol=1e-6)
+    # The training step's loss (and so its gradient) is the labelled image's alone.
+    import optax
+
+    state = TrainState.create(apply_fn=_logits_as_params, params={"logits": logits},
+                              tx=optax.sgd(0.0))
+    _, batch_metrics = train_step(state, {"image": jnp.zeros((2, 4, 4, 3)), "mask": masks},
+                                  loss=spec)
+    np.testing.assert_allclose(batch_metrics["loss"], sums["loss"], rtol=1e-6)
+    np.testing.assert_allclose(batch_metrics["pixel_accuracy"], alone["pixel_accuracy"][0],
+                               rtol=1e-6)
 
 
 @pytest.mark.parametrize("fields,message", [

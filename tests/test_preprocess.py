@@ -131,28 +131,34 @@ def test_ignored_pixels_keep_their_value_beside_class_ids_and_binary_masks(tmp_p
     pixel) nor a level that moves the graded-edge cut."""
     ids = np.zeros((8, 8), np.uint8)
     ids[:4], ids[6:] = 1, 2
-    ids[4] = 255
+    ids[4:6] = 255
     Image.fromarray(ids).save(tmp_path / "void.png")
     np.testing.assert_array_equal(
         preprocess.load_mask(tmp_path / "void.png", None, 3, ignore_index=255)[..., 0], ids)
     np.testing.assert_array_equal(
         preprocess.load_mask(tmp_path / "void.png", (4, 4), 3, ignore_index=255)[..., 0],
         ids[::2, ::2])
+    # Half object, half void: the object keeps the pixel (the void ring VOC draws
+    # around every object had taken its boundary pixels whenever masks shrank).
+    ring = np.array([[1, 255, 0, 255], [1, 255, 0, 255]], np.uint8)
+    np.testing.assert_array_equal(preprocess.resize_labels(ring, (1, 2), 255), [[1, 0]])
     with pytest.raises(data_pipeline.DataError, match=r"holds class 2 but the model has 2"):
         preprocess.load_mask(tmp_path / "void.png", None, 2, ignore_index=255)
-    binary = np.where(ids > 0, 1, 0).astype(np.uint8)
+    binary = np.zeros((8, 8), np.uint8)
+    binary[:3] = 1
     binary[4] = 255
     Image.fromarray(binary).save(tmp_path / "binary.png")
     np.testing.assert_array_equal(
         preprocess.load_mask(tmp_path / "binary.png", None, 1, ignore_index=255)[..., 0], binary)
-    np.testing.assert_array_equal(preprocess.load_mask(tmp_path / "binary.png")[..., 0], ids > 0)
+    np.testing.assert_array_equal(preprocess.load_mask(tmp_path / "binary.png")[..., 0],
+                                  binary > 0)
     assert preprocess.several_values(tmp_path / "binary.png", 255) is None
     assert preprocess.several_values(tmp_path / "binary.png") is not None
     # A 0/255 mask with a void of 128: 128 would otherwise be foreground.
-    drawn = np.where(ids > 0, 255, 0).astype(np.uint8)
+    drawn = np.where(binary == 1, 255, 0).astype(np.uint8)
     drawn[4] = 128
     Image.fromarray(drawn).save(tmp_path / "drawn.png")
-    want = np.where(ids > 0, 1, 0)
+    want = np.where(binary == 1, 1, 0)
     want[4] = 128
     np.testing.assert_array_equal(
         preprocess.load_mask(tmp_path / "drawn.png", None, 1, ignore_index=128)[..., 0], want)

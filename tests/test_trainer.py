@@ -184,10 +184,29 @@ def test_a_validation_folder_of_its_own_replaces_the_split(tmp_path, caplog):
         dataclasses.replace(config, epochs=2, val_data_dir=str(moved)), workdir,
         resume=True, log=None)
     assert [row["epoch"] for row in summary["history"]] == [1, 2]
-    args = evaluate.parse_args(["--checkpoint", str(workdir)])
-    pairs, folder = evaluate.select_pairs(args, unet_jax.Config.load(workdir / "config.json"))
-    assert [p.image for p in pairs] == sorted((moved / "images").iterdir())
-    assert folder == str(moved)
+    # Resumed with its --preset alone: the run's own folders, not the sample set's.
+    from experiments import train as train_command
+
+    resumed = train_command.build_config(train_command.parse_args(
+        ["--preset", "tiny", "--workdir", str(workdir), "--resume", "--epochs", "3"]))
+    assert (resumed.data_dir, resumed.val_data_dir) == (str(train), str(moved))
+    # Scoring the validation images needs no training folder.
+    train.rename(tmp_path / "gone")
+    saved = unet_jax.Config.load(workdir / "config.json")
+    for split in ("validation", "all"):
+        args = evaluate.parse_args(["--checkpoint", str(workdir), "--split", split])
+        pairs, folder = evaluate.select_pairs(args, saved)
+        assert [p.image for p in pairs] == sorted((moved / "images").iterdir())
+        assert folder == str(moved)
+    (tmp_path / "gone").rename(train)
+    # A run that split its data takes no validation folder on a resume: its split.json
+    # would name a folder its validation images are not in.
+    split_run = tmp_path / "split-run"
+    unet_jax.train_and_evaluate(dataclasses.replace(config, val_data_dir=None), split_run,
+                                log=None)
+    with pytest.raises(ConfigError, match=r"^--val-data-dir .* differs from the run's none"):
+        unet_jax.train_and_evaluate(dataclasses.replace(config, epochs=2), split_run,
+                                    resume=True, log=None)
     # The same images on both sides are named: validation would flatter the model.
     with caplog.at_level("WARNING"):
         unet_jax.train_and_evaluate(dataclasses.replace(
@@ -261,6 +280,11 @@ def test_void_pixels_take_no_part_in_training_validation_or_evaluation(tmp_path)
     assert scores["dice"] == pytest.approx(by_hand, abs=1e-6)
     assert scores["pixel_accuracy"] == pytest.approx(np.mean(accuracy), abs=1e-6)
     assert summary["best"]["val_dice"] == pytest.approx(by_hand, abs=1e-4)
+    # A mask whose every pixel is void has no score: not 0 (accuracy), not 1 (Dice).
+    Image.fromarray(np.full((32, 48), 255, np.uint8)).save(pairs[0].mask)
+    scores = evaluation.score(predictor, pairs)
+    assert (scores["images"], scores["unlabelled"], scores["skipped"]) == (len(pairs) - 1, 1, 0)
+    assert scores["pixel_accuracy"] == pytest.approx(np.mean(accuracy[1:]), abs=1e-6)
 
 
 def test_group_by_reaches_the_runs_split_and_summary(tmp_path):

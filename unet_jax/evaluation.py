@@ -33,7 +33,7 @@ def score(predictor, pairs, skip_bad: bool = False, sweep=()) -> dict:
     are thresholded on the host, as the device program thresholds them."""
     num_classes, ignore = predictor.config.num_classes, predictor.config.ignore_index
     masks = {p.image: p.mask for p in pairs}
-    scores, scored = [], []
+    scores, scored, unlabelled = [], [], 0
     swept = [(mode.threshold, mode.logit_threshold, []) for mode in sweep]
     sweeping = 0.0  # seconds spent on the other thresholds: not the mode's own time
     start = time.perf_counter()
@@ -58,6 +58,9 @@ def score(predictor, pairs, skip_bad: bool = False, sweep=()) -> dict:
                 raise DataError(f"{e}, or pass --skip-bad to skip such pairs") from None
             log.warning("skipping %s", e)
             continue
+        if ignore is not None and (truth == ignore).all():
+            unlabelled += 1  # no pixel to score: no score, rather than 0 or 1
+            continue
         scores_of = lambda mask: {k: np.asarray(v[0]) for k, v in segmentation_scores(  # noqa: E731
             mask[None].astype(np.int32), truth[None].astype(np.int32), num_classes,
             ignore).items()}
@@ -69,7 +72,8 @@ def score(predictor, pairs, skip_bad: bool = False, sweep=()) -> dict:
         sweeping += time.perf_counter() - began
     seconds = time.perf_counter() - start - sweeping
     if not scores:
-        raise DataError("no image could be scored (all were skipped as unreadable)")
+        raise DataError("no image could be scored (all were skipped as unreadable, or "
+                        "all their pixels are --ignore-index's)")
     mean_of = lambda rows: means({"count": len(rows), **{  # noqa: E731
         k: np.sum([s[k] for s in rows], axis=0) for k in rows[0]}})
     averaged = mean_of(scores)
@@ -81,7 +85,9 @@ def score(predictor, pairs, skip_bad: bool = False, sweep=()) -> dict:
     mode = predictor.mode
     result.update(mode=mode.how, tta=mode.tta, overlap=mode.overlap, threshold=mode.threshold,
                   seconds_per_image=seconds / len(scores), images=len(scores),
-                  skipped=len(pairs) - len(scores))
+                  skipped=len(pairs) - len(scores) - unlabelled)
+    if ignore is not None:
+        result["unlabelled"] = unlabelled  # images whose every pixel is ignored
     if swept:
         result["thresholds"] = [{"threshold": threshold, **{
             k: float(v) for k, v in mean_of(rows).items() if k in ("dice", "iou")}}

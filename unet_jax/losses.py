@@ -214,10 +214,30 @@ def tversky_loss(logits, masks, alpha: float = TVERSKY_ALPHA, beta: float | None
     return 1.0 - index.mean(axis=-1)
 
 
+def labelled_images(loss: str | LossSpec, masks):
+    """(N,) float: 1 for each image with a pixel that is not ignored, 0 for one whose
+    every pixel is (its loss is 0 and its scores mean nothing: it must not count in a
+    mean over images); None where the loss ignores nothing."""
+    ignore = None if isinstance(loss, str) else loss.ignore_index
+    if ignore is None:
+        return None
+    return jnp.any(masks != ignore, axis=tuple(range(1, masks.ndim))).astype(jnp.float32)
+
+
+def batch_mean(per_image, labelled=None):
+    """The mean of per-image values over the images that count (``labelled_images``)."""
+    if labelled is None:
+        return per_image.mean()
+    return jnp.sum(per_image * labelled) / jnp.maximum(jnp.sum(labelled), 1.0)
+
+
 def per_image_loss(loss: str | LossSpec, logits, masks):
     """The loss ``loss`` (one of LOSSES, or a LossSpec) for each image, shape (N,);
     a spec's ``ignore_index`` pixels take no part."""
     spec = LossSpec(loss) if isinstance(loss, str) else loss
+    if spec.ignore_index is not None and spec.ignore_index < logits.shape[-1]:
+        raise ValueError(f"ignore_index {spec.ignore_index} is a class id of a "
+                         f"{logits.shape[-1]}-class model; give a value that is none, e.g. 255")
     masks, weight = ignored(checked_masks(logits, masks), spec.ignore_index)
     if spec.name == "bce":
         return cross_entropy(logits, masks, weight)

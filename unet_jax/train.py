@@ -137,10 +137,12 @@ def train_step(state: TrainState, batch, loss: str | losses.LossSpec = "bce"):
     copy): use the returned state, never the one passed in.
     """
 
+    labelled = losses.labelled_images(loss, batch["mask"])  # None: every image counts
+
     def loss_fn(params):
         logits = state.apply_fn({"params": params}, batch["image"])
         per_image = losses.per_image_loss(loss, logits, batch["mask"])
-        return per_image.mean(), (logits, per_image)
+        return losses.batch_mean(per_image, labelled), (logits, per_image)
 
     grads, (logits, per_image) = jax.grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads)
@@ -148,13 +150,15 @@ def train_step(state: TrainState, batch, loss: str | losses.LossSpec = "bce"):
         new_state = new_state.replace(ema_params=optim.update_ema(
             state.ema_params, new_state.params, state.step, state.ema_decay))
     batch_metrics = _batch_metrics(jax.lax.stop_gradient(logits), batch, per_image, loss)
-    return new_state, _batch_means(batch_metrics)
+    return new_state, _batch_means(batch_metrics, labelled)
 
 
-def _batch_means(per_image: dict) -> dict:
-    """Means over the batch of per-image scores, a class's over the images where it is
-    present (as ``metrics.means`` averages a whole validation set)."""
-    out = {k: jnp.mean(v) for k, v in per_image.items() if not k.endswith("_per_class")}
+def _batch_means(per_image: dict, labelled=None) -> dict:
+    """Means over the batch of per-image scores (of the ``labelled`` images), a
+    class's over the images where it is present (as ``metrics.means`` averages a
+    whole validation set)."""
+    out = {k: losses.batch_mean(v, labelled) for k, v in per_image.items()
+           if not k.endswith("_per_class")}
     if "present_per_class" in per_image:
         present = per_image["present_per_class"].sum(axis=0)
         for k in ("dice_per_class", "iou_per_class"):
@@ -174,6 +178,9 @@ def score_logits(logits, batch, loss: str | losses.LossSpec = "bce"):
     per_image = _batch_metrics(logits, batch, losses.per_image_loss(loss, logits, batch["mask"]),
                                loss)
     valid = batch.get("valid", jnp.ones(logits.shape[0], bool)).astype(jnp.float32)
+    labelled = losses.labelled_images(loss, batch["mask"])
+    if labelled is not None:  # an image whose every pixel is ignored has no score
+        valid = valid * labelled
     sums = {k: jnp.tensordot(valid, v, axes=1) for k, v in per_image.items()}
     sums["count"] = jnp.sum(valid)
     return sums

@@ -193,8 +193,11 @@ def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
         return
     config_file = workdir / "config.json"
     saved = Config.load(config_file)
-    changed = [name for name in saved.differences(config)
-               if name not in ("epochs", "data_dir", "val_data_dir")]
+    # Data that moved may be given where it is now; a validation folder may not be
+    # added to a run that split its data, nor dropped from one that had it.
+    movable = {"epochs", "data_dir"} | ({"val_data_dir"} if None not in (
+        saved.val_data_dir, config.val_data_dir) else set())
+    changed = [name for name in saved.differences(config) if name not in movable]
     if not changed and saved.epochs != config.epochs and config.schedule in ("cosine", "poly"):
         raise ConfigError(
             f"--epochs {config.epochs} differs from the run's {saved.epochs} in {config_file}: "
