@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 from experiments import common
@@ -116,6 +117,29 @@ def scores_file(run_dir: Path, name: str, data_dir: str | None) -> Path:
             pass
 
 
+def check_output(out: Path) -> None:
+    """``--output`` checked before any scoring: only an earlier evaluation's JSON is
+    replaced (``--output RUN/config.json`` had replaced the run's settings with
+    scores, and a checkpoint's file had been overwritten as readily)."""
+    from unet_jax import rundir
+
+    if out.is_dir():
+        raise common.UserError(f"--output {out} is a folder; give a file name, such as "
+                               f"{out / 'evaluation.json'}")
+    if out.is_symlink():
+        raise common.UserError(f"--output {out} is a link (to {os.readlink(out)}); give "
+                               "the file it points to, or a new file name")
+    if out.exists():
+        try:
+            earlier = json.loads(out.read_text())
+        except (OSError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and {"dice", "checkpoint"} <= earlier.keys()):
+            raise common.UserError(f"--output {out} is a file that is not an evaluation's "
+                                   "JSON: give a new file name, or remove it first")
+    rundir.check_writable(out.parent, "--output's folder")
+
+
 def main(argv=None):
     args = parse_args(argv)
     common.start_platform(args.platform, args)
@@ -123,6 +147,8 @@ def main(argv=None):
     from unet_jax.evaluation import score
     from unet_jax.optim import weights_name
 
+    if args.output:
+        check_output(Path(args.output))
     predictor = common.make_predictor(args)
     sweep = threshold_modes(predictor, args.thresholds)  # each checked before any scoring
     pairs, data_dir = select_pairs(args, predictor.config)

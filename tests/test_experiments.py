@@ -731,6 +731,24 @@ def test_submit_replaces_an_earlier_submission_alone(trained_run, tmp_path, caps
         assert victim.read_bytes() == before
 
 
+def test_evaluate_replaces_an_earlier_evaluation_alone(trained_run, tmp_path, capsys):
+    """--output RUN/config.json replaced the run's settings with scores (and a
+    checkpoint's file, or a script, as readily): found before any scoring."""
+    out = tmp_path / "scores.json"
+    argv = ["--checkpoint", str(trained_run)]
+    assert call(evaluate.main, argv + ["--output", str(out)]) == 0
+    assert call(evaluate.main, argv + ["--output", str(out)]) == 0  # its own: replaced
+    script = tmp_path / "notes.py"
+    script.write_text("print('mine')\n")
+    for victim in (trained_run / "config.json", trained_run / "metrics.csv", script):
+        before = victim.read_bytes()
+        capsys.readouterr()
+        assert call(evaluate.main, argv + ["--output", str(victim)]) == 2
+        assert f"--output {victim} is a file that is not an evaluation's JSON" in (
+            capsys.readouterr().err)
+        assert victim.read_bytes() == before
+
+
 def test_submit_takes_an_earlier_submission_saved_again_and_names_a_link(tmp_path):
     """A submission saved again by pandas (LF line ends) or a spreadsheet (a byte-order
     mark) was refused as "not a submission"; so was a link to one, for that reason."""
