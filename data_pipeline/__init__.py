@@ -23,7 +23,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.files import (Pair, check_crop_fits, check_images, check_pair,
                                  detect_layout, find_images, find_pairs)
 from data_pipeline.augment import AUGMENTATIONS, augment_pair, parse_augment
-from data_pipeline.input_pipeline import InputPipeline, label_range
+from data_pipeline.input_pipeline import InputPipeline, check_caches, label_range
 from data_pipeline.preprocess import (load_example, load_image, load_mask, scaled_size,
                                       to_float)
 from data_pipeline.sample_data import sample_dataset_dir
@@ -32,7 +32,7 @@ from data_pipeline.splits import (given_split, grouped, read_split, split_pairs,
 
 __all__ = [
     "AUGMENTATIONS", "DataError", "InputPipeline", "Pair", "augment_pair", "parse_augment",
-    "check_crop_fits", "check_images", "check_pair", "detect_layout", "find_images",
+    "check_caches", "check_crop_fits", "check_images", "check_pair", "detect_layout", "find_images",
     "find_pairs", "given_split", "grouped", "label_range", "load_example", "load_image",
     "load_mask", "read_split", "scaled_size", "to_float",
     "sample_dataset_dir", "split_pairs", "subset_by_car", "subset_by_group", "write_split",

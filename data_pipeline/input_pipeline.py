@@ -46,6 +46,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -67,6 +68,52 @@ def label_range(mask: np.ndarray, ignore_index: int | None = None) -> tuple[floa
     if not mask.size:
         return np.inf, -np.inf
     return float(mask.min()), float(mask.max())
+
+
+def check_caches(pipelines) -> None:
+    """Checks, before any epoch, that the decoded examples of ``pipelines`` (a run's
+    training and validation sides) fit where ``--cache`` keeps them: in memory, within
+    the machine's memory; in files, in a writable folder with the space for them. A run
+    that would fail in its first epoch, or be killed as its cache filled memory (numpy
+    maps the cache's pages lazily, so the allocation itself succeeds), stops at once."""
+    pipelines = [p for p in pipelines if p.cache is not None]
+    need = {}
+    for p in pipelines:
+        need[p.cache] = need.get(p.cache, 0) + p.cache_bytes()
+    for cache, total in need.items():
+        if cache == "memory":
+            try:
+                memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            except (ValueError, OSError, AttributeError):  # no sysconf: not checked
+                continue
+            if total > 0.8 * memory:
+                raise DataError(f"--cache memory would keep {_gb(total)} of decoded images "
+                                f"in this machine's {_gb(memory)} of memory; pass --cache "
+                                "disk (memory-mapped files, read back as needed), or a "
+                                "smaller --image-size (--scale with --crop)")
+            continue
+        folder = Path(cache).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".unet-jax-write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            free = shutil.disk_usage(folder).free
+        except OSError as e:
+            raise DataError(f"--cache {cache}: cannot write in {folder} "
+                            f"({e.strerror or e}); give a prefix in a writable folder, or "
+                            "'memory'") from None
+        missing = sum(p.cache_bytes() for p in pipelines
+                      if p.cache == cache and not p.cache_files_exist())
+        if missing > free:
+            raise DataError(f"--cache {cache} needs {_gb(missing)} for the decoded images "
+                            f"and {folder} has {_gb(free)} free; free space, or give a "
+                            "prefix on a larger disk, or a smaller --image-size (--scale "
+                            "with --crop)")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 class InputPipeline:
@@ -230,6 +277,19 @@ class InputPipeline:
         sizes = self.sizes()
         return np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1])])
 
+    def cache_bytes(self) -> int:
+        """Bytes the cache of every example takes: images, masks and ready flags."""
+        return int(self._offsets()[-1]) * (self.in_channels + 1) + len(self.pairs)
+
+    def _cache_base(self) -> str:
+        index, count = self.shard
+        return f"{self.cache}-{self._cache_key()}" + (f"-{index}of{count}" if count > 1 else "")
+
+    def cache_files_exist(self) -> bool:
+        """Whether an earlier run's cache files for these examples are there."""
+        return all(Path(f"{self._cache_base()}.{k}.npy").is_file()
+                   for k in ("images", "masks", "ready"))
+
     def _open_store(self):
         """The cache arrays: (images, masks, ready), flat uint8 arrays holding every
         example at its own size, and ready[i] once example i is in."""
@@ -239,8 +299,7 @@ class InputPipeline:
         if self.cache == "memory":
             # np.zeros maps zeroed pages lazily: memory is used as examples arrive.
             return tuple(np.zeros(shapes[k], dtypes[k]) for k in shapes)
-        index, count = self.shard
-        base = f"{self.cache}-{self._cache_key()}" + (f"-{index}of{count}" if count > 1 else "")
+        base = self._cache_base()
         Path(base).parent.mkdir(parents=True, exist_ok=True)
         try:  # a previous run's cache, if whole: ready[i] tells which examples it holds
             arrays = tuple(np.load(f"{base}.{k}.npy", mmap_mode="r+") for k in shapes)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import errno
 import logging
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -308,10 +310,34 @@ def _distributed() -> bool:
         return False
 
 
+def _resource_error(e: Exception) -> str | None:
+    """One line for running out of memory or disk, whatever raised it (numpy, XLA, a
+    tf.data worker, a file write), with the settings that decide it; None for other
+    errors, which keep their traceback."""
+    text = str(e)
+    if isinstance(e, MemoryError) or any(sign in text for sign in (
+            "RESOURCE_EXHAUSTED", "Unable to allocate", "Out of memory", "out of memory")):
+        size = re.search(r"Unable to allocate [\d.]+ \w+|allocating \d+ bytes", text)
+        first = size.group(0) if size else type(e).__name__
+        return (f"out of memory ({first}); lower --batch-size, --image-size or --crop, or "
+                "--base-features; for training on a GPU, --remat convs or full also helps")
+    errno_ = getattr(e, "errno", None)
+    if isinstance(e, OSError) and errno_ in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        where = f" {e.filename}" if e.filename else ""
+        return (f"cannot write{where} ({e.strerror}); free space on that disk (or make "
+                "it writable) and run the command again (a training run: with --resume)")
+    return None
+
+
 def run(main, argv=None, prog: str = "") -> None:
     """Runs ``main(argv)``; user errors become one line on stderr and exit status 2,
     Ctrl-C exits 130 and SIGTERM 143, each after the command's cleanups ran."""
     in_main_thread = threading.current_thread() is threading.main_thread()
+    for stream in (sys.stdout, sys.stderr):
+        # A console that cannot show a path's letters (PYTHONIOENCODING=ascii, a
+        # Windows code page) escapes them rather than failing after the work is done.
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     previous_hook = sys.unraisablehook
     if in_main_thread:
@@ -335,6 +361,11 @@ def run(main, argv=None, prog: str = "") -> None:
     except (UserError, DataError, CheckpointError, ConfigError, ExportError, RunDirError,
             TrainingError) as e:
         sys.stderr.write(f"{prog or 'error'}: error: {e}\n")
+        sys.exit(USER_ERROR)
+    except Exception as e:
+        if (line := _resource_error(e)) is None:
+            raise
+        sys.stderr.write(f"{prog or 'error'}: error: {line}\n")
         sys.exit(USER_ERROR)
     except (KeyboardInterrupt, Terminated) as e:
         code = _stopped(prog, e)

@@ -280,6 +280,34 @@ def test_ctrl_c_again_while_python_shuts_down_adds_no_traceback():
     assert (result.returncode, result.stderr) == (130, "cmd: interrupted\n")
 
 
+def test_running_out_of_memory_or_disk_and_an_ascii_console_are_one_line():
+    """Out of memory (numpy, XLA), a full disk, and a console that cannot print a
+    path's letters had each ended a command in a traceback, the last after its work."""
+    script = textwrap.dedent("""
+        import errno, sys
+        from experiments import common
+        def main(argv):
+            print("wrote /tmp/\u00fc")
+            if argv[0] == "numpy":
+                raise MemoryError("Unable to allocate 279. GiB for an array")
+            if argv[0] == "xla":
+                raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 288 bytes.")
+            raise OSError(errno.ENOSPC, "No space left on device", "/run/config.json")
+        common.run(main, sys.argv[1:], prog="cmd")
+    """)
+    for case, line in [
+            ("numpy", "cmd: error: out of memory (Unable to allocate 279. GiB); lower "
+                      "--batch-size"),
+            ("xla", "cmd: error: out of memory (allocating 288 bytes); lower --batch-size"),
+            ("disk", "cmd: error: cannot write /run/config.json (No space left on device); "
+                     "free space on that disk")]:
+        result = subprocess.run([sys.executable, "-c", script, case], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "PYTHONIOENCODING": "ascii"})
+        assert result.returncode == 2 and result.stdout == "wrote /tmp/\\xfc\n"
+        assert result.stderr.startswith(line) and result.stderr.count("\n") == 1, result.stderr
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_command_stopped_mid_compile_exits_with_its_signal_status(signum, code):
     """Stopped during its first compile, a command died of SIGSEGV (139) as Python

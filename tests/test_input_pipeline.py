@@ -165,6 +165,39 @@ def test_file_cache_serves_a_new_pipeline_after_the_files_change(own_copy, tmp_p
     assert len(list((tmp_path / "cache").glob("train-*.images.npy"))) == 3
 
 
+def test_a_cache_that_cannot_fit_is_named_before_any_epoch(own_copy, tmp_path,
+                                                           monkeypatch):
+    """A memory cache past the machine's memory had failed inside a tf.data worker
+    (or been killed as its lazily mapped pages filled); a prefix in a read-only or
+    full folder, with TensorFlow's traceback an epoch later."""
+    sides = [pipe(own_copy[:6]), pipe(own_copy[6:], train=False)]
+    dp.check_caches(sides)  # 8 small images: fit
+    need = sum(p.cache_bytes() for p in sides)
+    assert need == 8 * 16 * 24 * 4 + 8  # RGB and mask bytes at SIZE, and a ready flag each
+    page = os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(os, "sysconf", lambda name: page if name == "SC_PAGE_SIZE"
+                        else need // page)  # the two sides need all of it
+    with pytest.raises(dp.DataError, match=r"^--cache memory would keep 0\.0 MB of decoded "
+                       r"images in this machine's 0\.0 MB of memory; pass --cache disk"):
+        dp.check_caches(sides)
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(dp.DataError, match=r"--cache .*file/c: cannot write in .*file "):
+        dp.check_caches([pipe(own_copy, cache=str(tmp_path / "file" / "c"))])
+    prefix = str(tmp_path / "cache" / "c")
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(dp.DataError, match=r"needs 0\.0 MB for the decoded images and "
+                       r".*cache has 0\.0 MB free"):
+        dp.check_caches([pipe(own_copy, cache=prefix)])
+    monkeypatch.undo()
+    stack(pipe(own_copy, cache=prefix))  # written: a later run needs no space for it
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    dp.check_caches([pipe(own_copy, cache=prefix)])
+
+
 def test_fill_decodes_everything_up_front(own_copy):
     p = pipe(own_copy, batch_size=3)  # 8 images: 2 batches a epoch, 2 never read
     p.fill()

@@ -265,6 +265,7 @@ def build_data(config: Config, workdir: Path, resume: bool):
                                              crops_per_image=config.crops_per_image,
                                              **pipeline_kw)
     val_data = data_pipeline.InputPipeline(val_pairs, train=False, **pipeline_kw)
+    data_pipeline.check_caches([train_data, val_data])
     return train_data, val_data, data_dir
 
 
