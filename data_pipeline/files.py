@@ -143,16 +143,17 @@ def _beside_folders(root: Path) -> list[Path]:
     return [sub for sub, files in found.items() if files]
 
 
-def detect_layout(data_dir) -> tuple[Path, Path, str]:
+def detect_layout(data_dir, flag: str = "--data-dir") -> tuple[Path, Path, str]:
     """(image folder, mask folder, ``'kaggle'``, ``'folders'`` or ``'beside'``) of a
     dataset; each folder may hold its files one folder down (``unnested``). Beside:
-    both are the dataset's root (``_beside_folders`` finds the pairs' folders)."""
+    both are the dataset's root (``_beside_folders`` finds the pairs' folders). Errors
+    name the folder by ``flag``."""
     root = Path(data_dir).expanduser().absolute()
     if root.is_file():
-        raise DataError(f"--data-dir {root} is a file: pass the folder that holds images/ "
+        raise DataError(f"{flag} {root} is a file: pass the folder that holds images/ "
                         "and masks/ (or Kaggle's train/ and train_masks/)")
     if not root.is_dir():
-        raise DataError(f"--data-dir {root}: no such directory")
+        raise DataError(f"{flag} {root}: no such directory")
     masks = root / "train_masks"
     for images in (root / "train", root / "train_hq"):
         if images.is_dir() and masks.is_dir():
@@ -165,10 +166,10 @@ def detect_layout(data_dir) -> tuple[Path, Path, str]:
         from data_pipeline import tfds_carvana
 
         if tfds_carvana.holds_kaggle_zips(root):
-            return detect_layout(tfds_carvana.prepare_zip_folder(root))
+            return detect_layout(tfds_carvana.prepare_zip_folder(root), flag)
     if _beside_folders(root):
         return root, root, "beside"
-    raise DataError(f"--data-dir {root} matches no known layout: expected "
+    raise DataError(f"{flag} {root} matches no known layout: expected "
                     f"{LAYOUTS}{_unzip_hint(root) or _layout_hint(root)}")
 
 
@@ -408,9 +409,9 @@ def _nnunet_cases(images: dict, masks: dict, image_dir: Path) -> dict | None:
     return {match[1]: images[stem] for stem, match in found.items()}
 
 
-def match_pairs(data_dir) -> tuple[list[Pair], list[str]]:
+def match_pairs(data_dir, flag: str = "--data-dir") -> tuple[list[Pair], list[str]]:
     """Pairs by name (not yet checked), and the problems of files without a partner."""
-    image_dir, mask_dir, layout = detect_layout(data_dir)
+    image_dir, mask_dir, layout = detect_layout(data_dir, flag)
     if layout == "beside":
         return _pairs_beside(image_dir)
     images, problems = _by_stem(_images_in(image_dir))
@@ -625,7 +626,8 @@ def check_pair(pair: Pair, num_classes: int = 1, max_value: float = 0.0,
 
 def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
                num_classes: int = 1, workers: int = 16,
-               max_value: float = 0.0, ignore_index: int | None = None) -> list[Pair]:
+               max_value: float = 0.0, ignore_index: int | None = None,
+               flag: str = "--data-dir") -> list[Pair]:
     """Every usable image/mask pair under ``data_dir``, in name order.
 
     The layout is detected (``detect_layout``: Kaggle's, ``images/`` + ``masks/``, or
@@ -636,8 +638,9 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
     warning listing them. ``num_classes`` > 1 checks each mask's class ids as well,
     and ``max_value`` (--max-value) refuses 16-bit colour images, which it cannot scale;
     ``ignore_index`` (--ignore-index) is a mask value allowed beside the class ids.
+    The folder's errors name it by ``flag`` (``--val-data-dir`` for a validation set).
     """
-    pairs, problems = match_pairs(data_dir)
+    pairs, problems = match_pairs(data_dir, flag)
     checked = []  # the problems of matched pairs
     if check and pairs:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -675,12 +678,12 @@ def find_pairs(data_dir, *, skip_bad: bool = False, check: bool = True,
         log.warning("skipping %d bad image/mask pair(s):\n  %s%s", len(problems),
                     "\n  ".join(shown), rest)
     if not pairs:
-        image_dir, mask_dir, layout = detect_layout(data_dir)
+        image_dir, mask_dir, layout = detect_layout(data_dir, flag)
         empty = [d for d in (image_dir, mask_dir) if layout != "beside" and not _images_in(d)]
         names = " and ".join(f"{d.name}/" for d in empty)
         why = (f" ({names} {'hold' if len(empty) > 1 else 'holds'} no image files"
                f"{_nested_hint(empty)})" if empty else "")
-        raise DataError(f"--data-dir {data_dir}: no usable image/mask pairs in it{why}")
+        raise DataError(f"{flag} {data_dir}: no usable image/mask pairs in it{why}")
     return pairs
 
 

@@ -168,6 +168,9 @@ def test_a_validation_folder_of_its_own_replaces_the_split(tmp_path, caplog):
         (val / "masks" / path.name).rename(val / "masks" / f"v{i}.png")
     workdir = tmp_path / "run"
     config = dataclasses.replace(TINY, data_dir=str(train), val_data_dir=str(val), epochs=1)
+    with pytest.raises(data_pipeline.DataError, match="^--val-data-dir .*nowhere: no such"):
+        unet_jax.train_and_evaluate(dataclasses.replace(
+            config, val_data_dir=str(tmp_path / "nowhere")), tmp_path / "not-run", log=None)
     unet_jax.train_and_evaluate(config, workdir, log=None)
     trained, validated = data_pipeline.read_split(workdir / "split.json")
     assert [p.image for p in trained] == sorted((train / "images").iterdir())

@@ -241,8 +241,10 @@ def build_data(config: Config, workdir: Path, resume: bool):
         found = [data_pipeline.find_pairs(folder, skip_bad=config.skip_bad,
                                           num_classes=config.num_classes,
                                           max_value=config.max_value,
-                                          ignore_index=config.ignore_index)
-                 for folder in (data_dir, config.val_data_dir) if folder is not None]
+                                          ignore_index=config.ignore_index, flag=flag)
+                 for folder, flag in ((data_dir, "--data-dir"),
+                                      (config.val_data_dir, "--val-data-dir"))
+                 if folder is not None]
         if config.val_data_dir is None:
             train_pairs, val_pairs = data_pipeline.split_pairs(
                 found[0], method=config.split, val_fraction=config.val_fraction,
