@@ -82,8 +82,13 @@ KINDS = {
 # --- the dataset on disk ------------------------------------------------------------
 
 def default_root() -> Path:
-    """Where sample sets are cached: ``$UNET_JAX_DATA`` or ``~/.cache/unet-jax``."""
-    return Path(os.environ.get("UNET_JAX_DATA") or Path.home() / ".cache" / "unet-jax")
+    """Where sample sets are cached: ``$UNET_JAX_DATA``, else the user's cache folder
+    (``$XDG_CACHE_HOME/unet-jax``, ``~/.cache/unet-jax``), where the compiled programs
+    go too."""
+    if os.environ.get("UNET_JAX_DATA"):
+        return Path(os.environ["UNET_JAX_DATA"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "unet-jax"
 
 
 def dataset_name(num_cars: int, size, seed: int) -> str:
@@ -105,9 +110,16 @@ def sample_dataset_dir(root=None, *, num_cars: int = 24, size=(240, 160), seed: 
     arguments; a sample set made with other arguments is replaced.
     """
     size = _check_args(num_cars, size)
-    root = Path(root) if root is not None else default_root() / dataset_name(num_cars, size, seed)
+    given = root is not None
+    root = Path(root) if given else default_root() / dataset_name(num_cars, size, seed)
     if _metadata(num_cars, size, seed) != _read_marker(root):
-        generate(root, num_cars=num_cars, size=size, seed=seed)
+        try:
+            generate(root, num_cars=num_cars, size=size, seed=seed)
+        except OSError as e:
+            where = ("" if given else " (set UNET_JAX_DATA to a writable folder for it, "
+                     "or train on your own data with --data-dir)")
+            raise DataError(f"cannot write the sample dataset to {root} "
+                            f"({e.strerror or e}){where}") from None
     return root
 
 

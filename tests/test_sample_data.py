@@ -113,6 +113,20 @@ def test_default_location_is_named_by_version_and_arguments(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == [root.name]  # no temporaries left
 
 
+def test_without_unet_jax_data_the_set_goes_to_the_users_cache_folder(tmp_path,
+                                                                        monkeypatch):
+    """XDG_CACHE_HOME had been honoured by the compile cache but not by the sample
+    set; a folder that cannot be written had ended in a traceback."""
+    monkeypatch.delenv("UNET_JAX_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert sd.default_root() == tmp_path / "xdg" / "unet-jax"
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("UNET_JAX_DATA", str(tmp_path / "file"))
+    with pytest.raises(DataError, match=r"^cannot write the sample dataset to .*file/"
+                       r"sample-carvana.* \(set UNET_JAX_DATA to a writable folder"):
+        sd.sample_dataset_dir(num_cars=1, size=(48, 32))
+
+
 def test_a_set_made_with_other_arguments_is_replaced(tmp_path):
     root = sd.sample_dataset_dir(tmp_path / "set", num_cars=1, size=(48, 32))
     sd.sample_dataset_dir(root, num_cars=2, size=(48, 32))
