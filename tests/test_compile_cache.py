@@ -76,6 +76,18 @@ def test_a_folder_that_cannot_be_made_is_one_line_naming_the_flag(tmp_path, monk
     blocker.write_text("")
     with pytest.raises(compile_cache.CompileCacheError, match="--compile-cache .*'off'"):
         compile_cache.enable(str(blocker / "cache"))
+    # A folder the user never typed is named by where it came from, not as a flag.
+    monkeypatch.delenv(compile_cache.ENV, raising=False)
+    monkeypatch.setattr(compile_cache, "_jax_own_dir", lambda: None)  # none set before
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    with pytest.raises(compile_cache.CompileCacheError, match=r"^the compile cache \(in "
+                       r"\$XDG_CACHE_HOME or ~/.cache\) .*a-file/unet-jax/jax-cache: cannot"):
+        compile_cache.enable()
+    monkeypatch.setenv(compile_cache.ENV, str(blocker / "env"))
+    with pytest.raises(compile_cache.CompileCacheError,
+                       match=f"^{compile_cache.ENV}=.*a-file/env: cannot"):
+        compile_cache.enable()
+    monkeypatch.delenv(compile_cache.ENV)
     # what every command's --compile-cache gives: a UserError, one line, exit status 2
     monkeypatch.setenv("XLA_FLAGS", "")
     with pytest.raises(common.UserError, match="--compile-cache"):

@@ -97,15 +97,23 @@ def enable(setting: str | None = None, *, min_compile_s: float = MIN_COMPILE_S,
 
     path = resolve(setting)
     if path is not None:
+        # Named by where it came from: a folder the user never typed is no flag of theirs.
+        source = ("--compile-cache" if setting is not None else
+                  f"{ENV}=" if os.environ.get(ENV) is not None else
+                  "the compile cache (JAX_COMPILATION_CACHE_DIR)" if _jax_own_dir() else
+                  "the compile cache (in $XDG_CACHE_HOME or ~/.cache)")
+        source = source if source.endswith("=") else source + " "
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CompileCacheError(
-                f"--compile-cache {path}: cannot create the folder ({e.strerror}); give a "
-                f"writable folder, or 'off' (also settable as {ENV})") from None
+                f"{source}{path}: cannot create the folder ({e.strerror}); give a "
+                f"writable folder with --compile-cache DIR, or 'off' (also settable as "
+                f"{ENV})") from None
         if not os.access(path, os.W_OK):
-            raise CompileCacheError(f"--compile-cache {path}: the folder is not writable; "
-                                    f"give a writable folder, or 'off' (or set {ENV})")
+            raise CompileCacheError(f"{source}{path}: the folder is not writable; give a "
+                                    "writable folder with --compile-cache DIR, or 'off' "
+                                    f"(or set {ENV})")
     jax.config.update("jax_enable_compilation_cache", path is not None)
     if path is not None:
         jax.config.update("jax_compilation_cache_dir", str(path))
