@@ -46,6 +46,8 @@ def main(argv=None):
     from unet_jax.torch_import import model_weights
 
     path, out = Path(args.weights), Path(args.out_dir)
+    if path.is_dir():
+        raise common.UserError(f"{path} is a folder; pass the .pth file of the weights")
     if not path.is_file():
         raise common.UserError(f"{path}: no such file")
     rundir.check_start(out, resume=False, what="OUT_DIR", resumable=False)  # before reading

@@ -80,6 +80,8 @@ def test_round_trip_through_json(tmp_path):
     (dict(max_value=float("nan")), "--max-value"),
     (dict(weight_decay=-0.01), "--weight-decay"),
     (dict(cache=""), "--cache"),
+    (dict(cache="memmory"), "--cache"),
+    (dict(cache="Disk"), "--cache"),
     (dict(schedule="plateau", plateau_patience=0), "--plateau-patience"),
     (dict(schedule="plateau", plateau_factor=1.0), "--plateau-factor"),
     (dict(plateau_patience=5), "--plateau-patience"),

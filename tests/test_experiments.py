@@ -1179,7 +1179,8 @@ def test_import_torch_explains_whole_models_and_reads_wrapped_state_dicts(tmp_pa
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     for name, error in (("cut.pth", "not a weights file that torch.save wrote ("),
                         ("tensor.pth", "holds a Tensor, not a state_dict"),
-                        ("absent.pth", "absent.pth: no such file")):
+                        ("absent.pth", "absent.pth: no such file"),
+                        ("", "is a folder; pass the .pth file of the weights")):
         assert call(import_torch.main, [str(tmp_path / name), str(tmp_path / "b")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and error in err[0], err

@@ -46,6 +46,11 @@ def test_a_second_run_is_refused_until_the_first_is_killed(tmp_path):
         assert text.startswith(f"--workdir {workdir} is in use by another training run "
                                f"(pid {holder.pid}, started ")
         assert text.endswith("); wait for it to finish or choose another --workdir")
+        # A new run there is told the same, not "pass --resume" (which meets the lock).
+        (workdir / "metrics.csv").write_text("epoch\n")
+        with pytest.raises(RunDirError, match=r"is in use by another training run \(pid "
+                           f"{holder.pid}, started "):
+            rundir.check_start(workdir, resume=False)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

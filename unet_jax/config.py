@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import numbers
@@ -37,6 +38,7 @@ from unet_jax.tiling import TTA
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MAX_OVERLAP = 0.75  # tiled prediction: at most 16 model calls per pixel
 KERNELS = ("auto", "stock")
+CACHES = ("memory", "none", "disk")  # --cache's words; anything else is a file prefix
 PLATEAU_PATIENCE = 3
 PLATEAU_FACTOR = 0.5
 
@@ -275,6 +277,11 @@ class Config:
             raise ConfigError(f"--tta {self.tta!r}: choose one of {', '.join(TTA)}")
         if not self.cache:
             raise ConfigError("--cache '': give 'memory', 'none', 'disk' or a file prefix")
+        near = difflib.get_close_matches(self.cache, CACHES, n=1, cutoff=0.6)
+        if self.cache not in CACHES and near and not set("/\\.") & set(self.cache):
+            # 'memmory' had been a file prefix: gigabytes written into the current folder.
+            raise ConfigError(f"--cache {self.cache!r}: did you mean {near[0]!r}? (a file "
+                              f"prefix is a path, such as ./{self.cache})")
         if self.cache == "disk":
             from unet_jax.compile_cache import user_cache_dir
 

@@ -65,6 +65,10 @@ def check_start(directory, resume: bool, what: str = "--workdir", *,
                               f"another {what}")
         raise RunDirError(f"--resume: {directory} holds no checkpoint (its run stopped "
                           "before finishing an epoch); drop --resume to start it again")
+    if not resume and (checkpoint or finished) and (holder := _holder(directory)):
+        # "pass --resume" would only meet the lock: say why first.
+        raise RunDirError(f"{what} {directory} is in use by another training run "
+                          f"({holder}); wait for it to finish or choose another {what}")
     if not resume and (checkpoint or finished):
         # Without a checkpoint there is nothing --resume could continue.
         hint = "pass --resume to continue it, or " if resumable and checkpoint else ""
@@ -100,6 +104,25 @@ def check_writable(directory, what: str = "--workdir") -> Path:
         raise RunDirError(f"{what} {directory} is not writable ({reason}); choose a "
                           f"writable {what}") from None
     return directory
+
+
+def _holder(directory) -> str | None:
+    """What the lock file says of the process holding ``directory``'s lock, or None
+    where no process holds it (tried without waiting, and released at once)."""
+    path = Path(directory) / ".lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

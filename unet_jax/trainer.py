@@ -337,7 +337,8 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
             kept = (f"the last good checkpoint (epoch {last}) is intact" if last
                     else "no checkpoint was written")
             raise TrainingError(f"training loss became {value} at epoch {epoch}, step "
-                                f"{step}; {kept} in {workdir}; lower --lr or check the data")
+                                f"{step}; {kept} in {workdir}; lower --lr (or a raised "
+                                "--weight-decay) or check the data")
         return value
 
     drawn = time.perf_counter()  # when the figures were last drawn (or the loop began)
