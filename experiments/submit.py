@@ -44,6 +44,12 @@ def main(argv=None):
     # Rows are keyed by the whole file name: e0.jpg and e0.png are two rows.
     every = data_pipeline.find_images(args.input, skip_bad=args.skip_bad, by_stem=False)
     paths = data_pipeline.check_images(every, skip_bad=args.skip_bad)
+    for path in paths:  # before any prediction: the CSV is UTF-8
+        try:
+            path.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise common.UserError(f"{ascii(str(path))}: its name is not valid UTF-8, which "
+                                   "the submission's CSV cannot hold; rename the file") from None
     tmp = out.with_name(out.name + ".tmp")  # a crash never leaves a truncated CSV
     written = set()
     try:

@@ -136,9 +136,14 @@ def run(args) -> int:
         raise common.UserError("--suite gpu measures a GPU, and JAX finds none here; add "
                                "--quick --platform cpu to try every row at tiny sizes")
     sizes = QUICK if args.quick else FULL
+    if args.budget is not None and args.budget < 0:
+        raise common.UserError(f"--budget {args.budget:g}: give seconds, 0 or more (0: "
+                               "the default)")
     budget = args.budget or (1800.0 if args.quick else 330.0)
     out = Path(args.out or "gpu-suite")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from unet_jax import rundir
+
+    rundir.check_writable(out.parent, "--out's folder")  # before minutes of rows
     rows = _chosen_rows(args.rows)
     report = {"suite": "gpu", "quick": args.quick, "platform": args.platform,
               "started": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -172,6 +172,10 @@ def test_kaggle_size_sample_writes_carvana_sized_pairs(tmp_path):
     (["--compare-kernels", "--mode", "pipeline"], "--compare-kernels times the model"),
     (["--quick"], "--quick belongs to the GPU check: add --suite gpu"),
     (["--budget", "0"], "--budget belongs to the GPU check: add --suite gpu"),
+    (["--suite", "gpu", "--quick", "--platform", "cpu", "--budget", "-5"], "--budget -5: give"),
+    # Checked before the rows: a read-only or misnamed folder had failed after them.
+    (["--suite", "gpu", "--quick", "--platform", "cpu", "--out", "README.md/suite"],
+     "--out's folder README.md is a file"),
 ])
 def test_bad_flags_fail_with_one_line(args, message):
     result = subprocess.run([sys.executable, "-m", "experiments.benchmark", *args],

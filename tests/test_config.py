@@ -76,6 +76,7 @@ def test_round_trip_through_json(tmp_path):
     (dict(group_by="(patient"), "--group-by"),
     (dict(group_by="^(p\\d+)_", split="random"), "--group-by"),
     (dict(seed=-1), "--seed"),
+    (dict(seed=2**63), "--seed"),
     (dict(max_value=-1.0), "--max-value"),
     (dict(max_value=float("nan")), "--max-value"),
     (dict(weight_decay=-0.01), "--weight-decay"),

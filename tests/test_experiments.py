@@ -739,6 +739,21 @@ def test_submit_refuses_a_folder_as_output_before_predicting(tmp_path, capsys):
     assert "subs is a folder" in err[0] and "subs/submission.csv" in err[0]
 
 
+def test_submit_names_a_file_name_the_csv_cannot_hold(trained_run, tmp_path, capsys):
+    """A name of bytes that are not UTF-8 ended in a traceback from the CSV writer."""
+    from tests.data_fixtures import write_image
+
+    images = tmp_path / "test"
+    write_image(images / "a.png")
+    write_image(Path(os.fsdecode(bytes(images) + b"/x\xff.png")))
+    out = tmp_path / "submission.csv"
+    assert call(submit.main, ["--checkpoint", str(trained_run), "--input", str(images),
+                              "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "x\\udcff.png': its name is not valid UTF-8" in err[0], err
+    assert not out.exists()
+
+
 def test_submit_replaces_an_earlier_submission_alone(trained_run, tmp_path, capsys):
     """--output RUN/config.json (or a photo's name) was replaced with the CSV."""
     from tests.data_fixtures import write_image

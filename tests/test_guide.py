@@ -106,6 +106,33 @@ def test_the_committed_guide_has_the_cells_of_its_source():
         "docs/guide/guide.py changed: rebuild with `python -m experiments.guide`")
 
 
+def test_the_committed_guide_quotes_the_code_as_it_is():
+    """The guide's listings (``show(...)``: ``inspect.getsource`` at its build) are the
+    library's code now: a listed function that changed (train_step, given an argument)
+    leaves a learner copying a listing that fails, until the guide is rebuilt."""
+    import inspect
+    import textwrap
+
+    import unet_jax
+    from unet_jax import models
+
+    committed = json.loads((ROOT / "docs" / "guide" / "guide.ipynb").read_text())
+    listed = 0
+    for cell in committed["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        printed = "".join("".join(out.get("text", "")) for out in cell["outputs"])
+        for call in re.findall(r"^show\((.+)\)$", "".join(cell["source"]), re.M):
+            objects = [eval(name, {"models": models, "unet_jax": unet_jax})  # noqa: S307
+                       for name in call.split(", ")]
+            source = "\n\n".join(textwrap.dedent(inspect.getsource(o)).strip()
+                                  for o in objects)
+            assert source in printed, (f"show({call}): the code changed since the guide "
+                                       "was built; rebuild with `python -m experiments.guide`")
+            listed += 1
+    assert listed >= 7
+
+
 @pytest.fixture(scope="module")
 def tiny_guide(tmp_path_factory):
     out = tmp_path_factory.mktemp("guide")

@@ -212,8 +212,8 @@ class Config:
                               "0..255, as 8-bit masks and predicted PNGs hold them)")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"--in-channels {self.in_channels}: give 1 (grayscale) or 3 (RGB)")
-        if self.seed < 0:
-            raise ConfigError(f"--seed {self.seed}: give a number of at least 0")
+        if not 0 <= self.seed < 2**63:  # JAX's keys take a 64-bit signed seed
+            raise ConfigError(f"--seed {self.seed}: give a number from 0 to 2**63 - 1")
         for name, values in (("dtype", DTYPES), ("kernels", KERNELS), ("loss", LOSSES),
                              ("split", ("car", "random")), ("remat", REMAT)):
             if getattr(self, name) not in values:
