@@ -128,6 +128,10 @@ class _Manager(ocp.CheckpointManager):
             fix = "free space or fix the disk" if disk else "fix what it names"
             which = ("a checkpoint" if self._writing is None
                      else f"the checkpoint of epoch {self._writing}")
+            # Its partial files would keep a full disk full, and the next --resume,
+            # which writes config.json first, failing for it.
+            for partial in Path(self.directory).glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
             raise CheckpointError(f"{which} could not be written in {self.directory} "
                                   f"({type(e).__name__}: {problem[:300]}); {fix}, then "
                                   f"{then}") from None
