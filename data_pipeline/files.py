@@ -112,6 +112,12 @@ def _unzip_hint(folder: Path) -> str:
     """"; unzip X first" for a folder holding a zip where files were expected (Kaggle's
     "Download All" archive, say), else nothing."""
     zips = sorted(p.name for p in folder.glob("*.zip"))
+    for images in ("train", "train_hq"):
+        # Kaggle's images without their masks: unzipping gives no pairs.
+        if f"{images}.zip" in zips and "train_masks.zip" not in zips and not (
+                folder / "train_masks").is_dir():
+            return (f"; it holds Kaggle's {images}.zip but not train_masks.zip: download "
+                    "train_masks.zip into it too")
     return f"; unzip {zips[0]} first" if zips else ""
 
 

@@ -588,6 +588,11 @@ def test_a_zip_where_images_are_expected_says_to_unzip_it(tmp_path):
         dp.find_images(tmp_path)
     with pytest.raises(dp.DataError, match=r"matches no known layout.*; unzip test\.zip first"):
         dp.find_pairs(tmp_path)
+    # Kaggle's photos without their masks: unzipping would not help.
+    (tmp_path / "train.zip").write_bytes(b"PK\x05\x06" + bytes(18))
+    with pytest.raises(dp.DataError, match=r"it holds Kaggle's train\.zip but not "
+                       r"train_masks\.zip: download train_masks\.zip into it too$"):
+        dp.find_pairs(tmp_path)
 
 
 @pytest.mark.parametrize("folders, given, hint", [
