@@ -310,6 +310,27 @@ def _distributed() -> bool:
         return False
 
 
+def check_output_file(out: Path, example: str, ours, what: str) -> Path:
+    """``--output`` of a command that writes one file, checked before any work: not a
+    folder (``example`` names a file in it instead), not a link (the file would take
+    the link's place), a file only where ``ours(out)`` says this command wrote it (so
+    ``--output RUN/config.json`` replaces nothing: ``what`` the command writes names
+    it), in a writable folder."""
+    from unet_jax import rundir
+
+    if out.is_dir():
+        raise UserError(f"--output {out} is a folder; give a file name, such as "
+                        f"{out / example}")
+    if out.is_symlink():
+        raise UserError(f"--output {out} is a link (to {os.readlink(out)}); give the file "
+                        "it points to, or a new file name")
+    if out.exists() and not ours(out):
+        raise UserError(f"--output {out} is a file that is not {what}: give a new file "
+                        "name, or remove it first")
+    rundir.check_writable(out.parent, "--output's folder")
+    return out
+
+
 def _resource_error(e: Exception) -> str | None:
     """One line for running out of memory or disk, whatever raised it (numpy, XLA, a
     tf.data worker, a file write), with the settings that decide it; None for other

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from pathlib import Path
 
 from experiments import common
@@ -117,27 +116,19 @@ def scores_file(run_dir: Path, name: str, data_dir: str | None) -> Path:
             pass
 
 
-def check_output(out: Path) -> None:
-    """``--output`` checked before any scoring: only an earlier evaluation's JSON is
-    replaced (``--output RUN/config.json`` had replaced the run's settings with
-    scores, and a checkpoint's file had been overwritten as readily)."""
-    from unet_jax import rundir
+def check_output(out: Path) -> Path:
+    """``--output`` checked before any scoring (``common.check_output_file``): it had
+    replaced RUN/config.json, a checkpoint's file or a script with the scores."""
+    return common.check_output_file(out, "evaluation.json", _is_evaluation,
+                                    "an evaluation's JSON")
 
-    if out.is_dir():
-        raise common.UserError(f"--output {out} is a folder; give a file name, such as "
-                               f"{out / 'evaluation.json'}")
-    if out.is_symlink():
-        raise common.UserError(f"--output {out} is a link (to {os.readlink(out)}); give "
-                               "the file it points to, or a new file name")
-    if out.exists():
-        try:
-            earlier = json.loads(out.read_text())
-        except (OSError, ValueError):
-            earlier = None
-        if not (isinstance(earlier, dict) and {"dice", "checkpoint"} <= earlier.keys()):
-            raise common.UserError(f"--output {out} is a file that is not an evaluation's "
-                                   "JSON: give a new file name, or remove it first")
-    rundir.check_writable(out.parent, "--output's folder")
+
+def _is_evaluation(path: Path) -> bool:
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(earlier, dict) and {"dice", "checkpoint"} <= earlier.keys()
 
 
 def main(argv=None):

@@ -9,7 +9,6 @@ runs in row-major order, pixels numbered from 1; an empty mask is an empty strin
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 from experiments import common
@@ -81,33 +80,19 @@ def main(argv=None):
 
 
 def check_output(out: Path) -> Path:
-    """``--output`` checked before any work: a folder, or a folder that cannot be
-    written, would otherwise be found only when the finished CSV is moved into place."""
-    from unet_jax import rundir
+    """``--output`` checked before any work (``common.check_output_file``). A
+    submission saved again by pandas, a spreadsheet or an editor may end its lines
+    with LF or start with a byte-order mark: still a submission, and replaced."""
+    return common.check_output_file(out, "submission.csv", _is_submission,
+                                    "a submission (its first line is not img,rle_mask)")
 
-    if out.is_dir():
-        raise common.UserError(f"--output {out} is a folder; give a file name, such as "
-                               f"{out / 'submission.csv'}")
-    if out.is_symlink():
-        # Replacing it would put the CSV in place of the link, not in the file it names.
-        raise common.UserError(f"--output {out} is a link (to {os.readlink(out)}); give "
-                               "the file it points to, or a new file name")
-    if out.exists():
-        # Only an earlier submission is replaced: --output RUN/config.json (or a test
-        # photo's name) replaced that file with CSV text. A submission saved again by
-        # pandas, a spreadsheet or an editor may end its lines with LF or start with a
-        # byte-order mark: still a submission.
-        try:
-            with out.open("rb") as f:
-                first = f.readline(64).removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n")
-        except OSError:
-            first = b""
-        if first != HEADER:
-            raise common.UserError(f"--output {out} is a file that is not a submission (its "
-                                   f"first line is not img,rle_mask): give a new file name, "
-                                   "or remove it first")
-    rundir.check_writable(out.parent, "--output's folder")
-    return out
+
+def _is_submission(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.readline(64).removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n") == HEADER
+    except OSError:
+        return False
 
 
 HEADER = b"img,rle_mask"  # the first line of every submission
