@@ -25,7 +25,7 @@
 # The training runs use the project's built-in sample set, a synthetic stand-in for
 # Carvana drawn in Kaggle's exact layout (cars on a turntable, 16 angles, palette-GIF
 # masks), at 64x96 pixels and on a 2-core CPU, so that the whole guide rebuilds in
-# 5 to 20 minutes. Point `data_dir` at Kaggle's `train/` and `train_masks/`
+# 4 to 20 minutes. Point `data_dir` at Kaggle's `train/` and `train_masks/`
 # to train on the real photographs.
 
 # %%
@@ -133,8 +133,10 @@ print(f"SIZE={SIZE}; JAX {jax.__version__} on {BACKEND} ({jax.devices()[0].devic
 # label per pixel, but coarsely. Before them, a network labelled a pixel from a patch
 # around it (Ciresan et al., 2012), one forward pass per pixel, sliding the window over
 # the image; U-Net labels every pixel of an image (or of a large tile) in one pass, the
-# work shared by neighbouring pixels. It added the symmetric expansive path and the
-# skips, and trained well from few annotated images thanks to heavy augmentation. The
+# work shared by neighbouring pixels. FCN had already added the coarse predictions of
+# earlier layers to its output; U-Net made the decoder as deep and as wide as the
+# encoder, concatenated the encoder's feature maps into it at every level (the skip
+# connections), and trained well from few annotated images thanks to heavy augmentation. The
 # same design segments cells, organs, roads and, here, cars in Kaggle's Carvana
 # challenge (5,088 photos of 318 cars at 1918x1280, one binary mask each).
 
@@ -281,8 +283,9 @@ RF_OUTPUT = sorted(set(widths.values()))
 print(f"bottleneck: {RF_BOTTLENECK} px; output: {' or '.join(map(str, RF_OUTPUT))} px")
 
 # %% [markdown]
-# The check: the receptive field is exactly the set of input pixels with a non-zero
-# gradient. `jax.grad` of one bottleneck position (summed over its channels), and of one
+# The check: for a random input, the receptive field is exactly the set of input pixels
+# with a non-zero gradient (a constant input would light fewer: max-pooling sends each
+# window's gradient to one pixel, and ties leave the others at zero). `jax.grad` of one bottleneck position (summed over its channels), and of one
 # output logit, with respect to a 256x256 random input, through a narrow U-Net (width 4:
 # the field does not depend on the width) with random weights; `capture_intermediates`
 # hands us the bottleneck's output without changing the model.
@@ -939,6 +942,16 @@ for i in range(1, depth + 1):
 save(fig, "skip_connections")
 
 # %% [markdown]
+# Read the table as how much this trained decoder relies on each skip, not as a pure
+# measure of what each skip carries: zeroing half of a layer's input puts the layer in
+# a state it never saw in training. That is why cutting the finest skip costs far more
+# than edges (most of its wrong pixels lie away from any outline: the last DoubleConv,
+# fed half zeros, loses the car's body too), and why the cost does not follow the
+# levels' order: how training spread the work over the levels is its own choice, which
+# another seed may make differently. What the cuts do show is that the decoder uses
+# every skip, and that the path through the bottleneck alone does not give the mask.
+
+# %% [markdown]
 # ### Why the skips matter: the same run without them
 #
 # `UNet(skip_connections=False)` (`Config(skip_connections=False)`, flag
@@ -1028,8 +1041,13 @@ print(f"gradient at down_1 at initialisation, with skips / without: "
 # five-layer path the skips open, with logits that hardly depend on the input. The
 # guide's U-Net has no normalisation layers, the usual cure for such a deep plain path
 # (milesial/Pytorch-UNet puts batch normalisation after every convolution); with the
-# skips it needs none. The skips do two jobs here: they carry the fine detail that the
-# cut-skip table above measures, and they make the network trainable at all.
+# skips it needs none. Why the deep path starts so weak: Flax's default initialisation
+# (LeCun normal, variance 1/fan-in; He's 2/fan-in is what keeps a ReLU layer's scale)
+# roughly halves the signal's power at every ReLU layer, and 23 in a row compound it
+# (PyTorch's default, uniform with a third of that variance, starts weaker still). The
+# skips do two jobs here: they bring the encoder's full-resolution maps, which the
+# trained decoder relies on (the cut-skip table above), and they make the network
+# trainable at all.
 
 # %% [markdown]
 # ### Learning-rate schedules and averaged weights: measured, not assumed
@@ -1156,10 +1174,11 @@ for i, (mode, args) in enumerate(bench_runs):
           f"peak memory {r['peak_rss_mb'] / 1000:.2f} GB")
 rate = BENCH_DOC.get("train 512x512, batch 4")
 if rate:
-    hours = 6 * 5088 / float(rate) / 3600
-    print(f"the PyTorch guide's GPU recipe (6 epochs of 5,088 images at 512x512) at the "
-          f"512x512 training speed of docs/benchmarks.md ({rate} images/s): {hours:.0f} "
-          "hours of CPU")
+    trained = int(0.8 * 5088)  # the guide's random_split(..., [0.8, 0.2])
+    hours = 6 * trained / float(rate) / 3600
+    print(f"the PyTorch guide's GPU recipe (6 epochs of the {trained:,} training images of "
+          f"Carvana's 5,088 at 512x512) at the 512x512 training speed of "
+          f"docs/benchmarks.md (batch 4, {rate} images/s): {hours:.0f} hours of CPU")
 
 # %% [markdown]
 # The last line puts the PyTorch guide's GPU recipe into CPU time, which is why the
