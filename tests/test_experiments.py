@@ -842,15 +842,32 @@ def test_predict_never_replaces_a_file_it_did_not_write(trained_run, tmp_path, c
     assert call(predict.main, argv[:-1]) == (0 if theirs == "a_viz.png" else 2)
 
 
-def test_evaluate_prints_its_scores_when_it_cannot_write_them(trained_run, tmp_path, capsys):
+def test_evaluate_prints_its_scores_when_it_cannot_write_them(trained_run, tmp_path, capsys,
+                                                             monkeypatch):
+    """An --output that cannot be written is named before any scoring; a write that
+    fails anyway (the run's folder, a disk filled meanwhile) still shows the scores."""
+    from unet_jax import rundir
+
     blocked = tmp_path / "file"
     blocked.write_text("")
     code = call(evaluate.main, ["--checkpoint", str(trained_run), "--output",
                                 str(blocked / "out.json")])
     captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.strip() == (f"test: error: --output's folder {blocked} is a file, "
+                                    "not a directory; choose a directory for --output's "
+                                    "folder")
+
+    def full(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rundir, "write_text_atomic", full)
+    code = call(evaluate.main, ["--checkpoint", str(trained_run)])
+    captured = capsys.readouterr()
     assert code == 2 and "Dice" in captured.out
     err = captured.err.strip().splitlines()
-    assert len(err) == 1 and "out.json" in err[0] and "the scores are above" in err[0]
+    assert len(err) == 1 and "evaluation-validation.json" in err[0] and (
+        "the scores are above" in err[0])
 
 
 @pytest.mark.parametrize("mask", [

@@ -293,9 +293,16 @@ def test_the_readme_onnx_example_gives_predicts_mask(request, run_dir, tmp_path,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         mask = np.asarray(Image.open(tmp_path / "car_mask.png")) > 0
-        (_, _, expected), = Predictor(run).predict_files([tmp_path / "car.jpg"])
+        predictor = Predictor(run)
+        (_, _, logits), = predictor.predict_files([tmp_path / "car.jpg"], logits=True)
+        expected = predictor.to_mask(logits) > 0
         assert mask.shape == shown and 0 < expected.mean() < 1
-        assert np.array_equal(mask, expected)
+        # onnxruntime and XLA sum in other orders (and, under load, other thread
+        # splits): a pixel whose logit is within float32 rounding of the threshold may
+        # tip; any other difference is a wrong example.
+        differ = mask != expected
+        assert differ.sum() <= 2 and (np.abs(logits[..., 0][differ]) < 1e-4).all(), (
+            differ.sum(), np.abs(logits[..., 0][differ]).max(initial=0))
 
 
 @pytest.mark.parametrize("change", [{"mode": "whole"}, {"tta": "hflip"},
