@@ -42,6 +42,7 @@ whose first pass was interrupted.
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import math
@@ -301,15 +302,21 @@ class InputPipeline:
             return tuple(np.zeros(shapes[k], dtypes[k]) for k in shapes)
         base = self._cache_base()
         Path(base).parent.mkdir(parents=True, exist_ok=True)
-        try:  # a previous run's cache, if whole: ready[i] tells which examples it holds
-            arrays = tuple(np.load(f"{base}.{k}.npy", mmap_mode="r+") for k in shapes)
-            if all(a.shape == shapes[k] and a.dtype == dtypes[k]
-                   for a, k in zip(arrays, shapes)):
-                return arrays
-        except (OSError, ValueError):
-            pass
-        return tuple(np.lib.format.open_memmap(f"{base}.{k}.npy", "w+", dtypes[k], shapes[k])
-                     for k in shapes)
+        # Two runs on the same data and settings (--cache disk makes that the default)
+        # share these files. One at a time opens them: a run that found them half
+        # made would make them again, truncating files the other has mapped (SIGBUS),
+        # or pair one run's images with the other's ready flags.
+        with open(f"{base}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:  # a previous run's cache, if whole: ready[i] says which examples it holds
+                arrays = tuple(np.load(f"{base}.{k}.npy", mmap_mode="r+") for k in shapes)
+                if all(a.shape == shapes[k] and a.dtype == dtypes[k]
+                       for a, k in zip(arrays, shapes)):
+                    return arrays
+            except (OSError, ValueError):
+                pass
+            return tuple(np.lib.format.open_memmap(f"{base}.{k}.npy", "w+", dtypes[k],
+                                                   shapes[k]) for k in shapes)
 
     def _cached(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (image, mask) of example ``index``, decoded on first use and kept in

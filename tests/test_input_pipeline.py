@@ -198,6 +198,27 @@ def test_a_cache_that_cannot_fit_is_named_before_any_epoch(own_copy, tmp_path,
     dp.check_caches([pipe(own_copy, cache=prefix)])
 
 
+def test_one_run_at_a_time_opens_a_shared_file_cache(own_copy, tmp_path):
+    """Two runs on one --cache disk: the second waits while the first makes the files,
+    instead of taking them for a broken cache and truncating them under it."""
+    import fcntl
+    import threading
+
+    prefix = str(tmp_path / "cache" / "train")
+    pipeline = pipe(own_copy, cache=prefix)
+    base = pipeline._cache_base()
+    (tmp_path / "cache").mkdir()
+    with open(f"{base}.lock", "w") as held:  # another run, making the files
+        fcntl.flock(held, fcntl.LOCK_EX)
+        opened = threading.Thread(target=pipeline._open_store)
+        opened.start()
+        opened.join(0.5)
+        assert opened.is_alive()  # it waits
+    opened.join(30)
+    assert not opened.is_alive()
+    assert len(list((tmp_path / "cache").glob("train-*.images.npy"))) == 1
+
+
 def test_fill_decodes_everything_up_front(own_copy):
     p = pipe(own_copy, batch_size=3)  # 8 images: 2 batches a epoch, 2 never read
     p.fill()
