@@ -177,6 +177,13 @@ def parse_args(argv=None):
         # the JAX row was measured, and threw it away.
         raise common.UserError("--compare-torch times the guide's model training or "
                                "inferring: use it with --mode train or --mode infer")
+    # A setting of another mode would be ignored without a word.
+    if args.remat != "none" and args.mode != "train" and not args.suite:
+        raise common.UserError(f"--remat {args.remat} trades memory in training: use it "
+                               "with --mode train")
+    if args.kaggle_size_sample is not None and args.mode != "pipeline" and not args.suite:
+        raise common.UserError("--kaggle-size-sample feeds the input pipeline: use it with "
+                               "--mode pipeline")
     if args.compare_kernels and args.mode == "pipeline":
         raise common.UserError("--compare-kernels times the model: use it with --mode "
                                "train, infer, tile or whole")

@@ -170,6 +170,8 @@ def test_kaggle_size_sample_writes_carvana_sized_pairs(tmp_path):
     (["--compare-onnx", "--mode", "train"], "--compare-onnx times inference"),
     (["--compare-torch", "--mode", "tile"], "use it with --mode train or --mode infer"),
     (["--compare-kernels", "--mode", "pipeline"], "--compare-kernels times the model"),
+    (["--mode", "infer", "--remat", "full"], "--remat full trades memory in training"),
+    (["--mode", "train", "--kaggle-size-sample", "4"], "use it with --mode pipeline"),
     (["--quick"], "--quick belongs to the GPU check: add --suite gpu"),
     (["--budget", "0"], "--budget belongs to the GPU check: add --suite gpu"),
     (["--suite", "gpu", "--quick", "--platform", "cpu", "--budget", "-5"], "--budget -5: give"),
