@@ -215,3 +215,7 @@ def test_a_validation_percentage_is_named_as_a_fraction():
     with pytest.raises(ConfigError, match=r"^--val-fraction 10\.0: give a fraction in \(0, "
                        r"1\) \(10% is 0\.1\)$"):
         Config(val_fraction=10)
+    # Its --validation 0, "no validation": what to do instead.
+    with pytest.raises(ConfigError, match=r"^--val-fraction 0\.0: give a fraction in \(0, 1\) "
+                       r"\(validation picks the checkpoint .* --val-data-dir\)$"):
+        Config(val_fraction=0)

@@ -238,6 +238,10 @@ class Config:
         if not 0 < self.val_fraction < 1:
             percent = (f" ({self.val_fraction:g}% is {self.val_fraction / 100:g})"
                        if 1 < self.val_fraction < 100 else "")
+            if self.val_fraction == 0:  # milesial's "no validation"
+                percent = (" (validation picks the checkpoint that predict uses, so it "
+                           "cannot be off: give a small one, such as 0.05, or a validation "
+                           "set of its own with --val-data-dir)")
             raise ConfigError(f"--val-fraction {self.val_fraction}: give a fraction in "
                               f"(0, 1){percent}")
         if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
