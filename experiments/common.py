@@ -331,22 +331,40 @@ def check_output_file(out: Path, example: str, ours, what: str) -> Path:
     return out
 
 
-def _resource_error(e: Exception) -> str | None:
-    """One line for running out of memory or disk, whatever raised it (numpy, XLA, a
-    tf.data worker, a file write), with the settings that decide it; None for other
-    errors, which keep their traceback."""
+# What decides each command's memory, for the out-of-memory line.
+_MEMORY_FLAGS = {
+    "train": "lower --batch-size, --image-size or --crop, or --base-features; on a GPU, "
+             "--remat convs or full also helps",
+    "recipes": "lower --batch-size or --image-size",
+    "benchmark": "lower --batch-size or --image-size",
+    "predict": "lower --batch-size, or predict in tiles (--tile)",
+    "evaluate": "lower --batch-size, or predict in tiles (--tile)",
+    "submit": "lower --batch-size, or predict in tiles (--tile)",
+}
+
+
+def _resource_error(e: Exception, prog: str = "") -> str | None:
+    """One line for running out of disk or memory, whatever raised it (a file write,
+    TensorStore, numpy, XLA, a tf.data worker), with what decides it for the command
+    ``prog``; None for other errors, which keep their traceback."""
     text = str(e)
+    errno_ = getattr(e, "errno", None)
+    disk = (isinstance(e, OSError) and errno_ in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+            or any(sign in text for sign in ("No space left", "os_error_code='28'",
+                                             "Errno 28", "Read-only file system")))
+    if disk:  # TensorStore says RESOURCE_EXHAUSTED for a full disk too: disk first
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        why = e.strerror if isinstance(e, OSError) and e.strerror else (
+            "read-only file system" if "Read-only" in text else "no space left on device")
+        return (f"cannot write{where} ({why}); free space on that disk, or make it "
+                "writable, and run the command again")
     if isinstance(e, MemoryError) or any(sign in text for sign in (
             "RESOURCE_EXHAUSTED", "Unable to allocate", "Out of memory", "out of memory")):
         size = re.search(r"Unable to allocate [\d.]+ \w+|allocating \d+ bytes", text)
         first = size.group(0) if size else type(e).__name__
-        return (f"out of memory ({first}); lower --batch-size, --image-size or --crop, or "
-                "--base-features; for training on a GPU, --remat convs or full also helps")
-    errno_ = getattr(e, "errno", None)
-    if isinstance(e, OSError) and errno_ in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-        where = f" {e.filename}" if e.filename else ""
-        return (f"cannot write{where} ({e.strerror}); free space on that disk (or make "
-                "it writable) and run the command again (a training run: with --resume)")
+        command = prog.rsplit(".", 1)[-1]
+        fix = _MEMORY_FLAGS.get(command, "free memory, or run it on a larger machine")
+        return f"out of memory ({first}); {fix}"
     return None
 
 
@@ -356,9 +374,11 @@ def run(main, argv=None, prog: str = "") -> None:
     in_main_thread = threading.current_thread() is threading.main_thread()
     for stream in (sys.stdout, sys.stderr):
         # A console that cannot show a path's letters (PYTHONIOENCODING=ascii, a
-        # Windows code page) escapes them rather than failing after the work is done.
-        with contextlib.suppress(AttributeError, ValueError):
-            stream.reconfigure(errors="backslashreplace")
+        # Windows code page) escapes them rather than failing after the work is done;
+        # a stream that already has a way (surrogateescape: a C locale) keeps it.
+        if getattr(stream, "errors", None) == "strict":
+            with contextlib.suppress(AttributeError, ValueError):
+                stream.reconfigure(errors="backslashreplace")
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     previous_hook = sys.unraisablehook
     if in_main_thread:
@@ -384,7 +404,7 @@ def run(main, argv=None, prog: str = "") -> None:
         sys.stderr.write(f"{prog or 'error'}: error: {e}\n")
         sys.exit(USER_ERROR)
     except Exception as e:
-        if (line := _resource_error(e)) is None:
+        if (line := _resource_error(e, prog)) is None:
             raise
         sys.stderr.write(f"{prog or 'error'}: error: {line}\n")
         sys.exit(USER_ERROR)

@@ -123,12 +123,8 @@ def test_a_failed_background_write_is_one_line(run, monkeypatch):
 
     monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", full)
     manager = checkpoints.checkpoint_manager(run, keep=3)
-    partial = run / "checkpoints" / "9.orbax-checkpoint-tmp-1765000000"
-    (partial / "params").mkdir(parents=True)
-    (partial / "params" / "d").write_bytes(b"half a write")
     with pytest.raises(CheckpointError) as e:
         manager.wait_until_finished()
-    assert not partial.exists()  # it kept the full disk full
     assert one_line(e.value) == (
         f"a checkpoint could not be written in {run / 'checkpoints'} (ValueError: "
         'RESOURCE_EXHAUSTED: Error writing local file "x"); free space or fix the disk, '

@@ -292,20 +292,27 @@ def test_running_out_of_memory_or_disk_and_an_ascii_console_are_one_line():
                 raise MemoryError("Unable to allocate 279. GiB for an array")
             if argv[0] == "xla":
                 raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 288 bytes.")
+            if argv[0] == "tensorstore":
+                raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space "
+                                 "left on device [os_error_code='28']")
             raise OSError(errno.ENOSPC, "No space left on device", "/run/config.json")
-        common.run(main, sys.argv[1:], prog="cmd")
+        common.run(main, sys.argv[1:], prog="python -m experiments.train")
     """)
     for case, line in [
-            ("numpy", "cmd: error: out of memory (Unable to allocate 279. GiB); lower "
+            ("numpy", "train: error: out of memory (Unable to allocate 279. GiB); lower "
                       "--batch-size"),
-            ("xla", "cmd: error: out of memory (allocating 288 bytes); lower --batch-size"),
-            ("disk", "cmd: error: cannot write /run/config.json (No space left on device); "
-                     "free space on that disk")]:
+            ("xla", "train: error: out of memory (allocating 288 bytes); lower --batch-size"),
+            ("disk", "train: error: cannot write /run/config.json (No space left on device); "
+                     "free space on that disk"),
+            # TensorStore's full disk (orbax's writes) is RESOURCE_EXHAUSTED too: no
+            # "out of memory" for it.
+            ("tensorstore", "train: error: cannot write (no space left on device); free "
+                            "space on that disk")]:
         result = subprocess.run([sys.executable, "-c", script, case], cwd=ROOT,
                                 capture_output=True, text=True, timeout=120,
                                 env={**os.environ, "PYTHONIOENCODING": "ascii"})
         assert result.returncode == 2 and result.stdout == "wrote /tmp/\\xfc\n"
-        assert result.stderr.startswith(line) and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("python -m experiments." + line) and result.stderr.count("\n") == 1, result.stderr
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -139,6 +139,20 @@ def test_a_second_run_in_a_held_directory_is_refused(data_dir, tmp_path):
     assert not (workdir / "config.json").exists()
 
 
+def test_a_resume_removes_the_files_of_a_write_that_never_finished(data_dir, tmp_path):
+    """A checkpoint write cut short by a full disk left its folder: it kept the disk
+    full, and the resume failed writing config.json with a traceback."""
+    workdir = tmp_path / "run"
+    config = dataclasses.replace(TINY, data_dir=str(data_dir), epochs=1)
+    unet_jax.train_and_evaluate(config, workdir, log=None)
+    partial = workdir / "checkpoints" / "2.orbax-checkpoint-tmp-1765000000"
+    (partial / "params").mkdir(parents=True)
+    (partial / "params" / "d").write_bytes(b"half a write")
+    unet_jax.train_and_evaluate(dataclasses.replace(config, epochs=2), workdir, resume=True,
+                                log=None)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+
+
 def test_a_failed_resume_changes_nothing(data_dir, tmp_path):
     workdir = tmp_path / "run"
     config = dataclasses.replace(TINY, data_dir=str(data_dir), epochs=1)

@@ -128,15 +128,21 @@ class _Manager(ocp.CheckpointManager):
             fix = "free space or fix the disk" if disk else "fix what it names"
             which = ("a checkpoint" if self._writing is None
                      else f"the checkpoint of epoch {self._writing}")
-            # Its partial files would keep a full disk full, and the next --resume,
-            # which writes config.json first, failing for it.
-            for partial in Path(self.directory).glob("*.orbax-checkpoint-tmp*"):
-                shutil.rmtree(partial, ignore_errors=True)
             raise CheckpointError(f"{which} could not be written in {self.directory} "
                                   f"({type(e).__name__}: {problem[:300]}); {fix}, then "
                                   f"{then}") from None
         if self.deletes:
             _empty_deleting(Path(self.directory))
+
+
+def remove_partial(workdir) -> None:
+    """Removes the folders of checkpoint writes that never finished (a full disk, a
+    killed run): they would keep a full disk full, and the next --resume, which writes
+    config.json first, failing for it. Called by the run's one writer of such things
+    (process 0) where no write is running: at the start of a run, and after its
+    manager closed in a run of one process."""
+    for partial in (Path(workdir) / "checkpoints").glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _empty_deleting(directory: Path) -> None:

@@ -106,6 +106,8 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
             raise ConfigError(str(e)) from None
         with rundir.lock(workdir) if is_main else contextlib.nullcontext():
             check_run_dir(config, workdir, resume)
+            if is_main:
+                checkpoints.remove_partial(workdir)
             mesh = parallel.make_mesh()  # one mesh over every device; batches split on axis 0
             train_data, val_data, data_dir = build_data(config, workdir, resume)
             state, manager, history, source_epoch = restore_or_init(
@@ -123,8 +125,12 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
                 train_epochs(config, workdir, state, manager, history, train_data, val_data,
                              mesh, log, is_main)
             finally:
-                manager.wait_until_finished()
-                manager.close()
+                try:
+                    manager.wait_until_finished()
+                finally:
+                    manager.close()
+                    if is_main and jax.process_count() == 1:  # a failed write's files
+                        checkpoints.remove_partial(workdir)
     best = _best(history)
     log(f"done: best validation Dice {best['val_dice']:.4f} (epoch {best['epoch']}); "
         f"outputs in {workdir}/ (metrics.csv, loss.png, predictions.png, checkpoints/); "
