@@ -115,10 +115,22 @@ def _unzip_hint(folder: Path) -> str:
     for images in ("train", "train_hq"):
         # Kaggle's images without their masks: unzipping gives no pairs.
         if f"{images}.zip" in zips and "train_masks.zip" not in zips and not (
-                folder / "train_masks").is_dir():
+                folder / "train_masks").is_dir() and _kaggle_photos(folder / f"{images}.zip"):
             return (f"; it holds Kaggle's {images}.zip but not train_masks.zip: download "
                     "train_masks.zip into it too")
     return f"; unzip {zips[0]} first" if zips else ""
+
+
+def _kaggle_photos(archive: Path) -> bool:
+    """Whether a zip holds Kaggle's Carvana photos (``train/<car>_<NN>.jpg``), not a
+    user's own dataset that happens to be named train.zip."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(archive) as z:
+            return any(_CARVANA_NAME.fullmatch(Path(name).stem) for name in z.namelist()[:50])
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _beside_folders(root: Path) -> list[Path]:
@@ -172,7 +184,7 @@ def detect_layout(data_dir, flag: str = "--data-dir") -> tuple[Path, Path, str]:
         from data_pipeline import tfds_carvana
 
         if tfds_carvana.holds_kaggle_zips(root):
-            return detect_layout(tfds_carvana.prepare_zip_folder(root), flag)
+            return detect_layout(tfds_carvana.prepare_zip_folder(root, flag), flag)
     if _beside_folders(root):
         return root, root, "beside"
     raise DataError(f"{flag} {root} matches no known layout: expected "

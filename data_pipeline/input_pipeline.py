@@ -48,6 +48,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -96,9 +97,11 @@ def check_caches(pipelines) -> None:
         folder = Path(cache).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".unet-jax-write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            # A name of its own (mkstemp): processes of several hosts on one shared
+            # folder may all have the same pid.
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".unet-jax-write-test-")
+            os.close(fd)
+            os.unlink(probe)
             free = shutil.disk_usage(folder).free
         except OSError as e:
             raise DataError(f"--cache {cache}: cannot write in {folder} "

@@ -173,13 +173,14 @@ def holds_kaggle_zips(folder) -> bool:
     return (folder / MASK_ZIP).is_file() and any((folder / z).is_file() for z in IMAGE_ZIPS)
 
 
-def prepare_zip_folder(folder) -> Path:
+def prepare_zip_folder(folder, flag: str = "--data-dir") -> Path:
     """Kaggle's ``train.zip`` and ``train_masks.zip`` in ``folder`` as a folder of
     Kaggle's layout, made once through the TFDS builder.
 
     The builder's dataset goes to ``folder/tensorflow_datasets/`` and its files, in
     Kaggle's layout, to ``folder/prepared/``; a later call finds both and only lists the
-    files. So ``--data-dir`` can be the folder the zips were downloaded to.
+    files. So ``--data-dir`` can be the folder the zips were downloaded to (``flag``
+    names it in errors).
     """
     folder = Path(folder)
     prepared = folder / "prepared"
@@ -187,8 +188,8 @@ def prepare_zip_folder(folder) -> Path:
         Carvana(data_dir=folder / "tensorflow_datasets").download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=folder))
         export_pairs(folder / "tensorflow_datasets", prepared)
-    except PermissionError as e:
-        raise DataError(f"--data-dir {folder}: cannot write the prepared dataset beside the "
-                        f"zips ({e.strerror}); unzip both into a writable folder, or copy "
-                        "the zips to one") from None
+    except OSError as e:  # no permission, a read-only mount (Kaggle's input), no space
+        raise DataError(f"{flag} {folder}: cannot write the prepared dataset beside the "
+                        f"zips ({e.strerror or e}); unzip both into a writable folder, or "
+                        "copy the zips to one") from None
     return prepared

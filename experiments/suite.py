@@ -136,7 +136,7 @@ def run(args) -> int:
         raise common.UserError("--suite gpu measures a GPU, and JAX finds none here; add "
                                "--quick --platform cpu to try every row at tiny sizes")
     sizes = QUICK if args.quick else FULL
-    if args.budget is not None and args.budget < 0:
+    if args.budget is not None and not args.budget >= 0:  # NaN too
         raise common.UserError(f"--budget {args.budget:g}: give seconds, 0 or more (0: "
                                "the default)")
     budget = args.budget or (1800.0 if args.quick else 330.0)

@@ -175,6 +175,7 @@ def test_kaggle_size_sample_writes_carvana_sized_pairs(tmp_path):
     (["--quick"], "--quick belongs to the GPU check: add --suite gpu"),
     (["--budget", "0"], "--budget belongs to the GPU check: add --suite gpu"),
     (["--suite", "gpu", "--quick", "--platform", "cpu", "--budget", "-5"], "--budget -5: give"),
+    (["--suite", "gpu", "--quick", "--platform", "cpu", "--budget", "nan"], "--budget nan: give"),
     # Checked before the rows: a read-only or misnamed folder had failed after them.
     (["--suite", "gpu", "--quick", "--platform", "cpu", "--out", "README.md/suite"],
      "--out's folder README.md is a file"),

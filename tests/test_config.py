@@ -82,7 +82,7 @@ def test_round_trip_through_json(tmp_path):
     (dict(weight_decay=-0.01), "--weight-decay"),
     (dict(cache=""), "--cache"),
     (dict(cache="memmory"), "--cache"),
-    (dict(cache="Disk"), "--cache"),
+    (dict(cache="memroy"), "--cache"),
     (dict(schedule="plateau", plateau_patience=0), "--plateau-patience"),
     (dict(schedule="plateau", plateau_factor=1.0), "--plateau-factor"),
     (dict(plateau_patience=5), "--plateau-patience"),
@@ -208,6 +208,10 @@ def test_a_disk_cache_goes_to_the_users_cache_folder_and_a_prefix_is_absolute(
     assert Config(cache="disk").cache == str(tmp_path / "xdg" / "unet-jax" / "data" / "decoded")
     assert Config(cache="big/train").cache == str(tmp_path / "big" / "train")
     assert Config(cache="memory").cache == "memory" and Config(cache="none").cache == "none"
+    assert Config(cache="MEMORY").cache == "memory"  # not a file prefix
+    # Prefixes that only look like the words stay prefixes.
+    for prefix in ("mydisk", "memory_cache", "notes"):
+        assert Config(cache=prefix).cache == str(tmp_path / prefix)
 
 
 def test_a_validation_percentage_is_named_as_a_fraction():

@@ -588,8 +588,18 @@ def test_a_zip_where_images_are_expected_says_to_unzip_it(tmp_path):
         dp.find_images(tmp_path)
     with pytest.raises(dp.DataError, match=r"matches no known layout.*; unzip test\.zip first"):
         dp.find_pairs(tmp_path)
-    # Kaggle's photos without their masks: unzipping would not help.
-    (tmp_path / "train.zip").write_bytes(b"PK\x05\x06" + bytes(18))
+    # Kaggle's photos without their masks: unzipping would not help. A user's own
+    # train.zip of images/ and masks/ still says to unzip it.
+    import zipfile
+
+    (tmp_path / "test.zip").unlink()
+    with zipfile.ZipFile(tmp_path / "train.zip", "w") as z:
+        z.writestr("images/a.png", b"")
+        z.writestr("masks/a.png", b"")
+    with pytest.raises(dp.DataError, match=r"; unzip train\.zip first$"):
+        dp.find_pairs(tmp_path)
+    with zipfile.ZipFile(tmp_path / "train.zip", "w") as z:
+        z.writestr("train/00087a6bd4dc_01.jpg", b"")
     with pytest.raises(dp.DataError, match=r"it holds Kaggle's train\.zip but not "
                        r"train_masks\.zip: download train_masks\.zip into it too$"):
         dp.find_pairs(tmp_path)

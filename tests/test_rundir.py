@@ -51,6 +51,8 @@ def test_a_second_run_is_refused_until_the_first_is_killed(tmp_path):
         with pytest.raises(RunDirError, match=r"is in use by another training run \(pid "
                            f"{holder.pid}, started "):
             rundir.check_start(workdir, resume=False)
+        with pytest.raises(RunDirError, match=r"\); choose another OUT_DIR$"):  # no waiting
+            rundir.check_start(workdir, resume=False, what="OUT_DIR", resumable=False)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -58,6 +60,10 @@ def test_a_second_run_is_refused_until_the_first_is_killed(tmp_path):
     with rundir.lock(workdir) as path:
         assert path == workdir / ".lock"
         assert path.read_text().startswith(f"pid {os.getpid()}, started ")
+        # Its own lock is no other run's: checked again under it, the run is named
+        # as one to resume.
+        with pytest.raises(RunDirError, match="run already holds a run; choose another"):
+            rundir.check_start(workdir, resume=False)
 
 
 def test_the_lock_is_exclusive_within_a_process_too_and_released_on_exit(tmp_path):

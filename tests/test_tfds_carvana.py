@@ -128,3 +128,18 @@ def test_a_folder_of_kaggles_zips_works_as_data_dir(tmp_path, src, manual, monke
     monkeypatch.setattr(Carvana, "as_dataset", lambda *a, **k: pytest.fail("read again"))
     assert dp.find_pairs(manual) == pairs
     assert (manual / "prepared" / "train" / pairs[0].image.name).stat().st_mtime_ns == stamp
+
+
+def test_zips_in_a_read_only_folder_say_to_unzip_them_elsewhere(manual, monkeypatch):
+    """Kaggle's /kaggle/input is a read-only mount: EROFS, no PermissionError, had
+    ended in a traceback (later: 'out of memory'-like advice to free space)."""
+    import errno
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(manual / "tensorflow_datasets"))
+
+    monkeypatch.setattr(Carvana, "download_and_prepare", read_only)
+    with pytest.raises(dp.DataError, match=r"^--val-data-dir .*manual: cannot write the "
+                       r"prepared dataset beside the zips \(Read-only file system\); unzip "
+                       r"both into a writable folder"):
+        dp.find_pairs(manual, flag="--val-data-dir")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 import numbers
@@ -281,7 +280,10 @@ class Config:
             raise ConfigError(f"--tta {self.tta!r}: choose one of {', '.join(TTA)}")
         if not self.cache:
             raise ConfigError("--cache '': give 'memory', 'none', 'disk' or a file prefix")
-        near = difflib.get_close_matches(self.cache, CACHES, n=1, cutoff=0.6)
+        if self.cache.lower() in CACHES:
+            self.cache = self.cache.lower()  # MEMORY is memory, not a file prefix
+        near = [word for word in CACHES if _edits(self.cache.lower(), word) <= (
+            2 if word == "memory" else 1)]
         if self.cache not in CACHES and near and not set("/\\.") & set(self.cache):
             # 'memmory' had been a file prefix: gigabytes written into the current folder.
             raise ConfigError(f"--cache {self.cache!r}: did you mean {near[0]!r}? (a file "
@@ -401,6 +403,16 @@ class Config:
     @classmethod
     def load(cls, path) -> "Config":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance: the insertions, deletions and substitutions from a to b."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        row, last = [i], row
+        for j, y in enumerate(b, 1):
+            row.append(min(last[j] + 1, row[j - 1] + 1, last[j - 1] + (x != y)))
+    return row[-1]
 
 
 def flag(name: str) -> str:

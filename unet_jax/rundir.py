@@ -67,8 +67,9 @@ def check_start(directory, resume: bool, what: str = "--workdir", *,
                           "before finishing an epoch); drop --resume to start it again")
     if not resume and (checkpoint or finished) and (holder := _holder(directory)):
         # "pass --resume" would only meet the lock: say why first.
+        wait = "wait for it to finish or " if resumable else ""
         raise RunDirError(f"{what} {directory} is in use by another training run "
-                          f"({holder}); wait for it to finish or choose another {what}")
+                          f"({holder}); {wait}choose another {what}")
     if not resume and (checkpoint or finished):
         # Without a checkpoint there is nothing --resume could continue.
         hint = "pass --resume to continue it, or " if resumable and checkpoint else ""
@@ -107,18 +108,22 @@ def check_writable(directory, what: str = "--workdir") -> Path:
 
 
 def _holder(directory) -> str | None:
-    """What the lock file says of the process holding ``directory``'s lock, or None
-    where no process holds it (tried without waiting, and released at once)."""
+    """What the lock file says of another process holding ``directory``'s lock, or
+    None where none does (this process's own lock is none: the trainer checks again
+    under it). Tried without waiting, and released at once."""
     path = Path(directory) / ".lock"
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if holder.startswith(f"pid {os.getpid()},"):
+            return None
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return None
     except BlockingIOError:
-        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
+        return holder or "pid unknown"
     except OSError:
         return None
     finally:
