@@ -258,6 +258,10 @@ def _layout_hint(root: Path) -> str:
                    if old != new]
         return (f"; it holds {images[0]}/ and {masks[0]}/: rename {' and '.join(renames)}"
                 f"{validation}")
+    if "JPEGImages" in folders and "SegmentationClass" in masks:  # Pascal VOC, unpacked
+        return ("; it holds Pascal VOC's JPEGImages/ and SegmentationClass/: rename "
+                "JPEGImages/ to images/ and SegmentationClass/ to masks/ "
+                "(SegmentationObject/ numbers objects, not classes)")
     if len(images) == 1 and masks:
         listed = ", ".join(f"{name}/" for name in masks)
         also = f"{images[0]}/ to images/ and " if images[0] != "images" else ""
@@ -274,7 +278,8 @@ def _layout_hint(root: Path) -> str:
         return instances
     inside = [name for name in folders
               if any((root / name / a).is_dir() and (root / name / b).is_dir()
-                     for a, b in (("images", "masks"), ("train", "train_masks")))
+                     for a, b in (("images", "masks"), ("train", "train_masks"),
+                                  ("JPEGImages", "SegmentationClass")))
               or _beside_folders(root / name)]
     if inside:  # the first: Kaggle's LGG download holds kaggle_3m/ twice
         return f"; {inside[0]}/ in it holds a dataset: pass {root / inside[0]}"

@@ -66,6 +66,14 @@ def select_pairs(args, config):
     # validation set of its own (--val-data-dir) finds it there.
     otherwise = "score every pair of a folder instead (--data-dir DIR --split all)"
     if config.val_data_dir is not None:
+        given = args.data_dir and Path(args.data_dir).expanduser().resolve()
+        if given and config.data_dir and given == Path(config.data_dir):
+            # Images of one name on both sides (img000.png in train/ and val/) would be
+            # found there, and training images scored as validation.
+            raise common.UserError(
+                f"--data-dir {args.data_dir} is this run's training folder; its validation "
+                f"images are in {config.val_data_dir}: drop --data-dir (or give the folder "
+                "they moved to), or add --split all to score the training folder")
         return data_pipeline.read_split(split_file, otherwise=otherwise,
                                         val_data_dir=args.data_dir, val_flag="--data-dir",
                                         sides=("validation",))[1], data_dir
@@ -147,6 +155,9 @@ def main(argv=None):
     print(f"{result['images']} images ({args.split}, {predictor.describe()}): Dice "
           f"{result['dice']:.4f}, IoU {result['iou']:.4f}, pixel accuracy "
           f"{result['pixel_accuracy']:.4f}, {result['seconds_per_image']:.3f} s/image")
+    if result.get("unlabelled"):
+        print(f"  {result['unlabelled']} image(s) not scored: every pixel of the mask is "
+              f"--ignore-index {predictor.config.ignore_index}")
     if sweep:
         for row in result["thresholds"]:
             print(f"  threshold {row['threshold']:g}: Dice {row['dice']:.4f}, IoU "

@@ -66,7 +66,7 @@ def build_config(args):
         # preset's 2.
         given.setdefault("epochs", saved.epochs)
         # No preset sets these: the run's own, unless given again (data that moved).
-        for name in ("init_from", "data_dir", "val_data_dir"):
+        for name in ("init_from", "data_dir", "val_data_dir", "cache"):
             given.setdefault(name, getattr(saved, name))
         config = configs.get(args.preset, **given)
         # A setting the preset brings, not a flag the user typed: say so.

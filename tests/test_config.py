@@ -205,7 +205,10 @@ def test_a_disk_cache_goes_to_the_users_cache_folder_and_a_prefix_is_absolute(
     and a relative prefix in config.json meant another place in another folder."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)
-    assert Config(cache="disk").cache == str(tmp_path / "xdg" / "unet-jax" / "data" / "decoded")
+    # The word is kept (a run resumed on another machine finds its own folder there).
+    assert Config(cache="disk").cache == "disk"
+    assert Config(cache="disk").data_cache == str(tmp_path / "xdg" / "unet-jax" / "data" /
+                                                  "decoded")
     assert Config(cache="big/train").cache == str(tmp_path / "big" / "train")
     assert Config(cache="memory").cache == "memory" and Config(cache="none").cache == "none"
     assert Config(cache="MEMORY").cache == "memory"  # not a file prefix

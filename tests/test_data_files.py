@@ -622,6 +622,11 @@ def test_a_zip_where_images_are_expected_says_to_unzip_it(tmp_path):
     (("images", "mask", "1st_manual"), "", "it holds images/ and 2 folders that could "
      "hold its masks (1st_manual/, mask/): rename the one with the labels to learn (not, "
      "say, a field-of-view mask) to masks/"),
+    # Pascal VOC as it unpacks: which of its two mask folders holds the classes.
+    (("Annotations", "ImageSets", "JPEGImages", "SegmentationClass", "SegmentationObject"),
+     "", "it holds Pascal VOC's JPEGImages/ and SegmentationClass/: rename JPEGImages/ to "
+     "images/ and SegmentationClass/ to masks/ (SegmentationObject/ numbers objects, not "
+     "classes)"),
     (("images", "image_masks"), "", "it holds images/ and image_masks/: rename "
      "image_masks/ to masks/"),  # a mask word wins
     # Massachusetts Roads, CamVid: train/ beside train_labels/ (and val/, test/ ...).

@@ -148,8 +148,9 @@ def test_a_resume_removes_the_files_of_a_write_that_never_finished(data_dir, tmp
     partial = workdir / "checkpoints" / "2.orbax-checkpoint-tmp-1765000000"
     (partial / "params").mkdir(parents=True)
     (partial / "params" / "d").write_bytes(b"half a write")
-    unet_jax.train_and_evaluate(dataclasses.replace(config, epochs=2), workdir, resume=True,
-                                log=None)
+    # --cache may change on a resume: it is how data is loaded, not what is learned.
+    unet_jax.train_and_evaluate(dataclasses.replace(config, epochs=2, cache="none"), workdir,
+                                resume=True, log=None)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
 
 
@@ -216,6 +217,13 @@ def test_a_validation_folder_of_its_own_replaces_the_split(tmp_path, caplog):
         assert [p.image for p in pairs] == sorted((moved / "images").iterdir())
         assert folder == str(moved)
     (tmp_path / "gone").rename(train)
+    # The training folder given as evaluate's --data-dir: refused, not scored as
+    # validation (its img0.png had stood in for the validation folder's).
+    args = evaluate.parse_args(["--checkpoint", str(workdir), "--data-dir", str(train)])
+    from experiments.common import UserError
+
+    with pytest.raises(UserError, match="is this run's training folder; its validation "):
+        evaluate.select_pairs(args, saved)
     # A run that split its data takes no validation folder on a resume: its split.json
     # would name a folder its validation images are not in.
     split_run = tmp_path / "split-run"

@@ -288,11 +288,7 @@ class Config:
             # 'memmory' had been a file prefix: gigabytes written into the current folder.
             raise ConfigError(f"--cache {self.cache!r}: did you mean {near[0]!r}? (a file "
                               f"prefix is a path, such as ./{self.cache})")
-        if self.cache == "disk":
-            from unet_jax.compile_cache import user_cache_dir
-
-            self.cache = str(user_cache_dir() / "data" / "decoded")
-        elif self.cache not in ("memory", "none"):  # absolute, as data_dir: a prefix
+        if self.cache not in CACHES:  # absolute, as data_dir: a prefix
             self.cache = str(Path(self.cache).expanduser().resolve())  # of the run's files
         if self.ignore_index is not None:
             low = max(self.num_classes, 2)  # binary masks read 0 and 1 as classes
@@ -368,6 +364,17 @@ class Config:
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
+
+    @property
+    def data_cache(self) -> str:
+        """Where the input pipeline keeps decoded images: 'memory', 'none', or a file
+        prefix; 'disk' is one in the user's cache folder, found on the machine that
+        runs (config.json keeps the word, so a run resumed elsewhere finds its own)."""
+        if self.cache == "disk":
+            from unet_jax.compile_cache import user_cache_dir
+
+            return str(user_cache_dir() / "data" / "decoded")
+        return self.cache
 
     @property
     def tile(self) -> tuple[int, int]:

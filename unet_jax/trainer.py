@@ -201,7 +201,7 @@ def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
     saved = Config.load(config_file)
     # Data that moved may be given where it is now; a validation folder may not be
     # added to a run that split its data, nor dropped from one that had it.
-    movable = {"epochs", "data_dir"} | ({"val_data_dir"} if None not in (
+    movable = {"epochs", "data_dir", "cache"} | ({"val_data_dir"} if None not in (
         saved.val_data_dir, config.val_data_dir) else set())
     changed = [name for name in saved.differences(config) if name not in movable]
     if not changed and saved.epochs != config.epochs and config.schedule in ("cosine", "poly"):
@@ -219,8 +219,8 @@ def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
             what = f"{flag(name)} {shown(new, name)} differs from the run's {shown(old, name)}"
         raise ConfigError(
             f"{what} in {config_file}; --resume continues a "
-            "run with its own settings (only --epochs, and --data-dir or --val-data-dir for "
-            "data that moved, may change): drop the flag, or start a new --workdir (with --init-from "
+            "run with its own settings (only --epochs, --cache, and --data-dir or "
+            "--val-data-dir for data that moved, may change): drop the flag, or start a new --workdir (with --init-from "
             f"{workdir} to go on from its weights with other settings)")
 
 
@@ -264,7 +264,7 @@ def build_data(config: Config, workdir: Path, resume: bool):
     processes = jax.process_count()
     pipeline_kw = dict(image_size=config.image_size, batch_size=config.batch_size // processes,
                        in_channels=config.in_channels, num_classes=config.num_classes,
-                       cache=config.cache,
+                       cache=config.data_cache,
                        shard=(jax.process_index(), processes), crop=config.crop,
                        scale=config.scale, max_value=config.max_value,
                        ignore_index=config.ignore_index)
