@@ -687,10 +687,9 @@ def test_downloads_that_are_no_layout_yet_say_what_to_make_of_them(tmp_path):
     (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
     (voc / "Annotations").mkdir()
     (voc / "Annotations" / "2007_000032.xml").write_text("<annotation/>")
-    assert error_of(voc).endswith("it holds JPEGImages/ and 2 folders that could hold its "
-                                  "masks (SegmentationClass/, SegmentationObject/): rename "
-                                  "JPEGImages/ to images/ and the one with the labels to "
-                                  "learn (not, say, a field-of-view mask) to masks/")
+    assert error_of(voc).endswith("it holds Pascal VOC's JPEGImages/ and SegmentationClass/: "
+                                  "rename JPEGImages/ to images/ and SegmentationClass/ to "
+                                  "masks/ (SegmentationObject/ numbers objects, not classes)")
     lgg = tmp_path / "lgg"
     write_image(lgg / "kaggle_3m" / "P1" / "P1_1.tif", (8, 8))
     write_mask(lgg / "kaggle_3m" / "P1" / "P1_1_mask.tif", box_mask((8, 8)))
