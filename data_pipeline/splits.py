@@ -12,6 +12,7 @@ usually say which group an image belongs to, and ``group_by`` reads it from them
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -222,6 +223,8 @@ def read_split(path, data_dir=None, otherwise: str = "start a new run",
     training images in ``data_dir``. Only the ``sides`` asked for are looked up (the
     other is an empty list): scoring the validation images needs no training folder.
     """
+    from data_pipeline.files import match_pairs
+
     try:
         record = json.loads(Path(path).read_text())
         images = {side: [Path(i).expanduser().absolute() for i in record[side]]
@@ -237,8 +240,12 @@ def read_split(path, data_dir=None, otherwise: str = "start a new run",
         recorded["validation"] = recorded["train"]
     given = {"train": data_dir, "validation": val_data_dir if own else data_dir}
     there = Counter(i.name for side in images.values() for i in side)
-    resolved = {side: [_finder(given[side], recorded[side], images[side], there)(i)
-                       for i in images[side]] if side in sides else [] for side in images}
+    # One listing per folder, whichever sides it serves (a dataset's folder serves both).
+    pairs_in = functools.cache(lambda root: match_pairs(root)[0])
+    resolved = {side: [] for side in images}
+    for side in sides:
+        find = _finder(given[side], recorded[side], images[side], there, pairs_in)
+        resolved[side] = [find(i) for i in images[side]]
     missing = [(side, i) for side in sides for i, pair in zip(images[side], resolved[side])
                if pair is None]
     if missing:
@@ -251,15 +258,14 @@ def read_split(path, data_dir=None, otherwise: str = "start a new run",
     return resolved["train"], resolved["validation"]
 
 
-def _finder(given, recorded: Path | None, images: list[Path], there: Counter):
+def _finder(given, recorded: Path | None, images: list[Path], there: Counter, pairs_in):
     """A function from a recorded image to its Pair (None where it is not found): in
     the folder ``given`` for data that moved, else in the ``recorded`` dataset (or,
-    in a file from before datasets were recorded, beside the images' folders)."""
-    from data_pipeline.files import match_pairs
-
+    in a file from before datasets were recorded, beside the images' folders).
+    ``pairs_in``: a folder's pairs (``files.match_pairs``)."""
     if given is not None:
         root = _root(given)
-        pairs = match_pairs(given)[0]
+        pairs = pairs_in(root)
         by_path = {_within(p.image, root): p for p in pairs}
         # A name found once on each side identifies its image in another nesting too
         # (images/images/ unzipped, train/ instead of the prepared zips); a name that
@@ -277,7 +283,7 @@ def _finder(given, recorded: Path | None, images: list[Path], there: Counter):
     roots = [recorded] if recorded is not None else sorted({i.parent.parent for i in images})
     for root in roots:
         try:
-            found.update((p.image, p) for p in match_pairs(root)[0])
+            found.update((p.image, p) for p in pairs_in(root))
         except DataError:  # the folder is gone: its images are reported below
             pass
     return found.get

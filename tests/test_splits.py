@@ -215,3 +215,22 @@ def test_read_split_of_a_foreign_file(tmp_path):
     (tmp_path / "split.json").write_text('{"train": []}')
     with pytest.raises(dp.DataError, match="not a split file"):
         dp.read_split(tmp_path / "split.json")
+
+
+def test_a_split_file_is_read_with_one_listing_of_its_dataset(tmp_path, monkeypatch):
+    """Each recorded image had listed (and paired) the whole dataset again to find
+    itself: a Carvana split, 5,088 listings of 5,088 files, at every resume."""
+    from data_pipeline import files
+
+    data = own_dir(tmp_path / "own", n=6)
+    train, val = dp.split_pairs(dp.find_pairs(data), method="random", val_fraction=0.5)
+    dp.write_split(tmp_path / "split.json", train, val, data)
+    calls = []
+    match_pairs = files.match_pairs
+    monkeypatch.setattr(files, "match_pairs", lambda *a, **k: (calls.append(a),
+                                                               match_pairs(*a, **k))[1])
+    assert dp.read_split(tmp_path / "split.json") == (train, val)
+    assert len(calls) == 1
+    calls.clear()
+    assert dp.read_split(tmp_path / "split.json", data) == (train, val)  # "moved" there
+    assert len(calls) == 1
