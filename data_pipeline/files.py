@@ -535,13 +535,19 @@ def _name_turned_images(pairs: list[Pair], turns: list[int]) -> None:
                                                    if more else ("it", "it", "its mask does")))
 
 
+def _spread(pairs: list[Pair], count: int) -> list[Pair]:
+    """At most ``count`` pairs spread evenly over ``pairs``: the masks the dataset-wide
+    checks read, enough for what most of a dataset's masks show."""
+    return pairs[::max(1, len(pairs) // count)][:count]
+
+
 def _name_class_masks(pairs: list[Pair], sample: int = 8,
                       ignore_index: int | None = None) -> None:
     """Warns where masks look like several classes to a run that reads them as one
     (milesial/Pytorch-UNet maps each value to a class; here that takes
     --num-classes): a few masks spread over the dataset are read, enough for a
     dataset whose masks hold classes, which most of its masks show."""
-    for pair in pairs[::max(1, len(pairs) // sample)][:sample]:
+    for pair in _spread(pairs, sample):
         try:
             found = several_values(pair.mask, ignore_index)
         except DataError:  # named where it is read
@@ -562,7 +568,7 @@ def _check_binary_ignore(pairs: list[Pair], ignore_index: int, sample: int = 8) 
     out), and warns where lossy masks cannot have it applied; from a few masks spread
     over the dataset, as ``_name_class_masks`` reads them."""
     kinds = []
-    for pair in pairs[::max(1, len(pairs) // sample)][:sample]:
+    for pair in _spread(pairs, sample):
         try:
             kinds.append((pair.mask, ignored_kind(pair.mask, ignore_index)))
         except DataError:  # named where it is read

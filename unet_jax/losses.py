@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from unet_jax.metrics import checked_masks
+from unet_jax.metrics import check_ignore_index, checked_masks
 
 LOSSES = ("bce", "dice", "bce_dice", "focal", "tversky")
 
@@ -86,6 +86,11 @@ class LossSpec:
         if self.ignore_index is not None and not 2 <= self.ignore_index <= 255:
             raise ValueError(f"ignore_index {self.ignore_index}: give a mask value in "
                              "2..255 that is no class id, e.g. 255, or None")
+
+
+def as_spec(loss: str | LossSpec) -> LossSpec:
+    """A loss given by name as the spec with the defaults."""
+    return LossSpec(loss) if isinstance(loss, str) else loss
 
 
 def ignored(masks, ignore_index: int | None):
@@ -218,7 +223,7 @@ def labelled_images(loss: str | LossSpec, masks):
     """(N,) float: 1 for each image with a pixel that is not ignored, 0 for one whose
     every pixel is (its loss is 0 and its scores mean nothing: it must not count in a
     mean over images); None where the loss ignores nothing."""
-    ignore = None if isinstance(loss, str) else loss.ignore_index
+    ignore = as_spec(loss).ignore_index
     if ignore is None:
         return None
     return jnp.any(masks != ignore, axis=tuple(range(1, masks.ndim))).astype(jnp.float32)
@@ -234,10 +239,8 @@ def batch_mean(per_image, labelled=None):
 def per_image_loss(loss: str | LossSpec, logits, masks):
     """The loss ``loss`` (one of LOSSES, or a LossSpec) for each image, shape (N,);
     a spec's ``ignore_index`` pixels take no part."""
-    spec = LossSpec(loss) if isinstance(loss, str) else loss
-    if spec.ignore_index is not None and spec.ignore_index < logits.shape[-1]:
-        raise ValueError(f"ignore_index {spec.ignore_index} is a class id of a "
-                         f"{logits.shape[-1]}-class model; give a value that is none, e.g. 255")
+    spec = as_spec(loss)
+    check_ignore_index(spec.ignore_index, logits.shape[-1])
     masks, weight = ignored(checked_masks(logits, masks), spec.ignore_index)
     if spec.name == "bce":
         return cross_entropy(logits, masks, weight)

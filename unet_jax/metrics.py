@@ -61,6 +61,14 @@ def true_classes(masks):
     return jnp.round(masks[..., 0]).astype(jnp.int32)
 
 
+def check_ignore_index(ignore_index: int | None, num_classes: int) -> None:
+    """Raises ValueError where ``ignore_index`` is a class id of a ``num_classes``
+    model (0 and 1 for a binary one): its pixels would be left out of a class."""
+    if ignore_index is not None and 0 <= ignore_index < max(num_classes, 2):
+        raise ValueError(f"ignore_index {ignore_index} is a class id of a {num_classes}-"
+                         "class model; give a value that is none, e.g. 255")
+
+
 def segmentation_scores(pred, true, num_classes: int,
                         ignore_index: int | None = None) -> dict:
     """Per-image scores of class-id maps ``pred`` and ``true``, each (N, H, W).
@@ -76,9 +84,7 @@ def segmentation_scores(pred, true, num_classes: int,
     if pred.ndim != 3 or pred.shape != true.shape:
         raise ValueError(f"class maps of shapes {pred.shape} and {true.shape}: give two "
                          "(N, H, W) maps of one shape (a single image as image[None])")
-    if ignore_index is not None and 0 <= ignore_index < max(num_classes, 2):
-        raise ValueError(f"ignore_index {ignore_index} is a class id of a {num_classes}-"
-                         "class model; give a value that is none, e.g. 255")
+    check_ignore_index(ignore_index, num_classes)
     classes = jnp.arange(1, max(num_classes, 2))
     p = pred[..., None] == classes  # (N, H, W, K)
     t = true[..., None] == classes

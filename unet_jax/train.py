@@ -111,8 +111,8 @@ def create_train_state(rng, config: Config, model: UNet | None = None,
 
 
 def _batch_metrics(logits, batch, per_image_loss, loss):
-    ignore = None if isinstance(loss, str) else loss.ignore_index
-    scores = metrics.segmentation_metrics(logits, batch["mask"], ignore)
+    scores = metrics.segmentation_metrics(logits, batch["mask"],
+                                          losses.as_spec(loss).ignore_index)
     return {"loss": per_image_loss, **scores}
 
 

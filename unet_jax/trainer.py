@@ -220,8 +220,9 @@ def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
         raise ConfigError(
             f"{what} in {config_file}; --resume continues a "
             "run with its own settings (only --epochs, --cache, and --data-dir or "
-            "--val-data-dir for data that moved, may change): drop the flag, or start a new --workdir (with --init-from "
-            f"{workdir} to go on from its weights with other settings)")
+            "--val-data-dir for data that moved, may change): drop the flag, or start a "
+            f"new --workdir (with --init-from {workdir} to go on from its weights with "
+            "other settings)")
 
 
 def build_data(config: Config, workdir: Path, resume: bool):
