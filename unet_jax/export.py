@@ -245,16 +245,52 @@ def _segment_prod(ctx, node, name, args):
     node.set_attr("keepdims", 0)
 
 
+def onnx_optimizers() -> dict:
+    """tf2onnx's graph optimizers, in its order, with its reshape optimizer kept off
+    the graph's outputs.
+
+    That optimizer rewrites a Reshape whose shape is computed at run time into one of
+    constant shape, and where the dimensions line up only one place further on, it
+    reshapes to one more leading axis and puts a Squeeze after it. tf2onnx inserts
+    that Squeeze for the Reshape's consumers alone, so on a Reshape that is the
+    graph's output the Squeeze is left dangling and the model returns the extra
+    axis: (1, N, H, W, 1) for (N, H, W, 1). The one-class head's NCHW -> NHWC
+    transpose becomes exactly such a Reshape, and whether it is still followed by an
+    Identity when the optimizer reaches it depends on the order tf2onnx's sets hand
+    out nodes, which changes from process to process: about one ONNX export in ten
+    failed its parity check. The output's own Reshape costs nothing to compute.
+    """
+    from tf2onnx import optimizer
+    from tf2onnx.optimizer.reshape_optimizer import ReshapeOptimizer
+
+    class OutputsKept(ReshapeOptimizer):
+        def _optimize_reshape(self, node, graph):
+            return (not set(node.output) & set(graph.outputs)
+                    and super()._optimize_reshape(node, graph))
+
+    return {name: OutputsKept if factory is ReshapeOptimizer else factory
+            for name, factory in optimizer._get_optimizers().items()}
+
+
 def _to_onnx(tflite: bytes, path: Path) -> None:
     onnx = require("onnx", "onnx")
-    tf2onnx = require("tf2onnx", "onnx")
+    require("tf2onnx", "onnx")
+    from tf2onnx import optimizer, tfonnx
+
+    tf = tensorflow()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tf.lite.Interpreter's notice of ai_edge_litert
         source = Path(tmp) / "model.tflite"
         source.write_bytes(tflite)
-        model, _ = tf2onnx.convert.from_tflite(
-            str(source), opset=ONNX_OPSET,
-            custom_op_handlers={"UnsortedSegmentProd": (_segment_prod, [])})
+        # tf2onnx.convert.from_tflite's own steps, with onnx_optimizers() in place of
+        # the stock set (from_tflite takes no optimizers).
+        with tf.device("/cpu:0"), tf.Graph().as_default() as unused:
+            graph = tfonnx.process_tf_graph(
+                unused, continue_on_error=True, opset=ONNX_OPSET, tflite_path=str(source),
+                custom_op_handlers={"UnsortedSegmentProd": (_segment_prod, [])})
+            graph = optimizer.optimize_graph(graph, catch_errors=True,
+                                             optimizers=onnx_optimizers())
+            model = graph.make_model("converted from model")
     unknown = [n.op_type for n in model.graph.node
                if n.domain not in ("", "ai.onnx") or not onnx.defs.has(n.op_type)]
     if unknown:
@@ -354,20 +390,14 @@ def _runner(path: Path, fmt: str):
 
 
 def onnx_session(path, threads: int | None = None):
-    """An onnxruntime CPU session of an exported model, as every part of unet-jax runs it.
-
-    onnxruntime's NCHWc layout transformer (on by default) is turned off: it is the one
-    step of the ONNX path whose result depends on the CPU (it blocks channels by the
-    vector width, 8 floats with AVX2 and 16 with AVX-512), and on one x86 machine it
-    gave the separable U-Net's output an extra axis, (1, 1, H, W, 1) for (1, H, W, 1),
-    while AVX2 machines gave the right logits. Exports are checked with this session.
-    """
+    """An onnxruntime CPU session of an exported model, as every part of unet-jax
+    runs it (onnxruntime's default graph optimisations, its NCHWc convolution layout
+    included; ``threads``: its intra-op threads, else its own choice)."""
     ort = require("onnxruntime", "onnx")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=["NchwcTransformer"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _tflite_runner(path: Path):
