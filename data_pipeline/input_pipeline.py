@@ -75,24 +75,24 @@ def label_range(mask: np.ndarray, ignore_index: int | None = None) -> tuple[floa
 def check_caches(pipelines) -> None:
     """Checks, before any epoch, that the decoded examples of ``pipelines`` (a run's
     training and validation sides) fit where ``--cache`` keeps them: in memory, within
-    the machine's memory; in files, in a writable folder with the space for them. A run
-    that would fail in its first epoch, or be killed as its cache filled memory (numpy
-    maps the cache's pages lazily, so the allocation itself succeeds), stops at once."""
+    the memory this process may use (a container's limit, where it has one); in files,
+    in a writable folder with the space for them. A run that would fail in its first
+    epoch, or be killed as its cache filled memory (numpy maps the cache's pages
+    lazily, so the allocation itself succeeds), stops at once."""
     pipelines = [p for p in pipelines if p.cache is not None]
     need = {}
     for p in pipelines:
         need[p.cache] = need.get(p.cache, 0) + p.cache_bytes()
     for cache, total in need.items():
         if cache == "memory":
-            try:
-                memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            except (ValueError, OSError, AttributeError):  # no sysconf: not checked
-                continue
-            if total > 0.8 * memory:
+            from unet_jax.platform import memory_limit
+
+            memory = memory_limit()
+            if memory and total > 0.8 * memory:
                 raise DataError(f"--cache memory would keep {_gb(total)} of decoded images "
-                                f"in this machine's {_gb(memory)} of memory; pass --cache "
-                                "disk (memory-mapped files, read back as needed), or a "
-                                "smaller --image-size (--scale with --crop)")
+                                f"in the {_gb(memory)} of memory this process may use; "
+                                "pass --cache disk (memory-mapped files, read back as "
+                                "needed), or a smaller --image-size (--scale with --crop)")
             continue
         folder = Path(cache).parent
         try:

@@ -226,3 +226,33 @@ def test_a_validation_percentage_is_named_as_a_fraction():
     with pytest.raises(ConfigError, match=r"^--val-fraction 0\.0: give a fraction in \(0, 1\) "
                        r"\(validation picks the checkpoint .* --val-data-dir\)$"):
         Config(val_fraction=0)
+
+
+def test_memory_is_the_containers_limit_where_it_is_lower(tmp_path, monkeypatch):
+    """A container sees the machine's memory in sysconf and is killed at its cgroup's
+    limit: caches and whole-image passes are sized by the lower of the two, its own
+    group's or any group's above it, cgroup v2 or v1."""
+    from unet_jax.platform import memory_limit
+
+    page = 4096
+    monkeypatch.setattr(os, "sysconf", lambda name: page if name == "SC_PAGE_SIZE"
+                        else (64 << 30) // page)  # a 64 GiB machine
+    root, own = tmp_path / "cgroup", tmp_path / "self_cgroup"
+    (root / "jobs" / "job7").mkdir(parents=True)
+    own.write_text("0::/jobs/job7\n")
+    assert memory_limit(root, own) == 64 << 30  # no limit files: the machine's
+    (root / "jobs" / "job7" / "memory.max").write_text("max\n")
+    assert memory_limit(root, own) == 64 << 30
+    (root / "jobs" / "memory.max").write_text(f"{8 << 30}\n")  # the parent's limit holds
+    assert memory_limit(root, own) == 8 << 30
+    (root / "jobs" / "job7" / "memory.max").write_text(f"{2 << 30}\n")
+    assert memory_limit(root, own) == 2 << 30
+    # cgroup v1, its memory controller beside others, and the group mounted at the
+    # container's root while the path names the host's group.
+    (root / "memory").mkdir()
+    (root / "memory" / "memory.limit_in_bytes").write_text(f"{3 << 30}\n")
+    own.write_text("12:cpu,cpuacct:/docker/abc\n11:memory:/docker/abc\n")
+    assert memory_limit(root, own) == 3 << 30
+    (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert memory_limit(root, own) == 64 << 30  # v1's "no limit"
+    assert memory_limit(root, tmp_path / "absent") == 64 << 30

@@ -178,7 +178,7 @@ def test_a_cache_that_cannot_fit_is_named_before_any_epoch(own_copy, tmp_path,
     monkeypatch.setattr(os, "sysconf", lambda name: page if name == "SC_PAGE_SIZE"
                         else need // page)  # the two sides need all of it
     with pytest.raises(dp.DataError, match=r"^--cache memory would keep 0\.0 MB of decoded "
-                       r"images in this machine's 0\.0 MB of memory; pass --cache disk"):
+                       r"images in the 0\.0 MB of memory this process may use; pass --cache disk"):
         dp.check_caches(sides)
     monkeypatch.undo()
     (tmp_path / "file").write_text("")

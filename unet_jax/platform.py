@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,44 @@ def _backend_started() -> bool:
         return bool(xla_bridge.backends_are_initialized())
     except (ImportError, AttributeError):
         return False
+
+
+def memory_limit(cgroup_root="/sys/fs/cgroup", cgroup_file="/proc/self/cgroup") -> int | None:
+    """Bytes of memory this process may use: the machine's, or its container's limit
+    where that is lower (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``, of
+    its own group and every group above it, as Docker, Kubernetes, Colab and Kaggle
+    set them); None where neither can be read. A container sees the whole machine's
+    memory in ``sysconf``, and is killed at its own limit."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        pass
+    try:
+        groups = Path(cgroup_file).read_text().splitlines()
+    except OSError:
+        groups = []
+    for line in groups:
+        _, controllers, group = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # the unified (v2) hierarchy
+            base, name = Path(cgroup_root), "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = Path(cgroup_root) / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        # Inside a container the group's path is often the host's, and its own
+        # group is mounted at the root: both are read.
+        folder = base / group.strip("/")
+        for level in [folder, *folder.parents, base]:
+            if not level.is_relative_to(base):
+                break
+            try:
+                text = (level / name).read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit():  # v2 writes "max" for no limit
+                limits.append(int(text))
+    return min(limits) if limits else None
 
 
 def add_cpu_xla_flags() -> None:

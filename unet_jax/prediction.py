@@ -28,12 +28,11 @@ import dataclasses
 import functools
 import math
 import numbers
-import os
 
 import jax
 import jax.numpy as jnp
 
-from unet_jax import tiling
+from unet_jax import platform, tiling
 
 HOWS = ("resize", "whole", "tile")
 
@@ -51,8 +50,9 @@ def pass_bytes(size: tuple[int, int], base_features: int) -> int:
 
 
 def default_memory_budget() -> int:
-    """Bytes a whole-image pass may take: half of the accelerator's memory, or a
-    quarter of the machine's on a CPU (where the host holds the images as well)."""
+    """Bytes a whole-image pass may take: half of the accelerator's memory, or on a
+    CPU, where the host holds the images as well, a quarter of the memory this
+    process may use (``platform.memory_limit``: a container's limit, where lower)."""
     # This process's own device: another process's cannot report its memory.
     try:
         stats = jax.local_devices()[0].memory_stats()
@@ -60,10 +60,8 @@ def default_memory_budget() -> int:
         stats = None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"]) // 2
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (ValueError, OSError, AttributeError):  # not a POSIX system
-        return 4 << 30
+    memory = platform.memory_limit()
+    return memory // 4 if memory else 4 << 30
 
 
 def check_threshold(threshold, num_classes: int, flag: str = "--threshold") -> None:
