@@ -115,6 +115,9 @@ def parse_args(argv=None):
                    help="also run the model with stock Flax ops and with each CPU kernel "
                    "alone (unet_jax/cpu_kernels.py), to see what each one buys")
     p.add_argument("--data-dir", help="pipeline mode: dataset to read (default: the sample set)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="pipeline mode: leave out unreadable or unmatched pairs of --data-dir "
+                   "(listed in a warning), as training does")
     p.add_argument("--kaggle-size-sample", type=int, metavar="N",
                    help="pipeline mode: read N synthetic 1918x1280 JPEG/GIF pairs in "
                    "Kaggle's layout (what a real Carvana run decodes), written to a "
@@ -181,9 +184,12 @@ def parse_args(argv=None):
     if args.remat != "none" and args.mode != "train" and not args.suite:
         raise common.UserError(f"--remat {args.remat} trades memory in training: use it "
                                "with --mode train")
-    if args.kaggle_size_sample is not None and args.mode != "pipeline" and not args.suite:
-        raise common.UserError("--kaggle-size-sample feeds the input pipeline: use it with "
-                               "--mode pipeline")
+    for flag, given in (("--kaggle-size-sample", args.kaggle_size_sample is not None),
+                        ("--data-dir", args.data_dir is not None),
+                        ("--skip-bad", args.skip_bad)):
+        if given and args.mode != "pipeline" and not args.suite:
+            raise common.UserError(f"{flag} feeds the input pipeline: use it with "
+                                   "--mode pipeline")
     if args.compare_kernels and args.mode == "pipeline":
         raise common.UserError("--compare-kernels times the model: use it with --mode "
                                "train, infer, tile or whole")
@@ -486,7 +492,7 @@ def run_pipeline(args) -> dict:
             data_dir = kaggle_size_sample(args.kaggle_size_sample, tmp)
         else:
             data_dir = Path(args.data_dir) if args.data_dir else data_pipeline.sample_dataset_dir()
-        pairs = data_pipeline.find_pairs(data_dir)
+        pairs = data_pipeline.find_pairs(data_dir, skip_bad=args.skip_bad)
         jpeg_kb = statistics.mean(p.image.stat().st_size for p in pairs) / 1e3
         batches = len(pairs) // args.batch_size - args.warmup
         if batches < 1:
@@ -557,6 +563,8 @@ def child_argv(args, which: str) -> list[str]:
         argv += ["--kaggle-size-sample", str(args.kaggle_size_sample)]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
+    if args.skip_bad:
+        argv += ["--skip-bad"]
     if args.crop:
         argv += ["--crop", *map(str, args.crop)]
     return argv

@@ -149,6 +149,19 @@ def test_pipeline_mode_measures_the_input_pipeline(tmp_path):
     crops = bench("--mode", "pipeline", "--data-dir", str(data), "--crop", "16", "32",
                   "--scale", "0.5", "--batch-size", "4")
     assert crops["crop"] == [16, 32] and crops["scale"] == 0.5 and crops["img_per_s"] > 0
+    # A broken file is named with a fix the benchmark has: --skip-bad (it had named
+    # training's flag, which the benchmark lacked).
+    bad = sorted((data / "train").iterdir())[0]
+    bad.write_bytes(b"not an image")
+    result = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--mode",
+                             "pipeline", "--data-dir", str(data), "--image-size", "32", "48",
+                             "--batch-size", "4", "--json"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and bad.name in result.stderr
+    assert "--skip-bad" in result.stderr and "Traceback" not in result.stderr
+    skipped = bench("--mode", "pipeline", "--data-dir", str(data), "--image-size", "32",
+                    "48", "--batch-size", "4", "--skip-bad")
+    assert skipped["images"] == 31
 
 
 def test_kaggle_size_sample_writes_carvana_sized_pairs(tmp_path):
@@ -172,6 +185,8 @@ def test_kaggle_size_sample_writes_carvana_sized_pairs(tmp_path):
     (["--compare-kernels", "--mode", "pipeline"], "--compare-kernels times the model"),
     (["--mode", "infer", "--remat", "full"], "--remat full trades memory in training"),
     (["--mode", "train", "--kaggle-size-sample", "4"], "use it with --mode pipeline"),
+    (["--mode", "infer", "--data-dir", "."], "--data-dir feeds the input pipeline"),
+    (["--mode", "train", "--skip-bad"], "--skip-bad feeds the input pipeline"),
     (["--quick"], "--quick belongs to the GPU check: add --suite gpu"),
     (["--budget", "0"], "--budget belongs to the GPU check: add --suite gpu"),
     (["--suite", "gpu", "--quick", "--platform", "cpu", "--budget", "-5"], "--budget -5: give"),
