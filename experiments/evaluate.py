@@ -163,7 +163,11 @@ def main(argv=None):
             print(f"  threshold {row['threshold']:g}: Dice {row['dice']:.4f}, IoU "
                   f"{row['iou']:.4f}")
         best = max(result["thresholds"], key=lambda row: row["dice"])
-        print(f"  best of these by Dice: --threshold {best['threshold']:g}")
+        if len({row["dice"] for row in result["thresholds"]}) > 1:
+            print(f"  best of these by Dice: --threshold {best['threshold']:g}")
+        else:  # a tie names no threshold: the model's probabilities do not reach them
+            print("  every threshold scores the same Dice: the sweep does not tell them "
+                  "apart")
     if args.compare:
         result["compare"] = []
         for mode in ways_to_compare(predictor.config, bool(args.tile), args.overlap,

@@ -634,8 +634,22 @@ def test_evaluate_writes_dice_iou_accuracy(trained_run, data_dir, tmp_path, caps
     swept = json.loads(out.read_text())["thresholds"]
     assert [row["threshold"] for row in swept] == [0.5, 0.8]
     assert [row["dice"] for row in swept] == [result["dice"], high["dice"]]
-    best = max(swept, key=lambda row: row["dice"])["threshold"]
-    assert f"best of these by Dice: --threshold {best:g}" in capsys.readouterr().out
+    capsys.readouterr()
+    # The best threshold is named; thresholds that tie (a model whose probabilities
+    # reach none of them: this tiny run's Dice is 0 at both) name none.
+    from unet_jax import evaluation
+
+    scored = evaluation.score
+    for dice, expected in [((0.1, 0.2), "best of these by Dice: --threshold 0.8"),
+                           ((0.0, 0.0), "every threshold scores the same Dice")]:
+        monkeypatch.setattr(evaluation, "score", lambda *a, d=dice: {
+            **(r := scored(*a)), "thresholds": [{**row, "dice": x} for row, x in zip(
+                r.get("thresholds", []), d)]})
+        assert call(evaluate.main, ["--checkpoint", str(trained_run), "--thresholds",
+                                    "0.5", "0.8", "--output", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert expected in printed and printed.count("by Dice") == (dice[0] != dice[1])
+    monkeypatch.undo()
     assert call(evaluate.main, ["--checkpoint", str(trained_run), "--thresholds", "0.5",
                                 "2", "--output", str(out)]) == 2
     assert "--thresholds 2: give a probability in (0, 1)" in capsys.readouterr().err
