@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from unet_jax import config as config_lib, configs
-from unet_jax.config import Config, ConfigError
+from unet_jax.config import Config, ConfigError, flag
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -256,3 +256,14 @@ def test_memory_is_the_containers_limit_where_it_is_lower(tmp_path, monkeypatch)
     (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
     assert memory_limit(root, own) == 64 << 30  # v1's "no limit"
     assert memory_limit(root, tmp_path / "absent") == 64 << 30
+
+
+@pytest.mark.parametrize("name", ["skip_connections", "attention", "learning_rate",
+                                  "group_by", "val_fraction", "image_size", "seed"])
+def test_a_null_setting_is_named_unless_the_setting_can_be_unset(name):
+    """A null read from a JSON or YAML file: skip_connections=None had built a U-Net
+    without skips, the numbers failed with TypeErrors naming no setting."""
+    with pytest.raises(ConfigError, match=rf"^{flag(name)} None: give .* \(the default is "):
+        Config(**{name: None})
+    for unset in ("init_from", "crop", "ignore_index", "val_data_dir", "data_dir"):
+        assert getattr(Config(**{unset: None}), unset) is None

@@ -348,8 +348,20 @@ class Config:
         naming the flag, not a TypeError deep inside a check."""
         for field in dataclasses.fields(self):
             value, kind = getattr(self, field.name), _base_type(field.type)
-            if value is None or "tuple" in str(field.type) or (kind is str and
-                                                                isinstance(value, (bool, list, tuple))):
+            what = {bool: "true or false", int: "a whole number", float: "a number",
+                    str: "a value"}[kind]
+            if value is None:
+                # A null in a JSON or YAML file: None where a setting has no "unset"
+                # had built a U-Net without skip connections, or failed in a check.
+                if "Optional" in str(field.type):
+                    continue
+                shown_as = "a size (H W)" if "tuple" in str(field.type) else what
+                default = (repr(field.default) if kind is str
+                           else shown(field.default, field.name))
+                raise ConfigError(f"{flag(field.name)} None: give {shown_as} (the default "
+                                  f"is {default})")
+            if "tuple" in str(field.type) or (kind is str and
+                                              isinstance(value, (bool, list, tuple))):
                 continue  # sizes are checked below; augment=True or a list of names
             if kind is bool:
                 if not isinstance(value, bool):
@@ -358,7 +370,6 @@ class Config:
             try:
                 setattr(self, field.name, _as_type(value, kind))
             except (TypeError, ValueError, OverflowError):
-                what = {int: "a whole number", float: "a number"}.get(kind, "a value")
                 raise ConfigError(f"{flag(field.name)} {value!r}: give {what}") from None
 
     @property
