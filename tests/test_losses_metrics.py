@@ -398,3 +398,37 @@ def test_images_with_background_alone_score_one_and_count_every_image():
     averaged = means(summed(scores))
     assert averaged["pixel_accuracy"] == pytest.approx(1 - 1 / 16 / 4)
     assert averaged["dice"] == 0.0
+
+
+def test_values_that_are_no_class_id_are_named_not_scored():
+    """A 0/255 mask or probabilities matched no class, so every image scored as empty:
+    Dice 1 for disjoint masks, 0 for equal ones, without a word."""
+    left = np.zeros((1, 8, 8), np.uint8)
+    left[:, :, :4] = 255
+    right = 255 - left
+    for pred, true, named in [(left, right, "pred holds 255"),
+                              (left > 0, left, "true holds 255"),
+                              (np.where(left > 0, 0.9, 0.1), left > 0, "pred holds 0.9")]:
+        with pytest.raises(ValueError, match=rf"^{named}, which is no class id of a "
+                           r"1-class model \(0 to 1\): give class ids, e\.g\. mask > 0"):
+            segmentation_scores(pred, true, 1)
+    with pytest.raises(ValueError, match="true holds 255"):  # via the logits' metrics
+        segmentation_metrics(jnp.ones((1, 8, 8, 1)), jnp.asarray(left[..., None], jnp.float32))
+    # The class ids themselves, and the ignored value where one is given, are scored.
+    assert segmentation_scores(left > 0, right > 0, 1)["dice"][0] == 0.0
+    assert segmentation_scores(left > 0, left.astype(np.float32) / 255, 1)["dice"][0] == 1.0
+    assert segmentation_scores(left > 0, np.where(left > 0, 1, 255), 1,
+                               ignore_index=255)["dice"][0] == 1.0
+    with pytest.raises(ValueError, match="pred holds 3, .* 3-class model"):
+        segmentation_scores(np.full((1, 2, 2), 3), np.zeros((1, 2, 2), int), 3)
+
+
+def test_a_single_image_or_swapped_arguments_are_named():
+    """An (H, W, C) image had given one loss per row of pixels; the loss given last
+    failed with an AttributeError about ndarray."""
+    logits = np.random.default_rng(0).normal(size=(8, 8, 1)).astype(np.float32)
+    masks = (logits > 0).astype(np.float32)
+    with pytest.raises(ValueError, match=r"image\[None\]"):
+        per_image_loss("bce", logits, masks)
+    with pytest.raises(TypeError, match=r"per_image_loss\(loss, logits, masks\)"):
+        per_image_loss(logits[None], masks[None], "bce")

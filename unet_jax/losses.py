@@ -90,7 +90,12 @@ class LossSpec:
 
 def as_spec(loss: str | LossSpec) -> LossSpec:
     """A loss given by name as the spec with the defaults."""
-    return LossSpec(loss) if isinstance(loss, str) else loss
+    if isinstance(loss, str):
+        return LossSpec(loss)
+    if not isinstance(loss, LossSpec):  # per_image_loss(logits, masks, "bce"), say
+        raise TypeError(f"a loss is one of {', '.join(LOSSES)} or a LossSpec, not "
+                        f"{type(loss).__name__}: per_image_loss(loss, logits, masks)")
+    return loss
 
 
 def ignored(masks, ignore_index: int | None):

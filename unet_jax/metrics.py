@@ -31,6 +31,7 @@ accuracy, whatever the model predicts there, as VOC's and Cityscapes' own scorin
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,6 +49,9 @@ def checked_masks(logits, masks):
     The slips of a hand-made batch (no channel axis, another size) are named in one
     line, not left to a broadcasting error deep inside JAX; checked as the step is
     traced, so they cost nothing per step."""
+    if len(logits.shape) != 4:
+        raise ValueError(f"logits have shape {tuple(logits.shape)}; give a batch (N, H, W, "
+                         "C) (a single image as image[None])")
     want = (*logits.shape[:-1], 1)
     if tuple(masks.shape) != want:
         raise ValueError(f"masks have shape {tuple(masks.shape)}; logits of shape "
@@ -69,6 +73,27 @@ def check_ignore_index(ignore_index: int | None, num_classes: int) -> None:
                          "class model; give a value that is none, e.g. 255")
 
 
+def _check_ids(name: str, ids, num_classes: int, ignore_index: int | None) -> None:
+    """ValueError where a concrete class map holds values that are no class id (nor
+    ``ignore_index``): a 0/255 mask or probabilities match no class, so every image
+    scored as empty (Dice 1 for disjoint masks, 0 for equal ones). Traced maps (the
+    train and eval steps, whose masks the pipeline made) are not checked."""
+    if isinstance(ids, jax.core.Tracer):
+        return
+    ids = np.asarray(ids)
+    k = max(num_classes, 2)
+    bad = (ids < 0) | (ids >= k)
+    if ignore_index is not None:
+        bad &= ids != ignore_index
+    if np.issubdtype(ids.dtype, np.floating):
+        bad |= ids != np.round(ids)
+    if bad.any():
+        raise ValueError(
+            f"{name} holds {ids[bad].flat[0]:g}, which is no class id of a {num_classes}-class "
+            f"model (0 to {k - 1}{'' if ignore_index is None else f', or {ignore_index}'}): "
+            "give class ids, e.g. mask > 0 for a 0/255 mask, probabilities > 0.5")
+
+
 def segmentation_scores(pred, true, num_classes: int,
                         ignore_index: int | None = None) -> dict:
     """Per-image scores of class-id maps ``pred`` and ``true``, each (N, H, W).
@@ -85,6 +110,8 @@ def segmentation_scores(pred, true, num_classes: int,
         raise ValueError(f"class maps of shapes {pred.shape} and {true.shape}: give two "
                          "(N, H, W) maps of one shape (a single image as image[None])")
     check_ignore_index(ignore_index, num_classes)
+    _check_ids("pred", pred, num_classes, None)
+    _check_ids("true", true, num_classes, ignore_index)
     classes = jnp.arange(1, max(num_classes, 2))
     p = pred[..., None] == classes  # (N, H, W, K)
     t = true[..., None] == classes
