@@ -6,6 +6,7 @@ The states are random values in the shapes of ``create_train_state`` (its
 2-core CPU, and the values only have to tell one checkpoint from another.
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -586,8 +587,25 @@ def test_save_params_writes_a_run_that_restores(tmp_path, saved):
     (tmp_path / "empty").mkdir()
     checkpoints.save_params(tmp_path / "empty", params, CONFIG)
     assert checkpoints.restore_params(tmp_path / "empty")[2] == 0
-    with pytest.raises(rundir.RunDirError, match="already holds a run; choose another"):
+    with pytest.raises(rundir.RunDirError, match="already holds a run; choose another run "
+                       "directory$"):
         checkpoints.save_params(out, params, CONFIG)
+
+
+def test_save_params_refuses_what_predict_could_not_load(tmp_path, saved):
+    """A whole train state, parameters of another U-Net, or a config with --ema had
+    been written, and predict then called the new run damaged or "trained with
+    --depth 0"."""
+    state = saved[1][1]
+    for params, config, message in [
+            (state, CONFIG, r"holds a train state .* \(state\.params\)$"),
+            ({"params": state.params}, CONFIG, r"holds a train state"),
+            (state.params, dataclasses.replace(CONFIG, depth=3),
+             r"they are a U-Net's with --depth 2, the config says --depth 3\); pass"),
+            (state.params, dataclasses.replace(CONFIG, ema=0.99), r"^--ema 0\.99: .* ema=0")]:
+        with pytest.raises(CheckpointError, match=message):
+            checkpoints.save_params(tmp_path / "run", params, config)
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_of_weights_alone_says_so_not_damaged(tmp_path, saved):

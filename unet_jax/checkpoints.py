@@ -337,18 +337,30 @@ def _misfit(params_dir: Path, target, config: Config | None) -> str | None:
     except Exception:  # noqa: BLE001 (no or unreadable metadata: let the restore decide)
         return None
     wanted = _shapes(target.item if hasattr(target, "item") else target)
+    unlike = _unlike(saved, wanted, config)
+    if unlike is None:
+        return None
+    kind, theirs, ours = unlike
+    if kind == "settings":
+        return f"it was trained with {theirs}; config.json says {ours}"
+    return f"parameter {theirs} in it, {ours} for the run's settings"
+
+
+def _unlike(saved: dict, wanted: dict, config: Config | None):
+    """None where parameter shapes ``saved`` are ``wanted`` (``_shapes``); else
+    ("settings", theirs, the config's): the model settings that differ, where the
+    saved shapes reveal them; or ("parameter", "<name> is <shape>", wanted shape)."""
     if saved == wanted:
         return None
     inferred = _settings_of(saved) if config is not None else {}
     differ = [name for name, value in inferred.items() if getattr(config, name) != value]
     if differ:
-        trained = " and ".join(f"{flag(n)} {shown(inferred[n])}" for n in differ)
-        now = " and ".join(f"{flag(n)} {shown(getattr(config, n))}" for n in differ)
-        return f"it was trained with {trained}; config.json says {now}"
+        return ("settings", " and ".join(f"{flag(n)} {shown(inferred[n])}" for n in differ),
+                " and ".join(f"{flag(n)} {shown(getattr(config, n))}" for n in differ))
     name = sorted(set(saved) ^ set(wanted) or
                   [k for k in saved if saved[k] != wanted[k]])[0]
-    return (f"parameter {name} is {saved.get(name, 'absent')} in it, "
-            f"{wanted.get(name, 'absent')} for the run's settings")
+    return ("parameter", f"{name} is {saved.get(name, 'absent')}",
+            str(wanted.get(name, "absent")))
 
 
 def _shapes(tree) -> dict:
@@ -667,12 +679,30 @@ def save_params(run_dir, params, config: Config, metrics: dict | None = None,
     predict and evaluate accept it like any training run's directory. Everything is
     written into a hidden sibling directory first and moved into place when complete,
     so a failure (or a kill) never leaves a half run directory; one that already holds
-    a run raises RunDirError.
+    a run raises RunDirError. ``params`` must be the U-Net's parameters for ``config``
+    (``state.params``, not the whole TrainState), and ``config`` a run without
+    ``ema`` (the weights saved are the ones predict reads): anything else is a
+    CheckpointError here, rather than a run that predict cannot load.
     """
+    if config.ema:
+        raise CheckpointError(f"--ema {config.ema:g}: save_params writes one set of "
+                              "weights, read as the raw ones; pass a config with ema=0 "
+                              "(dataclasses.replace(config, ema=0.0))")
+    if hasattr(params, "params") or (isinstance(params, dict) and set(params) == {"params"}):
+        raise CheckpointError("params holds a train state or {'params': ...}; pass the "
+                              "parameters alone (state.params)")
+    wanted = jax.eval_shape(lambda: init_params(jax.random.key(0), config))
+    unlike = _unlike(_shapes(params), _shapes(wanted), config)
+    if unlike is not None:
+        kind, theirs, ours = unlike
+        why = (f"they are a U-Net's with {theirs}, the config says {ours}" if kind ==
+               "settings" else f"{theirs} in them, {ours} for the config")
+        raise CheckpointError(f"params do not fit the config's U-Net ({why}); pass the "
+                              "config that built them")
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is a file; choose a directory for the run")
-    rundir.check_start(run_dir, resume=False, what="the run directory", resumable=False)
+    rundir.check_start(run_dir, resume=False, what="run directory", resumable=False)
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.",
