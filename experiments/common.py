@@ -379,6 +379,9 @@ def run(main, argv=None, prog: str = "") -> None:
         if getattr(stream, "errors", None) == "strict":
             with contextlib.suppress(AttributeError, ValueError):
                 stream.reconfigure(errors="backslashreplace")
+    # The commands' warnings (skipped files, checks) as "WARNING:<module>:<message>";
+    # the library itself leaves the process's logging alone.
+    logging.basicConfig(format=logging.BASIC_FORMAT)
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     previous_hook = sys.unraisablehook
     if in_main_thread:

@@ -158,6 +158,17 @@ def test_import_changes_nothing_in_the_environment():
     assert _python(code) == "True"
 
 
+def test_import_leaves_logging_to_the_user():
+    """orbax logs through absl as it is imported, and absl gave the root logger a
+    handler: a user's own basicConfig afterwards was ignored."""
+    code = ("import logging, unet_jax, data_pipeline, experiments.train; "
+            "print(len(logging.root.handlers)); "
+            "logging.basicConfig(format='MINE %(message)s'); logging.warning('hi')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.stdout.strip() == "0" and result.stderr.strip().endswith("MINE hi")
+
+
 def test_setup_platform_adds_cpu_flags_on_the_cpu_and_keeps_the_users():
     code = ("import os, unet_jax; print(unet_jax.setup_platform('cpu')); "
             "print(os.environ['XLA_FLAGS'])")

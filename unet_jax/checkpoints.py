@@ -38,13 +38,21 @@ import warnings
 from pathlib import Path
 
 import jax
-import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers as policies
 
 from unet_jax import rundir
 from unet_jax.config import Config, ConfigError, flag, shown
 from unet_jax.optim import TrainState, weights_name
 from unet_jax.train import init_params
+
+# orbax logs through absl as it is imported, and absl then calls logging.basicConfig(),
+# giving the root logger a handler: a user's own basicConfig afterwards did nothing.
+# Importing unet_jax leaves the process's logging as it was.
+_handlers = list(logging.root.handlers)
+import orbax.checkpoint as ocp  # noqa: E402
+from orbax.checkpoint import checkpoint_managers as policies  # noqa: E402
+
+for _added in [h for h in logging.root.handlers if h not in _handlers]:
+    logging.root.removeHandler(_added)
 
 BEST_METRIC = "val_dice"
 DELETING = ".deleting"  # under checkpoints/: old checkpoints on their way out
