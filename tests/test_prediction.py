@@ -156,6 +156,10 @@ def test_a_crop_trained_run_predicts_whole_images_while_they_fit_the_budget():
     assert PredictionMode.from_config(config, how="whole", memory_budget=1).how_for(
         (4000, 6000)) == "whole"
     assert PredictionMode.from_config(config, how="tile").how_for((8, 8)) == "tile"
+    # A budget that is no number of bytes had failed in int() or been taken as given.
+    for bad in ("1GiB", -1, 0, 1.5, True):
+        with pytest.raises(ValueError, match=rf"^memory_budget {bad!r}: give bytes"):
+            PredictionMode.from_config(config, memory_budget=bad)
 
 
 def test_a_run_trained_on_resized_images_predicts_resized():

@@ -51,10 +51,14 @@ def _padded_count(count: int, limit: int) -> int:
 class Predictor:
     """Restores a run's parameters once and turns image files into full-size masks.
 
+    ``which``: the checkpoint, "best" (by validation Dice), "latest" or an epoch.
     ``mode`` is the run's ``PredictionMode`` unless ``tile`` (the tools' --tile and
-    --no-tile), ``overlap``, ``tta`` or ``threshold`` say otherwise; it is a plain attribute, so
-    one Predictor can score several ways of predicting. ``batch_size`` images (or
-    tiles) go through the model per call.
+    --no-tile), ``overlap``, ``tta`` or ``threshold`` say otherwise; it is a plain
+    attribute, so one Predictor can score several ways of predicting.
+    ``memory_budget``: the bytes a whole-image pass may take before a run trained on
+    crops tiles instead (default ``prediction.default_memory_budget()``: half the
+    GPU's memory, a quarter of the host's on a CPU). ``batch_size`` images (or tiles)
+    go through the model per call.
     """
 
     def __init__(self, run_dir, which="best", batch_size: int = 8, *, tile=None,

@@ -133,6 +133,11 @@ class PredictionMode:
             raise ValueError(f"how {how!r}: choose one of {', '.join(HOWS)}")
         if threshold is not None:
             check_threshold(threshold, config.num_classes)
+        if memory_budget is not None and (
+                isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral)
+                or memory_budget < 1):
+            raise ValueError(f"memory_budget {memory_budget!r}: give bytes as a whole number "
+                             "above 0 (e.g. 2 << 30 for 2 GiB), or None for the default")
         given = {k: v for k, v in (("overlap", overlap), ("tta", tta)) if v is not None}
         if given:
             config = dataclasses.replace(config, **given)  # runs Config's own checks
