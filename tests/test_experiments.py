@@ -446,6 +446,12 @@ def test_predict_writes_probabilities_the_masks_are_thresholded_from(tmp_path, c
     assert np.array_equal(high, logits > np.log(threshold / (1 - threshold)))
     assert 0 < high.sum() < (logits > 0).sum()
     several = multi_class_run(tmp_path / "run3", num_classes=3, winner=1)
+    # Host logits give the device's masks, of its type (to_mask had given int64).
+    three = Predictor(several)
+    (_, _, logits3), = three.predict_files([inputs / "x.png"], logits=True)
+    (_, _, mask3), = three.predict_files([inputs / "x.png"])
+    assert three.to_mask(logits3).dtype == mask3.dtype == np.uint8
+    assert np.array_equal(three.to_mask(logits3), mask3)
     assert call(predict.main, ["--checkpoint", str(several), "--input", str(inputs),
                                "--output", str(tmp_path / "out3"), "--threshold", "0.7"]) == 2
     assert capsys.readouterr().err.strip().endswith(
@@ -1294,3 +1300,11 @@ def test_predict_refuses_an_image_file_name_as_its_output_folder(trained_run, tm
     assert call(predict.main, ["--checkpoint", str(trained_run), "--input", str(inputs),
                                "--output", str(tmp_path / "pred.png")]) == 2
     assert "give a folder" in capsys.readouterr().err and not (tmp_path / "pred.png").exists()
+
+
+def test_scoring_no_pairs_says_so_not_that_all_were_skipped():
+    from data_pipeline.errors import DataError
+    from unet_jax.evaluation import score
+
+    with pytest.raises(DataError, match=r"^no image/mask pairs to score: give at least one"):
+        score(None, [])

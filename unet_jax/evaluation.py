@@ -31,6 +31,8 @@ def score(predictor, pairs, skip_bad: bool = False, sweep=()) -> dict:
     With ``sweep`` (the predictor's mode at other thresholds: ``threshold_modes``),
     also the Dice and IoU of each under "thresholds", from the same pass: its logits
     are thresholded on the host, as the device program thresholds them."""
+    if not pairs:
+        raise DataError("no image/mask pairs to score: give at least one pair")
     num_classes, ignore = predictor.config.num_classes, predictor.config.ignore_index
     masks = {p.image: p.mask for p in pairs}
     scores, scored, unlabelled = [], [], 0

@@ -190,13 +190,13 @@ class Predictor:
 
     def to_mask(self, logits: np.ndarray, logit_threshold: float | None = None) -> np.ndarray:
         """Bool (H, W) for one class (over the mode's threshold, or ``logit_threshold``),
-        else class ids, of host logits (H, W, classes), as the device program
-        thresholds them."""
+        else uint8 class ids, of host logits (H, W, classes), as the device program
+        thresholds them (``masks``' types)."""
         if logits.shape[-1] == 1:
             if logit_threshold is None:
                 logit_threshold = self.mode.logit_threshold
             return logits[..., 0] > np.float32(logit_threshold)
-        return logits.argmax(-1)
+        return logits.argmax(-1).astype(np.uint8)
 
     def predict_files(self, paths, skip_bad: bool = False, images: bool = False,
                       logits: bool = False):
