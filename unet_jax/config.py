@@ -58,6 +58,15 @@ def _field(default, help: str, **flag: Any):
 
 @dataclasses.dataclass
 class Config:
+    """A run's settings: each field is a command-line flag of ``experiments.train``
+    (``learning_rate`` is ``--lr``; ``help(Config)`` and ``--help`` give each one's
+    meaning). Checked and normalised as it is made (a bad value is a one-line
+    ``ConfigError`` naming the flag); ``Config.load(run_dir / "config.json")`` reads a
+    run's own, ``dataclasses.replace`` changes one and checks it again.
+    ``Config()`` is the guide's U-Net (31,031,745 parameters);
+    ``Config(base_features=8, image_size=128)`` a narrow one for a laptop's CPU.
+    """
+
     # Model (the guide's U-Net by default: 31,031,745 parameters for 3 in / 1 out).
     in_channels: int = _field(3, "input channels: 3 (RGB) or 1 (grayscale)", choices=(1, 3))
     num_classes: int = _field(1, "output classes: 1 for binary masks (sigmoid), C > 1 for "
@@ -374,6 +383,8 @@ class Config:
 
     @property
     def compute_dtype(self):
+        """The jnp dtype of ``dtype``: what the convolutions compute in (parameters
+        stay float32)."""
         return DTYPES[self.dtype]
 
     @property
@@ -394,9 +405,11 @@ class Config:
         return self.crop or self.image_size
 
     def to_dict(self) -> dict:
+        """The settings as a plain dict (``from_dict`` reads it back)."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """The settings as ``config.json`` holds them (``load`` reads it back)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def differences(self, other: "Config") -> list[str]:
@@ -420,6 +433,7 @@ class Config:
 
     @classmethod
     def load(cls, path) -> "Config":
+        """The Config of a ``config.json`` file (a run directory's), checked."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

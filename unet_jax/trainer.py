@@ -518,6 +518,9 @@ def validate(config: Config, state, val_data, mesh) -> tuple[dict, tuple]:
 
 
 def validation_mode(config: Config) -> PredictionMode:
+    """How validation predicts during training: as the run predicts afterwards
+    (resized, or whole images at the training scale for a run on crops), without
+    test-time flips, whose extra passes would slow every epoch."""
     return PredictionMode.from_config(config, tta="none")
 
 
