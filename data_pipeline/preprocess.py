@@ -549,6 +549,7 @@ def load_mask(path, image_size=None, num_classes: int = 1, scale: float = 1.0,
         values = values >= _half(values) if lossy or graded else values > 0
     else:
         check_class_ids(values, num_classes, path, lossy, ignore_index)
+        values = values.astype(np.uint8)  # float or 16-bit ids, all below 256 by now
     if void is not None and void.any():
         values = np.where(void, ignore_index, values)
     return resize_labels(values.astype(np.uint8) if void is not None else values, size,
@@ -660,10 +661,22 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int],
     return np.asarray(order)[np.argmax(planes, axis=0)].astype(np.uint8)
 
 
-def _half(values: np.ndarray) -> int:
+def _half(values: np.ndarray) -> float:
     """The cut of a mask whose edges are graded: half its type's full scale (128 for
-    8 bits, 32768 for 16)."""
-    return (int(np.iinfo(values.dtype).max) + 1) // 2 if values.dtype.kind == "u" else 128
+    8 bits, 32768 for 16; for floats 0.5 of masks in [0, 1], else 128 or 32768 by
+    their largest value)."""
+    if values.dtype.kind == "u":
+        return (int(np.iinfo(values.dtype).max) + 1) // 2
+    if values.dtype.kind == "f":
+        top = float(values.max(initial=0))
+        return 0.5 if top <= 1 else 128 if top <= 255 else 32768
+    return 128
+
+
+def _fractional(values: np.ndarray) -> bool:
+    """Whether a float mask holds values that are no whole number: levels between
+    background and object (a mask resized smoothly in float, or a soft label)."""
+    return values.dtype.kind == "f" and bool(np.any(values != np.round(values)))
 
 
 def _soft(values: np.ndarray) -> bool:
@@ -675,7 +688,10 @@ def _soft(values: np.ndarray) -> bool:
     such a ring at every edge, which "any non-zero" would count as foreground, growing
     each object by a pixel or more. Objects of a level of their own (a grey one beside
     a white one) are not a ring, and 0/1 and class-id masks never reach full scale:
-    both keep "any non-zero"."""
+    both keep "any non-zero". A float mask is graded where any value is fractional
+    (whole-number floats are ids or 0/1, read like integers)."""
+    if values.dtype.kind == "f":  # float levels: graded wherever one is fractional
+        return _fractional(values)
     if values.dtype.kind != "u" or not values.size:
         return False
     full = np.iinfo(values.dtype).max
@@ -737,6 +753,12 @@ def check_class_ids(values: np.ndarray, num_classes: int, path, lossy: bool = Fa
     values) and one with graded edges are binary masks, for ``--num-classes 1``;
     values 0..N may number objects (instance labels), which are foreground alike.
     """
+    if _fractional(values):
+        shown = values[values != np.round(values)].flat[0]
+        raise DataError(f"{path} holds {shown:g}, which is no class id: class ids are whole "
+                        f"numbers 0..{num_classes - 1}; store the label map as integers "
+                        "(or, for a soft binary mask, train with --num-classes 1: it is cut "
+                        "at half its scale)")
     if not values.size or (values.max() < num_classes and values.min() >= 0):
         return
     found = np.unique(values)

@@ -566,6 +566,30 @@ def test_colour_coded_class_masks_are_named_not_read_as_their_brightest_channel(
                                   ids)
 
 
+def test_float_masks_cut_graded_edges_at_half_and_keep_whole_class_ids(tmp_path):
+    """Float TIFF masks (ImageJ's 32-bit, numpy's float saves): a disc resized smoothly
+    in float had grown by its ring ("any non-zero"), and float class ids passed the
+    check, then failed inside tf.data with a traceback."""
+    yy, xx = np.mgrid[:H, :W]
+    disc = ((yy - H / 2) ** 2 + (xx - W / 2) ** 2 < (H / 3) ** 2).astype(np.float32)
+    soft = np.asarray(Image.fromarray(disc).resize((W // 2, H // 2), Image.BILINEAR)
+                      .resize((W, H), Image.BILINEAR))
+    assert 0 < ((soft > 0) & (soft < 1)).mean() < 0.3
+    Image.fromarray(soft).save(tmp_path / "soft.tif")
+    read = dp.load_mask(tmp_path / "soft.tif", (H, W))[..., 0]
+    np.testing.assert_array_equal(read, soft >= 0.5)
+    Image.fromarray(disc).save(tmp_path / "hard.tif")  # 0.0/1.0: any non-zero
+    np.testing.assert_array_equal(dp.load_mask(tmp_path / "hard.tif", (H, W))[..., 0], disc > 0)
+    ids = (box_mask() + 2 * box_mask(seed=5)).clip(0, 2).astype(np.float32)
+    Image.fromarray(ids).save(tmp_path / "ids.tif")
+    read = dp.load_mask(tmp_path / "ids.tif", (H // 2, W // 2), num_classes=3)
+    assert read.dtype == np.uint8 and set(np.unique(read)) == {0, 1, 2}
+    Image.fromarray(ids + 0.5 * (ids == 1)).save(tmp_path / "half.tif")
+    with pytest.raises(dp.DataError, match=r"half\.tif holds 1\.5, which is no class id: "
+                       r"class ids are whole numbers 0\.\.2"):
+        dp.load_mask(tmp_path / "half.tif", (H, W), num_classes=3)
+
+
 def test_kaggle_folders_extracted_one_level_down_are_found(kaggle, tmp_path):
     """``unzip train.zip -d train`` and Windows' "Extract All" make train/train/."""
     import shutil
