@@ -21,7 +21,8 @@ accelerator.
 
 from data_pipeline.errors import DataError
 from data_pipeline.files import (Pair, check_crop_fits, check_images, check_pair,
-                                 detect_layout, find_images, find_pairs)
+                                 detect_layout, find_images, find_pairs,
+                                 warn_if_all_background)
 from data_pipeline.augment import AUGMENTATIONS, augment_pair, parse_augment
 from data_pipeline.input_pipeline import InputPipeline, check_caches, label_range
 from data_pipeline.preprocess import (load_example, load_image, load_mask, scaled_size,
@@ -35,5 +36,6 @@ __all__ = [
     "check_caches", "check_crop_fits", "check_images", "check_pair", "detect_layout", "find_images",
     "find_pairs", "given_split", "grouped", "label_range", "load_example", "load_image",
     "load_mask", "read_split", "scaled_size", "to_float",
-    "sample_dataset_dir", "split_pairs", "subset_by_car", "subset_by_group", "write_split",
+    "sample_dataset_dir", "split_pairs", "subset_by_car", "subset_by_group",
+    "warn_if_all_background", "write_split",
 ]

@@ -723,6 +723,27 @@ def _nested_hint(folders: list[Path]) -> str:
     return f"; sub-folders are not read: {'; '.join(found)}" if found else ""
 
 
+def warn_if_all_background(pairs, side: str, num_classes: int = 1,
+                           ignore_index: int | None = None) -> bool:
+    """Logs a warning, and returns True, where no mask of ``pairs`` (one side of a
+    split) holds a foreground pixel. A validation side of empty masks scores Dice 1
+    at every epoch, so the "best" checkpoint is picked among ties; it happens where a
+    split holds out a folder of cases without findings (BUSI's normal/, a sub-folder
+    being a group). Masks are read until the first with foreground: one, as a rule."""
+    from data_pipeline.preprocess import load_mask
+
+    for pair in pairs:
+        values = load_mask(pair.mask, None, num_classes, ignore_index=ignore_index)
+        if ((values > 0) & (values != (-1 if ignore_index is None else ignore_index))).any():
+            return False
+    if pairs:
+        log.warning("none of the %d %s masks holds foreground: every %s Dice is 1 and the "
+                    "best epoch is picked among ties; where the split held out a folder of "
+                    "cases without findings, pass --split random, --group-by or "
+                    "--val-data-dir", len(pairs), side, side)
+    return bool(pairs)
+
+
 def check_crop_fits(pairs, crop: tuple[int, int], scale: float, multiple: int = 1) -> None:
     """Raises DataError unless every image, resized by ``scale``, is at least a crop
     in each direction: a scale that shrinks a photo to a few pixels would train on

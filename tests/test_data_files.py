@@ -1003,3 +1003,24 @@ def test_a_split_finds_moved_images_in_another_nesting_by_a_name_they_alone_bear
     (deeper / "P1").rename(deeper / "Q1")
     with pytest.raises(dp.DataError, match=r"P1/slice_1.png \(or its mask\) is not found"):
         dp.read_split(tmp_path / "split.json", deeper)
+
+
+def test_a_side_of_empty_masks_is_named(tmp_path, caplog):
+    """BUSI's normal/ folder, a group held out whole, made a validation side of empty
+    masks: Dice 1 at every epoch, and the best checkpoint picked among ties, without a
+    word. The check stops at the first mask with foreground."""
+    from tests.data_fixtures import write_mask
+
+    root = own_dir(tmp_path / "own", n=4)
+    pairs = dp.find_pairs(root)
+    assert dp.warn_if_all_background(pairs, "validation") is False and not caplog.text
+    for pair in pairs[:3]:
+        write_mask(pair.mask, np.zeros((H, W), bool))
+    assert dp.warn_if_all_background(pairs, "validation") is False  # the 4th has one
+    with caplog.at_level(logging.WARNING):
+        assert dp.warn_if_all_background(pairs[:3], "validation") is True
+    assert "none of the 3 validation masks holds foreground: every validation Dice is 1" \
+        in caplog.text
+    # Ignored pixels are no foreground.
+    write_mask(pairs[3].mask, box_mask(seed=3))
+    assert dp.warn_if_all_background(pairs[3:], "training", ignore_index=255) is True

@@ -262,6 +262,10 @@ def build_data(config: Config, workdir: Path, resume: bool):
     if config.crop is not None:
         data_pipeline.check_crop_fits(train_pairs + val_pairs, config.crop, config.scale,
                                       2 ** config.depth)
+    if not resume:
+        for pairs, side in ((train_pairs, "training"), (val_pairs, "validation")):
+            data_pipeline.warn_if_all_background(pairs, side, config.num_classes,
+                                                 config.ignore_index)
     processes = jax.process_count()
     pipeline_kw = dict(image_size=config.image_size, batch_size=config.batch_size // processes,
                        in_channels=config.in_channels, num_classes=config.num_classes,
