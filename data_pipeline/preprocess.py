@@ -410,12 +410,15 @@ def eight_bits(values: np.ndarray, kind: str, path, max_value: float = 0.0) -> n
                             "it nearly black; floats in [0, 1] need no --max-value (train "
                             "without it)", path, max_value)
         values = values * np.float32(255 / max_value)
-    elif kind == "float" and top <= 1:
+        return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    if kind == "float" and not narrow_warned and top <= 255:
+        _warn_float(values, top, path)
+    if kind == "float" and top <= 1:
         values = values * 255
     elif kind == "16-bit" or top > 255:
         if top < 4096 and not narrow_warned:
             narrow_warned = True
-            bits = max(int(top).bit_length(), 9)
+            bits = max(int(top).bit_length(), 1)
             log.warning("%s is a %s image whose values stay below %d: scaled from 65535 "
                         "to 255 it keeps %d grey levels, nearly black; if your data has "
                         "%d bits, pass --max-value %d to train (predict reads it from the "
@@ -424,6 +427,27 @@ def eight_bits(values: np.ndarray, kind: str, path, max_value: float = 0.0) -> n
                         int(top) + 1, int(np.rint(top / 257)) + 1, bits, 2 ** bits - 1)
         values = values / 257
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _warn_float(values: np.ndarray, top: float, path) -> None:
+    """Names the first float image that reaches the model nearly black, each file
+    being scaled by its own values: one whose largest value is just over 1 (an
+    overshoot of resampling or deconvolution in data that is [0, 1]) is read as
+    0..255, while its neighbours within 1 are multiplied by 255; and one of many
+    negative values (normalised, z-scored) is clipped at 0."""
+    global narrow_warned
+    negative = float(np.mean(values < 0)) if values.size else 0.0
+    if negative > 0.05:
+        narrow_warned = True
+        log.warning("%s is a float image with %.0f%% of its values below 0 (normalised?), "
+                    "which turn black; scale the images to [0, 1] or 0..255 before "
+                    "training", path, 100 * negative)
+    elif 1 < top < 4:
+        narrow_warned = True
+        log.warning("%s is a float image with values up to %g: over 1, it is read as "
+                    "0..255 and reaches the model nearly black, while float images within "
+                    "1 are read as [0, 1]; if your images are [0, 1], pass --max-value 1 "
+                    "(values over 1 turn white)", path, top)
 
 
 def load_image(path, image_size=None, in_channels: int = 3,

@@ -190,6 +190,33 @@ def test_a_12_bit_image_is_named_once_with_the_fix(tmp_path, caplog, monkeypatch
     assert "--max-value 4095" in message
 
 
+@pytest.mark.parametrize("case", ["8-bit values in 16 bits", "overshoot", "z-scored"])
+def test_images_that_reach_the_model_nearly_black_are_named_with_the_fix_that_fits(
+        tmp_path, caplog, monkeypatch, case):
+    """16-bit files of 8-bit values were told to pass --max-value 511 (half
+    brightness); a float image in [0, 1] with one pixel at 1.02 was read as 0..255,
+    black beside its neighbours, and a z-scored one clipped at 0, without a word."""
+    from data_pipeline import preprocess
+
+    monkeypatch.setattr(preprocess, "narrow_warned", False)
+    ramp = np.linspace(0, 1, H * W).reshape(H, W)
+    values, fix = {"8-bit values in 16 bits": ((ramp * 249).astype(np.uint16),
+                                               "--max-value 255 "),
+                   "overshoot": ((ramp * 0.9).astype(np.float32), "--max-value 1 "),
+                   "z-scored": ((ramp * 4 - 2).astype(np.float32), "scale the images to "
+                                "[0, 1] or 0..255")}[case]
+    if case == "overshoot":
+        values[0, 0] = 1.02
+    Image.fromarray(values).save(tmp_path / "x.tif")
+    with caplog.at_level("WARNING"):
+        dp.load_image(tmp_path / "x.tif", None, in_channels=1)
+    [record] = caplog.records
+    assert "x.tif" in record.getMessage() and fix in record.getMessage()
+    if case == "overshoot":  # the fix works: [0, 1] to 0..255, the overshoot white
+        fixed = dp.load_image(tmp_path / "x.tif", None, in_channels=1, max_value=1)
+        assert fixed.max() == 255 and abs(int(fixed[-1, -1, 0]) - 230) <= 1
+
+
 def test_max_value_scales_12_bit_and_float_images_to_the_full_range(tmp_path, caplog,
                                                                      monkeypatch):
     from data_pipeline import preprocess
