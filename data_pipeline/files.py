@@ -318,6 +318,9 @@ def _by_stem(files: list[Path], strip: str = "") -> tuple[dict[str, Path], list[
     return found, problems
 
 
+_EXTRA_MASK = re.compile(r"(.+)_mask_\d+")  # <stem>_mask_1: a second mask of <stem>
+
+
 def _pairs_beside(root: Path) -> tuple[list[Pair], list[str]]:
     """The pairs of a dataset whose masks sit beside their images (``<stem>_mask``
     files are the masks), each sub-folder its pairs' group (where there are several:
@@ -326,11 +329,22 @@ def _pairs_beside(root: Path) -> tuple[list[Pair], list[str]]:
     folders = _beside_folders(root)
     for folder in folders:
         found = _images_in(folder)
+        # BUSI's second lesion of an image: "<stem>_mask_1.png" beside "<stem>_mask.png".
+        extra = {}
+        for p in found:
+            if (more_of := _EXTRA_MASK.fullmatch(p.stem)) is not None:
+                extra.setdefault(more_of.group(1), []).append(p)
+        found = [p for p in found if _EXTRA_MASK.fullmatch(p.stem) is None]
         images, clashes = _by_stem([p for p in found if not p.stem.endswith("_mask")])
         masks, more = _by_stem([p for p in found if p.stem.endswith("_mask")], strip="_mask")
         problems += clashes + more
         for stem, image in images.items():
-            if stem not in masks:
+            if stem in extra:
+                named = ", ".join(sorted(p.name for p in [masks.get(stem), *extra[stem]] if p))
+                problems.append(f"{image} has several masks ({named}); merge them into its "
+                                f"{stem}_mask file (every object of each: their maximum) and "
+                                "remove the others")
+            elif stem not in masks:
                 problems.append(f"{image} has no mask (expected {folder / stem}_mask.png "
                                 "or another image format beside it)")
             else:
@@ -340,6 +354,8 @@ def _pairs_beside(root: Path) -> tuple[list[Pair], list[str]]:
                 pairs.append(Pair(image, masks[stem], group))
         problems += [f"{mask} has no image (expected {folder / stem}.png or similar beside "
                      "it)" for stem, mask in masks.items() if stem not in images]
+        problems += [f"{files[0]} has no image (expected {folder / stem}.png or similar "
+                     "beside it)" for stem, files in extra.items() if stem not in images]
     if (nested := _nested(root)) and _beside_folders(root) == [root]:
         log.warning("%s: the images in its sub-folders (%s) are not read; move them into "
                     "%s/ itself to use them", root, nested, root.name)

@@ -1051,3 +1051,24 @@ def test_a_side_of_empty_masks_is_named(tmp_path, caplog):
     # Ignored pixels are no foreground.
     write_mask(pairs[3].mask, box_mask(seed=3))
     assert dp.warn_if_all_background(pairs[3:], "training", ignore_index=255) is True
+
+
+def test_a_second_mask_of_one_image_is_named_as_such(tmp_path, caplog):
+    """BUSI ships "benign (2)_mask_1.png", a second lesion of "benign (2)", beside its
+    "_mask.png": it was called an image without a mask, and --skip-bad then trained
+    "benign (2)" with that lesion as background."""
+    root = tmp_path / "Dataset_BUSI_with_GT"
+    for cls in ("benign", "malignant"):
+        for i in range(1, 4):
+            write_image(root / cls / f"{cls} ({i}).png", (W, H), seed=i)
+            write_mask(root / cls / f"{cls} ({i})_mask.png", box_mask(seed=i))
+    write_mask(root / "benign" / "benign (2)_mask_1.png", box_mask(seed=9))
+    with pytest.raises(dp.DataError, match=r"benign \(2\)\.png has several masks \(benign "
+                       r"\(2\)_mask\.png, benign \(2\)_mask_1\.png\); merge them into its "
+                       r"benign \(2\)_mask file"):
+        dp.find_pairs(root)
+    with caplog.at_level(logging.WARNING):
+        pairs = dp.find_pairs(root, skip_bad=True)
+    assert sorted(p.image.name for p in pairs) == [
+        "benign (1).png", "benign (3).png", "malignant (1).png", "malignant (2).png",
+        "malignant (3).png"]
