@@ -148,9 +148,18 @@ def check_targets(paths, out: Path, kinds) -> None:
     command did not write (``kinds``: 'mask', 'viz', 'prob'): ``<name>_mask.png`` is
     also how many datasets name their ground truth, which an --output of the data
     folder would overwrite."""
+    from data_pipeline.files import IMAGE_SUFFIXES
+
     names = [f"{path.stem}_{kind}.png" for path in paths for kind in kinds]
     foreign = [out / name for name in names
                if (out / name).exists() and not written_by_predict(out / name)]
+    # A ground truth in another format, "<name>_mask.tif" of LGG's folders, claims the
+    # name as well: beside it, a "<name>_mask.png" leaves the dataset two masks for
+    # one image, which training then refuses.
+    claimed = {f"{path.stem}_mask" for path in paths} if "mask" in kinds else set()
+    if claimed and out.is_dir():
+        foreign += sorted(p for p in out.iterdir() if p.stem in claimed
+                          and p.suffix.lower() in IMAGE_SUFFIXES and p.name not in names)
     if foreign:
         more = f" ({len(foreign)} such files)" if len(foreign) > 1 else ""
         raise common.UserError(

@@ -850,7 +850,7 @@ def test_predict_into_its_input_folder_twice_predicts_the_images_alone(trained_r
     assert {p.name: p.read_bytes() for p in inputs.iterdir()} == first
 
 
-@pytest.mark.parametrize("theirs", ["b_mask.png", "a_viz.png"])
+@pytest.mark.parametrize("theirs", ["b_mask.png", "a_viz.png", "b_mask.tif"])
 def test_predict_never_replaces_a_file_it_did_not_write(trained_run, tmp_path, capsys,
                                                         theirs):
     """<name>_mask.png is how many datasets name their ground truth: predicting into
