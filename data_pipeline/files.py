@@ -193,8 +193,8 @@ def detect_layout(data_dir, flag: str = "--data-dir") -> tuple[Path, Path, str]:
 
 # Words in the folder names other tools and datasets use for images and for masks
 # (ISIC's ISIC2018_Task1-2_Training_Input/ and ..._GroundTruth/, DRIVE's 1st_manual/).
-_IMAGE_WORDS = {"images", "image", "img", "imgs", "input", "inputs", "raw", "originals",
-                "photos", "rgb"}
+_IMAGE_WORDS = {"images", "image", "img", "imgs", "input", "inputs", "raw", "original",
+                "originals", "photos", "rgb"}
 _MASK_WORDS = {"masks", "mask", "label", "labels", "gt", "truth", "groundtruth",
                "annotations", "annotation", "segmentations", "segmentation", "targets",
                "target", "manual", "trimaps"}
@@ -276,6 +276,14 @@ def _layout_hint(root: Path) -> str:
                 "beside it, or save each mask beside its image as <stem>_mask.png")
     if instances := _instance_folders(root, folders):
         return instances
+    for name in folders[:4]:  # the DSB download's own folder: stage1_train/ in it
+        try:
+            inner = sorted(p.name for p in (root / name).iterdir()
+                           if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            continue
+        if instances := _instance_folders(root / name, inner):
+            return f"; in {name}/,{instances[1:]}"
     inside = [name for name in folders
               if any((root / name / a).is_dir() and (root / name / b).is_dir()
                      for a, b in (("images", "masks"), ("train", "train_masks"),
@@ -312,8 +320,11 @@ def _by_stem(files: list[Path], strip: str = "") -> tuple[dict[str, Path], list[
         stem = f.stem[: -len(strip)] if strip and f.stem.endswith(strip) else f.stem
         claims.setdefault(stem, []).append(f)
     found = {stem: paths[0] for stem, paths in claims.items() if len(paths) == 1}
-    problems = [f"{paths[0]} and {', '.join(p.name for p in paths[1:])} both claim the "
-                f"name {stem!r}; {RENAME}"
+    # The others by name where they share the first's folder, else by path (predict's
+    # inputs may come from several folders: patA/slice_001.png and patB/...).
+    problems = [f"{paths[0]} and "
+                f"{', '.join(str(p.name if p.parent == paths[0].parent else p) for p in paths[1:])}"
+                f" both claim the name {stem!r}; {RENAME}"
                 for stem, paths in claims.items() if len(paths) > 1]
     return found, problems
 
@@ -372,7 +383,19 @@ def _expected_mask(mask_dir: Path, stem: str, layout: str, masks: dict) -> str:
     names = [f"{stem}{ext}", f"{stem}_mask{ext}"]
     if sum(p.stem.endswith("_mask") for p in named) * 2 > len(named):
         names.reverse()
-    return f"{mask_dir / names[0]} or {mask_dir / names[1]}, in any image format"
+    unread = _unread_arrays(mask_dir, stem)
+    return (f"{mask_dir / names[0]} or {mask_dir / names[1]}, in any image format"
+            + (f"; {unread.name} is an array file, which is not read: save each mask as a "
+               "PNG (Image.fromarray(mask.astype(np.uint8)).save(...))" if unread else ""))
+
+
+def _unread_arrays(folder: Path, stem: str) -> Path | None:
+    """A numpy or NIfTI file of ``stem`` in ``folder`` (masks saved as arrays), if any."""
+    for suffix in (".npy", ".npz", ".nii", ".nii.gz"):
+        for name in (stem, f"{stem}_mask"):
+            if (folder / f"{name}{suffix}").is_file():
+                return folder / f"{name}{suffix}"
+    return None
 
 
 _CARVANA_NAME = re.compile(r"[0-9a-f]{12}_\d{2}")  # 00087a6bd4dc_01: car, view

@@ -688,6 +688,9 @@ def test_a_zip_where_images_are_expected_says_to_unzip_it(tmp_path):
      "validation set for --val-data-dir"),
     (("test", "test_labels", "train", "train_labels"), "", "it holds train/ and "
      "train_labels/: rename train/ to images/ and train_labels/ to masks/"),
+    # CVC-ClinicDB: Original/ beside Ground Truth/.
+    (("Ground Truth", "Original"), "", "it holds Original/ and Ground Truth/: rename "
+     "Original/ to images/ and Ground Truth/ to masks/"),
     (("images", "mask", "mask_labels"), "", "it holds images/ and 2 folders that could "
      "hold its masks (mask/, mask_labels/): rename the one with the labels to learn (not, "
      "say, a field-of-view mask) to masks/"),  # a mask folder is no image folder
@@ -724,13 +727,17 @@ def test_downloads_that_are_no_layout_yet_say_what_to_make_of_them(tmp_path):
                                    "(instances_train.json): the masks must be images, one "
                                    "per photo; draw them from the annotations first "
                                    "(for COCO's JSON, pycocotools' annToMask)")
-    dsb = tmp_path / "stage1_train"
+    dsb = tmp_path / "data-science-bowl-2018" / "stage1_train"
     for i in range(2):
         write_image(dsb / f"id{i}" / "images" / f"id{i}.png", (8, 8))
         for j in range(3):
             write_mask(dsb / f"id{i}" / "masks" / f"m{j}.png", box_mask((8, 8), seed=j))
     assert "each of its folders (id0/ ...) holds one image in images/ and one mask per " \
            "object in masks/ (the Data Science Bowl 2018's layout): merge" in error_of(dsb)
+    # The download's own folder, beside stage1_test/: the same hint, for the folder in it.
+    write_image(dsb.parent / "stage1_test" / "id9" / "images" / "id9.png", (8, 8))
+    assert "; in stage1_train/, each of its folders (id0/ ...) holds one image" in error_of(
+        dsb.parent)
     voc = tmp_path / "VOC2012"
     write_image(voc / "JPEGImages" / "2007_000032.jpg", (8, 8))
     for folder in ("SegmentationClass", "SegmentationObject"):
@@ -1072,3 +1079,12 @@ def test_a_second_mask_of_one_image_is_named_as_such(tmp_path, caplog):
     assert sorted(p.image.name for p in pairs) == [
         "benign (1).png", "benign (3).png", "malignant (1).png", "malignant (2).png",
         "malignant (3).png"]
+
+
+def test_masks_saved_as_arrays_are_named_as_not_read(tmp_path):
+    root = own_dir(tmp_path / "own", n=2)
+    for mask in sorted((root / "masks").iterdir()):
+        np.save(mask.with_suffix(".npy"), np.zeros((H, W), np.uint8))
+        mask.unlink()
+    assert "img0.npy is an array file, which is not read: save each mask as a PNG" \
+        in error_of(root)

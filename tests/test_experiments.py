@@ -515,7 +515,9 @@ def test_predict_takes_several_inputs_as_a_shell_pattern_gives_them(trained_run,
     write_image(tmp_path / "b" / "ax.jpg", (40, 30))  # one output name for two images
     assert call(predict.main, ["--checkpoint", str(trained_run), "--input", *given,
                                "--output", str(tmp_path / "o2")]) == 2
-    assert "both claim the name 'ax'" in capsys.readouterr().err
+    # Files of two folders are each named with their folder.
+    assert (f"{tmp_path / 'a' / 'ax.png'} and {tmp_path / 'b' / 'ax.jpg'} both claim the "
+            "name 'ax'") in capsys.readouterr().err
 
 
 def test_a_pytorch_weights_file_as_a_run_names_import_torch(tmp_path, capsys):
