@@ -10,6 +10,7 @@ the setting, with the sidecar's `how` text; files it cannot read are named.
 Skipped only without node and npm, or where npm cannot reach its registry."""
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import subprocess
@@ -393,3 +394,28 @@ def test_files_it_cannot_read_are_named(cli, tmp_path):
              tmp_path / "car.mask")
     assert p.returncode == 2 and p.stderr.startswith(
         f"{tmp_path / 'unet.onnx'} is not the export's JSON settings file"), p.stderr
+
+
+def test_a_model_and_the_settings_of_another_export_are_refused(cli, rgb_onnx, crop_onnx,
+                                                                 tmp_path):
+    """A crop run's model beside a resize run's settings file was segmented by the
+    wrong rules without a word (or failed inside onnxruntime); a TFLite export's
+    settings file was taken for an ONNX model's."""
+    photo = write_raw(tmp_path / "car.raw", np.zeros((21, 29, 3), np.uint8))
+    crop_model, rgb_model = crop_onnx[1], rgb_onnx[1]
+    sidecar = export.read_sidecar(rgb_model)
+    assert sidecar["sha256"] == hashlib.sha256(rgb_model.read_bytes()).hexdigest()
+    p = node(cli, "segment", crop_model, export.sidecar_path(rgb_model), photo,
+             tmp_path / "car.mask")
+    assert p.returncode == 2 and p.stderr.strip() == (
+        f"{export.sidecar_path(rgb_model)} describes another model than {crop_model} (its "
+        "SHA-256 differs): give the model and the settings file of one export"), p.stderr
+    tflite = write_json(tmp_path / "unet.tflite.json", {**sidecar, "format": "tflite"})
+    p = node(cli, "segment", rgb_model, tflite, photo, tmp_path / "car.mask")
+    assert p.returncode == 2 and "the settings file of a tflite export" in p.stderr
+    p = node(cli, "segment", tmp_path / "absent.onnx", export.sidecar_path(rgb_model), photo,
+             tmp_path / "car.mask")
+    assert p.returncode == 2 and p.stderr.strip() == (
+        f"{tmp_path / 'absent.onnx'}: no such file; give MODEL.onnx, the model "
+        "experiments.export wrote")
+    assert not (tmp_path / "car.mask").exists()

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -486,6 +487,8 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32",
         check = {"max_abs_diff": diff, "input_shapes": [list(s) for s, _, _, _ in checks],
                  "tolerance": limit}
         info = _settings(config, fmt, output, dtype, check, checkpoint, prediction)
+        if artifact.is_file():  # what a caller checks that it has the model of these settings
+            info["sha256"] = hashlib.sha256(artifact.read_bytes()).hexdigest()
         _replace(artifact, output)
         rundir.write_text_atomic(sidecar_path(output), json.dumps(info, indent=2) + "\n")
     finally:

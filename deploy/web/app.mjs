@@ -6,7 +6,9 @@
 // npm, the same file from a CDN, pinned by its URL:
 //   import * as ort from "https://cdn.jsdelivr.net/npm/onnxruntime-web@1.31.1/dist/ort.wasm.min.mjs";
 import * as ort from "./node_modules/onnxruntime-web/dist/ort.wasm.min.mjs";
-import { createSession, MEMORY_BUDGET, predictionSettings, segment } from "./segment.mjs";
+import {
+  checkExport, createSession, MEMORY_BUDGET, predictionSettings, segment,
+} from "./segment.mjs";
 
 const $ = (id) => document.getElementById(id);
 // predict's colours for classes 1, 2, ... in its --viz overlay (class 0 stays uncoloured).
@@ -51,11 +53,19 @@ function describe() {
 
 /** The model and its settings as the session to run: the settings are checked first, so
  * that a run this page does not implement is refused (with the settings file's own
- * words for what predict does) before the model is loaded. */
-async function load(modelBytes, sidecar, name) {
+ * words for what predict does) before the model is loaded, as is a settings file of
+ * another export. */
+async function load(modelBytes, sidecar, name, sidecarName) {
   model = null;
+  await checkExport(sidecar, sidecarName, modelBytes, name);
   predictionSettings(sidecar);
-  const session = await createSession(ort, modelBytes);
+  let session;
+  try {
+    session = await createSession(ort, modelBytes);
+  } catch (error) {
+    throw new Error(`${name} is not an ONNX model onnxruntime can load (${error.message}); `
+      + "give the .onnx file experiments.export wrote");
+  }
   model = { session, sidecar, name };
   describe();
 }
@@ -119,8 +129,15 @@ async function modelPicked() {
   const [onnxFile, sidecarFile] = [$("model").files[0], $("sidecar").files[0]];
   if (!onnxFile || !sidecarFile) return;
   say(`loading ${onnxFile.name}...`);
-  await load(new Uint8Array(await onnxFile.arrayBuffer()), JSON.parse(await sidecarFile.text()),
-    onnxFile.name);
+  let sidecar;
+  try {
+    sidecar = JSON.parse(await sidecarFile.text());
+  } catch (error) {
+    throw new Error(`${sidecarFile.name} is not the export's JSON settings file `
+      + `(${error.message}); give the MODEL.onnx.json experiments.export wrote`);
+  }
+  await load(new Uint8Array(await onnxFile.arrayBuffer()), sidecar, onnxFile.name,
+    sidecarFile.name);
 }
 
 /** Segments the photo picked, shows it with its mask and offers the mask. */
@@ -153,7 +170,8 @@ async function optionsChanged() {
 async function servedModel() {
   const [onnx, sidecar] = await Promise.all(["unet.onnx", "unet.onnx.json"].map((url) => fetch(url)));
   if (onnx.ok && sidecar.ok) {
-    await load(new Uint8Array(await onnx.arrayBuffer()), await sidecar.json(), "unet.onnx");
+    await load(new Uint8Array(await onnx.arrayBuffer()), await sidecar.json(), "unet.onnx",
+      "unet.onnx.json");
   }
 }
 

@@ -25,12 +25,24 @@
 import { readFileSync, writeFileSync } from "node:fs";
 import * as ort from "onnxruntime-web";
 import {
-  createSession, modelInput, predictionSettings, resize, segment, toChannels,
+  checkExport, createSession, modelInput, predictionSettings, resize, segment, toChannels,
 } from "./segment.mjs";
+
+/** The bytes of `path`; a file that is not there is named with `what` should be there. */
+function readable(path, what) {
+  try {
+    return readFileSync(path);
+  } catch (error) {
+    const named = new Error(`${path}: ${error.code === "ENOENT" ? "no such file" : error.message}; `
+      + `give ${what}`);
+    named.readable = true;
+    throw named;
+  }
+}
 
 /** A raw file as {data, width, height, channels} (Float32Array samples with `float`). */
 function readRaw(path, float = false) {
-  const bytes = readFileSync(path);
+  const bytes = readable(path, "a raw picture (see this file's top)");
   const [width, height, channels] = [0, 4, 8].map((at) => bytes.readUInt32LE(at));
   const body = bytes.subarray(12);
   const count = width * height * channels;
@@ -82,14 +94,23 @@ async function main([command, ...given]) {
     const [model, sidecarPath, ...pairs] = args;
     let sidecar;
     try {
-      sidecar = JSON.parse(readFileSync(sidecarPath, "utf8"));
+      sidecar = JSON.parse(readable(sidecarPath, "the MODEL.onnx.json export wrote").toString("utf8"));
     } catch (error) {
+      if (error.readable) throw error;
       throw new Error(`${sidecarPath} is not the export's JSON settings file (${error.message}); `
         + "give MODEL.onnx first, then the MODEL.onnx.json export wrote beside it");
     }
+    const modelBytes = readable(model, "MODEL.onnx, the model experiments.export wrote");
+    await checkExport(sidecar, sidecarPath, modelBytes, model);
     predictionSettings(sidecar, options);  // a run this code does not implement stops here
     ort.env.wasm.numThreads = 1;  // one thread: quiet on small machines, and the same sums
-    const session = await createSession(ort, readFileSync(model));
+    let session;
+    try {
+      session = await createSession(ort, modelBytes);
+    } catch (error) {
+      throw new Error(`${model} is not an ONNX model onnxruntime can load (${error.message}); `
+        + "give the .onnx file experiments.export wrote");
+    }
     for (let i = 0; i < pairs.length; i += 2) {
       const { mask, width, height, how } = await segment(ort, session, sidecar, readRaw(pairs[i]),
         options);

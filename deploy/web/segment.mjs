@@ -336,6 +336,29 @@ export function maskFromLogits(logits, dims, settings, width, height) {
   return mask;
 }
 
+/** Throws unless `sidecar` (the parsed settings file, named `sidecarName`) is the one
+ * export wrote with the ONNX model `modelBytes` (named `modelName`): an ONNX export's,
+ * whose recorded SHA-256 is the model's. A model beside another run's settings had
+ * been segmented by the wrong rules, or failed inside onnxruntime. */
+export async function checkExport(sidecar, sidecarName, modelBytes, modelName) {
+  if (sidecar === null || typeof sidecar !== "object" || !sidecar.prediction) {
+    throw new Error(`${sidecarName} is not an export's settings file: give the `
+      + "MODEL.onnx.json that experiments.export wrote beside MODEL.onnx");
+  }
+  if (sidecar.format !== undefined && sidecar.format !== "onnx") {
+    throw new Error(`${sidecarName} is the settings file of a ${sidecar.format} export, not `
+      + `of ${modelName}: give the .onnx.json written beside it`);
+  }
+  if (sidecar.sha256) {
+    const digest = await globalThis.crypto.subtle.digest("SHA-256", modelBytes);
+    const hex = Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+    if (hex !== sidecar.sha256) {
+      throw new Error(`${sidecarName} describes another model than ${modelName} (its `
+        + "SHA-256 differs): give the model and the settings file of one export");
+    }
+  }
+}
+
 /** An onnxruntime-web session of the exported model (an ArrayBuffer/Uint8Array of the
  * .onnx file, or its URL), on the WebAssembly CPU backend: the one that runs alike in
  * every browser and in Node. */
