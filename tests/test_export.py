@@ -270,6 +270,13 @@ def test_the_sidecar_holds_the_runs_prediction_settings(exported, run_dir):
                  "mode 'symmetric'", "on the image mirrored left to right too",
                  "turned into probabilities"):
         assert step in tiles["how"], step
+    # The clip predict applies before the logarithm (a trained run's logit of 47 is a
+    # probability of exactly 1 in float32, whose logit is inf).
+    import inspect
+
+    from unet_jax import tiling
+    eps = inspect.signature(tiling.logits_of).parameters["eps"].default
+    assert eps == 1e-7 and "clipped to [1e-7, 1 - 1e-7]" in tiles["how"]
     # The views are averaged at the model's size, before the logits are resized back.
     assert tiles["how"].index("averaged") < tiles["how"].index("resized to the image's")
     assert "EXIF" in settings["how"] and "mirrored" not in settings["how"]  # no tta
@@ -503,6 +510,10 @@ def test_an_export_never_replaces_a_file_it_did_not_write(run_dir, tmp_path, mon
     monkeypatch.chdir(run)
     with pytest.raises(ExportError, match=r"^--output \. is the folder this command runs in"):
         export.export_params(run_dir[1], CONFIG, "savedmodel", ".")
+    # An empty --output is named as given, with an example of the format's own name.
+    with pytest.raises(ExportError, match=r"^--output '' is the folder .* e\.g\. "
+                       r"unet\.jaxexport$"):
+        export.export_params(run_dir[1], CONFIG, "stablehlo", "")
     (tmp_path / "link").symlink_to(run)
     with pytest.raises(ExportError, match=r"link is a symbolic link \(to .*run\); give the "
                        r"path itself"):

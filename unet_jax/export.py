@@ -102,7 +102,8 @@ def prediction_settings(config, threshold: float | None = None) -> dict:
     if c.tta in views:  # every model call averages its views, before any resizing back
         call = (f"the model, on {views[c.tta]} too (each view's logits mirrored back, "
                 "turned into probabilities, sigmoid or softmax for several classes, "
-                "averaged, and turned back into logits: log(p / (1 - p)), or log p)")
+                "averaged, clipped to [1e-7, 1 - 1e-7], and turned back into logits: "
+                "log(p / (1 - p)), or log p)")
     if mode.how == "resize":
         how = (f"{first}; resized to {c.image_size[0]}x{c.image_size[1]} (bilinear); "
                f"{call}; logits resized back to the image's size (bilinear)")
@@ -457,7 +458,7 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32",
         for module in ("tf2onnx", "onnx", "onnxruntime"):
             require(module, fmt)
     prediction = prediction_settings(config, threshold)  # a bad threshold stops here
-    output = _check_output(Path(output), fmt)
+    output = _check_output(output, fmt)  # as given: an empty one is named as ''
     fn = model_function(params, config, dtype)
     # A name of at most 255 bytes stays one with the staging folder's 14 more.
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name[:64]}.",
@@ -555,8 +556,10 @@ def _check_output(output: Path, fmt: str) -> Path:
         raise ExportError(f"--output {given} is a symbolic link (to {os.readlink(output)}); "
                           "give the path itself, or a new name")
     if output == Path.cwd() or output in Path.cwd().parents:
-        raise ExportError(f"--output {given} is the folder this command runs in (or holds "
-                          "it); give the export a name of its own, e.g. unet_savedmodel")
+        example = "unet_savedmodel" if fmt == "savedmodel" else f"unet{_suffix(fmt)}"
+        raise ExportError(f"--output {str(given) or repr('')} is the folder this command "
+                          "runs in (or holds it); give the export a name of its own, e.g. "
+                          f"{example}")
     kind = {_suffix(f): f for f in FORMATS if f != "savedmodel"}.get(output.suffix)
     if kind is not None and kind != fmt:
         raise ExportError(f"--output {given} ends in {output.suffix}, the {kind} format's "
