@@ -46,6 +46,7 @@ import fcntl
 import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -116,6 +117,14 @@ def check_caches(pipelines) -> None:
                             "with --crop)")
 
 
+def _size(value, name: str) -> tuple[int, int]:
+    """(height, width) of a size given as one number (a square) or two."""
+    sides = (value,) * 2 if isinstance(value, numbers.Integral) else tuple(value)
+    if len(sides) != 2 or not all(isinstance(x, numbers.Integral) and x > 0 for x in sides):
+        raise ValueError(f"{name} {value!r}: give (height, width) or one number, in pixels")
+    return tuple(int(x) for x in sides)
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
@@ -173,16 +182,18 @@ class InputPipeline:
             raise ValueError(f"resize {resize!r}: choose one of {', '.join(RESIZE)}")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels {in_channels}: choose 1 (grayscale) or 3 (RGB)")
-        if batch_size < 1 or seed < 0:
-            raise ValueError(f"batch_size {batch_size} must be >= 1 and seed {seed} >= 0")
+        for name, value, low in (("batch_size", batch_size, 1), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name} {value!r}: give a whole number, {low} or more")
         index, count = shard
         if not 0 <= index < count:
             raise ValueError(f"shard {shard}: give (index, count) with 0 <= index < count")
         if crops_per_image < 1 or (crop is None and crops_per_image != 1):
             raise ValueError(f"crops_per_image {crops_per_image}: give 1 or more, with crop")
         self.pairs = list(pairs)
-        self.image_size = tuple(int(x) for x in image_size)
-        self.crop = tuple(int(x) for x in crop) if crop is not None else None
+        # One number is a square, as Config and --image-size take it.
+        self.image_size = _size(image_size, "image_size")
+        self.crop = _size(crop, "crop") if crop is not None else None
         self.scale = scale
         self.crops_per_image = crops_per_image
         self.batch_size = batch_size

@@ -425,3 +425,14 @@ def test_crop_cache_holds_images_of_different_sizes_in_a_file(tmp_path):
 def test_whole_images_of_a_crop_pipeline_are_not_batched(kaggle):
     with pytest.raises(ValueError, match="examples"):
         dp.InputPipeline(kaggle, image_size=SIZE, batch_size=2, train=False, crop=(16, 16)).dataset()
+
+
+def test_sizes_and_counts_are_taken_as_config_takes_them(own_copy):
+    """image_size=32 (a square, as Config takes it) had failed with "'int' object is
+    not iterable", and batch_size="4" comparing a str with 1."""
+    assert pipe(own_copy, image_size=16, train=False).image_size == (16, 16)
+    for bad, named in [(dict(batch_size="4"), "batch_size '4'"),
+                       (dict(image_size=(16,)), r"image_size \(16,\)"),
+                       (dict(crop=(0, 8)), r"crop \(0, 8\)")]:
+        with pytest.raises(ValueError, match=rf"^{named}: give"):
+            pipe(own_copy, **bad)
