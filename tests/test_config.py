@@ -226,6 +226,13 @@ def test_a_disk_cache_goes_to_the_users_cache_folder_and_a_prefix_is_absolute(
     # Prefixes that only look like the words stay prefixes.
     for prefix in ("mydisk", "memory_cache", "notes"):
         assert Config(cache=prefix).cache == str(tmp_path / prefix)
+    # A folder keeps the files in it (they had gone beside it, as <folder>-<hash>...),
+    # once: the prefix in config.json reads the same on a resume.
+    (tmp_path / "scratch").mkdir()
+    for given in ("scratch", "scratch/", "later/"):
+        folder = tmp_path / given.rstrip("/")
+        assert Config(cache=given).cache == str(folder / "decoded")
+        assert Config(cache=Config(cache=given).cache).cache == str(folder / "decoded")
 
 
 def test_a_validation_percentage_is_named_as_a_fraction():

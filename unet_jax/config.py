@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -131,7 +132,8 @@ class Config:
                               metavar="V")
     cache: str = _field("memory", "decoded images: 'memory', 'none', 'disk' (memory-mapped "
                         "files in the user's cache folder, for data larger than memory, "
-                        "reused by later runs), or a file prefix for such files elsewhere")
+                        "reused by later runs), or a file prefix for such files elsewhere (a folder: "
+                        "files in it)")
     skip_bad: bool = _field(False, "skip unreadable or unmatched image/mask pairs (listed "
                             "as a warning) instead of stopping")
     ignore_index: Optional[int] = _field(
@@ -298,7 +300,12 @@ class Config:
             raise ConfigError(f"--cache {self.cache!r}: did you mean {near[0]!r}? (a file "
                               f"prefix is a path, such as ./{self.cache})")
         if self.cache not in CACHES:  # absolute, as data_dir: a prefix
-            self.cache = str(Path(self.cache).expanduser().resolve())  # of the run's files
+            prefix = Path(self.cache).expanduser().resolve()  # of the run's files
+            # A folder (one that exists, or a path ending in a separator) holds the
+            # files: decoded-<hash>.images.npy in it, not <folder>-<hash>... beside it.
+            if self.cache.endswith(("/", os.sep)) or prefix.is_dir():
+                prefix = prefix / "decoded"
+            self.cache = str(prefix)
         if self.ignore_index is not None:
             low = max(self.num_classes, 2)  # binary masks read 0 and 1 as classes
             if not low <= self.ignore_index <= 255:
