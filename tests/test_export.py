@@ -456,6 +456,11 @@ def test_an_output_that_is_a_directory_is_one_line(run_dir, tmp_path):
     with pytest.raises(ExportError, match=r"unet\.tflite\.json would replace a directory"):
         export.export_params(run_dir[1], CONFIG, "tflite", tmp_path / "unet.tflite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.tflite.json"]
+    # A folder that exists but takes no file: "not writable (No such file or directory)"
+    # had contradicted itself.
+    with pytest.raises(ExportError, match=r"^--output /proc/x\.jaxexport: cannot write in "
+                       r"/proc \("):
+        export.export_params(run_dir[1], CONFIG, "stablehlo", "/proc/x.jaxexport")
 
 
 def test_a_savedmodel_replaces_an_older_one_and_nothing_else(exported, reference, run_dir,

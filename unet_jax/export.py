@@ -623,7 +623,8 @@ def _check_parent(output: Path, given) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ExportError(f"--output {given}: {output.parent} is not writable "
+        # /proc/x.onnx: /proc exists, yet no file can be made in it (ENOENT).
+        raise ExportError(f"--output {given}: cannot write in {output.parent} "
                           f"({e.strerror or e}); choose another path") from None
 
 
