@@ -394,6 +394,12 @@ def test_files_it_cannot_read_are_named(cli, tmp_path):
              tmp_path / "car.mask")
     assert p.returncode == 2 and p.stderr.startswith(
         f"{tmp_path / 'unet.onnx'} is not the export's JSON settings file"), p.stderr
+    # Settings that fit, and a file that is no ONNX model: named, not onnxruntime's own.
+    write_json(tmp_path / "unet.onnx.json", {"prediction": export.prediction_settings(CONFIG)})
+    p = node(cli, "segment", tmp_path / "unet.onnx", tmp_path / "unet.onnx.json", photo,
+             tmp_path / "car.mask")
+    assert p.returncode == 2 and p.stderr.startswith(
+        f"{tmp_path / 'unet.onnx'} is not an ONNX model onnxruntime can load ("), p.stderr
 
 
 def test_a_model_and_the_settings_of_another_export_are_refused(cli, rgb_onnx, crop_onnx,

@@ -59,13 +59,7 @@ async function load(modelBytes, sidecar, name, sidecarName) {
   model = null;
   await checkExport(sidecar, sidecarName, modelBytes, name);
   predictionSettings(sidecar);
-  let session;
-  try {
-    session = await createSession(ort, modelBytes);
-  } catch (error) {
-    throw new Error(`${name} is not an ONNX model onnxruntime can load (${error.message}); `
-      + "give the .onnx file experiments.export wrote");
-  }
+  const session = await createSession(ort, modelBytes, name);
   model = { session, sidecar, name };
   describe();
 }

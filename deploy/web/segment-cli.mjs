@@ -104,13 +104,7 @@ async function main([command, ...given]) {
     await checkExport(sidecar, sidecarPath, modelBytes, model);
     predictionSettings(sidecar, options);  // a run this code does not implement stops here
     ort.env.wasm.numThreads = 1;  // one thread: quiet on small machines, and the same sums
-    let session;
-    try {
-      session = await createSession(ort, modelBytes);
-    } catch (error) {
-      throw new Error(`${model} is not an ONNX model onnxruntime can load (${error.message}); `
-        + "give the .onnx file experiments.export wrote");
-    }
+    const session = await createSession(ort, modelBytes, model);
     for (let i = 0; i < pairs.length; i += 2) {
       const { mask, width, height, how } = await segment(ort, session, sidecar, readRaw(pairs[i]),
         options);

@@ -361,9 +361,14 @@ export async function checkExport(sidecar, sidecarName, modelBytes, modelName) {
 
 /** An onnxruntime-web session of the exported model (an ArrayBuffer/Uint8Array of the
  * .onnx file, or its URL), on the WebAssembly CPU backend: the one that runs alike in
- * every browser and in Node. */
-export function createSession(ort, model) {
-  return ort.InferenceSession.create(model, { executionProviders: ["wasm"] });
+ * every browser and in Node. A file onnxruntime cannot load is named (`name`). */
+export async function createSession(ort, model, name = "the model") {
+  try {
+    return await ort.InferenceSession.create(model, { executionProviders: ["wasm"] });
+  } catch (error) {
+    throw new Error(`${name} is not an ONNX model onnxruntime can load (${error.message}); `
+      + "give the .onnx file experiments.export wrote");
+  }
 }
 
 // --- Tiles: unet_jax/tiling.py's tiled_logits, which predict runs ---------------------
