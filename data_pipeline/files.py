@@ -350,7 +350,10 @@ def _pairs_beside(root: Path) -> tuple[list[Pair], list[str]]:
         masks, more = _by_stem([p for p in found if p.stem.endswith("_mask")], strip="_mask")
         problems += clashes + more
         for stem, image in images.items():
-            if stem in extra:
+            if stem in extra and stem not in masks and len(extra[stem]) == 1:
+                problems.append(f"{image}'s mask is named {extra[stem][0].name}: rename it "
+                                f"{stem}_mask{extra[stem][0].suffix}")
+            elif stem in extra:
                 named = ", ".join(sorted(p.name for p in [masks.get(stem), *extra[stem]] if p))
                 problems.append(f"{image} has several masks ({named}); merge them into its "
                                 f"{stem}_mask file (every object of each: their maximum) and "
@@ -776,10 +779,11 @@ def warn_if_all_background(pairs, side: str, num_classes: int = 1,
         if ((values > 0) & (values != (-1 if ignore_index is None else ignore_index))).any():
             return False
     if pairs:
-        log.warning("none of the %d %s masks holds foreground: every %s Dice is 1 and the "
-                    "best epoch is picked among ties; where the split held out a folder of "
-                    "cases without findings, pass --split random, --group-by or "
-                    "--val-data-dir", len(pairs), side, side)
+        why = ("every validation Dice is 1 and the best epoch is picked among ties"
+               if side == "validation" else "the model can learn background alone")
+        log.warning("none of the %d %s masks holds foreground: %s; where the split held "
+                    "out a folder of cases without findings, pass --split random, "
+                    "--group-by or --val-data-dir", len(pairs), side, why)
     return bool(pairs)
 
 
@@ -845,11 +849,17 @@ def _images_of(path) -> list[Path]:
     path = unnested(path)
     found = _images_in(path)
     stems = {p.stem for p in found}
-    # Masks kept beside their images (x.tif, x_mask.tif) are not images to segment.
-    if beside := [p for p in found if p.stem.endswith("_mask") and p.stem[:-5] in stems]:
+    # Masks kept beside their images (x.tif, x_mask.tif; BUSI's x_mask_1.png too) are
+    # not images to segment.
+    def mask_of(p):
+        extra = _EXTRA_MASK.fullmatch(p.stem)
+        base = extra.group(1) if extra else p.stem[:-5] if p.stem.endswith("_mask") else None
+        return base if base in stems else None
+
+    if beside := [p for p in found if mask_of(p)]:
         log.warning("--input %s: leaving out %d file(s) named as the masks of images beside "
                     "them (%s for %s); give a folder of images alone to predict them too",
-                    path, len(beside), beside[0].name, beside[0].stem[:-5])
+                    path, len(beside), beside[0].name, mask_of(beside[0]))
         left_out = set(beside)
         found = [p for p in found if p not in left_out]
     if not found:

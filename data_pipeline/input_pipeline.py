@@ -118,11 +118,11 @@ def check_caches(pipelines) -> None:
 
 
 def _size(value, name: str) -> tuple[int, int]:
-    """(height, width) of a size given as one number (a square) or two."""
-    sides = (value,) * 2 if isinstance(value, numbers.Integral) else tuple(value)
-    if len(sides) != 2 or not all(isinstance(x, numbers.Integral) and x > 0 for x in sides):
-        raise ValueError(f"{name} {value!r}: give (height, width) or one number, in pixels")
-    return tuple(int(x) for x in sides)
+    """(height, width) of a size given as one number (a square) or two, read as Config
+    reads ``image_size`` (``config.normalize_image_size``); ValueError naming ``name``."""
+    from unet_jax.config import normalize_image_size
+
+    return normalize_image_size(value, None, name)
 
 
 def _gb(n: int) -> str:

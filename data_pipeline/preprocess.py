@@ -418,7 +418,7 @@ def eight_bits(values: np.ndarray, kind: str, path, max_value: float = 0.0) -> n
     elif kind == "16-bit" or top > 255:
         if top < 4096 and not narrow_warned:
             narrow_warned = True
-            bits = max(int(top).bit_length(), 1)
+            bits = max(int(top).bit_length(), 8)  # a dark first file: no less than 8
             log.warning("%s is a %s image whose values stay below %d: scaled from 65535 "
                         "to 255 it keeps %d grey levels, nearly black; if your data has "
                         "%d bits, pass --max-value %d to train (predict reads it from the "
@@ -688,12 +688,14 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int],
 def _half(values: np.ndarray) -> float:
     """The cut of a mask whose edges are graded: half its type's full scale (128 for
     8 bits, 32768 for 16; for floats 0.5 of masks in [0, 1], else 128 or 32768 by
-    their largest value)."""
+    their largest value, overshoot allowed)."""
     if values.dtype.kind == "u":
         return (int(np.iinfo(values.dtype).max) + 1) // 2
     if values.dtype.kind == "f":
+        # By the scale the values are on, allowing a smooth filter's overshoot (a [0, 1]
+        # mask resized bicubic reaches 1.15): under 2 it is [0, 1], under 512 0..255.
         top = float(values.max(initial=0))
-        return 0.5 if top <= 1 else 128 if top <= 255 else 32768
+        return 0.5 if top < 2 else 128 if top < 512 else 32768
     return 128
 
 

@@ -559,12 +559,13 @@ def child_argv(args, which: str) -> list[str]:
         argv += ["--compile-cache", args.compile_cache]
     if args.augment:
         argv += ["--augment", args.augment]
-    if args.kaggle_size_sample:
-        argv += ["--kaggle-size-sample", str(args.kaggle_size_sample)]
-    if args.data_dir:
-        argv += ["--data-dir", args.data_dir]
-    if args.skip_bad:
-        argv += ["--skip-bad"]
+    if args.mode == "pipeline":  # the other modes refuse what feeds the pipeline
+        if args.kaggle_size_sample:
+            argv += ["--kaggle-size-sample", str(args.kaggle_size_sample)]
+        if args.data_dir:
+            argv += ["--data-dir", args.data_dir]
+        if args.skip_bad:
+            argv += ["--skip-bad"]
     if args.crop:
         argv += ["--crop", *map(str, args.crop)]
     return argv

@@ -587,8 +587,8 @@ def test_save_params_writes_a_run_that_restores(tmp_path, saved):
     (tmp_path / "empty").mkdir()
     checkpoints.save_params(tmp_path / "empty", params, CONFIG)
     assert checkpoints.restore_params(tmp_path / "empty")[2] == 0
-    with pytest.raises(rundir.RunDirError, match="already holds a run; choose another run "
-                       "directory$"):
+    with pytest.raises(rundir.RunDirError, match="^run_dir .* already holds a run; choose "
+                       "another run_dir$"):
         checkpoints.save_params(out, params, CONFIG)
 
 

@@ -190,7 +190,8 @@ def test_a_12_bit_image_is_named_once_with_the_fix(tmp_path, caplog, monkeypatch
     assert "--max-value 4095" in message
 
 
-@pytest.mark.parametrize("case", ["8-bit values in 16 bits", "overshoot", "z-scored"])
+@pytest.mark.parametrize("case", ["8-bit values in 16 bits", "dark 16 bits", "overshoot",
+                                  "z-scored"])
 def test_images_that_reach_the_model_nearly_black_are_named_with_the_fix_that_fits(
         tmp_path, caplog, monkeypatch, case):
     """16-bit files of 8-bit values were told to pass --max-value 511 (half
@@ -202,6 +203,8 @@ def test_images_that_reach_the_model_nearly_black_are_named_with_the_fix_that_fi
     ramp = np.linspace(0, 1, H * W).reshape(H, W)
     values, fix = {"8-bit values in 16 bits": ((ramp * 249).astype(np.uint16),
                                                "--max-value 255 "),
+                   # A dark first file: no suggestion under 8 bits, which would clip.
+                   "dark 16 bits": ((ramp * 100).astype(np.uint16), "--max-value 255 "),
                    "overshoot": ((ramp * 0.9).astype(np.float32), "--max-value 1 "),
                    "z-scored": ((ramp * 4 - 2).astype(np.float32), "scale the images to "
                                 "[0, 1] or 0..255")}[case]
@@ -605,6 +608,15 @@ def test_float_masks_cut_graded_edges_at_half_and_keep_whole_class_ids(tmp_path)
     Image.fromarray(soft).save(tmp_path / "soft.tif")
     read = dp.load_mask(tmp_path / "soft.tif", (H, W))[..., 0]
     np.testing.assert_array_equal(read, soft >= 0.5)
+    # Resized bicubic, a [0, 1] mask overshoots to 1.15 (and below 0): still [0, 1],
+    # cut at 0.5 (a cut of 128 had read it empty); on 0..255 alike.
+    over = np.asarray(Image.fromarray(disc).resize((W // 2, H // 2), Image.BILINEAR)
+                      .resize((W, H), Image.BICUBIC))
+    assert 1 < over.max() < 2
+    for scale, name in ((1, "over.tif"), (255, "over255.tif")):
+        Image.fromarray(over * scale).save(tmp_path / name)
+        np.testing.assert_array_equal(dp.load_mask(tmp_path / name, (H, W))[..., 0],
+                                      over * scale >= 0.5 * (1 if scale == 1 else 256))
     Image.fromarray(disc).save(tmp_path / "hard.tif")  # 0.0/1.0: any non-zero
     np.testing.assert_array_equal(dp.load_mask(tmp_path / "hard.tif", (H, W))[..., 0], disc > 0)
     ids = (box_mask() + 2 * box_mask(seed=5)).clip(0, 2).astype(np.float32)
@@ -1055,6 +1067,10 @@ def test_a_side_of_empty_masks_is_named(tmp_path, caplog):
         assert dp.warn_if_all_background(pairs[:3], "validation") is True
     assert "none of the 3 validation masks holds foreground: every validation Dice is 1" \
         in caplog.text
+    with caplog.at_level(logging.WARNING):
+        dp.warn_if_all_background(pairs[:3], "training")
+    assert "none of the 3 training masks holds foreground: the model can learn " \
+        "background alone" in caplog.text
     # Ignored pixels are no foreground.
     write_mask(pairs[3].mask, box_mask(seed=3))
     assert dp.warn_if_all_background(pairs[3:], "training", ignore_index=255) is True
@@ -1079,6 +1095,14 @@ def test_a_second_mask_of_one_image_is_named_as_such(tmp_path, caplog):
     assert sorted(p.image.name for p in pairs) == [
         "benign (1).png", "benign (3).png", "malignant (1).png", "malignant (2).png",
         "malignant (3).png"]
+    # predict on the folder segments the images alone, not the second mask.
+    images = dp.find_images(root / "benign")
+    assert [p.name for p in images] == ["benign (1).png", "benign (2).png", "benign (3).png"]
+    # A lone "_mask_1" is a misnamed mask: renamed, not merged.
+    (root / "benign" / "benign (2)_mask.png").unlink()
+    with pytest.raises(dp.DataError, match=r"benign \(2\)\.png's mask is named benign "
+                       r"\(2\)_mask_1\.png: rename it benign \(2\)_mask\.png"):
+        dp.find_pairs(root)
 
 
 def test_masks_saved_as_arrays_are_named_as_not_read(tmp_path):

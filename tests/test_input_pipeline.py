@@ -431,8 +431,10 @@ def test_sizes_and_counts_are_taken_as_config_takes_them(own_copy):
     """image_size=32 (a square, as Config takes it) had failed with "'int' object is
     not iterable", and batch_size="4" comparing a str with 1."""
     assert pipe(own_copy, image_size=16, train=False).image_size == (16, 16)
+    assert pipe(own_copy, image_size=[16], train=False).image_size == (16, 16)
     for bad, named in [(dict(batch_size="4"), "batch_size '4'"),
-                       (dict(image_size=(16,)), r"image_size \(16,\)"),
-                       (dict(crop=(0, 8)), r"crop \(0, 8\)")]:
-        with pytest.raises(ValueError, match=rf"^{named}: give"):
+                       (dict(image_size=(16, 8, 4)), "image_size 16 8 4"),
+                       (dict(image_size=True), "image_size True"),
+                       (dict(crop=(0, 8)), "crop 0 8")]:
+        with pytest.raises(ValueError, match=rf"^{named}: "):
             pipe(own_copy, **bad)

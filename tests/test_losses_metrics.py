@@ -419,6 +419,8 @@ def test_values_that_are_no_class_id_are_named_not_scored():
     assert segmentation_scores(left > 0, left.astype(np.float32) / 255, 1)["dice"][0] == 1.0
     assert segmentation_scores(left > 0, np.where(left > 0, 1, 255), 1,
                                ignore_index=255)["dice"][0] == 1.0
+    with pytest.raises(ValueError, match="true holds 4.29497e"):  # before int32 cuts it
+        segmentation_scores(np.zeros((1, 1, 1), np.int64), np.full((1, 1, 1), 2**32), 1)
     with pytest.raises(ValueError, match="pred holds 3, .* 3-class model"):
         segmentation_scores(np.full((1, 2, 2), 3), np.zeros((1, 2, 2), int), 3)
 

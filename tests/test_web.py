@@ -416,6 +416,11 @@ def test_a_model_and_the_settings_of_another_export_are_refused(cli, rgb_onnx, c
     assert p.returncode == 2 and p.stderr.strip() == (
         f"{export.sidecar_path(rgb_model)} describes another model than {crop_model} (its "
         "SHA-256 differs): give the model and the settings file of one export"), p.stderr
+    # Where the hash cannot be computed (plain http from another machine), the size.
+    assert sidecar["bytes"] == rgb_model.stat().st_size
+    p = node(cli, "segment", crop_model, write_json(tmp_path / "no-hash.json", {
+        k: v for k, v in sidecar.items() if k != "sha256"}), photo, tmp_path / "car.mask")
+    assert p.returncode == 2 and "(its size differs)" in p.stderr, p.stderr
     tflite = write_json(tmp_path / "unet.tflite.json", {**sidecar, "format": "tflite"})
     p = node(cli, "segment", rgb_model, tflite, photo, tmp_path / "car.mask")
     assert p.returncode == 2 and "the settings file of a tflite export" in p.stderr

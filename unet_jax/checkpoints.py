@@ -710,7 +710,7 @@ def save_params(run_dir, params, config: Config, metrics: dict | None = None,
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is a file; choose a directory for the run")
-    rundir.check_start(run_dir, resume=False, what="run directory", resumable=False)
+    rundir.check_start(run_dir, resume=False, what="run_dir", resumable=False)
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.",

@@ -489,6 +489,7 @@ def export_params(params, config, fmt: str, output, dtype: str = "float32",
                  "tolerance": limit}
         info = _settings(config, fmt, output, dtype, check, checkpoint, prediction)
         if artifact.is_file():  # what a caller checks that it has the model of these settings
+            info["bytes"] = artifact.stat().st_size
             info["sha256"] = hashlib.sha256(artifact.read_bytes()).hexdigest()
         _replace(artifact, output)
         rundir.write_text_atomic(sidecar_path(output), json.dumps(info, indent=2) + "\n")

@@ -82,6 +82,9 @@ def _check_ids(name: str, ids, num_classes: int, ignore_index: int | None) -> No
         return
     ids = np.asarray(ids)
     k = max(num_classes, 2)
+    whole = ids.dtype.kind in "biu" or bool(np.all(ids == np.round(ids)))
+    if whole and ids.size and ids.min() >= 0 and ids.max() < k:
+        return  # two reductions: the usual case costs no full-size temporaries
     bad = (ids < 0) | (ids >= k)
     if ignore_index is not None:
         bad &= ids != ignore_index
@@ -105,13 +108,14 @@ def segmentation_scores(pred, true, num_classes: int,
     its present classes (1 where none is). ``num_classes`` 1 means a binary model: ids
     {0, 1}. Pixels where ``true`` is ``ignore_index`` are left out of every count.
     """
+    # Checked as given (a host array), before int64 values are cut to int32.
+    _check_ids("pred", pred, num_classes, None)
+    _check_ids("true", true, num_classes, ignore_index)
     pred, true = jnp.asarray(pred), jnp.asarray(true)
     if pred.ndim != 3 or pred.shape != true.shape:
         raise ValueError(f"class maps of shapes {pred.shape} and {true.shape}: give two "
                          "(N, H, W) maps of one shape (a single image as image[None])")
     check_ignore_index(ignore_index, num_classes)
-    _check_ids("pred", pred, num_classes, None)
-    _check_ids("true", true, num_classes, ignore_index)
     classes = jnp.arange(1, max(num_classes, 2))
     p = pred[..., None] == classes  # (N, H, W, K)
     t = true[..., None] == classes

@@ -338,8 +338,10 @@ export function maskFromLogits(logits, dims, settings, width, height) {
 
 /** Throws unless `sidecar` (the parsed settings file, named `sidecarName`) is the one
  * export wrote with the ONNX model `modelBytes` (named `modelName`): an ONNX export's,
- * whose recorded SHA-256 is the model's. A model beside another run's settings had
- * been segmented by the wrong rules, or failed inside onnxruntime. */
+ * whose recorded SHA-256 is the model's (or its size, where the page is served over
+ * plain http from another machine: browsers give `crypto.subtle` to secure origins
+ * alone). A model beside another run's settings had been segmented by the wrong
+ * rules, or failed inside onnxruntime. */
 export async function checkExport(sidecar, sidecarName, modelBytes, modelName) {
   if (sidecar === null || typeof sidecar !== "object" || !sidecar.prediction) {
     throw new Error(`${sidecarName} is not an export's settings file: give the `
@@ -349,13 +351,17 @@ export async function checkExport(sidecar, sidecarName, modelBytes, modelName) {
     throw new Error(`${sidecarName} is the settings file of a ${sidecar.format} export, not `
       + `of ${modelName}: give the .onnx.json written beside it`);
   }
-  if (sidecar.sha256) {
+  const other = `${sidecarName} describes another model than ${modelName}`;
+  if (sidecar.sha256 && globalThis.crypto?.subtle) {
     const digest = await globalThis.crypto.subtle.digest("SHA-256", modelBytes);
     const hex = Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
     if (hex !== sidecar.sha256) {
-      throw new Error(`${sidecarName} describes another model than ${modelName} (its `
-        + "SHA-256 differs): give the model and the settings file of one export");
+      throw new Error(`${other} (its SHA-256 differs): give the model and the settings `
+        + "file of one export");
     }
+  } else if (sidecar.bytes !== undefined && modelBytes.byteLength !== sidecar.bytes) {
+    throw new Error(`${other} (its size differs): give the model and the settings file of `
+      + "one export");
   }
 }
 
