@@ -1,5 +1,6 @@
 """experiments.benchmark end to end at a tiny size. Speed itself is never asserted."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -311,3 +312,16 @@ def test_each_suite_row_names_the_sizes_it_runs():
     for row in suite.ROWS:
         quick = row.describe(suite.QUICK)
         assert not any(size in quick for size in ("1918", "512", "64", "{")), quick
+
+
+def test_pipeline_flags_reach_pipeline_children_alone():
+    """The GPU check with --data-dir (or --skip-bad) gave every model row's child a flag
+    its mode refuses, and every such row failed."""
+    from experiments import benchmark
+
+    args = benchmark.parse_args(["--suite", "gpu", "--platform", "cpu", "--quick",
+                                 "--data-dir", "data", "--skip-bad"])
+    for mode, passed in (("train", False), ("infer", False), ("pipeline", True)):
+        argv = benchmark.child_argv(argparse.Namespace(**{**vars(args), "mode": mode}), "jax")
+        assert ("--data-dir" in argv and "--skip-bad" in argv) is passed, (mode, argv)
+        benchmark.parse_args(argv[3:])  # the child takes what it is given
