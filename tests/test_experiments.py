@@ -794,12 +794,18 @@ def test_submit_replaces_an_earlier_submission_alone(trained_run, tmp_path, caps
     argv = ["--checkpoint", str(trained_run), "--input", str(images)]
     assert call(submit.main, argv + ["--output", str(out)]) == 0
     assert call(submit.main, argv + ["--output", str(out)]) == 0  # its own: replaced
-    for victim in (trained_run / "config.json", images / "a.jpg"):
+    refuses_to_replace(submit.main, argv, (trained_run / "config.json", images / "a.jpg"),
+                       "is a file that is not a submission", capsys)
+
+
+def refuses_to_replace(main, argv, victims, why: str, capsys) -> None:
+    """``main`` with ``--output`` each of ``victims`` exits 2, saying ``--output <victim>
+    <why>``, and leaves the file as it was."""
+    for victim in victims:
         before = victim.read_bytes()
         capsys.readouterr()
-        assert call(submit.main, argv + ["--output", str(victim)]) == 2
-        assert f"--output {victim} is a file that is not a submission" in (
-            capsys.readouterr().err)
+        assert call(main, argv + ["--output", str(victim)]) == 2
+        assert f"--output {victim} {why}" in capsys.readouterr().err
         assert victim.read_bytes() == before
 
 
@@ -812,13 +818,9 @@ def test_evaluate_replaces_an_earlier_evaluation_alone(trained_run, tmp_path, ca
     assert call(evaluate.main, argv + ["--output", str(out)]) == 0  # its own: replaced
     script = tmp_path / "notes.py"
     script.write_text("print('mine')\n")
-    for victim in (trained_run / "config.json", trained_run / "metrics.csv", script):
-        before = victim.read_bytes()
-        capsys.readouterr()
-        assert call(evaluate.main, argv + ["--output", str(victim)]) == 2
-        assert f"--output {victim} is a file that is not an evaluation's JSON" in (
-            capsys.readouterr().err)
-        assert victim.read_bytes() == before
+    refuses_to_replace(evaluate.main, argv,
+                       (trained_run / "config.json", trained_run / "metrics.csv", script),
+                       "is a file that is not an evaluation's JSON", capsys)
 
 
 def test_submit_takes_an_earlier_submission_saved_again_and_names_a_link(tmp_path):

@@ -132,8 +132,8 @@ class Config:
                               metavar="V")
     cache: str = _field("memory", "decoded images: 'memory', 'none', 'disk' (memory-mapped "
                         "files in the user's cache folder, for data larger than memory, "
-                        "reused by later runs), or a file prefix for such files elsewhere (a folder: "
-                        "files in it)")
+                        "reused by later runs), or a file prefix for such files elsewhere "
+                        "(a folder: files in it)")
     skip_bad: bool = _field(False, "skip unreadable or unmatched image/mask pairs (listed "
                             "as a warning) instead of stopping")
     ignore_index: Optional[int] = _field(

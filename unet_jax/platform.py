@@ -86,9 +86,9 @@ def memory_limit(cgroup_root="/sys/fs/cgroup", cgroup_file="/proc/self/cgroup") 
         else:
             continue
         # Inside a container the group's path is often the host's, and its own
-        # group is mounted at the root: both are read.
+        # group is mounted at the root: both are read (the root is the last level).
         folder = base / group.strip("/")
-        for level in [folder, *folder.parents, base]:
+        for level in [folder, *folder.parents]:
             if not level.is_relative_to(base):
                 break
             try:
