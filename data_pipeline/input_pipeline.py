@@ -302,8 +302,8 @@ class InputPipeline:
 
     def cache_files_exist(self) -> bool:
         """Whether an earlier run's cache files for these examples are there."""
-        return all(Path(f"{self._cache_base()}.{k}.npy").is_file()
-                   for k in ("images", "masks", "ready"))
+        base = self._cache_base()  # one listing and hash of the files, not one per kind
+        return all(Path(f"{base}.{k}.npy").is_file() for k in ("images", "masks", "ready"))
 
     def _open_store(self):
         """The cache arrays: (images, masks, ready), flat uint8 arrays holding every

@@ -61,12 +61,11 @@ def build_config(args):
         saved = checkpoints.load_config(args.workdir)
         if not args.preset:
             return dataclasses.replace(saved, **given)
-        # The first command's --epochs, not the preset's, unless given again: a run
-        # of 6 epochs resumed with its --preset alone would otherwise stop at the
-        # preset's 2.
-        given.setdefault("epochs", saved.epochs)
-        # No preset sets these: the run's own, unless given again (data that moved).
-        for name in ("init_from", "data_dir", "val_data_dir", "cache"):
+        # The settings a resume may change, and the run's starting weights, are the
+        # run's own unless given again (data that moved): its --epochs, not the
+        # preset's (a run of 6 epochs resumed with its --preset alone would otherwise
+        # stop at the preset's 2), and no preset sets the others.
+        for name in (*config_lib.RESUME_MAY_CHANGE, "init_from"):
             given.setdefault(name, getattr(saved, name))
         config = configs.get(args.preset, **given)
         # A setting the preset brings, not a flag the user typed: say so.

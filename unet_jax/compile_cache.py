@@ -75,6 +75,18 @@ def resolve(setting: str | None = None) -> Path | None:
     return Path(value).expanduser().resolve()
 
 
+def _source(setting: str | None) -> str:
+    """Where ``resolve(setting)``'s folder came from, in its order, to head a message
+    about it: a folder the user never typed is no flag of theirs."""
+    if setting is not None:
+        return "--compile-cache "
+    if os.environ.get(ENV) is not None:
+        return f"{ENV}="
+    if _jax_own_dir():
+        return "the compile cache (JAX_COMPILATION_CACHE_DIR) "
+    return "the compile cache (in $XDG_CACHE_HOME or ~/.cache) "
+
+
 def _jax_own_dir() -> str | None:
     """The folder JAX was told to use (``JAX_COMPILATION_CACHE_DIR`` or its config)."""
     import jax
@@ -97,21 +109,15 @@ def enable(setting: str | None = None, *, min_compile_s: float = MIN_COMPILE_S,
 
     path = resolve(setting)
     if path is not None:
-        # Named by where it came from: a folder the user never typed is no flag of theirs.
-        source = ("--compile-cache" if setting is not None else
-                  f"{ENV}=" if os.environ.get(ENV) is not None else
-                  "the compile cache (JAX_COMPILATION_CACHE_DIR)" if _jax_own_dir() else
-                  "the compile cache (in $XDG_CACHE_HOME or ~/.cache)")
-        source = source if source.endswith("=") else source + " "
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CompileCacheError(
-                f"{source}{path}: cannot create the folder ({e.strerror}); give a "
+                f"{_source(setting)}{path}: cannot create the folder ({e.strerror}); give a "
                 f"writable folder with --compile-cache DIR, or 'off' (also settable as "
                 f"{ENV})") from None
         if not os.access(path, os.W_OK):
-            raise CompileCacheError(f"{source}{path}: the folder is not writable; give a "
+            raise CompileCacheError(f"{_source(setting)}{path}: the folder is not writable; give a "
                                     "writable folder with --compile-cache DIR, or 'off' "
                                     f"(or set {ENV})")
     jax.config.update("jax_enable_compilation_cache", path is not None)

@@ -43,6 +43,11 @@ PLATEAU_PATIENCE = 3
 PLATEAU_FACTOR = 0.5
 
 
+# The settings a --resume may change: how long it runs, how data is loaded, and where
+# data that moved is now (the validation folder only where the run has one).
+RESUME_MAY_CHANGE = ("epochs", "data_dir", "val_data_dir", "cache")
+
+
 # What config.json records beside the settings (trainer.write_run_files): the devices,
 # and the epoch of the --init-from run whose weights the run started from.
 RECORDED = frozenset({"device_count", "process_count", "backend", "init_from_epoch"})

@@ -46,7 +46,7 @@ import numpy as np
 
 import data_pipeline
 from unet_jax import checkpoints, compile_cache, finetune, optim, parallel, report, rundir
-from unet_jax.config import Config, ConfigError, as_flag, flag, shown
+from unet_jax.config import RESUME_MAY_CHANGE, Config, ConfigError, as_flag, flag, shown
 from unet_jax.prediction import PredictionMode, predict_batch
 from unet_jax.train import (create_train_state, eval_step, loss_spec, merge_sums,
                             predict_step, score_logits, train_step)
@@ -201,7 +201,7 @@ def check_run_dir(config: Config, workdir: Path, resume: bool) -> None:
     saved = Config.load(config_file)
     # Data that moved may be given where it is now; a validation folder may not be
     # added to a run that split its data, nor dropped from one that had it.
-    movable = {"epochs", "data_dir", "cache"} | ({"val_data_dir"} if None not in (
+    movable = set(RESUME_MAY_CHANGE) - ({"val_data_dir"} if None in (
         saved.val_data_dir, config.val_data_dir) else set())
     changed = [name for name in saved.differences(config) if name not in movable]
     if not changed and saved.epochs != config.epochs and config.schedule in ("cosine", "poly"):
