@@ -188,7 +188,19 @@ def detect_layout(data_dir, flag: str = "--data-dir") -> tuple[Path, Path, str]:
     if _beside_folders(root):
         return root, root, "beside"
     raise DataError(f"{flag} {root} matches no known layout: expected "
-                    f"{LAYOUTS}{_unzip_hint(root) or _layout_hint(root)}")
+                    f"{LAYOUTS}{_unzip_hint(root) or _masks_csv_hint(root) or _layout_hint(root)}")
+
+
+def _masks_csv_hint(root: Path) -> str:
+    """Kaggle's photos with train_masks.csv (the masks as run-length codes) but without
+    the mask images: what to download, since training reads the GIFs."""
+    if not any((root / name).is_dir() for name in ("train", "train_hq")):
+        return ""
+    if not any((root / name).is_file() for name in ("train_masks.csv", "train_masks.csv.zip")):
+        return ""
+    return ("; it holds Kaggle's train_masks.csv (the masks as run-length codes) but no "
+            "train_masks/: download train_masks.zip and unzip it here, as training reads "
+            "the mask images")
 
 
 # Words in the folder names other tools and datasets use for images and for masks

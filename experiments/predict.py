@@ -46,10 +46,11 @@ def main(argv=None):
     args = parse_args(argv)
     common.start_platform(args.platform, args)
     import numpy as np
-    from tqdm import tqdm
 
     import data_pipeline
     from unet_jax import rundir
+    from unet_jax.progress import progress
+
     if Path(args.output).suffix.lower() in data_pipeline.files.IMAGE_SUFFIXES:
         raise common.UserError(f"--output {args.output}: give a folder; predict writes "
                                "<name>_mask.png there for each input image")
@@ -69,10 +70,7 @@ def main(argv=None):
     written = 0
     results = predictor.predict_files(paths, skip_bad=args.skip_bad, images=args.viz,
                                       logits=args.probabilities)
-    # A progress bar on terminals only (None: off when stderr is a file or a pipe), so
-    # that logs and captured output hold the messages alone.
-    for path, image, mask in tqdm(results, total=len(paths), unit="image",
-                                  disable=True if len(paths) < 2 else None):
+    for path, image, mask in (progress(results, len(paths)) if len(paths) > 1 else results):
         if args.probabilities:  # logits: the mask is decided from them, as predict does
             for kind, picture in zip(probs, probability_pngs(mask)):
                 save_png(picture, out / f"{path.stem}_{kind}.png")

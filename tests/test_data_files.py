@@ -1112,3 +1112,14 @@ def test_masks_saved_as_arrays_are_named_as_not_read(tmp_path):
         mask.unlink()
     assert "img0.npy is an array file, which is not read: save each mask as a PNG" \
         in error_of(root)
+
+
+def test_kaggle_photos_with_the_masks_csv_alone_say_what_to_download(tmp_path):
+    """train/ and train_masks.csv without train_masks/: 'matches no known layout' named
+    neither; training reads the mask images, which train_masks.zip holds."""
+    (tmp_path / "train").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "00087a6bd4dc_01.jpg")
+    (tmp_path / "train_masks.csv").write_text("img,rle_mask\n00087a6bd4dc_01.jpg,1 1\n")
+    with pytest.raises(dp.DataError, match=r"holds Kaggle's train_masks\.csv .* download "
+                       r"train_masks\.zip and unzip it here"):
+        dp.find_pairs(tmp_path)

@@ -1,7 +1,9 @@
 """The command-line tools end to end, on a tiny synthetic dataset and a narrow U-Net."""
 
 import csv
+import gzip
 import json
+import logging
 import os
 import shutil
 import signal
@@ -9,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -909,6 +912,17 @@ def test_rle_round_trip(mask):
     assert np.array_equal(rle.rle_decode(rle.rle_encode(mask), mask.shape), mask)
 
 
+@pytest.mark.parametrize("bad, why", [
+    ("0 2", "numbered from 1"), ("8 5", "past the last"), ("1 2 2 1", "overlapping"),
+    ("5 1 1 1", "out of order"), ("1 0", "length 0"), ("1", "pairs"), ("1 x", "whole"),
+])
+def test_rle_decode_refuses_what_kaggle_refuses(bad, why):
+    """A 0-indexed start decoded to an empty mask, and a run past the end was cut
+    short: decoded submissions looked right where Kaggle's scorer rejects them."""
+    with pytest.raises(ValueError, match=why):
+        rle.rle_decode(bad, (3, 3))
+
+
 def test_rle_is_row_major_and_one_indexed():
     mask = np.array([[0, 1, 1, 0], [1, 1, 0, 0]], bool)
     assert rle.rle_encode(mask) == "2 2 5 2"
@@ -1081,21 +1095,102 @@ def test_predict_leaves_no_half_written_mask(tmp_path, monkeypatch):
     assert target.read_bytes() == before  # the previous mask, whole
 
 
-def test_submit_removes_its_partial_file_when_a_later_image_fails(trained_run, tmp_path,
+def test_submit_keeps_finished_rows_and_the_same_command_continues(trained_run, tmp_path,
                                                                    capsys):
+    """Carvana's 100,064 test photos take hours: a command stopped after some rows (here
+    by an image found damaged only when decoded) keeps them in <output>.partial, and
+    the same command continues after them instead of starting again; other settings
+    are refused rather than mixing two models' rows."""
     inputs = tmp_path / "in"
     inputs.mkdir()
-    for name in ("a.png", "b.png", "c.png"):
+    for name in ("a.png", "b.png", "c.png", "d.png"):
         Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(inputs / name)
     corrupt_middle(inputs / "c.png")  # found only when decoded, after a and b
     out = tmp_path / "submission.csv"
-    # One image per batch: the rows of a and b are written before c fails.
-    assert call(submit.main, ["--checkpoint", str(trained_run), "--input", str(inputs),
-                              "--output", str(out), "--batch-size", "1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()  # the progress bar's, then the error
+    argv = ["--checkpoint", str(trained_run), "--input", str(inputs), "--output", str(out),
+            "--batch-size", "1"]  # one image per batch: a and b are written before c fails
+    assert call(submit.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("test: error: ") and "c.png" in err[-1]
     assert err[-1].endswith("or pass --skip-bad to skip such images")
-    assert list(tmp_path.glob("submission*")) == []
+    assert f"2 of 4 rows kept in {out}.partial" in err[-2]
+    assert not out.exists()
+    assert [r[0] for r in csv.reader((tmp_path / "submission.csv.partial").open())] == [
+        "img", "a.png", "b.png"]
+    # A crash in the middle of a row leaves half a line: cut back, not kept.
+    with (tmp_path / "submission.csv.partial").open("a") as f:
+        f.write("c.png,1 2")
+
+    assert call(submit.main, argv + ["--threshold", "0.3"]) == 2
+    assert "holds rows predicted with other settings (prediction" in capsys.readouterr().err
+
+    assert call(submit.main, argv + ["--skip-bad"]) == 0
+    said = capsys.readouterr().out
+    assert "wrote 4 rows to" in said and "2 of them from submission.csv.partial" in said
+    rows = list(csv.reader(out.open()))
+    assert [r[0] for r in rows] == ["img", "a.png", "b.png", "c.png", "d.png"]
+    assert rows[3] == ["c.png", ""]  # the skipped image's empty row, in its place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "submission.csv"]
+    fresh = tmp_path / "fresh.csv"
+    assert call(submit.main, argv[:4] + ["--output", str(fresh), "--skip-bad"]) == 0
+    assert fresh.read_bytes() == out.read_bytes()
+
+
+def test_submit_follows_the_sample_submission(trained_run, tmp_path, capsys, caplog):
+    """Kaggle's sample_submission.csv (.csv.zip as Kaggle ships it) beside the test
+    folder is the list of rows Kaggle expects: rows in its order, an image it names
+    that the folder lacks refused before predicting (a partly unzipped test.zip),
+    and one it does not name left out with a warning."""
+    test = random_images(tmp_path / "test", {f"{n}.jpg": (40, 60, 3)
+                                             for n in ("b", "a", "c", "x")})
+    with zipfile.ZipFile(tmp_path / "sample_submission.csv.zip", "w") as z:
+        z.writestr("sample_submission.csv", "img,rle_mask\nc.jpg,1 1\na.jpg,1 1\nb.jpg,1 1\n")
+    out = tmp_path / "submission.csv"
+    argv = ["--checkpoint", str(trained_run), "--input", str(test), "--output", str(out)]
+    assert call(submit.main, argv) == 0
+    assert [r[0] for r in csv.reader(out.open())] == ["img", "c.jpg", "a.jpg", "b.jpg"]
+    assert ("1 image(s) of --input are not in sample_submission.csv.zip and get no row: "
+            "x.jpg") in caplog.text
+
+    (test / "a.jpg").unlink()
+    assert call(submit.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "lacks 1 of the 3 images sample_submission.csv.zip names (a.jpg)" in err
+    assert call(submit.main, argv + ["--sample-submission", "none"]) == 0
+    assert [r[0] for r in csv.reader(out.open())] == ["img", "b.jpg", "c.jpg", "x.jpg"]
+    (tmp_path / "other.csv").write_text("id,mask\n")
+    assert call(submit.main, argv + ["--sample-submission", str(tmp_path / "other.csv")]) == 2
+    assert "its first column is not 'img'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".csv.gz", ".csv.zip"])
+def test_submit_compresses_as_the_output_name_says(trained_run, tmp_path, suffix):
+    """submission.csv.gz was written as plain text under a .gz name, which Kaggle
+    fails to decompress; the plain CSV of the full test set is about 1 GB."""
+    test = random_images(tmp_path / "test", {"a.jpg": (40, 60, 3), "b.jpg": (40, 60, 3)})
+    argv = ["--checkpoint", str(trained_run), "--input", str(test), "--output"]
+    plain, packed = tmp_path / "plain.csv", tmp_path / f"sub{suffix}"
+    assert call(submit.main, argv + [str(plain)]) == 0
+    assert call(submit.main, argv + [str(packed)]) == 0
+    if suffix == ".csv.gz":
+        data = gzip.decompress(packed.read_bytes())
+    else:
+        with zipfile.ZipFile(packed) as z:
+            assert z.namelist() == ["sub.csv"]
+            data = z.read("sub.csv")
+    assert data == plain.read_bytes()
+    assert call(submit.main, argv + [str(packed)]) == 0  # its own, compressed: replaced
+    assert call(submit.main, argv + [str(tmp_path / "sub.csv.7z")]) == 2
+
+
+def test_submit_warns_of_test_images_of_another_size(trained_run, tmp_path, caplog):
+    """Kaggle decodes every row at one size: a resized copy among the test photos gives
+    a row that decodes to nonsense without any error, so it is named."""
+    test = random_images(tmp_path / "test", {"a.jpg": (40, 60, 3), "b.jpg": (20, 30, 3)})
+    with caplog.at_level(logging.WARNING):
+        assert call(submit.main, ["--checkpoint", str(trained_run), "--input", str(test),
+                                  "--output", str(tmp_path / "s.csv")]) == 0
+    assert "b.jpg is 30x20, a.jpg 60x40" in caplog.text
 
 
 def corrupt_middle(path):
@@ -1312,3 +1407,16 @@ def test_scoring_no_pairs_says_so_not_that_all_were_skipped():
 
     with pytest.raises(DataError, match=r"^no image/mask pairs to score: give at least one"):
         score(None, [])
+
+
+def test_progress_reports_in_lines_where_stderr_is_a_log(capsys):
+    """tqdm's bar is off where stderr is a file (nohup, Slurm, a notebook's log), and
+    an hours-long submit said nothing until it ended: a plain line instead, with the
+    rate and the time left."""
+    from unet_jax.progress import _duration, progress
+
+    assert list(progress(iter(range(3)), 3, desc="submit", every=0)) == [0, 1, 2]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2  # after the first and second item; the end is the caller's line
+    assert lines[0].startswith("submit: 1 of 3 images (33%), ") and lines[0].endswith(" left")
+    assert [_duration(s) for s in (40, 720, 12300)] == ["40 s", "12 min", "3 h 25 min"]

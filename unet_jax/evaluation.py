@@ -14,11 +14,11 @@ import logging
 import time
 
 import numpy as np
-from tqdm import tqdm
 
 from data_pipeline import preprocess
 from data_pipeline.errors import DataError
 from unet_jax.metrics import means, segmentation_scores
+from unet_jax.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,7 @@ def score(predictor, pairs, skip_bad: bool = False, sweep=()) -> dict:
     start = time.perf_counter()
     paths = [p.image for p in pairs]
     results = predictor.predict_files(paths, skip_bad=skip_bad, logits=bool(swept))
-    # disable=None: a progress bar on terminals only, not in logs or pipes.
-    for image, _, predicted in tqdm(results, total=len(pairs), unit="image", disable=None,
-                                    desc=predictor.describe()):
+    for image, _, predicted in progress(results, len(pairs), desc=predictor.describe()):
         logits = predicted if swept else None
         if swept:
             predicted = predictor.to_mask(logits)
