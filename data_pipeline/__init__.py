@@ -19,7 +19,7 @@ accelerator.
   its own, as it loads tensorflow_datasets.
 """
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, SettingError
 from data_pipeline.files import (Pair, check_crop_fits, check_images, check_pair,
                                  detect_layout, find_images, find_pairs,
                                  warn_if_all_background)
@@ -32,7 +32,7 @@ from data_pipeline.splits import (given_split, grouped, read_split, split_pairs,
                                   subset_by_car, subset_by_group, write_split)
 
 __all__ = [
-    "AUGMENTATIONS", "DataError", "InputPipeline", "Pair", "augment_pair", "parse_augment",
+    "AUGMENTATIONS", "DataError", "InputPipeline", "SettingError", "Pair", "augment_pair", "parse_augment",
     "check_caches", "check_crop_fits", "check_images", "check_pair", "detect_layout", "find_images",
     "find_pairs", "given_split", "grouped", "label_range", "load_example", "load_image",
     "load_mask", "read_split", "scaled_size", "to_float",

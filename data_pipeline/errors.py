@@ -8,3 +8,10 @@ class DataError(ValueError):
     (often: fix or remove the file, or pass ``--skip-bad``). The command-line tools
     print it without a traceback and exit with a non-zero status.
     """
+
+
+class SettingError(Exception):
+    """A setting of the whole process is wrong (an environment variable): one line
+    naming it and the fix. Not a DataError, nor a ValueError or OSError, so that no
+    handler of one file's problems takes it for that file's fault (and ``--skip-bad``
+    never skips every file for it)."""

@@ -40,7 +40,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, SettingError
 
 log = logging.getLogger(__name__)
 MAX_PIXELS_VARIABLE = "UNET_JAX_MAX_IMAGE_PIXELS"
@@ -76,8 +76,8 @@ def max_image_pixels() -> int | None:
     except ValueError:
         limit = -1
     if limit < 0:
-        raise DataError(f"{MAX_PIXELS_VARIABLE}={value!r}: give a whole number of pixels "
-                        "(0 for no limit)")
+        raise SettingError(f"{MAX_PIXELS_VARIABLE}={value!r}: give a whole number of pixels "
+                           "(0 for no limit), or unset it")
     return limit or None
 
 

@@ -392,7 +392,8 @@ def run(main, argv=None, prog: str = "") -> None:
         # any later point, not with the import's traceback. Nothing has run yet, so
         # there is nothing to clean up, and a half-imported JAX's exit callbacks are
         # not run.
-        from data_pipeline.errors import DataError
+        from data_pipeline.errors import DataError, SettingError
+        from data_pipeline.preprocess import max_image_pixels
         from unet_jax.checkpoints import CheckpointError
         from unet_jax.config import ConfigError
         from unet_jax.export import ExportError
@@ -401,9 +402,10 @@ def run(main, argv=None, prog: str = "") -> None:
     except (KeyboardInterrupt, Terminated) as e:
         os._exit(_stopped(prog, e))
     try:
+        max_image_pixels()  # the variable's mistake once, not as every image's fault
         code = main(argv)
-    except (UserError, DataError, CheckpointError, ConfigError, ExportError, RunDirError,
-            TrainingError) as e:
+    except (UserError, DataError, SettingError, CheckpointError, ConfigError, ExportError,
+            RunDirError, TrainingError) as e:
         sys.stderr.write(f"{prog or 'error'}: error: {e}\n")
         sys.exit(USER_ERROR)
     except Exception as e:

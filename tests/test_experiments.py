@@ -1420,3 +1420,20 @@ def test_progress_reports_in_lines_where_stderr_is_a_log(capsys):
     assert len(lines) == 2  # after the first and second item; the end is the caller's line
     assert lines[0].startswith("submit: 1 of 3 images (33%), ") and lines[0].endswith(" left")
     assert [_duration(s) for s in (40, 720, 12300)] == ["40 s", "12 min", "3 h 25 min"]
+
+
+@pytest.mark.parametrize("value", ["abc", "10k", "-5"])
+def test_a_bad_pixel_limit_variable_is_named_once_not_as_every_images_fault(
+        trained_run, tmp_path, monkeypatch, capsys, value):
+    """UNET_JAX_MAX_IMAGE_PIXELS=abc was reported as a fault of each image, with 'fix
+    or remove the file, or pass --skip-bad', and --skip-bad then skipped them all."""
+    images = random_images(tmp_path / "in", {"a.png": (40, 60, 3)})
+    monkeypatch.setenv("UNET_JAX_MAX_IMAGE_PIXELS", value)
+    for extra in ([], ["--skip-bad"]):
+        assert call(predict.main, ["--checkpoint", str(trained_run), "--input", str(images),
+                                   "--output", str(tmp_path / "out"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"test: error: UNET_JAX_MAX_IMAGE_PIXELS='{value}': give a whole "
+                       "number of pixels (0 for no limit), or unset it"]
+    with pytest.raises(data_pipeline.SettingError):  # the library: not one file's DataError
+        data_pipeline.check_images([images / "a.png"], skip_bad=True)

@@ -277,7 +277,7 @@ def test_a_raised_limit_holds_while_the_file_loads(tmp_path, monkeypatch):
 def test_a_bad_pixel_limit_variable_is_named(tmp_path, monkeypatch):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a.png")
     monkeypatch.setenv("UNET_JAX_MAX_IMAGE_PIXELS", "lots")
-    with pytest.raises(data_pipeline.DataError, match="UNET_JAX_MAX_IMAGE_PIXELS='lots'"):
+    with pytest.raises(data_pipeline.SettingError, match="UNET_JAX_MAX_IMAGE_PIXELS='lots'"):
         preprocess.load_image(tmp_path / "a.png")
 
 
