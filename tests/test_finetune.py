@@ -180,3 +180,14 @@ def test_a_fine_tuned_run_validates_as_its_source_and_resumes_without_it(tmp_pat
                                           tmp_path / "b", resume=True, log=lambda *a: None)
     assert [r["epoch"] for r in resumed["history"]] == [1, 2]
     assert recorded()["init_from_epoch"] == first["best"]["epoch"]  # kept by a resume
+
+
+def test_a_source_of_nan_weights_is_named_not_blamed_on_the_rate(source, tmp_path):
+    """Weights of a diverged run (imported from a .pth saved after the loss became NaN)
+    started a run whose loss was NaN at step 1, and the error blamed --lr."""
+    params = jax.tree.map(np.asarray, source[1])
+    params["up_1"]["up"]["bias"] = np.full_like(params["up_1"]["up"]["bias"], np.nan)
+    run = checkpoints.save_params(tmp_path / "nan", params, SOURCE)
+    with pytest.raises(checkpoints.CheckpointError, match=r"^--init-from .*: its weights hold "
+                       r"NaN or infinite values \(up_1/up/bias\), from a run that diverged"):
+        started(dataclasses.replace(SOURCE, init_from=str(run)))

@@ -101,3 +101,20 @@ def test_a_tensor_of_another_shape_is_named_at_import():
     sd["bottle_neck.conv_op.0.weight"] = np.zeros(7, np.float32)  # not even a kernel
     with pytest.raises(ValueError, match=r"has shape \(7,\)"):
         params_from_torch(sd)
+
+
+def test_weights_of_a_diverged_run_or_a_foreign_first_layer_are_named_at_import():
+    """NaN weights (saved after the loss became NaN) imported with exit 0 and predicted
+    empty masks; a first layer of 5x5 kernels was refused as '--in-channels 5', a flag
+    import_torch does not have."""
+    sd = {k: v.numpy() for k, v in torch_model(3, 1).state_dict().items()}
+    bad = dict(sd, **{"up_convolution_2.up.bias": np.full(256, np.nan, np.float32)})
+    with pytest.raises(ValueError, match=r"^state_dict's up_convolution_2.up.bias holds NaN "
+                       "or infinite values"):
+        params_from_torch(bad)
+    first = "down_convolution_1.conv.conv_op.0.weight"
+    for shape, why in [((64, 3, 5, 5), r"has shape \(64, 3, 5, 5\), not the guide's "
+                        r"\(out, in, 3, 3\)"), ((64, 4, 3, 3), "takes 4 input channels; "
+                        r"unet-jax takes 1 \(grayscale\) or 3 \(RGB\)")]:
+        with pytest.raises(ValueError, match=why):
+            config_from_torch(dict(sd, **{first: np.zeros(shape, np.float32)}))

@@ -87,6 +87,11 @@ def start_from(state, config: Config, log=print):
     except checkpoints.CheckpointError as e:
         raise checkpoints.CheckpointError(f"--init-from: {e}") from None
     flat, notes = traverse_util.flatten_dict(params), []
+    for path, value in flat.items():
+        if not np.isfinite(np.asarray(value)).all():  # else "loss became nan" blames --lr
+            raise checkpoints.CheckpointError(
+                f"--init-from {config.init_from}: its weights hold NaN or infinite values "
+                f"({'/'.join(path)}), from a run that diverged; start from another run")
     if saved.num_classes != config.num_classes:
         flat.update(traverse_util.flatten_dict({"head": state.params["head"]}))
         notes.append(f"a new head for --num-classes {config.num_classes}")

@@ -123,6 +123,10 @@ def params_from_torch(state_dict: Mapping[str, Any]) -> dict:
                              f"U-Net its first layer and head describe (width "
                              f"{config.base_features}, depth {config.depth}) needs {wanted}: "
                              "not the guide's UNet, or a damaged file")
+        if not np.isfinite(value).all():  # the weights of a run that diverged
+            raise ValueError(f"state_dict's {key} holds NaN or infinite values: weights "
+                             "saved after training diverged, which predict nothing; save "
+                             "them from an epoch before the loss became NaN")
         return value if axes is None else value.transpose(axes)
 
     def double_conv(path: tuple, prefix: str) -> dict:
@@ -162,7 +166,16 @@ def config_from_torch(state_dict: Mapping[str, Any], **overrides) -> Config:
     first, head = ("down_convolution_1.conv.conv_op.0.weight", "out.weight")
     if missing := [key for key in (first, head) if key not in sd]:
         raise _missing(missing[0])
+    names = first, head
     first, head = _to_numpy(sd[first]), _to_numpy(sd[head])
+    for name, value in zip(names, (first, head)):
+        if value.ndim != 4 or value.shape[2:] != ((3, 3) if value is first else (1, 1)):
+            raise ValueError(f"state_dict's {name} has shape {tuple(value.shape)}, not the "
+                             f"guide's (out, in, {'3, 3' if value is first else '1, 1'}): "
+                             "not the guide's UNet, or a damaged file")
+    if first.shape[1] not in (1, 3):
+        raise ValueError(f"state_dict's {names[0]} takes {first.shape[1]} input channels; "
+                         "unet-jax takes 1 (grayscale) or 3 (RGB)")
     return Config(**{"in_channels": first.shape[1], "num_classes": head.shape[0],
                      "base_features": first.shape[0], "depth": depth,
                      "image_size": GUIDE_IMAGE_SIZE, **overrides})
