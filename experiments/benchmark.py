@@ -175,6 +175,10 @@ def parse_args(argv=None):
             raise common.UserError(str(e)) from None
     if args.compare_onnx and args.mode != "infer":
         raise common.UserError("--compare-onnx times inference: use it with --mode infer")
+    if args.compare_onnx and args.dtype != "float32":
+        # The export computes in float32 only: the ratio would compare two precisions.
+        raise common.UserError(f"--compare-onnx runs the float32 ONNX export: drop --dtype "
+                               f"{args.dtype}, so that both rows compute in float32")
     if args.compare_torch and args.mode not in ("train", "infer"):
         # The guide's model has no tiling or pipeline of its own: the peer failed after
         # the JAX row was measured, and threw it away.

@@ -182,6 +182,8 @@ def test_kaggle_size_sample_writes_carvana_sized_pairs(tmp_path):
     (["--compare-torch", "--base-features", "8"], "64 base features"),
     (["--steps", "0"], "--steps"),
     (["--compare-onnx", "--mode", "train"], "--compare-onnx times inference"),
+    (["--compare-onnx", "--mode", "infer", "--dtype", "bfloat16"],
+     "--compare-onnx runs the float32 ONNX export: drop --dtype bfloat16"),
     (["--compare-torch", "--mode", "tile"], "use it with --mode train or --mode infer"),
     (["--compare-kernels", "--mode", "pipeline"], "--compare-kernels times the model"),
     (["--mode", "infer", "--remat", "full"], "--remat full trades memory in training"),

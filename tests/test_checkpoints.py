@@ -656,3 +656,14 @@ def test_a_tied_best_is_the_epoch_whose_checkpoint_is_kept(tmp_path):
     assert trainer._best(history)["epoch"] == 3
     params, _, epoch = checkpoints.restore_params(tmp_path)
     assert epoch == 3 and same(params, states[3].params)
+
+
+def test_a_quoted_library_message_is_cut_at_a_word_end():
+    """orbax's messages were cut at a fixed length, mid-word ('...: Er); using the next
+    best'), in the one line that names a damaged checkpoint."""
+    from unet_jax.checkpoints import _clipped
+
+    assert _clipped("short message", 200) == "short message"
+    long = "TensorStore could not read the array: " + "Error reading chunk, " * 20
+    assert _clipped(long, 60) == "TensorStore could not read the array: Error reading ..."
+    assert len(_clipped(long, 60)) <= 60

@@ -137,7 +137,7 @@ class _Manager(ocp.CheckpointManager):
             which = ("a checkpoint" if self._writing is None
                      else f"the checkpoint of epoch {self._writing}")
             raise CheckpointError(f"{which} could not be written in {self.directory} "
-                                  f"({type(e).__name__}: {problem[:300]}); {fix}, then "
+                                  f"({type(e).__name__}: {_clipped(problem, 300)}); {fix}, then "
                                   f"{then}") from None
         if self.deletes:
             _empty_deleting(Path(self.directory))
@@ -312,8 +312,17 @@ def _restore(manager: ocp.CheckpointManager, epoch: int, items: dict,
     inner = error
     while inner.__cause__ or inner.__context__:
         inner = inner.__cause__ or inner.__context__
-    message = (str(inner).strip().splitlines() or [type(inner).__name__])[0][:200]
+    message = _clipped((str(inner).strip().splitlines() or [type(inner).__name__])[0], 200)
     raise DamagedCheckpoint(f"{path} is damaged ({what} cannot be read: {message})") from error
+
+
+def _clipped(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters at a word's end, marked with "...":
+    a library's message quoted in one line, readable where it is cut."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 4]
+    return (cut[:cut.rfind(" ")] if " " in cut else cut).rstrip(" ,;:") + " ..."
 
 
 def _missing_data_file(item_dir: Path) -> Path | None:
