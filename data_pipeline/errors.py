@@ -1,5 +1,12 @@
 """The error every data problem raises: one line naming the file and the fix."""
 
+import zipfile
+import zlib
+
+# What reading a damaged zip (or gzip) archive raises, besides OSError: a download cut
+# short, a disk error.
+DAMAGED_ARCHIVE = (zipfile.BadZipFile, zlib.error, EOFError)
+
 
 class DataError(ValueError):
     """A dataset problem the user can fix: a missing mask, an unreadable file, ...

@@ -128,7 +128,7 @@ def _kaggle_photos(archive: Path) -> bool:
 
     try:
         with zipfile.ZipFile(archive) as z:
-            return any(_CARVANA_NAME.fullmatch(Path(name).stem) for name in z.namelist()[:50])
+            return any(CARVANA_NAME.fullmatch(Path(name).stem) for name in z.namelist()[:50])
     except (OSError, zipfile.BadZipFile):
         return False
 
@@ -413,7 +413,7 @@ def _unread_arrays(folder: Path, stem: str) -> Path | None:
     return None
 
 
-_CARVANA_NAME = re.compile(r"[0-9a-f]{12}_\d{2}")  # 00087a6bd4dc_01: car, view
+CARVANA_NAME = re.compile(r"[0-9a-f]{12}_\d{2}")  # 00087a6bd4dc_01: car, view
 
 
 def _common_ending(stems) -> str:
@@ -504,7 +504,7 @@ def match_pairs(data_dir, flag: str = "--data-dir") -> tuple[list[Pair], list[st
     # photos in images/ (milesial/Pytorch-UNet's data/imgs, renamed) keep their cars
     # together too: 16 views of one car on both sides of a split flatter validation.
     by_car = layout == "kaggle" or bool(images) and all(
-        _CARVANA_NAME.fullmatch(image.stem) for image in images.values())
+        CARVANA_NAME.fullmatch(image.stem) for image in images.values())
     for stem, image in images.items():
         mask = masks.get(stem)
         base = stem.removesuffix("_mask")

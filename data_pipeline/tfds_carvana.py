@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import io
 import zipfile
-import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DAMAGED_ARCHIVE, DataError
 from data_pipeline.tf_setup import tensorflow
 
 tensorflow()  # hide the GPUs from TF before tfds starts it
@@ -104,11 +103,6 @@ class Carvana(tfds.core.GeneratorBasedBuilder):
                              "car_id": stem.rsplit("_", 1)[0]}
 
 
-# A download cut short, or a file that is not a zip: found on opening (no central
-# directory) or on reading a member (a bad CRC, a stream that ends early).
-_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError)
-
-
 def _damaged(path, e) -> DataError:
     return DataError(f"{path}: not a complete zip file ({e}); the download was probably "
                      "cut short: download it again from Kaggle")
@@ -117,14 +111,14 @@ def _damaged(path, e) -> DataError:
 def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
-    except _DAMAGED as e:
+    except DAMAGED_ARCHIVE as e:  # found on opening, or on reading a member
         raise _damaged(path, e) from None
 
 
 def _read(archive: zipfile.ZipFile, name: str) -> bytes:
     try:
         return archive.read(name)
-    except _DAMAGED as e:
+    except DAMAGED_ARCHIVE as e:  # found on opening, or on reading a member
         raise _damaged(archive.filename, e) from None
 
 

@@ -19,8 +19,10 @@ name ends in ``.gz`` or ``.zip`` (Kaggle takes both; the CSV is about 1 GB plain
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
+import dataclasses
 import gzip
 import io
 import itertools
@@ -32,6 +34,7 @@ import time
 import zipfile
 from pathlib import Path
 
+from data_pipeline.errors import DAMAGED_ARCHIVE
 from experiments import common
 
 log = logging.getLogger(__name__)
@@ -74,21 +77,27 @@ def main(argv=None):
                                "holds one mask per image")
     # Rows are keyed by the whole file name: e0.jpg and e0.png are two rows.
     every = data_pipeline.find_images(args.input, skip_bad=args.skip_bad, by_stem=False)
-    for path in every:  # before any prediction: the CSV is UTF-8
+    for path in every:  # before any prediction: the CSV is UTF-8, one row a line
         try:
             path.name.encode("utf-8")
         except UnicodeEncodeError:
             raise common.UserError(f"{ascii(str(path))}: its name is not valid UTF-8, which "
                                    "the submission's CSV cannot hold; rename the file") from None
+        if "\n" in path.name or "\r" in path.name:
+            raise common.UserError(f"{path!r}: its name holds a line break; rename the file")
     if sample is not None:
         every = _in_sample_order(every, sample, args.input)
-    good = set(data_pipeline.check_images(every, skip_bad=args.skip_bad))
 
+    # What decides the masks, less the memory budget: a pass that would exceed it is
+    # tiled, to within 1e-5 of the whole, so a resume on a machine of other memory
+    # continues the rows.
+    mode = {k: v for k, v in dataclasses.asdict(predictor.mode).items() if k != "memory_budget"}
     partial = Partial(out, {"checkpoint": str(Path(args.checkpoint).resolve()),
-                            "epoch": predictor.epoch, "prediction": predictor.describe()})
+                            "epoch": predictor.epoch, **mode})
     done = partial.resume([path.name for path in every])
     todo = every[done:]
-    skipped, sizes = [], {}
+    good = set(data_pipeline.check_images(todo, skip_bad=args.skip_bad)) if todo else set()
+    skipped, sizes, warned = [], collections.Counter(), False
     start = time.perf_counter()
     try:
         with partial.open(done):
@@ -102,7 +111,8 @@ def main(argv=None):
                     partial.write(earlier.name, "")
                     skipped.append(earlier)
                 partial.write(path.name, rle_encode(mask))
-                _check_size(sizes, path, mask.shape)
+                warned = _check_size(sizes, path, mask.shape,
+                                     data_pipeline.files.CARVANA_NAME, warned)
             for rest in pending:
                 partial.write(rest.name, "")
                 skipped.append(rest)
@@ -111,7 +121,9 @@ def main(argv=None):
         partial.keep_or_remove(len(every))
         raise
     seconds = time.perf_counter() - start
-    size = ", ".join(f"{w}x{h}" for h, w in sizes) or "none predicted"
+    size = ", ".join(f"{w}x{h}" + (f" ({n:,})" if len(sizes) > 1 else "")
+                     for (h, w), n in sizes.most_common(3)) or "none predicted"
+    size += f" and {len(sizes) - 3} other sizes" if len(sizes) > 3 else ""
     again = f", {done:,} of them from {partial.path.name}" if done else ""
     print(f"wrote {len(every):,} rows to {out}{again} (masks of {size}; {predictor.describe()}; "
           f"epoch {predictor.epoch} of {args.checkpoint}; {len(todo) - len(skipped):,} "
@@ -124,18 +136,25 @@ def main(argv=None):
     return 0
 
 
-def _check_size(sizes: dict, path: Path, shape) -> None:
-    """Warns once when a mask's size differs from the first's: Kaggle decodes every row
-    at one size (1918x1280 for Carvana), so a test folder of resized copies gives rows
-    that decode to nonsense without any error."""
+def _check_size(sizes: collections.Counter, path: Path, shape, carvana_name,
+                warned: bool) -> bool:
+    """Counts the masks' sizes, and warns (unless ``warned`` already) of a photo whose
+    size is not Carvana's 1918x1280 (for Carvana's names) or not the first photo's:
+    Kaggle decodes every row at one size, so a resized copy gives a row that decodes
+    to nonsense without any error. Returns whether a warning was given."""
     shape = tuple(shape[:2])
-    if shape not in sizes:
-        if sizes:
-            (first, name), = list(sizes.items())[:1]
-            log.warning("%s is %dx%d, %s %dx%d: Kaggle decodes every row at one size, so "
-                        "predict the test images at their original size (not resized "
-                        "copies)", path.name, shape[1], shape[0], name, first[1], first[0])
-        sizes[shape] = path.name
+    expected = CARVANA_SIZE if carvana_name.fullmatch(path.stem) else next(iter(sizes), None)
+    sizes[shape] += 1
+    if warned or expected is None or shape == expected:
+        return warned
+    log.warning("%s is %dx%d, not %dx%d like %s: Kaggle decodes every row at one size, so "
+                "predict the test photos at their original size, not resized copies (the "
+                "last line counts the sizes)", path.name, shape[1], shape[0], expected[1],
+                expected[0], "Carvana's photos" if expected == CARVANA_SIZE else "the first")
+    return True
+
+
+CARVANA_SIZE = (1280, 1918)  # (height, width) of every photo of the challenge
 
 
 def _sample_file(args) -> Path | None:
@@ -169,7 +188,7 @@ def _sample_names(path: Path) -> list[str]:
                 text = z.read(members[0]).decode("utf-8-sig")
         else:
             text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError, zipfile.BadZipFile) as e:
+    except (OSError, UnicodeDecodeError, *DAMAGED_ARCHIVE) as e:
         raise common.UserError(f"--sample-submission {path}: cannot read it ({e}); give "
                                "Kaggle's sample_submission.csv, or 'none'") from None
     rows = list(csv.reader(io.StringIO(text)))
@@ -207,7 +226,8 @@ class Partial:
     other settings is refused rather than mixing two models' rows in one file."""
 
     def __init__(self, out: Path, settings: dict):
-        self.out, self.settings = out, settings
+        # As the record reads back (tuples become lists), so that the two compare.
+        self.out, self.settings = out, json.loads(json.dumps(settings))
         self.path = out.with_name(out.name + ".partial")
         self.info = out.with_name(out.name + ".partial.json")
 
@@ -229,28 +249,30 @@ class Partial:
                 f"--output {self.out}: {self.path.name} holds rows predicted with other "
                 f"settings ({changed}); give those settings to continue it, or remove "
                 f"{self.path} (and {self.info.name}) to start again")
-        # Line by line: the rows of all 100,064 photos are about 1 GB.
+        # Line by line, the names alone: the rows of all 100,064 photos are about 1 GB,
+        # and a speckled mask's row can be longer than the csv module takes a field.
         done = complete = 0
         with self.path.open("rb") as f:
+            header = f.readline()
+            if not header.endswith(b"\n"):  # a crash before the header was written
+                self.path.unlink()
+                return 0
+            if header.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n") != HEADER:
+                raise common.UserError(
+                    f"--output {self.out}: {self.path} is not a partial submission (its "
+                    "first line is not img,rle_mask); remove it to start again")
+            complete = len(header)
             for line in f:
-                if not line.endswith(b"\n"):
+                if not line.endswith(b"\n") or not line.strip():
                     break  # a row cut short by a crash: written again
-                row = next(csv.reader([line.decode("utf-8", "replace")]), [""])
-                if complete == 0:
-                    if row != ["img", "rle_mask"]:
-                        break
-                elif done >= len(names) or row[0] != names[done]:
+                name = _first_field(line.decode("utf-8", "replace"))
+                if done >= len(names) or name != names[done]:
                     raise common.UserError(
                         f"--output {self.out}: {self.path.name} holds rows of other images "
-                        f"than --input's (row {done + 1}: {row[0]}); remove {self.path} to "
+                        f"than --input's (row {done + 1}: {name}); remove {self.path} to "
                         "start again")
-                else:
-                    done += 1
+                done += 1
                 complete += len(line)
-        if complete == 0:  # not even the header: nothing to continue
-            self.path.unlink()
-            self.info.unlink(missing_ok=True)
-            return 0
         with self.path.open("r+b") as f:
             f.truncate(complete)
         return done
@@ -259,9 +281,11 @@ class Partial:
     def open(self, done: int):
         """The partial file open for ``write``, after its ``done`` rows (created, with
         its header and its record, where there is none)."""
+        from unet_jax import rundir
+
         self.rows = done
         if not self.path.exists():
-            self.info.write_text(json.dumps(self.settings))
+            rundir.write_text_atomic(self.info, json.dumps(self.settings))
             with self.path.open("w", newline="") as f:
                 csv.writer(f).writerow(["img", "rle_mask"])
         with self.path.open("a", newline="") as self._file:
@@ -278,23 +302,30 @@ class Partial:
         suffix = self.out.suffix.lower()
         tmp = self.out.with_name(self.out.name + ".tmp")  # no half-written output, ever
         try:
+            if suffix in (".gz", ".zip"):
+                # Level 6, gzip's own default: level 9 took over twice as long for a
+                # file 1% smaller, minutes for the full test set.
+                sys.stderr.write(f"submit: compressing {self.rows:,} rows into {self.out}\n")
             if suffix == ".gz":
-                with self.path.open("rb") as src, gzip.open(tmp, "wb") as dst:
+                with self.path.open("rb") as src, tmp.open("wb") as raw, gzip.GzipFile(
+                        self.out.stem, "wb", 6, raw) as dst:  # the name the header records
                     shutil.copyfileobj(src, dst, 1 << 20)
                 tmp.replace(self.out)
             elif suffix == ".zip":
                 member = self.out.stem if self.out.stem.endswith(".csv") else f"{self.out.stem}.csv"
-                with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+                with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as z:
                     z.write(self.path, member)
                 tmp.replace(self.out)
             else:
                 self.path.replace(self.out)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            self.said = True  # the error below says where the rows are
             raise common.UserError(
                 f"--output {self.out}: cannot write it ({e.strerror or e}); its {self.rows:,} "
-                f"rows are kept in {self.path}: free some space or choose another --output, "
-                "and run the command again") from None
+                f"rows are kept in {self.path}: free some space and run the same command "
+                "again") from None
+        finally:
+            tmp.unlink(missing_ok=True)  # Ctrl-C while compressing, too
         self.path.unlink(missing_ok=True)
         self.info.unlink(missing_ok=True)
 
@@ -306,8 +337,20 @@ class Partial:
             self.path.unlink(missing_ok=True)
             self.info.unlink(missing_ok=True)
             return
-        sys.stderr.write(f"submit: {self.rows:,} of {total:,} rows kept in {self.path}; the "
-                         "same command continues after them\n")
+        if not getattr(self, "said", False):
+            sys.stderr.write(f"submit: {self.rows:,} of {total:,} rows kept in {self.path}; "
+                             "the same command continues after them\n")
+
+
+def _first_field(line: str) -> str:
+    """The first field of a CSV line as csv.writer wrote it: quoted (its quotes
+    doubled) where the name holds a comma or a quote."""
+    if not line.startswith('"'):
+        return line.split(",", 1)[0].rstrip("\r\n")
+    end = 1
+    while (end := line.index('"', end)) + 1 < len(line) and line[end + 1] == '"':
+        end += 2
+    return line[1:end].replace('""', '"')
 
 
 def check_output(out: Path) -> Path:
@@ -332,7 +375,7 @@ def _is_submission(path: Path) -> bool:
         else:
             with path.open("rb") as f:
                 first = f.readline(64)
-    except (OSError, EOFError, IndexError, zipfile.BadZipFile):
+    except (OSError, IndexError, *DAMAGED_ARCHIVE):
         return False
     return first.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n") == HEADER
 

@@ -1117,23 +1117,48 @@ def test_submit_keeps_finished_rows_and_the_same_command_continues(trained_run, 
     assert not out.exists()
     assert [r[0] for r in csv.reader((tmp_path / "submission.csv.partial").open())] == [
         "img", "a.png", "b.png"]
+    # A speckled mask's row can be longer than the csv module reads as a field (131,072
+    # characters), which made every resume fail; only the names are read back.
+    partial = tmp_path / "submission.csv.partial"
+    long_row = " ".join(f"{2 * i + 1} 1" for i in range(30_000))
+    partial.write_text(partial.read_text().replace("b.png,", f"b.png,{long_row}"))
     # A crash in the middle of a row leaves half a line: cut back, not kept.
-    with (tmp_path / "submission.csv.partial").open("a") as f:
+    with partial.open("a") as f:
         f.write("c.png,1 2")
 
     assert call(submit.main, argv + ["--threshold", "0.3"]) == 2
-    assert "holds rows predicted with other settings (prediction" in capsys.readouterr().err
+    assert ("holds rows predicted with other settings (threshold 0.5, not 0.3); give those "
+            "settings to continue it") in capsys.readouterr().err
 
     assert call(submit.main, argv + ["--skip-bad"]) == 0
     said = capsys.readouterr().out
     assert "wrote 4 rows to" in said and "2 of them from submission.csv.partial" in said
+    csv.field_size_limit(10**7)
     rows = list(csv.reader(out.open()))
     assert [r[0] for r in rows] == ["img", "a.png", "b.png", "c.png", "d.png"]
+    assert rows[2][1] == long_row  # the earlier rows as they were
     assert rows[3] == ["c.png", ""]  # the skipped image's empty row, in its place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "submission.csv"]
     fresh = tmp_path / "fresh.csv"
     assert call(submit.main, argv[:4] + ["--output", str(fresh), "--skip-bad"]) == 0
-    assert fresh.read_bytes() == out.read_bytes()
+    assert fresh.read_text().replace("b.png,", f"b.png,{long_row}", 1) == out.read_text()
+
+
+def test_submit_refuses_to_continue_rows_of_other_images(trained_run, tmp_path, capsys):
+    """A .partial made from another test folder is not continued: its rows would not
+    be --input's, in its order."""
+    inputs = random_images(tmp_path / "in", {f"{n}.png": (40, 60, 3) for n in "abcd"})
+    corrupt_middle(inputs / "c.png")
+    out = tmp_path / "submission.csv"
+    argv = ["--checkpoint", str(trained_run), "--input", str(inputs), "--output", str(out),
+            "--batch-size", "1"]
+    assert call(submit.main, argv) == 2  # a and b written, then c fails
+    (inputs / "a.png").rename(inputs / "a0.png")
+    capsys.readouterr()
+    assert call(submit.main, argv + ["--skip-bad"]) == 2
+    assert (f"holds rows of other images than --input's (row 1: a.png); remove "
+            f"{out}.partial to start again") in capsys.readouterr().err
+    assert (tmp_path / "submission.csv.partial").exists()  # refused, not removed
 
 
 def test_submit_follows_the_sample_submission(trained_run, tmp_path, capsys, caplog):
@@ -1181,16 +1206,51 @@ def test_submit_compresses_as_the_output_name_says(trained_run, tmp_path, suffix
     assert data == plain.read_bytes()
     assert call(submit.main, argv + [str(packed)]) == 0  # its own, compressed: replaced
     assert call(submit.main, argv + [str(tmp_path / "sub.csv.7z")]) == 2
+    damaged = tmp_path / f"damaged{suffix}"  # not a submission: refused, no traceback
+    damaged.write_bytes(packed.read_bytes()[:20] + bytes(40))
+    assert call(submit.main, argv + [str(damaged)]) == 2
 
 
-def test_submit_warns_of_test_images_of_another_size(trained_run, tmp_path, caplog):
+def test_submit_stopped_while_compressing_leaves_no_temporary_file(trained_run, tmp_path,
+                                                                   monkeypatch, capsys):
+    """Compressing the ~1 GB of rows takes minutes; Ctrl-C then left a large .tmp."""
+    test = random_images(tmp_path / "test", {"a.jpg": (40, 60, 3), "b.jpg": (40, 60, 3)})
+    out = tmp_path / "sub.csv.gz"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfileobj", stopped)
+    argv = ["--checkpoint", str(trained_run), "--input", str(test), "--output", str(out)]
+    assert call(submit.main, argv) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "sub.csv.gz.partial", "sub.csv.gz.partial.json", "test"]
+    assert "2 of 2 rows kept in" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert call(submit.main, argv) == 0  # the rows are all there: compressed at once
+    assert "compressing 2 rows" in capsys.readouterr().err
+    assert gzip.decompress(out.read_bytes()).startswith(b"img,rle_mask\r\na.jpg,")
+
+
+def test_submit_warns_of_test_images_of_another_size(trained_run, tmp_path, caplog, capsys):
     """Kaggle decodes every row at one size: a resized copy among the test photos gives
-    a row that decodes to nonsense without any error, so it is named."""
-    test = random_images(tmp_path / "test", {"a.jpg": (40, 60, 3), "b.jpg": (20, 30, 3)})
+    a row that decodes to nonsense without any error, so it is named, once, and the
+    last line counts the sizes; Carvana's photos are checked against 1918x1280, so a
+    folder of nothing but resized copies is named too."""
+    test = random_images(tmp_path / "test", {"a.jpg": (40, 60, 3), "b.jpg": (20, 30, 3),
+                                             "c.jpg": (30, 30, 3), "d.jpg": (40, 60, 3)})
     with caplog.at_level(logging.WARNING):
         assert call(submit.main, ["--checkpoint", str(trained_run), "--input", str(test),
                                   "--output", str(tmp_path / "s.csv")]) == 0
-    assert "b.jpg is 30x20, a.jpg 60x40" in caplog.text
+    warned = [r.getMessage() for r in caplog.records if r.name == "experiments.submit"]
+    assert len(warned) == 1 and warned[0].startswith("b.jpg is 30x20, not 60x40 like the first")
+    assert "masks of 60x40 (2), 30x20 (1), 30x30 (1)" in capsys.readouterr().out
+    caplog.clear()
+    carvana = random_images(tmp_path / "carvana", {"00087a6bd4dc_01.jpg": (40, 60, 3)})
+    with caplog.at_level(logging.WARNING):
+        assert call(submit.main, ["--checkpoint", str(trained_run), "--input", str(carvana),
+                                  "--output", str(tmp_path / "c.csv")]) == 0
+    assert "00087a6bd4dc_01.jpg is 60x40, not 1918x1280 like Carvana's photos" in caplog.text
 
 
 def corrupt_middle(path):
@@ -1420,6 +1480,12 @@ def test_progress_reports_in_lines_where_stderr_is_a_log(capsys):
     assert len(lines) == 2  # after the first and second item; the end is the caller's line
     assert lines[0].startswith("submit: 1 of 3 images (33%), ") and lines[0].endswith(" left")
     assert [_duration(s) for s in (40, 720, 12300)] == ["40 s", "12 min", "3 h 25 min"]
+    bar = progress(iter(range(3)), 3, unit="batch", desc="epoch 1/8", every=0)
+    for _ in bar:
+        bar.set_postfix(loss="0.1234")  # what the training loop reports in the bar
+    assert capsys.readouterr().err.splitlines()[0].endswith(" left, loss 0.1234")
+    assert list(progress(iter(range(3)), 3, every=0, show=False)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""  # a run's other processes report nothing
 
 
 @pytest.mark.parametrize("value", ["abc", "10k", "-5"])

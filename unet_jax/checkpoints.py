@@ -322,7 +322,10 @@ def _clipped(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     cut = text[:limit - 4]
-    return (cut[:cut.rfind(" ")] if " " in cut else cut).rstrip(" ,;:") + " ..."
+    space = cut.rfind(" ")
+    if space > len(cut) - 20:  # a word's end near the limit; else a long path, cut as is
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + " ..."
 
 
 def _missing_data_file(item_dir: Path) -> Path | None:

@@ -28,8 +28,9 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     """
     try:
         numbers = np.asarray(rle.split(), dtype=np.int64)
-    except ValueError:
-        raise ValueError(f"a run-length encoding holds whole numbers only: {rle[:40]!r}") from None
+    except (ValueError, OverflowError):  # OverflowError: a number beyond int64
+        raise ValueError(f"a run-length encoding holds whole numbers of pixels only: "
+                         f"{rle[:40]!r}") from None
     if numbers.size % 2:
         raise ValueError("a run-length encoding needs start/length pairs")
     starts, lengths = numbers[::2], numbers[1::2]

@@ -337,7 +337,7 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
     """The guide's loop: per epoch, one jitted step per training batch, validation,
     a checkpoint, then the files a person reads. ``history`` grows by one row per
     epoch."""
-    from tqdm import tqdm
+    from unet_jax.progress import progress
 
     writer = report.SummaryWriter(workdir / "tensorboard") if is_main else None
 
@@ -360,9 +360,8 @@ def train_epochs(config: Config, workdir: Path, state, manager, history: list, t
             state, rate_scale = set_plateau_rate(config, state, history, log)
             losses, pending = [], None
             labels = [math.inf, -math.inf]  # lowest and highest mask value seen
-            bar = tqdm(train_data.epoch(epoch), total=len(train_data),
-                       desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False,
-                       disable=None if is_main else True)  # None: terminals only, not logs
+            bar = progress(train_data.epoch(epoch), len(train_data), unit="batch",
+                           desc=f"epoch {epoch}/{config.epochs}", show=is_main, leave=False)
             check = epoch == 1  # whether the masks hold anything to learn
             for batch in bar:
                 if check and config.crop is None:
