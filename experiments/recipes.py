@@ -115,9 +115,12 @@ def figure(results: dict):
                 ax.plot(epochs, [r[key] for r in history], **style)
     axes[0].set(xlabel="epoch", ylabel="learning rate at the epoch's last step")
     axes[1].set(xlabel="epoch", ylabel="validation loss (BCE)", yscale="log")
-    axes[2].set(xlabel="epoch", ylabel="validation Dice")
     last = [h[-1]["val_dice"] for hs in results.values() for h in hs]
-    axes[2].set_ylim(max(0.0, min(last) - 0.05), 1.0)
+    bottom = max(0.0, min(last) - 0.05)
+    # Zoomed to where the recipes differ; the first epochs' lower scores fall below.
+    hidden = any(r["val_dice"] < bottom for hs in results.values() for h in hs for r in h)
+    axes[2].set(xlabel="epoch", ylabel="validation Dice" + (
+        f" (epochs under {bottom:.2f} not shown)" if hidden else ""), ylim=(bottom, 1.0))
     axes[2].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig

@@ -54,7 +54,7 @@ def seed_cpu() -> Config:
     ``python -m experiments.train --platform cpu --data-dir ~/carvana --preset seed-cpu``:
     the full-width model at the guide's 512x512. At about 0.2 training images/s on a
     2-core CPU (``python -m experiments.benchmark --image-size 512 --batch-size 4``) its
-    2 epochs over ~400 images take about an hour.
+    2 epochs over ~400 images take about an hour and a half.
     """
     return Config(image_size=(512, 512), batch_size=4, learning_rate=3e-4, epochs=2,
                   subset=0.1)

@@ -384,8 +384,8 @@ class UNet(nn.Module):
       skip_connections: False drops the skips, leaving an encoder-decoder that must
         carry every detail through the bottleneck: the experiment that shows why the
         skips matter. Without them the 23 layers between input and output are also
-        far harder to train: in the guide's run it never left predicting the car's
-        share of pixels everywhere. 27,898,305 parameters at full width.
+        far harder to train: in the run of docs/guide it never left predicting the
+        car's share of pixels everywhere. 27,898,305 parameters at full width.
       attention: an ``AttentionGate`` on every skip, gated by the decoder's coarser
         map (Attention U-Net); needs the skips. 32,077,189 parameters at full width.
       separable: depthwise-separable 3x3 convolutions (``SeparableConv``) everywhere,
