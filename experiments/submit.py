@@ -88,9 +88,10 @@ def main(argv=None):
     if sample is not None:
         every = _in_sample_order(every, sample, args.input)
 
-    # What decides the masks, less the memory budget: a pass that would exceed it is
-    # tiled, to within 1e-5 of the whole, so a resume on a machine of other memory
-    # continues the rows.
+    # What decides the masks, less the memory budget (half a GPU's memory, a quarter of
+    # a host's), so that a resume on a machine of other memory continues the rows: at
+    # most, photos whose whole pass exceeds its budget are tiled there, still the same
+    # model's masks.
     mode = {k: v for k, v in dataclasses.asdict(predictor.mode).items() if k != "memory_budget"}
     partial = Partial(out, {"checkpoint": str(Path(args.checkpoint).resolve()),
                             "epoch": predictor.epoch, **mode})
