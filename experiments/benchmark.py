@@ -95,7 +95,7 @@ def parse_args(argv=None):
                    "whole photos in one pass (--batch-size photos per call)")
     p.add_argument("--image-size", type=int, nargs="+", default=[128], metavar=("H", "W"),
                    help="model input height [width] (default: 128)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="images per step (default: 4)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps after compiling (default: 1)")

@@ -124,6 +124,19 @@ def scores_file(run_dir: Path, name: str, data_dir: str | None) -> Path:
             pass
 
 
+def _trained_on(split_file: Path, pairs) -> int:
+    """How many of ``pairs`` the run trained on, by its split.json (by path, or by
+    file name where the data has moved); 0 where it has none."""
+    try:
+        train = json.loads(split_file.read_text())["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    paths = {str(Path(p).expanduser().absolute()) for p in train}
+    names = {Path(p).name for p in train}
+    by_path = sum(str(pair.image.absolute()) in paths for pair in pairs)
+    return by_path or sum(pair.image.name in names for pair in pairs)
+
+
 def check_output(out: Path) -> Path:
     """``--output`` checked before any scoring (``common.check_output_file``): it had
     replaced RUN/config.json, a checkpoint's file or a script with the scores."""
@@ -152,7 +165,10 @@ def main(argv=None):
     sweep = threshold_modes(predictor, args.thresholds)  # each checked before any scoring
     pairs, data_dir = select_pairs(args, predictor.config)
     result = score(predictor, pairs, args.skip_bad, sweep)
-    print(f"{result['images']} images ({args.split}, {predictor.describe()}): Dice "
+    trained = _trained_on(Path(args.checkpoint) / "split.json", pairs) if args.split == "all" else 0
+    print(f"{result['images']} images ({args.split}"
+          f"{f', {trained} of them trained on' if trained else ''}; predicted "
+          f"{predictor.describe()}, scored at each image's own size): Dice "
           f"{result['dice']:.4f}, IoU {result['iou']:.4f}, pixel accuracy "
           f"{result['pixel_accuracy']:.4f}, {result['seconds_per_image']:.3f} s/image")
     if result.get("unlabelled"):

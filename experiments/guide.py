@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT / "docs" / "guide" / "guide.py"
 
 EXAMPLES = """
-python -m experiments.guide                          # the full guide into docs/guide (5-20 min)
+python -m experiments.guide                          # the full guide into docs/guide (4-20 min)
 python -m experiments.guide --size tiny --out /tmp/guide   # every cell, tiny settings (~2 min)
 """
 

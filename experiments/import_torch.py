@@ -43,6 +43,7 @@ def main(argv=None):
                                "pip install torch (the CPU build is enough)") from None
     from unet_jax import checkpoints, config_from_torch, params_from_torch, rundir
     from unet_jax.config import normalize_image_size
+    from unet_jax.platform import python_command
     from unet_jax.torch_import import model_weights
 
     path, out = Path(args.weights), Path(args.out_dir)
@@ -79,7 +80,8 @@ def main(argv=None):
     print(f"wrote {out} ({sum(v.size for v in _leaves(params)):,} parameters, "
           f"{config.in_channels} in / {config.num_classes} out channels, input "
           f"{config.image_size[0]}x{config.image_size[1]}); use it with "
-          f"python -m experiments.predict --checkpoint {shlex.quote(str(out))} --input IMAGE --output DIR")
+          f"{python_command()} -m experiments.predict --checkpoint {shlex.quote(str(out))} "
+          "--input IMAGE --output DIR")
     return 0
 
 

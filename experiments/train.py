@@ -41,8 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", help="run directory (default: runs/unet-<date>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --workdir from its newest intact checkpoint; "
-                   "flags must equal its settings, except --epochs (and --data-dir, for "
-                   "data that moved)")
+                   "flags must equal its settings, except --epochs (and --data-dir and "
+                   "--val-data-dir, for data that moved, and --cache)")
     config_lib.add_arguments(p, configs.default())
     common.add_distributed_flags(p)
     return p.parse_args(argv)
@@ -134,14 +134,16 @@ def main(argv=None):
 
     import unet_jax
     from unet_jax import rundir
+    from unet_jax.platform import python_command
 
     workdir = args.workdir or time.strftime("runs/unet-%Y%m%d-%H%M%S")
     try:
         unet_jax.train_and_evaluate(config, workdir, resume=args.resume)
     except (KeyboardInterrupt, common.Terminated):
         if rundir.has_checkpoint(workdir):  # a path with spaces pastes back as one
-            sys.stderr.write(f"{kept(workdir)}; continue with: python -m experiments.train "
-                             f"--workdir {shlex.quote(str(workdir))} --resume\n")
+            sys.stderr.write(f"{kept(workdir)}; continue with: {python_command()} -m "
+                             f"experiments.train --workdir {shlex.quote(str(workdir))} "
+                             "--resume\n")
         raise
     return 0
 

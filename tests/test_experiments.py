@@ -21,6 +21,7 @@ from PIL import Image
 import data_pipeline
 from experiments import evaluate, import_torch, predict, submit, train
 from unet_jax import rle
+from unet_jax.platform import python_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--base-features", "4", "--depth", "2", "--image-size", "32", "48",
@@ -486,6 +487,14 @@ def test_predict_names_a_missing_checkpoint(tmp_path, capsys):
     assert code == 2 and "config.json" in capsys.readouterr().err
 
 
+def test_a_folder_of_runs_names_the_newest_run(trained_run, tmp_path, capsys):
+    """'--checkpoint runs' (train's default parent) said only 'it has no config.json'."""
+    code = call(predict.main, ["--checkpoint", str(trained_run.parent), "--input",
+                               str(tmp_path), "--output", str(tmp_path / "o")])
+    assert code == 2 and capsys.readouterr().err.strip().endswith(
+        f"it is a folder of 1 run(s); pass one of them, such as the newest, {trained_run}")
+
+
 @pytest.mark.parametrize("inside", ["checkpoints", "checkpoints/2", "config.json"])
 def test_a_path_inside_a_run_names_the_run(trained_run, tmp_path, capsys, inside):
     code = call(predict.main, ["--checkpoint", str(trained_run / inside), "--input",
@@ -593,7 +602,7 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path, monkeypatch, capsys):
     run = tmp_path / "my run"  # quoted, so that the line pastes back as one path
     assert call(train.main, [*TINY, "--workdir", str(run)]) == 130
     assert capsys.readouterr().err.splitlines() == [
-        f"every finished epoch is kept; continue with: python -m experiments.train "
+        f"every finished epoch is kept; continue with: {python_command()} -m experiments.train "
         f"--workdir '{run}' --resume", "test: interrupted"]
 
     # A second Ctrl-C while the last epoch's checkpoint was written: that epoch is lost.
@@ -1503,3 +1512,39 @@ def test_a_bad_pixel_limit_variable_is_named_once_not_as_every_images_fault(
                        "number of pixels (0 for no limit), or unset it"]
     with pytest.raises(data_pipeline.SettingError):  # the library: not one file's DataError
         data_pipeline.check_images([images / "a.png"], skip_bad=True)
+
+
+def test_hints_call_the_python_that_runs_the_package(tmp_path, monkeypatch):
+    """The README's first command runs .venv/bin/python without activating the venv, and
+    the 'predict with: python -m ...' it printed ran another Python, without the
+    package (ModuleNotFoundError): the hint names the venv's interpreter instead."""
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").touch(mode=0o755)
+    elsewhere = tmp_path / "usr" / "bin"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "python").touch(mode=0o755)
+    monkeypatch.setattr(sys, "executable", str(venv / "python"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(elsewhere))
+    assert python_command() == ".venv/bin/python"
+    monkeypatch.setenv("PATH", str(venv))  # the venv activated
+    assert python_command() == "python"
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("PATH", "")
+    assert python_command() == str(venv / "python")
+
+
+def test_evaluate_says_how_it_scored_and_how_many_images_trained(trained_run, data_dir,
+                                                                 capsys):
+    """'80 images (validation, resized to 64x96): Dice 0.9563' read as a score at 64x96
+    (it is at each image's size, hence not training's 0.9595), and --split all hid
+    that most of its images were trained on."""
+    assert call(evaluate.main, ["--checkpoint", str(trained_run)]) == 0
+    n_val = len(json.loads((trained_run / "split.json").read_text())["validation"])
+    assert (f"{n_val} images (validation; predicted resized to 32x48, scored at each "
+            "image's own size): Dice") in capsys.readouterr().out
+    assert call(evaluate.main, ["--checkpoint", str(trained_run), "--data-dir",
+                                str(data_dir), "--split", "all"]) == 0
+    n_train = len(json.loads((trained_run / "split.json").read_text())["train"])
+    assert f"images (all, {n_train} of them trained on; predicted" in capsys.readouterr().out

@@ -573,6 +573,14 @@ def _run_dir_hint(given) -> str:
                 "run directory with python -m experiments.import_torch")
     if given.is_file():
         return "it is a file; pass the directory that experiments.train wrote"
+    try:  # a folder of runs (runs/, where train puts them by default)
+        runs = [d for d in given.iterdir() if (d / "config.json").is_file()]
+    except OSError:
+        runs = []
+    if runs:
+        newest = max(runs, key=lambda d: (d / "config.json").stat().st_mtime)
+        return (f"it is a folder of {len(runs)} run(s); pass one of them, such as the "
+                f"newest, {newest}")
     return "it has no config.json (pass the directory that experiments.train wrote)"
 
 

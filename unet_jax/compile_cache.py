@@ -40,7 +40,7 @@ _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _HIT, _MISS = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
 _SAVED_EVENT = "/jax/compilation_cache/compile_time_saved_sec"
 
-_state = {"dir": None, "chosen": False, "listening": False, "log": None,
+_state = {"dir": None, "chosen": False, "listening": False, "log": None, "named": False,
           "min_compile_s": MIN_COMPILE_S}
 _stats = {"compile_s": 0.0, "programs": 0, "cache_hits": 0, "cache_misses": 0}
 _last_outcome = threading.local()
@@ -129,7 +129,7 @@ def enable(setting: str | None = None, *, min_compile_s: float = MIN_COMPILE_S,
                               "xla_gpu_per_fusion_autotune_cache_dir")
         except (AttributeError, KeyError, ValueError):  # a JAX without the option
             pass
-    _state.update(dir=path, chosen=True, log=log, min_compile_s=min_compile_s)
+    _state.update(dir=path, chosen=True, log=log, min_compile_s=min_compile_s, named=False)
     _listen()
     return path
 
@@ -191,7 +191,10 @@ def _describe(name: str, duration: float, outcome, saved_s: float) -> str:
     if _state["dir"] is None:
         why = "the persistent compilation cache is off"
     elif outcome == _MISS:
-        why = f"not in the compilation cache {_state['dir']} yet; stored for next time"
+        # The folder once; the lines after the first only say what happened.
+        where = "" if _state.get("named") else f" at {_state['dir']}"
+        _state["named"] = True
+        why = f"stored for next time in the compilation cache{where}"
     else:
         why = "the compilation cache was not consulted"
     return f"{name}: compiled in {duration:.1f} s ({why})"

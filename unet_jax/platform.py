@@ -161,3 +161,21 @@ def setup_platform(platform: str = "auto") -> str:
         raise PlatformError(f"--platform gpu: JAX is running on {backend}, not a GPU; "
                             "use --platform cpu or install JAX's CUDA build")
     return backend
+
+
+def python_command() -> str:
+    """How the hints a run prints (``predict with: python -m ...``) should call this
+    Python: ``python`` where that is it (an activated venv, a conda env), else its
+    path, relative to the working folder when inside it: the README's first command
+    runs ``.venv/bin/python`` without activating the venv, and a bare ``python`` there
+    is another interpreter, without the package."""
+    import shutil
+
+    executable = Path(sys.executable)
+    found = shutil.which("python")
+    if found and Path(found).absolute().parent == executable.absolute().parent:
+        return "python"
+    try:
+        return str(executable.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(executable)

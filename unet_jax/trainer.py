@@ -47,6 +47,7 @@ import numpy as np
 import data_pipeline
 from unet_jax import checkpoints, compile_cache, finetune, optim, parallel, report, rundir
 from unet_jax.config import RESUME_MAY_CHANGE, Config, ConfigError, as_flag, flag, shown
+from unet_jax.platform import python_command
 from unet_jax.prediction import PredictionMode, predict_batch
 from unet_jax.train import (create_train_state, eval_step, loss_spec, merge_sums,
                             predict_step, score_logits, train_step)
@@ -134,9 +135,8 @@ def train_and_evaluate(config: Config, workdir, *, resume: bool = False, log=pri
     best = _best(history)
     log(f"done: best validation Dice {best['val_dice']:.4f} (epoch {best['epoch']}); "
         f"outputs in {workdir}/ (metrics.csv, loss.png, predictions.png, checkpoints/); "
-        f"predict with: python -m experiments.predict --checkpoint {shlex.quote(str(workdir))} "
-        "--input IMAGE "
-        "--output DIR")
+        f"predict with: {python_command()} -m experiments.predict --checkpoint "
+        f"{shlex.quote(str(workdir))} --input IMAGE --output DIR")
     hint = _near_zero_hint(history, best, cropped=config.crop is not None)
     if hint:
         log(hint)
@@ -532,7 +532,7 @@ def _summary(config, state, train_data, val_data, data_dir, workdir) -> str:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     val_mode = validation_mode(config)
     if val_mode.how == "resize":
-        size = f"size {config.image_size[0]}x{config.image_size[1]}"
+        size = f"images resized to {config.image_size[0]}x{config.image_size[1]} (height x width)"
     else:
         size = (f"crops {shown(config.crop)} (x{config.crops_per_image} per image) of the "
                 f"images at scale {config.scale}, validated {val_mode.describe()}")
