@@ -23,11 +23,13 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import errno
 import gzip
 import io
 import itertools
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -67,8 +69,6 @@ def main(argv=None):
     sample = _sample_file(args)
     common.start_platform(args.platform, args)
     import data_pipeline
-    from unet_jax.progress import progress
-    from unet_jax.rle import rle_encode
 
     predictor = common.make_predictor(args)
     if predictor.config.num_classes != 1:
@@ -95,12 +95,24 @@ def main(argv=None):
     mode = {k: v for k, v in dataclasses.asdict(predictor.mode).items() if k != "memory_budget"}
     partial = Partial(out, {"checkpoint": str(Path(args.checkpoint).resolve()),
                             "epoch": predictor.epoch, **mode})
+    try:
+        return _write(args, predictor, every, partial, out)
+    finally:
+        partial.release()  # the lock goes with the command (a caller's process goes on)
+
+
+def _write(args, predictor, every, partial, out) -> int:
+    """The rows of ``every``, after those ``partial`` holds already, then ``out``."""
+    import data_pipeline
+    from unet_jax.progress import progress
+    from unet_jax.rle import rle_encode
+
     done = partial.resume([path.name for path in every])
     todo = every[done:]
-    good = set(data_pipeline.check_images(todo, skip_bad=args.skip_bad)) if todo else set()
     skipped, sizes, warned = [], collections.Counter(), False
     start = time.perf_counter()
     try:
+        good = set(data_pipeline.check_images(todo, skip_bad=args.skip_bad)) if todo else set()
         with partial.open(done):
             pending = iter(todo)
             results = predictor.predict_files([p for p in todo if p in good],
@@ -226,15 +238,30 @@ class Partial:
     command with the same settings continues after its last complete row; one with
     other settings is refused rather than mixing two models' rows in one file."""
 
+    rows = 0  # written so far, those of an earlier command included
+
     def __init__(self, out: Path, settings: dict):
         # As the record reads back (tuples become lists), so that the two compare.
         self.out, self.settings = out, json.loads(json.dumps(settings))
         self.path = out.with_name(out.name + ".partial")
         self.info = out.with_name(out.name + ".partial.json")
+        self.lock = out.with_name(out.name + ".partial.lock")
 
     def resume(self, names: list[str]) -> int:
         """How many of ``names`` (the rows in order) are written already; the file is
-        cut back to its last complete row (a crash may have cut one short)."""
+        cut back to its last complete row (a crash may have cut one short). Holds the
+        partial file's lock from here to the end of the process: a second submit to the
+        same --output (a job resubmitted while the first still runs) would append its
+        rows to the same file."""
+        import fcntl
+
+        self._lock_fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise common.UserError(
+                f"--output {self.out}: another submit is writing it (its rows go to "
+                f"{self.path.name}); wait for it to finish, or give another --output") from None
         if not self.path.exists():
             return 0
         try:
@@ -276,6 +303,7 @@ class Partial:
                 complete += len(line)
         with self.path.open("r+b") as f:
             f.truncate(complete)
+        self.rows = done
         return done
 
     @contextlib.contextmanager
@@ -321,22 +349,34 @@ class Partial:
                 self.path.replace(self.out)
         except OSError as e:
             self.said = True  # the error below says where the rows are
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
             raise common.UserError(
                 f"--output {self.out}: cannot write it ({e.strerror or e}); its {self.rows:,} "
-                f"rows are kept in {self.path}: free some space and run the same command "
-                "again") from None
+                f"rows are kept in {self.path}: "
+                f"{'free some space' if full else 'make its folder writable'} and run the "
+                "same command again") from None
         finally:
-            tmp.unlink(missing_ok=True)  # Ctrl-C while compressing, too
-        self.path.unlink(missing_ok=True)
-        self.info.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only folder raises even for none
+                tmp.unlink(missing_ok=True)  # Ctrl-C while compressing, too
+        self._remove()
+
+    def release(self) -> None:
+        """Lets another command write to this --output."""
+        if getattr(self, "_lock_fd", None) is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _remove(self) -> None:
+        for path in (self.path, self.info, self.lock):
+            path.unlink(missing_ok=True)
 
     def keep_or_remove(self, total: int) -> None:
         """After a failure: rows written are kept, and said so; a file of none goes."""
         if not self.path.exists():
+            self.lock.unlink(missing_ok=True)
             return
-        if not getattr(self, "rows", 0):
-            self.path.unlink(missing_ok=True)
-            self.info.unlink(missing_ok=True)
+        if not self.rows:
+            self._remove()
             return
         if not getattr(self, "said", False):
             sys.stderr.write(f"submit: {self.rows:,} of {total:,} rows kept in {self.path}; "

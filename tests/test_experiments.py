@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import data_pipeline
-from experiments import evaluate, import_torch, predict, submit, train
+from experiments import common, evaluate, import_torch, predict, submit, train
 from unet_jax import rle
 from unet_jax.platform import python_command
 
@@ -1233,7 +1233,7 @@ def test_submit_stopped_while_compressing_leaves_no_temporary_file(trained_run, 
     argv = ["--checkpoint", str(trained_run), "--input", str(test), "--output", str(out)]
     assert call(submit.main, argv) == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "sub.csv.gz.partial", "sub.csv.gz.partial.json", "test"]
+        "sub.csv.gz.partial", "sub.csv.gz.partial.json", "sub.csv.gz.partial.lock", "test"]
     assert "2 of 2 rows kept in" in capsys.readouterr().err
     monkeypatch.undo()
     assert call(submit.main, argv) == 0  # the rows are all there: compressed at once
@@ -1548,3 +1548,16 @@ def test_evaluate_says_how_it_scored_and_how_many_images_trained(trained_run, da
                                 str(data_dir), "--split", "all"]) == 0
     n_train = len(json.loads((trained_run / "split.json").read_text())["train"])
     assert f"images (all, {n_train} of them trained on; predicted" in capsys.readouterr().out
+
+
+def test_a_second_submit_to_the_same_output_is_refused_while_the_first_writes(tmp_path):
+    """Two submits to one --output (a job resubmitted while the first still ran) both
+    appended to one .partial: the first to finish wrote every image twice and exited 0."""
+    out = tmp_path / "submission.csv"
+    first = submit.Partial(out, {"checkpoint": "run"})
+    assert first.resume(["a.jpg"]) == 0
+    with pytest.raises(common.UserError, match=r"another submit is writing it \(its rows go "
+                       r"to submission.csv.partial\); wait for it to finish"):
+        submit.Partial(out, {"checkpoint": "run"}).resume(["a.jpg"])
+    first.release()  # the first command ends: the next may continue its rows
+    assert submit.Partial(out, {"checkpoint": "run"}).resume(["a.jpg"]) == 0
