@@ -4,7 +4,7 @@
 # of markdown written as comment lines, "# %%" a code cell. Rebuild the page, its notebook
 # and its figures after any change, here or in the library:
 #
-#     python -m experiments.guide                  # full size, 5-20 minutes on 2 cores
+#     python -m experiments.guide                  # full size, 4-20 minutes on 2 cores
 #     python -m experiments.guide --size tiny --out /tmp/guide   # every cell, ~2 minutes
 #
 # The code cells read SIZE ("tiny" or "full"), FIGURES, RUNS and PLATFORM; the builder
@@ -28,9 +28,46 @@
 # 4 to 20 minutes. Point `data_dir` at the folder that holds Kaggle's `train/` and
 # `train_masks/` to train on the real photographs.
 
+# %% [markdown]
+# ## Abstract
+#
+# U-Net (Ronneberger, Fischer and Brox, MICCAI 2015) labels every pixel of an image. A
+# contracting path shrinks the image and widens the features, so that each deeper
+# position sees a wider window of the image (measured below: 140 pixels square at the
+# bottleneck); an expansive path grows it back to full resolution; skip
+# connections hand the decoder the encoder's sharp, full-resolution features at every
+# level, so that the output is both right about *what* it sees and precise about
+# *where*. This guide builds it in Flax, trains it with a jit-compiled JAX step,
+# measures it, and tests the weaknesses and remedies the PyTorch guide lists, each with
+# a run you can repeat.
+#
+# ## Background
+#
+# Before deep networks, segmentation meant thresholds, region growing and edge
+# detectors, tuned by hand for each kind of image. Fully convolutional networks (Long et
+# al., 2015) replaced a classifier's dense layers with convolutions and predicted a
+# label per pixel, but coarsely. Before them, a network labelled a pixel from a patch
+# around it (Ciresan et al., 2012), one forward pass per pixel, sliding the window over
+# the image; U-Net labels every pixel of an image (or of a large tile) in one pass, the
+# work shared by neighbouring pixels. FCN had already added the coarse predictions of
+# earlier layers to its output; U-Net made the decoder as deep and as wide as the
+# encoder, concatenated the encoder's feature maps into it at every level (the skip
+# connections), and trained well from few annotated images thanks to heavy augmentation. The
+# same design segments cells, organs, roads and, here, cars in Kaggle's Carvana
+# challenge (5,088 photos of 318 cars at 1918x1280, one binary mask each).
+
+# %% [markdown]
+# ## The setup
+#
+# One cell imports the project and defines the few helpers the later cells use:
+# `show` prints a function's or class's source, `save` shows and saves a figure,
+# `train` runs `unet_jax.train_and_evaluate` into a temporary folder, and `pick`
+# chooses between the quick check's settings and the real ones.
+
 # %%
-# Running this notebook needs the unet-jax package: in a clone of the repository,
-# `pip install -e .`, then open docs/guide/guide.ipynb. In Colab: clone or upload the
+# Running this notebook needs the unet-jax package and Jupyter: in a clone of the
+# repository, `pip install -e . jupyterlab`, then `jupyter lab docs/guide/guide.ipynb`.
+# In Colab: clone or upload the
 # repository, run `%pip install -e <its folder>` in a cell of its own, restart the
 # session, then run all cells (SIZE = "tiny" below checks them in minutes).
 # `python -m experiments.guide` rebuilds the published page from docs/guide/guide.py.
@@ -111,34 +148,6 @@ def train(name, config):
 
 print(f"SIZE={SIZE}; JAX {jax.__version__} on {BACKEND} ({jax.devices()[0].device_kind}), "
       f"{os.cpu_count()} CPU cores")
-
-# %% [markdown]
-# ## Abstract
-#
-# U-Net (Ronneberger, Fischer and Brox, MICCAI 2015) labels every pixel of an image. A
-# contracting path shrinks the image and widens the features, so that each deeper
-# position sees a wider window of the image (measured below: 140 pixels square at the
-# bottleneck); an expansive path grows it back to full resolution; skip
-# connections hand the decoder the encoder's sharp, full-resolution features at every
-# level, so that the output is both right about *what* it sees and precise about
-# *where*. This guide builds it in Flax, trains it with a jit-compiled JAX step,
-# measures it, and tests the weaknesses and remedies the PyTorch guide lists, each with
-# a run you can repeat.
-#
-# ## Background
-#
-# Before deep networks, segmentation meant thresholds, region growing and edge
-# detectors, tuned by hand for each kind of image. Fully convolutional networks (Long et
-# al., 2015) replaced a classifier's dense layers with convolutions and predicted a
-# label per pixel, but coarsely. Before them, a network labelled a pixel from a patch
-# around it (Ciresan et al., 2012), one forward pass per pixel, sliding the window over
-# the image; U-Net labels every pixel of an image (or of a large tile) in one pass, the
-# work shared by neighbouring pixels. FCN had already added the coarse predictions of
-# earlier layers to its output; U-Net made the decoder as deep and as wide as the
-# encoder, concatenated the encoder's feature maps into it at every level (the skip
-# connections), and trained well from few annotated images thanks to heavy augmentation. The
-# same design segments cells, organs, roads and, here, cars in Kaggle's Carvana
-# challenge (5,088 photos of 318 cars at 1918x1280, one binary mask each).
 
 # %% [markdown]
 # ## Model architecture
