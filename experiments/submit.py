@@ -36,7 +36,9 @@ import time
 import zipfile
 from pathlib import Path
 
+import data_pipeline
 from data_pipeline.errors import DAMAGED_ARCHIVE
+from data_pipeline.files import CARVANA_NAME
 from experiments import common
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,6 @@ def main(argv=None):
     out = check_output(Path(args.output))
     sample = _sample_file(args)
     common.start_platform(args.platform, args)
-    import data_pipeline
-
     predictor = common.make_predictor(args)
     if predictor.config.num_classes != 1:
         raise common.UserError(f"--checkpoint {args.checkpoint}: a Carvana submission needs a "
@@ -103,7 +103,6 @@ def main(argv=None):
 
 def _write(args, predictor, every, partial, out) -> int:
     """The rows of ``every``, after those ``partial`` holds already, then ``out``."""
-    import data_pipeline
     from unet_jax.progress import progress
     from unet_jax.rle import rle_encode
 
@@ -124,8 +123,7 @@ def _write(args, predictor, every, partial, out) -> int:
                     partial.write(earlier.name, "")
                     skipped.append(earlier)
                 partial.write(path.name, rle_encode(mask))
-                warned = _check_size(sizes, path, mask.shape,
-                                     data_pipeline.files.CARVANA_NAME, warned)
+                warned = _check_size(sizes, path, mask.shape, warned)
             for rest in pending:
                 partial.write(rest.name, "")
                 skipped.append(rest)
@@ -149,14 +147,13 @@ def _write(args, predictor, every, partial, out) -> int:
     return 0
 
 
-def _check_size(sizes: collections.Counter, path: Path, shape, carvana_name,
-                warned: bool) -> bool:
+def _check_size(sizes: collections.Counter, path: Path, shape, warned: bool) -> bool:
     """Counts the masks' sizes, and warns (unless ``warned`` already) of a photo whose
     size is not Carvana's 1918x1280 (for Carvana's names) or not the first photo's:
     Kaggle decodes every row at one size, so a resized copy gives a row that decodes
     to nonsense without any error. Returns whether a warning was given."""
     shape = tuple(shape[:2])
-    expected = CARVANA_SIZE if carvana_name.fullmatch(path.stem) else next(iter(sizes), None)
+    expected = CARVANA_SIZE if CARVANA_NAME.fullmatch(path.stem) else next(iter(sizes), None)
     sizes[shape] += 1
     if warned or expected is None or shape == expected:
         return warned

@@ -117,9 +117,9 @@ def enable(setting: str | None = None, *, min_compile_s: float = MIN_COMPILE_S,
                 f"writable folder with --compile-cache DIR, or 'off' (also settable as "
                 f"{ENV})") from None
         if not os.access(path, os.W_OK):
-            raise CompileCacheError(f"{_source(setting)}{path}: the folder is not writable; give a "
-                                    "writable folder with --compile-cache DIR, or 'off' "
-                                    f"(or set {ENV})")
+            raise CompileCacheError(f"{_source(setting)}{path}: the folder is not writable; "
+                                    "give a writable folder with --compile-cache DIR, or "
+                                    f"'off' (or set {ENV})")
     jax.config.update("jax_enable_compilation_cache", path is not None)
     if path is not None:
         jax.config.update("jax_compilation_cache_dir", str(path))
@@ -192,7 +192,7 @@ def _describe(name: str, duration: float, outcome, saved_s: float) -> str:
         why = "the persistent compilation cache is off"
     elif outcome == _MISS:
         # The folder once; the lines after the first only say what happened.
-        where = "" if _state.get("named") else f" at {_state['dir']}"
+        where = "" if _state["named"] else f" at {_state['dir']}"
         _state["named"] = True
         why = f"stored for next time in the compilation cache{where}"
     else:
